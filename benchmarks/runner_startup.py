@@ -1,0 +1,104 @@
+"""Cold start and steady state of the device runner core.
+
+1. A fresh process that imports the runner, loads the int8 model and runs one inference: wall time
+   and peak RSS, for the ai_edge_litert route and the tensorflow.lite route, interleaved.
+   Targets: <= 0.3 s and <= 60 MB for ai_edge_litert.
+2. Steady-state time per inference of `Model.invoke` on a preloaded array against a bare
+   `interpreter.invoke()` loop on the same interpreter, interleaved in blocks. Target: <= 1.15x.
+
+    python benchmarks/runner_startup.py RUN_DIR [--rounds 10]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CHILD = """
+import resource, sys, time
+t0 = time.perf_counter()
+sys.path.insert(0, {repo!r})
+from device import core
+import numpy as np
+m = core.Model({model!r})
+p = m.preprocess
+m.predict(np.zeros((1, p["height"], p["width"], p["channels"]), np.uint8))
+print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, m.runtime.name)
+"""
+
+
+def cold_start(model: Path, route: str) -> tuple[float, float, float, str]:
+    env = {**os.environ, "EDGEPIPE_RUNTIME": route}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", CHILD.format(repo=str(REPO), model=str(model))],
+                          capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(proc.stderr)
+    inside, rss, name = proc.stdout.split()
+    return wall, float(inside), float(rss), name
+
+
+def steady_state(model_path: Path, blocks: int = 30, per_block: int = 2000) -> dict:
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+
+    from device import core
+
+    model = core.Model(model_path, threads=1)
+    p = model.preprocess
+    x = model.prepare(np.zeros((1, p["height"], p["width"], p["channels"]), np.uint8))
+    interp = model.interpreter
+    model.invoke(x)
+    core_t, bare_t = [], []
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(per_block):
+            model.invoke(x)
+        core_t.append((time.perf_counter() - t0) / per_block)
+        t0 = time.perf_counter()
+        for _ in range(per_block):
+            interp.invoke()
+        bare_t.append((time.perf_counter() - t0) / per_block)
+    ratio = [c / b for c, b in zip(core_t, bare_t)]
+    return {"core_us": statistics.median(core_t) * 1e6, "bare_invoke_us": statistics.median(bare_t) * 1e6,
+            "ratio_median": statistics.median(ratio), "blocks": blocks, "per_block": per_block}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    model = args.run_dir / "model_int8.tflite"
+    routes = ("ai_edge_litert", "tensorflow.lite")
+    samples = {r: [] for r in routes}
+    for _ in range(args.rounds):
+        for r in routes:  # interleaved, so machine drift hits both routes alike
+            samples[r].append(cold_start(model, r))
+    out = {"cpu_count": os.cpu_count(), "python": sys.version.split()[0], "cold_start": {}}
+    for r in routes:
+        walls, inside, rss = zip(*[(w, i, m) for w, i, m, _ in samples[r]])
+        out["cold_start"][r] = {"n": len(walls), "wall_s_median": statistics.median(walls),
+                                "in_process_s_median": statistics.median(inside),
+                                "peak_rss_mb_median": statistics.median(rss), "wall_s_max": max(walls)}
+        c = out["cold_start"][r]
+        print(f"{r:>16}: fresh process wall {c['wall_s_median']:.3f} s median (max {c['wall_s_max']:.3f}), "
+              f"import+load+infer {c['in_process_s_median']:.3f} s, peak RSS {c['peak_rss_mb_median']:.1f} MB")
+    out["steady_state"] = steady_state(model)
+    s = out["steady_state"]
+    print(f"steady state: core invoke {s['core_us']:.2f} us vs bare invoke {s['bare_invoke_us']:.2f} us "
+          f"= {s['ratio_median']:.3f}x (target <= 1.15)")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,450 @@
+"""The one inference core: find metadata, verify, load, preprocess, quantize, invoke, dequantize.
+
+Everything in the project that runs a `.tflite` model goes through this module: the runner on the
+device, and the host's evaluation and benchmark. It imports only the standard library, numpy, pillow
+(lazily, for images) and a TFLite interpreter, so it installs on a Raspberry Pi in seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+METADATA_NAME = "metadata.json"
+TFLITE_IDENTIFIER = b"TFL3"
+# Smallest file that can hold a flatbuffer root offset, the identifier and a model table.
+MIN_MODEL_BYTES = 16
+# A model for an edge board far beyond this is a mistake, and reading it whole would hurt the board.
+MAX_MODEL_BYTES = 512 * 1024 * 1024
+MAX_IMAGE_PIXELS = 50_000_000
+
+# Resolution order: LiteRT is the maintained runtime; tflite-runtime still has 32-bit ARM wheels;
+# full TensorFlow works anywhere but costs seconds and hundreds of MB to import.
+_INTERPRETERS = (
+    ("ai_edge_litert", "ai_edge_litert.interpreter", "ai-edge-litert"),
+    ("tflite_runtime", "tflite_runtime.interpreter", "tflite-runtime"),
+    ("tensorflow.lite", "tensorflow", "tensorflow"),
+)
+
+
+class DeviceError(Exception):
+    """A problem with the user's input (model, image, data); the message is one actionable line."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str
+    version: str
+    module: object
+
+    def interpreter(self, model_content: bytes, threads: int | None, xnnpack: bool):
+        kwargs = {"model_content": model_content, "num_threads": threads}
+        if self.name == "tensorflow.lite":
+            interp_cls = self.module.lite.Interpreter
+            resolver = self.module.lite.experimental.OpResolverType
+        else:
+            interp_cls = self.module.Interpreter
+            resolver = getattr(self.module, "OpResolverType", None)
+        if not xnnpack:
+            if resolver is None:
+                raise DeviceError(f"{self.name} {self.version} cannot turn XNNPACK off; drop --no-xnnpack")
+            kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        return interp_cls(**kwargs)
+
+
+_runtime: Runtime | None = None
+
+
+def runtime(prefer: str | None = None) -> Runtime:
+    """The first interpreter that imports, in the documented order, or the one named by `prefer`
+    or by EDGEPIPE_RUNTIME (ai_edge_litert, tflite_runtime, tensorflow.lite) to test a fallback."""
+    global _runtime
+    prefer = prefer or os.environ.get("EDGEPIPE_RUNTIME") or None
+    if prefer is not None and prefer not in {name for name, _, _ in _INTERPRETERS}:
+        raise DeviceError(f"unknown interpreter '{prefer}'; choose one of "
+                          + ", ".join(name for name, _, _ in _INTERPRETERS))
+    if _runtime is not None and prefer in (None, _runtime.name):
+        return _runtime
+    from importlib import metadata
+
+    tried = []
+    for name, module_name, dist in _INTERPRETERS:
+        if prefer not in (None, name):
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            tried.append(f"{name} ({e})")
+            continue
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            version = getattr(module, "__version__", "unknown")
+        found = Runtime(name, version, module)
+        if prefer is None:
+            _runtime = found
+        return found
+    raise DeviceError(
+        "no TFLite interpreter could be imported (tried " + "; ".join(tried) + "); "
+        "install one: pip install ai-edge-litert (or tflite-runtime on 32-bit ARM)"
+    )
+
+
+# ---------------------------------------------------------------- metadata and integrity
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_metadata(model_path: Path) -> Path | None:
+    """The pipeline writes metadata.json beside every model, in run directories and bundles alike."""
+    candidate = Path(model_path).resolve().parent / METADATA_NAME
+    return candidate if candidate.is_file() else None
+
+
+def load_metadata(path: Path) -> dict:
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DeviceError(f"{path}: not readable JSON metadata ({e}); rebuild it with `pipeline build`")
+    if not isinstance(meta, dict) or not isinstance(meta.get("preprocess"), dict):
+        raise DeviceError(f"{path}: metadata has no 'preprocess' section; rebuild it with `pipeline build`")
+    return meta
+
+
+def read_model_bytes(path: Path, expected_sha256: str | None = None) -> bytes:
+    """Read a model and refuse anything that is not plausibly a TFLite flatbuffer.
+
+    The interpreter trusts its input; checking size and the `TFL3` identifier first turns an
+    empty, truncated or wrong file into a clear error instead of a crash inside C++.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise DeviceError(f"{path}: cannot read model ({e.strerror}); pass an existing .tflite with --model")
+    if not path.is_file():
+        raise DeviceError(f"{path}: is not a file; pass a .tflite file with --model")
+    if size < MIN_MODEL_BYTES:
+        raise DeviceError(f"{path}: {size} bytes is too small to be a TFLite model; the file is empty or truncated")
+    if size > MAX_MODEL_BYTES:
+        raise DeviceError(f"{path}: {size} bytes is larger than the {MAX_MODEL_BYTES} byte limit for a model")
+    data = path.read_bytes()
+    if data[4:8] != TFLITE_IDENTIFIER:
+        raise DeviceError(f"{path}: not a TFLite model (no 'TFL3' identifier at byte 4); pass a .tflite file")
+    root = int.from_bytes(data[0:4], "little")
+    if root < 8 or root + 4 > size:
+        raise DeviceError(f"{path}: corrupt TFLite model (root offset {root} outside the {size} byte file)")
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256:
+            raise DeviceError(
+                f"{path}: sha256 {actual[:12]}... does not match {expected_sha256[:12]}... in the metadata; "
+                "the file was changed or damaged in transit, copy the bundle again"
+            )
+    return data
+
+
+# ---------------------------------------------------------------- quantization helpers
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    index: int
+    shape: tuple
+    dtype: np.dtype
+    scale: float
+    zero_point: int
+
+    @property
+    def quantized(self) -> bool:
+        return np.issubdtype(self.dtype, np.integer) and self.scale > 0
+
+    @classmethod
+    def from_detail(cls, d: dict) -> "TensorSpec":
+        scale, zero_point = d.get("quantization", (0.0, 0))
+        qp = d.get("quantization_parameters") or {}
+        if len(qp.get("scales", [])) == 1:
+            scale, zero_point = float(qp["scales"][0]), int(qp["zero_points"][0])
+        return cls(d["name"], d["index"], tuple(int(s) for s in d["shape"]), np.dtype(d["dtype"]),
+                   float(scale), int(zero_point))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.name,
+                "scale": self.scale, "zero_point": self.zero_point}
+
+
+def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Real values to the tensor's storage type: q = clip(round(x / scale) + zero_point)."""
+    if not spec.quantized:
+        return x.astype(spec.dtype, copy=False)
+    info = np.iinfo(spec.dtype)
+    q = np.round(x / spec.scale) + spec.zero_point
+    return np.clip(q, info.min, info.max).astype(spec.dtype)
+
+
+def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Stored values back to real ones: x = scale * (q - zero_point)."""
+    if not spec.quantized:
+        return q.astype(np.float32, copy=False)
+    return (spec.scale * (q.astype(np.float32) - spec.zero_point)).astype(np.float32)
+
+
+def normalize(pixels: np.ndarray, preprocess: dict) -> np.ndarray:
+    """uint8 pixels to model input, exactly as in training: pixel * scale + offset."""
+    return pixels.astype(np.float32) * np.float32(preprocess["scale"]) + np.float32(preprocess["offset"])
+
+
+def load_image(path: Path, preprocess: dict) -> np.ndarray:
+    """Any image Pillow reads, to uint8 (H, W, C) in the model's size and colour layout."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = _to_mode(img, preprocess["channels"])
+                img = img.resize((preprocess["width"], preprocess["height"]), Image.Resampling.BILINEAR)
+                arr = np.asarray(img, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DeviceError(f"{path}: image is too large ({e}); pass an image under {MAX_IMAGE_PIXELS} pixels")
+    except FileNotFoundError:
+        raise DeviceError(f"{path}: no such image file")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DeviceError(f"{path}: not a readable image ({e}); pass a PNG, JPEG or other Pillow format")
+    return arr.reshape(preprocess["height"], preprocess["width"], preprocess["channels"])
+
+
+def _to_mode(img, channels: int):
+    # Palette, alpha and 16-bit images are converted, not refused: flatten alpha onto black (the
+    # background of MNIST-style training digits) and scale 16-bit samples down to 8 bits.
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        from PIL import Image
+        img = Image.fromarray(np.clip(arr * 255.0 / peak, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        from PIL import Image
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+# ---------------------------------------------------------------- the model
+
+class Model:
+    """A loaded `.tflite` model with its preprocessing; `predict` takes uint8 images, returns probabilities."""
+
+    def __init__(self, path, *, threads: int | None = None, xnnpack: bool = True,
+                 metadata: dict | None = None, verify: bool = True, runtime_name: str | None = None):
+        self.path = Path(path)
+        meta_path = find_metadata(self.path) if metadata is None else None
+        self.metadata = metadata if metadata is not None else (load_metadata(meta_path) if meta_path else None)
+        expected = None
+        if verify and self.metadata is not None:
+            entry = self.metadata.get("models", {}).get(self.path.name)
+            expected = entry.get("sha256") if entry else None
+        self.model_bytes = read_model_bytes(self.path, expected)
+        self.runtime = runtime(runtime_name)
+        self.threads, self.xnnpack = threads, xnnpack
+        try:
+            self.interpreter = self.runtime.interpreter(self.model_bytes, threads, xnnpack)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise DeviceError(f"{self.path}: the interpreter rejected the model ({str(e).splitlines()[0]})")
+        inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise DeviceError(f"{self.path}: expected one input and one output tensor, "
+                              f"found {len(inputs)} and {len(outputs)}; this runner serves classifiers")
+        self.input, self.output = TensorSpec.from_detail(inputs[0]), TensorSpec.from_detail(outputs[0])
+        if len(self.input.shape) != 4:
+            raise DeviceError(f"{self.path}: input shape {list(self.input.shape)} is not an image batch (N,H,W,C)")
+        self.preprocess = self._preprocess_spec()
+        self._batch = self.input.shape[0]
+        self._input_index, self._output_index = self.input.index, self.output.index
+        self._set_tensor, self._invoke = self.interpreter.set_tensor, self.interpreter.invoke
+        self._get_tensor = self.interpreter.get_tensor
+
+    def _preprocess_spec(self) -> dict:
+        if self.metadata is not None:
+            return self.metadata["preprocess"]
+        _, h, w, c = self.input.shape
+        warnings.warn(f"{self.path}: no {METADATA_NAME} beside the model; assuming {h}x{w}x{c} input "
+                      "scaled to [0,1] and numeric labels", stacklevel=3)
+        return {"height": h, "width": w, "channels": c, "scale": 1 / 255, "offset": 0.0,
+                "layout": "NHWC", "labels": [str(i) for i in range(self.output.shape[-1])]}
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.preprocess["labels"])
+
+    def _resize(self, batch: int) -> None:
+        self.interpreter.resize_tensor_input(self.input.index, [batch, *self.input.shape[1:]])
+        self.interpreter.allocate_tensors()
+        self._batch = batch
+
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 images (N,H,W[,C]) to the input tensor's dtype, quantized with the model's own params."""
+        expected = (self.preprocess["height"], self.preprocess["width"], self.preprocess["channels"])
+        if pixels.ndim == 3 and expected[2] == 1:
+            pixels = pixels[..., None]
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
+            raise DeviceError(f"images of shape {list(pixels.shape)} do not fit the model input "
+                              f"(N, {expected[0]}, {expected[1]}, {expected[2]})")
+        return quantize(normalize(pixels, self.preprocess), self.input)
+
+    def invoke(self, prepared: np.ndarray) -> np.ndarray:
+        """Run one prepared batch; returns the raw output tensor (a copy)."""
+        # The hot path of every benchmark: bound methods are looked up once, in __init__, so the
+        # core adds as little as possible to a bare interpreter.invoke().
+        if prepared.shape[0] != self._batch:
+            self._resize(prepared.shape[0])
+        self._set_tensor(self._input_index, prepared)
+        self._invoke()
+        return self._get_tensor(self._output_index)
+
+    def predict(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Probabilities (float32, N x classes) for uint8 images, in batches."""
+        prepared = self.prepare(np.asarray(pixels))
+        out = [dequantize(self.invoke(prepared[i:i + batch_size]), self.output)
+               for i in range(0, len(prepared), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.output.shape[-1]), np.float32)
+
+    def classify(self, image_paths, top_k: int = 3) -> list[dict]:
+        pixels = np.stack([load_image(Path(p), self.preprocess) for p in image_paths])
+        probs = self.predict(pixels)
+        results = []
+        for path, p in zip(image_paths, probs):
+            order = np.argsort(-p)[:top_k]
+            results.append({"image": str(path), "top": [
+                {"label": self.labels[i] if i < len(self.labels) else str(i), "index": int(i),
+                 "score": float(p[i])} for i in order]})
+        return results
+
+    def info(self) -> dict:
+        ops = sorted({op["op_name"] for op in self._ops()})
+        return {"model": str(self.path), "bytes": len(self.model_bytes),
+                "interpreter": {"name": self.runtime.name, "version": self.runtime.version},
+                "input": self.input.to_dict(), "output": self.output.to_dict(), "ops": ops,
+                "preprocess": self.preprocess, "metadata": self.metadata is not None}
+
+    def _ops(self) -> list[dict]:
+        get = getattr(self.interpreter, "_get_ops_details", None)
+        return get() if get else []
+
+
+def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> dict:
+    """Top-1 accuracy and per-class accuracy of `model` on uint8 images `x` with labels `y`."""
+    y = np.asarray(y).reshape(-1).astype(np.int64)
+    probs = model.predict(x, batch_size)
+    pred = probs.argmax(axis=1)
+    per_class = {}
+    for c in range(probs.shape[1]):
+        mask = y == c
+        if mask.any():
+            label = model.labels[c] if c < len(model.labels) else str(c)
+            per_class[label] = float((pred[mask] == c).mean())
+    return {"n": int(len(y)), "accuracy": float((pred == y).mean()) if len(y) else 0.0,
+            "per_class": per_class, "predictions": pred, "probabilities": probs}
+
+
+def verify_folder(folder: Path) -> list[str]:
+    """Problems with the models a metadata file lists: missing, wrong size or hash, unloadable, or
+    tensors that differ from what the metadata says. An empty list means the folder is sound."""
+    folder = Path(folder)
+    meta_path = folder / METADATA_NAME
+    if not meta_path.is_file():
+        return [f"{meta_path}: missing; expected the metadata file written by `pipeline build`"]
+    try:
+        meta = load_metadata(meta_path)
+    except DeviceError as e:
+        return [str(e)]
+    problems = []
+    if not meta.get("models"):
+        problems.append(f"{meta_path}: lists no models")
+    for name, entry in meta.get("models", {}).items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        if path.stat().st_size != entry.get("bytes"):
+            problems.append(f"{name}: {path.stat().st_size} bytes, metadata says {entry.get('bytes')}")
+            continue
+        try:
+            model = Model(path, metadata=meta)
+        except DeviceError as e:
+            problems.append(str(e))
+            continue
+        for side, spec in (("input", model.input), ("output", model.output)):
+            want = entry.get(side, {})
+            got = spec.to_dict()
+            differs = [k for k in ("shape", "dtype", "scale", "zero_point") if k in want and want[k] != got[k]]
+            if differs:
+                problems.append(f"{name}: {side} tensor {', '.join(differs)} differ from the metadata")
+    return problems
+
+
+def extract_bundle(archive: Path, dest: Path) -> Path:
+    """Unpack a bundle with tarfile's `data` filter: no paths outside dest, no links out, no devices."""
+    import tarfile
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(dest, filter="data")
+    except tarfile.FilterError as e:
+        raise DeviceError(f"{archive}: refused, a member points outside the target folder ({e}); "
+                          "the archive is not a bundle written by `pipeline bundle`")
+    except (OSError, tarfile.TarError, EOFError) as e:
+        raise DeviceError(f"{archive}: not a readable .tar.gz bundle ({e})")
+    return dest
+
+
+def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A labelled evaluation set: arrays `x` (uint8 images) and `y` (labels)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = {"x", "y"} - set(data.files)
+            if missing:
+                raise DeviceError(f"{path}: missing array(s) {sorted(missing)}; expected an npz with "
+                                  f"'x' (uint8 images) and 'y' (labels), found {sorted(data.files)}")
+            x, y = data["x"], data["y"]
+    except DeviceError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        raise DeviceError(f"{path}: not a readable .npz file ({e}); expected arrays 'x' and 'y'")
+    if len(x) != len(y):
+        raise DeviceError(f"{path}: {len(x)} images but {len(y)} labels; they must match")
+    return x, y
+
+
+def environment() -> dict:
+    import platform
+
+    rt = runtime()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "model")) and ":" in line:
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(),
+            "python": platform.python_version(), "os": platform.platform(),
+            "numpy": np.__version__, "interpreter": {"name": rt.name, "version": rt.version}}

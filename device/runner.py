@@ -1,0 +1,189 @@
+"""edgepipe device runner: classify images, evaluate, benchmark and inspect a `.tflite` model.
+
+Usage (in a bundle, or from the repository):
+    python device/runner.py classify IMAGE... [--model PATH] [--top-k K] [--json]
+    python device/runner.py eval DATA.npz     [--model PATH] [--json]
+    python device/runner.py bench             [--model PATH] [--runs N] [--warmup N] [--threads N] [--no-xnnpack] [--json]
+    python device/runner.py info              [--model PATH] [--json]
+    python device/runner.py verify [FOLDER]   [--json]
+    python device/runner.py unpack BUNDLE.tar.gz FOLDER
+
+Needs only numpy, pillow and one TFLite interpreter (ai-edge-litert, tflite-runtime or tensorflow).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script (`python device/runner.py`): make the `device` package importable from the
+    # folder that holds it, in a bundle and in the repository alike.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from device import core, timing  # noqa: E402
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "model_int8.tflite"
+
+
+def _load(args) -> core.Model:
+    return core.Model(args.model, threads=getattr(args, "threads", None),
+                      xnnpack=not getattr(args, "no_xnnpack", False))
+
+
+def cmd_classify(args) -> dict:
+    model = _load(args)
+    return {"model": str(args.model), "results": model.classify(args.images, args.top_k)}
+
+
+def cmd_eval(args) -> dict:
+    x, y = core.load_npz(args.data)
+    model = _load(args)
+    t0 = time.perf_counter()
+    result = core.evaluate(model, x, y)
+    seconds = time.perf_counter() - t0
+    confusion = _confusion(y, result["predictions"], len(model.labels))
+    return {"kind": "eval", "schema": 1, "model": str(args.model), "data": str(args.data),
+            "n": result["n"], "accuracy": result["accuracy"], "per_class": result["per_class"],
+            "confusion": confusion, "seconds": seconds,
+            "interpreter": {"name": model.runtime.name, "version": model.runtime.version},
+            "environment": core.environment()}
+
+
+def _confusion(y, pred, classes: int) -> list[list[int]]:
+    import numpy as np
+
+    m = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(m, (np.asarray(y).reshape(-1).astype(np.int64), pred), 1)
+    return m.tolist()
+
+
+def cmd_bench(args) -> dict:
+    import numpy as np
+
+    t0 = time.perf_counter()
+    model = _load(args)
+    init_ms = (time.perf_counter() - t0) * 1e3
+    p = model.preprocess
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(1, p["height"], p["width"], p["channels"]), dtype=np.uint8)
+    prepared = model.prepare(pixels)
+    t0 = time.perf_counter()
+    model.invoke(prepared)
+    first_ms = (time.perf_counter() - t0) * 1e3
+    warm, timed = timing.time_calls(lambda: model.invoke(prepared), args.runs, args.warmup)
+    return {"kind": "bench", "schema": 1, "model": str(args.model), "threads": args.threads,
+            "xnnpack": not args.no_xnnpack, "init_ms": init_ms, "first_inference_ms": first_ms,
+            "warmup": timing.summarize(warm), "latency": timing.summarize(timed),
+            "samples_ms": [s * 1e3 for s in timed], "peak_rss_mb": timing.peak_rss_mb(),
+            "interpreter": {"name": model.runtime.name, "version": model.runtime.version},
+            "environment": core.environment()}
+
+
+def cmd_info(args) -> dict:
+    return _load(args).info()
+
+
+def cmd_unpack(args) -> dict:
+    dest = core.extract_bundle(args.archive, args.dest)
+    problems = core.verify_folder(dest)
+    return {"kind": "unpack", "folder": str(dest), "ok": not problems, "problems": problems}
+
+
+def cmd_verify(args) -> dict:
+    problems = core.verify_folder(args.folder)
+    return {"kind": "verify", "folder": str(args.folder), "ok": not problems, "problems": problems}
+
+
+def _print_human(command: str, out: dict) -> None:
+    if command == "classify":
+        for r in out["results"]:
+            tops = ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"])
+            print(f"{r['image']}: {tops}")
+    elif command == "eval":
+        print(f"accuracy {out['accuracy']:.4f} on {out['n']} images "
+              f"({out['interpreter']['name']} {out['interpreter']['version']})")
+        for label, acc in out["per_class"].items():
+            print(f"  {label:>12}: {acc:.4f}")
+    elif command == "bench":
+        lat = out["latency"]
+        print(f"init {out['init_ms']:.1f} ms, first inference {out['first_inference_ms']:.3f} ms, "
+              f"threads {out['threads']}, xnnpack {'on' if out['xnnpack'] else 'off'}")
+        print(f"n={lat['n']} p50 {lat['p50_ms']:.4f} ms  p90 {lat['p90_ms']:.4f}  p99 {lat['p99_ms']:.4f}  "
+              f"mean {lat['mean_ms']:.4f} ± {lat['std_ms']:.4f}  min {lat['min_ms']:.4f}  max {lat['max_ms']:.4f}")
+        if lat.get("warning"):
+            print(f"warning: {lat['warning']}")
+        if out["peak_rss_mb"] is not None:
+            print(f"peak memory {out['peak_rss_mb']:.1f} MB")
+    elif command in ("verify", "unpack"):
+        print(f"{out['folder']}: " + ("all models verified" if out["ok"] else "PROBLEMS"))
+        for problem in out["problems"]:
+            print(f"  - {problem}")
+    else:
+        print(json.dumps(out, indent=2))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="runner.py", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_text):
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="the .tflite model (default: the bundle's model_int8.tflite)")
+        sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("classify", cmd_classify, "top-k labels for each image")
+    sp.add_argument("images", nargs="+", type=Path, help="image files (any format Pillow reads)")
+    sp.add_argument("--top-k", type=int, default=3, help="labels to show per image (default 3)")
+    sp = add("eval", cmd_eval, "accuracy on a labelled .npz set (arrays x and y)")
+    sp.add_argument("data", type=Path, help=".npz with 'x' (uint8 images) and 'y' (labels)")
+    sp = add("bench", cmd_bench, "latency: init, first inference, warm-up, timed runs")
+    sp.add_argument("--runs", type=int, default=200, help="timed runs (default 200)")
+    sp.add_argument("--warmup", type=int, default=20, help="warm-up runs, not in the statistics (default 20)")
+    sp.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
+    sp.add_argument("--no-xnnpack", action="store_true", help="use the built-in kernels instead of XNNPACK")
+    add("info", cmd_info, "tensors, dtypes, quantization parameters and ops")
+    sp = sub.add_parser("verify", help="check every model in a bundle against its metadata (size, sha256, tensors)")
+    sp.add_argument("folder", nargs="?", type=Path, default=DEFAULT_MODEL.parent,
+                    help="the unpacked bundle or run directory (default: this bundle)")
+    sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    sp.set_defaults(fn=cmd_verify)
+    sp = sub.add_parser("unpack", help="unpack a bundle .tar.gz safely into a folder, then verify it")
+    sp.add_argument("archive", type=Path, help="the bundle written by `pipeline bundle`")
+    sp.add_argument("dest", type=Path, help="folder to unpack into")
+    sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    sp.set_defaults(fn=cmd_unpack)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    for name in ("runs", "threads", "top_k"):
+        if getattr(args, name, 1) < 1:
+            print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
+    if getattr(args, "warmup", 0) < 0:
+        print("error: --warmup must be 0 or more", file=sys.stderr)
+        return 2
+    # Warnings (such as a model without metadata) go to stderr as one line, never into the JSON.
+    warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
+    try:
+        out = args.fn(args)
+    except core.DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        _print_human(args.command, out)
+    return 0 if out.get("ok", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Latency measurement shared by the runner's `bench` and the host benchmark.
+
+Warm-up runs are timed but kept apart from the measured ones, raw samples are kept, and a wide
+spread is reported rather than averaged away (the way pyperf does it).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+# Above this coefficient of variation a median is not worth quoting without a warning.
+WIDE_SPREAD_CV = 0.10
+
+
+def summarize(samples_s) -> dict:
+    """n, mean, std, min/max and percentiles of samples in seconds, reported in milliseconds."""
+    a = np.asarray(samples_s, dtype=np.float64) * 1e3
+    if a.size == 0:
+        return {"n": 0}
+    mean = float(a.mean())
+    std = float(a.std(ddof=1)) if a.size > 1 else 0.0
+    p50, p90, p99 = (float(v) for v in np.percentile(a, [50, 90, 99]))
+    out = {"n": int(a.size), "mean_ms": mean, "std_ms": std, "p50_ms": p50, "p90_ms": p90,
+           "p99_ms": p99, "min_ms": float(a.min()), "max_ms": float(a.max()),
+           "throughput_per_s": 1e3 / p50 if p50 > 0 else None}
+    if mean > 0 and std / mean > WIDE_SPREAD_CV:
+        out["warning"] = (f"wide spread: std is {100 * std / mean:.0f}% of the mean; "
+                          "the machine was busy or throttling, treat the mean with care")
+    return out
+
+
+def time_calls(fn, runs: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Call fn warmup + runs times; return (warm-up samples, measured samples) in seconds."""
+    clock = time.perf_counter
+    warm, timed = [], []
+    for i in range(warmup + runs):
+        t0 = clock()
+        fn()
+        (warm if i < warmup else timed).append(clock() - t0)
+    return warm, timed
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if os.uname().sysname == "Darwin" else peak / 1024

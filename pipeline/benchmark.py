@@ -1,0 +1,156 @@
+"""Latency, memory and size of every variant, measured through the device runner's core.
+
+Variants are timed interleaved (A B C A B C ...) so that the drift of a noisy machine lands on all
+of them alike; ratios inside one run are what the report compares.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import device
+from device import timing
+from device.core import Model, environment
+
+RUNNER = Path(device.__file__).resolve().parent / "runner.py"
+CROSS_CHECK_RESOLUTION_MS = 0.01
+CROSS_CHECK_TOLERANCE = 0.10
+
+
+def _interleaved(models: dict[str, Model], prepared: dict[str, np.ndarray], runs: int, warmup: int):
+    clock = time.perf_counter
+    warm = {v: [] for v in models}
+    timed = {v: [] for v in models}
+    for i in range(warmup + runs):
+        for v, model in models.items():
+            x = prepared[v]
+            t0 = clock()
+            model.invoke(x)
+            (warm if i < warmup else timed)[v].append(clock() - t0)
+    return warm, timed
+
+
+def measure_latency(run_dir: Path, variants, metadata: dict, *, threads: int, xnnpack: bool,
+                    runs: int, warmup: int) -> dict:
+    pre = metadata["preprocess"]
+    pixels = np.random.default_rng(0).integers(
+        0, 256, size=(1, pre["height"], pre["width"], pre["channels"]), dtype=np.uint8)
+    models, prepared, out = {}, {}, {}
+    for v in variants:
+        t0 = time.perf_counter()
+        models[v] = Model(Path(run_dir) / f"model_{v}.tflite", threads=threads, xnnpack=xnnpack,
+                          metadata=metadata)
+        init_ms = (time.perf_counter() - t0) * 1e3
+        prepared[v] = models[v].prepare(pixels)
+        t0 = time.perf_counter()
+        models[v].invoke(prepared[v])
+        out[v] = {"init_ms": init_ms, "first_inference_ms": (time.perf_counter() - t0) * 1e3}
+    warm, timed = _interleaved(models, prepared, runs, warmup)
+    for v in variants:
+        out[v].update({"warmup": timing.summarize(warm[v]), "latency": timing.summarize(timed[v]),
+                       "samples_ms": [round(s * 1e3, 6) for s in timed[v]]})
+    return out
+
+
+def fresh_process_memory(model_path: Path) -> dict:
+    """Peak RSS and wall time of a new runner process that loads the model and runs it a few times."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(RUNNER), "bench", "--model", str(model_path), "--runs", "10",
+                           "--warmup", "2", "--json"], capture_output=True, text=True, timeout=300)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "runner failed"}
+    result = json.loads(proc.stdout)
+    return {"peak_rss_mb": result["peak_rss_mb"], "process_wall_s": wall, "init_ms": result["init_ms"]}
+
+
+def litert_benchmark(model_path: Path, threads: int, runs: int, warmup: int) -> dict:
+    """Google's own `litert-benchmark` (CompiledModel API) on the same file, for a second opinion."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = ["litert-benchmark", "--model", str(model_path), "--num_runs", str(runs), "--warmup_runs",
+               str(warmup), "--num_threads", str(threads), "--result_json", str(result_path)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except FileNotFoundError:
+            return {"error": "litert-benchmark is not installed (it comes with ai-edge-litert)"}
+        if proc.returncode != 0 or not result_path.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()
+            return {"error": tail[-1] if tail else f"exit code {proc.returncode}"}
+        raw = json.loads(result_path.read_text())
+    return {"raw": raw, "median_ms": _find_median_ms(raw)}
+
+
+def _find_median_ms(raw) -> float | None:
+    """The median latency in ms from litert-benchmark's JSON, wherever its schema puts it."""
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            if "median" in key.lower() and isinstance(value, (int, float)):
+                return float(value) / 1e3 if key.lower().endswith("_us") else float(value)
+        for value in raw.values():
+            found = _find_median_ms(value)
+            if found is not None:
+                return found
+    elif isinstance(raw, list):
+        for value in raw:
+            found = _find_median_ms(value)
+            if found is not None:
+                return found
+    return None
+
+
+def cross_check(run_dir: Path, variants, ours: dict, threads: int, runs: int, warmup: int) -> dict:
+    out = {}
+    for v in variants:
+        theirs = litert_benchmark(Path(run_dir) / f"model_{v}.tflite", threads, runs, warmup)
+        entry = {"litert_benchmark": theirs}
+        median, our_p50 = theirs.get("median_ms"), ours[v]["latency"]["p50_ms"]
+        if median is not None:
+            allowed = CROSS_CHECK_RESOLUTION_MS + CROSS_CHECK_TOLERANCE * max(median, our_p50)
+            entry.update({"their_median_ms": median, "our_p50_ms": our_p50,
+                          "agree": abs(median - our_p50) <= allowed})
+            if not entry["agree"]:
+                entry["why"] = ("litert-benchmark uses the CompiledModel API with its own CPU accelerator "
+                                f"set-up; ours is the Interpreter API, {threads} thread(s), XNNPACK as configured, "
+                                "one image per invoke; the two also ran at different moments of a noisy machine")
+        out[v] = entry
+    return out
+
+
+def benchmark_variants(run_dir: Path, variants, metadata: dict, *, threads_list, xnnpack: bool, runs: int,
+                       warmup: int, macs: int | None = None, cross_check_litert: bool = False,
+                       memory: bool = True, log=print) -> dict:
+    run_dir = Path(run_dir)
+    t_start = time.perf_counter()
+    sizes = {v: (run_dir / f"model_{v}.tflite").stat().st_size for v in variants}
+    result = {"schema": 1, "environment": environment(), "xnnpack": xnnpack, "runs": runs, "warmup": warmup,
+              "interleaved": True, "macs_per_inference": macs, "threads": {}, "variants": {}}
+    for v in variants:
+        result["variants"][v] = {"bytes": sizes[v], "size_ratio_vs_fp32": sizes[v] / sizes["fp32"]}
+    for threads in threads_list:
+        lat = measure_latency(run_dir, variants, metadata, threads=threads, xnnpack=xnnpack, runs=runs,
+                              warmup=warmup)
+        base = lat["fp32"]["latency"]["p50_ms"]
+        for v in variants:
+            p50 = lat[v]["latency"]["p50_ms"]
+            lat[v]["speedup_vs_fp32"] = base / p50 if p50 else None
+            lat[v]["gmac_per_s"] = macs / (p50 * 1e6) if macs and p50 else None
+            log(f"latency {v:>8} @{threads} thread(s): p50 {p50:.4f} ms, "
+                f"p90 {lat[v]['latency']['p90_ms']:.4f} ms, {lat[v]['speedup_vs_fp32']:.2f}x fp32"
+                + ("  [wide spread, see report]" if lat[v]["latency"].get("warning") else ""))
+        result["threads"][str(threads)] = lat
+    if memory:
+        for v in variants:
+            result["variants"][v]["fresh_process"] = fresh_process_memory(run_dir / f"model_{v}.tflite")
+    if cross_check_litert:
+        t1 = min(threads_list)
+        result["cross_check"] = {"threads": t1, "variants": cross_check(
+            run_dir, variants, result["threads"][str(t1)], t1, runs, warmup)}
+    result["seconds"] = time.perf_counter() - t_start
+    return result

@@ -1,0 +1,101 @@
+"""Conversion to `.tflite`: one named preset per quantization variant.
+
+Each preset configures a `tf.lite.TFLiteConverter`; the table `PRESETS` is the registry the CLI's
+`--quantize` choices come from.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+import warnings
+
+import numpy as np
+
+from device.core import normalize
+from pipeline.config import BuildConfig
+from pipeline.data import Dataset
+
+NOTES = {
+    "int16x8": "int16 activations with int8 weights: XNNPACK does not run them, so this variant uses "
+               "the reference kernels and is far slower than int8 on CPUs (about 80x on x86 here); "
+               "it exists for accuracy, not speed.",
+    "dynamic": "weights int8, activations float, quantized on the fly at run time: smaller, "
+               "but not an integer-only model (no int8-only accelerators).",
+    "float16": "weights stored as float16 and expanded to float32 on a CPU: half the size, same speed.",
+}
+
+
+def fp32_baseline(converter, tf, calibration, cfg):
+    """No optimization: the float model every other variant is judged against."""
+
+
+def dynamic_range_weights_int8(converter, tf, calibration, cfg):
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+
+
+def float16_weights(converter, tf, calibration, cfg):
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_types = [tf.float16]
+
+
+def full_integer_int8(converter, tf, calibration, cfg):
+    """Every op int8, calibrated on training images; int8 input/output unless --int8-io float."""
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = calibration
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    if cfg.int8_io == "int8":
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+
+
+def int16_activations_int8_weights(converter, tf, calibration, cfg):
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = calibration
+    converter.target_spec.supported_ops = [
+        tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+
+
+PRESETS = {
+    "fp32": fp32_baseline,
+    "dynamic": dynamic_range_weights_int8,
+    "float16": float16_weights,
+    "int8": full_integer_int8,
+    "int16x8": int16_activations_int8_weights,
+}
+
+
+def calibration_images(data: Dataset, count: int, seed: int) -> np.ndarray:
+    """A seeded sample of the training split (never validation or test), normalized like training."""
+    rng = np.random.default_rng(seed)
+    take = rng.permutation(len(data.x_train))[:count]
+    return normalize(data.x_train[take], data.spec.to_dict())
+
+
+def convert(model, variant: str, cfg: BuildConfig, calibration: np.ndarray) -> bytes:
+    import tensorflow as tf
+
+    def representative():
+        for i in range(len(calibration)):
+            yield [calibration[i:i + 1]]
+
+    # Keras prints the exported signature on every conversion, and the converter warns that int8
+    # inputs carry no statistics (they do not need any: calibration sets the scale); both are noise.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        PRESETS[variant](converter, tf, representative, cfg)
+        return converter.convert()
+
+
+def convert_all(model, cfg: BuildConfig, data: Dataset, log=print) -> dict[str, tuple[bytes, float]]:
+    """Every configured variant: {variant: (flatbuffer bytes, seconds)}."""
+    calibration = calibration_images(data, cfg.calibration_samples, cfg.seed)
+    out = {}
+    for variant in cfg.quantize:
+        t0 = time.perf_counter()
+        out[variant] = (convert(model, variant, cfg, calibration), time.perf_counter() - t0)
+        log(f"converted {variant}: {len(out[variant][0]):,} bytes in {out[variant][1]:.2f} s")
+        if variant in NOTES:
+            log(f"  note: {NOTES[variant]}")
+    return out

@@ -1,0 +1,67 @@
+"""Accuracy of every variant on the test split, through the device runner's core.
+
+Everything here is measured with `device.core.Model`, the code that ships, so a bug in the
+runner's quantization shows up as lost accuracy in the report rather than only on the device.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from device.core import Model, normalize
+
+
+def confusion_matrix(y: np.ndarray, pred: np.ndarray, classes: int) -> np.ndarray:
+    m = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(m, (y, pred), 1)
+    return m
+
+
+def summarize_predictions(probs: np.ndarray, y: np.ndarray, labels, baseline: np.ndarray | None) -> dict:
+    """Accuracy figures from saved probabilities; the report's tests recompute them the same way."""
+    pred = probs.argmax(axis=1)
+    confusion = confusion_matrix(y, pred, len(labels))
+    per_class = {label: float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None
+                 for i, label in enumerate(labels)}
+    out = {"n": int(len(y)), "accuracy": float((pred == y).mean()), "per_class": per_class,
+           "confusion": confusion.tolist()}
+    if baseline is not None:
+        out["agreement_with_fp32"] = float((pred == baseline.argmax(axis=1)).mean())
+        out["mean_abs_prob_diff_vs_fp32"] = float(np.abs(probs - baseline).mean())
+    return out
+
+
+def evaluate_variants(run_dir: Path, variants, x_test: np.ndarray, y_test: np.ndarray, metadata: dict,
+                      keras_model=None, log=print) -> tuple[dict, dict[str, np.ndarray]]:
+    """Returns (evaluation dict, {name: probabilities}) for fp32 first, then the other variants."""
+    y = np.asarray(y_test).reshape(-1).astype(np.int64)
+    labels = metadata["preprocess"]["labels"]
+    probs: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    for variant in variants:
+        t0 = time.perf_counter()
+        model = Model(Path(run_dir) / f"model_{variant}.tflite", metadata=metadata)
+        probs[variant] = model.predict(x_test)
+        seconds[variant] = time.perf_counter() - t0
+    baseline = probs["fp32"]
+    result = {"n": int(len(y)), "variants": {}}
+    for variant in variants:
+        entry = summarize_predictions(probs[variant], y, labels, None if variant == "fp32" else baseline)
+        entry["change_pp_vs_fp32"] = 100.0 * (entry["accuracy"] - float((baseline.argmax(1) == y).mean()))
+        entry["seconds"] = seconds[variant]
+        result["variants"][variant] = entry
+        log(f"accuracy {variant:>8}: {entry['accuracy']:.4f} ({entry['change_pp_vs_fp32']:+.2f} pp), "
+            f"{seconds[variant]:.2f} s for {len(y)} images")
+    if keras_model is not None:
+        keras_probs = keras_model.predict(normalize(x_test, metadata["preprocess"]), batch_size=256, verbose=0)
+        probs["keras"] = keras_probs
+        result["keras"] = {
+            "accuracy": float((keras_probs.argmax(1) == y).mean()),
+            "fp32_tflite_max_abs_diff": float(np.abs(keras_probs - baseline).max()),
+            "fp32_tflite_agreement": float((keras_probs.argmax(1) == baseline.argmax(1)).mean()),
+        }
+        log(f"accuracy    keras: {result['keras']['accuracy']:.4f} (fp32 .tflite max |diff| "
+            f"{result['keras']['fp32_tflite_max_abs_diff']:.2e})")
+    return result, probs

@@ -1,0 +1,400 @@
+"""The report: one table a person reads, one JSON a machine reads, plots, and notes drawn from the data.
+
+Nothing is measured here. Every figure is copied or derived from the files the earlier stages wrote
+(manifest, metadata, evaluation, benchmark) and, optionally, from JSON that `device/runner.py bench
+--json` or `eval --json` printed on a device, so the report can be rendered again at any time.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+
+from device.timing import WIDE_SPREAD_CV
+from pipeline import plots
+from pipeline.artifacts import MANIFEST, atomic_write, write_json
+from pipeline.config import VARIANTS
+
+SCHEMA = 1
+# int8 moves a quarter of fp32's bytes and its kernels do 4x the MACs per instruction; once the
+# kernels dominate an invoke, int8 should take at most this fraction of fp32's time at one thread.
+INT8_EXPECTED_RATIO = 0.45
+# Below this fp32 p50 a model is so small that the fixed cost of each invoke (a few tens of µs for
+# the Python call, tensor copies and op dispatch) is a large share of the time.
+TINY_MODEL_MS = 1.0
+# Keras and its fp32 .tflite run the same float math; larger differences mean the converter changed it.
+KERAS_PARITY_ABS = 1e-4
+DEVICE_SOURCE = "the output of `runner.py bench --json` or `runner.py eval --json`"
+PLOTS = {"accuracy_vs_latency.png": "Accuracy against p50 latency; marker area is the file size",
+         "latency.png": "Latency distribution of every variant (raw timed samples)",
+         "confusion_fp32_int8.png": "Confusion matrices of fp32 and int8 on the test split"}
+
+
+class ReportError(Exception):
+    """A run directory or device result the report cannot use; the message names the file and what was expected."""
+
+
+def _read_json(path: Path, expected: str):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{path}: missing; expected {expected}")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: not readable ({e}); expected {expected}")
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: not JSON ({e.msg} at line {e.lineno}); expected {expected}")
+
+
+# ---------------------------------------------------------------- collecting the figures
+
+def _load(run_dir: Path) -> tuple[dict, dict, dict | None, list[str]]:
+    """manifest, evaluation, benchmark (None when the build skipped it) and the class labels."""
+    manifest = _read_json(run_dir / MANIFEST, "the manifest written by `pipeline build`")
+    evaluation = _read_json(run_dir / "evaluation.json", "the evaluation written by `pipeline build`")
+    bench_path = run_dir / "benchmark.json"
+    bench = _read_json(bench_path, "the benchmark written by `pipeline build` or `pipeline benchmark`") \
+        if bench_path.exists() else None
+    labels = _read_json(run_dir / "metadata.json", "the metadata written by `pipeline build`")["preprocess"]["labels"]
+    return manifest, evaluation, bench, labels
+
+
+def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
+            device_results: list[Path] | None = None) -> dict:
+    """The report as a dict, from the run directory's files; writes nothing."""
+    threads = min(map(int, bench["threads"])) if bench and bench.get("threads") else None
+    variants = [_variant(run_dir, v, evaluation, bench, threads) for v in VARIANTS if v in evaluation["variants"]]
+    report = {
+        "schema": SCHEMA, "run": run_dir.name.removeprefix(".").removesuffix(".partial"),
+        "model": manifest["config"]["model"], "dataset": manifest["config"]["dataset"],
+        "test_images": evaluation["n"], "table_threads": threads, "variants": variants,
+        "keras": evaluation.get("keras"), "versions": manifest.get("versions", {}),
+        "environment": bench["environment"] if bench else None,
+        "benchmark": {k: bench.get(k) for k in ("xnnpack", "runs", "warmup", "interleaved", "macs_per_inference")}
+        if bench else None,
+        "devices": _merge_devices(device_results or [], variants),
+    }
+    report["notes"] = _notes(report, bench)
+    return report
+
+
+def _variant(run_dir: Path, v: str, evaluation: dict, bench: dict | None, threads: int | None) -> dict:
+    e, size = evaluation["variants"][v], _model_bytes(run_dir, v)
+    entry = {"variant": v, "file": f"model_{v}.tflite", "bytes": size,
+             "size_ratio": size / _model_bytes(run_dir, "fp32"),
+             "accuracy": e["accuracy"], "change_pp": e["change_pp_vs_fp32"],
+             # fp32 is the baseline: it agrees with itself by definition.
+             "agreement": e.get("agreement_with_fp32", 1.0),
+             "mean_abs_prob_diff": e.get("mean_abs_prob_diff_vs_fp32", 0.0),
+             "p50_ms": None, "p90_ms": None, "p99_ms": None, "speedup": None, "gmac_per_s": None,
+             "latency": {}, "memory": None, "device": {}}
+    if bench:
+        for t, per_variant in bench["threads"].items():
+            m = per_variant[v]
+            entry["latency"][t] = {**m["latency"], "speedup": m["speedup_vs_fp32"], "gmac_per_s": m["gmac_per_s"],
+                                   "init_ms": m["init_ms"], "first_inference_ms": m["first_inference_ms"]}
+        at = entry["latency"][str(threads)]
+        entry.update({k: at[k] for k in ("p50_ms", "p90_ms", "p99_ms", "speedup", "gmac_per_s")})
+        entry["memory"] = bench["variants"][v].get("fresh_process")
+    return entry
+
+
+def _model_bytes(run_dir: Path, v: str) -> int:
+    try:
+        return (run_dir / f"model_{v}.tflite").stat().st_size
+    except OSError as e:
+        raise ReportError(f"{run_dir / f'model_{v}.tflite'}: {e.strerror}; evaluation.json lists it, "
+                          "so the run directory is incomplete (rebuild it)")
+
+
+# ---------------------------------------------------------------- device results
+
+def _merge_devices(paths, variants: list[dict]) -> list[dict]:
+    """Add each device file's figures to its variant's `device` dict; returns the devices seen."""
+    by_name = {v["file"]: v for v in variants}
+    devices: dict[str, dict] = {}
+    seen: dict[tuple, Path] = {}
+    for path in map(Path, paths):
+        data = _read_json(path, DEVICE_SOURCE)
+        if not isinstance(data, dict):
+            raise ReportError(f"{path}: a JSON {type(data).__name__}; expected {DEVICE_SOURCE}")
+        if data.get("schema") != SCHEMA:
+            raise ReportError(f"{path}: schema {data.get('schema')!r}; expected schema {SCHEMA}, {DEVICE_SOURCE}")
+        kind = data.get("kind")
+        if kind not in ("bench", "eval"):
+            raise ReportError(f"{path}: kind {kind!r}; expected 'bench' or 'eval', {DEVICE_SOURCE}")
+        name = re.split(r"[\\/]", str(data.get("model", "")))[-1]
+        if name not in by_name:
+            raise ReportError(f"{path}: model '{name}' is not in this run; expected one of {', '.join(by_name)}")
+        env = data.get("environment")
+        if not isinstance(env, dict) or not env.get("cpu") and not env.get("machine"):
+            raise ReportError(f"{path}: no 'environment' with 'cpu' or 'machine'; expected {DEVICE_SOURCE}")
+        label = _device_label(env)
+        if (label, name, kind) in seen:
+            raise ReportError(f"{path}: a second {kind} result for {name} on {label} (the first is "
+                              f"{seen[label, name, kind]}); pass one per model, kind and device")
+        seen[label, name, kind], figures = path, _device_figures(path, kind, data)
+        by_name[name]["device"].setdefault(label, {}).update(figures)
+        device = devices.setdefault(label, {"label": label, "environment": env,
+                                            "interpreter": data.get("interpreter"), "files": []})
+        device["files"].append({"file": str(path), "kind": kind, "variant": by_name[name]["variant"], **figures})
+    return list(devices.values())
+
+
+def _device_label(env: dict) -> str:
+    cpu, machine = env.get("cpu") or "", env.get("machine") or ""
+    return cpu if not machine or machine in cpu else f"{cpu} ({machine})" if cpu else machine
+
+
+def _device_figures(path: Path, kind: str, data: dict) -> dict:
+    def number(*keys):
+        value = data
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ReportError(f"{path}: no number at '{'.'.join(keys)}'; expected {DEVICE_SOURCE}")
+        return value
+
+    if kind == "eval":
+        return {"accuracy": number("accuracy"), "n": number("n"), "data": data.get("data")}
+    return {"p50_ms": number("latency", "p50_ms"), "p90_ms": number("latency", "p90_ms"),
+            "p99_ms": number("latency", "p99_ms"), "runs": number("latency", "n"), "threads": data.get("threads"),
+            "xnnpack": data.get("xnnpack"), "peak_rss_mb": data.get("peak_rss_mb"),
+            "warning": data["latency"].get("warning")}
+
+
+# ---------------------------------------------------------------- notes
+
+def _notes(report: dict, bench: dict | None) -> list[dict]:
+    """Everything a reader should not miss, each as {kind, variant, text}, worked out from the data."""
+    by_v = {v["variant"]: v for v in report["variants"]}
+    notes = []
+    if bench is None:
+        notes.append(_note("no_benchmark", None, "no benchmark.json (built with --no-benchmark): latency, "
+                           "speed-up and memory are missing; run `pipeline benchmark RUN_DIR` to add them"))
+    else:
+        notes += _spread_notes(report["variants"])
+        notes += _int16x8_notes(by_v, report)
+        notes += _int8_notes(by_v, report)
+        notes += _cross_check_notes(bench)
+        notes += [_note("memory", v["variant"], f"{v['variant']}: the fresh-process memory measurement failed "
+                        f"({v['memory']['error']})") for v in report["variants"] if (v["memory"] or {}).get("error")]
+    notes += _keras_notes(report["keras"])
+    notes += _device_notes(report)
+    return notes
+
+
+def _note(kind: str, variant: str | None, text: str) -> dict:
+    return {"kind": kind, "variant": variant, "text": text}
+
+
+def _spread_notes(variants: list[dict]) -> list[dict]:
+    out = []
+    for v in variants:
+        for t, lat in v["latency"].items():
+            if lat["mean_ms"] > 0 and lat["std_ms"] / lat["mean_ms"] > WIDE_SPREAD_CV:
+                out.append(_note("wide_spread", v["variant"], (
+                    f"{v['variant']} at {_threads(t)}: wide spread, std {lat['std_ms']:.4f} ms is "
+                    f"{100 * lat['std_ms'] / lat['mean_ms']:.0f}% of the mean {lat['mean_ms']:.4f} ms (p50 "
+                    f"{lat['p50_ms']:.4f}, max {lat['max_ms']:.4f}); the machine was busy or throttling, so "
+                    "trust the median over the mean and measure again before drawing fine conclusions")))
+    return out
+
+
+def _int16x8_notes(by_v: dict, report: dict) -> list[dict]:
+    if "int16x8" not in by_v:
+        return []
+    v, t = by_v["int16x8"], report["table_threads"]
+    xnnpack = "" if report["benchmark"]["xnnpack"] else " (XNNPACK was off for every variant in this benchmark)"
+    return [_note("int16x8_not_accelerated", "int16x8", (
+        f"int16x8 is not accelerated by XNNPACK, which has no int16-activation kernels, so it runs on "
+        f"TFLite's reference kernels: p50 {v['p50_ms']:.3f} ms against fp32's {by_v['fp32']['p50_ms']:.4f} ms "
+        f"at {_threads(t)}, {v['p50_ms'] / by_v['fp32']['p50_ms']:.0f}x slower{xnnpack}. It is there for accuracy "
+        f"({100 * v['accuracy']:.2f}%, {v['change_pp']:+.2f} pp vs fp32), not speed"))]
+
+
+def _int8_notes(by_v: dict, report: dict) -> list[dict]:
+    if "int8" not in by_v:
+        return []
+    fp32, int8, t = by_v["fp32"], by_v["int8"], report["table_threads"]
+    ratio = int8["p50_ms"] / fp32["p50_ms"]
+    if ratio <= INT8_EXPECTED_RATIO:
+        return []
+    head = (f"int8 is not the expected <= {INT8_EXPECTED_RATIO}x of fp32's latency: p50 {int8['p50_ms']:.4f} ms "
+            f"against {fp32['p50_ms']:.4f} ms at {_threads(t)}, {ratio:.2f}x. ")
+    macs = report["benchmark"]["macs_per_inference"]
+    if not report["benchmark"]["xnnpack"]:
+        why = "Why: XNNPACK was off, and TFLite's built-in int8 kernels are not the optimized ones."
+    elif fp32["p50_ms"] < TINY_MODEL_MS:
+        work = (f"{macs / 1e6:.2f} M multiply-accumulates per image, done by fp32 at "
+                f"{fp32['gmac_per_s']:.1f} GMAC/s" if macs and fp32["gmac_per_s"] else "little arithmetic")
+        why = (f"Why: the model is tiny ({work}), so each invoke is dominated by its fixed cost (the Python "
+               "call, copying the input in and the output out, dispatching every op), which int8 kernels "
+               "cannot shrink; expect the ratio to approach the target on a larger model.")
+    else:
+        why = (f"Why: not per-invoke overhead, since fp32 takes {fp32['p50_ms']:.2f} ms; the int8 kernels may "
+               f"lack this CPU's fast integer dot-product instructions ({(report['environment'] or {}).get('cpu')}).")
+    spread = [v for v in ("fp32", "int8") if by_v[v]["latency"][str(t)].get("warning")]
+    tail = f" The spread of {' and '.join(spread)} was also wide." if spread else ""
+    return [_note("int8_speedup_below_target", "int8", head + why + tail)]
+
+
+def _keras_notes(keras: dict | None) -> list[dict]:
+    if keras and (keras["fp32_tflite_agreement"] < 1 or keras["fp32_tflite_max_abs_diff"] > KERAS_PARITY_ABS):
+        return [_note("keras_mismatch", "fp32", (
+            f"possible conversion bug: the fp32 .tflite and the Keras model disagree (top-1 agreement "
+            f"{100 * keras['fp32_tflite_agreement']:.2f}%, max |prob diff| {keras['fp32_tflite_max_abs_diff']:.2e}, "
+            f"expected 100% and <= {KERAS_PARITY_ABS:.0e}); fp32 applies no quantization, so look at the "
+            "converter, the preprocessing, or ops the model uses"))]
+    return []
+
+
+def _cross_check_notes(bench: dict) -> list[dict]:
+    check, out = bench.get("cross_check") or {"variants": {}}, []
+    for v, entry in check["variants"].items():
+        error = entry.get("litert_benchmark", {}).get("error")
+        if error:
+            out.append(_note("cross_check_failed", v, f"cross-check {v}: litert-benchmark gave no median ({error})"))
+        elif entry.get("agree") is False:
+            out.append(_note("cross_check_disagrees", v, (
+                f"cross-check {v}: litert-benchmark's median {entry['their_median_ms']:.4f} ms and our p50 "
+                f"{entry['our_p50_ms']:.4f} ms at {_threads(check['threads'])} disagree; {entry.get('why', '')}")))
+    return out
+
+
+def _device_notes(report: dict) -> list[dict]:
+    out = []
+    for d in report["devices"]:
+        interp, parts = d["interpreter"] or {}, []
+        for f in d["files"]:
+            if f["kind"] == "eval":
+                parts.append(f"{f['variant']} evaluated on {f['n']} images of {f['data']} (the host used "
+                             f"{report['test_images']} test images, so accuracies may differ by the sample)")
+            else:
+                parts.append(f"{f['variant']} benchmarked at {_threads(f['threads'])}, XNNPACK "
+                             f"{'on' if f['xnnpack'] else 'off'}, {f['runs']} runs"
+                             + (f" [{f['warning']}]" if f["warning"] else ""))
+        out.append(_note("device", None, f"device {d['label']} ({interp.get('name')} {interp.get('version')}): "
+                         + "; ".join(parts)))
+    return out
+
+
+# ---------------------------------------------------------------- the table, in three formats
+
+def table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows of strings): one row per variant, host figures then each device's."""
+    headers = ["variant", "size", "size ratio", "accuracy", "change", "agreement", "p50 ms", "p90 ms",
+               "p99 ms", "speed-up vs fp32"]
+    labels = [d["label"] for d in report["devices"]]
+    for label in labels:
+        headers += [f"{label} accuracy", f"{label} p50 ms"]
+    rows = []
+    for v in report["variants"]:
+        row = [v["variant"], f"{v['bytes'] / 1024:.1f} KiB", f"{v['size_ratio']:.2f}x", _pct(v["accuracy"]),
+               f"{v['change_pp']:+.2f} pp", _pct(v["agreement"]), _ms(v["p50_ms"]), _ms(v["p90_ms"]),
+               _ms(v["p99_ms"]), "-" if v["speedup"] is None else f"{v['speedup']:.2f}x"]
+        for label in labels:
+            dev = v["device"].get(label, {})
+            row += [_pct(dev.get("accuracy")), _ms(dev.get("p50_ms"))]
+        rows.append(row)
+    return headers, rows
+
+
+def _threads(n) -> str:
+    return f"{n} thread" if int(n) == 1 else f"{n} threads"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.4f}" if x < 1 else f"{x:.3f}" if x < 100 else f"{x:.1f}"
+
+
+def _text(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def _context(report: dict) -> list[str]:
+    """The sentences above the table: what was measured, where, how."""
+    versions = report["versions"]
+    lines = [f"{report['model']} on {report['dataset']}, accuracy on {report['test_images']:,} test images; "
+             f"edgepipe {versions.get('edgepipe')}, TensorFlow {versions.get('tensorflow')}, "
+             f"ai-edge-litert {versions.get('ai-edge-litert')}."]
+    if report["benchmark"]:
+        b, env = report["benchmark"], report["environment"]
+        lines.append(f"Latency per image at {_threads(report['table_threads'])}, XNNPACK "
+                     f"{'on' if b['xnnpack'] else 'off'}, {b['runs']} timed runs after {b['warmup']} warm-up, "
+                     f"variants interleaved, on {env['cpu']} ({env['cores']} cores, "
+                     f"{env['interpreter']['name']} {env['interpreter']['version']}).")
+    if report["keras"]:
+        k = report["keras"]
+        lines.append(f"Keras model accuracy {_pct(k['accuracy'])}; the fp32 .tflite agrees with it on "
+                     f"{_pct(k['fp32_tflite_agreement'])} of images "
+                     f"(max |prob diff| {k['fp32_tflite_max_abs_diff']:.1e}).")
+    return lines
+
+
+def _markdown(report: dict) -> str:
+    headers, rows = table(report)
+    out = [f"# edgepipe report: {report['run']}", "", *[f"{s}  " for s in _context(report)], "",
+           "| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|",
+           *["| " + " | ".join(r) + " |" for r in rows], "", "## Notes", ""]
+    out += [f"- {n['text']}" for n in report["notes"]] or ["- none"]
+    out += ["", "## Plots", ""] + [f"![{PLOTS[p]}]({p})" for p in report["plots"]]
+    return "\n".join(out) + "\n"
+
+
+def _html(report: dict, pngs: dict[str, bytes]) -> str:
+    headers, rows = table(report)
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    notes = "".join(f"<li>{esc(n['text'])}</li>" for n in report["notes"]) or "<li>none</li>"
+    figures = "".join(f'<figure><img alt="{esc(PLOTS[name])}" src="data:image/png;base64,'
+                      f'{base64.b64encode(png).decode()}"><figcaption>{esc(PLOTS[name])}</figcaption></figure>'
+                      for name, png in pngs.items())
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>edgepipe report: "
+            f"{esc(report['run'])}</title><style>body{{font-family:sans-serif;max-width:75em;margin:2em auto}}"
+            "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
+            "td:first-child{text-align:left}img{max-width:100%}</style></head><body>\n"
+            f"<h1>edgepipe report: {esc(report['run'])}</h1>\n"
+            + "".join(f"<p>{esc(s)}</p>" for s in _context(report))
+            + f"\n<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n"
+            f"<h2>Notes</h2><ul>{notes}</ul>\n<h2>Plots</h2>{figures}\n</body></html>\n")
+
+
+# ---------------------------------------------------------------- entry points
+
+def render(run_dir: Path, device_results: list[Path] | None = None, log=print) -> dict:
+    """Write report.json, report.md, report.html and the plots into run_dir; returns the report."""
+    run_dir = Path(run_dir)
+    manifest, evaluation, bench, labels = _load(run_dir)
+    report = collect(run_dir, manifest, evaluation, bench, device_results)
+    drawn = {"accuracy_vs_latency.png": plots.accuracy_vs_latency(report["variants"], report["table_threads"] or 1),
+             "latency.png": plots.latency_distributions(bench, [v["variant"] for v in report["variants"]]),
+             "confusion_fp32_int8.png": plots.confusion_pair(evaluation, labels)}
+    pngs = {name: png for name, png in drawn.items() if png is not None}
+    for name, png in pngs.items():
+        atomic_write(run_dir / name, png)
+    report["plots"] = list(pngs)
+    write_json(run_dir / "report.json", report)
+    atomic_write(run_dir / "report.md", _markdown(report))
+    atomic_write(run_dir / "report.html", _html(report, pngs))
+    log(f"report: wrote report.json, report.md, report.html and {len(pngs)} plot(s), {len(report['notes'])} note(s)")
+    return report
+
+
+def summary_table(run_dir: Path) -> str:
+    """The report's table as aligned plain text for the terminal."""
+    path = Path(run_dir) / "report.json"
+    report = _read_json(path, "the report written by `pipeline report`") if path.exists() \
+        else collect(Path(run_dir), *_load(Path(run_dir))[:3])
+    return _text(*table(report))

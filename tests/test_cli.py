@@ -1,0 +1,155 @@
+"""The command line through click's CliRunner: exit codes and messages for bad input."""
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return lines[0]
+
+
+def test_version_names_the_runtimes():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert "edgepipe 0.1.0" in result.output and "tensorflow 2.21" in result.output
+    assert "ai-edge-litert" in result.output
+
+
+def test_every_build_option_has_help():
+    result = invoke("build", "--help")
+    assert result.exit_code == 0
+    for option in ("--dataset", "--model", "--data-dir", "--quantize", "--epochs", "--batch-size",
+                   "--calibration-samples", "--seed", "--out", "--name", "--overwrite", "--keras-model",
+                   "--int8-io", "--tensorboard", "--max-accuracy-drop"):
+        assert option in result.output, option
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--dataset", "imagenet"], ["mnist", "cifar10", "digits"]),
+    (["--model", "resnet50"], ["mnist-mlp", "mnist-cnn", "cifar-cnn", "cifar-dscnn"]),
+    (["--quantize", "int4"], ["fp32", "dynamic", "float16", "int8", "int16x8", "all"]),
+    (["--quantize", "int8,bf16"], ["int16x8"]),
+    (["--int8-io", "uint8"], ["int8", "float"]),
+])
+def test_unknown_choices_list_the_valid_ones(args, names):
+    result = invoke("build", *args)
+    assert result.exit_code == 2
+    error = one_line_error(result)
+    for name in names:
+        assert name in error
+
+
+@pytest.mark.parametrize("args", [["--epochs", "0"], ["--epochs", "-3"], ["--epochs", "many"],
+                                  ["--calibration-samples", "0"], ["--batch-size", "0"]])
+def test_bad_numbers_are_usage_errors(args):
+    result = invoke("build", "--dataset", "digits", *args)
+    assert result.exit_code == 2
+    assert args[0] in one_line_error(result)
+
+
+def test_model_that_does_not_fit_the_dataset():
+    result = invoke("build", "--dataset", "mnist", "--model", "cifar-cnn")
+    assert result.exit_code == 2
+    error = one_line_error(result)
+    assert "cifar-cnn" in error and "mnist-mlp" in error and "mnist-cnn" in error
+
+
+def test_user_keras_model_with_wrong_input(tmp_path):
+    import keras
+
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    model.save(tmp_path / "rgb.keras")
+    result = invoke("build", "--dataset", "digits", "--keras-model", tmp_path / "rgb.keras", "--out", tmp_path / "run")
+    assert result.exit_code == 1
+    error = one_line_error(result)
+    assert "rgb.keras" in error and "(32, 32, 3)" in error and "(28, 28, 1)" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_not_a_keras_file(tmp_path):
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")
+    result = invoke("build", "--dataset", "digits", "--keras-model", tmp_path / "junk.keras", "--out", tmp_path / "r")
+    assert result.exit_code == 1 and "junk.keras" in one_line_error(result)
+
+
+def test_offline_without_data_dir_names_the_ways_out(monkeypatch, tmp_path):
+    import keras
+
+    def offline(*a, **k):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
+    result = invoke("build", "--dataset", "mnist", "--out", tmp_path / "run")
+    assert result.exit_code == 1
+    error = one_line_error(result)
+    assert "--data-dir" in error and "--dataset digits" in error and "mnist.npz" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_files(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = invoke("build", "--data-dir", tmp_path / "empty", "--out", tmp_path / "run")
+    assert result.exit_code == 1 and str(tmp_path / "empty") in one_line_error(result)
+
+
+def test_corrupt_data_file_is_named(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "mnist.npz").write_bytes(b"PK\x03\x04 truncated")
+    result = invoke("build", "--data-dir", tmp_path / "bad", "--out", tmp_path / "run")
+    assert result.exit_code == 1 and "mnist.npz" in one_line_error(result)
+
+
+def test_out_and_name_are_exclusive(tmp_path):
+    result = invoke("build", "--dataset", "digits", "--out", tmp_path / "a", "--name", "b")
+    assert result.exit_code == 2 and "--name" in one_line_error(result)
+
+
+def test_existing_run_needs_overwrite(tmp_path):
+    (tmp_path / "run").mkdir()
+    result = invoke("build", "--dataset", "digits", "--out", tmp_path / "run")
+    assert result.exit_code == 1 and "--overwrite" in one_line_error(result)
+
+
+def test_digits_demo_build_and_bundle(tmp_path):
+    """The README's offline demo, end to end through the CLI, then the bundle command."""
+    import json
+    import time
+
+    t0 = time.perf_counter()
+    result = invoke("build", "--dataset", "digits", "--quantize", "int8", "--out", tmp_path / "run",
+                    "--runs", "20", "--threads", "1")
+    seconds = time.perf_counter() - t0
+    assert result.exit_code == 0, result.output
+    assert seconds < 60
+    assert "int8" in result.output and "fp32" in result.output
+    evaluation = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert evaluation["variants"]["int8"]["accuracy"] > 0.8
+    result = invoke("bundle", tmp_path / "run", "--out", tmp_path / "b.tar.gz")
+    assert result.exit_code == 0 and (tmp_path / "b.tar.gz").stat().st_size > 1000
+    result = invoke("bundle", tmp_path / "run", "--variants", "int16x8")
+    assert result.exit_code == 1 and "int16x8" in one_line_error(result)
+
+
+def test_max_accuracy_drop_names_each_offending_variant(tmp_path):
+    import json
+
+    from pipeline.build import AccuracyDropError, check_accuracy_drop
+
+    (tmp_path / "evaluation.json").write_text(json.dumps({"variants": {
+        "fp32": {"change_pp_vs_fp32": 0.0}, "dynamic": {"change_pp_vs_fp32": -0.1},
+        "int8": {"change_pp_vs_fp32": -3.0}, "int16x8": {"change_pp_vs_fp32": -1.5}}}))
+    with pytest.raises(AccuracyDropError) as e:
+        check_accuracy_drop(tmp_path, 1.0)
+    assert "int8 (3.00 pp)" in str(e.value) and "int16x8 (1.50 pp)" in str(e.value)
+    assert "dynamic" not in str(e.value)
+    check_accuracy_drop(tmp_path, 3.0)  # within budget: no error

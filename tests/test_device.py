@@ -1,0 +1,232 @@
+"""The device runner: parity with Keras and the pipeline, independence from TensorFlow, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from device import core
+
+REPO = Path(__file__).resolve().parent.parent
+RUNNER = REPO / "device" / "runner.py"
+
+
+def run_runner(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=120)
+
+
+def test_fp32_runner_matches_keras(mnist_run, mnist_test):
+    import keras
+
+    x, _ = mnist_test
+    keras_model = keras.models.load_model(mnist_run / "model.keras")
+    model = core.Model(mnist_run / "model_fp32.tflite")
+    ours = model.predict(x[:200])
+    theirs = keras_model.predict(core.normalize(x[:200], model.preprocess), verbose=0)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_int8_accuracy_through_runner_equals_pipeline_report(mnist_run, mnist_test, tmp_path):
+    x, y = mnist_test
+    np.savez(tmp_path / "test.npz", x=x, y=y)
+    proc = run_runner("eval", tmp_path / "test.npz", "--model", mnist_run / "model_int8.tflite", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    evaluation = json.loads((mnist_run / "evaluation.json").read_text())
+    assert out["n"] == 1000
+    assert out["accuracy"] == evaluation["variants"]["int8"]["accuracy"]
+    assert out["accuracy"] > 0.8
+    assert sum(map(sum, out["confusion"])) == 1000
+
+
+def test_int8_io_is_quantized_from_the_model(mnist_run):
+    info = core.Model(mnist_run / "model_int8.tflite").info()
+    assert info["input"]["dtype"] == "int8" and info["output"]["dtype"] == "int8"
+    # [0,1] inputs over int8: scale 1/255 and zero point -128; softmax outputs: 1/256 and -128.
+    assert info["input"]["scale"] == pytest.approx(1 / 255, rel=1e-3) and info["input"]["zero_point"] == -128
+    assert info["output"]["scale"] == pytest.approx(1 / 256, rel=1e-3) and info["output"]["zero_point"] == -128
+
+
+def test_quantize_round_trip_uses_tensor_params():
+    spec = core.TensorSpec("t", 0, (1,), np.dtype("uint8"), 0.5, 10)
+    q = core.quantize(np.array([-100.0, 0.0, 1.0, 1000.0], np.float32), spec)
+    assert q.dtype == np.uint8 and q.tolist() == [0, 10, 12, 255]
+    assert core.dequantize(q, spec).tolist() == [-5.0, 0.0, 1.0, 122.5]
+
+
+def test_device_runs_with_tensorflow_unimportable(mnist_run, tmp_path):
+    blocker = tmp_path / "block"
+    (blocker / "tensorflow").mkdir(parents=True)
+    (blocker / "tensorflow" / "__init__.py").write_text("raise ImportError('TensorFlow is blocked in this test')\n")
+    img = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(img)
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    proc = run_runner("classify", "--json", "--model", mnist_run / "model_int8.tflite", img, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["results"][0]["top"][0]["label"] in [str(i) for i in range(10)]
+    blocked = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True)
+    assert "blocked" in blocked.stderr  # the block works, so the runner really ran without TensorFlow
+    check = subprocess.run([sys.executable, "-c", "import device.runner, sys; "
+                            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow','pipeline','click','keras')))"],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert check.returncode == 0 and check.stdout.strip() == "[]", check.stdout + check.stderr
+
+
+def test_classify_real_digit_any_size_and_mode(mnist_run, mnist_test, tmp_path):
+    x, y = mnist_test
+    idx = int(np.flatnonzero(y == 7)[0])
+    big = Image.fromarray(x[idx, ..., 0]).resize((56, 56)).convert("RGB")
+    big.save(tmp_path / "seven.jpg", quality=95)
+    proc = run_runner("classify", "--model", mnist_run / "model_int8.tflite", tmp_path / "seven.jpg", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)["results"][0]
+    assert result["image"].endswith("seven.jpg") and result["top"][0]["label"] == "7"
+
+
+@pytest.mark.parametrize("mode", ["P", "RGBA", "LA", "I;16"])
+def test_unusual_image_modes_are_converted(mnist_run, mnist_test, tmp_path, mode):
+    x, y = mnist_test
+    idx = int(np.flatnonzero(y == 3)[0])
+    img = Image.fromarray(x[idx, ..., 0])
+    if mode == "I;16":
+        img = Image.fromarray(x[idx, ..., 0].astype(np.uint16) * 257)
+    else:
+        img = img.convert(mode)
+    path = tmp_path / f"digit_{mode.replace(';', '')}.png"
+    img.save(path)
+    model = core.Model(mnist_run / "model_int8.tflite")
+    assert model.classify([path])[0]["top"][0]["label"] == "3"
+
+
+def _bad_image_cases(tmp_path: Path, good_png: bytes) -> dict[str, Path]:
+    cases = {"not an image": b"hello, I am text\n", "truncated image": good_png[: len(good_png) // 2],
+             "empty file": b""}
+    paths = {}
+    for name, data in cases.items():
+        p = tmp_path / (name.replace(" ", "_") + ".png")
+        p.write_bytes(data)
+        paths[name] = p
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (12000, 12000)).save(bomb)  # 144 Mpx, above the runner's limit
+    paths["decompression bomb"] = bomb
+    return paths
+
+
+def test_bad_images_give_one_line_errors(mnist_run, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(good)
+    for name, path in _bad_image_cases(tmp_path, good.read_bytes()).items():
+        proc = run_runner("classify", "--model", mnist_run / "model_int8.tflite", path)
+        assert proc.returncode == 1, (name, proc.stderr)
+        err = proc.stderr.strip()
+        assert "Traceback" not in err and len(err.splitlines()) == 1, (name, err)
+        assert err.startswith("error: ") and path.name in err, (name, err)
+
+
+def test_bad_models_give_one_line_errors(mnist_run, tmp_path):
+    good = (mnist_run / "model_int8.tflite").read_bytes()
+    cases = {"empty.tflite": b"", "truncated.tflite": good[:12], "text.tflite": b"not a model at all" * 10,
+             "png.tflite": (mnist_run / "samples" / sorted(os.listdir(mnist_run / "samples"))[0]).read_bytes(),
+             "half.tflite": good[: len(good) // 2]}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        proc = run_runner("info", "--model", tmp_path / name)
+        assert proc.returncode == 1, (name, proc.stdout, proc.stderr)
+        err = proc.stderr.strip()
+        assert "Traceback" not in err and len(err.splitlines()) == 1 and name in err, (name, err)
+    proc = run_runner("info", "--model", tmp_path / "missing.tflite")
+    assert proc.returncode == 1 and "missing.tflite" in proc.stderr
+
+
+def test_sha256_mismatch_is_refused(mnist_run, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(mnist_run, folder)
+    model = folder / "model_int8.tflite"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0xFF
+    model.write_bytes(bytes(data))
+    proc = run_runner("info", "--model", model)
+    assert proc.returncode == 1 and "sha256" in proc.stderr and "does not match" in proc.stderr
+    proc = run_runner("verify", folder, "--json")
+    assert proc.returncode == 1
+    assert any("model_int8.tflite" in p for p in json.loads(proc.stdout)["problems"])
+
+
+def test_npz_without_x_y(mnist_run, tmp_path):
+    np.savez(tmp_path / "bad.npz", images=np.zeros((2, 28, 28), np.uint8))
+    (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 not really")
+    for name in ("bad.npz", "garbage.npz"):
+        proc = run_runner("eval", tmp_path / name, "--model", mnist_run / "model_int8.tflite")
+        assert proc.returncode == 1 and name in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_model_without_metadata_warns_and_infers(mnist_run, tmp_path):
+    lone = tmp_path / "lone.tflite"
+    shutil.copy(mnist_run / "model_int8.tflite", lone)
+    with pytest.warns(UserWarning, match="no metadata.json"):
+        model = core.Model(lone)
+    assert (model.preprocess["height"], model.preprocess["width"], model.preprocess["channels"]) == (28, 28, 1)
+
+
+def test_bench_reports_latency_and_memory(mnist_run):
+    proc = run_runner("bench", "--model", mnist_run / "model_int8.tflite", "--runs", "50", "--warmup", "5",
+                      "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    lat = out["latency"]
+    assert lat["n"] == 50 and len(out["samples_ms"]) == 50 and out["warmup"]["n"] == 5
+    assert lat["min_ms"] <= lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    assert lat["p50_ms"] == pytest.approx(float(np.median(out["samples_ms"])))
+    assert out["peak_rss_mb"] > 1 and out["interpreter"]["name"] == "ai_edge_litert"
+    off = run_runner("bench", "--model", mnist_run / "model_int8.tflite", "--runs", "5", "--no-xnnpack", "--json")
+    assert off.returncode == 0 and json.loads(off.stdout)["xnnpack"] is False
+
+
+def test_bundle_unpacks_verifies_and_classifies(mnist_run, tmp_path):
+    from pipeline.bundle import make_bundle
+
+    archive = make_bundle(mnist_run, tmp_path / "b.tar.gz")
+    dest = tmp_path / "pi"
+    dest.mkdir()
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        tar.extractall(dest, filter="data")
+    for required in ("model_int8.tflite", "model_fp32.tflite", "metadata.json", "labels.txt", "requirements.txt",
+                     "README.md", "device/runner.py", "device/core.py", "samples/eval.npz"):
+        assert required in names, required
+    reqs = (dest / "requirements.txt").read_text()
+    assert 'tflite-runtime==2.14.0; python_version < "3.10" or platform_machine == "armv7l"' in reqs
+    # Run from inside the unpacked bundle with no repository on the path: the default model is used.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    verify = subprocess.run([sys.executable, "device/runner.py", "verify"], cwd=dest, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    pngs = sorted(p.name for p in (dest / "samples").glob("*.png"))
+    proc = subprocess.run([sys.executable, "device/runner.py", "classify", "--json", *[f"samples/{p}" for p in pngs]],
+                          cwd=dest, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)["results"]
+    correct = sum(r["top"][0]["label"] == Path(r["image"]).stem.split("_")[1] for r in results)
+    assert len(results) == len(pngs) >= 5 and correct >= len(pngs) - 2
+
+
+def test_bundle_with_escaping_paths_is_refused(tmp_path):
+    import io
+
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    with pytest.raises(core.DeviceError, match="outside"):
+        core.extract_bundle(evil, tmp_path / "dest")
+    assert not (tmp_path / "escaped.txt").exists()
