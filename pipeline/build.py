@@ -71,12 +71,12 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
     times: dict[str, float] = {}
     reused: list[str] = []
     try:
+        run.write_json("config.json", cfg.to_dict())  # first, so --resume can restart from any point
         t0 = time.perf_counter()
         data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction)
         times["data"] = time.perf_counter() - t0
         log(f"data: {data.name} from {data.source['kind']}, {len(data.x_train)} train / {len(data.x_val)} "
             f"validation / {len(data.x_test)} test")
-        run.write_json("config.json", cfg.to_dict())
 
         t0 = time.perf_counter()
         import keras
@@ -107,7 +107,8 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
                 run.stage_done("convert", [f"model_{v}.tflite" for v in cfg.quantize])
             times["convert"] = time.perf_counter() - t0
 
-            meta = metadata_for(cfg, data, run.staging, cfg.quantize)
+            variants = list(cfg.quantize)
+            meta = metadata_for(cfg, data, run.staging, variants)
             run.write_json(METADATA_NAME, meta)
             run.write("labels.txt", "\n".join(data.spec.labels) + "\n")
             _write_samples(run.path("samples"), data)
@@ -116,17 +117,32 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
             from pipeline.evaluate import evaluate_variants
 
             t0 = time.perf_counter()
-            evaluation, probs = evaluate_variants(run.staging, cfg.quantize, data.x_test, data.y_test, meta,
+            evaluation, probs = evaluate_variants(run.staging, variants, data.x_test, data.y_test, meta,
                                                   keras_model=model, log=log)
+            times["evaluate"] = time.perf_counter() - t0
+
+            if cfg.analyze or cfg.fallback == "auto" or cfg.qat:
+                from pipeline.analyze import guard
+
+                t0 = time.perf_counter()
+                # The guard decides on the validation split and writes any new variant it makes
+                # (model_<name>.tflite); those join the evaluation, benchmark and report.
+                added = guard(run.staging, cfg, data, model, meta, evaluation, log=log)
+                if added:
+                    variants += added
+                    meta = metadata_for(cfg, data, run.staging, variants)
+                    run.write_json(METADATA_NAME, meta)
+                    evaluation, probs = evaluate_variants(run.staging, variants, data.x_test, data.y_test, meta,
+                                                          keras_model=model, log=log)
+                times["guard"] = time.perf_counter() - t0
             run.write_json("evaluation.json", evaluation)
             _save_predictions(run.path("predictions.npz"), probs, data.y_test)
-            times["evaluate"] = time.perf_counter() - t0
 
         if "benchmark" in wanted and cfg.benchmark:
             from pipeline.benchmark import benchmark_variants
 
             t0 = time.perf_counter()
-            bench = benchmark_variants(run.staging, cfg.quantize, meta, threads_list=cfg.threads,
+            bench = benchmark_variants(run.staging, variants, meta, threads_list=cfg.threads,
                                        xnnpack=cfg.xnnpack, runs=cfg.bench_runs, warmup=cfg.bench_warmup,
                                        macs=macs, cross_check_litert=cfg.cross_check, log=log)
             run.write_json("benchmark.json", bench)

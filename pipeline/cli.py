@@ -74,8 +74,6 @@ def output_options(fn):
                       help="Run directory to write (default: artifacts/<model>-<dataset>).")(fn)
     fn = click.option("--name", help="Run name: writes artifacts/NAME (instead of --out).")(fn)
     fn = click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")(fn)
-    fn = click.option("--resume", is_flag=True,
-                      help="Continue an interrupted build of the same run from its last finished stage.")(fn)
     return fn
 
 
@@ -167,13 +165,21 @@ def main():
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), metavar="PP",
               help="After writing the report, exit non-zero if a variant lost more than PP percentage points.")
 @click.option("--no-benchmark", is_flag=True, help="Skip the latency benchmark.")
+@click.option("--resume", metavar="NAME|DIR",
+              help="Continue the interrupted build of run NAME (or run directory DIR) from its last finished "
+                   "stage, with the options it was started with.")
+@click.option("--analyze", is_flag=True,
+              help="Per-layer quantization error of the int8 model (TensorFlow's QuantizationDebugger) in the report.")
+@click.option("--fallback", type=click.Choice(["none", "auto"]), default="none", show_default=True,
+              help="auto: if int8 loses more than --max-accuracy-drop, repair it (equalization, then float layers).")
+@click.option("--qat", is_flag=True, help="Also fine-tune with quantization-aware training and report QAT int8.")
 @handle_errors
 def build(overwrite, resume, no_benchmark, **kwargs):
     """Train, quantize, convert, evaluate, benchmark and report, into one run directory."""
     from pipeline.build import build as run_build, check_accuracy_drop, AccuracyDropError
 
-    cfg = _config(benchmark=not no_benchmark, **kwargs)
-    run_dir = run_build(cfg, overwrite=overwrite, resume=resume, log=click.echo)
+    cfg = _resume_config(resume) if resume else _config(benchmark=not no_benchmark, **kwargs)
+    run_dir = run_build(cfg, overwrite=overwrite, resume=bool(resume), log=click.echo)
     _print_table(run_dir)
     if cfg.max_accuracy_drop is not None:
         try:
@@ -187,11 +193,11 @@ def build(overwrite, resume, no_benchmark, **kwargs):
 @train_options
 @output_options
 @handle_errors
-def train(overwrite, resume, **kwargs):
+def train(overwrite, **kwargs):
     """Train only: writes model.keras and a manifest."""
     from pipeline.build import build as run_build
 
-    run_build(_config(**kwargs), overwrite=overwrite, resume=resume, until="train", log=click.echo)
+    run_build(_config(**kwargs), overwrite=overwrite, until="train", log=click.echo)
 
 
 @main.command()
@@ -200,12 +206,12 @@ def train(overwrite, resume, **kwargs):
 @convert_options
 @output_options
 @handle_errors
-def convert(keras_model, overwrite, resume, **kwargs):
+def convert(keras_model, overwrite, **kwargs):
     """Convert a .keras model into the chosen .tflite variants (no training, no measurements)."""
     from pipeline.build import build as run_build
 
     cfg = _config(keras_model=keras_model, **kwargs)
-    run_build(cfg, overwrite=overwrite, resume=resume, until="metadata", log=click.echo)
+    run_build(cfg, overwrite=overwrite, until="metadata", log=click.echo)
 
 
 @main.command()
@@ -219,6 +225,21 @@ def benchmark(run_dir, **kwargs):
     cfg = _run_config(run_dir, **kwargs)
     rebenchmark(run_dir, cfg, log=click.echo)
     _print_table(run_dir)
+
+
+def _resume_config(target: str) -> BuildConfig:
+    """The configuration an interrupted build saved in its staging folder."""
+    final = Path(target) if ("/" in target or Path(target).is_dir()) else Path("artifacts") / target
+    staging = final.parent / f".{final.name}.partial"
+    try:
+        saved = json.loads((staging / "config.json").read_text())
+    except (OSError, ValueError):
+        if final.is_dir():
+            raise UserError(f"--resume {target}: the run {final} is already complete; nothing to resume")
+        raise UserError(f"--resume {target}: no interrupted build found at {staging}; start it with "
+                        "`pipeline build --name NAME` first")
+    saved["out"] = str(final)
+    return BuildConfig.from_dict(saved)
 
 
 def _run_config(run_dir: Path, **overrides) -> BuildConfig:
@@ -238,6 +259,37 @@ def _print_table(run_dir: Path) -> None:
         from pipeline.report import summary_table
 
         click.echo(summary_table(run_dir))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@handle_errors
+def analyze(run_dir):
+    """Per-layer quantization error of a finished run's int8 model, added to its report."""
+    from pipeline.analyze import analyze_run
+
+    analyze_run(run_dir, log=click.echo)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@handle_errors
+def verify(run_dir, as_json):
+    """Check a run directory or bundle: every file against the manifest, every model loads and fits its metadata."""
+    from pipeline.verify import verify_path
+
+    problems = verify_path(run_dir)
+    if as_json:
+        click.echo(json.dumps({"path": str(run_dir), "ok": not problems, "problems": problems}, indent=2))
+    elif not problems:
+        click.echo(f"{run_dir}: verified")
+    if problems:
+        if not as_json:
+            click.echo(f"{run_dir}: {len(problems)} problem(s)", err=True)
+            for p in problems:
+                click.echo(f"  - {p}", err=True)
+        raise SystemExit(1)
 
 
 @main.command()

@@ -136,11 +136,11 @@ def _arrays_sha256(*arrays: np.ndarray) -> str:
 def _check(where: str, x, y, info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
     """Images to uint8 (N, H, W, C) and labels to int64 (N,), or a DataError saying what is wrong."""
     x, y = np.asarray(x), np.asarray(y)
-    shape = info.input_shape
+    shape, found = info.input_shape, f"{x.dtype} {x.shape}"
     if shape[-1] == 1 and x.shape[1:] == shape[:-1]:
         x = x[..., None]  # MNIST files store (N, 28, 28)
     if x.dtype != np.uint8 or x.shape[1:] != shape or len(x) == 0:
-        raise DataError(f"{where}: images are {x.dtype} {x.shape}; expected uint8 pixels shaped "
+        raise DataError(f"{where}: images are {found}; expected uint8 pixels shaped "
                         f"(N, {', '.join(map(str, shape))}) with N > 0; is this the right dataset?")
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]  # keras.datasets.cifar10 returns (N, 1)
@@ -214,12 +214,13 @@ def _load_mnist(info: DatasetInfo, data_dir: Path | None) -> _Raw:
 def _read_npz(path: Path, files: list, info: DatasetInfo):
     expected = "the Keras mnist.npz with arrays x_train, y_train, x_test, y_test"
     raw = _read(path, files)
+    # Checked first: on anything but a zip, np.load guesses .npy or pickle and its errors mislead.
+    if not zipfile.is_zipfile(io.BytesIO(raw)):
+        raise DataError(f"{path}: not a zip archive (truncated, or not an .npz); expected {expected}; "
+                        f"download it again")
     try:
         # allow_pickle=False: an .npz must never be able to run code while it loads.
-        npz = np.load(io.BytesIO(raw), allow_pickle=False)
-        if not isinstance(npz, np.lib.npyio.NpzFile):
-            raise DataError(f"{path}: a single .npy array; expected {expected}")
-        with npz:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
             missing = [k for k in NPZ_KEYS if k not in npz.files]
             if missing:
                 raise DataError(f"{path}: no array(s) {', '.join(missing)}; expected {expected}")
@@ -233,7 +234,7 @@ def _read_npz(path: Path, files: list, info: DatasetInfo):
 def _read_idx(path: Path, magic: int, files: list) -> np.ndarray:
     """One IDX file: a big-endian magic (0x0803: uint8, 3 dims; 0x0801: uint8, 1 dim), the dims, the bytes."""
     raw = _read(path, files)
-    what = "MNIST IDX image file (magic 2051)" if magic == 2051 else "MNIST IDX label file (magic 2049)"
+    what = f"MNIST IDX {'image' if magic == 2051 else 'label'} file (magic {magic})"
     if path.suffix == ".gz":
         try:
             raw = gzip.decompress(raw)
@@ -244,7 +245,7 @@ def _read_idx(path: Path, magic: int, files: list) -> np.ndarray:
     header = 4 + 4 * ndim
     got = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
     if got != magic or len(raw) < header:
-        raise DataError(f"{path}: magic number {got}, {len(raw)} bytes; expected a {what}; "
+        raise DataError(f"{path}: magic number {got}, {len(raw)} bytes; expected an {what}; "
                         f"check that the file names are not swapped")
     dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     if ndim == 3 and dims[1:] != (28, 28):
@@ -326,8 +327,8 @@ def _cifar_batch(raw: bytes, where: str, info: DatasetInfo) -> tuple[np.ndarray,
         raise DataError(f"{where}: not a readable CIFAR-10 batch ({type(e).__name__}: {e}); expected {expected}; "
                         f"download it again") from e
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        keys = sorted(map(repr, batch)) if isinstance(batch, dict) else type(batch).__name__
-        raise DataError(f"{where}: holds {keys}; expected {expected}")
+        found = f"keys {', '.join(map(repr, batch))}" if isinstance(batch, dict) else type(batch).__name__
+        raise DataError(f"{where}: holds {found}; expected {expected}")
     data = np.asarray(batch[b"data"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{where}: b'data' is {data.dtype} {data.shape}; expected {expected}")
