@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -426,7 +427,7 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
             x, y = data["x"], data["y"]
     except DeviceError:
         raise
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DeviceError(f"{path}: not a readable .npz file ({e}); expected arrays 'x' and 'y'")
     if len(x) != len(y):
         raise DeviceError(f"{path}: {len(x)} images but {len(y)} labels; they must match")

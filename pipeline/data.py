@@ -17,7 +17,7 @@ import zipfile
 import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 
@@ -73,14 +73,8 @@ class Dataset:
     source: dict
 
 
-class _Raw(NamedTuple):
-    """What a loader hands back: checked train and test arrays, before validation is carved out."""
-    kind: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    files: list
+# What every loader returns: source kind, checked (images, labels) for train and for test, files read.
+_Loaded = tuple[str, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], list]
 
 
 @dataclass(frozen=True)
@@ -89,8 +83,8 @@ class DatasetInfo:
     input_shape: tuple[int, int, int]
     labels: tuple[str, ...]
     default_model: str
-    loader: Callable[[DatasetInfo, Path | None], _Raw]
-    offline: str  # the files --data-dir may hold, as error messages quote it
+    loader: Callable[[DatasetInfo, Path | None], _Loaded]
+    offline: str = ""  # the files --data-dir may hold, as error messages quote it
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -105,23 +99,22 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, seed: 
     if not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     info = DATASETS[name]
-    raw = info.loader(info, None if data_dir is None else Path(data_dir).expanduser())
-    n = len(raw.x_train)
+    kind, (x_train, y_train), (x_test, y_test), files = info.loader(
+        info, None if data_dir is None else Path(data_dir).expanduser())
+    n = len(x_train)
     n_val = max(1, round(n * validation_fraction)) if validation_fraction > 0 else 0
     if n_val >= n:
-        raise DataError(f"{name}: {n} training image(s) leave none for training after {n_val} for validation; "
-                        f"expected a larger train split, check the data files")
+        raise DataError(f"{name}: {n} training image(s), none left after {n_val} for validation; check the data files")
     order = np.random.default_rng(seed).permutation(n)
     val, train = order[:n_val], order[n_val:]
     source = {
-        "kind": raw.kind,
-        "files": raw.files,
+        "kind": kind,
+        "files": files,
         # Hashes the pixels and labels, not the files: the same data gives the same hash in any format.
-        "sha256": _arrays_sha256(raw.x_train, raw.y_train, raw.x_test, raw.y_test),
-        "counts": {"train": len(train), "val": len(val), "test": len(raw.x_test)},
+        "sha256": _arrays_sha256(x_train, y_train, x_test, y_test),
+        "counts": {"train": len(train), "val": len(val), "test": len(x_test)},
     }
-    return Dataset(name, raw.x_train[train], raw.y_train[train], raw.x_train[val], raw.y_train[val],
-                   raw.x_test, raw.y_test, info.spec, source)
+    return Dataset(name, x_train[train], y_train[train], x_train[val], y_train[val], x_test, y_test, info.spec, source)
 
 
 def _arrays_sha256(*arrays: np.ndarray) -> str:
@@ -152,7 +145,7 @@ def _check(where: str, x, y, info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]
     return np.ascontiguousarray(x), y.astype(np.int64)
 
 
-def _download(name: str, info: DatasetInfo) -> _Raw:
+def _download(name: str, info: DatasetInfo) -> _Loaded:
     import keras  # here, not at the top: TensorFlow takes seconds to import and --help must not wait
 
     try:
@@ -163,7 +156,7 @@ def _download(name: str, info: DatasetInfo) -> _Raw:
                         f"--data-dir DIR holding {info.offline}, or use --dataset digits (ships with "
                         f"scikit-learn, needs no network)") from e
     where = f"keras.datasets.{name}"
-    return _Raw("keras.datasets", *_check(where, x_train, y_train, info), *_check(where, x_test, y_test, info), [])
+    return "keras.datasets", _check(where, x_train, y_train, info), _check(where, x_test, y_test, info), []
 
 
 def _data_dir(data_dir: Path, info: DatasetInfo) -> Path:
@@ -189,26 +182,22 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-def _load_mnist(info: DatasetInfo, data_dir: Path | None) -> _Raw:
+def _load_mnist(info: DatasetInfo, data_dir: Path | None) -> _Loaded:
     if data_dir is None:
         return _download("mnist", info)
     folder, files = _data_dir(data_dir, info), []
     if (folder / "mnist.npz").is_file():
-        return _Raw("npz", *_read_npz(folder / "mnist.npz", files, info), files)
-    found = {stem: next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None)
-             for stem in IDX_FILES}
-    missing = [stem for stem, path in found.items() if path is None]
+        return "npz", *_read_npz(folder / "mnist.npz", files, info), files
+    paths = [next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None) for stem in IDX_FILES]
+    missing = [stem for stem, path in zip(IDX_FILES, paths) if path is None]
     if len(missing) == len(IDX_FILES):
         raise DataError(f"--data-dir {folder}: holds none of the MNIST files; expected {info.offline}")
     if missing:
         raise DataError(f"--data-dir {folder}: missing {', '.join(missing)} (raw or .gz); all four MNIST IDX "
                         f"files are needed, or mnist.npz instead")
-    images_train, labels_train, images_test, labels_test = (found[stem] for stem in IDX_FILES)
-    train = _check(f"{images_train} with {labels_train}", _read_idx(images_train, 2051, files),
-                   _read_idx(labels_train, 2049, files), info)
-    test = _check(f"{images_test} with {labels_test}", _read_idx(images_test, 2051, files),
-                  _read_idx(labels_test, 2049, files), info)
-    return _Raw("idx", *train, *test, files)
+    train, test = (_check(f"{images} with {labels}", _read_idx(images, 2051, files), _read_idx(labels, 2049, files),
+                          info) for images, labels in (paths[:2], paths[2:]))
+    return "idx", train, test, files
 
 
 def _read_npz(path: Path, files: list, info: DatasetInfo):
@@ -227,8 +216,8 @@ def _read_npz(path: Path, files: list, info: DatasetInfo):
             arrays = {k: npz[k] for k in NPZ_KEYS}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"{path}: not a readable .npz ({e}); expected {expected}; download it again") from e
-    return (*_check(f"{path} (x_train, y_train)", arrays["x_train"], arrays["y_train"], info),
-            *_check(f"{path} (x_test, y_test)", arrays["x_test"], arrays["y_test"], info))
+    return (_check(f"{path} (x_train, y_train)", arrays["x_train"], arrays["y_train"], info),
+            _check(f"{path} (x_test, y_test)", arrays["x_test"], arrays["y_test"], info))
 
 
 def _read_idx(path: Path, magic: int, files: list) -> np.ndarray:
@@ -264,31 +253,30 @@ CIFAR_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", 
 CIFAR_ORIGIN = "the python version from https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
-def _load_cifar10(info: DatasetInfo, data_dir: Path | None) -> _Raw:
+def _load_cifar10(info: DatasetInfo, data_dir: Path | None) -> _Loaded:
     if data_dir is None:
         return _download("cifar10", info)
     folder, files = _data_dir(data_dir, info), []
-    for batches_dir in (folder, folder / "cifar-10-batches-py"):
-        if any((batches_dir / b).is_file() for b in CIFAR_BATCHES):
-            missing = [b for b in CIFAR_BATCHES if not (batches_dir / b).is_file()]
-            if missing:
-                raise DataError(f"{batches_dir}: missing {', '.join(missing)}; expected all of "
-                                f"{', '.join(CIFAR_BATCHES)} ({CIFAR_ORIGIN})")
-            kind = "cifar-batches"
-            batches = [_cifar_batch(_read(batches_dir / b, files), str(batches_dir / b), info) for b in CIFAR_BATCHES]
-            break
+    batches_dir = next((d for d in (folder, folder / "cifar-10-batches-py")
+                        if any((d / b).is_file() for b in CIFAR_BATCHES)), None)
+    if batches_dir:
+        missing = [b for b in CIFAR_BATCHES if not (batches_dir / b).is_file()]
+        if missing:
+            raise DataError(f"{batches_dir}: missing {', '.join(missing)}; expected all of "
+                            f"{', '.join(CIFAR_BATCHES)} ({CIFAR_ORIGIN})")
+        kind, raws = "cifar-batches", {str(batches_dir / b): _read(batches_dir / b, files) for b in CIFAR_BATCHES}
+    elif (folder / "cifar-10-python.tar.gz").is_file():
+        kind, raws = "cifar-tar", _cifar_tar(folder / "cifar-10-python.tar.gz", files)
     else:
-        archive = folder / "cifar-10-python.tar.gz"
-        if not archive.is_file():
-            raise DataError(f"--data-dir {folder}: holds none of the CIFAR-10 files; expected {info.offline}")
-        kind, batches = "cifar-tar", _cifar_tar(archive, files, info)
-    x_train = np.concatenate([x for x, _ in batches[:5]])
-    y_train = np.concatenate([y for _, y in batches[:5]])
-    return _Raw(kind, x_train, y_train, *batches[5], files)
+        raise DataError(f"--data-dir {folder}: holds none of the CIFAR-10 files; expected {info.offline}")
+    batches = [_cifar_batch(raw, where, info) for where, raw in raws.items()]  # data_batch_1..5, test_batch
+    train = np.concatenate([x for x, _ in batches[:5]]), np.concatenate([y for _, y in batches[:5]])
+    return kind, train, batches[5], files
 
 
-def _cifar_tar(path: Path, files: list, info: DatasetInfo) -> list:
-    wanted = {f"cifar-10-batches-py/{b}": b for b in CIFAR_BATCHES}
+def _cifar_tar(path: Path, files: list) -> dict[str, bytes]:
+    """The six batch members' bytes, keyed '<archive>:<member>' and in CIFAR_BATCHES order."""
+    wanted = [f"cifar-10-batches-py/{b}" for b in CIFAR_BATCHES]
     members: dict[str, bytes] = {}
     try:
         # One pass in archive order: looking members up by name would re-decompress the gzip per seek.
@@ -302,15 +290,17 @@ def _cifar_tar(path: Path, files: list, info: DatasetInfo) -> list:
                         f"({CIFAR_ORIGIN}); download it again") from e
     missing = [name for name in wanted if name not in members]
     if missing:
-        raise DataError(f"{path}: no member(s) {', '.join(missing)}; expected cifar-10-python.tar.gz ({CIFAR_ORIGIN})")
-    return [_cifar_batch(members[name], f"{path}:{name}", info) for name in wanted]
+        raise DataError(f"{path}: no member(s) {', '.join(missing)}; expected cifar-10-python.tar.gz "
+                        f"({CIFAR_ORIGIN})")
+    return {f"{path}:{name}": members[name] for name in wanted}
 
 
 class _ArraysOnly(pickle.Unpickler):
     """CIFAR batches are pickles, and a pickle can run any code; these are all a numpy array needs."""
+    # numpy.core is the name in pickles written before numpy 2 (the real batches), numpy._core after.
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-               *((m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")),
-               *((m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric"))}
+               *((f"numpy.{core}.multiarray", n) for core in ("core", "_core") for n in ("_reconstruct", "scalar")),
+               *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core"))}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -339,10 +329,9 @@ def _cifar_batch(raw: bytes, where: str, info: DatasetInfo) -> tuple[np.ndarray,
 
 # ---- digits: scikit-learn's 1,797 real 8x8 digits, brought to the MNIST layout ----
 
-def _load_digits(info: DatasetInfo, data_dir: Path | None) -> _Raw:
+def _load_digits(info: DatasetInfo, data_dir: Path | None) -> _Loaded:
     if data_dir is not None:
-        # Rejected rather than ignored: silently skipping a --data-dir would let users believe
-        # their own files were used.
+        # Rejected rather than ignored: a silently skipped --data-dir lets users believe their files were used.
         raise DataError(f"--data-dir {data_dir}: --dataset digits reads no files (the digits ship with "
                         f"scikit-learn); drop --data-dir, or use --dataset mnist to read MNIST from it")
     from PIL import Image
@@ -358,7 +347,7 @@ def _load_digits(info: DatasetInfo, data_dir: Path | None) -> _Raw:
     x_train, x_test, y_train, y_test = train_test_split(x, digits.target, test_size=0.2, random_state=0,
                                                         stratify=digits.target)
     where = "sklearn.datasets.load_digits"
-    return _Raw("sklearn", *_check(where, x_train, y_train, info), *_check(where, x_test, y_test, info), [])
+    return "sklearn", _check(where, x_train, y_train, info), _check(where, x_test, y_test, info), []
 
 
 DIGIT_LABELS = tuple("0123456789")
@@ -375,6 +364,5 @@ DATASETS: dict[str, DatasetInfo] = {
                 "or cifar-10-python.tar.gz"),
     "digits": DatasetInfo(
         "scikit-learn's 1,797 real 8x8 digits in the MNIST layout (28x28 grayscale); no network, no files",
-        (28, 28, 1), DIGIT_LABELS, "mnist-cnn", _load_digits,
-        offline="nothing (the digits ship with scikit-learn)"),
+        (28, 28, 1), DIGIT_LABELS, "mnist-cnn", _load_digits),
 }

@@ -7,9 +7,9 @@ Nothing is measured here. Every figure is copied or derived from the files the e
 from __future__ import annotations
 
 import base64
-import html
 import json
 import re
+from html import escape as esc
 from pathlib import Path
 
 from device.timing import WIDE_SPREAD_CV
@@ -39,10 +39,8 @@ class ReportError(Exception):
 def _read_json(path: Path, expected: str):
     try:
         return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ReportError(f"{path}: missing; expected {expected}")
     except (OSError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path}: not readable ({e}); expected {expected}")
+        raise ReportError(f"{path}: not readable ({getattr(e, 'strerror', None) or e}); expected {expected}")
     except json.JSONDecodeError as e:
         raise ReportError(f"{path}: not JSON ({e.msg} at line {e.lineno}); expected {expected}")
 
@@ -54,8 +52,7 @@ def _load(run_dir: Path) -> tuple[dict, dict, dict | None, list[str]]:
     manifest = _read_json(run_dir / MANIFEST, "the manifest written by `pipeline build`")
     evaluation = _read_json(run_dir / "evaluation.json", "the evaluation written by `pipeline build`")
     bench_path = run_dir / "benchmark.json"
-    bench = _read_json(bench_path, "the benchmark written by `pipeline build` or `pipeline benchmark`") \
-        if bench_path.exists() else None
+    bench = _read_json(bench_path, "the benchmark of `pipeline build`") if bench_path.exists() else None
     labels = _read_json(run_dir / "metadata.json", "the metadata written by `pipeline build`")["preprocess"]["labels"]
     return manifest, evaluation, bench, labels
 
@@ -64,6 +61,9 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
             device_results: list[Path] | None = None) -> dict:
     """The report as a dict, from the run directory's files; writes nothing."""
     threads = min(map(int, bench["threads"])) if bench and bench.get("threads") else None
+    missing = [f"model_{v}.tflite" for v in evaluation["variants"] if not (run_dir / f"model_{v}.tflite").is_file()]
+    if missing:
+        raise ReportError(f"{run_dir}: {', '.join(missing)} missing, though evaluation.json lists them; rebuild it")
     variants = [_variant(run_dir, v, evaluation, bench, threads) for v in VARIANTS if v in evaluation["variants"]]
     report = {
         "schema": SCHEMA, "run": run_dir.name.removeprefix(".").removesuffix(".partial"),
@@ -80,12 +80,11 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
 
 
 def _variant(run_dir: Path, v: str, evaluation: dict, bench: dict | None, threads: int | None) -> dict:
-    e, size = evaluation["variants"][v], _model_bytes(run_dir, v)
+    e, size = evaluation["variants"][v], (run_dir / f"model_{v}.tflite").stat().st_size
     entry = {"variant": v, "file": f"model_{v}.tflite", "bytes": size,
-             "size_ratio": size / _model_bytes(run_dir, "fp32"),
+             "size_ratio": size / (run_dir / "model_fp32.tflite").stat().st_size,
              "accuracy": e["accuracy"], "change_pp": e["change_pp_vs_fp32"],
-             # fp32 is the baseline: it agrees with itself by definition.
-             "agreement": e.get("agreement_with_fp32", 1.0),
+             "agreement": e.get("agreement_with_fp32", 1.0),  # fp32, the baseline, agrees with itself
              "mean_abs_prob_diff": e.get("mean_abs_prob_diff_vs_fp32", 0.0),
              "p50_ms": None, "p90_ms": None, "p99_ms": None, "speedup": None, "gmac_per_s": None,
              "latency": {}, "memory": None, "device": {}}
@@ -100,21 +99,12 @@ def _variant(run_dir: Path, v: str, evaluation: dict, bench: dict | None, thread
     return entry
 
 
-def _model_bytes(run_dir: Path, v: str) -> int:
-    try:
-        return (run_dir / f"model_{v}.tflite").stat().st_size
-    except OSError as e:
-        raise ReportError(f"{run_dir / f'model_{v}.tflite'}: {e.strerror}; evaluation.json lists it, "
-                          "so the run directory is incomplete (rebuild it)")
-
-
 # ---------------------------------------------------------------- device results
 
 def _merge_devices(paths, variants: list[dict]) -> list[dict]:
     """Add each device file's figures to its variant's `device` dict; returns the devices seen."""
     by_name = {v["file"]: v for v in variants}
-    devices: dict[str, dict] = {}
-    seen: dict[tuple, Path] = {}
+    devices, seen = {}, {}  # label -> device; (label, model, kind) -> the file that gave it
     for path in map(Path, paths):
         data = _read_json(path, DEVICE_SOURCE)
         if not isinstance(data, dict):
@@ -158,23 +148,22 @@ def _device_figures(path: Path, kind: str, data: dict) -> dict:
 
     if kind == "eval":
         return {"accuracy": number("accuracy"), "n": number("n"), "data": data.get("data")}
-    return {"p50_ms": number("latency", "p50_ms"), "p90_ms": number("latency", "p90_ms"),
-            "p99_ms": number("latency", "p99_ms"), "runs": number("latency", "n"), "threads": data.get("threads"),
-            "xnnpack": data.get("xnnpack"), "peak_rss_mb": data.get("peak_rss_mb"),
-            "warning": data["latency"].get("warning")}
+    latency = {f"{k}_ms": number("latency", f"{k}_ms") for k in ("p50", "p90", "p99")}
+    return {**latency, "runs": number("latency", "n"), "warning": data["latency"].get("warning"),
+            **{k: data.get(k) for k in ("threads", "xnnpack", "peak_rss_mb")}}
 
 
 # ---------------------------------------------------------------- notes
 
 def _notes(report: dict, bench: dict | None) -> list[dict]:
     """Everything a reader should not miss, each as {kind, variant, text}, worked out from the data."""
-    by_v = {v["variant"]: v for v in report["variants"]}
-    notes = []
+    by_v, notes = {v["variant"]: v for v in report["variants"]}, []
     if bench is None:
         notes.append(_note("no_benchmark", None, "no benchmark.json (built with --no-benchmark): latency, "
                            "speed-up and memory are missing; run `pipeline benchmark RUN_DIR` to add them"))
     else:
         notes += _spread_notes(report["variants"])
+        notes += _thread_notes(report["variants"], report["table_threads"])
         notes += _int16x8_notes(by_v, report)
         notes += _int8_notes(by_v, report)
         notes += _cross_check_notes(bench)
@@ -192,13 +181,27 @@ def _note(kind: str, variant: str | None, text: str) -> dict:
 def _spread_notes(variants: list[dict]) -> list[dict]:
     out = []
     for v in variants:
-        for t, lat in v["latency"].items():
-            if lat["mean_ms"] > 0 and lat["std_ms"] / lat["mean_ms"] > WIDE_SPREAD_CV:
-                out.append(_note("wide_spread", v["variant"], (
-                    f"{v['variant']} at {_threads(t)}: wide spread, std {lat['std_ms']:.4f} ms is "
-                    f"{100 * lat['std_ms'] / lat['mean_ms']:.0f}% of the mean {lat['mean_ms']:.4f} ms (p50 "
-                    f"{lat['p50_ms']:.4f}, max {lat['max_ms']:.4f}); the machine was busy or throttling, so "
-                    "trust the median over the mean and measure again before drawing fine conclusions")))
+        wide = [(t, lat) for t, lat in v["latency"].items()
+                if lat["mean_ms"] > 0 and lat["std_ms"] / lat["mean_ms"] > WIDE_SPREAD_CV]
+        figures = "; ".join(f"at {_threads(t)} std {lat['std_ms']:.4f} ms is "
+                            f"{100 * lat['std_ms'] / lat['mean_ms']:.0f}% of the mean {lat['mean_ms']:.4f} ms "
+                            f"(p50 {lat['p50_ms']:.4f}, max {lat['max_ms']:.4f})" for t, lat in wide)
+        if wide:
+            out.append(_note("wide_spread", v["variant"], f"{v['variant']}: wide spread, {figures}; the machine was "
+                             "busy or throttling, so trust the median over the mean"))
+    return out
+
+
+def _thread_notes(variants: list[dict], base: int) -> list[dict]:
+    out = []
+    for t in sorted({t for v in variants for t in v["latency"] if int(t) != base}, key=int):
+        slower = [v for v in variants if v["latency"][t]["p50_ms"] > v["p50_ms"]]
+        figures = ", ".join(f"{v['variant']} {v['latency'][t]['p50_ms']:.4f} against {v['p50_ms']:.4f} ms"
+                            for v in slower)
+        if slower:
+            out.append(_note("more_threads_slower", None, (
+                f"{_threads(t)} are slower than {_threads(base)} (p50) for {figures}: waking and synchronizing "
+                f"threads costs more than splitting this model's work saves here, so run it with {_threads(base)}")))
     return out
 
 
@@ -215,12 +218,10 @@ def _int16x8_notes(by_v: dict, report: dict) -> list[dict]:
 
 
 def _int8_notes(by_v: dict, report: dict) -> list[dict]:
-    if "int8" not in by_v:
+    if "int8" not in by_v or by_v["int8"]["p50_ms"] / by_v["fp32"]["p50_ms"] <= INT8_EXPECTED_RATIO:
         return []
     fp32, int8, t = by_v["fp32"], by_v["int8"], report["table_threads"]
     ratio = int8["p50_ms"] / fp32["p50_ms"]
-    if ratio <= INT8_EXPECTED_RATIO:
-        return []
     head = (f"int8 is not the expected <= {INT8_EXPECTED_RATIO}x of fp32's latency: p50 {int8['p50_ms']:.4f} ms "
             f"against {fp32['p50_ms']:.4f} ms at {_threads(t)}, {ratio:.2f}x. ")
     macs = report["benchmark"]["macs_per_inference"]
@@ -354,7 +355,6 @@ def _markdown(report: dict) -> str:
 
 def _html(report: dict, pngs: dict[str, bytes]) -> str:
     headers, rows = table(report)
-    esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
     notes = "".join(f"<li>{esc(n['text'])}</li>" for n in report["notes"]) or "<li>none</li>"
@@ -382,8 +382,11 @@ def render(run_dir: Path, device_results: list[Path] | None = None, log=print) -
              "latency.png": plots.latency_distributions(bench, [v["variant"] for v in report["variants"]]),
              "confusion_fp32_int8.png": plots.confusion_pair(evaluation, labels)}
     pngs = {name: png for name, png in drawn.items() if png is not None}
-    for name, png in pngs.items():
-        atomic_write(run_dir / name, png)
+    for name in PLOTS:  # a plot this run no longer has data for must not linger from an earlier render
+        if name in pngs:
+            atomic_write(run_dir / name, pngs[name])
+        else:
+            (run_dir / name).unlink(missing_ok=True)
     report["plots"] = list(pngs)
     write_json(run_dir / "report.json", report)
     atomic_write(run_dir / "report.md", _markdown(report))
@@ -394,7 +397,4 @@ def render(run_dir: Path, device_results: list[Path] | None = None, log=print) -
 
 def summary_table(run_dir: Path) -> str:
     """The report's table as aligned plain text for the terminal."""
-    path = Path(run_dir) / "report.json"
-    report = _read_json(path, "the report written by `pipeline report`") if path.exists() \
-        else collect(Path(run_dir), *_load(Path(run_dir))[:3])
-    return _text(*table(report))
+    return _text(*table(_read_json(Path(run_dir) / "report.json", "the report written by `pipeline report`")))

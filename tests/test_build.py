@@ -112,5 +112,7 @@ def test_calibration_comes_from_training_split_only():
 
     data = load_dataset("digits", seed=0)
     cal = calibration_images(data, 50, seed=0)
-    train = {(x.astype(np.float32) / 255).tobytes() for x in data.x_train}
+    train = {x.tobytes() for x in core.normalize(data.x_train, data.spec.to_dict())}
+    held_out = {x.tobytes() for x in core.normalize(np.concatenate([data.x_val, data.x_test]), data.spec.to_dict())}
     assert len(cal) == 50 and all(c.tobytes() in train for c in cal)
+    assert not any(c.tobytes() in held_out - train for c in cal)

@@ -109,6 +109,9 @@ def write_cifar_dir(folder: Path, batches) -> Path:
 
 def write_cifar_tar(path: Path, members: dict[str, bytes]) -> Path:
     with tarfile.open(path, "w:gz") as tar:
+        folder = tarfile.TarInfo("cifar-10-batches-py")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
         for name, raw in members.items():
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(raw)
@@ -151,7 +154,7 @@ def test_spec_round_trips_through_json():
 
 
 def test_import_does_not_load_tensorflow_or_sklearn():
-    code = "import sys, pipeline.data; print(sorted(m for m in ('tensorflow', 'keras', 'sklearn') if m in sys.modules))"
+    code = "import sys, pipeline.data; print([m for m in ('tensorflow', 'keras', 'sklearn') if m in sys.modules])"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "[]"
@@ -162,7 +165,7 @@ def test_import_does_not_load_tensorflow_or_sklearn():
 @pytest.mark.skipif(not (SHARED_MNIST / "mnist.npz").is_file(),
                     reason=f"real MNIST subset not found at {SHARED_MNIST} (set EDGEPIPE_MNIST_DIR)")
 def test_real_mnist_npz():
-    data = load_dataset("mnist", SHARED_MNIST)
+    data = load_dataset("mnist", str(SHARED_MNIST))  # a str, as BuildConfig passes it
     with np.load(SHARED_MNIST / "mnist.npz") as d:
         x_train, y_train, x_test, y_test = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
     assert data.x_train.shape == (7200, 28, 28, 1) and data.x_val.shape == (800, 28, 28, 1)
@@ -171,7 +174,8 @@ def test_real_mnist_npz():
     np.testing.assert_array_equal(data.y_test, y_test)
     assert sorted(np.concatenate([data.y_train, data.y_val])) == sorted(y_train)
     assert data.source["kind"] == "npz" and data.source["counts"] == {"train": 7200, "val": 800, "test": 1000}
-    assert data.source["files"] == [{"path": str(SHARED_MNIST / "mnist.npz"), "sha256": sha256(SHARED_MNIST / "mnist.npz")}]
+    npz = SHARED_MNIST / "mnist.npz"
+    assert data.source["files"] == [{"path": str(npz), "sha256": sha256(npz)}]
     assert len(data.source["sha256"]) == 64 and data.spec.to_dict()["height"] == 28
 
 
@@ -299,7 +303,16 @@ def _truncated_npz(tmp_path):
     np.savez(tmp_path / "mnist.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     raw = (tmp_path / "mnist.npz").read_bytes()
     (tmp_path / "mnist.npz").write_bytes(raw[: len(raw) // 2])
-    return "mnist", tmp_path, [tmp_path / "mnist.npz", "not a readable .npz"]
+    return "mnist", tmp_path, [tmp_path / "mnist.npz", "not a zip archive"]
+
+
+def _npz_corrupt_member(tmp_path):
+    x_train, y_train, x_test, y_test = fake_mnist()
+    np.savez(tmp_path / "mnist.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    raw = bytearray((tmp_path / "mnist.npz").read_bytes())
+    raw[1000:1010] = bytes(10)  # inside x_train's pixels: the zip's CRC no longer matches
+    (tmp_path / "mnist.npz").write_bytes(bytes(raw))
+    return "mnist", tmp_path, [tmp_path / "mnist.npz", "not a readable .npz", "CRC"]
 
 
 def _npz_missing_key(tmp_path):
@@ -349,6 +362,12 @@ def _idx_wrong_image_size(tmp_path):
     paths = write_idx(tmp_path, fake_mnist(), gz=False)
     paths[2].write_bytes(idx_bytes(np.zeros((20, 32, 32), np.uint8)))
     return "mnist", tmp_path, [paths[2], "32x32", "28x28"]
+
+
+def _one_training_image(tmp_path):
+    x_train, y_train, x_test, y_test = fake_mnist(n_train=1)
+    write_idx(tmp_path, (x_train, y_train, x_test, y_test), gz=False)
+    return "mnist", tmp_path, ["1 training image(s)", "none left"]
 
 
 def _labels_out_of_range(tmp_path):
@@ -401,8 +420,9 @@ def _digits_with_data_dir(tmp_path):
 
 
 ERROR_CASES = [_missing_dir, _empty_dir_mnist, _empty_dir_cifar, _three_idx_files, _garbage_npz, _truncated_npz,
-               _npz_missing_key, _npz_wrong_shape, _npz_float_pixels, _idx_bad_magic, _idx_truncated, _idx_bad_gzip,
-               _idx_count_mismatch, _idx_wrong_image_size, _labels_out_of_range, _cifar_missing_batch,
+               _npz_corrupt_member, _npz_missing_key, _npz_wrong_shape, _npz_float_pixels, _idx_bad_magic,
+               _idx_truncated, _idx_bad_gzip, _idx_count_mismatch, _idx_wrong_image_size, _one_training_image,
+               _labels_out_of_range, _cifar_missing_batch,
                _cifar_garbage_pickle, _cifar_missing_labels, _cifar_wrong_width, _cifar_truncated_tar,
                _cifar_tar_missing_member, _digits_with_data_dir]
 
