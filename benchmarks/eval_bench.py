@@ -13,7 +13,9 @@ the CIFAR-10 python-batch format: its accuracy means nothing, only its latency i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import pickle
 import statistics
 import sys
@@ -99,7 +101,8 @@ def mnist_part(data_dir: Path, out: Path, repeats: int) -> dict:
     t0 = time.perf_counter()
     cfg = BuildConfig(dataset="mnist", model="mnist-cnn", data_dir=str(data_dir), quantize=("all",), epochs=5,
                       benchmark=False, out=str(out / "mnist-cnn"))
-    run_dir = build(cfg, overwrite=True, log=quiet)
+    with contextlib.redirect_stdout(sys.stderr):  # Keras prints training progress; keep stdout for figures
+        run_dir = build(cfg, overwrite=True, log=quiet)
     build_s = time.perf_counter() - t0
     meta = json.loads((run_dir / "metadata.json").read_text())
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -134,7 +137,8 @@ def cifar_part(out: Path, per_batch: int) -> dict:
     progress(f"building cifar-cnn, 1 epoch on {5 * per_batch} RANDOM images (latency only), fp32 and int8")
     cfg = BuildConfig(dataset="cifar10", model="cifar-cnn", data_dir=str(data_dir), quantize=("int8",), epochs=1,
                       threads=(1,), out=str(out / "cifar-cnn-synthetic"))
-    run_dir = build(cfg, overwrite=True, log=quiet)
+    with contextlib.redirect_stdout(sys.stderr):
+        run_dir = build(cfg, overwrite=True, log=quiet)
     bench = json.loads((run_dir / "benchmark.json").read_text())
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     p50 = {v: bench["threads"]["1"][v]["latency"]["p50_ms"] for v in ("fp32", "int8")}
@@ -179,15 +183,22 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     env = environment()
+    env["load_average_1min_at_start"] = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         mnist = mnist_part(args.data_dir, out, args.repeat_eval)
         cifar = cifar_part(out, args.cifar_per_batch)
+    env["load_average_1min_at_end"] = os.getloadavg()[0]
     rows = summary(mnist, cifar)
     interp = env["interpreter"]
     print(f"environment: {env['cpu']}, {env['cores']} cores, {env['machine']}, {env['os']}; python {env['python']}, "
           f"{interp['name']} {interp['version']}, tensorflow {env['tensorflow']}, numpy {env['numpy']}")
+    load = max(env["load_average_1min_at_start"], env["load_average_1min_at_end"])
+    # Other processes competing for the cores show up as latency drift, not as a failure of the code.
+    busy = "; BUSY MACHINE: timings are contaminated" if load > 0.5 * env["cores"] else ""
+    print(f"1-minute load average {env['load_average_1min_at_start']:.2f} at start, "
+          f"{env['load_average_1min_at_end']:.2f} at end{busy}")
     print(f"mnist-cnn on {args.data_dir}: accuracy " + ", ".join(
         f"{v} {a:.4f}" for v, a in mnist["evaluation"]["accuracy"].items()))
     width = max(len(r[0]) for r in rows)

@@ -195,12 +195,14 @@ def _load_mnist(info: DatasetInfo, data_dir: Path | None) -> _Loaded:
     if missing:
         raise DataError(f"--data-dir {folder}: missing {', '.join(missing)} (raw or .gz); all four MNIST IDX "
                         f"files are needed, or mnist.npz instead")
-    train, test = (_check(f"{images} with {labels}", _read_idx(images, 2051, files), _read_idx(labels, 2049, files),
-                          info) for images, labels in (paths[:2], paths[2:]))
-    return "idx", train, test, files
+
+    def split(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
+        return _check(f"{images} with {labels}", _read_idx(images, 2051, files), _read_idx(labels, 2049, files), info)
+
+    return "idx", split(*paths[:2]), split(*paths[2:]), files
 
 
-def _read_npz(path: Path, files: list, info: DatasetInfo):
+def _read_npz(path: Path, files: list, info: DatasetInfo) -> tuple[tuple, tuple]:
     expected = "the Keras mnist.npz with arrays x_train, y_train, x_test, y_test"
     raw = _read(path, files)
     # Checked first: on anything but a zip, np.load guesses .npy or pickle and its errors mislead.
@@ -234,8 +236,9 @@ def _read_idx(path: Path, magic: int, files: list) -> np.ndarray:
     header = 4 + 4 * ndim
     got = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
     if got != magic or len(raw) < header:
-        raise DataError(f"{path}: magic number {got}, {len(raw)} bytes; expected an {what}; "
-                        f"check that the file names are not swapped")
+        fix = ("it is gzip-compressed, so add .gz to its name" if raw[:2] == b"\x1f\x8b"
+               else "check that the file names are not swapped")
+        raise DataError(f"{path}: magic number {got}, {len(raw)} bytes; expected an {what}; {fix}")
     dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     if ndim == 3 and dims[1:] != (28, 28):
         raise DataError(f"{path}: images are {dims[1]}x{dims[2]}; expected 28x28 MNIST digits")

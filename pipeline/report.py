@@ -21,8 +21,8 @@ SCHEMA = 1
 # int8 moves a quarter of fp32's bytes and its kernels do 4x the MACs per instruction; once the
 # kernels dominate an invoke, int8 should take at most this fraction of fp32's time at one thread.
 INT8_EXPECTED_RATIO = 0.45
-# Below this fp32 p50 a model is so small that the fixed cost of each invoke (a few tens of µs for
-# the Python call, tensor copies and op dispatch) is a large share of the time.
+# Below this fp32 p50 a model is so small that the fixed cost of each invoke (microseconds for the
+# Python call, tensor copies and op dispatch) is a large share of the time.
 TINY_MODEL_MS = 1.0
 # Keras and its fp32 .tflite run the same float math; larger differences mean the converter changed it.
 KERAS_PARITY_ABS = 1e-4
@@ -163,7 +163,7 @@ def _notes(report: dict, bench: dict | None) -> list[dict]:
                            "speed-up and memory are missing; run `pipeline benchmark RUN_DIR` to add them"))
     else:
         notes += _spread_notes(report["variants"])
-        notes += _thread_notes(report["variants"], report["table_threads"])
+        notes += _thread_notes(report["variants"], report["table_threads"], report["environment"]["cores"])
         notes += _int16x8_notes(by_v, report)
         notes += _int8_notes(by_v, report)
         notes += _cross_check_notes(bench)
@@ -192,7 +192,7 @@ def _spread_notes(variants: list[dict]) -> list[dict]:
     return out
 
 
-def _thread_notes(variants: list[dict], base: int) -> list[dict]:
+def _thread_notes(variants: list[dict], base: int, cores: int) -> list[dict]:
     out = []
     for t in sorted({t for v in variants for t in v["latency"] if int(t) != base}, key=int):
         slower = [v for v in variants if v["latency"][t]["p50_ms"] > v["p50_ms"]]
@@ -201,7 +201,8 @@ def _thread_notes(variants: list[dict], base: int) -> list[dict]:
         if slower:
             out.append(_note("more_threads_slower", None, (
                 f"{_threads(t)} are slower than {_threads(base)} (p50) for {figures}: waking and synchronizing "
-                f"threads costs more than splitting this model's work saves here, so run it with {_threads(base)}")))
+                f"threads costs more than splitting this model's work saves on this {cores}-core machine, so run "
+                f"it with {_threads(base)}")))
     return out
 
 
@@ -254,8 +255,7 @@ def _keras_notes(keras: dict | None) -> list[dict]:
 def _cross_check_notes(bench: dict) -> list[dict]:
     check, out = bench.get("cross_check") or {"variants": {}}, []
     for v, entry in check["variants"].items():
-        error = entry.get("litert_benchmark", {}).get("error")
-        if error:
+        if error := entry.get("litert_benchmark", {}).get("error"):
             out.append(_note("cross_check_failed", v, f"cross-check {v}: litert-benchmark gave no median ({error})"))
         elif entry.get("agree") is False:
             out.append(_note("cross_check_disagrees", v, (

@@ -245,8 +245,11 @@ def test_cifar10_round_trip(tmp_path, layout):
     np.testing.assert_array_equal(data.x_test, nhwc(batches["test_batch"][b"data"]))
     assert data.y_test.tolist() == batches["test_batch"][b"labels"]
     assert len(data.x_train) == 15 and len(data.x_val) == 5 and data.spec.color == "rgb"
-    expected_train = nhwc(np.concatenate([batches[b][b"data"] for b in BATCHES[:5]]))
-    assert as_set(np.concatenate([data.x_train, data.x_val])) == as_set(expected_train)
+    # Train and val together are exactly the five train batches, each image still with its own label.
+    expected = zip(nhwc(np.concatenate([batches[b][b"data"] for b in BATCHES[:5]])),
+                   sum((batches[b][b"labels"] for b in BATCHES[:5]), []))
+    loaded = zip(np.concatenate([data.x_train, data.x_val]), np.concatenate([data.y_train, data.y_val]))
+    assert {(x.tobytes(), int(y)) for x, y in loaded} == {(x.tobytes(), y) for x, y in expected}
 
 
 # ---- digits ----
@@ -339,6 +342,12 @@ def _idx_bad_magic(tmp_path):
     return "mnist", tmp_path, [paths[0], "magic number 2049", "2051"]
 
 
+def _idx_gzip_without_gz_name(tmp_path):
+    paths = write_idx(tmp_path, fake_mnist(), gz=False)
+    paths[3].write_bytes(gzip.compress(paths[3].read_bytes()))
+    return "mnist", tmp_path, [paths[3], "gzip-compressed", "add .gz"]
+
+
 def _idx_truncated(tmp_path):
     paths = write_idx(tmp_path, fake_mnist(), gz=True)
     raw = gzip.decompress(paths[2].read_bytes())
@@ -421,10 +430,10 @@ def _digits_with_data_dir(tmp_path):
 
 ERROR_CASES = [_missing_dir, _empty_dir_mnist, _empty_dir_cifar, _three_idx_files, _garbage_npz, _truncated_npz,
                _npz_corrupt_member, _npz_missing_key, _npz_wrong_shape, _npz_float_pixels, _idx_bad_magic,
-               _idx_truncated, _idx_bad_gzip, _idx_count_mismatch, _idx_wrong_image_size, _one_training_image,
-               _labels_out_of_range, _cifar_missing_batch,
-               _cifar_garbage_pickle, _cifar_missing_labels, _cifar_wrong_width, _cifar_truncated_tar,
-               _cifar_tar_missing_member, _digits_with_data_dir]
+               _idx_gzip_without_gz_name, _idx_truncated, _idx_bad_gzip, _idx_count_mismatch, _idx_wrong_image_size,
+               _one_training_image, _labels_out_of_range, _cifar_missing_batch, _cifar_garbage_pickle,
+               _cifar_missing_labels, _cifar_wrong_width, _cifar_truncated_tar, _cifar_tar_missing_member,
+               _digits_with_data_dir]
 
 
 @pytest.mark.parametrize("case", ERROR_CASES, ids=[c.__name__.strip("_") for c in ERROR_CASES])
