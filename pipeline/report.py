@@ -195,7 +195,8 @@ def _spread_notes(variants: list[dict]) -> list[dict]:
 def _thread_notes(variants: list[dict], base: int, cores: int) -> list[dict]:
     out = []
     for t in sorted({t for v in variants for t in v["latency"] if int(t) != base}, key=int):
-        slower = [v for v in variants if v["latency"][t]["p50_ms"] > v["p50_ms"]]
+        # Within 10% two medians of a noisy machine are the same speed.
+        slower = [v for v in variants if v["latency"][t]["p50_ms"] > 1.1 * v["p50_ms"]]
         figures = ", ".join(f"{v['variant']} {v['latency'][t]['p50_ms']:.4f} against {v['p50_ms']:.4f} ms"
                             for v in slower)
         if slower:
@@ -316,11 +317,10 @@ def _ms(x) -> str:
 
 def _text(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
+    lines = [[c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+             for row in [headers, *rows]]
+    lines.insert(1, ["-" * w for w in widths])
+    return "\n".join("  ".join(cells) for cells in lines)
 
 
 def _context(report: dict) -> list[str]:

@@ -94,13 +94,23 @@ def log(msg: str) -> None:
 
 
 def run(cmd, **kwargs) -> None:
-    """Run a setup command with its output on stderr (stdout is reserved for the runner's JSON)."""
+    """Run a setup command with its output on stderr (stdout is reserved for the runner's JSON).
+
+    In a process group of its own, so that an interruption kills it with all its children
+    (debootstrap's downloads) before the half-built folder is removed."""
     try:
-        subprocess.run(cmd, check=True, stdout=sys.stderr, **kwargs)
-    except subprocess.CalledProcessError as e:
-        raise SetupError(f"`{' '.join(map(str, cmd[:4]))} ...` failed with exit code {e.returncode}")
+        proc = subprocess.Popen(cmd, stdout=sys.stderr, start_new_session=True, **kwargs)
     except FileNotFoundError as e:
         raise SetupError(f"{cmd[0]}: not found ({e})")
+    try:
+        returncode = proc.wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    if returncode != 0:
+        raise SetupError(f"`{' '.join(map(str, cmd[:4]))} ...` failed with exit code {returncode}")
 
 
 # ---------------------------------------------------------------- host tools
@@ -350,8 +360,16 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def _terminate(signum, frame):
+    # Turn SIGTERM/SIGHUP into an exception, so a running setup command is killed and its half-built
+    # folder removed (a SIGKILL leaves the folder; the next setup deletes it under the lock).
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     spec = args.runtime
     if spec is None:
         version = host_litert_version()

@@ -1,0 +1,92 @@
+"""Stages run alone (train, convert), CIFAR-10 models end to end on a small file in the real format,
+and the TensorBoard option."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from device import core
+from pipeline.cli import main
+from tests.test_data import BATCHES, pickled, write_cifar_tar
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def cifar_archive(tmp_path, per_batch=40, n_test=50):
+    """A cifar-10-python.tar.gz in the real layout whose classes are learnable (one bright channel)."""
+    rng = np.random.default_rng(0)
+    members = {}
+    for name in BATCHES:
+        n = n_test if name == "test_batch" else per_batch
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 3, 32, 32), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            images[i, label % 3, : 8 + 2 * label] += 150
+        members[name] = pickled({b"labels": [int(v) for v in labels], b"data": images.reshape(n, 3072),
+                                 b"batch_label": name.encode()})
+    (tmp_path / "cifar").mkdir()
+    return write_cifar_tar(tmp_path / "cifar" / "cifar-10-python.tar.gz", members).parent
+
+
+def test_cifar_dscnn_builds_converts_and_runs(tmp_path):
+    data_dir = cifar_archive(tmp_path)
+    result = invoke("build", "--dataset", "cifar10", "--model", "cifar-dscnn", "--data-dir", data_dir,
+                    "--quantize", "int8,float16", "--epochs", "1", "--calibration-samples", "32",
+                    "--no-benchmark", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["data"]["kind"] == "cifar-tar" and manifest["preprocess"]["channels"] == 3
+    info = core.Model(run / "model_int8.tflite").info()
+    assert info["input"]["shape"] == [1, 32, 32, 3] and info["input"]["dtype"] == "int8"
+    assert "DEPTHWISE_CONV_2D" in info["ops"]
+    labels = (run / "labels.txt").read_text().split()
+    assert labels[0] == "airplane" and labels[-1] == "truck"
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert evaluation["n"] == 50 and set(evaluation["variants"]) == {"fp32", "float16", "int8"}
+
+
+def test_train_then_convert_as_separate_stages(tmp_path):
+    result = invoke("train", "--dataset", "digits", "--model", "mnist-mlp", "--epochs", "1",
+                    "--out", tmp_path / "trained", "--tensorboard", tmp_path / "tb")
+    assert result.exit_code == 0, result.output
+    trained = tmp_path / "trained"
+    manifest = json.loads((trained / "manifest.json").read_text())
+    assert (trained / "model.keras").is_file() and not list(trained.glob("*.tflite"))
+    assert manifest["files"]["model.keras"]["bytes"] == (trained / "model.keras").stat().st_size
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "TensorBoard wrote no event file"
+
+    result = invoke("convert", trained / "model.keras", "--dataset", "digits", "--quantize", "dynamic,int8",
+                    "--out", tmp_path / "converted")
+    assert result.exit_code == 0, result.output
+    converted = tmp_path / "converted"
+    assert sorted(p.name for p in converted.glob("*.tflite")) == [
+        "model_dynamic.tflite", "model_fp32.tflite", "model_int8.tflite"]
+    meta = json.loads((converted / "metadata.json").read_text())
+    for name, entry in meta["models"].items():
+        assert entry["sha256"] == core.sha256_file(converted / name)
+    # Converting the same Keras model again gives the same fp32 flatbuffer: conversion is deterministic.
+    fp32 = (converted / "model_fp32.tflite").read_bytes()
+    again = invoke("convert", trained / "model.keras", "--dataset", "digits", "--quantize", "fp32",
+                   "--out", tmp_path / "again")
+    assert again.exit_code == 0 and (tmp_path / "again" / "model_fp32.tflite").read_bytes() == fp32
+
+
+def test_same_seed_same_weights(tmp_path):
+    import keras
+
+    from pipeline.config import BuildConfig
+    from pipeline.data import load_dataset
+    from pipeline.train import train
+
+    cfg = BuildConfig(dataset="digits", model="mnist-mlp", epochs=1, seed=7, out=str(tmp_path))
+    data = load_dataset("digits", seed=7)
+    first, _ = train(cfg, data, log=lambda *a: None)
+    second, _ = train(cfg, data, log=lambda *a: None)
+    for a, b in zip(first.get_weights(), second.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    keras.backend.clear_session()
