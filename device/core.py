@@ -440,9 +440,14 @@ def environment() -> dict:
     rt = runtime()
     cpu = platform.processor() or platform.machine()
     try:
+        info = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "model")) and ":" in line:
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip().lower(), value.strip())
+        # x86 names the CPU in "model name" ("model" is a number there); a Raspberry Pi in "Model".
+        for key in ("model name", "model", "hardware"):
+            if info.get(key) and not info[key].isdigit():
+                cpu = info[key]
                 break
     except OSError:
         pass

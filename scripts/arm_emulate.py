@@ -99,7 +99,9 @@ def run(cmd, **kwargs) -> None:
     In a process group of its own, so that an interruption kills it with all its children
     (debootstrap's downloads) before the half-built folder is removed."""
     try:
-        proc = subprocess.Popen(cmd, stdout=sys.stderr, start_new_session=True, **kwargs)
+        # The children inherit the cache lock: if this script is SIGKILLed, an orphaned debootstrap
+        # keeps the lock until it exits, so the next setup cannot clean up under its feet.
+        proc = subprocess.Popen(cmd, stdout=sys.stderr, start_new_session=True, pass_fds=_LOCK_FDS, **kwargs)
     except FileNotFoundError as e:
         raise SetupError(f"{cmd[0]}: not found ({e})")
     try:
@@ -165,8 +167,12 @@ def debian_mirror() -> str:
 # ---------------------------------------------------------------- cache
 
 
+_LOCK_FDS: tuple[int, ...] = ()
+
+
 @contextlib.contextmanager
 def locked(cache: Path):
+    global _LOCK_FDS
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "a+") as f:
         try:
@@ -174,10 +180,11 @@ def locked(cache: Path):
         except BlockingIOError:
             log(f"waiting for another setup in {cache} to finish")
             fcntl.flock(f, fcntl.LOCK_EX)
+        _LOCK_FDS = (f.fileno(),)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            _LOCK_FDS = ()
 
 
 def _stamp_ok(folder: Path, stamp: str, recipe: dict) -> bool:
