@@ -84,25 +84,10 @@ def litert_benchmark(model_path: Path, threads: int, runs: int, warmup: int) -> 
             tail = (proc.stderr or proc.stdout).strip().splitlines()
             return {"error": tail[-1] if tail else f"exit code {proc.returncode}"}
         raw = json.loads(result_path.read_text())
-    return {"raw": raw, "median_ms": _find_median_ms(raw)}
-
-
-def _find_median_ms(raw) -> float | None:
-    """The median latency in ms from litert-benchmark's JSON, wherever its schema puts it."""
-    if isinstance(raw, dict):
-        for key, value in raw.items():
-            if "median" in key.lower() and isinstance(value, (int, float)):
-                return float(value) / 1e3 if key.lower().endswith("_us") else float(value)
-        for value in raw.values():
-            found = _find_median_ms(value)
-            if found is not None:
-                return found
-    elif isinstance(raw, list):
-        for value in raw:
-            found = _find_median_ms(value)
-            if found is not None:
-                return found
-    return None
+    median = raw.get("latency", {}).get("median_ms") if isinstance(raw, dict) else None
+    if median is None:
+        return {"raw": raw, "error": "no latency.median_ms in litert-benchmark's JSON; its schema changed"}
+    return {"raw": raw, "median_ms": float(median)}
 
 
 def cross_check(run_dir: Path, variants, ours: dict, threads: int, runs: int, warmup: int) -> dict:
