@@ -21,15 +21,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CHILD = """
-import resource, sys, time
+import sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, {repo!r})
-from device import core
+from device import core, timing
 import numpy as np
 m = core.Model({model!r})
 p = m.preprocess
 m.predict(np.zeros((1, p["height"], p["width"], p["channels"]), np.uint8))
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, m.runtime.name)
+print(time.perf_counter() - t0, timing.peak_rss_mb(), m.runtime.name)
 """
 
 

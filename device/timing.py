@@ -43,7 +43,18 @@ def time_calls(fn, runs: int, warmup: int) -> tuple[list[float], list[float]]:
 
 
 def peak_rss_mb() -> float | None:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    """Peak resident memory of this process so far, in MB.
+
+    Linux's VmHWM belongs to the current program image; getrusage's ru_maxrss survives exec, so a
+    runner started by a big parent (the host pipeline with TensorFlow loaded) would report the
+    parent's size. ru_maxrss is the fallback elsewhere (KiB on Linux, bytes on macOS).
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:
