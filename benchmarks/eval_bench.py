@@ -201,6 +201,8 @@ def main() -> None:
           f"{env['load_average_1min_at_end']:.2f} at end{busy}")
     print(f"mnist-cnn on {args.data_dir}: accuracy " + ", ".join(
         f"{v} {a:.4f}" for v, a in mnist["evaluation"]["accuracy"].items()))
+    print("evaluation seconds per variant (last run): " + ", ".join(
+        f"{v} {sec:.2f}" for v, sec in mnist["evaluation"]["per_variant_s"].items()))
     width = max(len(r[0]) for r in rows)
     for what, measured, target, met in rows:
         print(f"{what:<{width}}  {measured:<40}  {target:<12}  {'met' if met else 'MISSED'}")

@@ -251,6 +251,8 @@ FIELD_FINDERS = {"png": png_fields, "jpeg": jpeg_fields, "gif": gif_fields, "bmp
 
 
 def mutate_image(name: str, data: bytes, rng: random.Random) -> tuple[str, bytes]:
+    if len(data) < 16:  # an earlier mutation left almost nothing: grow it instead
+        return "grow", data + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
     kind = rng.choices(["field", "fields", "flip", "truncate", "shift", "splice"], [30, 15, 20, 20, 8, 7])[0]
     if kind in ("field", "fields"):
         fields = FIELD_FINDERS[name.split("-")[0]](data) or [(0, 4, "little")]
