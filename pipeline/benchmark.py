@@ -6,6 +6,7 @@ of them alike; ratios inside one run are what the report compares.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -114,7 +115,8 @@ def benchmark_variants(run_dir: Path, variants, metadata: dict, *, threads_list,
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     sizes = {v: (run_dir / f"model_{v}.tflite").stat().st_size for v in variants}
-    result = {"schema": 1, "environment": environment(), "xnnpack": xnnpack, "runs": runs, "warmup": warmup,
+    # The load average says whether other work competed for the cores while we measured.
+    result = {"schema": 1, "environment": {**environment(), "load_average_1m": os.getloadavg()[0]}, "xnnpack": xnnpack, "runs": runs, "warmup": warmup,
               "interleaved": True, "macs_per_inference": macs, "threads": {}, "variants": {}}
     for v in variants:
         result["variants"][v] = {"bytes": sizes[v], "size_ratio_vs_fp32": sizes[v] / sizes["fp32"]}

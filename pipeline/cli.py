@@ -26,9 +26,10 @@ def _user_errors():
     from device.core import DeviceError
     from pipeline.artifacts import RunDirError
     from pipeline.data import DataError
+    from pipeline.report import ReportError
     from pipeline.train import ModelMismatchError
 
-    return (DeviceError, RunDirError, DataError, ModelMismatchError)
+    return (DeviceError, RunDirError, DataError, ModelMismatchError, ReportError)
 
 
 def handle_errors(fn):
@@ -303,10 +304,7 @@ def report(run_dir, device_results):
     from pipeline import report as report_stage
     from pipeline.artifacts import update_manifest
 
-    try:
-        report_stage.render(run_dir, device_results=list(device_results), log=click.echo)
-    except report_stage.ReportError as e:
-        raise UserError(str(e))
+    report_stage.render(run_dir, device_results=list(device_results), log=click.echo)
     update_manifest(run_dir)
     _print_table(run_dir)
 

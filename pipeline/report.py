@@ -7,6 +7,7 @@ Nothing is measured here. Every figure is copied or derived from the files the e
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 from html import escape as esc
@@ -18,6 +19,7 @@ from pipeline.artifacts import MANIFEST, atomic_write, write_json
 from pipeline.config import VARIANTS
 
 SCHEMA = 1
+DEVICE_DIR = "device_results"
 # int8 moves a quarter of fp32's bytes and its kernels do 4x the MACs per instruction; once the
 # kernels dominate an invoke, int8 should take at most this fraction of fp32's time at one thread.
 INT8_EXPECTED_RATIO = 0.45
@@ -373,11 +375,29 @@ def _html(report: dict, pngs: dict[str, bytes]) -> str:
 
 # ---------------------------------------------------------------- entry points
 
+def _device_files(run_dir: Path, given: list[Path]) -> tuple[list[Path], list[tuple[str, Path]]]:
+    """Device results merged before (kept in the run) and new ones, each file once by content."""
+    folder = run_dir / DEVICE_DIR
+    kept = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    seen = {p.name.split("-", 1)[0] for p in kept}
+    new = []
+    for path in map(Path, given):
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        except OSError as e:
+            raise ReportError(f"{path}: cannot read device results ({e.strerror})")
+        if digest not in seen:
+            seen.add(digest)
+            new.append((f"{digest}-{path.name}", path))
+    return kept, new
+
+
 def render(run_dir: Path, device_results: list[Path] | None = None, log=print) -> dict:
     """Write report.json, report.md, report.html and the plots into run_dir; returns the report."""
     run_dir = Path(run_dir)
     manifest, evaluation, bench, labels = _load(run_dir)
-    report = collect(run_dir, manifest, evaluation, bench, device_results)
+    kept, new = _device_files(run_dir, device_results or [])
+    report = collect(run_dir, manifest, evaluation, bench, kept + [p for _, p in new])
     drawn = {"accuracy_vs_latency.png": plots.accuracy_vs_latency(report["variants"], report["table_threads"] or 1),
              "latency.png": plots.latency_distributions(bench, [v["variant"] for v in report["variants"]]),
              "confusion_fp32_int8.png": plots.confusion_pair(evaluation, labels)}
@@ -388,6 +408,9 @@ def render(run_dir: Path, device_results: list[Path] | None = None, log=print) -
         else:
             (run_dir / name).unlink(missing_ok=True)
     report["plots"] = list(pngs)
+    for name, path in new:  # merged results stay with the run, so later renders keep the device columns
+        (run_dir / DEVICE_DIR).mkdir(exist_ok=True)
+        atomic_write(run_dir / DEVICE_DIR / name, path.read_bytes())
     write_json(run_dir / "report.json", report)
     atomic_write(run_dir / "report.md", _markdown(report))
     atomic_write(run_dir / "report.html", _html(report, pngs))

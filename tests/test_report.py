@@ -247,6 +247,12 @@ def test_device_results_add_labelled_columns(copy, predictions, tmp_path):
     assert rows["fp32"][header.index(f"{device['label']} p50 ms")] == "-"
     assert f"{device['label']} p50 ms" in (copy / "report.html").read_text()
     assert by_variant(json.loads((copy / "report.json").read_text()))["int8"]["device"] == {device["label"]: int8}
+    # The merged files stay with the run: a later render without --device-results keeps the columns,
+    # and merging the same file again does not count it twice.
+    again = render(copy, log=lambda *a: None)
+    assert by_variant(again)["int8"]["device"] == {device["label"]: int8}
+    assert len(list((copy / "device_results").glob("*.json"))) == len(files)
+    assert by_variant(render(copy, device_results=files, log=lambda *a: None))["int8"]["device"] == {device["label"]: int8}
 
 
 @pytest.mark.parametrize("content, expected", [
