@@ -11,12 +11,15 @@ from device import core
 from pipeline.artifacts import RunDir, RunDirError, sha256_file
 
 
-def test_accuracy_far_above_chance(mnist_run):
+def test_accuracy_far_above_chance(mnist_run, mnist_test):
     evaluation = json.loads((mnist_run / "evaluation.json").read_text())
-    assert evaluation["n"] == 1000
-    assert evaluation["keras"]["accuracy"] > 0.9
+    assert evaluation["n"] == len(mnist_test[1])
+    # Chance is 0.10. Two epochs reach ~0.97 on the MNIST subset, ~0.9 on the 1,437 8x8 digits.
+    dataset = json.loads((mnist_run / "config.json").read_text())["dataset"]
+    floor = 0.93 if dataset == "mnist" else 0.8
+    assert evaluation["keras"]["accuracy"] > floor
     for variant in ("fp32", "dynamic", "float16", "int8", "int16x8"):
-        assert evaluation["variants"][variant]["accuracy"] > 0.9, variant
+        assert evaluation["variants"][variant]["accuracy"] > floor, variant
     # fp32 .tflite is the Keras model, converted: same top-1 everywhere, tiny numeric differences.
     assert evaluation["keras"]["fp32_tflite_agreement"] == 1.0
     assert evaluation["keras"]["fp32_tflite_max_abs_diff"] < 1e-4
@@ -36,6 +39,7 @@ def test_manifest_hashes_and_sizes_match_files(mnist_run):
 
 def test_manifest_explains_the_build(mnist_run, mnist_dir):
     manifest = json.loads((mnist_run / "manifest.json").read_text())
+    assert manifest["config"]["dataset"] == "mnist"
     assert manifest["config"]["model"] == "mnist-cnn" and manifest["config"]["epochs"] == 2
     assert manifest["versions"]["tensorflow"].startswith("2.21")
     assert manifest["versions"]["ai-edge-litert"] and manifest["versions"]["numpy"]
@@ -56,7 +60,7 @@ def test_variant_sizes_make_sense(mnist_run):
     assert 0.4 * size["fp32"] < size["float16"] < 0.7 * size["fp32"]
 
 
-def test_int8_io_float_keeps_float_tensors(mnist_dir, tmp_path):
+def test_int8_io_float_keeps_float_tensors(tmp_path):
     import keras
 
     from pipeline.build import build
@@ -64,7 +68,7 @@ def test_int8_io_float_keeps_float_tensors(mnist_dir, tmp_path):
 
     model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax")])
     model.save(tmp_path / "tiny.keras")
-    cfg = BuildConfig(data_dir=str(mnist_dir), keras_model=str(tmp_path / "tiny.keras"), int8_io="float",
+    cfg = BuildConfig(dataset="digits", keras_model=str(tmp_path / "tiny.keras"), int8_io="float",
                       out=str(tmp_path / "run"), calibration_samples=20)
     run = build(cfg, until="metadata", log=lambda *a: None)
     info = core.Model(run / "model_int8.tflite").info()

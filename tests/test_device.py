@@ -47,10 +47,10 @@ def test_int8_accuracy_through_runner_equals_pipeline_report(mnist_run, mnist_te
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     evaluation = json.loads((mnist_run / "evaluation.json").read_text())
-    assert out["n"] == 1000
+    assert out["n"] == len(y)
     assert out["accuracy"] == evaluation["variants"]["int8"]["accuracy"]
     assert out["accuracy"] > 0.8
-    assert sum(map(sum, out["confusion"])) == 1000
+    assert sum(map(sum, out["confusion"])) == len(y)
 
 
 def test_int8_io_is_quantized_from_the_model(mnist_run):
@@ -86,9 +86,20 @@ def test_device_runs_with_tensorflow_unimportable(mnist_run, tmp_path):
     assert check.returncode == 0 and check.stdout.strip() == "[]", check.stdout + check.stderr
 
 
+def _confident_example(run, x, y, label: int) -> int:
+    """A test image of `label` that the int8 model gets right with a clear margin, so these tests
+    check the image handling, not the model's accuracy."""
+    probs = core.Model(run / "model_int8.tflite").predict(x)
+    for i in np.flatnonzero(y == label):
+        top2 = np.sort(probs[i])[-2:]
+        if probs[i].argmax() == label and top2[1] - top2[0] > 0.5:
+            return int(i)
+    pytest.fail(f"no confidently classified {label} in the test split")
+
+
 def test_classify_real_digit_any_size_and_mode(mnist_run, mnist_test, tmp_path):
     x, y = mnist_test
-    idx = int(np.flatnonzero(y == 7)[0])
+    idx = _confident_example(mnist_run, x, y, 7)
     big = Image.fromarray(x[idx, ..., 0]).resize((56, 56)).convert("RGB")
     big.save(tmp_path / "seven.jpg", quality=95)
     proc = run_runner("classify", "--model", mnist_run / "model_int8.tflite", tmp_path / "seven.jpg", "--json")
@@ -100,7 +111,7 @@ def test_classify_real_digit_any_size_and_mode(mnist_run, mnist_test, tmp_path):
 @pytest.mark.parametrize("mode", ["P", "RGBA", "LA", "I;16"])
 def test_unusual_image_modes_are_converted(mnist_run, mnist_test, tmp_path, mode):
     x, y = mnist_test
-    idx = int(np.flatnonzero(y == 3)[0])
+    idx = _confident_example(mnist_run, x, y, 3)
     img = Image.fromarray(x[idx, ..., 0])
     if mode == "I;16":
         img = Image.fromarray(x[idx, ..., 0].astype(np.uint16) * 257)
