@@ -156,6 +156,14 @@ def read_model_bytes(path: Path, expected_sha256: str | None = None) -> bytes:
     return data
 
 
+def expected_sha256(model_path: Path, metadata: dict | None) -> str | None:
+    """The sha256 the metadata records for this model, or None when nothing can vouch for its bytes."""
+    models = metadata.get("models") if isinstance(metadata, dict) else None
+    entry = models.get(Path(model_path).name) if isinstance(models, dict) else None
+    sha = entry.get("sha256") if isinstance(entry, dict) else None
+    return sha if isinstance(sha, str) and sha else None
+
+
 # ---------------------------------------------------------------- quantization helpers
 
 @dataclass(frozen=True)
@@ -225,6 +233,9 @@ def load_image(path: Path, preprocess: dict) -> np.ndarray:
         raise DeviceError(f"{path}: no such image file")
     except (OSError, ValueError, SyntaxError) as e:
         raise DeviceError(f"{path}: not a readable image ({e}); pass a PNG, JPEG or other Pillow format")
+    except Exception as e:  # Pillow's decoders on damaged files also raise TypeError, IndexError, struct.error...
+        raise DeviceError(f"{path}: not a readable image ({type(e).__name__}: {e}); pass a PNG, JPEG or other "
+                          "Pillow format")
     return arr.reshape(preprocess["height"], preprocess["width"], preprocess["channels"])
 
 
@@ -255,10 +266,7 @@ class Model:
         self.path = Path(path)
         meta_path = find_metadata(self.path) if metadata is None else None
         self.metadata = metadata if metadata is not None else (load_metadata(meta_path) if meta_path else None)
-        expected = None
-        if verify and self.metadata is not None:
-            entry = self.metadata.get("models", {}).get(self.path.name)
-            expected = entry.get("sha256") if entry else None
+        expected = expected_sha256(self.path, self.metadata) if verify else None
         self.model_bytes = read_model_bytes(self.path, expected)
         self.runtime = runtime(runtime_name)
         self.threads, self.xnnpack = threads, xnnpack
@@ -274,7 +282,13 @@ class Model:
         self.input, self.output = TensorSpec.from_detail(inputs[0]), TensorSpec.from_detail(outputs[0])
         if len(self.input.shape) != 4:
             raise DeviceError(f"{self.path}: input shape {list(self.input.shape)} is not an image batch (N,H,W,C)")
+        if len(self.output.shape) != 2:
+            raise DeviceError(f"{self.path}: output shape {list(self.output.shape)} is not (N, classes); "
+                              "this runner serves classifiers")
         self.preprocess = self._preprocess_spec()
+        if self.preprocess.get("channels") not in (1, 3):
+            raise DeviceError(f"{self.path}: input has {self.preprocess.get('channels')} channels; "
+                              "the runner feeds grayscale (1) or RGB (3) images")
         self._batch = self.input.shape[0]
         self._input_index, self._output_index = self.input.index, self.output.index
         self._set_tensor, self._invoke = self.interpreter.set_tensor, self.interpreter.invoke
@@ -294,9 +308,18 @@ class Model:
         return list(self.preprocess["labels"])
 
     def _resize(self, batch: int) -> None:
-        self.interpreter.resize_tensor_input(self.input.index, [batch, *self.input.shape[1:]])
-        self.interpreter.allocate_tensors()
+        try:
+            self.interpreter.resize_tensor_input(self.input.index, [batch, *self.input.shape[1:]])
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise self._failed(e)
         self._batch = batch
+
+    def _failed(self, e: Exception) -> DeviceError:
+        # The interpreter checks a model's operators lazily (XNNPACK prepares at the first invoke), so a
+        # damaged model can load and still fail here; its message names the node, keep that line.
+        msg = " ".join(str(e).split())[:300]
+        return DeviceError(f"{self.path}: the interpreter cannot run the model ({msg})")
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 images (N,H,W[,C]) to the input tensor's dtype, quantized with the model's own params."""
@@ -314,15 +337,21 @@ class Model:
         # core adds as little as possible to a bare interpreter.invoke().
         if prepared.shape[0] != self._batch:
             self._resize(prepared.shape[0])
-        self._set_tensor(self._input_index, prepared)
-        self._invoke()
-        return self._get_tensor(self._output_index)
+        try:
+            self._set_tensor(self._input_index, prepared)
+            self._invoke()
+            return self._get_tensor(self._output_index)
+        except (ValueError, RuntimeError) as e:
+            raise self._failed(e) from None
 
     def predict(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Probabilities (float32, N x classes) for uint8 images, in batches."""
         prepared = self.prepare(np.asarray(pixels))
         out = [dequantize(self.invoke(prepared[i:i + batch_size]), self.output)
                for i in range(0, len(prepared), batch_size)]
+        if any(o.ndim != 2 for o in out):
+            raise DeviceError(f"{self.path}: the model returned output of shape {list(out[0].shape)}, "
+                              "not (N, classes)")
         return np.concatenate(out) if out else np.zeros((0, self.output.shape[-1]), np.float32)
 
     def classify(self, image_paths, top_k: int = 3) -> list[dict]:
@@ -375,10 +404,18 @@ def verify_folder(folder: Path) -> list[str]:
     except DeviceError as e:
         return [str(e)]
     problems = []
-    if not meta.get("models"):
-        problems.append(f"{meta_path}: lists no models")
-    for name, entry in meta.get("models", {}).items():
+    models = meta.get("models")
+    if not isinstance(models, dict) or not models:
+        return [f"{meta_path}: lists no models"]
+    for name, entry in models.items():
         path = folder / name
+        if not isinstance(entry, dict) or expected_sha256(path, meta) is None:
+            # Nothing to check the bytes against, so they are not handed to the interpreter either.
+            problems.append(f"{name}: the metadata records no sha256 for it; cannot verify")
+            continue
+        if Path(name).name != name:
+            problems.append(f"{name}: not a plain file name beside {METADATA_NAME}")
+            continue
         if not path.is_file():
             problems.append(f"{name}: missing")
             continue
@@ -391,7 +428,10 @@ def verify_folder(folder: Path) -> list[str]:
             problems.append(str(e))
             continue
         for side, spec in (("input", model.input), ("output", model.output)):
-            want = entry.get(side, {})
+            want = entry.get(side)
+            if not isinstance(want, dict):
+                problems.append(f"{name}: the metadata does not describe its {side} tensor")
+                continue
             got = spec.to_dict()
             differs = [k for k in ("shape", "dtype", "scale", "zero_point") if k in want and want[k] != got[k]]
             if differs:

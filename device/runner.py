@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -174,15 +177,82 @@ def main(argv=None) -> int:
     # Warnings (such as a model without metadata) go to stderr as one line, never into the JSON.
     warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
     try:
+        isolate = _unverifiable(args)
+    except core.DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return _in_child(args) if isolate else _execute(args)
+
+
+def _execute(args) -> int:
+    try:
         out = args.fn(args)
     except core.DeviceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         _print_human(args.command, out)
     return 0 if out.get("ok", True) else 1
+
+
+def _unverifiable(args) -> bool:
+    """True when the command's model has no sha256 in a metadata.json beside it.
+
+    A model whose sha256 is recorded is checked byte for byte before the interpreter sees it
+    (core.Model), so it is the file the pipeline wrote. Any other model may be damaged or malicious,
+    and a structurally valid but malicious .tflite can crash the interpreter's C++ kernels.
+    """
+    model = getattr(args, "model", None)
+    if model is None or not Path(model).is_file() or not hasattr(os, "fork"):
+        return False  # no model, or core.Model's own clean error; no fork on Windows: run in-process
+    meta_path = core.find_metadata(model)
+    return core.expected_sha256(model, core.load_metadata(meta_path) if meta_path else None) is None
+
+
+def _in_child(args) -> int:
+    """Run the command in a forked child; a crash there (signal) becomes a one-line error here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+ dislikes fork() beside BLAS threads
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = _execute(args)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    # Ctrl-C reaches the child too, which stops with its own message; the parent just waits for it.
+    previous = _set_sigint(signal.SIG_IGN)
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        _set_sigint(previous)
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        print(f"error: {args.model}: the interpreter crashed ({name}) on this model; the file is damaged or "
+              f"malicious (no {core.METADATA_NAME} beside it records a sha256 to check it against)",
+              file=sys.stderr)
+        return 1
+    return os.waitstatus_to_exitcode(status)
+
+
+def _set_sigint(handler):
+    try:
+        return signal.signal(signal.SIGINT, handler) if handler is not None else None
+    except ValueError:  # main() called from a thread other than the main one: leave signals alone
+        return None
 
 
 if __name__ == "__main__":

@@ -79,7 +79,6 @@ class Quantizer:
         # The debugger's get_nondebug_quantized_model() always gives float input/output; calling the
         # same quantizer with the preset's I/O types keeps a mixed model a drop-in for plain int8.
         self._quantize, self._io = tflite_convert.mlir_quantize, converter.inference_input_type
-        self.ops: list[dict] = []
         self.ops = _graph(self.flatbuffer(), model)
         self.layers = self._stats()
         self.quantized = {r["index"] for r in self.layers}
@@ -141,3 +140,388 @@ def _graph(flatbuffer: bytes, model) -> list[dict]:
             for o, layer in zip(of_kind, keras_layers):
                 o["layer"] = layer.name
     return ops
+
+
+# ---------------------------------------------------------------- cross-layer equalization
+
+def equalize(model, images: np.ndarray, sweeps: int = 50):
+    """Cross-layer equalization (Nagel et al., 2019) of a Sequential model; returns (copy or None, record).
+
+    For weighted layers A -> B joined only by ReLU, BatchNorm after A, pooling and Flatten, dividing
+    A's output channel i by s_i and multiplying B's matching inputs by s_i leaves the function
+    unchanged: ReLU and pooling are positively homogeneous, BatchNorm follows by scaling its mean and
+    beta, and after Flatten (NHWC) channel i is every C-th input row of the Dense. s_i = sqrt(rA_i / rB_i)
+    gives both the same weight range (BatchNorm folded in, as the converter will fold it), so no
+    channel is tiny next to another in a shared int8 scale. ReLU6 is not homogeneous: a channel that
+    reaches the clip on `images` keeps s_i = 1, the others get s_i >= max_i / 6 so they never reach it.
+    """
+    import keras
+
+    if not isinstance(model, keras.Sequential):
+        return None, {"status": "not_applicable", "reason": "equalization walks Sequential models only"}
+    eq = keras.models.clone_model(model)
+    eq.set_weights(model.get_weights())
+    pairs = _pairs(eq)
+    if not pairs:
+        return None, {"status": "not_applicable", "reason": "no consecutive conv/dense pairs joined by ReLU or pooling"}
+    clipped = [p for p in pairs if np.isfinite(p["clip"])]
+    maxima = {}
+    if clipped:  # per-channel maxima where the clip applies, tracked through the scaling below
+        probe = keras.Model(eq.inputs, [p["clip_at"].output for p in clipped])
+        outs = probe.predict(images, batch_size=256, verbose=0)
+        for p, out in zip(clipped, outs if len(clipped) > 1 else [outs]):
+            maxima[id(p)] = out.reshape(-1, out.shape[-1]).max(axis=0).astype(np.float64)
+    held = sum(int((m >= p["clip"] * (1 - 1e-6)).sum()) for p in clipped for m in [maxima[id(p)]])
+    for sweep in range(1, sweeps + 1):
+        worst = 0.0
+        for p in pairs:
+            r_a, r_b = _out_range(p["a"], p["a_bn"]), _in_range(p["b"], p["b_bn"], len(_out_range(p["a"], None)))
+            s = np.sqrt(np.where((r_a > 0) & (r_b > 0), r_a / np.where(r_b > 0, r_b, 1), 1.0))
+            if id(p) in maxima:
+                m = maxima[id(p)]
+                s = np.where(m >= p["clip"] * (1 - 1e-6), 1.0, np.maximum(s, m / p["clip"]))
+                maxima[id(p)] = m / s
+            _scale(p, s)
+            worst = max(worst, float(np.abs(np.log(s)).max()))
+        if worst < 1e-3:
+            break
+    return eq, {"pairs": [f"{p['a'].name} -> {p['b'].name}" for p in pairs], "sweeps": sweep,
+                "relu6_channels_held": held}
+
+
+def _pairs(model) -> list[dict]:
+    from keras import layers as L
+
+    weighted = (L.Conv2D, L.DepthwiseConv2D, L.Dense)
+    homogeneous = (L.MaxPooling2D, L.AveragePooling2D, L.GlobalAveragePooling2D, L.GlobalMaxPooling2D,
+                   L.Dropout, L.ZeroPadding2D)
+    seq, pairs = model.layers, []
+    for i, a in enumerate(seq):
+        if not isinstance(a, weighted) or _depth_multiplier(a) != 1:
+            continue
+        act = a.get_config().get("activation", "linear")
+        clip, clip_at, bn, flat = _CLIP.get(act), a, None, False
+        if clip is None:  # softmax, tanh, ...: not homogeneous
+            continue
+        for layer in seq[i + 1:]:
+            if isinstance(layer, weighted):
+                channels = len(_out_range(a, None))
+                b_in = layer.kernel.shape[0] if isinstance(layer, L.Dense) else layer.kernel.shape[2]
+                if b_in == channels or (flat and isinstance(layer, L.Dense) and b_in % channels == 0):
+                    after = seq[seq.index(layer) + 1] if layer is not seq[-1] else None
+                    pairs.append({"a": a, "a_bn": bn, "b": layer, "clip": clip, "clip_at": clip_at,
+                                  "b_bn": after if isinstance(after, L.BatchNormalization) else None})
+                break
+            if isinstance(layer, L.BatchNormalization) and layer is seq[i + 1] and act == "linear":
+                bn = layer
+            elif isinstance(layer, (L.ReLU, L.Activation)) and _layer_clip(layer) is not None:
+                clip, clip_at = min(clip, _layer_clip(layer)), layer
+            elif isinstance(layer, L.Flatten):
+                flat = True
+            elif not isinstance(layer, homogeneous):
+                break
+    return pairs
+
+
+_CLIP = {"linear": np.inf, "relu": np.inf, "relu6": 6.0}  # positively homogeneous up to the clip
+
+
+def _layer_clip(layer) -> float | None:
+    cfg = layer.get_config()
+    if "activation" in cfg:
+        return _CLIP.get(cfg["activation"])
+    if cfg.get("negative_slope", 0) or cfg.get("threshold", 0):
+        return None
+    return np.inf if cfg.get("max_value") is None else float(cfg["max_value"])
+
+
+def _depth_multiplier(layer) -> int:
+    return getattr(layer, "depth_multiplier", 1)
+
+
+def _bn_gain(bn) -> np.ndarray:
+    gamma = np.ones(bn.moving_variance.shape) if bn.gamma is None else np.asarray(bn.gamma)
+    return np.abs(gamma / np.sqrt(np.asarray(bn.moving_variance, np.float64) + bn.epsilon))
+
+
+def _out_range(layer, bn) -> np.ndarray:
+    """Largest |weight| of each output channel, BatchNorm folded in."""
+    k = np.abs(np.asarray(layer.kernel, np.float64))
+    r = k.max(axis=(0, 1, 3)) if k.ndim == 4 and _is_depthwise(layer) else k.reshape(-1, k.shape[-1]).max(axis=0)
+    return r * _bn_gain(bn) if bn is not None else r
+
+
+def _in_range(layer, bn, channels: int) -> np.ndarray:
+    """Largest |weight| reading each input channel (every C-th row of a Dense after Flatten)."""
+    k = np.abs(np.asarray(layer.kernel, np.float64))
+    if bn is not None:
+        k = k * _bn_gain(bn).reshape(k.shape[-2:] if _is_depthwise(layer) else -1)
+    if k.ndim == 2:
+        return k.reshape(-1, channels, k.shape[-1]).max(axis=(0, 2))
+    return k.max(axis=(0, 1, 3))
+
+
+def _is_depthwise(layer) -> bool:
+    from keras import layers as L
+
+    return isinstance(layer, L.DepthwiseConv2D)
+
+
+def _scale(p: dict, s: np.ndarray) -> None:
+    a, b, bn = p["a"], p["b"], p["a_bn"]
+    a.kernel.assign((np.asarray(a.kernel) / (s[:, None] if _is_depthwise(a) else s)).astype(np.float32))
+    for var in (a.bias if a.use_bias else None, bn and bn.moving_mean, bn and bn.beta):
+        if var is not None:
+            var.assign((np.asarray(var) / s).astype(np.float32))
+    k = np.asarray(b.kernel)
+    if k.ndim == 2:  # Dense: rows are channel-interleaved after Flatten
+        k = (k.reshape(-1, len(s), k.shape[-1]) * s[None, :, None]).reshape(k.shape)
+    else:
+        k = k * s[None, None, :, None]
+    b.kernel.assign(k.astype(np.float32))
+
+
+# ---------------------------------------------------------------- float-layer search
+
+def search_float_ops(q: Quantizer, judge: Judge, target: float) -> dict:
+    """Greedily leave in float the group of ops that raises validation accuracy most, until `target`.
+
+    Candidates are single ops and the region around each op's output tensor (producer, consumers and
+    same-scale ops between): damage done by one badly scaled tensor is only undone when both its
+    producer and its consumers stay float. The MAX_CANDIDATES groups with the worst quantization
+    error are measured each round; the search stops at `target` or when no group helps any more.
+    """
+    error = {r["index"]: r["rmse_over_scale"] for r in q.layers}
+    groups = {frozenset([i]): f"{q.ops[i]['layer']} alone" for i in q.quantized}
+    for i in q.quantized:
+        groups.setdefault(q.region(i), f"the output of {q.ops[i]['layer']} with its consumers")
+    ranked = sorted(groups, key=lambda g: (-max(error[i] for i in g), len(g)))[:MAX_CANDIDATES]
+    float_ops, why = frozenset(), {}
+    flatbuffer = q.flatbuffer()
+    acc = start = judge(flatbuffer)
+    rounds = []
+    while acc < target:
+        tried = [(judge(fb), -len(fb), g, fb) for g in ranked if not g <= float_ops
+                 for fb in [q.flatbuffer(float_ops | g)]]
+        if not tried or max(tried, key=lambda t: t[:2])[0] <= acc:
+            break  # nothing measured helps: more float layers would only cost size
+        best, _, g, flatbuffer = max(tried, key=lambda t: t[:2])
+        rounds.append({"round": len(rounds) + 1, "candidates": len(tried), "chosen": groups[g],
+                       "accuracy_before": acc, "accuracy_after": best,
+                       "measured": sorted(({"group": groups[c], "accuracy": a} for a, _, c, _ in tried),
+                                          key=lambda m: -m["accuracy"])[:5]})
+        for i in g - float_ops:
+            why[i] = (f"round {len(rounds)}: leaving {groups[g]} float raised validation accuracy "
+                      f"{acc:.2%} -> {best:.2%}")
+        float_ops, acc = float_ops | g, best
+    # A group may carry ops the final set does not need; drop each one that costs no accuracy.
+    floor = min(acc, target)
+    for i in sorted(float_ops, key=lambda i: error[i]):
+        fb = q.flatbuffer(float_ops - {i})
+        a = judge(fb)
+        if a >= floor:
+            float_ops, acc, flatbuffer = float_ops - {i}, a, fb
+            why.pop(i)
+    layers = [{**{k: r[k] for k in ("index", "layer", "op", "tensor", "rmse_over_scale")}, "why": why[r["index"]]}
+              for r in q.layers if r["index"] in float_ops]
+    return {"flatbuffer": flatbuffer, "accuracy": acc, "start_accuracy": start, "float_layers": layers,
+            "rounds": rounds}
+
+
+# ---------------------------------------------------------------- the guard
+
+def guard(run_dir: Path, cfg, data, model, meta: dict, evaluation: dict, log=print,
+          remedies=REMEDIES) -> list[str]:
+    """Analyse the int8 model and, if it loses more than cfg.max_accuracy_drop, repair it.
+
+    Every decision is measured on the validation split; `evaluation` (test split) is not used.
+    Writes analysis.json (and analysis_layers.png) into run_dir, plus model_<variant>.tflite for the
+    delivered remedy (and int8-qat when --qat asks for it); returns the variants written.
+    """
+    t_start, run_dir, pre = time.perf_counter(), Path(run_dir), data.spec.to_dict()
+    calibration = calibration_images(data, cfg.calibration_samples, cfg.seed)
+    x_val, y_val = data.x_val[:DECISION_IMAGES], data.y_val[:DECISION_IMAGES]
+    with tempfile.TemporaryDirectory() as tmp:
+        judge = Judge(x_val, y_val, pre, Path(tmp))
+        fp32 = judge((run_dir / "model_fp32.tflite").read_bytes())
+        with _quiet():
+            int8_fb = ((run_dir / "model_int8.tflite").read_bytes() if (run_dir / "model_int8.tflite").is_file()
+                       else convert(model, "int8", cfg, calibration))
+        int8 = judge(int8_fb)
+        budget = cfg.max_accuracy_drop
+        target = -np.inf if budget is None else fp32 - budget / 100 - 1e-9
+        needed = cfg.fallback == "auto" and int8 < target
+        analysis = {"schema": 1, "created_by": f"edgepipe {pipeline.__version__}",
+                    "validation": {"images": len(y_val), "fp32_accuracy": fp32, "int8_accuracy": int8,
+                                   "int8_drop_pp": 100 * (fp32 - int8), "int8_bytes": len(int8_fb)},
+                    "layers": None, "guard": None}
+        debug = normalize(x_val[:DEBUG_IMAGES], pre)
+        quantizer = Quantizer(model, cfg, calibration, debug) if cfg.analyze or needed else None
+        analysis["layers"] = quantizer and quantizer.layers
+        written = {}
+        if needed or cfg.qat:
+            log(f"guard: int8 loses {100 * (fp32 - int8):.2f} pp on {len(y_val)} validation images"
+                + (f", over the {budget} pp budget: repairing" if needed else ""))
+            repair = _Repair(cfg, data, calibration, debug, judge, fp32, int8_fb, target, Path(tmp), log)
+            tried = repair.run(model, quantizer, remedies if needed else ("qat",))
+            analysis["guard"] = _verdict(budget, needed, tried, int8 >= target, time.perf_counter() - t_start)
+            for variant in analysis["guard"]["written"]:
+                written[variant] = repair.flatbuffers[variant]
+            log(f"guard: {analysis['guard']['summary']}")
+    for variant, flatbuffer in written.items():
+        atomic_write(run_dir / f"model_{variant}.tflite", flatbuffer)
+    for row in analysis["layers"] or []:
+        row["float_in"] = [r["variant"] for r in (analysis["guard"] or {}).get("remedies", [])
+                           if r["variant"] in written and row["index"] in {f["index"] for f in r.get("float_layers", [])}]
+    _write(run_dir, analysis)
+    return list(written)
+
+
+class _Repair:
+    """The remedies in order, each measured against the same validation target."""
+
+    def __init__(self, cfg, data, calibration, debug, judge, fp32, int8_fb, target, workdir, log):
+        self.cfg, self.data, self.calibration, self.debug, self.judge = cfg, data, calibration, debug, judge
+        self.fp32, self.int8_fb, self.target, self.workdir, self.log = fp32, int8_fb, target, workdir, log
+        self.flatbuffers: dict[str, bytes] = {}
+
+    def run(self, model, quantizer, remedies) -> list[dict]:
+        # Each remedy starts from the best float model so far: equalization keeps the float function,
+        # so the search and QAT build on it when it helped.
+        best = {"model": model, "base": "int8", "accuracy": self.judge(self.int8_fb), "quantizer": quantizer}
+        tried = []
+        for name in remedies:
+            if name == "qat" and best["accuracy"] >= self.target and not self.cfg.qat:
+                break
+            if name != "qat" and best["accuracy"] >= self.target:
+                continue
+            t0 = time.perf_counter()
+            record, flatbuffer, float_model = getattr(self, name)(best)
+            record = {"name": name, "variant": f"int8-{name}", "base": best["base"], **record,
+                      "seconds": time.perf_counter() - t0}
+            if flatbuffer is not None:
+                self._measure(record, flatbuffer)
+                if record["accuracy"] > best["accuracy"]:
+                    best = {"model": float_model or best["model"], "base": record["variant"] if float_model else best["base"],
+                            "accuracy": record["accuracy"], "quantizer": None if float_model else best["quantizer"]}
+            tried.append(record)
+        return tried
+
+    def _measure(self, record: dict, flatbuffer: bytes) -> None:
+        acc = self.judge(flatbuffer)
+        self.flatbuffers[record["variant"]] = flatbuffer
+        record.update(accuracy=acc, drop_pp=100 * (self.fp32 - acc), bytes=len(flatbuffer),
+                      bytes_vs_int8=len(flatbuffer) / len(self.int8_fb),
+                      status="within_budget" if acc >= self.target else "over_budget")
+        self.log(f"guard: {record['variant']}: {acc:.2%} on validation ({record['drop_pp']:+.2f} pp vs fp32), "
+                 f"{len(flatbuffer):,} bytes, {record['seconds']:.1f} s")
+
+    def cle(self, best):
+        eq, record = equalize(best["model"], self.calibration)
+        if eq is None:
+            return record, None, None
+        record["float_max_abs_diff"] = float(np.abs(eq.predict(self.debug, verbose=0)
+                                                    - best["model"].predict(self.debug, verbose=0)).max())
+        with _quiet():
+            return record, convert(eq, "int8", self.cfg, self.calibration), eq
+
+    def mixed(self, best):
+        q = best["quantizer"] or Quantizer(best["model"], self.cfg, self.calibration, self.debug)
+        found = search_float_ops(q, self.judge, self.target)
+        return {k: v for k, v in found.items() if k not in ("flatbuffer", "accuracy")}, found["flatbuffer"], None
+
+    def qat(self, best):
+        from pipeline import qat
+
+        record, flatbuffer = qat.fine_tune(best["model"], self.cfg, self.data, self.calibration, self.judge,
+                                           self.workdir, log=self.log)
+        if "ptq_same_budget" in record:
+            record["ptq_same_budget"]["drop_pp"] = 100 * (self.fp32 - record["ptq_same_budget"]["accuracy"])
+        return record, flatbuffer, None
+
+
+def _verdict(budget, needed: bool, tried: list[dict], int8_ok: bool, seconds: float) -> dict:
+    """What the guard delivers; `superseded` lists what it replaces (the accuracy check skips those)."""
+    within = [r for r in tried if r.get("status") == "within_budget"]
+    measured = [r for r in tried if "accuracy" in r]
+    if int8_ok:
+        delivered = "int8"
+    elif within:  # smallest first: the point of quantizing
+        delivered = min(within, key=lambda r: (r["bytes"], -r["accuracy"]))["variant"]
+    else:
+        delivered = None
+    # The delivered remedy, QAT when asked for, or else the closest miss, so the report can show it.
+    written = [r["variant"] for r in measured if r["variant"] == delivered or r["name"] == "qat"]
+    if delivered is None and measured and not written:
+        written = [max(measured, key=lambda r: r["accuracy"])["variant"]]
+    over = {"int8"} if not int8_ok else set()
+    over |= {r["variant"] for r in measured if r["status"] == "over_budget"}
+    superseded = [v for v in ["int8", *written] if v in over] if delivered else []
+    if delivered is None and needed:
+        summary = f"no remedy met the {budget} pp budget on validation (tried {', '.join(r['name'] for r in tried)})"
+    else:
+        summary = f"delivers {delivered}" + (f", replacing {', '.join(superseded)}" if superseded else "")
+    return {"max_accuracy_drop_pp": budget, "needed": needed, "split": "validation", "remedies": tried,
+            "delivered": delivered, "written": written, "superseded": superseded, "summary": summary,
+            "seconds": seconds}
+
+
+def _write(run_dir: Path, analysis: dict) -> None:
+    write_json(run_dir / ANALYSIS, analysis)
+    if analysis["layers"]:
+        atomic_write(run_dir / PLOT, _plot(analysis["layers"]))
+
+
+def _plot(layers: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['layer']} ({r['op']})" + (" [float]" if r.get("float_in") else "") for r in layers]
+    values = [max(r["rmse_over_scale"], 1e-3) for r in layers]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(layers) + 1.5))
+    ax.barh(labels, values, color=["#c0392b" if r["suspect"] else "#2e86c1" for r in layers])
+    ax.axvline(IDEAL, color="grey", ls="--", lw=1, label=f"rounding only ({IDEAL:.2f})")
+    ax.axvline(SUSPECT, color="#c0392b", ls=":", lw=1, label=f"suspect (> {SUSPECT})")
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("RMSE / quantization step of the op's output (int8)")
+    ax.set_title("Per-layer int8 error (QuantizationDebugger, validation images)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def analyze_run(run_dir: Path, log=print) -> dict:
+    """`pipeline analyze RUN_DIR`: the per-layer table of a finished run's int8 model, into its report."""
+    import keras
+
+    from pipeline.config import BuildConfig
+    from pipeline.data import load_dataset
+
+    run_dir = Path(run_dir)
+    cfg = BuildConfig.from_dict({**json.loads((run_dir / "manifest.json").read_text())["config"],
+                                 "out": str(run_dir), "analyze": True, "fallback": "none", "qat": False})
+    data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction)
+    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    previous = json.loads((run_dir / ANALYSIS).read_text()) if (run_dir / ANALYSIS).is_file() else {}
+    guard(run_dir, cfg, data, model, {}, {}, log=log)
+    analysis = json.loads((run_dir / ANALYSIS).read_text())
+    if previous.get("guard"):  # keep what the build's guard decided, and mark its float layers
+        analysis["guard"] = previous["guard"]
+        for row in analysis["layers"]:
+            row["float_in"] = next((r["float_in"] for r in previous.get("layers") or [] if r["index"] == row["index"]), [])
+        _write(run_dir, analysis)
+    worst = max(analysis["layers"], key=lambda r: r["rmse_over_scale"])
+    log(f"analyze: {len(analysis['layers'])} quantized ops, {sum(r['suspect'] for r in analysis['layers'])} suspect "
+        f"(RMSE/scale > {SUSPECT}); worst {worst['layer']} ({worst['op']}) at {worst['rmse_over_scale']:.2f}")
+    if (run_dir / "report.md").is_file():
+        from pipeline import report
+
+        report.render(run_dir, log=log)
+    update_manifest(run_dir)
+    return analysis

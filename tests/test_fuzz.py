@@ -34,7 +34,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-RUNNER = REPO / "device" / "runner.py"
+# EDGEPIPE_FUZZ_RUNNER points the fuzz at another copy of the runner (say, the previous release's).
+RUNNER = Path(os.environ.get("EDGEPIPE_FUZZ_RUNNER", REPO / "device" / "runner.py"))
 
 N_IMAGES = int(os.environ.get("EDGEPIPE_FUZZ_IMAGES", 500))
 N_MODELS = int(os.environ.get("EDGEPIPE_FUZZ_MODELS", 300))
@@ -247,6 +248,19 @@ def tiff_fields(data: bytes) -> list[tuple[int, int, str]]:
     return fields
 
 
+def crafted_images(seeds: dict[str, bytes]) -> list[tuple[str, bytes]]:
+    """Every IFD entry of an uncompressed TIFF retyped (ASCII, RATIONAL, UNDEFINED, SRATIONAL, FLOAT):
+    a tag whose value is suddenly text or a fraction is where Pillow's decoders are weakest."""
+    data = seeds["tiff-raw"]
+    out = []
+    ifd = int.from_bytes(data[4:8], "little")
+    for k in range(int.from_bytes(data[ifd:ifd + 2], "little")):
+        entry = ifd + 2 + 12 * k
+        for tag_type in (2, 5, 7, 10, 11):
+            out.append((f"tifftype{k}-{tag_type}", data[:entry + 2] + tag_type.to_bytes(2, "little") + data[entry + 4:]))
+    return out
+
+
 FIELD_FINDERS = {"png": png_fields, "jpeg": jpeg_fields, "gif": gif_fields, "bmp": bmp_fields, "tiff": tiff_fields}
 
 
@@ -279,6 +293,7 @@ class FlatModel:
         self.b = data
         self.fields: list[tuple[int, int, bool, str]] = []
         self.floats: list[int] = []
+        self.counts = {"tensors": 0, "opcodes": 0, "buffers": 0}
         root = self.u32(0)
         self.add(0, 4, "offset")
         self.model(root)
@@ -342,14 +357,18 @@ class FlatModel:
 
     def model(self, m: int) -> None:
         self.vtable(m)
-        for code in self.tables(m, 1):  # operator_codes
+        codes = self.tables(m, 1)
+        self.counts["opcodes"] = len(codes)
+        for code in codes:  # operator_codes
             self.vtable(code)
             self.scalar(code, 0, 1, "opcode", True)
-            self.scalar(code, 2, 4, "opcode", True)
+            self.scalar(code, 2, 4, "opcode_version", True)
             self.scalar(code, 3, 4, "opcode", True)
         for sg in self.tables(m, 2):  # subgraphs
             self.vtable(sg)
-            for t in self.tables(sg, 0):  # tensors
+            tensors = self.tables(sg, 0)
+            self.counts["tensors"] = max(self.counts["tensors"], len(tensors))
+            for t in tensors:
                 self.vtable(t)
                 self.vector(t, 0, kind="shape")
                 self.scalar(t, 1, 1, "type")
@@ -362,13 +381,13 @@ class FlatModel:
                     self.vector(q, 3, elem=8, kind="zero_point")
                     self.scalar(q, 6, 4, "quantized_dim", True)
                 self.vector(t, 7, kind="shape")  # shape_signature
-            self.vector(sg, 1)  # inputs
-            self.vector(sg, 2)  # outputs
+            self.vector(sg, 1, kind="graph_io")  # inputs
+            self.vector(sg, 2, kind="graph_io")  # outputs
             for op in self.tables(sg, 3):  # operators
                 self.vtable(op)
                 self.scalar(op, 0, 4, "opcode_index")
-                self.vector(op, 1)
-                self.vector(op, 2)
+                self.vector(op, 1, kind="op_tensor")
+                self.vector(op, 2, kind="op_tensor")
                 self.scalar(op, 3, 1, "options_type")
                 opts = self.ref(op, 4)
                 if opts is not None:
@@ -376,7 +395,9 @@ class FlatModel:
                     vt = opts - struct.unpack_from("<i", self.b, opts)[0]
                     for i in range((struct.unpack_from("<H", self.b, vt)[0] - 4) // 2):
                         self.scalar(opts, i, 1, "option")
-        for buf in self.tables(m, 4):  # buffers
+        buffers = self.tables(m, 4)
+        self.counts["buffers"] = len(buffers)
+        for buf in buffers:
             self.vtable(buf)
             vec = self.ref(buf, 0)
             if vec is not None:
@@ -385,26 +406,64 @@ class FlatModel:
             self.scalar(buf, 2, 8, "buffer_size")
 
 
+def crafted_models(seed: bytes, fm: FlatModel) -> list[tuple[str, bytes]]:
+    """Structurally valid models that lie: every operator tensor made 'optional' (-1), every operator
+    pointed at each other operator code. The flatbuffer verifier accepts all of them."""
+    out = []
+    for pos, width, signed, kind in fm.fields:
+        old = int.from_bytes(seed[pos:pos + width], "little", signed=signed)
+        if kind == "op_tensor" and old != -1:
+            out.append((f"optional@{pos}", seed[:pos] + (-1).to_bytes(width, "little", signed=True) + seed[pos + width:]))
+        if kind == "opcode_index":
+            out += [(f"opswap@{pos}-{v}", seed[:pos] + v.to_bytes(width, "little") + seed[pos + width:])
+                    for v in range(fm.counts["opcodes"]) if v != old]
+    return out
+
+
 FLOATS = (0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e38, 1e-38, -1.0, 1e-45)
 
 
+def plausible(kind: str, fm: FlatModel, rng: random.Random) -> int:
+    """A value the flatbuffer verifier accepts but the model did not have: another tensor, op or type."""
+    if kind in ("op_tensor", "graph_io"):
+        return rng.randrange(-1, fm.counts["tensors"])  # -1 marks an optional input
+    if kind == "opcode_index":
+        return rng.randrange(fm.counts["opcodes"])
+    if kind == "opcode":
+        return rng.randrange(0, 128)  # builtin operator codes
+    if kind == "buffer":
+        return rng.randrange(fm.counts["buffers"])
+    if kind == "type":
+        return rng.randrange(0, 18)  # TensorType
+    return rng.choice((-1, 0, 1, 2, 3, rng.randrange(1, 65)))  # shape
+
+
 def mutate_model(data: bytes, fm: FlatModel, rng: random.Random) -> tuple[str, bytes]:
-    kind = rng.choices(["field", "fields", "scale", "flip", "truncate", "shift", "splice"],
-                       [40, 15, 5, 15, 12, 8, 5])[0]
+    """One mutation of the seed model; the label names what kind."""
+    kind = rng.choices(["semantic", "field", "fields", "scale", "flip", "truncate", "shift", "splice"],
+                       [35, 25, 10, 5, 8, 8, 5, 4])[0]
+    if kind == "semantic":
+        # Structurally valid: only indices, op codes, types and shapes change, to values that exist.
+        target = rng.choice(("op_tensor", "graph_io", "opcode_index", "opcode", "buffer", "type", "shape"))
+        pos, width, signed, _ = rng.choice([f for f in fm.fields if f[3] == target])
+        value = plausible(target, fm, rng)
+        if not signed:
+            value &= (1 << (8 * width)) - 1
+        return f"semantic-{target}", data[:pos] + value.to_bytes(width, "little", signed=signed) + data[pos + width:]
     if kind in ("field", "fields"):
         kinds = sorted({f[3] for f in fm.fields})
         for _ in range(1 if kind == "field" else rng.randint(2, 4)):
             target = rng.choice(kinds)  # every kind of field equally often, however many there are
-            pos, width, _, fkind = rng.choice([f for f in fm.fields if f[3] == target])
+            pos, width, _, _ = rng.choice([f for f in fm.fields if f[3] == target])
             data = set_field(data, pos, width, "little", rng)
         return f"{kind}-{target}" if kind == "field" else kind, data
-    if kind == "scale" and fm.floats:
+    if kind == "scale":
         pos = rng.choice(fm.floats)
         return kind, data[:pos] + struct.pack("<f", rng.choice(FLOATS)) + data[pos + 4:]
     if kind == "truncate":
-        # keep the header, so most truncations reach the interpreter instead of the size check
+        # mostly past the header, so the cut reaches the interpreter instead of the size check
         return kind, data[:rng.randrange(24, len(data))] if rng.random() < 0.8 else truncate(data, rng)
-    return kind, {"flip": flip, "shift": shift, "splice": splice, "scale": flip}[kind](data, rng)
+    return kind, {"flip": flip, "shift": shift, "splice": splice}[kind](data, rng)
 
 
 # ---------------------------------------------------------------- the tests
@@ -438,6 +497,9 @@ def test_fuzz_images(digits_run, tmp_path):
     for name, data in seeds.items():
         (work / f"seed-{name}").write_bytes(data)
         jobs.append((f"seed:{name}", ["classify", "--model", str(digits_run / "model_int8.tflite"), f"seed-{name}"]))
+    for label, data in crafted_images(seeds):
+        (work / label).write_bytes(data)
+        jobs.append((f"crafted:{label}", ["classify", "--model", str(digits_run / "model_int8.tflite"), label]))
     names = sorted(seeds)
     for i in range(N_IMAGES):
         name = names[i % len(names)]
@@ -471,6 +533,11 @@ def test_fuzz_models(digits_run, tmp_path):
     (work / "seed.tflite").write_bytes(seed)
     jobs = [("seed:seed.tflite", ["classify", "--model", "seed.tflite", "digit.png"]),
             ("seed:seed.tflite", ["info", "--model", "seed.tflite"])]
+    for i, (label, data) in enumerate(crafted_models(seed, fm)):
+        path = work / f"{label}.tflite"
+        path.write_bytes(data)
+        args = ["info", "--model", path.name] if i % 3 == 2 else ["classify", "--model", path.name, "digit.png"]
+        jobs.append((f"crafted:{path.name}", args))
     for i in range(N_MODELS):
         mutation, data = mutate_model(seed, fm, rng)
         path = work / f"{i:04d}-{mutation}.tflite"
