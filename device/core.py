@@ -436,6 +436,9 @@ def verify_folder(folder: Path) -> list[str]:
             differs = [k for k in ("shape", "dtype", "scale", "zero_point") if k in want and want[k] != got[k]]
             if differs:
                 problems.append(f"{name}: {side} tensor {', '.join(differs)} differ from the metadata")
+    for extra in sorted(folder.glob("*.tflite")):
+        if extra.name not in models:
+            problems.append(f"{extra.name}: not listed in {METADATA_NAME}, so nothing vouches for it")
     return problems
 
 

@@ -171,11 +171,12 @@ def equalize(model, images: np.ndarray, sweeps: int = 50):
         outs = probe.predict(images, batch_size=256, verbose=0)
         for p, out in zip(clipped, outs if len(clipped) > 1 else [outs]):
             maxima[id(p)] = out.reshape(-1, out.shape[-1]).max(axis=0).astype(np.float64)
-    held = sum(int((m >= p["clip"] * (1 - 1e-6)).sum()) for p in clipped for m in [maxima[id(p)]])
+    # Channels that reach the ReLU6 clip on `images`: they keep s = 1.
+    held = sum(int((maxima[id(p)] >= p["clip"] * (1 - 1e-6)).sum()) for p in clipped)
     for sweep in range(1, sweeps + 1):
         worst = 0.0
         for p in pairs:
-            r_a, r_b = _out_range(p["a"], p["a_bn"]), _in_range(p["b"], p["b_bn"], len(_out_range(p["a"], None)))
+            r_a, r_b = _out_range(p["a"], p["a_bn"]), _in_range(p["b"], p["b_bn"], p["channels"])
             s = np.sqrt(np.where((r_a > 0) & (r_b > 0), r_a / np.where(r_b > 0, r_b, 1), 1.0))
             if id(p) in maxima:
                 m = maxima[id(p)]
@@ -197,7 +198,7 @@ def _pairs(model) -> list[dict]:
                    L.Dropout, L.ZeroPadding2D)
     seq, pairs = model.layers, []
     for i, a in enumerate(seq):
-        if not isinstance(a, weighted) or _depth_multiplier(a) != 1:
+        if not isinstance(a, weighted) or getattr(a, "depth_multiplier", 1) != 1:
             continue
         act = a.get_config().get("activation", "linear")
         clip, clip_at, bn, flat = _CLIP.get(act), a, None, False
@@ -209,8 +210,9 @@ def _pairs(model) -> list[dict]:
                 b_in = layer.kernel.shape[0] if isinstance(layer, L.Dense) else layer.kernel.shape[2]
                 if b_in == channels or (flat and isinstance(layer, L.Dense) and b_in % channels == 0):
                     after = seq[seq.index(layer) + 1] if layer is not seq[-1] else None
-                    pairs.append({"a": a, "a_bn": bn, "b": layer, "clip": clip, "clip_at": clip_at,
-                                  "b_bn": after if isinstance(after, L.BatchNormalization) else None})
+                    b_bn = after if isinstance(after, L.BatchNormalization) else None
+                    pairs.append({"a": a, "a_bn": bn, "b": layer, "b_bn": b_bn, "channels": channels,
+                                  "clip": clip, "clip_at": clip_at})
                 break
             if isinstance(layer, L.BatchNormalization) and layer is seq[i + 1] and act == "linear":
                 bn = layer
@@ -233,10 +235,6 @@ def _layer_clip(layer) -> float | None:
     if cfg.get("negative_slope", 0) or cfg.get("threshold", 0):
         return None
     return np.inf if cfg.get("max_value") is None else float(cfg["max_value"])
-
-
-def _depth_multiplier(layer) -> int:
-    return getattr(layer, "depth_multiplier", 1)
 
 
 def _bn_gain(bn) -> np.ndarray:
@@ -301,15 +299,17 @@ def search_float_ops(q: Quantizer, judge: Judge, target: float) -> dict:
     acc = start = judge(flatbuffer)
     rounds = []
     while acc < target:
-        tried = [(judge(fb), -len(fb), g, fb) for g in ranked if not g <= float_ops
-                 for fb in [q.flatbuffer(float_ops | g)]]
+        tried = []  # (accuracy, -bytes, group, flatbuffer): most accurate first, then smallest
+        for g in ranked:
+            if not g <= float_ops:
+                fb = q.flatbuffer(float_ops | g)
+                tried.append((judge(fb), -len(fb), g, fb))
         if not tried or max(tried, key=lambda t: t[:2])[0] <= acc:
             break  # nothing measured helps: more float layers would only cost size
         best, _, g, flatbuffer = max(tried, key=lambda t: t[:2])
+        measured = sorted(({"group": groups[c], "accuracy": a} for a, _, c, _ in tried), key=lambda m: -m["accuracy"])
         rounds.append({"round": len(rounds) + 1, "candidates": len(tried), "chosen": groups[g],
-                       "accuracy_before": acc, "accuracy_after": best,
-                       "measured": sorted(({"group": groups[c], "accuracy": a} for a, _, c, _ in tried),
-                                          key=lambda m: -m["accuracy"])[:5]})
+                       "accuracy_before": acc, "accuracy_after": best, "measured": measured})
         for i in g - float_ops:
             why[i] = (f"round {len(rounds)}: leaving {groups[g]} float raised validation accuracy "
                       f"{acc:.2%} -> {best:.2%}")
@@ -337,8 +337,20 @@ def guard(run_dir: Path, cfg, data, model, meta: dict, evaluation: dict, log=pri
     Every decision is measured on the validation split; `evaluation` (test split) is not used.
     Writes analysis.json (and analysis_layers.png) into run_dir, plus model_<variant>.tflite for the
     delivered remedy (and int8-qat when --qat asks for it); returns the variants written.
+    `remedies` lets tests skip one.
     """
-    t_start, run_dir, pre = time.perf_counter(), Path(run_dir), data.spec.to_dict()
+    run_dir = Path(run_dir)
+    analysis, written = _examine(run_dir, cfg, data, model, log, remedies)
+    for variant, flatbuffer in written.items():
+        atomic_write(run_dir / f"model_{variant}.tflite", flatbuffer)
+    _mark_float(analysis)
+    _write(run_dir, analysis)
+    return list(written)
+
+
+def _examine(run_dir: Path, cfg, data, model, log, remedies) -> tuple[dict, dict[str, bytes]]:
+    """Measure, analyse, repair if needed: (analysis, {variant: flatbuffer to write})."""
+    t_start, pre = time.perf_counter(), data.spec.to_dict()
     calibration = calibration_images(data, cfg.calibration_samples, cfg.seed)
     x_val, y_val = data.x_val[:DECISION_IMAGES], data.y_val[:DECISION_IMAGES]
     with tempfile.TemporaryDirectory() as tmp:
@@ -358,23 +370,25 @@ def guard(run_dir: Path, cfg, data, model, meta: dict, evaluation: dict, log=pri
         debug = normalize(x_val[:DEBUG_IMAGES], pre)
         quantizer = Quantizer(model, cfg, calibration, debug) if cfg.analyze or needed else None
         analysis["layers"] = quantizer and quantizer.layers
-        written = {}
+        written: dict[str, bytes] = {}
         if needed or cfg.qat:
             log(f"guard: int8 loses {100 * (fp32 - int8):.2f} pp on {len(y_val)} validation images"
                 + (f", over the {budget} pp budget: repairing" if needed else ""))
             repair = _Repair(cfg, data, calibration, debug, judge, fp32, int8_fb, target, Path(tmp), log)
-            tried = repair.run(model, quantizer, remedies if needed else ("qat",))
+            tried = repair.run(model, quantizer, int8, remedies if needed else ("qat",))
             analysis["guard"] = _verdict(budget, needed, tried, int8 >= target, time.perf_counter() - t_start)
-            for variant in analysis["guard"]["written"]:
-                written[variant] = repair.flatbuffers[variant]
+            written = {v: repair.flatbuffers[v] for v in analysis["guard"]["written"]}
             log(f"guard: {analysis['guard']['summary']}")
-    for variant, flatbuffer in written.items():
-        atomic_write(run_dir / f"model_{variant}.tflite", flatbuffer)
+    return analysis, written
+
+
+def _mark_float(analysis: dict) -> None:
+    """Each layer row names the written variants that keep it float."""
+    guard = analysis["guard"] or {"remedies": [], "written": []}
+    floats = {r["variant"]: {f["index"] for f in r.get("float_layers", [])}
+              for r in guard["remedies"] if r["variant"] in guard["written"]}
     for row in analysis["layers"] or []:
-        row["float_in"] = [r["variant"] for r in (analysis["guard"] or {}).get("remedies", [])
-                           if r["variant"] in written and row["index"] in {f["index"] for f in r.get("float_layers", [])}]
-    _write(run_dir, analysis)
-    return list(written)
+        row["float_in"] = [variant for variant, indices in floats.items() if row["index"] in indices]
 
 
 class _Repair:
@@ -385,25 +399,26 @@ class _Repair:
         self.fp32, self.int8_fb, self.target, self.workdir, self.log = fp32, int8_fb, target, workdir, log
         self.flatbuffers: dict[str, bytes] = {}
 
-    def run(self, model, quantizer, remedies) -> list[dict]:
+    def run(self, model, quantizer, int8: float, remedies) -> list[dict]:
         # Each remedy starts from the best float model so far: equalization keeps the float function,
         # so the search and QAT build on it when it helped.
-        best = {"model": model, "base": "int8", "accuracy": self.judge(self.int8_fb), "quantizer": quantizer}
+        best = {"model": model, "base": "int8", "accuracy": int8, "quantizer": quantizer}
         tried = []
         for name in remedies:
-            if name == "qat" and best["accuracy"] >= self.target and not self.cfg.qat:
-                break
-            if name != "qat" and best["accuracy"] >= self.target:
-                continue
+            if best["accuracy"] >= self.target and not (name == "qat" and self.cfg.qat):
+                continue  # within budget: only an explicit --qat still runs
             t0 = time.perf_counter()
             record, flatbuffer, float_model = getattr(self, name)(best)
             record = {"name": name, "variant": f"int8-{name}", "base": best["base"], **record,
                       "seconds": time.perf_counter() - t0}
-            if flatbuffer is not None:
+            if flatbuffer is None:
+                self.log(f"guard: {name}: {record['status']} ({record['reason']})")
+            else:
                 self._measure(record, flatbuffer)
                 if record["accuracy"] > best["accuracy"]:
-                    best = {"model": float_model or best["model"], "base": record["variant"] if float_model else best["base"],
-                            "accuracy": record["accuracy"], "quantizer": None if float_model else best["quantizer"]}
+                    best["accuracy"] = record["accuracy"]
+                    if float_model is not None:  # equalized weights: later remedies start from them
+                        best.update(model=float_model, base=record["variant"], quantizer=None)
             tried.append(record)
         return tried
 
@@ -413,7 +428,7 @@ class _Repair:
         record.update(accuracy=acc, drop_pp=100 * (self.fp32 - acc), bytes=len(flatbuffer),
                       bytes_vs_int8=len(flatbuffer) / len(self.int8_fb),
                       status="within_budget" if acc >= self.target else "over_budget")
-        self.log(f"guard: {record['variant']}: {acc:.2%} on validation ({record['drop_pp']:+.2f} pp vs fp32), "
+        self.log(f"guard: {record['variant']}: {acc:.2%} on validation ({100 * (acc - self.fp32):+.2f} pp vs fp32), "
                  f"{len(flatbuffer):,} bytes, {record['seconds']:.1f} s")
 
     def cle(self, best):
@@ -479,16 +494,17 @@ def _plot(layers: list[dict]) -> bytes:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['layer']} ({r['op']})" + (" [float]" if r.get("float_in") else "") for r in layers]
-    values = [max(r["rmse_over_scale"], 1e-3) for r in layers]
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(layers) + 1.5))
-    ax.barh(labels, values, color=["#c0392b" if r["suspect"] else "#2e86c1" for r in layers])
+    values = [r["rmse_over_scale"] for r in layers]
+    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(layers) + 1.6))
+    bars = ax.barh(labels, values, color=["#c0392b" if r["suspect"] else "#2e86c1" for r in layers])
+    ax.bar_label(bars, fmt="%.2f", padding=3, fontsize=8)
     ax.axvline(IDEAL, color="grey", ls="--", lw=1, label=f"rounding only ({IDEAL:.2f})")
     ax.axvline(SUSPECT, color="#c0392b", ls=":", lw=1, label=f"suspect (> {SUSPECT})")
-    ax.set_xscale("log")
+    ax.set_xlim(0, max(values + [1.0]) * 1.15)
     ax.invert_yaxis()
-    ax.set_xlabel("RMSE / quantization step of the op's output (int8)")
-    ax.set_title("Per-layer int8 error (QuantizationDebugger, validation images)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("RMSE of the op's int8 output / its quantization step")
+    ax.set_title("int8 error per layer (QuantizationDebugger, validation images)", fontsize=10)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -508,14 +524,11 @@ def analyze_run(run_dir: Path, log=print) -> dict:
                                  "out": str(run_dir), "analyze": True, "fallback": "none", "qat": False})
     data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction)
     model = keras.models.load_model(run_dir / "model.keras", compile=False)
-    previous = json.loads((run_dir / ANALYSIS).read_text()) if (run_dir / ANALYSIS).is_file() else {}
-    guard(run_dir, cfg, data, model, {}, {}, log=log)
-    analysis = json.loads((run_dir / ANALYSIS).read_text())
-    if previous.get("guard"):  # keep what the build's guard decided, and mark its float layers
-        analysis["guard"] = previous["guard"]
-        for row in analysis["layers"]:
-            row["float_in"] = next((r["float_in"] for r in previous.get("layers") or [] if r["index"] == row["index"]), [])
-        _write(run_dir, analysis)
+    analysis, _ = _examine(run_dir, cfg, data, model, log, REMEDIES)
+    if (run_dir / ANALYSIS).is_file():  # keep what the build's guard decided
+        analysis["guard"] = json.loads((run_dir / ANALYSIS).read_text())["guard"]
+    _mark_float(analysis)
+    _write(run_dir, analysis)
     worst = max(analysis["layers"], key=lambda r: r["rmse_over_scale"])
     log(f"analyze: {len(analysis['layers'])} quantized ops, {sum(r['suspect'] for r in analysis['layers'])} suspect "
         f"(RMSE/scale > {SUSPECT}); worst {worst['layer']} ({worst['op']}) at {worst['rmse_over_scale']:.2f}")

@@ -161,13 +161,22 @@ class RunDir:
         """Write the manifest (hashes of every file) and move the run into place."""
         manifest["files"] = file_table(self.staging)
         self.write_json(MANIFEST, manifest)
-        for hidden in (PROGRESS, LOCK):
-            self.path(hidden).unlink(missing_ok=True)
+        # Hidden files are bookkeeping (progress, lock) or the temporaries of writes an interrupted
+        # attempt never finished: none belongs in the finished run, and none is in the manifest. The
+        # lock goes last, once the run is in place, so no other build takes the folder meanwhile.
+        for hidden in sorted(self.staging.rglob(".*"), reverse=True):
+            if hidden == self.path(LOCK):
+                continue
+            if hidden.is_dir() and not hidden.is_symlink():
+                shutil.rmtree(hidden, ignore_errors=True)
+            else:
+                hidden.unlink(missing_ok=True)
         trash = None
         if self.final.exists():
             trash = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
             os.replace(self.final, trash)
         os.replace(self.staging, self.final)
+        (self.final / LOCK).unlink(missing_ok=True)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         return self.final

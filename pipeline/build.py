@@ -99,12 +99,13 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
 
         if "convert" in wanted:
             t0 = time.perf_counter()
-            if run.reusable("convert"):
+            converted = ["model.keras", *(f"model_{v}.tflite" for v in cfg.quantize)]
+            if _reuse(run, "convert", converted):  # the models of this very model.keras
                 reused.append("convert")
             else:
                 for v, (flatbuffer, _) in convert_stage.convert_all(model, cfg, data, log=log).items():
                     run.write(f"model_{v}.tflite", flatbuffer)
-                run.stage_done("convert", [f"model_{v}.tflite" for v in cfg.quantize])
+                run.stage_done("convert", converted)
             times["convert"] = time.perf_counter() - t0
 
             variants = list(cfg.quantize)
@@ -117,11 +118,16 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
             from pipeline.evaluate import evaluate_variants
 
             t0 = time.perf_counter()
-            evaluation, probs = evaluate_variants(run.staging, variants, data.x_test, data.y_test, meta,
-                                                  keras_model=model, log=log)
+            guarded = cfg.analyze or cfg.fallback == "auto" or cfg.qat
+            evaluated = ["model.keras", METADATA_NAME, *(f"model_{v}.tflite" for v in variants)]
+            if not guarded and _reuse(run, "evaluate", evaluated):
+                reused.append("evaluate")
+            else:
+                evaluation, probs = evaluate_variants(run.staging, variants, data.x_test, data.y_test, meta,
+                                                      keras_model=model, log=log)
             times["evaluate"] = time.perf_counter() - t0
 
-            if cfg.analyze or cfg.fallback == "auto" or cfg.qat:
+            if guarded:
                 from pipeline.analyze import guard
 
                 t0 = time.perf_counter()
@@ -135,17 +141,24 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
                     evaluation, probs = evaluate_variants(run.staging, variants, data.x_test, data.y_test, meta,
                                                           keras_model=model, log=log)
                 times["guard"] = time.perf_counter() - t0
-            run.write_json("evaluation.json", evaluation)
-            _save_predictions(run.path("predictions.npz"), probs, data.y_test)
+            if "evaluate" not in reused:
+                run.write_json("evaluation.json", evaluation)
+                _save_predictions(run.path("predictions.npz"), probs, data.y_test)
+                run.stage_done("evaluate", ["evaluation.json", "predictions.npz", *evaluated])
 
         if "benchmark" in wanted and cfg.benchmark:
             from pipeline.benchmark import benchmark_variants
 
             t0 = time.perf_counter()
-            bench = benchmark_variants(run.staging, variants, meta, threads_list=cfg.threads,
-                                       xnnpack=cfg.xnnpack, runs=cfg.bench_runs, warmup=cfg.bench_warmup,
-                                       macs=macs, cross_check_litert=cfg.cross_check, log=log)
-            run.write_json("benchmark.json", bench)
+            measured = [f"model_{v}.tflite" for v in variants]
+            if _reuse(run, "benchmark", measured):
+                reused.append("benchmark")
+            else:
+                bench = benchmark_variants(run.staging, variants, meta, threads_list=cfg.threads,
+                                           xnnpack=cfg.xnnpack, runs=cfg.bench_runs, warmup=cfg.bench_warmup,
+                                           macs=macs, cross_check_litert=cfg.cross_check, log=log)
+                run.write_json("benchmark.json", bench)
+                run.stage_done("benchmark", ["benchmark.json", *measured])
             times["benchmark"] = time.perf_counter() - t0
 
         manifest = {
@@ -170,8 +183,16 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
         raise
     if reused:
         log(f"reused from the interrupted build: {', '.join(reused)}")
+    elif run.resumed:
+        log("nothing from the interrupted build could be reused; every stage ran again")
     log(f"wrote {final}")
     return final
+
+
+def _reuse(run: RunDir, stage: str, inputs: list[str]) -> bool:
+    """A finished stage is reused only if its outputs and these inputs are still the files it saw."""
+    entry = run.reusable(stage)
+    return entry is not None and set(inputs) <= set(entry["files"])
 
 
 def _write_samples(folder: Path, data: Dataset, images: int = 8, labelled: int = 200) -> None:

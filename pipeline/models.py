@@ -20,7 +20,8 @@ def mnist_mlp(input_shape, classes):
     ], name="mnist_mlp")
 
 
-def mnist_cnn(input_shape, classes):
+def _conv_pool_net(input_shape, classes, dense: int, name: str):
+    """Conv32-Pool-Conv64-Pool-Flatten-Dense-Dense: the classic small CNN of the Keras examples."""
     from keras import Input, Sequential, layers
 
     return Sequential([
@@ -30,24 +31,17 @@ def mnist_cnn(input_shape, classes):
         layers.Conv2D(64, 3, activation="relu"),
         layers.MaxPooling2D(),
         layers.Flatten(),
-        layers.Dense(128, activation="relu"),
+        layers.Dense(dense, activation="relu"),
         layers.Dense(classes, activation="softmax"),
-    ], name="mnist_cnn")
+    ], name=name)
+
+
+def mnist_cnn(input_shape, classes):
+    return _conv_pool_net(input_shape, classes, 128, "mnist_cnn")
 
 
 def cifar_cnn(input_shape, classes):
-    from keras import Input, Sequential, layers
-
-    return Sequential([
-        Input(input_shape),
-        layers.Conv2D(32, 3, activation="relu"),
-        layers.MaxPooling2D(),
-        layers.Conv2D(64, 3, activation="relu"),
-        layers.MaxPooling2D(),
-        layers.Flatten(),
-        layers.Dense(64, activation="relu"),
-        layers.Dense(classes, activation="softmax"),
-    ], name="cifar_cnn")
+    return _conv_pool_net(input_shape, classes, 64, "cifar_cnn")
 
 
 def cifar_dscnn(input_shape, classes):
