@@ -164,7 +164,8 @@ def main():
 @click.option("--keras-model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Skip training and convert this .keras model (its input must fit the dataset).")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), metavar="PP",
-              help="After writing the report, exit non-zero if a variant lost more than PP percentage points.")
+              help="After writing the report, exit non-zero if a variant lost more than PP percentage points "
+                   "(with --fallback auto, the guard's repaired variant is judged instead of the one it replaced).")
 @click.option("--no-benchmark", is_flag=True, help="Skip the latency benchmark.")
 @click.option("--resume", metavar="NAME|DIR",
               help="Continue the interrupted build of run NAME (or run directory DIR) from its last finished "
@@ -313,8 +314,11 @@ def report(run_dir, device_results):
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Archive to write (default: RUN_DIR.tar.gz beside the run directory).")
-@click.option("--variants", callback=_split_variants, multiple=True, metavar="VARIANT[,VARIANT]",
-              help="Models to include (default: int8 and fp32); int8 is required.")
+@click.option("--variants", callback=lambda ctx, param, values: tuple(
+                  v.strip() for value in values for v in value.split(",") if v.strip()),
+              multiple=True, metavar="VARIANT[,VARIANT]",
+              help="Models to include, including guard variants such as int8-cle (default: int8 and fp32); "
+                   "int8 is required.")
 @handle_errors
 def bundle(run_dir, out, variants):
     """Pack a run into one .tar.gz for a Raspberry Pi: models, metadata, runner, samples, README."""

@@ -20,6 +20,7 @@ from pipeline.config import VARIANTS
 
 SCHEMA = 1
 DEVICE_DIR = "device_results"
+ANALYSIS_PLOT = "analysis_layers.png"
 # int8 moves a quarter of fp32's bytes and its kernels do 4x the MACs per instruction; once the
 # kernels dominate an invoke, int8 should take at most this fraction of fp32's time at one thread.
 INT8_EXPECTED_RATIO = 0.45
@@ -32,6 +33,8 @@ DEVICE_SOURCE = "the output of `runner.py bench --json` or `runner.py eval --jso
 PLOTS = {"accuracy_vs_latency.png": "Accuracy against p50 latency; marker area is the file size",
          "latency.png": "Latency distribution of every variant (raw timed samples)",
          "confusion_fp32_int8.png": "Confusion matrices of fp32 and int8 on the test split"}
+
+CAPTIONS = {**PLOTS, ANALYSIS_PLOT: "Per-layer RMSE/scale of the int8 model (0.29 is ideal rounding, above 0.7 suspect)"}
 
 
 class ReportError(Exception):
@@ -66,7 +69,8 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
     missing = [f"model_{v}.tflite" for v in evaluation["variants"] if not (run_dir / f"model_{v}.tflite").is_file()]
     if missing:
         raise ReportError(f"{run_dir}: {', '.join(missing)} missing, though evaluation.json lists them; rebuild it")
-    variants = [_variant(run_dir, v, evaluation, bench, threads) for v in VARIANTS if v in evaluation["variants"]]
+    names = [v for v in VARIANTS if v in evaluation["variants"]] + [v for v in evaluation["variants"] if v not in VARIANTS]
+    variants = [_variant(run_dir, v, evaluation, bench, threads) for v in names]
     report = {
         "schema": SCHEMA, "run": run_dir.name.removeprefix(".").removesuffix(".partial"),
         "model": manifest["config"]["model"], "dataset": manifest["config"]["dataset"],
@@ -76,6 +80,7 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
         "benchmark": {k: bench.get(k) for k in ("xnnpack", "runs", "warmup", "interleaved", "macs_per_inference")}
         if bench else None,
         "devices": _merge_devices(device_results or [], variants),
+        "analysis": _analysis(run_dir),
     }
     report["notes"] = _notes(report, bench)
     return report
@@ -99,6 +104,42 @@ def _variant(run_dir: Path, v: str, evaluation: dict, bench: dict | None, thread
         entry.update({k: at[k] for k in ("p50_ms", "p90_ms", "p99_ms", "speedup", "gmac_per_s")})
         entry["memory"] = bench["variants"][v].get("fresh_process")
     return entry
+
+
+# ---------------------------------------------------------------- accuracy guard (analysis.json)
+
+def _analysis(run_dir: Path) -> dict | None:
+    """The per-layer table and the guard's decisions, as `pipeline analyze` / the guard wrote them."""
+    path = run_dir / "analysis.json"
+    if not path.is_file():
+        return None
+    a = _read_json(path, "the analysis written by `pipeline analyze`")
+    return {"layers": a.get("layers"), "guard": a.get("guard"), "validation": a.get("validation")}
+
+
+def _analysis_md(analysis: dict | None) -> list[str]:
+    if not analysis:
+        return []
+    out = []
+    if analysis.get("guard"):
+        g = analysis["guard"]
+        out += ["", "## Accuracy guard", "", f"Budget {g['max_accuracy_drop_pp']} pp, decided on the "
+                f"{g['split']} split in {g['seconds']:.1f} s: {g['summary']}.", ""]
+        for r in g.get("remedies", []):
+            line = f"- {r['name']} -> {r.get('variant') or '-'}: {r['status']}"
+            if r.get("accuracy") is not None:
+                line += f", validation accuracy {_pct(r['accuracy'])} ({-r['drop_pp']:+.2f} pp), {r['bytes']:,} bytes"
+            if r.get("reason"):
+                line += f"; {r['reason']}"
+            out.append(line)
+            out += [f"  - kept float: {f['layer']} ({f['op']}): {f['why']}" for f in r.get("float_layers", [])]
+    if analysis.get("layers"):
+        out += ["", "## Per-layer quantization error (int8)", "",
+                "RMSE/scale about 0.29 is ideal rounding; above 0.7 a layer is suspect.", "",
+                "| layer | op | scale | RMSE/scale | range | MSE | suspect |", "|---|---|---:|---:|---:|---:|---|"]
+        out += [f"| {r['layer']} | {r['op']} | {r['scale']:.3g} | {r['rmse_over_scale']:.3f} | {r['range']:.3g} | "
+                f"{r['mse']:.3g} | {'yes' if r['suspect'] else ''} |" for r in analysis["layers"]]
+    return out
 
 
 # ---------------------------------------------------------------- device results
@@ -351,7 +392,8 @@ def _markdown(report: dict) -> str:
            "| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|",
            *["| " + " | ".join(r) + " |" for r in rows], "", "## Notes", ""]
     out += [f"- {n['text']}" for n in report["notes"]] or ["- none"]
-    out += ["", "## Plots", ""] + [f"![{PLOTS[p]}]({p})" for p in report["plots"]]
+    out += _analysis_md(report.get("analysis"))
+    out += ["", "## Plots", ""] + [f"![{CAPTIONS.get(p, p)}]({p})" for p in report["plots"]]
     return "\n".join(out) + "\n"
 
 
@@ -360,9 +402,11 @@ def _html(report: dict, pngs: dict[str, bytes]) -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
     notes = "".join(f"<li>{esc(n['text'])}</li>" for n in report["notes"]) or "<li>none</li>"
-    figures = "".join(f'<figure><img alt="{esc(PLOTS[name])}" src="data:image/png;base64,'
-                      f'{base64.b64encode(png).decode()}"><figcaption>{esc(PLOTS[name])}</figcaption></figure>'
+    figures = "".join(f'<figure><img alt="{esc(CAPTIONS.get(name, name))}" src="data:image/png;base64,'
+                      f'{base64.b64encode(png).decode()}"><figcaption>{esc(CAPTIONS.get(name, name))}</figcaption></figure>'
                       for name, png in pngs.items())
+    section = _analysis_md(report.get("analysis"))
+    analysis = f"<h2>Accuracy guard and per-layer error</h2><pre>{esc(chr(10).join(section).strip())}</pre>\n" if section else ""
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>edgepipe report: "
             f"{esc(report['run'])}</title><style>body{{font-family:sans-serif;max-width:75em;margin:2em auto}}"
             "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
@@ -370,7 +414,7 @@ def _html(report: dict, pngs: dict[str, bytes]) -> str:
             f"<h1>edgepipe report: {esc(report['run'])}</h1>\n"
             + "".join(f"<p>{esc(s)}</p>" for s in _context(report))
             + f"\n<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n"
-            f"<h2>Notes</h2><ul>{notes}</ul>\n<h2>Plots</h2>{figures}\n</body></html>\n")
+            f"<h2>Notes</h2><ul>{notes}</ul>\n{analysis}<h2>Plots</h2>{figures}\n</body></html>\n")
 
 
 # ---------------------------------------------------------------- entry points
@@ -407,6 +451,8 @@ def render(run_dir: Path, device_results: list[Path] | None = None, log=print) -
             atomic_write(run_dir / name, pngs[name])
         else:
             (run_dir / name).unlink(missing_ok=True)
+    if report["analysis"] and (run_dir / ANALYSIS_PLOT).is_file():  # drawn by pipeline analyze
+        pngs[ANALYSIS_PLOT] = (run_dir / ANALYSIS_PLOT).read_bytes()
     report["plots"] = list(pngs)
     for name, path in new:  # merged results stay with the run, so later renders keep the device columns
         (run_dir / DEVICE_DIR).mkdir(exist_ok=True)

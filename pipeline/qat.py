@@ -1,0 +1,126 @@
+"""Quantization-aware fine-tuning (QAT) with tensorflow-model-optimization, in its own process.
+
+tfmot 0.8.1 rejects Keras 3 models and needs legacy Keras (`tf_keras`), which TensorFlow only uses
+when TF_USE_LEGACY_KERAS=1 is set before it is first imported: hence a child process
+(`python -m pipeline.qat WORKDIR`). Loading the Keras 3 `.keras` file into tf_keras fails, so the
+parent sends each layer's class and config and the weights; the child rebuilds the same Sequential
+model in tf_keras, copies the weights with set_weights, fine-tunes with fake quantization and
+converts to int8 with the int8 preset's settings.
+
+For a fair comparison the parent also fine-tunes the float model with the same budget (epochs,
+images, batch size, learning rate) and quantizes it post-training: QAT must beat that, not only
+the original int8.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+EPOCHS = 1
+LEARNING_RATE = 1e-4  # fine-tuning: small steps from the trained weights
+TIMEOUT_S = 900
+
+
+def available() -> str | None:
+    """None if QAT can run here, else what to install."""
+    missing = [m for m in ("tensorflow_model_optimization", "tf_keras") if importlib.util.find_spec(m) is None]
+    return None if not missing else "pip install tensorflow-model-optimization==0.8.1 'tf_keras~=2.21'"
+
+
+def fine_tune(model, cfg, data, calibration: np.ndarray, judge, workdir: Path, log=print):
+    """Returns (record, int8 flatbuffer or None); `judge` measures validation accuracy.
+
+    The caller times the whole remedy; `qat_seconds` is the child process alone (start-up included).
+    """
+    import keras
+
+    from device.core import normalize
+    from pipeline.convert import convert
+
+    budget = {"epochs": EPOCHS, "images": len(data.x_train), "batch_size": cfg.batch_size,
+              "learning_rate": LEARNING_RATE}
+    record = {"budget": budget}
+    missing = available()
+    if missing or not isinstance(model, keras.Sequential):
+        record.update(status="unavailable" if missing else "not_applicable",
+                      reason=f"needs {missing}" if missing else "QAT rebuilds Sequential models only")
+        return record, None
+    t0 = time.perf_counter()
+    pre = data.spec.to_dict()
+    spec = {"input_shape": list(model.inputs[0].shape[1:]), "scale": pre["scale"], "offset": pre["offset"],
+            "layers": [{"class_name": type(layer).__name__, "config": layer.get_config()} for layer in model.layers],
+            "int8_io": cfg.int8_io, "seed": cfg.seed, **budget}
+    weights = model.get_weights()
+    (workdir / "qat.json").write_text(json.dumps(spec))
+    np.savez(workdir / "qat.npz", x=data.x_train, y=data.y_train, calibration=calibration,
+             **{f"w{i}": w for i, w in enumerate(weights)})
+    log(f"guard: quantization-aware fine-tuning, {EPOCHS} epoch(s) on {len(data.x_train)} images (tf_keras process)")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.qat", str(workdir)], capture_output=True, text=True,
+                          env={**os.environ, "TF_USE_LEGACY_KERAS": "1"}, timeout=TIMEOUT_S,
+                          cwd=Path(__file__).resolve().parent.parent)
+    if proc.returncode != 0:
+        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
+        record.update(status="failed", reason=f"QAT process exited {proc.returncode}: {tail[0]}")
+        return record, None
+    flatbuffer = (workdir / "qat.tflite").read_bytes()
+    record["qat_seconds"] = time.perf_counter() - t0
+
+    # The same extra training without fake quantization, then post-training int8: the fair baseline.
+    t0 = time.perf_counter()
+    keras.utils.set_random_seed(cfg.seed)
+    tuned = keras.models.clone_model(model)
+    tuned.set_weights(weights)
+    tuned.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss="sparse_categorical_crossentropy")
+    tuned.fit(normalize(data.x_train, pre), data.y_train, epochs=EPOCHS, batch_size=cfg.batch_size, verbose=0)
+    record["ptq_same_budget"] = {"accuracy": judge(convert(tuned, "int8", cfg, calibration)),
+                                 "seconds": time.perf_counter() - t0}
+    return record, flatbuffer
+
+
+def _child(workdir: Path) -> None:
+    """Runs with TF_USE_LEGACY_KERAS=1: rebuild in tf_keras, fine-tune with fake quantization, convert."""
+    import inspect
+    from types import SimpleNamespace
+
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+
+    spec = json.loads((workdir / "qat.json").read_text())
+    arrays = np.load(workdir / "qat.npz")
+
+    def rebuild(entry):
+        # Keras 3 configs nest dtype policies and initializers as dicts that tf_keras does not read;
+        # they do not matter here because every weight is copied afterwards.
+        cls = getattr(tf_keras.layers, entry["class_name"])
+        accepted = inspect.signature(cls.__init__).parameters
+        return cls(**{k: v for k, v in entry["config"].items() if k in accepted and not isinstance(v, dict)})
+
+    tf_keras.utils.set_random_seed(spec["seed"])
+    model = tf_keras.Sequential([tf_keras.Input(spec["input_shape"])] + [rebuild(e) for e in spec["layers"]])
+    model.set_weights([arrays[f"w{i}"] for i in range(len(model.get_weights()))])
+    qat = tfmot.quantization.keras.quantize_model(model)
+    qat.compile(optimizer=tf_keras.optimizers.Adam(spec["learning_rate"]), loss="sparse_categorical_crossentropy")
+    x = arrays["x"].astype(np.float32) * np.float32(spec["scale"]) + np.float32(spec["offset"])
+    qat.fit(x, arrays["y"], epochs=spec["epochs"], batch_size=spec["batch_size"], verbose=0)
+
+    from pipeline.convert import PRESETS
+
+    calibration = arrays["calibration"]
+    converter = tf.lite.TFLiteConverter.from_keras_model(qat)
+    PRESETS["int8"](converter, tf, lambda: ([calibration[i:i + 1]] for i in range(len(calibration))),
+                    SimpleNamespace(int8_io=spec["int8_io"]))
+    (workdir / "qat.tflite").write_bytes(converter.convert())
+
+
+if __name__ == "__main__":
+    if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+        sys.exit("run through pipeline.qat.fine_tune: TF_USE_LEGACY_KERAS=1 must be set before TensorFlow loads")
+    _child(Path(sys.argv[1]))

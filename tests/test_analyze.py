@@ -1,0 +1,261 @@
+"""The accuracy guard on models that post-training int8 demonstrably breaks, on the real MNIST subset.
+
+The breakers keep the float function exactly and ruin int8:
+  rescaled: the two strongest output channels of the first Dense scaled by 300, the matching input
+            rows of the last Dense by 1/300 (the issue's case); equalization undoes it, and the
+            float-layer search must keep both Dense layers float: the damage sits in the tensor
+            between them;
+  shifted:  +1000 on every logit before the softmax; equalization cannot undo a shift, the search
+            must keep the last Dense and the softmax float.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from device.core import normalize
+from pipeline.artifacts import sha256_file
+from pipeline.config import BuildConfig
+
+PP = 2.0  # the accuracy budget of these tests, in percentage points
+
+
+@pytest.fixture(scope="module")
+def data(mnist_dir):
+    from pipeline.data import load_dataset
+
+    return load_dataset("mnist", mnist_dir, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    """mnist-cnn's shape at a quarter of the width, one epoch: about 90% in a few seconds."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((28, 28, 1)),
+        layers.Conv2D(8, 3, activation="relu"), layers.MaxPooling2D(),
+        layers.Conv2D(16, 3, activation="relu"), layers.MaxPooling2D(),
+        layers.Flatten(), layers.Dense(32, activation="relu"), layers.Dense(10, activation="softmax"),
+    ])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(normalize(data.x_train, data.spec.to_dict()), data.y_train, epochs=1, batch_size=64, verbose=0)
+    return model
+
+
+def _copy(model):
+    import keras
+
+    twin = keras.models.clone_model(model)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def rescaled(model):
+    twin = _copy(model)
+    (w1, b1), (w2, b2) = twin.layers[-2].get_weights(), twin.layers[-1].get_weights()
+    strong = np.argsort(np.linalg.norm(w1, axis=0))[-2:]  # scaling a dead channel would do no harm
+    w1[:, strong] *= 300
+    b1[strong] *= 300
+    w2[strong] /= 300
+    twin.layers[-2].set_weights([w1, b1])
+    twin.layers[-1].set_weights([w2, b2])
+    return twin
+
+
+def shifted(model):
+    twin = _copy(model)
+    w, b = twin.layers[-1].get_weights()
+    twin.layers[-1].set_weights([w, b + 1000])
+    return twin
+
+
+def _cfg(tmp_path, mnist_dir, **kw) -> BuildConfig:
+    kw = {"fallback": "auto", "max_accuracy_drop": PP, **kw}
+    return BuildConfig(dataset="mnist", data_dir=str(mnist_dir), out=str(tmp_path / "run"), benchmark=False, **kw)
+
+
+def _converted(tmp_path, model, cfg, data):
+    """A run directory as the guard finds it: the fp32 and int8 models of `model`."""
+    from pipeline.convert import calibration_images, convert
+
+    run = tmp_path / "staging"
+    run.mkdir()
+    calibration = calibration_images(data, cfg.calibration_samples, cfg.seed)
+    for v in ("fp32", "int8"):
+        (run / f"model_{v}.tflite").write_bytes(convert(model, v, cfg, calibration))
+    return run
+
+
+def _guard(tmp_path, mnist_dir, data, model, remedies=("cle", "mixed"), **kw):
+    from pipeline.analyze import guard
+
+    cfg = _cfg(tmp_path, mnist_dir, **kw)
+    run = _converted(tmp_path, model, cfg, data)
+    added = guard(run, cfg, data, model, {}, {}, log=lambda *a: None, remedies=remedies)
+    return run, added, json.loads((run / "analysis.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def breaker_run(tmp_path_factory, mnist_dir, trained):
+    """`pipeline build --keras-model breaker.keras --analyze --fallback auto --max-accuracy-drop 2`."""
+    from pipeline.build import build
+
+    tmp = tmp_path_factory.mktemp("breaker")
+    rescaled(trained).save(tmp / "breaker.keras")
+    cfg = _cfg(tmp, mnist_dir, keras_model=str(tmp / "breaker.keras"), analyze=True)
+    return build(cfg, log=lambda *a: None)
+
+
+def test_breakers_keep_the_float_function(trained, data):
+    x = normalize(data.x_val[:300], data.spec.to_dict())
+    want = trained.predict(x, verbose=0)
+    for breaker in (rescaled, shifted):
+        assert np.abs(breaker(trained).predict(x, verbose=0) - want).max() < 1e-4, breaker.__name__
+
+
+def test_build_repairs_the_rescaled_model_with_equalization(breaker_run):
+    evaluation = json.loads((breaker_run / "evaluation.json").read_text())["variants"]
+    analysis = json.loads((breaker_run / "analysis.json").read_text())
+    assert -evaluation["int8"]["change_pp_vs_fp32"] > 5 * PP  # plain int8 breaks, on test too
+    assert -evaluation["int8-cle"]["change_pp_vs_fp32"] <= PP
+    guard = analysis["guard"]
+    assert guard["delivered"] == "int8-cle" and guard["superseded"] == ["int8"] and guard["needed"]
+    cle = guard["remedies"][0]
+    assert cle["name"] == "cle" and cle["status"] == "within_budget" and len(guard["remedies"]) == 1
+    assert len(cle["pairs"]) == 3  # conv -> conv, conv -> (pool, flatten) -> dense, dense -> dense
+    assert cle["float_max_abs_diff"] < 1e-4
+    # Every layer stays int8: the same size as plain int8.
+    sizes = {v: (breaker_run / f"model_{v}.tflite").stat().st_size for v in ("fp32", "int8", "int8-cle")}
+    assert sizes["int8-cle"] < 1.05 * sizes["int8"] < 0.5 * sizes["fp32"]
+    manifest = json.loads((breaker_run / "manifest.json").read_text())
+    assert "model_int8-cle.tflite" in manifest["models"]
+    assert {"analysis.json", "analysis_layers.png"} <= set(manifest["files"])
+
+
+def test_debugger_flags_the_last_dense(breaker_run):
+    layers = json.loads((breaker_run / "analysis.json").read_text())["layers"]
+    assert [r["op"] for r in layers] == ["CONV_2D", "MAX_POOL_2D", "CONV_2D", "MAX_POOL_2D", "RESHAPE",
+                                         "FULLY_CONNECTED", "FULLY_CONNECTED", "SOFTMAX"]
+    suspects = [r for r in layers if r["suspect"]]
+    assert len(suspects) == 1 and suspects[0]["op"] == "FULLY_CONNECTED" and suspects[0]["rmse_over_scale"] > 2
+    for r in layers:
+        assert r["range"] == pytest.approx(255 * r["scale"]) and r["mse"] >= 0 and r["tensor"]
+        assert r["suspect"] or r["rmse_over_scale"] < 0.7
+    assert (breaker_run / "analysis_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_search_keeps_producer_and_consumer_float(tmp_path, mnist_dir, data, trained):
+    """Without equalization the search must find what the issue found by hand: both Dense layers."""
+    run, added, analysis = _guard(tmp_path, mnist_dir, data, rescaled(trained), remedies=("mixed",))
+    assert added == ["int8-mixed"] and analysis["guard"]["delivered"] == "int8-mixed"
+    mixed = analysis["guard"]["remedies"][0]
+    assert mixed["status"] == "within_budget" and mixed["drop_pp"] <= PP
+    assert [f["op"] for f in mixed["float_layers"]] == ["FULLY_CONNECTED", "FULLY_CONNECTED"]
+    assert all("float raised validation accuracy" in f["why"] for f in mixed["float_layers"])
+    # Either Dense alone is not enough; that is why groups around a tensor are candidates.
+    measured = {m["group"]: m["accuracy"] for m in mixed["rounds"][0]["measured"]}
+    assert measured[mixed["rounds"][0]["chosen"]] - max(
+        a for g, a in measured.items() if g.endswith("alone")) > 0.05
+    assert sum(bool(r["float_in"]) for r in analysis["layers"]) == 2
+
+
+def test_search_repairs_what_equalization_cannot(tmp_path, mnist_dir, data, trained):
+    run, added, analysis = _guard(tmp_path, mnist_dir, data, shifted(trained))
+    cle, mixed = analysis["guard"]["remedies"]
+    assert cle["status"] == "over_budget"
+    assert mixed["status"] == "within_budget" and added == ["int8-mixed"]
+    assert [f["op"] for f in mixed["float_layers"]] == ["FULLY_CONNECTED", "SOFTMAX"]
+    # Only the 10-wide last layer is float, so the model stays int8-sized.
+    assert mixed["bytes"] < 1.2 * analysis["validation"]["int8_bytes"]
+
+
+def test_guard_does_nothing_when_int8_is_within_budget(tmp_path, mnist_dir, data, trained):
+    run, added, analysis = _guard(tmp_path, mnist_dir, data, trained, max_accuracy_drop=100.0)
+    assert added == [] and analysis["guard"] is None and analysis["layers"] is None
+    assert sorted(p.name for p in run.iterdir()) == ["analysis.json", "model_fp32.tflite", "model_int8.tflite"]
+
+
+def test_mixed_models_are_the_converter_s_int8_when_nothing_is_float(tmp_path, mnist_dir, data, trained):
+    from pipeline.analyze import Judge, Quantizer
+    from pipeline.convert import calibration_images
+
+    cfg = _cfg(tmp_path, mnist_dir)
+    run = _converted(tmp_path, trained, cfg, data)
+    pre = data.spec.to_dict()
+    q = Quantizer(trained, cfg, calibration_images(data, 300, 0), normalize(data.x_val[:50], pre))
+    judge = Judge(data.x_val, data.y_val, pre, tmp_path)
+    assert judge(q.flatbuffer()) == judge((run / "model_int8.tflite").read_bytes())
+    from device.core import Model
+
+    (tmp_path / "q.tflite").write_bytes(q.flatbuffer())
+    ours, theirs = (Model(p, metadata={"preprocess": pre}) for p in (tmp_path / "q.tflite", run / "model_int8.tflite"))
+    assert np.array_equal(ours.predict(data.x_val[:200]), theirs.predict(data.x_val[:200]))
+    assert ours.input.dtype == np.int8 and ours.output.dtype == np.int8
+
+
+def test_equalization_through_batchnorm_relu6_depthwise_and_pooling():
+    """cifar-dscnn's building blocks: the function is unchanged, ReLU-joined ranges end up equal."""
+    import keras
+    from keras import layers
+
+    from pipeline.analyze import _in_range, _out_range, equalize
+
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([
+        keras.Input((12, 12, 3)),
+        layers.Conv2D(8, 3, padding="same", use_bias=False), layers.BatchNormalization(), layers.ReLU(6.0),
+        layers.DepthwiseConv2D(3, padding="same", use_bias=False), layers.BatchNormalization(), layers.ReLU(6.0),
+        layers.Conv2D(16, 1, activation="relu"), layers.AveragePooling2D(2), layers.Flatten(),
+        layers.Dense(8, activation="relu"), layers.Dense(4, activation="softmax"),
+    ])
+    rng = np.random.default_rng(0)
+    for bn in (layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)):
+        c = bn.gamma.shape[0]
+        bn.set_weights([rng.uniform(0.2, 3, c), rng.normal(1, 3, c), rng.normal(0, 0.5, c), rng.uniform(0.05, 4, c)])
+    x = rng.uniform(0, 1, (64, 12, 12, 3)).astype(np.float32)
+    eq, record = equalize(model, x)
+    assert len(record["pairs"]) == 4 and record["relu6_channels_held"] > 0  # some channels reach 6 here
+    assert np.abs(eq.predict(x, verbose=0) - model.predict(x, verbose=0)).max() < 1e-5
+    a, b = eq.layers[6], eq.layers[9]  # Conv2D 1x1 relu -> AveragePooling -> Flatten -> Dense: pure ReLU
+    np.testing.assert_allclose(_out_range(a, None), _in_range(b, None, 16), rtol=1e-3)
+
+
+def test_analyze_command_adds_the_table_to_a_finished_run(tmp_path, breaker_run):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    run = tmp_path / "copy"
+    shutil.copytree(breaker_run, run)
+    before = json.loads((run / "analysis.json").read_text())
+    result = CliRunner().invoke(main, ["analyze", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "suspect" in result.output
+    after = json.loads((run / "analysis.json").read_text())
+    assert after["guard"] == before["guard"]  # what the build decided is kept
+    assert [r["rmse_over_scale"] for r in after["layers"]] == pytest.approx(
+        [r["rmse_over_scale"] for r in before["layers"]], rel=1e-6)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["files"]["analysis.json"]["sha256"] == sha256_file(run / "analysis.json")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow_model_optimization") is None
+                    or importlib.util.find_spec("tf_keras") is None,
+                    reason="QAT needs tensorflow-model-optimization and tf_keras")
+def test_qat_on_request_is_reported_against_ptq_with_the_same_budget(tmp_path, mnist_dir, data, trained):
+    run, added, analysis = _guard(tmp_path, mnist_dir, data, trained, remedies=("qat",), qat=True,
+                                  max_accuracy_drop=100.0)
+    (qat,) = analysis["guard"]["remedies"]
+    assert added == ["int8-qat"] and (run / "model_int8-qat.tflite").is_file()
+    assert qat["budget"]["epochs"] >= 1 and qat["budget"]["images"] == len(data.x_train)
+    assert qat["accuracy"] > 0.8 and qat["ptq_same_budget"]["accuracy"] > 0.8
+    assert qat["bytes"] < 0.5 * (run / "model_fp32.tflite").stat().st_size  # integer-only model
+
