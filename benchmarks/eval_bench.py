@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import pickle
-import statistics
 import sys
 import tempfile
 import time

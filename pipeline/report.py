@@ -128,7 +128,7 @@ def _analysis_md(analysis: dict | None) -> list[str]:
         for r in g.get("remedies", []):
             line = f"- {r['name']} -> {r.get('variant') or '-'}: {r['status']}"
             if r.get("accuracy") is not None:
-                line += f", validation accuracy {_pct(r['accuracy'])} ({-r['drop_pp']:+.2f} pp), {r['bytes']:,} bytes"
+                line += f", validation accuracy {_pct(r['accuracy'])} ({0.0 - r['drop_pp']:+.2f} pp), {r['bytes']:,} bytes"
             if r.get("reason"):
                 line += f"; {r['reason']}"
             out.append(line)

@@ -205,7 +205,7 @@ def test_equalization_through_batchnorm_relu6_depthwise_and_pooling():
     import keras
     from keras import layers
 
-    from pipeline.analyze import _in_range, _out_range, equalize
+    from pipeline.equalize import _in_range, _out_range, equalize
 
     keras.utils.set_random_seed(1)
     model = keras.Sequential([

@@ -167,7 +167,7 @@ def test_import_does_not_load_tensorflow_or_sklearn():
 def test_real_mnist_npz():
     data = load_dataset("mnist", str(SHARED_MNIST))  # a str, as BuildConfig passes it
     with np.load(SHARED_MNIST / "mnist.npz") as d:
-        x_train, y_train, x_test, y_test = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
+        y_train, x_test, y_test = d["y_train"], d["x_test"], d["y_test"]
     assert data.x_train.shape == (7200, 28, 28, 1) and data.x_val.shape == (800, 28, 28, 1)
     assert data.x_train.dtype == np.uint8 and data.y_train.dtype == data.y_test.dtype == np.int64
     np.testing.assert_array_equal(data.x_test[..., 0], x_test)
