@@ -181,6 +181,9 @@ def main(argv=None) -> int:
     except core.DeviceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return _in_child(args) if isolate else _execute(args)
 
 
@@ -193,10 +196,16 @@ def _execute(args) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        _print_human(args.command, out)
+    try:
+        if args.json:
+            print(json.dumps(out, indent=2))
+        else:
+            _print_human(args.command, out)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`runner.py ... | head`); Python would print a traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0 if out.get("ok", True) else 1
 
 
@@ -224,6 +233,7 @@ def _in_child(args) -> int:
     if pid == 0:
         code = 1
         try:
+            _set_sigint(_interrupt_once)
             code = _execute(args)
         except BaseException:
             traceback.print_exc()
@@ -233,8 +243,9 @@ def _in_child(args) -> int:
                 sys.stderr.flush()
             finally:
                 os._exit(code)
-    # Ctrl-C reaches the child too, which stops with its own message; the parent just waits for it.
-    previous = _set_sigint(signal.SIG_IGN)
+    # Ctrl-C reaches the child as well (same process group) and a SIGINT sent to the parent alone is
+    # passed on; the child stops once, with its own message, and the parent reports its exit code.
+    previous = _set_sigint(lambda signum, frame: _signal_child(pid))
     try:
         _, status = os.waitpid(pid, 0)
     finally:
@@ -246,6 +257,19 @@ def _in_child(args) -> int:
               file=sys.stderr)
         return 1
     return os.waitstatus_to_exitcode(status)
+
+
+def _signal_child(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGINT)
+    except OSError:  # already gone
+        pass
+
+
+def _interrupt_once(signum, frame):
+    # Ctrl-C may arrive twice (from the terminal and passed on by the parent): stop once, cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def _set_sigint(handler):

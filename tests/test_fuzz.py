@@ -10,11 +10,25 @@ keeps two to four of them busy). An outcome is one of:
     hang       no answer within HANG_SECONDS
     other      any other exit (wrong code, no error line, several error lines)
 
-Only `ok` and `error` are acceptable. The mutations are seeded, so a failure is reproducible: the
-failing inputs are copied to `fuzz-failures/` under the test's temporary folder and named in the
-assertion message.
+Only `ok` and `error` are acceptable. The inputs:
 
-Run it alone with `python -m pytest tests/test_fuzz.py -s` to see the counts.
+    images  500 seeded mutations (bit flips, truncation, inserted/deleted bytes, spliced regions, and
+            format-aware edits of PNG chunk lengths and IHDR, JPEG segment lengths, SOF and DHT, GIF
+            screen and image descriptors, BMP header fields, TIFF IFD entries) of 17 real files that
+            Pillow wrote from a digit (PNG, JPEG, GIF, BMP, TIFF in several modes), plus 45 TIFFs
+            whose IFD entries were retyped;
+    models  300 seeded mutations of a real int8 model (the same generic ones, plus edits of the fields
+            a small flatbuffer reader finds: vtables, offsets, vector lengths, tensor shapes, types,
+            buffer indices and sizes, quantization, operator codes, operator and graph tensor
+            indices), plus 98 crafted models that are structurally valid but lie (an operator's
+            tensor marked optional, an operator pointed at another op code). They lie beside no
+            metadata.json, so the runner cannot verify them: the case its child process is for.
+
+The mutations are seeded, so a failure is reproducible: failing inputs are copied to
+`fuzz-failures/` under the test's temporary folder and named in the assertion message.
+`python -m pytest tests/test_fuzz.py -s` prints the counts; EDGEPIPE_FUZZ_IMAGES, _MODELS and _SEED
+change the budget. The two quick tests (not `slow`) push more mutations through `core.load_image`
+in this process.
 """
 from __future__ import annotations
 
@@ -81,8 +95,11 @@ def summarize(kind: str, results, seconds: float, work: Path, failures_dir: Path
     by_mutation: dict[str, Counter] = {}
     for label, out, *_ in results:
         by_mutation.setdefault(label.split(":")[0], Counter())[out] += 1
+    # Errors that are a crash of the interpreter, contained by the runner's child process.
+    contained = sum(out == "error" and "the interpreter crashed (SIG" in stderr for _, out, _, stderr in results)
     print(f"\nfuzz {kind}: {len(results)} inputs in {seconds:.0f} s with {WORKERS} workers -> "
-          + ", ".join(f"{k} {counts[k]}" for k in ("ok", "error", "signal", "traceback", "hang", "other")))
+          + ", ".join(f"{k} {counts[k]}" for k in ("ok", "error", "signal", "traceback", "hang", "other"))
+          + f" ({contained} of the errors: an interpreter crash contained in the runner's child process)")
     for mutation, c in sorted(by_mutation.items()):
         print(f"  {mutation:<14} " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
     bad = []
@@ -257,7 +274,8 @@ def crafted_images(seeds: dict[str, bytes]) -> list[tuple[str, bytes]]:
     for k in range(int.from_bytes(data[ifd:ifd + 2], "little")):
         entry = ifd + 2 + 12 * k
         for tag_type in (2, 5, 7, 10, 11):
-            out.append((f"tifftype{k}-{tag_type}", data[:entry + 2] + tag_type.to_bytes(2, "little") + data[entry + 4:]))
+            retyped = data[:entry + 2] + tag_type.to_bytes(2, "little") + data[entry + 4:]
+            out.append((f"tifftype{k}-{tag_type}", retyped))
     return out
 
 
@@ -413,7 +431,8 @@ def crafted_models(seed: bytes, fm: FlatModel) -> list[tuple[str, bytes]]:
     for pos, width, signed, kind in fm.fields:
         old = int.from_bytes(seed[pos:pos + width], "little", signed=signed)
         if kind == "op_tensor" and old != -1:
-            out.append((f"optional@{pos}", seed[:pos] + (-1).to_bytes(width, "little", signed=True) + seed[pos + width:]))
+            optional = seed[:pos] + (-1).to_bytes(width, "little", signed=True) + seed[pos + width:]
+            out.append((f"optional@{pos}", optional))
         if kind == "opcode_index":
             out += [(f"opswap@{pos}-{v}", seed[:pos] + v.to_bytes(width, "little") + seed[pos + width:])
                     for v in range(fm.counts["opcodes"]) if v != old]
@@ -484,6 +503,60 @@ def _digit(run: Path) -> np.ndarray:
 
     png = sorted((run / "samples").glob("*.png"))[0]
     return np.asarray(Image.open(png).convert("L"))
+
+
+PREPROCESS = {"height": 28, "width": 28, "channels": 1, "scale": 1 / 255, "offset": 0.0}
+
+
+def _decode(path: Path):
+    """core.load_image, in this process: an array or a DeviceError, nothing else."""
+    import warnings
+
+    from device import core
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about some truncated files; not the point here
+        try:
+            return core.load_image(path, PREPROCESS)
+        except core.DeviceError as e:
+            return e
+
+
+def test_retyped_tiff_tags_are_bad_images_not_crashes(tmp_path):
+    """Pillow raises TypeError on a TIFF whose StripOffsets became text or a fraction (found by the fuzz)."""
+    from device import core
+
+    seeds = image_seeds(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28))
+    outcomes = Counter()
+    for label, data in crafted_images(seeds):
+        (tmp_path / label).write_bytes(data)
+        result = _decode(tmp_path / label)
+        outcomes["error" if isinstance(result, core.DeviceError) else "ok"] += 1
+        if not isinstance(result, core.DeviceError):
+            assert result.shape == (28, 28, 1) and result.dtype == np.uint8
+    assert outcomes["error"] >= 5, outcomes
+
+
+def test_decoder_in_process_hypothesis(tmp_path):
+    """Many more mutations than the process-per-input fuzz can afford, straight into core.load_image."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    seeds = image_seeds(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28))
+    names = sorted(seeds)
+
+    @settings(max_examples=int(os.environ.get("EDGEPIPE_HYPOTHESIS_EXAMPLES", 400)), deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture], derandomize=True)
+    @given(st.sampled_from(names), st.randoms(use_true_random=False), st.integers(1, 3))
+    def check(name, rng, rounds):
+        data = seeds[name]
+        for _ in range(rounds):
+            _, data = mutate_image(name, data, rng)
+        path = tmp_path / "img"
+        path.write_bytes(data)
+        _decode(path)  # raises only if load_image lets something other than DeviceError escape
+
+    check()
 
 
 @pytest.mark.slow
