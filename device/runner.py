@@ -176,26 +176,28 @@ def main(argv=None) -> int:
         return 2
     # Warnings (such as a model without metadata) go to stderr as one line, never into the JSON.
     warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
-    try:
-        isolate = _unverifiable(args)
-    except core.DeviceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    isolate, code = _step(_unverifiable, args)
+    if code:
+        return code
     return _in_child(args) if isolate else _execute(args)
 
 
-def _execute(args) -> int:
+def _step(fn, args):
+    """(fn(args), 0), or (None, exit code) after one `error:` line for a user's mistake or Ctrl-C."""
     try:
-        out = args.fn(args)
+        return fn(args), 0
     except core.DeviceError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return None, 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return None, 130
+
+
+def _execute(args) -> int:
+    out, code = _step(args.fn, args)
+    if code:
+        return code
     try:
         if args.json:
             print(json.dumps(out, indent=2))
