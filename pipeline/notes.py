@@ -1,0 +1,149 @@
+"""The report's notes: what the measured numbers mean, worked out from them, never written by hand.
+
+Each note names a variant and says what is unusual and why: a wide spread, int16x8's missing
+acceleration, int8 slower than expected, Keras and fp32 .tflite disagreeing, litert-benchmark
+disagreeing, more threads being slower, a device result worth a remark.
+"""
+from __future__ import annotations
+
+from device.timing import WIDE_SPREAD_CV
+
+# int8 moves a quarter of fp32's bytes and its kernels do 4x the MACs per instruction; once the
+# kernels dominate an invoke, int8 should take at most this fraction of fp32's time at one thread.
+INT8_EXPECTED_RATIO = 0.45
+# Below this fp32 p50 a model is so small that the fixed cost of each invoke (microseconds for the
+# Python call, tensor copies and op dispatch) is a large share of the time.
+TINY_MODEL_MS = 1.0
+# Keras and its fp32 .tflite run the same float math; larger differences mean the converter changed it.
+KERAS_PARITY_ABS = 1e-4
+
+
+def threads_label(n) -> str:
+    return f"{n} thread" if int(n) == 1 else f"{n} threads"
+
+
+def notes(report: dict, bench: dict | None) -> list[dict]:
+    """Everything a reader should not miss, each as {kind, variant, text}, worked out from the data."""
+    by_v, notes = {v["variant"]: v for v in report["variants"]}, []
+    if bench is None:
+        notes.append(_note("no_benchmark", None, "no benchmark.json (built with --no-benchmark): latency, "
+                           "speed-up and memory are missing; run `pipeline benchmark RUN_DIR` to add them"))
+    else:
+        notes += _spread_notes(report["variants"])
+        notes += _thread_notes(report["variants"], report["table_threads"], report["environment"]["cores"])
+        notes += _int16x8_notes(by_v, report)
+        notes += _int8_notes(by_v, report)
+        notes += _cross_check_notes(bench)
+        notes += [_note("memory", v["variant"], f"{v['variant']}: the fresh-process memory measurement failed "
+                        f"({v['memory']['error']})") for v in report["variants"] if (v["memory"] or {}).get("error")]
+    notes += _keras_notes(report["keras"])
+    notes += _device_notes(report)
+    return notes
+
+
+def _note(kind: str, variant: str | None, text: str) -> dict:
+    return {"kind": kind, "variant": variant, "text": text}
+
+
+def _spread_notes(variants: list[dict]) -> list[dict]:
+    out = []
+    for v in variants:
+        wide = [(t, lat) for t, lat in v["latency"].items()
+                if lat["mean_ms"] > 0 and lat["std_ms"] / lat["mean_ms"] > WIDE_SPREAD_CV]
+        figures = "; ".join(f"at {threads_label(t)} std {lat['std_ms']:.4f} ms is "
+                            f"{100 * lat['std_ms'] / lat['mean_ms']:.0f}% of the mean {lat['mean_ms']:.4f} ms "
+                            f"(p50 {lat['p50_ms']:.4f}, max {lat['max_ms']:.4f})" for t, lat in wide)
+        if wide:
+            out.append(_note("wide_spread", v["variant"], f"{v['variant']}: wide spread, {figures}; the machine was "
+                             "busy or throttling, so trust the median over the mean"))
+    return out
+
+
+def _thread_notes(variants: list[dict], base: int, cores: int) -> list[dict]:
+    out = []
+    for t in sorted({t for v in variants for t in v["latency"] if int(t) != base}, key=int):
+        # Within 10% two medians of a noisy machine are the same speed.
+        slower = [v for v in variants if v["latency"][t]["p50_ms"] > 1.1 * v["p50_ms"]]
+        figures = ", ".join(f"{v['variant']} {v['latency'][t]['p50_ms']:.4f} against {v['p50_ms']:.4f} ms"
+                            for v in slower)
+        if slower:
+            out.append(_note("more_threads_slower", None, (
+                f"{threads_label(t)} are slower than {threads_label(base)} (p50) for {figures}: waking and synchronizing "
+                f"threads costs more than splitting this model's work saves on this {cores}-core machine, so run "
+                f"it with {threads_label(base)}")))
+    return out
+
+
+def _int16x8_notes(by_v: dict, report: dict) -> list[dict]:
+    if "int16x8" not in by_v:
+        return []
+    v, t = by_v["int16x8"], report["table_threads"]
+    xnnpack = "" if report["benchmark"]["xnnpack"] else " (XNNPACK was off for every variant in this benchmark)"
+    return [_note("int16x8_not_accelerated", "int16x8", (
+        f"int16x8 is not accelerated by XNNPACK, which has no int16-activation kernels, so it runs on "
+        f"TFLite's reference kernels: p50 {v['p50_ms']:.3f} ms against fp32's {by_v['fp32']['p50_ms']:.4f} ms "
+        f"at {threads_label(t)}, {v['p50_ms'] / by_v['fp32']['p50_ms']:.0f}x slower{xnnpack}. It is there for accuracy "
+        f"({100 * v['accuracy']:.2f}%, {v['change_pp']:+.2f} pp vs fp32), not speed"))]
+
+
+def _int8_notes(by_v: dict, report: dict) -> list[dict]:
+    if "int8" not in by_v or by_v["int8"]["p50_ms"] / by_v["fp32"]["p50_ms"] <= INT8_EXPECTED_RATIO:
+        return []
+    fp32, int8, t = by_v["fp32"], by_v["int8"], report["table_threads"]
+    ratio = int8["p50_ms"] / fp32["p50_ms"]
+    head = (f"int8 is not the expected <= {INT8_EXPECTED_RATIO}x of fp32's latency: p50 {int8['p50_ms']:.4f} ms "
+            f"against {fp32['p50_ms']:.4f} ms at {threads_label(t)}, {ratio:.2f}x. ")
+    macs = report["benchmark"]["macs_per_inference"]
+    if not report["benchmark"]["xnnpack"]:
+        why = "Why: XNNPACK was off, and TFLite's built-in int8 kernels are not the optimized ones."
+    elif fp32["p50_ms"] < TINY_MODEL_MS:
+        work = (f"{macs / 1e6:.2f} M multiply-accumulates per image, done by fp32 at "
+                f"{fp32['gmac_per_s']:.1f} GMAC/s" if macs and fp32["gmac_per_s"] else "little arithmetic")
+        why = (f"Why: the model is tiny ({work}), so each invoke is dominated by its fixed cost (the Python "
+               "call, copying the input in and the output out, dispatching every op), which int8 kernels "
+               "cannot shrink; expect the ratio to approach the target on a larger model.")
+    else:
+        why = (f"Why: not per-invoke overhead, since fp32 takes {fp32['p50_ms']:.2f} ms; the int8 kernels may "
+               f"lack this CPU's fast integer dot-product instructions ({(report['environment'] or {}).get('cpu')}).")
+    spread = [v for v in ("fp32", "int8") if by_v[v]["latency"][str(t)].get("warning")]
+    tail = f" The spread of {' and '.join(spread)} was also wide." if spread else ""
+    return [_note("int8_speedup_below_target", "int8", head + why + tail)]
+
+
+def _keras_notes(keras: dict | None) -> list[dict]:
+    if keras and (keras["fp32_tflite_agreement"] < 1 or keras["fp32_tflite_max_abs_diff"] > KERAS_PARITY_ABS):
+        return [_note("keras_mismatch", "fp32", (
+            f"possible conversion bug: the fp32 .tflite and the Keras model disagree (top-1 agreement "
+            f"{100 * keras['fp32_tflite_agreement']:.2f}%, max |prob diff| {keras['fp32_tflite_max_abs_diff']:.2e}, "
+            f"expected 100% and <= {KERAS_PARITY_ABS:.0e}); fp32 applies no quantization, so look at the "
+            "converter, the preprocessing, or ops the model uses"))]
+    return []
+
+
+def _cross_check_notes(bench: dict) -> list[dict]:
+    check, out = bench.get("cross_check") or {"variants": {}}, []
+    for v, entry in check["variants"].items():
+        if error := entry.get("litert_benchmark", {}).get("error"):
+            out.append(_note("cross_check_failed", v, f"cross-check {v}: litert-benchmark gave no median ({error})"))
+        elif entry.get("agree") is False:
+            out.append(_note("cross_check_disagrees", v, (
+                f"cross-check {v}: litert-benchmark's median {entry['their_median_ms']:.4f} ms and our p50 "
+                f"{entry['our_p50_ms']:.4f} ms at {threads_label(check['threads'])} disagree; {entry.get('why', '')}")))
+    return out
+
+
+def _device_notes(report: dict) -> list[dict]:
+    out = []
+    for d in report["devices"]:
+        interp, parts = d["interpreter"] or {}, []
+        for f in d["files"]:
+            if f["kind"] == "eval":
+                parts.append(f"{f['variant']} evaluated on {f['n']} images of {f['data']} (the host used "
+                             f"{report['test_images']} test images, so accuracies may differ by the sample)")
+            else:
+                parts.append(f"{f['variant']} benchmarked at {threads_label(f['threads'])}, XNNPACK "
+                             f"{'on' if f['xnnpack'] else 'off'}, {f['runs']} runs"
+                             + (f" [{f['warning']}]" if f["warning"] else ""))
+        out.append(_note("device", None, f"device {d['label']} ({interp.get('name')} {interp.get('version')}): "
+                         + "; ".join(parts)))
+    return out
