@@ -231,9 +231,7 @@ def load_image(path: Path, preprocess: dict) -> np.ndarray:
         raise DeviceError(f"{path}: image is too large ({e}); pass an image under {MAX_IMAGE_PIXELS} pixels")
     except FileNotFoundError:
         raise DeviceError(f"{path}: no such image file")
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DeviceError(f"{path}: not a readable image ({e}); pass a PNG, JPEG or other Pillow format")
-    except Exception as e:  # Pillow's decoders on damaged files also raise TypeError, IndexError, struct.error...
+    except Exception as e:  # Pillow's decoders on damaged files raise OSError, ValueError, TypeError, struct.error...
         raise DeviceError(f"{path}: not a readable image ({type(e).__name__}: {e}); pass a PNG, JPEG or other "
                           "Pillow format")
     return arr.reshape(preprocess["height"], preprocess["width"], preprocess["channels"])
@@ -377,19 +375,31 @@ class Model:
         return get() if get else []
 
 
-def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> dict:
-    """Top-1 accuracy and per-class accuracy of `model` on uint8 images `x` with labels `y`."""
+def score(probs: np.ndarray, y, labels, source: str = "labels") -> dict:
+    """Top-1 accuracy, per-class accuracy and confusion matrix (rows: true class) of probabilities.
+
+    The one place these figures are computed: the runner's `eval` on a device and the host's
+    evaluation report the same numbers for the same predictions.
+    """
     y = np.asarray(y).reshape(-1).astype(np.int64)
-    probs = model.predict(x, batch_size)
+    classes = probs.shape[1]
+    if len(y) and (y.min() < 0 or y.max() >= classes):
+        raise DeviceError(f"{source}: labels range from {y.min()} to {y.max()}, but the model has {classes} classes "
+                          f"(0 to {classes - 1}); check the 'y' array")
     pred = probs.argmax(axis=1)
-    per_class = {}
-    for c in range(probs.shape[1]):
-        mask = y == c
-        if mask.any():
-            label = model.labels[c] if c < len(model.labels) else str(c)
-            per_class[label] = float((pred[mask] == c).mean())
+    confusion = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(confusion, (y, pred), 1)
+    names = [labels[c] if c < len(labels) else str(c) for c in range(classes)]
+    per_class = {name: float(confusion[c, c] / confusion[c].sum()) if confusion[c].sum() else None
+                 for c, name in enumerate(names)}
     return {"n": int(len(y)), "accuracy": float((pred == y).mean()) if len(y) else 0.0,
-            "per_class": per_class, "predictions": pred, "probabilities": probs}
+            "per_class": per_class, "confusion": confusion.tolist(), "predictions": pred}
+
+
+def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256, source: str = "labels") -> dict:
+    """score() of `model` on uint8 images `x` with labels `y` (from `source`), plus the probabilities."""
+    probs = model.predict(x, batch_size)
+    return {**score(probs, y, model.labels, source), "probabilities": probs}
 
 
 def verify_folder(folder: Path) -> list[str]:

@@ -46,22 +46,13 @@ def cmd_eval(args) -> dict:
     x, y = core.load_npz(args.data)
     model = _load(args)
     t0 = time.perf_counter()
-    result = core.evaluate(model, x, y)
+    result = core.evaluate(model, x, y, source=str(args.data))
     seconds = time.perf_counter() - t0
-    confusion = _confusion(y, result["predictions"], len(model.labels))
     return {"kind": "eval", "schema": 1, "model": str(args.model), "data": str(args.data),
             "n": result["n"], "accuracy": result["accuracy"], "per_class": result["per_class"],
-            "confusion": confusion, "seconds": seconds,
+            "confusion": result["confusion"], "seconds": seconds,
             "interpreter": {"name": model.runtime.name, "version": model.runtime.version},
             "environment": core.environment()}
-
-
-def _confusion(y, pred, classes: int) -> list[list[int]]:
-    import numpy as np
-
-    m = np.zeros((classes, classes), dtype=np.int64)
-    np.add.at(m, (np.asarray(y).reshape(-1).astype(np.int64), pred), 1)
-    return m.tolist()
 
 
 def cmd_bench(args) -> dict:
@@ -110,7 +101,7 @@ def _print_human(command: str, out: dict) -> None:
         print(f"accuracy {out['accuracy']:.4f} on {out['n']} images "
               f"({out['interpreter']['name']} {out['interpreter']['version']})")
         for label, acc in out["per_class"].items():
-            print(f"  {label:>12}: {acc:.4f}")
+            print(f"  {label:>12}: " + ("no images" if acc is None else f"{acc:.4f}"))
     elif command == "bench":
         lat = out["latency"]
         print(f"init {out['init_ms']:.1f} ms, first inference {out['first_inference_ms']:.3f} ms, "

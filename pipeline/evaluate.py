@@ -10,23 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from device.core import Model, normalize
-
-
-def confusion_matrix(y: np.ndarray, pred: np.ndarray, classes: int) -> np.ndarray:
-    m = np.zeros((classes, classes), dtype=np.int64)
-    np.add.at(m, (y, pred), 1)
-    return m
+from device.core import Model, normalize, score
 
 
 def summarize_predictions(probs: np.ndarray, y: np.ndarray, labels, baseline: np.ndarray | None) -> dict:
-    """Accuracy figures from saved probabilities; the report's tests recompute them the same way."""
-    pred = probs.argmax(axis=1)
-    confusion = confusion_matrix(y, pred, len(labels))
-    per_class = {label: float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None
-                 for i, label in enumerate(labels)}
-    out = {"n": int(len(y)), "accuracy": float((pred == y).mean()), "per_class": per_class,
-           "confusion": confusion.tolist()}
+    """The runner's score() of saved probabilities, plus how far they are from the fp32 baseline."""
+    out = score(probs, y, labels)
+    pred = out.pop("predictions")
     if baseline is not None:
         out["agreement_with_fp32"] = float((pred == baseline.argmax(axis=1)).mean())
         out["mean_abs_prob_diff_vs_fp32"] = float(np.abs(probs - baseline).mean())

@@ -180,9 +180,12 @@ def test_sha256_mismatch_is_refused(mnist_run, tmp_path):
 def test_npz_without_x_y(mnist_run, tmp_path):
     np.savez(tmp_path / "bad.npz", images=np.zeros((2, 28, 28), np.uint8))
     (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 not really")
-    for name in ("bad.npz", "garbage.npz"):
+    np.savez(tmp_path / "labels.npz", x=np.zeros((2, 28, 28), np.uint8), y=np.array([3, 10]))  # 10 classes: 0-9
+    for name in ("bad.npz", "garbage.npz", "labels.npz"):
         proc = run_runner("eval", tmp_path / name, "--model", mnist_run / "model_int8.tflite")
-        assert proc.returncode == 1 and name in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (name, proc.stderr)
+        assert name in proc.stderr, (name, proc.stderr)
+    assert "labels range from 3 to 10" in proc.stderr
 
 
 def test_model_without_metadata_warns_and_infers(mnist_run, tmp_path):
