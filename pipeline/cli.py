@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 import pipeline
-from pipeline.config import VARIANTS, BuildConfig, ConfigError
+from pipeline.config import FALLBACKS, INT8_IO, VARIANTS, BuildConfig, ConfigError
 from pipeline.data import DATASETS
 from pipeline.models import MODELS
 
@@ -96,7 +96,7 @@ def convert_options(fn):
                            "fp32 is always built as the baseline). Default: int8.")(fn)
     fn = click.option("--calibration-samples", type=click.IntRange(min=1), default=300, show_default=True,
                       help="Training images used to calibrate int8/int16x8 activation ranges.")(fn)
-    fn = click.option("--int8-io", type=click.Choice(["int8", "float"]), default="int8", show_default=True,
+    fn = click.option("--int8-io", type=click.Choice(INT8_IO), default="int8", show_default=True,
                       help="Input/output type of the int8 model: int8 (integer-only) or float.")(fn)
     return fn
 
@@ -172,7 +172,7 @@ def main():
                    "stage, with the options it was started with.")
 @click.option("--analyze", is_flag=True,
               help="Per-layer quantization error of the int8 model (TensorFlow's QuantizationDebugger) in the report.")
-@click.option("--fallback", type=click.Choice(["none", "auto"]), default="none", show_default=True,
+@click.option("--fallback", type=click.Choice(FALLBACKS), default="none", show_default=True,
               help="auto: if int8 loses more than --max-accuracy-drop, repair it (equalization, then float layers).")
 @click.option("--qat", is_flag=True, help="Also fine-tune with quantization-aware training and report QAT int8.")
 @handle_errors
