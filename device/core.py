@@ -140,16 +140,18 @@ def normalize(pixels: np.ndarray, preprocess: dict) -> np.ndarray:
 
 def load_image(path: Path, preprocess: dict) -> np.ndarray:
     """Any image Pillow reads, to uint8 (H, W, C) in the model's size and colour layout."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    # The filter the model was trained with (metadata's preprocess); older bundles used bilinear.
+    resample = Image.Resampling[str(preprocess.get("resize", "bilinear")).upper()]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
-                img = _to_mode(img, preprocess["channels"])
-                img = img.resize((preprocess["width"], preprocess["height"]), Image.Resampling.BILINEAR)
+                img = _to_mode(ImageOps.exif_transpose(img), preprocess["channels"])  # phones store rotation in EXIF
+                img = img.resize((preprocess["width"], preprocess["height"]), resample)
                 arr = np.asarray(img, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DeviceError(f"{path}: image is too large ({e}); pass an image under {MAX_IMAGE_PIXELS} pixels")

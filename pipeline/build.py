@@ -73,7 +73,8 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
     try:
         run.write_json("config.json", cfg.to_dict())  # first, so --resume can restart from any point
         t0 = time.perf_counter()
-        data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction)
+        data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction,
+                            input_shape=cfg.input_shape, log=log)
         times["data"] = time.perf_counter() - t0
         log(f"data: {data.name} from {data.source['kind']}, {len(data.x_train)} train / {len(data.x_val)} "
             f"validation / {len(data.x_test)} test")

@@ -14,7 +14,7 @@ import click
 import pipeline
 from pipeline.config import FALLBACKS, INT8_IO, VARIANTS, BuildConfig, ConfigError
 from pipeline.data import DATASETS
-from pipeline.models import MODELS
+from pipeline.models import MODELS, OPTIMIZERS, SCHEDULES
 
 
 class UserError(click.ClickException):
@@ -60,11 +60,15 @@ def _split_variants(ctx, param, values):
 
 
 def data_options(fn):
-    fn = click.option("--dataset", type=click.Choice(list(DATASETS)), default="mnist", show_default=True,
-                      help="Training data: mnist, cifar10, or digits (scikit-learn's 8x8 digits, no network needed).")(fn)
+    fn = click.option("--dataset", type=click.Choice(list(DATASETS)),
+                      help="Training data: mnist, cifar10, digits (scikit-learn's 8x8 digits, no network needed) "
+                           "or folder (your images, one folder per class). Default: folder when --data-dir holds "
+                           "class folders, else mnist.")(fn)
     fn = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-                      help="Read the dataset offline from DIR (mnist.npz or IDX files; cifar-10-batches-py "
-                           "or cifar-10-python.tar.gz) instead of downloading it.")(fn)
+                      help="Read the dataset offline from DIR (mnist.npz or IDX files; cifar-10-batches-py, "
+                           "cifar-10-python.tar.gz or CIFAR class folders) or your own class folders.")(fn)
+    fn = click.option("--image-size", metavar="HxW",
+                      help="Size images from folders are resized to (default: the dataset's, 32x32 for a folder).")(fn)
     fn = click.option("--seed", type=int, default=0, show_default=True,
                       help="Seed for weights, shuffling, validation split and calibration sample.")(fn)
     return fn
@@ -81,10 +85,22 @@ def output_options(fn):
 def train_options(fn):
     fn = click.option("--model", type=click.Choice(list(MODELS)),
                       help="Architecture from the zoo (default: the dataset's default).")(fn)
-    fn = click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
-                      help="Training epochs.")(fn)
-    fn = click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-                      help="Training batch size.")(fn)
+    # The recipe's options default to the model's own recipe (models.MODELS), shown by `pipeline models`.
+    fn = click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the model's recipe).")(fn)
+    fn = click.option("--batch-size", type=click.IntRange(min=1), help="Training batch size (default: recipe).")(fn)
+    fn = click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="Optimizer (default: recipe).")(fn)
+    fn = click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True),
+                      help="Peak learning rate (default: recipe).")(fn)
+    fn = click.option("--lr-schedule", type=click.Choice(SCHEDULES),
+                      help="cosine (to 0, after --warmup-epochs) or constant (default: recipe).")(fn)
+    fn = click.option("--warmup-epochs", type=click.IntRange(min=0), help="Linear warm-up epochs (default: recipe).")(fn)
+    fn = click.option("--weight-decay", type=click.FloatRange(min=0, max=1, max_open=True),
+                      help="Decoupled weight decay (default: recipe).")(fn)
+    fn = click.option("--label-smoothing", type=click.FloatRange(min=0, max=1, max_open=True),
+                      help="Label smoothing of the loss (default: recipe).")(fn)
+    fn = click.option("--augment/--no-augment", default=None,
+                      help="Random shift and horizontal flip of training images only (default: on for cifar10 "
+                           "and folders, off for digits).")(fn)
     fn = click.option("--tensorboard", type=click.Path(file_okay=False, path_type=Path),
                       help="Write TensorBoard logs to DIR.")(fn)
     return fn
@@ -124,6 +140,10 @@ def _config(out, name, **kwargs) -> BuildConfig:
     xnnpack = not kwargs.pop("no_xnnpack", False)
     if not kwargs.get("quantize"):
         kwargs.pop("quantize", None)  # the config's default (int8) applies
+    if kwargs.get("dataset") is None:
+        from pipeline.data import is_image_folder
+
+        kwargs["dataset"] = "folder" if kwargs.get("data_dir") and is_image_folder(kwargs["data_dir"]) else "mnist"
     for key in ("data_dir", "keras_model", "tensorboard"):
         if kwargs.get(key) is not None:
             kwargs[key] = str(kwargs[key])

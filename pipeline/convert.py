@@ -66,9 +66,14 @@ PRESETS = {
 
 
 def calibration_images(data: Dataset, count: int, seed: int) -> np.ndarray:
-    """A seeded sample of the training split (never validation or test), normalized like training."""
+    """A seeded sample of the training split (never validation or test, never augmented), normalized like
+    training, stratified: each class gets its share, so a rare class still sets the activation ranges."""
     rng = np.random.default_rng(seed)
-    take = rng.permutation(len(data.x_train))[:count]
+    classes = np.unique(data.y_train)
+    members = [rng.permutation(np.flatnonzero(data.y_train == c)) for c in classes]
+    # Round-robin over the shuffled classes: equal shares, and the rest from classes that have more.
+    order = [m[i] for i in range(max(map(len, members))) for m in members if i < len(m)]
+    take = np.sort(np.array(order[:count], dtype=np.int64))
     return normalize(data.x_train[take], data.spec.to_dict())
 
 

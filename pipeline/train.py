@@ -1,7 +1,8 @@
-"""Training: Adam, sparse categorical cross-entropy, seeded, with optional TensorBoard logs."""
+"""Training: each zoo model's recipe (optimizer, schedule, smoothing, augmentation), seeded, timed per epoch."""
 from __future__ import annotations
 
-from device.core import normalize
+import time
+
 from pipeline.config import BuildConfig
 from pipeline.data import Dataset
 from pipeline.models import MODELS, build_model
@@ -20,25 +21,85 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def train(cfg: BuildConfig, data: Dataset, log=print):
-    """Build the configured model and fit it; returns (model, history dict)."""
+def recipe_of(cfg: BuildConfig) -> dict:
+    """The training recipe this build uses: the model's defaults with the command line's overrides."""
+    return {k: getattr(cfg, k) for k in ("epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule",
+                                         "warmup_epochs", "weight_decay", "label_smoothing", "augment")}
+
+
+def _optimizer(recipe: dict, steps_per_epoch: int):
     import keras
 
+    lr = recipe["learning_rate"]
+    if recipe["lr_schedule"] == "cosine":
+        total = recipe["epochs"] * steps_per_epoch
+        warmup = min(recipe["warmup_epochs"] * steps_per_epoch, total - 1)
+        # Warm-up starts from lr/100: big steps on freshly initialised BatchNorm statistics diverge.
+        lr = keras.optimizers.schedules.CosineDecay(lr / 100 if warmup else lr, total - warmup,
+                                                    warmup_target=lr if warmup else None, warmup_steps=warmup)
+    wd = recipe["weight_decay"] or None
+    if recipe["optimizer"] == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    if recipe["optimizer"] == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=recipe["weight_decay"])
+    return keras.optimizers.Adam(lr, weight_decay=wd)
+
+
+class _Throughput:
+    """Keras callback timing the training part of each epoch (validation excluded) and logging it."""
+
+    def __new__(cls, images: int, epochs: int, log):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.seconds: list[float] = []
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.t0, self.trained = time.perf_counter(), None
+
+            def on_test_begin(self, logs=None):
+                self.trained = time.perf_counter() - self.t0
+
+            def on_epoch_end(self, epoch, logs=None):
+                seconds = self.trained if self.trained is not None else time.perf_counter() - self.t0
+                self.seconds.append(seconds)
+                figures = ", ".join(f"{k} {v:.4f}" for k, v in (logs or {}).items() if k != "learning_rate")
+                log(f"epoch {epoch + 1}/{epochs}: {figures}; {images / seconds:,.0f} images/s ({seconds:.1f} s)")
+
+        return Callback()
+
+
+def train(cfg: BuildConfig, data: Dataset, log=print):
+    """Build the configured model and fit it with its recipe; returns (model, history dict)."""
+    import keras
+
+    from pipeline.data.augment import batches
+
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, MODELS[cfg.model].input_shape, len(data.spec.labels))
+    spec = data.spec
+    model = build_model(cfg.model, (spec.height, spec.width, spec.channels), len(spec.labels))
     check_input_shape(model, data, cfg.model)
-    model.compile(optimizer=keras.optimizers.Adam(), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    callbacks = [keras.callbacks.TensorBoard(log_dir=cfg.tensorboard)] if cfg.tensorboard else []
-    log(f"training {cfg.model} on {len(data.x_train)} {data.name} images "
-        f"({len(data.x_val)} for validation), {cfg.epochs} epoch(s), batch {cfg.batch_size}")
-    pre = data.spec.to_dict()
-    history = model.fit(
-        normalize(data.x_train, pre), data.y_train,
-        validation_data=(normalize(data.x_val, pre), data.y_val),
-        epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True, verbose=2, callbacks=callbacks,
-    )
-    return model, {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    recipe, classes = recipe_of(cfg), len(spec.labels)
+    common = dict(batch_size=cfg.batch_size, classes=classes, scale=spec.scale, offset=spec.offset)
+    train_ds, steps = batches(data.x_train, data.y_train, epochs=cfg.epochs, shuffle=True, augment=cfg.augment,
+                              seed=cfg.seed, **common)
+    val_ds, _ = batches(data.x_val, data.y_val, **common)
+    model.compile(optimizer=_optimizer(recipe, steps),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    throughput = _Throughput(len(data.x_train), cfg.epochs, log)
+    callbacks = [throughput] + ([keras.callbacks.TensorBoard(log_dir=cfg.tensorboard)] if cfg.tensorboard else [])
+    log(f"training {cfg.model} on {len(data.x_train)} {data.name} images ({len(data.x_val)} for validation), "
+        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in recipe.items()))
+    history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, steps_per_epoch=steps,
+                        shuffle=False, verbose=0, callbacks=callbacks)  # the dataset shuffles itself
+    out = {k: [float(v) for v in vs] for k, vs in history.history.items() if k != "learning_rate"}
+    out["epoch_seconds"] = [round(s, 3) for s in throughput.seconds]
+    out["images_per_second"] = [round(len(data.x_train) / s, 1) for s in throughput.seconds]
+    out["recipe"] = recipe
+    return model, out
 
 
 def load_user_model(path: str, data: Dataset):
