@@ -138,8 +138,9 @@ def normalize(pixels: np.ndarray, preprocess: dict) -> np.ndarray:
     return pixels.astype(np.float32) * np.float32(preprocess["scale"]) + np.float32(preprocess["offset"])
 
 
-def load_image(path: Path, preprocess: dict) -> np.ndarray:
-    """Any image Pillow reads, to uint8 (H, W, C) in the model's size and colour layout."""
+def load_image(path: Path, preprocess: dict, *, with_size: bool = False):
+    """Any image Pillow reads, to uint8 (H, W, C) in the model's size and colour layout
+    (with its original (width, height) too if `with_size`: training reports the sizes it resized)."""
     from PIL import Image, ImageOps
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
@@ -150,6 +151,7 @@ def load_image(path: Path, preprocess: dict) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
+                size = img.size
                 img = _to_mode(ImageOps.exif_transpose(img), preprocess["channels"])  # phones store rotation in EXIF
                 img = img.resize((preprocess["width"], preprocess["height"]), resample)
                 arr = np.asarray(img, dtype=np.uint8)
@@ -160,7 +162,8 @@ def load_image(path: Path, preprocess: dict) -> np.ndarray:
     except Exception as e:  # Pillow's decoders on damaged files raise OSError, ValueError, TypeError, struct.error...
         raise DeviceError(f"{path}: not a readable image ({type(e).__name__}: {e}); pass a PNG, JPEG or other "
                           "Pillow format")
-    return arr.reshape(preprocess["height"], preprocess["width"], preprocess["channels"])
+    arr = arr.reshape(preprocess["height"], preprocess["width"], preprocess["channels"])
+    return (arr, size) if with_size else arr
 
 
 def _to_mode(img, channels: int):

@@ -5,7 +5,7 @@ import time
 
 from pipeline.config import BuildConfig
 from pipeline.data import Dataset
-from pipeline.models import MODELS, build_model
+from pipeline.models import build_model
 
 
 class ModelMismatchError(ValueError):

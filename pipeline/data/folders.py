@@ -9,12 +9,10 @@ directory, keyed on the files' names, sizes and modification times and on the ta
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
 import tempfile
-import zipfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -24,6 +22,7 @@ import numpy as np
 from pipeline.data import DataError
 
 SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+_SUFFIX_TUPLE = tuple(SUFFIXES)
 SPLITS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
 RESIZE = "bilinear"  # Pillow's, antialiased when shrinking; recorded in the preprocessing the runner reads
 MAX_UNREADABLE = 0.25  # above this share of unreadable files the folder is wrong, not a few files
@@ -50,29 +49,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgepipe" / "decoded"
 
 
-def discover(root: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[str, int]]]]:
-    """Class names and, per split present on disk, the sorted (relative path, label) of every image file."""
+def discover(root: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[str, int, str]]]]:
+    """Class names and, per split present on disk, the sorted (relative path, label, size:mtime) of each image."""
     if not root.is_dir():
         state = "is a file, not a directory" if root.exists() else "does not exist"
         raise DataError(f"--data-dir {root}: {state}; expected {FOLDER_LAYOUT}")
-    split_dirs = {split: root / name for split, names in SPLITS.items() for name in names if (root / name).is_dir()}
+    split_dirs = {split: name for split, names in SPLITS.items() for name in names if (root / name).is_dir()}
     if "train" not in split_dirs:
-        split_dirs = {"train": root}
-    classes = _class_names(split_dirs["train"])
+        split_dirs = {"train": ""}
+    classes = _class_names(root / split_dirs["train"])
     files = {}
-    for split, folder in split_dirs.items():
-        found = _class_names(folder)
+    for split, sub in split_dirs.items():
+        found = _class_names(root / sub)
         unknown = sorted(set(found) - set(classes))
         if unknown:
-            raise DataError(f"{folder}: class folder(s) {', '.join(unknown)} are not in {split_dirs['train']}; "
-                            f"every split needs the same classes, rename or remove them")
-        files[split] = [(str((folder / c / f).relative_to(root)), label)
-                        for label, c in enumerate(classes) if (folder / c).is_dir()
-                        for f in _images(folder / c)]
-        empty = [c for c in found if not _images(folder / c)]
-        if empty:
-            raise DataError(f"{folder / empty[0]}: class folder holds no image files; add images "
-                            f"({', '.join(sorted(SUFFIXES))}) or remove the folder")
+            raise DataError(f"{root / sub}: class folder(s) {', '.join(unknown)} are not in "
+                            f"{root / split_dirs['train']}; every split needs the same classes, rename or remove them")
+        files[split] = []
+        for label, c in enumerate(classes):
+            if c not in found:
+                continue
+            images = _images(root, f"{sub}/{c}" if sub else c)
+            if not images:
+                raise DataError(f"{root / sub / c}: class folder holds no image files; add images "
+                                f"({', '.join(sorted(SUFFIXES))}) or remove the folder")
+            files[split] += [(rel, label, stamp) for rel, stamp in images]
     return classes, files
 
 
@@ -92,13 +93,21 @@ def _class_names(folder: Path) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _images(folder: Path) -> list[str]:
-    """Image files below a class folder (nested folders included), sorted, hidden and non-image files ignored."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not _hidden(d)]
-        out += [os.path.relpath(os.path.join(dirpath, f), folder) for f in filenames
-                if not _hidden(f) and Path(f).suffix.lower() in SUFFIXES]
+def _images(root: Path, folder: str) -> list[tuple[str, str]]:
+    """(path relative to root, "size:mtime") of the image files below a class folder, nested ones included,
+    sorted; hidden and non-image files are ignored. Plain strings: Path objects cost seconds at 58,000 files."""
+    out, pending = [], [folder]
+    while pending:
+        sub = pending.pop()
+        with os.scandir(os.path.join(root, sub)) as entries:
+            for e in entries:
+                if _hidden(e.name):
+                    continue
+                if e.is_dir():
+                    pending.append(os.path.join(sub, e.name))
+                elif e.name.lower().endswith(_SUFFIX_TUPLE):
+                    st = e.stat()
+                    out.append((f"{sub}/{e.name}", f"{st.st_size}:{st.st_mtime_ns}"))
     return sorted(out)
 
 
@@ -106,21 +115,19 @@ def _images(folder: Path) -> list[str]:
 
 def _decode_chunk(root: str, paths: list[str], preprocess: dict):
     """Worker: (uint8 images, readable mask, errors of the unreadable, original sizes) for one chunk."""
-    from PIL import Image
-
-    from device.core import load_image
+    from device.core import DeviceError, load_image
 
     images, ok, errors, sizes = [], [], [], []
     for rel in paths:
-        path = Path(root) / rel
         try:
-            with Image.open(path) as img:
-                sizes.append(f"{img.width}x{img.height}")
-            images.append(load_image(path, preprocess))
-            ok.append(True)
-        except Exception as e:  # any damage Pillow reports: the file is skipped and listed
+            image, (width, height) = load_image(os.path.join(root, rel), preprocess, with_size=True)
+        except DeviceError as e:  # a damaged or non-image file: skipped and listed, not fatal
             ok.append(False)
-            errors.append(f"{rel}: {' '.join(str(e).split())[:160]}")
+            errors.append(str(e)[:200])
+            continue
+        images.append(image)
+        ok.append(True)
+        sizes.append(f"{height}x{width}")
     shape = (0, preprocess["height"], preprocess["width"], preprocess["channels"])
     return (np.stack(images) if images else np.zeros(shape, np.uint8)), ok, errors, sizes
 
@@ -144,62 +151,70 @@ def decode(root: Path, paths: list[str], preprocess: dict, workers: int | None =
 
 # ---- the cache ----
 
-def cache_key(root: Path, paths: list[str], preprocess: dict) -> str:
+def cache_key(root: Path, files: list[tuple[str, int, str]], preprocess: dict) -> str:
+    """Names, sizes and modification times of the files, and the size and colour they are decoded to."""
     h = hashlib.sha256(json.dumps([CACHE_FORMAT, str(root.resolve()), preprocess["height"], preprocess["width"],
                                    preprocess["channels"], preprocess["resize"]]).encode())
-    for rel in paths:
-        st = os.stat(root / rel)
-        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    h.update("\n".join(f"{rel}\0{stamp}" for rel, _, stamp in files).encode())
     return h.hexdigest()
 
 
 def _read_cache(path: Path, key: str, count: int, log):
-    """The cached (x, ok, errors, sizes), or None; a damaged or foreign file is reported and ignored."""
-    if not path.is_file():
+    """The cached (x, ok, errors, sizes, sha256), or None; a damaged or foreign cache is reported and ignored."""
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            meta = json.loads(str(npz["meta"]))
-            x, ok = npz["x"], npz["ok"]
-        if (meta.get("key") != key or ok.shape != (count,) or len(x) != int(ok.sum())
-                or hashlib.sha256(np.ascontiguousarray(x)).hexdigest() != meta.get("sha256")):
-            raise ValueError("contents do not match their checksum or the folder")
-        return x, ok, meta["errors"], Counter(meta["sizes"])
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        meta = json.loads(meta_path.read_text())
+        x = np.load(path, allow_pickle=False)
+        ok = np.ones(count, bool)
+        ok[meta["unreadable"]] = False
+        # The checksum catches a truncated or altered array, and an array from another build of the cache.
+        if (meta.get("key") != key or x.dtype != np.uint8 or len(x) != int(ok.sum())
+                or hashlib.sha256(x).hexdigest() != meta.get("sha256")):
+            raise ValueError("its contents do not match their checksum or this folder")
+        return x, ok, meta["errors"], Counter(meta["sizes"]), meta["sha256"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError) as e:
         log(f"decode cache {path} is unusable ({' '.join(str(e).split())[:120]}); decoding again")
         return None
 
 
-def _write_cache(path: Path, key: str, x, ok, errors, sizes, log) -> None:
-    meta = json.dumps({"key": key, "sha256": hashlib.sha256(np.ascontiguousarray(x)).hexdigest(),
-                       "errors": errors, "sizes": dict(sizes)})
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)  # readers see the old file or the whole new one, never half
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_cache(path: Path, key: str, x, ok, errors, sizes, sha256: str, log) -> None:
+    meta = {"key": key, "sha256": sha256, "unreadable": np.flatnonzero(~ok).tolist(), "errors": errors,
+            "sizes": dict(sizes)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                buf = io.BytesIO()
-                np.savez(buf, x=x, ok=ok, meta=np.array(meta))
-                f.write(buf.getbuffer())
-            os.replace(tmp, path)  # readers see the old file or the whole new one, never half
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        # The array first, its description last: a crash in between leaves a checksum that does not match.
+        _atomic(path, lambda f: np.save(f, x, allow_pickle=False))
+        _atomic(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
     except OSError as e:
         log(f"decode cache not written to {path.parent} ({e.strerror or e}); the next build decodes again "
             f"(set EDGEPIPE_CACHE_DIR to a writable folder)")
 
 
-def load_images(root: Path, paths: list[str], preprocess: dict, log=print):
-    """(x, ok, errors, sizes, cache facts) for `paths` under `root`, from the cache when it is still valid."""
-    key = cache_key(root, paths, preprocess)
-    path = cache_dir() / f"{key}.npz"
+def load_images(root: Path, files: list[tuple[str, int, str]], preprocess: dict, log=print):
+    """(x, ok, errors, sizes, sha256 of x, cache facts) for `files` under `root`, from the cache if still valid."""
+    key = cache_key(root, files, preprocess)
+    paths = [rel for rel, _, _ in files]
+    path = cache_dir() / f"{key}.npy"
     cached = _read_cache(path, key, len(paths), log)
     if cached is not None:
         return (*cached, {"path": str(path), "hit": True})
     x, ok, errors, sizes = decode(root, paths, preprocess)
-    _write_cache(path, key, x, ok, errors, sizes, log)
-    return x, ok, errors, sizes, {"path": str(path), "hit": False}
+    sha256 = hashlib.sha256(x).hexdigest()
+    _write_cache(path, key, x, ok, errors, sizes, sha256, log)
+    return x, ok, errors, sizes, sha256, {"path": str(path), "hit": False}
 
 
 # ---- the dataset ----
@@ -216,41 +231,44 @@ def load_folder_dataset(name: str, root: Path, size: tuple[int, int, int], *, se
     height, width, channels = size
     spec = PreprocessSpec(height, width, channels, labels=classes, resize=RESIZE)
     pre = spec.to_dict()
-    paths = [rel for split in files.values() for rel, _ in split]
-    x, ok, errors, sizes, cache = load_images(root, paths, pre, log)
+    everything = [f for split in files.values() for f in split]
+    x, ok, errors, sizes, x_sha256, cache = load_images(root, everything, pre, log)
     if not ok.any():
-        raise DataError(f"--data-dir {root}: none of the {len(paths)} image files could be read (first: {errors[0]}); "
-                        f"expected images Pillow reads (JPEG, PNG, BMP, WebP, TIFF...)")
+        raise DataError(f"--data-dir {root}: none of the {len(everything)} image files could be read "
+                        f"(first: {errors[0]}); expected images Pillow reads (JPEG, PNG, BMP, WebP, TIFF...)")
     if (~ok).mean() > MAX_UNREADABLE:
-        raise DataError(f"--data-dir {root}: {int((~ok).sum())} of {len(paths)} image files are unreadable "
+        raise DataError(f"--data-dir {root}: {int((~ok).sum())} of {len(everything)} image files are unreadable "
                         f"(first: {errors[0]}); fix or remove them")
     if errors:
-        log(f"skipped {len(errors)} unreadable image(s): " + "; ".join(errors[:5]) + ("; ..." if len(errors) > 5 else ""))
-    target = f"{width}x{height}"
+        more = "; ..." if len(errors) > 5 else ""
+        log(f"skipped {len(errors)} unreadable image(s): " + "; ".join(errors[:5]) + more)
+    target = f"{height}x{width}"
     if set(sizes) != {target}:
         common = ", ".join(f"{s} ({n})" for s, n in sizes.most_common(3))
         log(f"resized images of {len(sizes)} size(s) (most common: {common}) to {height}x{width} ({RESIZE})")
 
-    # Rows of x are the readable files in `paths` order; split them back out per split.
-    labels = np.array([label for split in files.values() for _, label in split], np.int64)
-    index = np.cumsum(ok) - 1
-    bounds = np.cumsum([0] + [len(v) for v in files.values()])
-    parts = {}
-    for (split, _), lo, hi in zip(files.items(), bounds[:-1], bounds[1:]):
-        keep = np.flatnonzero(ok[lo:hi]) + lo
-        parts[split] = (x[index[keep]], labels[keep])
+    # Rows of x are the readable files in `everything` order: index arrays per split, then one copy each.
+    labels = np.array([label for _, label, _ in everything], np.int64)[ok]
+    ends = np.cumsum([len(f) for f in files.values()])
+    bounds = [0] + [int(ok[:end].sum()) for end in ends]
+    rows = {split: np.arange(lo, hi) for split, lo, hi in zip(files, bounds[:-1], bounds[1:])}
     rng = np.random.default_rng(seed)
     for split in ("test", "val"):  # what has no folder of its own is drawn from train, per class
-        if split not in parts:
-            parts["train"], parts[split] = _stratified_split(*parts["train"], validation_fraction, rng, classes, root)
-    empty = [classes[c] for c in range(len(classes)) if not (parts["train"][1] == c).any()]
+        if split not in rows:
+            rows["train"], rows[split] = _stratified_split(rows["train"], labels, validation_fraction, rng,
+                                                           classes, root)
+    parts = {split: (x[r], labels[r]) for split, r in rows.items()}
+    empty = [c for i, c in enumerate(classes) if not (parts["train"][1] == i).any()]
     if empty:
-        raise DataError(f"{root}: class '{empty[0]}' has no readable training image; add images or remove the folder")
+        raise DataError(f"{root}: class '{empty[0]}' has no readable training image; add images or remove the "
+                        f"folder")
 
     counts = {split: {c: int((y == i).sum()) for i, c in enumerate(classes)} for split, (_, y) in parts.items()}
     source = {
         "kind": "image-folders", "folder": str(root), "files": [],
-        "sha256": _arrays_sha256(parts["train"][0], parts["train"][1], parts["test"][0], parts["test"][1]),
+        # The decoded pixels' hash (kept with the cache) with the labels and the split: hashing 180 MB again costs.
+        "sha256": _arrays_sha256(np.frombuffer(bytes.fromhex(x_sha256), np.uint8), labels,
+                                 *(rows[s] for s in ("train", "val", "test"))),
         "counts": {split: len(parts[split][1]) for split in ("train", "val", "test")},
         "per_class": counts, "image_size": f"{height}x{width}", "channels": channels, "resize": RESIZE,
         "split": {s: ("folder" if s in files else f"stratified from train, seed {seed}") for s in ("val", "test")},
@@ -261,16 +279,15 @@ def load_folder_dataset(name: str, root: Path, size: tuple[int, int, int], *, se
     return Dataset(name, *parts["train"], *parts["val"], *parts["test"], spec, source)
 
 
-def _stratified_split(x, y, fraction: float, rng, classes, root):
-    """(kept, drawn): `fraction` of each class, at least one image, drawn at random with `rng`."""
+def _stratified_split(rows, labels, fraction: float, rng, classes, root):
+    """(kept, drawn) rows: `fraction` of each class, at least one image, drawn at random with `rng`."""
     drawn = []
     for c in range(len(classes)):
-        members = np.flatnonzero(y == c)
+        members = rows[labels[rows] == c]
         take = max(1, round(len(members) * fraction))
         if len(members) - take < 1:
             raise DataError(f"{root}: class '{classes[c]}' has {len(members)} readable image(s), too few to split "
                             f"into training, validation and test; add images or provide val/ and test/ folders")
         drawn.append(rng.permutation(members)[:take])
     drawn = np.sort(np.concatenate(drawn))
-    kept = np.setdiff1d(np.arange(len(y)), drawn)
-    return (x[kept], y[kept]), (x[drawn], y[drawn])
+    return np.setdiff1d(rows, drawn), drawn
