@@ -286,7 +286,7 @@ class Model:
         probs = self.predict(pixels)
         results = []
         for path, p in zip(image_paths, probs):
-            order = np.argsort(-p)[:top_k]
+            order = np.argsort(-p, kind="stable")[:top_k]  # ties: the lowest index, as argmax (evaluation)
             results.append({"image": str(path), "top": [
                 {"label": self.labels[i] if i < len(self.labels) else str(i), "index": int(i),
                  "score": float(p[i])} for i in order]})
