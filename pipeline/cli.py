@@ -85,7 +85,7 @@ def output_options(fn):
 def train_options(fn):
     fn = click.option("--model", type=click.Choice(list(MODELS)),
                       help="Architecture from the zoo (default: the dataset's default).")(fn)
-    # The recipe's options default to the model's own recipe (models.MODELS), shown by `pipeline models`.
+    # The recipe options default to the model's own recipe (models.MODELS; the README lists them).
     fn = click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the model's recipe).")(fn)
     fn = click.option("--batch-size", type=click.IntRange(min=1), help="Training batch size (default: recipe).")(fn)
     fn = click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="Optimizer (default: recipe).")(fn)

@@ -306,3 +306,21 @@ def test_runner_on_the_test_jpegs_gives_the_host_evaluations_predictions(cifar_s
         assert runner.returncode == 0, runner.stderr[-2000:]
         device = [r["top"][0]["index"] for r in json.loads(runner.stdout)["results"]]
         assert device == host[variant].tolist()
+
+
+def test_cli_infers_a_folder_dataset_and_says_what_is_wrong_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    photos = tmp_path / "photos"
+    _classes(photos, ["cats", "dogs"])
+    (photos / "birds").mkdir()
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["build", "--data-dir", str(photos), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "birds" in result.output and "holds no image files" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not out.exists()  # no run directory; the staging folder stays for --resume, as for any failure
+    result = CliRunner().invoke(main, ["build", "--data-dir", str(photos), "--image-size", "0x0", "--out", str(out)])
+    assert result.exit_code == 2 and "--image-size" in result.output

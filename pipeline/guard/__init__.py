@@ -199,7 +199,8 @@ def analyze_run(run_dir: Path, log=print) -> dict:
     run_dir = Path(run_dir)
     cfg = BuildConfig.from_dict({**json.loads((run_dir / "manifest.json").read_text())["config"],
                                  "out": str(run_dir), "analyze": True, "fallback": "none", "qat": False})
-    data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction)
+    data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction,
+                        input_shape=cfg.input_shape, log=log)
     model = keras.models.load_model(run_dir / "model.keras", compile=False)
     analysis, _ = _examine(run_dir, cfg, data, model, log, REMEDIES)
     if (run_dir / ANALYSIS).is_file():  # keep what the build's guard decided

@@ -94,6 +94,8 @@ def confusion_pair(evaluation: dict, labels: list[str]) -> bytes | None:
     if "int8" not in evaluation["variants"] or "fp32" not in evaluation["variants"]:
         return None
     mats = {v: np.asarray(evaluation["variants"][v]["confusion"]) for v in ("fp32", "int8")}
+    # Folder datasets bring their own class names: long ones are shortened so the cells keep their size.
+    labels = [name if len(name) <= 14 else name[:13] + "…" for name in labels]
     vmax = max(int(m.max()) for m in mats.values())
     size = max(4.0, 0.45 * len(labels) + 1.5)
     fig = Figure(figsize=(2 * size + 1, size), layout="constrained")
