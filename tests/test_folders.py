@@ -281,6 +281,7 @@ def test_augmentation_never_reaches_the_converted_model(cifar_slice, tmp_path):
     assert np.array_equal(outputs[0], outputs[1])
 
 
+@pytest.mark.slow
 def test_runner_on_the_test_jpegs_gives_the_host_evaluations_predictions(cifar_slice, tmp_path):
     """A whole build on the slice; then the bundle's runner, fed the original JPEG files, predicts what
     the host evaluation predicted from the decoded arrays."""
