@@ -93,7 +93,8 @@ def train_options(fn):
                       help="Peak learning rate (default: recipe).")(fn)
     fn = click.option("--lr-schedule", type=click.Choice(SCHEDULES),
                       help="cosine (to 0, after --warmup-epochs) or constant (default: recipe).")(fn)
-    fn = click.option("--warmup-epochs", type=click.IntRange(min=0), help="Linear warm-up epochs (default: recipe).")(fn)
+    fn = click.option("--warmup-epochs", type=click.IntRange(min=0),
+                      help="Linear warm-up epochs (default: recipe).")(fn)
     fn = click.option("--weight-decay", type=click.FloatRange(min=0, max=1, max_open=True),
                       help="Decoupled weight decay (default: recipe).")(fn)
     fn = click.option("--label-smoothing", type=click.FloatRange(min=0, max=1, max_open=True),

@@ -86,7 +86,7 @@ def cifar_resnet8(input_shape, classes):
     """
     from keras import Input, Model, layers, regularizers
 
-    conv = dict(padding="same", kernel_initializer="he_normal", kernel_regularizer=regularizers.l2(1e-4))
+    conv = {"padding": "same", "kernel_initializer": "he_normal", "kernel_regularizer": regularizers.l2(1e-4)}
     inputs = Input(input_shape)
     x = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(16, 3, **conv)(inputs)))
     for filters, stride in ((16, 1), (32, 2), (64, 2)):

@@ -82,7 +82,7 @@ def train(cfg: BuildConfig, data: Dataset, log=print):
     model = build_model(cfg.model, (spec.height, spec.width, spec.channels), len(spec.labels))
     check_input_shape(model, data, cfg.model)
     recipe, classes = recipe_of(cfg), len(spec.labels)
-    common = dict(batch_size=cfg.batch_size, classes=classes, scale=spec.scale, offset=spec.offset)
+    common = {"batch_size": cfg.batch_size, "classes": classes, "scale": spec.scale, "offset": spec.offset}
     train_ds, steps = batches(data.x_train, data.y_train, epochs=cfg.epochs, shuffle=True, augment=cfg.augment,
                               seed=cfg.seed, **common)
     val_ds, _ = batches(data.x_val, data.y_val, **common)

@@ -249,7 +249,7 @@ def test_cifar_jpegs_get_the_usual_label_ids(cifar_slice):
     assert data.spec.labels == CIFAR_LABELS and data.source["kind"] == "image-folders"
     assert data.source["counts"] == {"train": 180, "val": 20, "test": 100}
     assert np.array_equal(data.y_test, np.repeat(np.arange(10), 10))  # test/ in sorted class order
-    cat = np.asarray(Image.open(sorted((cifar_slice / "test" / "cat").iterdir())[0]).convert("RGB"))
+    cat = np.asarray(Image.open(min((cifar_slice / "test" / "cat").iterdir())).convert("RGB"))
     assert np.array_equal(data.x_test[30], cat)  # 32x32 JPEGs: decoded, not resized
 
 
@@ -289,7 +289,7 @@ def test_runner_on_the_test_jpegs_gives_the_host_evaluations_predictions(cifar_s
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     build = subprocess.run([sys.executable, "-m", "pipeline.cli", "build", "--dataset", "cifar10", "--data-dir",
                             str(cifar_slice), "--model", "cifar-cnn", "--epochs", "1", "--quantize", "int8",
-                            "--no-benchmark", "--out", str(out)], capture_output=True, text=True, env=env)
+                            "--no-benchmark", "--out", str(out)], capture_output=True, text=True, env=env, check=False)
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["data"]["per_class"]["test"]["cat"] == 10 and manifest["data"]["image_size"] == "32x32"
@@ -303,7 +303,7 @@ def test_runner_on_the_test_jpegs_gives_the_host_evaluations_predictions(cifar_s
     for variant in ("fp32", "int8"):
         runner = subprocess.run([sys.executable, str(REPO / "device" / "runner.py"), "classify", "--json",
                                  "--model", str(out / f"model_{variant}.tflite"), *map(str, images)],
-                                capture_output=True, text=True)
+                                capture_output=True, text=True, check=False)
         assert runner.returncode == 0, runner.stderr[-2000:]
         device = [r["top"][0]["index"] for r in json.loads(runner.stdout)["results"]]
         assert device == host[variant].tolist()
