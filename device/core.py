@@ -138,27 +138,73 @@ def normalize(pixels: np.ndarray, preprocess: dict) -> np.ndarray:
     return pixels.astype(np.float32) * np.float32(preprocess["scale"]) + np.float32(preprocess["offset"])
 
 
-def load_image(path: Path, preprocess: dict) -> np.ndarray:
-    """Any image Pillow reads, to uint8 (H, W, C) in the model's size and colour layout."""
-    from PIL import Image
+# Training data whose polarity is known: MNIST and scikit-learn's digits are light strokes on black.
+# A metadata "polarity" in preprocess overrides this table (keyed by the metadata's dataset name).
+POLARITY = {"mnist": "light-on-dark", "digits": "light-on-dark"}
+# An image whose side is below this fraction of the model's is upscaled so much that little is left.
+SMALL_FRACTION = 0.5
 
+
+def load_image(path, preprocess: dict) -> np.ndarray:
+    """Any image Pillow reads, to uint8 (H, W, C) in the model's size and colour layout."""
+    return read_image(path, preprocess)[0]
+
+
+def read_image(source, preprocess: dict, name: str | None = None) -> tuple[np.ndarray, dict]:
+    """(uint8 (H, W, C) pixels in the model's size and layout, facts about the original image).
+
+    `source` is a path or the bytes of an image (stdin). EXIF orientation is applied first, as
+    phones and cameras store many photos sideways with a tag that says how to turn them upright.
+    """
+    import io
+
+    from PIL import Image, ImageOps
+
+    name = name or str(source)
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
                 img.load()
+                orientation = img.getexif().get(0x0112, 1)
+                img = ImageOps.exif_transpose(img)
+                size = img.size
                 img = _to_mode(img, preprocess["channels"])
                 img = img.resize((preprocess["width"], preprocess["height"]), Image.Resampling.BILINEAR)
                 arr = np.asarray(img, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DeviceError(f"{path}: image is too large ({e}); pass an image under {MAX_IMAGE_PIXELS} pixels")
+        raise DeviceError(f"{name}: image is too large ({e}); pass an image under {MAX_IMAGE_PIXELS} pixels")
     except FileNotFoundError:
-        raise DeviceError(f"{path}: no such image file")
+        raise DeviceError(f"{name}: no such image file")
+    except IsADirectoryError:
+        raise DeviceError(f"{name}: is a folder with no image files in it")
     except Exception as e:  # Pillow's decoders on damaged files raise OSError, ValueError, TypeError, struct.error...
-        raise DeviceError(f"{path}: not a readable image ({type(e).__name__}: {e}); pass a PNG, JPEG or other "
+        raise DeviceError(f"{name}: not a readable image ({type(e).__name__}: {e}); pass a PNG, JPEG or other "
                           "Pillow format")
-    return arr.reshape(preprocess["height"], preprocess["width"], preprocess["channels"])
+    arr = arr.reshape(preprocess["height"], preprocess["width"], preprocess["channels"])
+    return arr, {"width": size[0], "height": size[1], "exif_orientation": orientation}
+
+
+def image_warnings(pixels: np.ndarray, facts: dict, preprocess: dict, dataset: str | None) -> list[str]:
+    """What makes a classification of this image doubtful: far too small, or the opposite polarity."""
+    out = []
+    h, w = preprocess["height"], preprocess["width"]
+    if facts["width"] < SMALL_FRACTION * w or facts["height"] < SMALL_FRACTION * h:
+        out.append(f"the image is {facts['width']}x{facts['height']}, far smaller than the model's {w}x{h} input; "
+                   "it was upscaled and the result means little")
+    polarity = preprocess.get("polarity") or POLARITY.get(dataset or "")
+    if polarity == "light-on-dark" and _background(pixels) > 127:
+        out.append(f"the image looks dark on a light background, but the model was trained on light strokes on "
+                   f"a dark background ({dataset}); pass --invert to flip it")
+    return out
+
+
+def _background(pixels: np.ndarray) -> float:
+    """The median of the one-pixel border: the background of a centred digit or object."""
+    g = pixels.mean(axis=-1) if pixels.ndim == 3 else pixels
+    border = np.concatenate([g[0], g[-1], g[1:-1, 0], g[1:-1, -1]])
+    return float(np.median(border))
 
 
 def _to_mode(img, channels: int):
@@ -276,19 +322,42 @@ class Model:
                               "not (N, classes)")
         return np.concatenate(out) if out else np.zeros((0, self.output.shape[-1]), np.float32)
 
-    def classify(self, image_paths, top_k: int = 3) -> list[dict]:
-        pixels = np.stack([load_image(Path(p), self.preprocess) for p in image_paths])
-        probs = self.predict(pixels)
-        results = []
-        for path, p in zip(image_paths, probs):
-            order = np.argsort(-p)[:top_k]
-            results.append({"image": str(path), "top": [
-                {"label": self.labels[i] if i < len(self.labels) else str(i), "index": int(i),
-                 "score": float(p[i])} for i in order]})
+    def classify(self, images, top_k: int = 3, invert: bool = False) -> list[dict]:
+        """One result per image, in order: its top-k, or the error that kept it from being classified.
+
+        `images` are paths or (name, bytes) pairs. A bad image does not stop the others.
+        """
+        results, loaded = [], []
+        dataset = (self.metadata or {}).get("dataset")
+        for image in images:
+            name, source = image if isinstance(image, tuple) else (str(image), Path(image))
+            try:
+                pixels, facts = read_image(source, self.preprocess, name)
+            except DeviceError as e:
+                results.append({"image": name, "error": str(e)})
+                continue
+            if invert:
+                pixels = 255 - pixels
+            results.append({"image": name, "top": None, "warnings": image_warnings(pixels, facts, self.preprocess,
+                                                                                     dataset)})
+            loaded.append((len(results) - 1, pixels))
+        if loaded:
+            probs = self.predict(np.stack([p for _, p in loaded]))
+            for (i, _), p in zip(loaded, probs):
+                order = np.argsort(-p)[:top_k]
+                results[i]["top"] = [{"label": self.labels[c] if c < len(self.labels) else str(c), "index": int(c),
+                                      "score": float(p[c])} for c in order]
         return results
 
+    @property
+    def sha256(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(self.model_bytes).hexdigest()
+
     def info(self) -> dict:
-        ops = sorted({op["op_name"] for op in self._ops()})
+        # DELEGATE nodes are the interpreter's own (XNNPACK took over part of the graph), not the model's.
+        ops = sorted({op["op_name"] for op in self._ops()} - {"DELEGATE"})
         return {"model": str(self.path), "bytes": len(self.model_bytes),
                 "interpreter": {"name": self.runtime.name, "version": self.runtime.version},
                 "input": self.input.to_dict(), "output": self.output.to_dict(), "ops": ops,
@@ -327,7 +396,7 @@ def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256, 
 
 
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A labelled evaluation set: arrays `x` (uint8 images) and `y` (labels)."""
+    """A labelled evaluation set: arrays `x` (uint8 images, 0-255) and `y` (integer class indices)."""
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = {"x", "y"} - set(data.files)
@@ -339,9 +408,36 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DeviceError(f"{path}: not a readable .npz file ({e}); expected arrays 'x' and 'y'")
+    if x.ndim == 0 or len(x) == 0:
+        raise DeviceError(f"{path}: 'x' holds no images; expected N >= 1 uint8 images (N, H, W[, C])")
     if len(x) != len(y):
         raise DeviceError(f"{path}: {len(x)} images but {len(y)} labels; they must match")
-    return x, y
+    return _pixels(path, x), _labels(path, y)
+
+
+def _pixels(path, x: np.ndarray) -> np.ndarray:
+    if x.dtype == np.uint8:
+        return x
+    if np.issubdtype(x.dtype, np.floating) and x.size and np.nanmax(x) <= 1.0:
+        raise DeviceError(f"{path}: 'x' is {x.dtype} in [0, 1], but the runner takes uint8 pixels 0-255 and "
+                          "scales them itself; save x as (x * 255).round().astype(np.uint8)")
+    if np.issubdtype(x.dtype, np.integer) and x.min() >= 0 and x.max() <= 255:
+        return x.astype(np.uint8)
+    raise DeviceError(f"{path}: 'x' is {x.dtype} with values from {x.min()} to {x.max()}; expected uint8 pixels "
+                      "0-255 (save x.astype(np.uint8) if that is what they are)")
+
+
+def _labels(path, y: np.ndarray) -> np.ndarray:
+    if y.ndim == 2 and y.shape[1] > 1:
+        raise DeviceError(f"{path}: 'y' has shape {list(y.shape)}, one-hot or scores; expected one class index "
+                          "per image: save y.argmax(axis=1)")
+    y = y.reshape(len(y))
+    if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
+        raise DeviceError(f"{path}: 'y' holds {y.dtype} values such as {str(y[0])!r}; expected integer class "
+                          "indices (0 is the first line of labels.txt)")
+    if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y) & (y == np.round(y))):
+        raise DeviceError(f"{path}: 'y' holds non-integer values; expected integer class indices")
+    return y.astype(np.int64)
 
 
 def environment() -> dict:

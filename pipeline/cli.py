@@ -317,15 +317,16 @@ def report(run_dir, device_results):
 @click.option("--variants", callback=lambda ctx, param, values: tuple(
                   v.strip() for value in values for v in value.split(",") if v.strip()),
               multiple=True, metavar="VARIANT[,VARIANT]",
-              help="Models to include, including guard variants such as int8-cle (default: int8 and fp32); "
-                   "int8 is required.")
+              help="Models to include, including guard variants such as int8-cle (default: the variant the run "
+                   "delivers, and fp32 as the reference).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle written by `pipeline bundle`.")
 @handle_errors
-def bundle(run_dir, out, variants):
+def bundle(run_dir, out, variants, overwrite):
     """Pack a run into one .tar.gz for a Raspberry Pi: models, metadata, runner, samples, README."""
     from pipeline.ship.bundle import BundleError, make_bundle
 
     try:
-        path = make_bundle(run_dir, out, variants or None)
+        path = make_bundle(run_dir, out, variants or None, overwrite=overwrite, log=click.echo)
     except BundleError as e:
         raise UserError(str(e))
     click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)")

@@ -17,6 +17,7 @@ from pipeline.report import plots
 from pipeline.report.notes import notes, threads_label
 from pipeline.artifacts import MANIFEST, atomic_write, write_json
 from pipeline.config import VARIANTS
+from pipeline.delivery import default_variant, guard_decision
 
 SCHEMA = 1
 DEVICE_DIR = "device_results"
@@ -63,10 +64,13 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
         raise ReportError(f"{run_dir}: {', '.join(missing)} missing, though evaluation.json lists them; rebuild it")
     names = [v for v in VARIANTS if v in evaluation["variants"]] + [v for v in evaluation["variants"] if v not in VARIANTS]
     variants = [_variant(run_dir, v, evaluation, bench, threads) for v in names]
+    delivered, superseded = guard_decision(run_dir)
     report = {
         "schema": SCHEMA, "run": run_dir.name.removeprefix(".").removesuffix(".partial"),
         "model": manifest["config"]["model"], "dataset": manifest["config"]["dataset"],
         "test_images": evaluation["n"], "table_threads": threads, "variants": variants,
+        "delivered": {"variant": default_variant(names, delivered, superseded), "by_guard": delivered in names,
+                      "superseded": [v for v in superseded if v in names]},
         "keras": evaluation.get("keras"), "versions": manifest.get("versions", {}),
         "environment": bench["environment"] if bench else None,
         "benchmark": {k: bench.get(k) for k in ("xnnpack", "runs", "warmup", "interleaved", "macs_per_inference")}
@@ -225,10 +229,23 @@ def _text(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join("  ".join(cells) for cells in lines)
 
 
+def headline(report: dict) -> str:
+    """Which model the run delivers: what its bundle ships and its runner runs by default."""
+    d = report.get("delivered")
+    if not d:
+        return ""
+    v = next(x for x in report["variants"] if x["variant"] == d["variant"])
+    why = "the accuracy guard's repair" if d["by_guard"] else "the best variant present"
+    line = f"Delivers {d['variant']} ({why}): {_pct(v['accuracy'])} on the test split, {v['bytes'] / 1024:.1f} KiB"
+    if d["superseded"]:
+        line += f"; it replaces {', '.join(d['superseded'])}, which ships only on request"
+    return line + "."
+
+
 def _context(report: dict) -> list[str]:
     """The sentences above the table: what was measured, where, how."""
     versions = report["versions"]
-    lines = [f"{report['model']} on {report['dataset']}, accuracy on {report['test_images']:,} test images; "
+    lines = [*([headline(report)] if report.get("delivered") else []), f"{report['model']} on {report['dataset']}, accuracy on {report['test_images']:,} test images; "
              f"edgepipe {versions.get('edgepipe')}, TensorFlow {versions.get('tensorflow')}, "
              f"ai-edge-litert {versions.get('ai-edge-litert')}."]
     if report["benchmark"]:
@@ -325,4 +342,5 @@ def render(run_dir: Path, device_results: list[Path] | None = None, log=print) -
 
 def summary_table(run_dir: Path) -> str:
     """The report's table as aligned plain text for the terminal."""
-    return _text(*table(_read_json(Path(run_dir) / "report.json", "the report written by `pipeline report`")))
+    report = _read_json(Path(run_dir) / "report.json", "the report written by `pipeline report`")
+    return "\n".join(filter(None, [_text(*table(report)), headline(report)]))

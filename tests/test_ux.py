@@ -1,0 +1,114 @@
+"""What a new user hit (issue 13), driven as a user drives it: the `pipeline` CLI and `device/runner.py`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from tests.test_analyze import data, rescaled, source, trained  # noqa: F401 (fixtures)
+
+REPO = Path(__file__).resolve().parent.parent
+RUNNER = REPO / "device" / "runner.py"
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a board has no repository
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def runner(*args, cwd=None, stdin=None):
+    """The repository's runner, or with `cwd` an unpacked bundle's own, as on a board."""
+    script = "device/runner.py" if cwd else RUNNER
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, cwd=cwd,
+                          env=CLEAN_ENV if cwd else None, input=stdin, timeout=180,
+                          text=not isinstance(stdin, bytes))
+
+
+def _data_args(source):  # noqa: F811
+    dataset, data_dir = source
+    return ["--dataset", dataset] + (["--data-dir", data_dir] if data_dir else [])
+
+
+@pytest.fixture(scope="module")
+def breaker(tmp_path_factory, source, trained):  # noqa: F811
+    """The README's guard example: a model plain int8 breaks, repaired by the guard (int8-cle)."""
+    tmp = tmp_path_factory.mktemp("ux")
+    rescaled(trained).save(tmp / "breaker.keras")
+    result = cli("build", *_data_args(source), "--keras-model", tmp / "breaker.keras", "--out", tmp / "breaker",
+                 "--max-accuracy-drop", 2, "--fallback", "auto", "--no-benchmark")
+    assert result.exit_code == 0, result.output
+    assert "delivers int8-cle, replacing int8" in result.output
+    return tmp / "breaker"
+
+
+def _unpack(archive: Path, dest: Path) -> Path:
+    proc = runner("unpack", archive, dest)
+    assert proc.returncode == 0, proc.stderr
+    return dest
+
+
+def _host_accuracy(run: Path, variant: str, n: int) -> float:
+    with np.load(run / "predictions.npz") as p:
+        return float((p[f"probs_{variant}"][:n].argmax(1) == p["y"][:n]).mean())
+
+
+# ---------------------------------------------------------------- 2, 3: what a run delivers ships
+
+def test_guarded_bundle_ships_and_runs_the_delivered_model(breaker, tmp_path):
+    result = cli("bundle", breaker, "--out", tmp_path / "b.tar.gz")
+    assert result.exit_code == 0, result.output
+    assert "default is model_int8-cle.tflite" in result.output
+    pi = _unpack(tmp_path / "b.tar.gz", tmp_path / "pi")
+    meta = json.loads((pi / "metadata.json").read_text())
+    assert meta["default_model"] == "model_int8-cle.tflite"
+    assert sorted(meta["models"]) == ["model_fp32.tflite", "model_int8-cle.tflite"]  # superseded int8 stays home
+    assert not (pi / "model_int8.tflite").exists()
+    proc = runner("eval", "samples/eval.npz", "--json", cwd=pi)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["model"] == "model_int8-cle.tflite"
+    assert out["model_sha256"] == meta["models"]["model_int8-cle.tflite"]["sha256"]
+    # The board scores exactly what the host measured for the delivered variant on these images,
+    # and the report's headline names that variant.
+    n = out["n"]
+    assert out["accuracy"] == pytest.approx(_host_accuracy(breaker, "int8-cle", n), abs=1e-12)
+    assert out["accuracy"] > _host_accuracy(breaker, "int8", n) + 0.1
+    report = json.loads((breaker / "report.json").read_text())
+    assert report["delivered"] == {"variant": "int8-cle", "by_guard": True, "superseded": ["int8"]}
+    assert (breaker / "report.md").read_text().splitlines()[2].startswith("Delivers int8-cle")
+
+
+def test_superseded_variant_ships_on_request_labelled(breaker, tmp_path):
+    result = cli("bundle", breaker, "--variants", "int8-cle,int8", "--out", tmp_path / "b.tgz")
+    assert result.exit_code == 0, result.output
+    pi = _unpack(tmp_path / "b.tgz", tmp_path / "pi")
+    meta = json.loads((pi / "metadata.json").read_text())
+    assert meta["default_model"] == "model_int8-cle.tflite"
+    assert meta["models"]["model_int8.tflite"]["superseded_by"] == "int8-cle"
+    assert "superseded_by" not in meta["models"]["model_int8-cle.tflite"]
+    proc = runner("eval", "samples/eval.npz", "--model", "model_int8.tflite", cwd=pi)
+    assert proc.returncode == 0 and "warning: model_int8.tflite: superseded by int8-cle" in proc.stderr
+
+
+def test_run_without_int8_bundles_its_best_variant(breaker, source, tmp_path):  # noqa: F811
+    result = cli("convert", breaker / "model.keras", *_data_args(source), "--quantize", "dynamic,float16",
+                 "--out", tmp_path / "noint8")
+    assert result.exit_code == 0, result.output
+    result = cli("bundle", tmp_path / "noint8")
+    assert result.exit_code == 0, result.output
+    assert "default is model_dynamic.tflite (the first present of int8, dynamic" in result.output
+    pi = _unpack(tmp_path / "noint8.tar.gz", tmp_path / "pi")
+    meta = json.loads((pi / "metadata.json").read_text())
+    assert meta["default_model"] == "model_dynamic.tflite"
+    assert sorted(meta["models"]) == ["model_dynamic.tflite", "model_fp32.tflite"]
+    proc = runner("eval", "samples/eval.npz", "--json", cwd=pi)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["model"] == "model_dynamic.tflite"
