@@ -156,7 +156,7 @@ def _print_human(command: str, out: dict) -> None:
             print(f"{r['image']}: {tops}")
             for w in r["warnings"]:
                 print(f"warning: {r['image']}: {w}", file=sys.stderr)
-        if out["failed"]:
+        if out["failed"] and len(out["results"]) > 1:
             print(f"error: {out['failed']} of {len(out['results'])} image(s) could not be classified",
                   file=sys.stderr)
     elif command == "eval":

@@ -296,16 +296,21 @@ def verify(run_dir, as_json):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("more_results", nargs=-1, metavar="", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--device-results", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
-              help="JSON written on a device by `runner.py bench --json` or `eval --json` (repeatable); "
-                   "shown beside the host's figures.")
+              metavar="FILE...",
+              help="JSON written on a device by `runner.py bench --json` or `eval --json` (several files after one "
+                   "--device-results, or the option repeated); shown beside the host's figures.")
 @handle_errors
-def report(run_dir, device_results):
+def report(run_dir, more_results, device_results):
     """Render report.json, report.md, report.html and the plots of a finished run again."""
     from pipeline.report import render as report_stage
     from pipeline.artifacts import update_manifest
 
-    report_stage.render(run_dir, device_results=list(device_results), log=click.echo)
+    if more_results and not device_results:
+        raise click.UsageError(f"unexpected argument(s) {' '.join(map(str, more_results))}; device results go "
+                               "after --device-results: pipeline report RUN_DIR --device-results FILE...")
+    report_stage.render(run_dir, device_results=[*device_results, *more_results], log=click.echo)
     update_manifest(run_dir)
     _print_table(run_dir)
 

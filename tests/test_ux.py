@@ -112,3 +112,75 @@ def test_run_without_int8_bundles_its_best_variant(breaker, source, tmp_path):  
     proc = runner("eval", "samples/eval.npz", "--json", cwd=pi)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["model"] == "model_dynamic.tflite"
+
+
+# ---------------------------------------------------------------- 8: device results belong to the run
+
+@pytest.fixture(scope="module")
+def board(breaker, tmp_path_factory):
+    """The breaker's bundle unpacked as on a board, with the eval and bench JSON its runner printed."""
+    tmp = tmp_path_factory.mktemp("board")
+    assert cli("bundle", breaker, "--out", tmp / "b.tar.gz").exit_code == 0
+    pi = _unpack(tmp / "b.tar.gz", tmp / "pi")
+    for kind, args in (("eval", ["samples/eval.npz"]), ("bench", ["--runs", 5, "--warmup", 1])):
+        proc = runner(kind, *args, "--json", cwd=pi)
+        assert proc.returncode == 0, proc.stderr
+        (tmp / f"{kind}.json").write_text(proc.stdout)
+    return tmp
+
+
+def test_every_runner_json_names_kind_schema_and_the_model_sha256(board):
+    pi = board / "pi"
+    sha = json.loads((pi / "metadata.json").read_text())["models"]["model_int8-cle.tflite"]["sha256"]
+    outputs = {kind: json.loads((board / f"{kind}.json").read_text()) for kind in ("eval", "bench")}
+    for kind, args in (("info", []), ("classify", ["samples/00_4.png"])):
+        proc = runner(kind, *args, "--json", cwd=pi)
+        assert proc.returncode == 0, proc.stderr
+        outputs[kind] = json.loads(proc.stdout)
+    for kind, out in outputs.items():
+        assert out["kind"] == kind and out["schema"] == 1 and out["model_sha256"] == sha, kind
+        assert out["model"] == "model_int8-cle.tflite", kind
+    for kind, args in (("verify", []), ("unpack", [board / "b.tar.gz", board / "again"])):
+        proc = runner(kind, *args, "--json", cwd=pi)
+        out = json.loads(proc.stdout)
+        assert proc.returncode == 0 and out["kind"] == kind and out["schema"] == 1 and "path" in out, kind
+
+
+def test_report_merges_several_device_files_after_one_option(breaker, board, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(breaker, run)
+    result = cli("report", run, "--device-results", board / "eval.json", board / "bench.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "report.json").read_text())
+    [device] = report["devices"]
+    cle = next(v for v in report["variants"] if v["variant"] == "int8-cle")["device"][device["label"]]
+    assert cle["accuracy"] == json.loads((board / "eval.json").read_text())["accuracy"] and cle["p50_ms"] > 0
+    assert sorted(f["kind"] for f in device["files"]) == ["bench", "eval"]
+    assert not any(Path(f["file"]).is_absolute() for f in device["files"])
+    # The same, repeating the option.
+    shutil.rmtree(run / "device_results")
+    result = cli("report", run, "--device-results", board / "eval.json", "--device-results", board / "bench.json")
+    assert result.exit_code == 0, result.output
+
+
+def test_report_refuses_results_of_a_model_the_run_does_not_contain(breaker, board, tmp_path):
+    import hashlib
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(breaker, run)
+    before = (run / "report.json").read_bytes()
+    good = json.loads((board / "eval.json").read_text())
+    cases = {"other.json": {**good, "model_sha256": hashlib.sha256(b"another run's model").hexdigest()},
+             "old.json": {k: v for k, v in good.items() if k != "model_sha256"},
+             "renamed.json": {**good, "model": "model_fp32.tflite"}}
+    expected = {"other.json": "a model this run does not contain", "old.json": "names no 'model_sha256'",
+                "renamed.json": "this run's model_int8-cle.tflite"}
+    for name, content in cases.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        result = cli("report", run, "--device-results", tmp_path / name)
+        assert result.exit_code == 1 and expected[name] in result.output, (name, result.output)
+        assert len(result.output.strip().splitlines()) == 1
+    assert (run / "report.json").read_bytes() == before and not (run / "device_results").exists()

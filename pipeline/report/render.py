@@ -75,7 +75,7 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
         "environment": bench["environment"] if bench else None,
         "benchmark": {k: bench.get(k) for k in ("xnnpack", "runs", "warmup", "interleaved", "macs_per_inference")}
         if bench else None,
-        "devices": _merge_devices(device_results or [], variants),
+        "devices": _merge_devices(device_results or [], variants, _model_hashes(run_dir), run_dir),
         "analysis": _analysis(run_dir),
     }
     report["notes"] = notes(report, bench)
@@ -140,8 +140,26 @@ def _analysis_md(analysis: dict | None) -> list[str]:
 
 # ---------------------------------------------------------------- device results
 
-def _merge_devices(paths, variants: list[dict]) -> list[dict]:
-    """Add each device file's figures to its variant's `device` dict; returns the devices seen."""
+def _model_hashes(run_dir: Path) -> dict[str, str]:
+    """sha256 -> model file, for every model this run's metadata lists."""
+    meta = _read_json(run_dir / "metadata.json", "the metadata written by `pipeline build`")
+    return {entry["sha256"]: name for name, entry in meta.get("models", {}).items() if entry.get("sha256")}
+
+
+def _as_given(path: Path, run_dir: Path) -> str:
+    """A file inside the run relative to it, any other as the user gave it (never made absolute)."""
+    try:
+        return path.relative_to(run_dir).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _merge_devices(paths, variants: list[dict], hashes: dict[str, str], run_dir: Path) -> list[dict]:
+    """Add each device file's figures to its variant's `device` dict; returns the devices seen.
+
+    A result counts only for a model this run contains byte for byte: the runner names the sha256
+    of the model it ran, and a file name alone (model_int8.tflite) fits every run.
+    """
     by_name = {v["file"]: v for v in variants}
     devices, seen = {}, {}  # label -> device; (label, model, kind) -> the file that gave it
     for path in map(Path, paths):
@@ -159,15 +177,24 @@ def _merge_devices(paths, variants: list[dict]) -> list[dict]:
         env = data.get("environment")
         if not isinstance(env, dict) or not env.get("cpu") and not env.get("machine"):
             raise ReportError(f"{path}: no 'environment' with 'cpu' or 'machine'; expected {DEVICE_SOURCE}")
+        figures = _device_figures(path, kind, data)
+        sha = data.get("model_sha256")
+        if not isinstance(sha, str):
+            raise ReportError(f"{path}: names no 'model_sha256', so nothing shows it ran this run's {name}; "
+                              "measure again with the runner of this run's bundle")
+        if hashes.get(sha) != name:
+            found = f"this run's {hashes[sha]}" if sha in hashes else "a model this run does not contain"
+            raise ReportError(f"{path}: measured {found} (sha256 {sha[:12]}...), not this run's {name}; "
+                              "pass results measured on this run's own bundle")
         label = _device_label(env)
         if (label, name, kind) in seen:
             raise ReportError(f"{path}: a second {kind} result for {name} on {label} (the first is "
                               f"{seen[label, name, kind]}); pass one per model, kind and device")
-        seen[label, name, kind], figures = path, _device_figures(path, kind, data)
+        seen[label, name, kind] = path
         by_name[name]["device"].setdefault(label, {}).update(figures)
         device = devices.setdefault(label, {"label": label, "environment": env,
                                             "interpreter": data.get("interpreter"), "files": []})
-        device["files"].append({"file": str(path), "kind": kind, "variant": by_name[name]["variant"], **figures})
+        device["files"].append({"file": _as_given(path, run_dir), "kind": kind, "variant": by_name[name]["variant"], **figures})
     return list(devices.values())
 
 
@@ -318,6 +345,10 @@ def render(run_dir: Path, device_results: list[Path] | None = None, log=print) -
     manifest, evaluation, bench, labels = _load(run_dir)
     kept, new = _device_files(run_dir, device_results or [])
     report = collect(run_dir, manifest, evaluation, bench, kept + [p for _, p in new])
+    kept_as = {str(path): f"{DEVICE_DIR}/{name}" for name, path in new}  # where the run keeps each new file
+    for device in report["devices"]:
+        for f in device["files"]:
+            f["file"] = kept_as.get(f["file"], f["file"])
     drawn = {"accuracy_vs_latency.png": plots.accuracy_vs_latency(report["variants"], report["table_threads"] or 1),
              "latency.png": plots.latency_distributions(bench, [v["variant"] for v in report["variants"]]),
              "confusion_fp32_int8.png": plots.confusion_pair(evaluation, labels)}
