@@ -154,8 +154,6 @@ def _print_human(command: str, out: dict) -> None:
                 continue
             tops = ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"])
             print(f"{r['image']}: {tops}")
-            for w in r["warnings"]:
-                print(f"warning: {r['image']}: {w}", file=sys.stderr)
         if out["failed"] and len(out["results"]) > 1:
             print(f"error: {out['failed']} of {len(out['results'])} image(s) could not be classified",
                   file=sys.stderr)
@@ -271,6 +269,9 @@ def _execute(args) -> int:
     out, code = _step(args.fn, args)
     if code:
         return code
+    for r in out.get("results", []):  # per-image doubts reach a person in --json mode too
+        for w in r.get("warnings", []):
+            print(f"warning: {r['image']}: {w}", file=sys.stderr)
     try:
         if args.json:
             print(json.dumps(out, indent=2))

@@ -224,6 +224,7 @@ def benchmark(run_dir, **kwargs):
     """Measure latency, memory and size of every variant of a finished run again."""
     from pipeline.build import rebenchmark
 
+    _converted_run(run_dir, "benchmark")
     cfg = _run_config(run_dir, **kwargs)
     rebenchmark(run_dir, cfg, log=click.echo)
     _print_table(run_dir)
@@ -244,6 +245,19 @@ def _resume_config(target: str) -> BuildConfig:
     return BuildConfig.from_dict(saved)
 
 
+def _converted_run(run_dir: Path, command: str) -> None:
+    """A finished run with .tflite models, or one line saying what RUN_DIR is and what makes one."""
+    from device.core import METADATA_NAME
+
+    if not (run_dir / "manifest.json").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no manifest.json); `pipeline {command}` needs a run "
+                        "written by `pipeline build`")
+    if not (run_dir / METADATA_NAME).is_file() or not (run_dir / "model_fp32.tflite").is_file():
+        raise UserError(f"{run_dir}: a `pipeline train` run (model.keras, no .tflite models); `pipeline {command}` "
+                        f"needs converted models: make them with `pipeline build --keras-model {run_dir}/model.keras "
+                        "--name NAME` (with the run's --dataset)")
+
+
 def _run_config(run_dir: Path, **overrides) -> BuildConfig:
     try:
         saved = json.loads((run_dir / "manifest.json").read_text())["config"]
@@ -258,9 +272,10 @@ def _run_config(run_dir: Path, **overrides) -> BuildConfig:
 def _print_table(run_dir: Path) -> None:
     report_md = Path(run_dir) / "report.md"
     if report_md.exists():
-        from pipeline.report.render import summary_table
+        from pipeline.report.render import delivery_line, summary_table
 
         click.echo(summary_table(run_dir))
+        click.echo(delivery_line(run_dir))
 
 
 @main.command()
@@ -270,11 +285,12 @@ def analyze(run_dir):
     """Per-layer quantization error of a finished run's int8 model, added to its report."""
     from pipeline.guard import analyze_run
 
+    _converted_run(run_dir, "analyze")
     analyze_run(run_dir, log=click.echo)
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(exists=True, path_type=Path))
+@click.argument("run_dir", metavar="RUN_DIR|BUNDLE", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @handle_errors
 def verify(run_dir, as_json):
@@ -283,7 +299,8 @@ def verify(run_dir, as_json):
 
     problems = verify_path(run_dir)
     if as_json:
-        click.echo(json.dumps({"path": str(run_dir), "ok": not problems, "problems": problems}, indent=2))
+        click.echo(json.dumps({"kind": "verify", "schema": 1, "path": str(run_dir), "ok": not problems,
+                               "problems": problems}, indent=2))
     elif not problems:
         click.echo(f"{run_dir}: verified")
     if problems:
@@ -310,6 +327,7 @@ def report(run_dir, more_results, device_results):
     if more_results and not device_results:
         raise click.UsageError(f"unexpected argument(s) {' '.join(map(str, more_results))}; device results go "
                                "after --device-results: pipeline report RUN_DIR --device-results FILE...")
+    _converted_run(run_dir, "report")
     report_stage.render(run_dir, device_results=[*device_results, *more_results], log=click.echo)
     update_manifest(run_dir)
     _print_table(run_dir)

@@ -184,3 +184,131 @@ def test_report_refuses_results_of_a_model_the_run_does_not_contain(breaker, boa
         assert result.exit_code == 1 and expected[name] in result.output, (name, result.output)
         assert len(result.output.strip().splitlines()) == 1
     assert (run / "report.json").read_bytes() == before and not (run / "device_results").exists()
+
+
+# ---------------------------------------------------------------- 4, 7: eval refuses what it cannot score
+
+@pytest.mark.parametrize("x, y, expected", [
+    (np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64), "'x' holds no images"),
+    (None, None, "in [0, 1], but the runner takes uint8 pixels 0-255"),
+    (None, "onehot", "one-hot or scores; expected one class index per image: save y.argmax(axis=1)"),
+    (None, "strings", "expected integer class indices"),
+])
+def test_eval_refuses_data_it_cannot_score(board, tmp_path, x, y, expected):
+    with np.load(board / "pi" / "samples" / "eval.npz") as d:
+        x0, y0 = d["x"][:20], d["y"][:20]
+    if x is None and y is None:
+        x, y = x0.astype(np.float32) / 255, y0  # what a Keras user feeds a model
+    elif x is None:
+        x, y = x0, (np.eye(10)[y0] if y == "onehot" else np.array([str(v) for v in y0]))
+    np.savez(tmp_path / "bad.npz", x=x, y=y)
+    proc = runner("eval", tmp_path / "bad.npz", cwd=board / "pi")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expected in errors[0] and "bad.npz" in errors[0], proc.stderr
+
+
+# ---------------------------------------------------------------- 5, 6: classify every image, as phones save them
+
+@pytest.fixture(scope="module")
+def digits(board, tmp_path_factory):
+    """A real test digit (a 4) in the ways a user brings one: upright, sideways with EXIF, inverted, tiny."""
+    tmp = tmp_path_factory.mktemp("digits")
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(board / "pi" / "samples" / "00_4.png"))
+    upright = Image.fromarray(pixels)
+    upright.save(tmp / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": what a phone held upright writes
+    upright.rotate(90, expand=True).save(tmp / "sideways.png", exif=exif)
+    upright.rotate(90, expand=True).save(tmp / "sideways-no-exif.png")
+    Image.fromarray(255 - pixels).save(tmp / "paper.png")  # dark ink on white paper
+    upright.resize((1, 1)).save(tmp / "tiny.png")
+    (tmp / "doc.pdf").write_bytes(b"%PDF-1.4\n% not an image\n")
+    return tmp
+
+
+def _classify(board, *args):
+    proc = runner("classify", *args, "--json", cwd=board / "pi")
+    return proc, json.loads(proc.stdout)
+
+
+def test_classify_reports_every_image_and_each_failure(board, digits):
+    proc, out = _classify(board, digits / "upright.png", digits / "doc.pdf", digits / "sideways.png")
+    assert proc.returncode == 1 and out["failed"] == 1 and out["ok"] is False
+    images = [r["image"] for r in out["results"]]
+    assert images == [str(digits / n) for n in ("upright.png", "doc.pdf", "sideways.png")]
+    assert out["results"][0]["top"][0]["label"] == "4" and out["results"][2]["top"][0]["label"] == "4"
+    assert "doc.pdf: not a readable image" in out["results"][1]["error"] and "top" not in out["results"][1]
+    text = runner("classify", digits / "upright.png", digits / "doc.pdf", cwd=board / "pi")
+    assert text.returncode == 1 and text.stdout.startswith(f"{digits / 'upright.png'}: 4 ")
+    assert "doc.pdf: not a readable image" in text.stderr and "1 of 2 image(s)" in text.stderr
+
+
+def test_classify_reads_folders_and_stdin(board, digits):
+    proc, out = _classify(board, "samples")
+    assert proc.returncode == 0, proc.stderr
+    assert [Path(r["image"]).name for r in out["results"]] == sorted(
+        p.name for p in (board / "pi" / "samples").glob("*.png"))  # eval.npz is not an image: skipped
+    proc = runner("classify", "-", "--json", cwd=board / "pi", stdin=(digits / "upright.png").read_bytes())
+    out = json.loads(proc.stdout)
+    assert proc.returncode == 0 and out["results"][0]["image"] == "-" and out["results"][0]["top"][0]["label"] == "4"
+    proc, out = _classify(board, digits / "empty-folder-missing")
+    assert proc.returncode == 1 and "no such image file" in out["results"][0]["error"]
+
+
+def test_exif_orientation_is_applied(board, digits):
+    _, out = _classify(board, digits / "upright.png", digits / "sideways.png", digits / "sideways-no-exif.png")
+    upright, sideways, raw = (r["top"] for r in out["results"])
+    assert sideways == upright  # the very same pixels once turned upright
+    assert raw != upright
+
+
+def test_opposite_polarity_and_tiny_images_are_flagged(board, digits):
+    proc, out = _classify(board, digits / "paper.png", digits / "upright.png", digits / "tiny.png")
+    paper, upright, tiny = out["results"]
+    assert proc.returncode == 0
+    assert any("dark on a light background" in w and "--invert" in w for w in paper["warnings"])
+    assert upright["warnings"] == []
+    assert any("1x1, far smaller than the model's 28x28 input" in w for w in tiny["warnings"])
+    assert "warning: " in proc.stderr and "--invert" in proc.stderr
+    proc, out = _classify(board, "--invert", digits / "paper.png")
+    assert out["results"][0]["warnings"] == [] and out["results"][0]["top"] == upright["top"]
+
+
+# ---------------------------------------------------------------- 4: one line for a run that cannot do it
+
+@pytest.fixture(scope="module")
+def train_only(tmp_path_factory):
+    run = tmp_path_factory.mktemp("train") / "t"
+    result = cli("train", "--dataset", "digits", "--epochs", 1, "--out", run)
+    assert result.exit_code == 0, result.output
+    return run
+
+
+@pytest.mark.parametrize("command", ["benchmark", "analyze", "report"])
+def test_commands_on_a_train_only_run_say_what_makes_the_models(train_only, command):
+    result = cli(command, train_only)
+    assert result.exit_code == 1, result.output
+    line = result.output.strip()
+    assert "\n" not in line and "a `pipeline train` run" in line and f"`pipeline {command}` needs" in line
+    assert f"pipeline build --keras-model {train_only}/model.keras" in line
+
+
+def test_verify_accepts_a_train_only_run(train_only):
+    result = cli("verify", train_only, "--json")
+    out = json.loads(result.output)
+    assert result.exit_code == 0 and out == {"kind": "verify", "schema": 1, "path": str(train_only), "ok": True,
+                                             "problems": []}
+
+
+@pytest.mark.parametrize("command", ["benchmark", "analyze", "report"])
+def test_commands_on_a_folder_that_is_not_a_run(tmp_path, command):
+    result = cli(command, tmp_path)
+    assert result.exit_code == 1 and "not a run directory (no manifest.json)" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_verify_help_names_bundles_too():
+    assert "RUN_DIR|BUNDLE" in cli("verify", "--help").output

@@ -373,5 +373,9 @@ def render(run_dir: Path, device_results: list[Path] | None = None, log=print) -
 
 def summary_table(run_dir: Path) -> str:
     """The report's table as aligned plain text for the terminal."""
-    report = _read_json(Path(run_dir) / "report.json", "the report written by `pipeline report`")
-    return "\n".join(filter(None, [_text(*table(report)), headline(report)]))
+    return _text(*table(_read_json(Path(run_dir) / "report.json", "the report written by `pipeline report`")))
+
+
+def delivery_line(run_dir: Path) -> str:
+    """The headline for the terminal: which model the run delivers."""
+    return headline(_read_json(Path(run_dir) / "report.json", "the report written by `pipeline report`"))
