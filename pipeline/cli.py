@@ -1,10 +1,13 @@
 """`pipeline`: a thin click group. Each command parses options, builds one BuildConfig, calls one function.
 
-User mistakes become `click.ClickException`s with a one-line message (exit 1) or usage errors
-(exit 2); tracebacks are for bugs only.
+Exit codes (README, "Exit codes"): 0 ok; 1 the command ran and failed (bad data or files, a check
+that found problems); 2 the command line is wrong (unknown or conflicting options, a value out of
+range, a path that does not exist or is of the wrong kind); 130 interrupted (Ctrl-C). User mistakes
+are one line, never a traceback; tracebacks are for bugs only.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -19,6 +22,12 @@ from pipeline.models import MODELS
 
 class UserError(click.ClickException):
     """A problem with the user's input or files; exit code 1, message only."""
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C: exit code 130, as a shell reports a command killed by SIGINT."""
+
+    exit_code = 130
 
 
 def _user_errors():
@@ -46,12 +55,15 @@ def handle_errors(fn):
                 raise UserError(str(e))
             raise
         except KeyboardInterrupt:
-            raise UserError("interrupted; nothing half-written was left behind (continue with --resume)")
+            raise Interrupted("interrupted; nothing half-written was left behind (continue with --resume)")
     return wrapper
 
 
 def _split_variants(ctx, param, values):
     names = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    if values and not names:
+        raise click.BadParameter(f"empty; pass one or more of {', '.join((*VARIANTS, 'all'))}, or leave the option "
+                                 "out for int8")
     choices = (*VARIANTS, "all")
     unknown = [n for n in names if n not in choices]
     if unknown:
@@ -59,10 +71,27 @@ def _split_variants(ctx, param, values):
     return tuple(names)
 
 
+def _data_dir(ctx, param, value):
+    """A --data-dir that does not exist, or that the dataset cannot read, is a usage error (exit 2)."""
+    if value is None:
+        return None
+    dataset = ctx.params.get("dataset") or "mnist"
+    info = DATASETS.get(dataset)
+    if info is not None and not getattr(info, "offline", True):
+        raise click.BadParameter(f"{value}: --dataset {dataset} reads no files; drop --data-dir, or choose a "
+                                 "dataset that reads them (--dataset mnist)")
+    if not value.exists():
+        expected = getattr(info, "offline", None) or "the dataset's files"
+        raise click.BadParameter(f"{value} does not exist; expected a folder holding {expected}")
+    return value
+
+
 def data_options(fn):
+    # Eager: --data-dir's check needs the dataset, whichever comes first on the command line.
     fn = click.option("--dataset", type=click.Choice(list(DATASETS)), default="mnist", show_default=True,
+                      is_eager=True,
                       help="Training data: mnist, cifar10, or digits (scikit-learn's 8x8 digits, no network needed).")(fn)
-    fn = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+    fn = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), callback=_data_dir,
                       help="Read the dataset offline from DIR (mnist.npz or IDX files; cifar-10-batches-py "
                            "or cifar-10-python.tar.gz) instead of downloading it.")(fn)
     fn = click.option("--seed", type=int, default=0, show_default=True,
@@ -114,13 +143,35 @@ def measure_options(fn):
     return fn
 
 
-def _config(out, name, **kwargs) -> BuildConfig:
-    if out and name:
+def _config(out, name, overwrite=False, **kwargs) -> BuildConfig:
+    """The BuildConfig of these options. Without --out or --name, the default run name gets the next
+    free number (`mnist-cnn-mnist-2`) when a finished run has it, unless --overwrite asks to replace it."""
+    if out is not None and name is not None:
         raise click.UsageError("--out and --name both name the run directory; pass only one")
-    if name:
-        if "/" in name or name in (".", ".."):
+    if name is not None:
+        if not name.strip() or "/" in name or name in (".", ".."):
             raise click.BadParameter(f"'{name}' is not a plain name; use --out for a path", param_hint="--name")
         out = Path("artifacts") / name
+    if out is not None and str(out).strip() in ("", "."):  # click turns an empty --out into "."
+        raise click.BadParameter("empty or the current folder; pass the name of a new run directory",
+                                 param_hint="--out")
+    cfg = _make_config(out, **kwargs)
+    if out is None and not overwrite and cfg.run_dir.exists():
+        final = _next_free(cfg.run_dir)
+        click.echo(f"{cfg.run_dir} exists; writing {final} (--name or --out choose the folder, "
+                   "--overwrite replaces it)")
+        cfg = dataclasses.replace(cfg, out=str(final))
+    return cfg
+
+
+def _next_free(path: Path) -> Path:
+    n = 2
+    while path.with_name(f"{path.name}-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}-{n}")
+
+
+def _make_config(out, **kwargs) -> BuildConfig:
     xnnpack = not kwargs.pop("no_xnnpack", False)
     if not kwargs.get("quantize"):
         kwargs.pop("quantize", None)  # the config's default (int8) applies
@@ -180,7 +231,7 @@ def build(overwrite, resume, no_benchmark, **kwargs):
     """Train, quantize, convert, evaluate, benchmark and report, into one run directory."""
     from pipeline.build import build as run_build, check_accuracy_drop, AccuracyDropError
 
-    cfg = _resume_config(resume) if resume else _config(benchmark=not no_benchmark, **kwargs)
+    cfg = _resume_config(resume) if resume else _config(benchmark=not no_benchmark, overwrite=overwrite, **kwargs)
     run_dir = run_build(cfg, overwrite=overwrite, resume=bool(resume), log=click.echo)
     _print_table(run_dir)
     if cfg.max_accuracy_drop is not None:
@@ -199,7 +250,7 @@ def train(overwrite, **kwargs):
     """Train only: writes model.keras and a manifest."""
     from pipeline.build import build as run_build
 
-    run_build(_config(**kwargs), overwrite=overwrite, until="train", log=click.echo)
+    run_build(_config(overwrite=overwrite, **kwargs), overwrite=overwrite, until="train", log=click.echo)
 
 
 @main.command()
@@ -212,7 +263,7 @@ def convert(keras_model, overwrite, **kwargs):
     """Convert a .keras model into the chosen .tflite variants (no training, no measurements)."""
     from pipeline.build import build as run_build
 
-    cfg = _config(keras_model=keras_model, **kwargs)
+    cfg = _config(keras_model=keras_model, overwrite=overwrite, **kwargs)
     run_build(cfg, overwrite=overwrite, until="metadata", log=click.echo)
 
 
@@ -237,8 +288,11 @@ def _resume_config(target: str) -> BuildConfig:
     try:
         saved = json.loads((staging / "config.json").read_text())
     except (OSError, ValueError):
-        if final.is_dir():
+        if (final / "manifest.json").is_file():
             raise UserError(f"--resume {target}: the run {final} is already complete; nothing to resume")
+        if final.exists():
+            raise UserError(f"--resume {target}: {final} is not a run (no manifest.json) and no interrupted build "
+                            f"of it was found at {staging}; start one with `pipeline build --out {final}`")
         raise UserError(f"--resume {target}: no interrupted build found at {staging}; start it with "
                         "`pipeline build --name NAME` first")
     saved["out"] = str(final)

@@ -410,7 +410,7 @@ def _check_after_kill(build: Build, sig: int, rc: int, final: Path, where: str) 
         # cli.py turns KeyboardInterrupt into one line; no traceback, ever.
         assert "Traceback" not in build.stderr, (where, build.stderr[-3000:])
         if rc != 0:
-            assert rc == 1 and "interrupted" in build.stderr, (where, rc, build.stderr[-2000:])
+            assert rc == 130 and "interrupted" in build.stderr, (where, rc, build.stderr[-2000:])
     if not final.exists():
         return "absent"
     problems = verify_path(final)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +313,132 @@ def test_commands_on_a_folder_that_is_not_a_run(tmp_path, command):
 
 def test_verify_help_names_bundles_too():
     assert "RUN_DIR|BUNDLE" in cli("verify", "--help").output
+
+
+# ---------------------------------------------------------------- 9: exit codes
+
+@pytest.mark.parametrize("args, expected", [
+    (["--dataset", "digits", "--data-dir", "."], "--dataset digits reads no files"),
+    (["--data-dir", ".", "--dataset", "digits"], "--dataset digits reads no files"),
+    (["--data-dir", "no-such-folder"], "no-such-folder does not exist; expected a folder holding mnist.npz"),
+    (["--data-dir", "README.md"], "is a file"),
+    (["--dataset", "digits", "--quantize", ""], "empty; pass one or more of"),
+    (["--dataset", "digits", "--name", ""], "is not a plain name"),
+    (["--dataset", "digits", "--out", ""], "empty or the current folder"),
+])
+def test_usage_mistakes_exit_2(args, expected, monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = cli("build", *args)
+    assert result.exit_code == 2 and expected in result.output, result.output
+
+
+def test_ctrl_c_on_build_exits_130(tmp_path):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "build", "--dataset", "digits", "--epochs", "200",
+                             "--out", str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    for line in proc.stdout:
+        if line.startswith("data:"):
+            break
+    time.sleep(3)  # inside training
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert "interrupted" in err and "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- 13, 14.3: run names
+
+def test_default_names_take_the_next_free_number_and_say_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = cli("train", "--dataset", "digits", "--epochs", 1)
+    assert first.exit_code == 0, first.output
+    second = cli("train", "--dataset", "digits", "--epochs", 1)
+    assert second.exit_code == 0, second.output
+    assert "artifacts/mnist-cnn-digits exists; writing artifacts/mnist-cnn-digits-2" in second.output
+    assert (tmp_path / "artifacts" / "mnist-cnn-digits-2" / "model.keras").is_file()
+    # --name and --out still mean exactly that folder.
+    named = cli("train", "--dataset", "digits", "--epochs", 1, "--name", "mnist-cnn-digits")
+    assert named.exit_code == 1 and "--overwrite" in named.output
+    # A user's model is named after its file, not after the zoo model of the dataset.
+    (tmp_path / "artifacts" / "mnist-cnn-digits" / "model.keras").rename(tmp_path / "mine.keras")
+    result = cli("convert", "mine.keras", "--dataset", "digits", "--calibration-samples", 999999)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "artifacts" / "mine-digits" / "model_int8.tflite").is_file()
+    assert "--calibration-samples 999999 is more than the" in result.output  # capped, and said so
+
+
+def test_resume_on_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "notes").mkdir()
+    result = cli("build", "--resume", tmp_path / "notes")
+    assert result.exit_code == 1 and "is not a run (no manifest.json)" in result.output
+    assert "already complete" not in result.output
+
+
+# ---------------------------------------------------------------- 11: bundles
+
+def test_bundles_are_reproducible_and_refuse_what_they_would_clobber(breaker, tmp_path):
+    a, b = tmp_path / "a" / "run.tar.gz", tmp_path / "b" / "run.tar.gz"
+    for out in (a, b):
+        assert cli("bundle", breaker, "--out", out).exit_code == 0
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes()[4:8] == b"\0\0\0\0"  # no timestamp in the gzip header
+    with tarfile.open(a) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members if m.isfile()] == sorted(m.name for m in members if m.isfile())
+    assert {(m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0, "", "")}
+    assert {m.mode for m in members if m.isfile()} == {0o644} and {m.mode for m in members if m.isdir()} == {0o755}
+    assert len({m.mtime for m in members}) == 1
+    result = cli("bundle", breaker, "--out", a)
+    assert result.exit_code == 1 and "already exists; pass --overwrite" in result.output
+    assert cli("bundle", breaker, "--out", a, "--overwrite").exit_code == 0
+    (tmp_path / "thesis.tar.gz").write_text("not ours")
+    result = cli("bundle", breaker, "--out", tmp_path / "thesis.tar.gz", "--overwrite")
+    assert result.exit_code == 1 and "not a bundle written by `pipeline bundle`" in result.output
+    assert (tmp_path / "thesis.tar.gz").read_text() == "not ours"
+    result = cli("bundle", breaker, "--out", tmp_path / "run.tar")
+    assert result.exit_code == 1 and "name it run.tar.gz" in result.output and not (tmp_path / "run.tar").exists()
+    assert cli("bundle", breaker, "--variants", "int8-cle,int8-cle", "--out", tmp_path / "one.tgz").exit_code == 0
+    with tarfile.open(tmp_path / "one.tgz") as tar:
+        assert [n for n in tar.getnames() if n.endswith(".tflite")] == ["model_int8-cle.tflite"]
+
+
+# ---------------------------------------------------------------- 10, 14: messages and JSON of the runner
+
+def test_runner_messages(board, tmp_path):
+    pi = board / "pi"
+    proc = runner("verify", tmp_path / "nonexistent", cwd=pi)
+    assert proc.returncode == 1 and "no such folder" in proc.stdout and "metadata.json" not in proc.stdout
+    (tmp_path / "broken.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
+    proc = runner("unpack", tmp_path / "broken.tar.gz", tmp_path / "dest", cwd=pi)
+    assert proc.returncode == 1 and "not a readable .tar.gz bundle" in proc.stderr
+    assert not (tmp_path / "dest").exists() and not list(tmp_path.glob(".dest*"))  # nothing left behind
+    info = runner("info", cwd=pi)
+    assert info.returncode == 0 and not info.stdout.lstrip().startswith("{")
+    assert "model_int8-cle.tflite" in info.stdout and "ops" in info.stdout and "DELEGATE" not in info.stdout
+    assert "DELEGATE" not in json.loads(runner("info", "--json", cwd=pi).stdout)["ops"]
+
+
+def test_pipeline_verify_on_a_run_does_not_blame_a_copy(breaker, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(breaker, run)
+    data = bytearray((run / "model_int8-cle.tflite").read_bytes())
+    data[300] ^= 1
+    (run / "model_int8-cle.tflite").write_bytes(bytes(data))
+    result = cli("verify", run)
+    assert result.exit_code == 1 and "copy the bundle" not in result.output
+
+
+def test_cross_check_without_xnnpack_compares_like_with_like(tmp_path):
+    result = cli("build", "--dataset", "digits", "--epochs", 1, "--out", tmp_path / "run", "--no-xnnpack",
+                 "--cross-check", "--threads", 1, "--runs", 5, "--warmup", 1)
+    assert result.exit_code == 0, result.output
+    bench = json.loads((tmp_path / "run" / "benchmark.json").read_text())
+    check = bench["cross_check"]
+    assert bench["xnnpack"] is False and check["xnnpack"] is True and check["remeasured_with_xnnpack"] is True
+    for v, entry in check["variants"].items():
+        if "our_p50_ms" in entry:
+            assert entry["our_p50_ms"] != bench["threads"]["1"][v]["latency"]["p50_ms"]
