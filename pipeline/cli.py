@@ -90,7 +90,8 @@ def data_options(fn):
     # Eager: --data-dir's check needs the dataset, whichever comes first on the command line.
     fn = click.option("--dataset", type=click.Choice(list(DATASETS)), default="mnist", show_default=True,
                       is_eager=True,
-                      help="Training data: mnist, cifar10, or digits (scikit-learn's 8x8 digits, no network needed).")(fn)
+                      help="Training data: mnist, cifar10, or digits (scikit-learn's 8x8 digits, no network "
+                           "needed).")(fn)
     fn = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), callback=_data_dir,
                       help="Read the dataset offline from DIR (mnist.npz or IDX files; cifar-10-batches-py "
                            "or cifar-10-python.tar.gz) instead of downloading it.")(fn)

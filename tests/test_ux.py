@@ -252,6 +252,7 @@ def test_classify_reads_folders_and_stdin(board, digits):
     assert proc.returncode == 0, proc.stderr
     assert [Path(r["image"]).name for r in out["results"]] == sorted(
         p.name for p in (board / "pi" / "samples").glob("*.png"))  # eval.npz is not an image: skipped
+    assert all(r["warnings"] == [] for r in out["results"])  # real test digits raise no doubt
     proc = runner("classify", "-", "--json", cwd=board / "pi", stdin=(digits / "upright.png").read_bytes())
     out = json.loads(proc.stdout)
     assert proc.returncode == 0 and out["results"][0]["image"] == "-" and out["results"][0]["top"][0]["label"] == "4"
@@ -425,9 +426,9 @@ def test_pipeline_verify_on_a_run_does_not_blame_a_copy(breaker, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(breaker, run)
-    data = bytearray((run / "model_int8-cle.tflite").read_bytes())
-    data[300] ^= 1
-    (run / "model_int8-cle.tflite").write_bytes(bytes(data))
+    flipped = bytearray((run / "model_int8-cle.tflite").read_bytes())
+    flipped[300] ^= 1
+    (run / "model_int8-cle.tflite").write_bytes(bytes(flipped))
     result = cli("verify", run)
     assert result.exit_code == 1 and "copy the bundle" not in result.output
 
@@ -442,3 +443,22 @@ def test_cross_check_without_xnnpack_compares_like_with_like(tmp_path):
     for v, entry in check["variants"].items():
         if "our_p50_ms" in entry:
             assert entry["our_p50_ms"] != bench["threads"]["1"][v]["latency"]["p50_ms"]
+
+
+def test_convert_to_float16_downloads_nothing(trained, tmp_path, monkeypatch):  # noqa: F811
+    import keras
+
+    def offline(*a, **k):
+        raise AssertionError("tried to download MNIST")
+
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
+    monkeypatch.chdir(tmp_path)
+    trained.save(tmp_path / "mine.keras")
+    result = cli("convert", "mine.keras", "--quantize", "float16")
+    assert result.exit_code == 0, result.output
+    assert "mnist is not downloaded" in result.output
+    run = tmp_path / "artifacts" / "mine-mnist"
+    assert cli("verify", run).exit_code == 0
+    assert cli("bundle", run).exit_code == 0  # the float16 model ships, without samples
+    with tarfile.open(tmp_path / "artifacts" / "mine-mnist.tar.gz") as tar:
+        assert json.load(tar.extractfile("metadata.json"))["default_model"] == "model_float16.tflite"

@@ -194,7 +194,8 @@ def _merge_devices(paths, variants: list[dict], hashes: dict[str, str], run_dir:
         by_name[name]["device"].setdefault(label, {}).update(figures)
         device = devices.setdefault(label, {"label": label, "environment": env,
                                             "interpreter": data.get("interpreter"), "files": []})
-        device["files"].append({"file": _as_given(path, run_dir), "kind": kind, "variant": by_name[name]["variant"], **figures})
+        device["files"].append({"file": _as_given(path, run_dir), "kind": kind, "variant": by_name[name]["variant"],
+                                **figures})
     return list(devices.values())
 
 
@@ -272,7 +273,8 @@ def headline(report: dict) -> str:
 def _context(report: dict) -> list[str]:
     """The sentences above the table: what was measured, where, how."""
     versions = report["versions"]
-    lines = [*([headline(report)] if report.get("delivered") else []), f"{report['model']} on {report['dataset']}, accuracy on {report['test_images']:,} test images; "
+    lines = [*([headline(report)] if report.get("delivered") else []),
+             f"{report['model']} on {report['dataset']}, accuracy on {report['test_images']:,} test images; "
              f"edgepipe {versions.get('edgepipe')}, TensorFlow {versions.get('tensorflow')}, "
              f"ai-edge-litert {versions.get('ai-edge-litert')}."]
     if report["benchmark"]:
