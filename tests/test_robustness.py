@@ -48,7 +48,8 @@ def test_finished_run_verifies(mnist_run):
     proc = subprocess.run([*PIPELINE, "verify", str(mnist_run), "--json"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"path": str(mnist_run), "ok": True, "problems": []}
+    assert json.loads(proc.stdout) == {"kind": "verify", "schema": 1, "path": str(mnist_run), "ok": True,
+                                       "problems": []}
 
 
 def _flip(path: Path, at: int = -1) -> None:
