@@ -237,6 +237,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    # A path on the command line that does not exist is a usage error (2), as in `pipeline`; images
+    # are data, each reported on its own by classify.
+    for name, what in (("model", "no such model file"), ("data", "no such .npz file"),
+                       ("archive", "no such bundle file"), ("folder", "no such folder")):
+        path = getattr(args, name, None)
+        if path is not None and not path.exists():
+            print(f"error: {path}: {what}", file=sys.stderr)
+            return 2
     if getattr(args, "fn", None) not in (cmd_verify, cmd_unpack) and args.model is None:
         args.model = default_model()
     for name in ("runs", "threads", "top_k"):

@@ -410,7 +410,11 @@ def test_bundles_are_reproducible_and_refuse_what_they_would_clobber(breaker, tm
 def test_runner_messages(board, tmp_path):
     pi = board / "pi"
     proc = runner("verify", tmp_path / "nonexistent", cwd=pi)
-    assert proc.returncode == 1 and "no such folder" in proc.stdout and "metadata.json" not in proc.stdout
+    assert proc.returncode == 2 and "no such folder" in proc.stderr and "metadata.json" not in proc.stderr
+    for args in (["eval", "missing.npz"], ["info", "--model", "missing.tflite"], ["unpack", "missing.tar.gz", "x"]):
+        proc = runner(*args, cwd=pi)
+        assert proc.returncode == 2 and f"error: {args[-1] if args[0] != 'unpack' else args[1]}: no such" in \
+            proc.stderr, (args, proc.stderr)
     (tmp_path / "broken.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
     proc = runner("unpack", tmp_path / "broken.tar.gz", tmp_path / "dest", cwd=pi)
     assert proc.returncode == 1 and "not a readable .tar.gz bundle" in proc.stderr
