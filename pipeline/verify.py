@@ -23,8 +23,8 @@ from device.integrity import METADATA_NAME, DeviceError, extract_bundle, sha256_
 from pipeline.artifacts import MANIFEST
 
 # What `pipeline bundle` always writes besides the models, and the runner cannot do without.
-BUNDLE_REQUIRED = (METADATA_NAME, "labels.txt", "device/__init__.py", "device/core.py", "device/timing.py",
-                   "device/runner.py")
+BUNDLE_REQUIRED = (METADATA_NAME, "labels.txt", "device/__init__.py", "device/core.py", "device/images.py",
+                   "device/integrity.py", "device/timing.py", "device/runner.py")
 
 
 def verify_path(path) -> list[str]:

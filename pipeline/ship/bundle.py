@@ -25,7 +25,7 @@ from pipeline.delivery import PREFERENCE, default_variant, guard_decision
 SUFFIXES = (".tar.gz", ".tgz")
 ZIP_EPOCH = 315532800  # 1980-01-01, the earliest time a zip (and so a wheel) can record
 
-RUNNER_FILES = ("__init__.py", "core.py", "integrity.py", "timing.py", "runner.py")
+RUNNER_FILES = ("__init__.py", "core.py", "images.py", "integrity.py", "timing.py", "runner.py")
 
 # ai-edge-litert publishes wheels for 64-bit Linux (aarch64, x86_64) and macOS arm64 on Python
 # 3.10+; a 32-bit Raspberry Pi OS (armv7l) or an older Python needs tflite-runtime, whose last
