@@ -1,0 +1,1 @@
+"""Getting models onto hardware: the device bundle and the microcontroller export."""
