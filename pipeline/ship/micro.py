@@ -104,10 +104,11 @@ def read_graph(model_bytes: bytes) -> list[tuple[str, str]]:
 
 
 def layer_of(tensor_name: str, layer_names: set[str]) -> str:
-    """The Keras layer that made a tensor, from the converter's 'model/layer/op' naming; export adds
-    '_N' suffixes to names, so a name with its last suffix dropped is tried too."""
+    """The Keras layer that made a tensor, from the converter's 'model/layer/op' naming. Keras 3's export
+    appends '_N' to every name (conv2d -> conv2d_1, conv2d_1 -> conv2d_1_2), so the name without its last
+    suffix is tried first."""
     for part in tensor_name.split(";")[0].split("/")[1:]:
-        for candidate in (part, re.sub(r"_\d+$", "", part)):
+        for candidate in (re.sub(r"_\d+$", "", part), part):
             if candidate in layer_names:
                 return candidate
     parts = tensor_name.split(";")[0].split("/")

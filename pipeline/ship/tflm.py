@@ -125,14 +125,16 @@ def _run_data(manifest: dict, data_dir: Path | None, run_dir: Path):
     return cfg, data
 
 
-def lean_model(run_dir: Path, variant: str, file: str, meta: dict, cfg, data, log) -> tuple[bytes, str]:
+def lean_model(run_dir: Path, variant: str, file: str, meta: dict, cfg, data, layers: set[str],
+               log) -> tuple[bytes, str]:
     """The model for the microcontroller and how it was made. A model with int8 input and output and no
     run-time shape ops goes as it is; the int8 variant otherwise is converted again from model.keras
     with the batch fixed at 1 (Keras 3's Flatten then makes one RESHAPE instead of SHAPE, STRIDED_SLICE
     and PACK) and int8 input and output, calibrated on the same training images as the run's."""
     entry = meta["models"][file]
     original = read_model_bytes(run_dir / file, entry.get("sha256"))
-    dynamic = sorted({op for op, _ in micro.read_graph(original)} & micro.DYNAMIC_BATCH_OPS)
+    dynamic = sorted(set(micro.check_ops(micro.read_graph(original), layers, f"{run_dir.name}/{file}"))
+                     & micro.DYNAMIC_BATCH_OPS)
     float_io = [f"{side} {entry[side]['dtype']}" for side in ("input", "output") if entry[side]["dtype"] != "int8"]
     if not dynamic and not float_io:
         return original, f"{file} of the run, unchanged"
@@ -168,19 +170,14 @@ def _layer_names(run_dir: Path) -> set[str]:
 
     names: set[str] = set()
 
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("class_name") and isinstance(node.get("config"), dict) and node["config"].get("name"):
-                names.add(node["config"]["name"])
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
+    def walk(config: dict) -> None:  # a model's layers, and the layers of models nested in it
+        for layer in config.get("layers", []):
+            names.add(layer["config"]["name"])
+            walk(layer["config"])
     try:
         with zipfile.ZipFile(run_dir / "model.keras") as z:
-            walk(json.loads(z.read("config.json")))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+            walk(json.loads(z.read("config.json"))["config"])
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
         pass
     return names
 
@@ -311,9 +308,10 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str = "int8"
         raise ExportError(f"--variant {variant}: not an int8 model of {run_dir}; a microcontroller export takes "
                           f"one of {', '.join(integer)}")
     cfg, data = _run_data(manifest, data_dir, run_dir)
-    model_bytes, conversion = lean_model(run_dir, variant, files[variant], meta, cfg, data, log)
+    layers = _layer_names(run_dir)
+    model_bytes, conversion = lean_model(run_dir, variant, files[variant], meta, cfg, data, layers, log)
     source = f"{run_dir.name}/{files[variant]}"
-    ops = micro.check_ops(micro.read_graph(model_bytes), _layer_names(run_dir), source)
+    ops = micro.check_ops(micro.read_graph(model_bytes), layers, source)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
