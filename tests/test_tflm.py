@@ -38,9 +38,9 @@ def mnist_export(tmp_path_factory, mnist_run):
     return exported_run(tmp_path_factory, mnist_run, "mnist-tflm")
 
 
-def cifar_data(tmp_path: Path) -> Path:
-    """A small cifar-10-python.tar.gz: real CIFAR-10 images (the first 30 train and 10 test images of each
-    class) when this machine has them, else learnable synthetic ones in the same format."""
+def cifar_data(tmp_path: Path, per_class: int = 30, test_per_class: int = 10) -> Path:
+    """A small cifar-10-python.tar.gz: real CIFAR-10 images (the first `per_class` train and `test_per_class`
+    test images of each class) when this machine has them, else learnable synthetic ones in the same format."""
     if not CIFAR_JPG.is_dir():
         from tests.test_stages import cifar_archive
 
@@ -59,7 +59,7 @@ def cifar_data(tmp_path: Path) -> Path:
                 labels.append(label)
         return np.stack(images), labels
 
-    train, test = read("train", 30), read("test", 10)
+    train, test = read("train", per_class), read("test", test_per_class)
     members = {}
     for k, name in enumerate(BATCHES[:5]):
         members[name] = pickled({b"data": train[0][k::5], b"labels": train[1][k::5]})

@@ -370,7 +370,7 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str = "int8"
             (staging / name).write_text(text, encoding="utf-8")
         summary["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                             for p in sorted(staging.iterdir())}
-        write_json(staging / MARKER, summary)
+        (staging / MARKER).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         _publish(staging, out, archive)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
