@@ -289,10 +289,14 @@ def tflm_vs_litert(out: Path, run: Path, x: np.ndarray) -> dict[str, np.ndarray]
 
 def check_predictions(out: Path, run: Path, x: np.ndarray, y: np.ndarray) -> dict:
     got = tflm_vs_litert(out, run, x)
-    # TFLM's reference kernels compute exactly what LiteRT's built-in kernels do: same outputs, same labels.
-    np.testing.assert_array_equal(got["tflm"], got["builtin"])
+    # TFLM's reference kernels and LiteRT's built-in ones: the same labels, int8 outputs at most a rounding
+    # step or two apart (equal for the conv nets; softmax and fully-connected rounding differs slightly).
+    np.testing.assert_array_equal(got["tflm"].argmax(1), got["builtin"].argmax(1))
+    steps = int(np.abs(got["tflm"].astype(int) - got["builtin"]).max())
+    assert steps <= 2
     acc = json.loads((out / MARKER).read_text())["accuracy"]
-    assert acc["images"] == len(y) and acc["builtin_identical"] and acc["builtin_agreement"] == 1.0
+    assert acc["images"] == len(y) and acc["builtin_agreement"] == 1.0
+    assert acc["builtin_max_output_difference"] == steps and acc["builtin_identical"] == (steps == 0)
     assert acc["accuracy_tflm"] == pytest.approx(float((got["tflm"].argmax(1) == y).mean()))
     # XNNPACK rounds int8 differently, by a step or so: the export counts and lists the labels that change.
     tflm, xnnpack = got["tflm"].argmax(1), got["xnnpack"].argmax(1)

@@ -328,9 +328,9 @@ def readme(s: dict, folder: str) -> str:
     outputs = ("every output value is identical" if acc["max_output_difference"] == 0 else
                f"their output values differ by at most {acc['max_output_difference']} quantization step(s) "
                "(XNNPACK rounds differently)")
-    outputs += ("; against LiteRT's built-in kernels every output value is identical" if acc["builtin_identical"]
-                else f"; against LiteRT's built-in kernels they differ by at most "
-                     f"{acc['builtin_max_output_difference']} step(s)")
+    outputs += (f". LiteRT's built-in kernels agree with TFLite Micro on {acc['builtin_agreement']:.2%} of the labels, "
+                + ("with identical outputs" if acc["builtin_identical"] else
+                   f"with outputs at most {acc['builtin_max_output_difference']} step(s) apart"))
     report = (f" The run's report gives {acc['report_accuracy']:.2%} for {s['variant']} on the same images."
               if acc.get("report_accuracy") is not None else "")
     sources = " ".join(n for n in SOURCES if n.endswith(".cc") and n != "main.cc")
