@@ -1,1 +1,1 @@
-"""Getting models onto hardware: the device bundle and the microcontroller export."""
+"""Getting models onto hardware: the device bundle and its kin."""

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 import pipeline
-from device.core import METADATA_NAME, DeviceError, Model, read_model_bytes, sha256_file
+from device.core import Model
+from device.integrity import METADATA_NAME, DeviceError, read_model_bytes, sha256_file
 from pipeline.artifacts import MANIFEST, update_manifest, write_json
 from pipeline.ship import micro, tflm_sources
 from pipeline.ship.micro import KIB, MIB, ExportError
@@ -383,9 +384,9 @@ def _record(run_dir: Path, summary: dict, log) -> None:
     """tflm.json beside the run's other results, the report rendered again, the manifest's figures."""
     write_json(run_dir / RUN_SUMMARY, {k: v for k, v in summary.items() if k != "files"})
     if (run_dir / "evaluation.json").is_file():
-        from pipeline import report
+        from pipeline.report.render import render
 
-        report.render(run_dir, log=log)
+        render(run_dir, log=log)
     a = summary["accuracy"]
     update_manifest(run_dir, {"tflm": {
         "variant": summary["variant"], "flash_bytes": summary["flash_bytes"], "sha256": summary["sha256"],

@@ -13,8 +13,8 @@ import re
 from html import escape as esc
 from pathlib import Path
 
-from pipeline import plots
-from pipeline.notes import notes, threads_label
+from pipeline.report import plots
+from pipeline.report.notes import notes, threads_label
 from pipeline.artifacts import MANIFEST, atomic_write, write_json
 from pipeline.config import VARIANTS
 
@@ -147,9 +147,9 @@ def _tflm_md(t: dict | None) -> list[str]:
             f"{t['variant']} for `{t['export']['folder']}`: {t['flash_bytes']:,} bytes of flash, tensor arena "
             f"{arena['recommended']:,} bytes ({arena['measured']:,} measured under tflite-micro "
             f"{t['versions']['tflite-micro']}, plus margin); fits {', '.join(fits) or 'none of the listed boards'}.  ",
-            f"Accuracy under TFLite Micro's kernels {_pct(a['accuracy_tflm'])} on {a['images']:,} test images; "
-            f"top-1 agreement with LiteRT {_pct(a['agreement'])}"
-            + (f", {a['differing_count']} image(s) differ: {shown}." if a["differing_count"] else ".")]
+            (f"Accuracy under TFLite Micro's kernels {_pct(a['accuracy_tflm'])} on {a['images']:,} test images; "
+             f"top-1 agreement with LiteRT {_pct(a['agreement'])}"
+             + (f", {a['differing_count']} image(s) differ: {shown}." if a["differing_count"] else "."))]
 
 
 # ---------------------------------------------------------------- device results
