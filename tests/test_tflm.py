@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from device import core
+from device.integrity import sha256_file
 from pipeline.cli import main
 from pipeline.ship import micro, tflm_sources
 from pipeline.ship.tflm import MARKER, export_tflm
@@ -93,7 +94,7 @@ def test_export_folder_archive_and_run_records(mnist_export):
     assert {p.name for p in out.iterdir()} == expected
     summary = json.loads((out / MARKER).read_text())
     for name, entry in summary["files"].items():
-        assert entry["sha256"] == core.sha256_file(out / name), name
+        assert entry["sha256"] == sha256_file(out / name), name
     with tarfile.open(out.parent / f"{out.name}.tar.gz") as tar:
         names = tar.getnames()
         assert {f"{out.name}/{n}" for n in expected} <= set(names)

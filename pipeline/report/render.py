@@ -144,9 +144,9 @@ def _tflm_md(t: dict | None) -> list[str]:
     fits = [b for b, ok in next(r for r in t["variants"] if r.get("exported"))["fits"].items() if ok]
     shown = ", ".join(f"#{d['index']} ({d['label']}: TFLM {d['tflm']}, LiteRT {d['litert']})" for d in a["differing"][:10])
     return ["", "## Microcontroller (TensorFlow Lite Micro)", "",
-            f"{t['variant']} for `{t['export']['folder']}`: {t['flash_bytes']:,} bytes of flash, tensor arena "
-            f"{arena['recommended']:,} bytes ({arena['measured']:,} measured under tflite-micro "
-            f"{t['versions']['tflite-micro']}, plus margin); fits {', '.join(fits) or 'none of the listed boards'}.  ",
+            (f"{t['variant']} for `{t['export']['folder']}`: {t['flash_bytes']:,} bytes of flash, tensor arena "
+             f"{arena['recommended']:,} bytes ({arena['measured']:,} measured under tflite-micro "
+             f"{t['versions']['tflite-micro']}, plus margin); fits {', '.join(fits) or 'none of the listed boards'}.  "),
             (f"Accuracy under TFLite Micro's kernels {_pct(a['accuracy_tflm'])} on {a['images']:,} test images; "
              f"top-1 agreement with LiteRT {_pct(a['agreement'])}"
              + (f", {a['differing_count']} image(s) differ: {shown}." if a["differing_count"] else "."))]
