@@ -408,9 +408,10 @@ with these files:
 
 Add every `.cc`/`.c` under `tflm-tree` and the `.cc` files here to your target, with `tflm-tree`,
 `tflm-tree/third_party/flatbuffers/include`, `tflm-tree/third_party/gemmlowp` and
-`tflm-tree/third_party/ruy` as include directories and `TF_LITE_STATIC_MEMORY` defined. On a PC, the
-tflite-micro repository's `make -f tensorflow/lite/micro/tools/make/Makefile microlite` builds the library
-to link these files against.
+`tflm-tree/third_party/ruy` as include directories, `TF_LITE_STATIC_MEMORY` defined and, as TFLite Micro's
+own build does, `-fno-exceptions -fno-rtti`. On a PC, the tflite-micro repository's
+`make -f tensorflow/lite/micro/tools/make/Makefile microlite` builds the library to link these files against;
+the example then prints the arena it used and the label.
 
 Regenerate with: `pipeline export {s['run']} --target tflm --variant {s['variant']}`.
 """
