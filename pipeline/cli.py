@@ -18,6 +18,7 @@ import pipeline
 from pipeline.config import FALLBACKS, INT8_IO, VARIANTS, BuildConfig, ConfigError
 from pipeline.data import DATASETS
 from pipeline.models import MODELS
+from pipeline.ship.tflm import BOARDS, TARGETS
 
 
 class UserError(click.ClickException):
@@ -409,6 +410,50 @@ def bundle(run_dir, out, variants, overwrite):
         raise UserError(str(e))
     click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)")
 
+
+class ByteSize(click.ParamType):
+    """A byte count: 262144, 256K or 256KiB, 1M or 1MiB (K and M are 1024 and 1024*1024)."""
+    name = "BYTES"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+        scale = {"K": 1024, "M": 1024 * 1024}.get(text[-1:], 1)
+        try:
+            n = int(float(text[:-1] if scale > 1 else text) * scale)
+        except ValueError:
+            n = -1
+        if n <= 0:
+            self.fail(f"'{value}' is not a byte count; write e.g. 262144, 256K or 1M", param, ctx)
+        return n
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--target", type=click.Choice(TARGETS), default="tflm", show_default=True,
+              help="tflm: C/C++ sources for TensorFlow Lite Micro on a microcontroller.")
+@click.option("--variant", default="int8", show_default=True,
+              help="The run's integer model to export (int8, or a guard variant such as int8-cle).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write, plus FOLDER.tar.gz beside it (default: RUN_DIR-tflm beside the run).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out.")
+@click.option("--board", type=click.Choice(list(BOARDS)),
+              help="Refuse to export unless the model and its arena fit this board.")
+@click.option("--flash", type=ByteSize(), help="Flash free for the model, for a board not in --board's list.")
+@click.option("--ram", type=ByteSize(), help="RAM free for the tensor arena, for a board not in --board's list.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the run's dataset is now, if not where it was built from.")
+@click.option("--test-images", type=click.IntRange(min=1), help="Check accuracy on the first N test images only.")
+@handle_errors
+def export(run_dir, target, **kwargs):
+    """Export a finished run for a microcontroller: C/C++ sources, measured arena, accuracy under TFLite Micro."""
+    from pipeline.ship.tflm import ExportError, export_tflm
+
+    try:
+        export_tflm(run_dir, log=click.echo, **kwargs)
+    except ExportError as e:
+        raise UserError(str(e))
 
 
 if __name__ == "__main__":

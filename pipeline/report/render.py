@@ -77,6 +77,8 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
         if bench else None,
         "devices": _merge_devices(device_results or [], variants, _model_hashes(run_dir), run_dir),
         "analysis": _analysis(run_dir),
+        "tflm": _read_json(run_dir / "tflm.json", "the figures of `pipeline export --target tflm`")
+        if (run_dir / "tflm.json").is_file() else None,
     }
     report["notes"] = notes(report, bench)
     return report
@@ -136,6 +138,22 @@ def _analysis_md(analysis: dict | None) -> list[str]:
         out += [f"| {r['layer']} | {r['op']} | {r['scale']:.3g} | {r['rmse_over_scale']:.3f} | {r['range']:.3g} | "
                 f"{r['mse']:.3g} | {'yes' if r['suspect'] else ''} |" for r in analysis["layers"]]
     return out
+
+
+def _tflm_md(t: dict | None) -> list[str]:
+    """The microcontroller export's figures, as `pipeline export --target tflm` measured them."""
+    if not t:
+        return []
+    a, arena = t["accuracy"], t["arena"]
+    fits = [b for b, ok in next(r for r in t["variants"] if r.get("exported"))["fits"].items() if ok]
+    shown = ", ".join(f"#{d['index']} ({d['label']}: TFLM {d['tflm']}, LiteRT {d['litert']})" for d in a["differing"][:10])
+    return ["", "## Microcontroller (TensorFlow Lite Micro)", "",
+            (f"{t['variant']} for `{t['export']['folder']}`: {t['flash_bytes']:,} bytes of flash, tensor arena "
+             f"{arena['recommended']:,} bytes ({arena['measured']:,} measured under tflite-micro "
+             f"{t['versions']['tflite-micro']}, plus margin); fits {', '.join(fits) or 'none of the listed boards'}.  "),
+            (f"Accuracy under TFLite Micro's kernels {_pct(a['accuracy_tflm'])} on {a['images']:,} test images; "
+             f"top-1 agreement with LiteRT {_pct(a['agreement'])}"
+             + (f", {a['differing_count']} image(s) differ: {shown}." if a["differing_count"] else "."))]
 
 
 # ---------------------------------------------------------------- device results
@@ -298,6 +316,7 @@ def _markdown(report: dict) -> str:
            *["| " + " | ".join(r) + " |" for r in rows], "", "## Notes", ""]
     out += [f"- {n['text']}" for n in report["notes"]] or ["- none"]
     out += _analysis_md(report.get("analysis"))
+    out += _tflm_md(report.get("tflm"))
     out += ["", "## Plots", ""] + [f"![{CAPTIONS.get(p, p)}]({p})" for p in report["plots"]]
     return "\n".join(out) + "\n"
 
@@ -312,6 +331,8 @@ def _html(report: dict, pngs: dict[str, bytes]) -> str:
                       for name, png in pngs.items())
     section = _analysis_md(report.get("analysis"))
     analysis = f"<h2>Accuracy guard and per-layer error</h2><pre>{esc(chr(10).join(section).strip())}</pre>\n" if section else ""
+    micro = _tflm_md(report.get("tflm"))
+    analysis += f"<h2>Microcontroller (TensorFlow Lite Micro)</h2><p>{esc(' '.join(micro[3:]))}</p>\n" if micro else ""
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>edgepipe report: "
             f"{esc(report['run'])}</title><style>body{{font-family:sans-serif;max-width:75em;margin:2em auto}}"
             "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
