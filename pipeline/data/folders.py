@@ -2,7 +2,7 @@
 
 DIR holds one folder per class, directly or under train/ (with optional val/ and test/). Class names
 are the folder names in sorted order, which is also CIFAR-10's label order. Every image goes through
-`device.core.load_image`, the function the runner uses on a board, so a photo is resized exactly as
+`device.images.read_image`, the function the runner uses on a board, so a photo is resized exactly as
 the model was trained. Decoding 58,000 JPEGs costs seconds, so the arrays are cached outside the run
 directory, keyed on the files' names, sizes and modification times and on the target size.
 """
@@ -115,19 +115,19 @@ def _images(root: Path, folder: str) -> list[tuple[str, str]]:
 
 def _decode_chunk(root: str, paths: list[str], preprocess: dict):
     """Worker: (uint8 images, readable mask, errors of the unreadable, original sizes) for one chunk."""
-    from device.core import DeviceError, load_image
+    from device.core import DeviceError, read_image
 
     images, ok, errors, sizes = [], [], [], []
     for rel in paths:
         try:
-            image, (width, height) = load_image(os.path.join(root, rel), preprocess, with_size=True)
+            image, facts = read_image(os.path.join(root, rel), preprocess)
         except DeviceError as e:  # a damaged or non-image file: skipped and listed, not fatal
             ok.append(False)
             errors.append(str(e)[:200])
             continue
         images.append(image)
         ok.append(True)
-        sizes.append(f"{height}x{width}")
+        sizes.append(f"{facts['height']}x{facts['width']}")
     shape = (0, preprocess["height"], preprocess["width"], preprocess["channels"])
     return (np.stack(images) if images else np.zeros(shape, np.uint8)), ok, errors, sizes
 
