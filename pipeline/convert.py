@@ -73,7 +73,7 @@ def calibration_images(data: Dataset, count: int, seed: int) -> np.ndarray:
     classes = np.unique(data.y_train)
     members = [rng.permutation(np.flatnonzero(data.y_train == c)) for c in classes]
     # Round-robin over the shuffled classes: equal shares, and the rest from classes that have more.
-    order = [m[i] for i in range(max(map(len, members))) for m in members if i < len(m)]
+    order = [m[i] for i in range(max(map(len, members), default=0)) for m in members if i < len(m)]
     take = np.sort(np.array(order[:count], dtype=np.int64))
     return normalize(data.x_train[take], data.spec.to_dict())
 
