@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import pipeline
+from pipeline import console
 from device.core import METADATA_NAME, Model
 from pipeline.artifacts import MANIFEST, RunDir, file_entry, update_manifest, write_json
 from pipeline.config import BuildConfig
@@ -67,6 +68,7 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
     from pipeline import train as train_stage
 
     run = RunDir(cfg.run_dir, overwrite=overwrite, resume=resume, log=log)
+    console.keep_log(run.staging, run.final)  # build.log goes with the run (and stays with a failed one)
     wanted = STAGES[:STAGES.index(until) + 1]
     times: dict[str, float] = {}
     reused: list[str] = []

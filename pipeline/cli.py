@@ -50,6 +50,27 @@ def handle_errors(fn):
     return wrapper
 
 
+def verbose_option(fn):
+    return click.option("-v", "--verbose", is_flag=True,
+                        help="Also show TensorFlow's and the interpreter's own log lines live "
+                             "(they always go to the run's build.log).")(fn)
+
+
+def captured(verbose: bool, work):
+    """Run work(log) with native output kept in build.log; a bug ends in one line naming the log."""
+    from pipeline import console
+
+    user_errors = (click.ClickException, ConfigError, KeyboardInterrupt, *_user_errors())
+    with console.session(verbose, user_errors) as session:
+        try:
+            return work(session.say)
+        except Exception as e:
+            if isinstance(e, user_errors):
+                raise
+            raise UserError(f"failed: {type(e).__name__}: {e}; the traceback and TensorFlow's own output are in "
+                            f"{session.where()}") from e
+
+
 def _split_variants(ctx, param, values):
     names = [v.strip() for value in values for v in value.split(",") if v.strip()]
     choices = (*VARIANTS, "all")
@@ -175,13 +196,14 @@ def main():
 @click.option("--fallback", type=click.Choice(FALLBACKS), default="none", show_default=True,
               help="auto: if int8 loses more than --max-accuracy-drop, repair it (equalization, then float layers).")
 @click.option("--qat", is_flag=True, help="Also fine-tune with quantization-aware training and report QAT int8.")
+@verbose_option
 @handle_errors
-def build(overwrite, resume, no_benchmark, **kwargs):
+def build(overwrite, resume, no_benchmark, verbose, **kwargs):
     """Train, quantize, convert, evaluate, benchmark and report, into one run directory."""
     from pipeline.build import build as run_build, check_accuracy_drop, AccuracyDropError
 
     cfg = _resume_config(resume) if resume else _config(benchmark=not no_benchmark, **kwargs)
-    run_dir = run_build(cfg, overwrite=overwrite, resume=bool(resume), log=click.echo)
+    run_dir = captured(verbose, lambda log: run_build(cfg, overwrite=overwrite, resume=bool(resume), log=log))
     _print_table(run_dir)
     if cfg.max_accuracy_drop is not None:
         try:
@@ -194,12 +216,14 @@ def build(overwrite, resume, no_benchmark, **kwargs):
 @data_options
 @train_options
 @output_options
+@verbose_option
 @handle_errors
-def train(overwrite, **kwargs):
+def train(overwrite, verbose, **kwargs):
     """Train only: writes model.keras and a manifest."""
     from pipeline.build import build as run_build
 
-    run_build(_config(**kwargs), overwrite=overwrite, until="train", log=click.echo)
+    cfg = _config(**kwargs)
+    captured(verbose, lambda log: run_build(cfg, overwrite=overwrite, until="train", log=log))
 
 
 @main.command()
@@ -207,13 +231,14 @@ def train(overwrite, **kwargs):
 @data_options
 @convert_options
 @output_options
+@verbose_option
 @handle_errors
-def convert(keras_model, overwrite, **kwargs):
+def convert(keras_model, overwrite, verbose, **kwargs):
     """Convert a .keras model into the chosen .tflite variants (no training, no measurements)."""
     from pipeline.build import build as run_build
 
     cfg = _config(keras_model=keras_model, **kwargs)
-    run_build(cfg, overwrite=overwrite, until="metadata", log=click.echo)
+    captured(verbose, lambda log: run_build(cfg, overwrite=overwrite, until="metadata", log=log))
 
 
 @main.command()

@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 
 from device.core import normalize
+from pipeline import console
 from pipeline.config import BuildConfig
 from pipeline.data import Dataset
 
@@ -92,10 +93,13 @@ def convert_all(model, cfg: BuildConfig, data: Dataset, log=print) -> dict[str, 
     """Every configured variant: {variant: (flatbuffer bytes, seconds)}."""
     calibration = calibration_images(data, cfg.calibration_samples, cfg.seed)
     out = {}
-    for variant in cfg.quantize:
-        t0 = time.perf_counter()
-        out[variant] = (convert(model, variant, cfg, calibration), time.perf_counter() - t0)
-        log(f"converted {variant}: {len(out[variant][0]):,} bytes in {out[variant][1]:.2f} s")
-        if variant in NOTES:
-            log(f"  note: {NOTES[variant]}")
+    with console.progress("converting", total=len(cfg.quantize), unit="variants") as bar:
+        for variant in cfg.quantize:
+            bar.advance(0, description=f"converting {variant}")
+            t0 = time.perf_counter()
+            out[variant] = (convert(model, variant, cfg, calibration), time.perf_counter() - t0)
+            log(f"converted {variant}: {len(out[variant][0]):,} bytes in {out[variant][1]:.2f} s")
+            if variant in NOTES:
+                log(f"  note: {NOTES[variant]}")
+            bar.advance()
     return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from device.core import normalize
+from pipeline import console
 from pipeline.config import BuildConfig
 from pipeline.data import Dataset
 from pipeline.models import MODELS, build_model
@@ -30,13 +31,14 @@ def train(cfg: BuildConfig, data: Dataset, log=print):
     model.compile(optimizer=keras.optimizers.Adam(), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     callbacks = [keras.callbacks.TensorBoard(log_dir=cfg.tensorboard)] if cfg.tensorboard else []
+    callbacks.append(console.keras_callback(cfg.epochs, -(-len(data.x_train) // cfg.batch_size), log))
     log(f"training {cfg.model} on {len(data.x_train)} {data.name} images "
         f"({len(data.x_val)} for validation), {cfg.epochs} epoch(s), batch {cfg.batch_size}")
     pre = data.spec.to_dict()
     history = model.fit(
         normalize(data.x_train, pre), data.y_train,
         validation_data=(normalize(data.x_val, pre), data.y_val),
-        epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True, verbose=2, callbacks=callbacks,
+        epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True, verbose=0, callbacks=callbacks,
     )
     return model, {k: [float(v) for v in vs] for k, vs in history.history.items()}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from device.core import Model, normalize, score
+from pipeline import console
 
 
 def summarize_predictions(probs: np.ndarray, y: np.ndarray, labels, baseline: np.ndarray | None) -> dict:
@@ -30,11 +31,14 @@ def evaluate_variants(run_dir: Path, variants, x_test: np.ndarray, y_test: np.nd
     labels = metadata["preprocess"]["labels"]
     probs: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
-    for variant in variants:
-        t0 = time.perf_counter()
-        model = Model(Path(run_dir) / f"model_{variant}.tflite", metadata=metadata)
-        probs[variant] = model.predict(x_test)
-        seconds[variant] = time.perf_counter() - t0
+    with console.progress("evaluating", total=len(variants) * len(y), unit="images") as bar:
+        for variant in variants:
+            bar.advance(0, description=f"evaluating {variant}")
+            t0 = time.perf_counter()
+            model = Model(Path(run_dir) / f"model_{variant}.tflite", metadata=metadata)
+            probs[variant] = model.predict(x_test)
+            seconds[variant] = time.perf_counter() - t0
+            bar.advance(len(y))
     baseline = probs["fp32"]
     result = {"n": int(len(y)), "variants": {}}
     for variant in variants:
