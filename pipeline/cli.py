@@ -128,7 +128,7 @@ def measure_options(fn):
     fn = click.option("--warmup", "bench_warmup", type=click.IntRange(min=0), default=20, show_default=True,
                       help="Warm-up inferences per variant, timed but kept out of the statistics.")(fn)
     fn = click.option("--threads", type=click.IntRange(min=1), multiple=True,
-                      help="Interpreter threads to measure (repeatable; default: 1 and all cores).")(fn)
+                      help="Interpreter threads to measure (repeatable; default: 1 and min(4, cores)).")(fn)
     fn = click.option("--no-xnnpack", is_flag=True, help="Benchmark the built-in kernels instead of XNNPACK.")(fn)
     fn = click.option("--cross-check", is_flag=True,
                       help="Also run Google's litert-benchmark on every variant and compare medians.")(fn)

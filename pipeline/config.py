@@ -12,6 +12,11 @@ INT8_IO = ("int8", "float")
 FALLBACKS = ("none", "auto")
 
 
+def default_threads() -> tuple[int, ...]:
+    """1 and min(4, cores): a Raspberry Pi has 4 cores, and 64 threads on a big host says nothing about it."""
+    return tuple(sorted({1, min(4, os.cpu_count() or 1)}))
+
+
 class ConfigError(ValueError):
     """An invalid option value; the message names the option and what would be valid."""
 
@@ -48,7 +53,7 @@ class BuildConfig:
     benchmark: bool = True
     bench_runs: int = 200
     bench_warmup: int = 20
-    threads: tuple[int, ...] = ()  # empty: 1 and all cores
+    threads: tuple[int, ...] = ()  # empty: default_threads()
     xnnpack: bool = True
     cross_check: bool = False
     max_accuracy_drop: float | None = None
@@ -72,7 +77,7 @@ class BuildConfig:
                               f"has {DATASETS[self.dataset].input_shape}; choose from {', '.join(fitting)}")
         _set(self, "model", model)
         _set(self, "quantize", resolve_variants(self.quantize))
-        _set(self, "threads", tuple(self.threads) or tuple(sorted({1, os.cpu_count() or 1})))
+        _set(self, "threads", tuple(self.threads) or default_threads())
         for name, low in (("epochs", 1), ("batch_size", 1), ("calibration_samples", 1), ("bench_runs", 1),
                           ("bench_warmup", 0)):
             value = getattr(self, name)

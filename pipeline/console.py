@@ -132,7 +132,8 @@ class Progress:
     """A stage's progress: a live bar on a terminal, one line when it ends elsewhere, nothing outside a session."""
 
     def __init__(self, session: Session | None, description: str, total: int | None, unit: str):
-        self.session, self.title, self.description, self.total, self.unit = session, description, description, total, unit
+        self.session, self.total, self.unit = session, total, unit
+        self.title = self.description = description
         self.done, self._t0, self._task = 0, time.perf_counter(), None
         if session is not None and session._progress is not None:
             self._task = session._progress.add_task(description, total=total, unit=unit)

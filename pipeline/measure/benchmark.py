@@ -118,7 +118,8 @@ def benchmark_variants(run_dir: Path, variants, metadata: dict, *, threads_list,
     t_start = time.perf_counter()
     sizes = {v: (run_dir / f"model_{v}.tflite").stat().st_size for v in variants}
     # The load average says whether other work competed for the cores while we measured.
-    result = {"schema": 1, "environment": {**environment(), "load_average_1m": os.getloadavg()[0]}, "xnnpack": xnnpack, "runs": runs, "warmup": warmup,
+    result = {"schema": 1, "environment": {**environment(), "load_average_1m": os.getloadavg()[0]},
+              "xnnpack": xnnpack, "runs": runs, "warmup": warmup,
               "interleaved": True, "macs_per_inference": macs, "threads": {}, "variants": {}}
     for v in variants:
         result["variants"][v] = {"bytes": sizes[v], "size_ratio_vs_fp32": sizes[v] / sizes["fp32"]}

@@ -10,8 +10,9 @@ import base64
 import hashlib
 import json
 import re
-from html import escape as esc
 from pathlib import Path
+
+import numpy as np
 
 from pipeline.report import plots
 from pipeline.report.notes import notes, threads_label
@@ -19,6 +20,7 @@ from pipeline.artifacts import MANIFEST, atomic_write, write_json
 from pipeline.config import VARIANTS
 
 SCHEMA = 1
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 DEVICE_DIR = "device_results"
 ANALYSIS_PLOT = "analysis_layers.png"
 DEVICE_SOURCE = "the output of `runner.py bench --json` or `runner.py eval --json`"
@@ -61,6 +63,7 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
     missing = [f"model_{v}.tflite" for v in evaluation["variants"] if not (run_dir / f"model_{v}.tflite").is_file()]
     if missing:
         raise ReportError(f"{run_dir}: {', '.join(missing)} missing, though evaluation.json lists them; rebuild it")
+    _fill_statistics(run_dir, evaluation)
     names = [v for v in VARIANTS if v in evaluation["variants"]] + [v for v in evaluation["variants"] if v not in VARIANTS]
     variants = [_variant(run_dir, v, evaluation, bench, threads) for v in names]
     report = {
@@ -85,6 +88,7 @@ def _variant(run_dir: Path, v: str, evaluation: dict, bench: dict | None, thread
              "accuracy": e["accuracy"], "change_pp": e["change_pp_vs_fp32"],
              "agreement": e.get("agreement_with_fp32", 1.0),  # fp32, the baseline, agrees with itself
              "mean_abs_prob_diff": e.get("mean_abs_prob_diff_vs_fp32", 0.0),
+             "interval_95": e.get("interval_95"), "mcnemar_vs_fp32": e.get("mcnemar_vs_fp32"),
              "p50_ms": None, "p90_ms": None, "p99_ms": None, "speedup": None, "gmac_per_s": None,
              "latency": {}, "memory": None, "device": {}}
     if bench:
@@ -98,6 +102,23 @@ def _variant(run_dir: Path, v: str, evaluation: dict, bench: dict | None, thread
     return entry
 
 
+def _fill_statistics(run_dir: Path, evaluation: dict) -> None:
+    """Intervals and paired tests for runs evaluated before they were recorded, from predictions.npz."""
+    from pipeline.measure import stats
+
+    lacking = [v for v, e in evaluation["variants"].items() if "interval_95" not in e]
+    if not lacking or not (run_dir / "predictions.npz").is_file():
+        return
+    with np.load(run_dir / "predictions.npz") as saved:
+        y, base = saved["y"], saved["probs_fp32"].argmax(1)
+        for v in lacking:
+            if f"probs_{v}" in saved.files:
+                pred = saved[f"probs_{v}"].argmax(1)
+                evaluation["variants"][v]["interval_95"] = stats.accuracy_with_interval(y, pred)
+                if v != "fp32":
+                    evaluation["variants"][v]["mcnemar_vs_fp32"] = stats.paired_change(y, base, pred)
+
+
 # ---------------------------------------------------------------- accuracy guard (analysis.json)
 
 def _analysis(run_dir: Path) -> dict | None:
@@ -109,14 +130,22 @@ def _analysis(run_dir: Path) -> dict | None:
     return {"layers": a.get("layers"), "guard": a.get("guard"), "validation": a.get("validation")}
 
 
+def _guard_sentence(analysis: dict) -> str:
+    """The guard's decision and what it rests on: how many validation images, so what one image is worth."""
+    g, images = analysis["guard"], (analysis.get("validation") or {}).get("images")
+    rests = (f"{images:,} {g['split']} images (one image is {100 / images:.2f} pp)" if images
+             else f"the {g['split']} split")
+    return (f"Budget {g['max_accuracy_drop_pp']} pp, decided on {rests} in {g['seconds']:.1f} s: "
+            f"{g['summary']}")
+
+
 def _analysis_md(analysis: dict | None) -> list[str]:
     if not analysis:
         return []
     out = []
     if analysis.get("guard"):
         g = analysis["guard"]
-        out += ["", "## Accuracy guard", "", f"Budget {g['max_accuracy_drop_pp']} pp, decided on the "
-                f"{g['split']} split in {g['seconds']:.1f} s: {g['summary']}.", ""]
+        out += ["", "## Accuracy guard", "", f"{_guard_sentence(analysis)}.", ""]
         for r in g.get("remedies", []):
             line = f"- {r['name']} -> {r.get('variant') or '-'}: {r['status']}"
             if r.get("accuracy") is not None:
@@ -192,21 +221,29 @@ def _device_figures(path: Path, kind: str, data: dict) -> dict:
 
 def table(report: dict) -> tuple[list[str], list[list[str]]]:
     """(headers, rows of strings): one row per variant, host figures then each device's."""
-    headers = ["variant", "size", "size ratio", "accuracy", "change", "agreement", "p50 ms", "p90 ms",
-               "p99 ms", "speed-up vs fp32"]
+    headers = ["variant", "size", "size ratio", "accuracy", "95% interval", "change", "McNemar p", "agreement",
+               "p50 ms", "p90 ms", "p99 ms", "speed-up vs fp32"]
     labels = [d["label"] for d in report["devices"]]
     for label in labels:
         headers += [f"{label} accuracy", f"{label} p50 ms"]
     rows = []
     for v in report["variants"]:
+        ci, test = v.get("interval_95"), v.get("mcnemar_vs_fp32")
         row = [v["variant"], f"{v['bytes'] / 1024:.1f} KiB", f"{v['size_ratio']:.2f}x", _pct(v["accuracy"]),
-               f"{v['change_pp']:+.2f} pp", _pct(v["agreement"]), _ms(v["p50_ms"]), _ms(v["p90_ms"]),
+               f"{100 * ci['low']:.1f}-{100 * ci['high']:.1f}%" if ci else "-", f"{v['change_pp']:+.2f} pp",
+               _p_value(test), _pct(v["agreement"]), _ms(v["p50_ms"]), _ms(v["p90_ms"]),
                _ms(v["p99_ms"]), "-" if v["speedup"] is None else f"{v['speedup']:.2f}x"]
         for label in labels:
             dev = v["device"].get(label, {})
             row += [_pct(dev.get("accuracy")), _ms(dev.get("p50_ms"))]
         rows.append(row)
     return headers, rows
+
+
+def _p_value(test: dict | None) -> str:
+    if not test:
+        return "-"
+    return f"{test['p_value']:.2g}" + ("" if test["significant"] else " (n.s.)")
 
 
 def _pct(x) -> str:
@@ -257,23 +294,20 @@ def _markdown(report: dict) -> str:
 
 
 def _html(report: dict, pngs: dict[str, bytes]) -> str:
+    """The page: every section as HTML from templates/report.html; plots inline, nothing fetched."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(pct=_pct, ms=_ms)
     headers, rows = table(report)
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
-    notes = "".join(f"<li>{esc(n['text'])}</li>" for n in report["notes"]) or "<li>none</li>"
-    figures = "".join(f'<figure><img alt="{esc(CAPTIONS.get(name, name))}" src="data:image/png;base64,'
-                      f'{base64.b64encode(png).decode()}"><figcaption>{esc(CAPTIONS.get(name, name))}</figcaption></figure>'
-                      for name, png in pngs.items())
-    section = _analysis_md(report.get("analysis"))
-    analysis = f"<h2>Accuracy guard and per-layer error</h2><pre>{esc(chr(10).join(section).strip())}</pre>\n" if section else ""
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>edgepipe report: "
-            f"{esc(report['run'])}</title><style>body{{font-family:sans-serif;max-width:75em;margin:2em auto}}"
-            "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
-            "td:first-child{text-align:left}img{max-width:100%}</style></head><body>\n"
-            f"<h1>edgepipe report: {esc(report['run'])}</h1>\n"
-            + "".join(f"<p>{esc(s)}</p>" for s in _context(report))
-            + f"\n<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n"
-            f"<h2>Notes</h2><ul>{notes}</ul>\n{analysis}<h2>Plots</h2>{figures}\n</body></html>\n")
+    analysis = report.get("analysis") or {}
+    figures = [{"caption": CAPTIONS.get(name, name), "src": "data:image/png;base64," + base64.b64encode(png).decode()}
+               for name, png in pngs.items()]
+    return env.get_template("report.html").render(
+        report=report, context=_context(report), headers=headers, rows=rows, figures=figures,
+        guard=analysis.get("guard"), guard_sentence=_guard_sentence(analysis) if analysis.get("guard") else None,
+        layers=analysis.get("layers"))
 
 
 # ---------------------------------------------------------------- entry points
