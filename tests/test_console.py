@@ -73,7 +73,8 @@ def test_verbose_shows_native_output_live(tmp_path):
 
 def test_terminal_gets_live_progress_and_still_no_native_lines(tmp_path):
     leader, follower = pty.openpty()
-    code = f"from pipeline.cli import main\nmain({['train', '--dataset', 'digits', '--epochs', '2', '--out', str(tmp_path / 'run')]!r})"
+    args = ["train", "--dataset", "digits", "--epochs", "2", "--out", str(tmp_path / "run")]
+    code = f"from pipeline.cli import main\nmain({args!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=follower, stderr=follower, stdin=subprocess.DEVNULL,
                             env=_env(TERM="xterm-256color", COLUMNS="120"), cwd=REPO)
     os.close(follower)

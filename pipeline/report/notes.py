@@ -69,9 +69,9 @@ def _thread_notes(variants: list[dict], base: int, cores: int) -> list[dict]:
                             for v in slower)
         if slower:
             out.append(_note("more_threads_slower", None, (
-                f"{threads_label(t)} are slower than {threads_label(base)} (p50) for {figures}: waking and synchronizing "
-                f"threads costs more than splitting this model's work saves on this {cores}-core machine, so run "
-                f"it with {threads_label(base)}")))
+                f"{threads_label(t)} are slower than {threads_label(base)} (p50) for {figures}: waking and "
+                f"synchronizing threads costs more than splitting this model's work saves on this {cores}-core "
+                f"machine, so run it with {threads_label(base)}")))
     return out
 
 

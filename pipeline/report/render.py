@@ -28,7 +28,8 @@ PLOTS = {"accuracy_vs_latency.png": "Accuracy against p50 latency; marker area i
          "latency.png": "Latency distribution of every variant (raw timed samples)",
          "confusion_fp32_int8.png": "Confusion matrices of fp32 and int8 on the test split"}
 
-CAPTIONS = {**PLOTS, ANALYSIS_PLOT: "Per-layer RMSE/scale of the int8 model (0.29 is ideal rounding, above 0.7 suspect)"}
+CAPTIONS = {**PLOTS,
+            ANALYSIS_PLOT: "Per-layer RMSE/scale of the int8 model (0.29 is ideal rounding, above 0.7 suspect)"}
 
 
 class ReportError(Exception):
@@ -64,7 +65,8 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
     if missing:
         raise ReportError(f"{run_dir}: {', '.join(missing)} missing, though evaluation.json lists them; rebuild it")
     _fill_statistics(run_dir, evaluation)
-    names = [v for v in VARIANTS if v in evaluation["variants"]] + [v for v in evaluation["variants"] if v not in VARIANTS]
+    names = [v for v in VARIANTS if v in evaluation["variants"]]
+    names += [v for v in evaluation["variants"] if v not in VARIANTS]
     variants = [_variant(run_dir, v, evaluation, bench, threads) for v in names]
     report = {
         "schema": SCHEMA, "run": run_dir.name.removeprefix(".").removesuffix(".partial"),
@@ -149,7 +151,8 @@ def _analysis_md(analysis: dict | None) -> list[str]:
         for r in g.get("remedies", []):
             line = f"- {r['name']} -> {r.get('variant') or '-'}: {r['status']}"
             if r.get("accuracy") is not None:
-                line += f", validation accuracy {_pct(r['accuracy'])} ({0.0 - r['drop_pp']:+.2f} pp), {r['bytes']:,} bytes"
+                line += (f", validation accuracy {_pct(r['accuracy'])} ({0.0 - r['drop_pp']:+.2f} pp), "
+                         f"{r['bytes']:,} bytes")
             if r.get("reason"):
                 line += f"; {r['reason']}"
             out.append(line)
