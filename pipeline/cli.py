@@ -118,7 +118,8 @@ def convert_options(fn):
     fn = click.option("--calibration-samples", type=click.IntRange(min=1), default=300, show_default=True,
                       help="Training images used to calibrate int8/int16x8 activation ranges.")(fn)
     fn = click.option("--int8-io", type=click.Choice(INT8_IO), default="int8", show_default=True,
-                      help="Input/output type of the int8 model: int8 (integer-only) or float.")(fn)
+                      help="Input/output type of the int8 model: int8 (integer-only), uint8 (integer-only, what "
+                           "MediaPipe Tasks and TFLite Model Maker use) or float.")(fn)
     return fn
 
 

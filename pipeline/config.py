@@ -8,7 +8,8 @@ from pathlib import Path
 
 # Order matters: reports list variants in this order, smallest change from the baseline first.
 VARIANTS = ("fp32", "dynamic", "float16", "int8", "int16x8")
-INT8_IO = ("int8", "float")
+# uint8 is what TFLite Model Maker exported and what MediaPipe Tasks accepts as a quantized input.
+INT8_IO = ("int8", "uint8", "float")
 FALLBACKS = ("none", "auto")
 
 

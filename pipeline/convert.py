@@ -41,13 +41,13 @@ def float16_weights(converter, tf, calibration, cfg):
 
 
 def full_integer_int8(converter, tf, calibration, cfg):
-    """Every op int8, calibrated on training images; int8 input/output unless --int8-io float."""
+    """Every op int8, calibrated on training images; int8 (or uint8) input/output unless --int8-io float."""
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = calibration
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    if cfg.int8_io == "int8":
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
+    if cfg.int8_io in ("int8", "uint8"):
+        # uint8 adds one requantize op at each end; the graph between stays int8.
+        converter.inference_input_type = converter.inference_output_type = getattr(tf, cfg.int8_io)
 
 
 def int16_activations_int8_weights(converter, tf, calibration, cfg):

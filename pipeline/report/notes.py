@@ -38,6 +38,7 @@ def notes(report: dict, bench: dict | None) -> list[dict]:
         notes += [_note("memory", v["variant"], f"{v['variant']}: the fresh-process memory measurement failed "
                         f"({v['memory']['error']})") for v in report["variants"] if (v["memory"] or {}).get("error")]
     notes += _significance_notes(report["variants"])
+    notes += _metadata_notes(report.get("tflite_metadata") or {})
     notes += _keras_notes(report["keras"])
     notes += _device_notes(report)
     return notes
@@ -115,6 +116,14 @@ def _significance_notes(variants: list[dict]) -> list[dict]:
     """Whether each change against fp32 is real, in words (exact McNemar on the images they disagree on)."""
     return [_note("accuracy_change", v["variant"], change_words(v["variant"], v["change_pp"], v["mcnemar_vs_fp32"]))
             for v in variants if v.get("mcnemar_vs_fp32")]
+
+
+def _metadata_notes(status: dict) -> list[dict]:
+    """Models that standard apps (MediaPipe Tasks, the Task Library) cannot open on their own, and why."""
+    return [_note("no_tflite_metadata", name.removeprefix("model_").removesuffix(".tflite"),
+                  f"{name} carries no TFLite metadata (labels, normalization), so apps such as MediaPipe Tasks "
+                  f"cannot use it as it is: {s['reason']}")
+            for name, s in status.items() if s and not s.get("present")]
 
 
 def _keras_notes(keras: dict | None) -> list[dict]:

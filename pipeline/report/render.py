@@ -53,8 +53,9 @@ def _load(run_dir: Path) -> tuple[dict, dict, dict | None, list[str]]:
     evaluation = _read_json(run_dir / "evaluation.json", "the evaluation written by `pipeline build`")
     bench_path = run_dir / "benchmark.json"
     bench = _read_json(bench_path, "the benchmark of `pipeline build`") if bench_path.exists() else None
-    labels = _read_json(run_dir / "metadata.json", "the metadata written by `pipeline build`")["preprocess"]["labels"]
-    return manifest, evaluation, bench, labels
+    meta = _read_json(run_dir / "metadata.json", "the metadata written by `pipeline build`")
+    manifest["tflite_metadata"] = {name: m.get("tflite_metadata") for name, m in meta.get("models", {}).items()}
+    return manifest, evaluation, bench, meta["preprocess"]["labels"]
 
 
 def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
@@ -78,6 +79,8 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
         if bench else None,
         "devices": _merge_devices(device_results or [], variants),
         "analysis": _analysis(run_dir),
+        # {model file: {"present": bool, "reason": why not}}; None for runs built before it was recorded.
+        "tflite_metadata": manifest.get("tflite_metadata", {}),
     }
     report["notes"] = notes(report, bench)
     return report
