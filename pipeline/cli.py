@@ -337,6 +337,34 @@ def report(run_dir, device_results):
 
 
 @main.command()
+@click.argument("runs", nargs=-1, metavar="RUN_A RUN_B [...]")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "html", "json"]), default="text",
+              show_default=True, help="What to print: a terminal table, Markdown, an HTML page or JSON.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write compare.json, compare.md, compare.html and compare.png into DIR.")
+@handle_errors
+def compare(runs, fmt, out):
+    """Finished runs side by side: accuracy with its interval, size, latency; incomparable columns flagged."""
+    from pipeline.report import compare as comparison
+
+    try:
+        result = comparison.compare(list(runs))
+    except comparison.CompareError as e:
+        raise UserError(str(e))
+    if fmt == "json":
+        click.echo(json.dumps(result, indent=2))
+    elif fmt == "html":
+        click.echo(comparison.html(result, comparison.plot(result)), nl=False)
+    else:
+        click.echo(comparison.markdown(result) if fmt == "markdown" else comparison.text(result), nl=False)
+        if fmt == "text":
+            click.echo()
+    if out:
+        for path in comparison.write(result, out):
+            click.echo(f"wrote {path}", err=True)
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Archive to write (default: RUN_DIR.tar.gz beside the run directory).")

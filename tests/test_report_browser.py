@@ -63,9 +63,9 @@ def full_run(tmp_path_factory):
                       analyze=True, fallback="auto", max_accuracy_drop=PP, bench_runs=20, bench_warmup=2,
                       threads=(1,), out=str(tmp / "run"))
     run = build(cfg, log=lambda *a: None)
-    proc = subprocess.run([sys.executable, str(REPO / "device" / "runner.py"), "eval", str(run / "samples" / "eval.npz"),
-                           "--model", str(run / "model_int8.tflite"), "--json"], capture_output=True, text=True,
-                          timeout=120)
+    runner = [sys.executable, str(REPO / "device" / "runner.py")]
+    proc = subprocess.run([*runner, "eval", str(run / "samples" / "eval.npz"), "--model", str(run / "model_int8.tflite"),
+                           "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     (tmp / "eval.json").write_text(proc.stdout)
     render(run, device_results=[tmp / "eval.json"], log=lambda *a: None)
