@@ -64,8 +64,8 @@ def full_run(tmp_path_factory):
                       threads=(1,), out=str(tmp / "run"))
     run = build(cfg, log=lambda *a: None)
     runner = [sys.executable, str(REPO / "device" / "runner.py")]
-    proc = subprocess.run([*runner, "eval", str(run / "samples" / "eval.npz"), "--model", str(run / "model_int8.tflite"),
-                           "--json"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*runner, "eval", str(run / "samples" / "eval.npz"), "--model",
+                           str(run / "model_int8.tflite"), "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     (tmp / "eval.json").write_text(proc.stdout)
     render(run, device_results=[tmp / "eval.json"], log=lambda *a: None)

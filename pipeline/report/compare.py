@@ -55,7 +55,8 @@ def _row(run: dict, v: dict) -> dict:
     return {"variant": v["variant"], "accuracy": v["accuracy"], "interval_95": [ci["low"], ci["high"]],
             "change_pp": v["change_pp"], "mcnemar_p": (v.get("mcnemar_vs_fp32") or {}).get("p_value"),
             "bytes": v["bytes"], "p50_ms": {t: lat["p50_ms"] for t, lat in v.get("latency", {}).items()},
-            "device": {label: {k: d.get(k) for k in ("accuracy", "p50_ms")} for label, d in v.get("device", {}).items()}}
+            "device": {label: {k: d.get(k) for k in ("accuracy", "p50_ms")}
+                       for label, d in v.get("device", {}).items()}}
 
 
 def _summary(run: dict) -> dict:
