@@ -245,13 +245,14 @@ def convert(keras_model, overwrite, verbose, **kwargs):
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @measure_options
+@verbose_option
 @handle_errors
-def benchmark(run_dir, **kwargs):
+def benchmark(run_dir, verbose, **kwargs):
     """Measure latency, memory and size of every variant of a finished run again."""
     from pipeline.build import rebenchmark
 
     cfg = _run_config(run_dir, **kwargs)
-    rebenchmark(run_dir, cfg, log=click.echo)
+    captured(verbose, lambda log: rebenchmark(run_dir, cfg, log=log))
     _print_table(run_dir)
 
 
@@ -291,12 +292,13 @@ def _print_table(run_dir: Path) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@verbose_option
 @handle_errors
-def analyze(run_dir):
+def analyze(run_dir, verbose):
     """Per-layer quantization error of a finished run's int8 model, added to its report."""
     from pipeline.guard import analyze_run
 
-    analyze_run(run_dir, log=click.echo)
+    captured(verbose, lambda log: analyze_run(run_dir, log=log))
 
 
 @main.command()
