@@ -21,10 +21,12 @@ the fp32 model and the int8 model built with `--int8-io uint8` of an RGB run.
 """
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 WRITER = "tflite-support==0.4.4"
@@ -86,9 +88,22 @@ def embed(flatbuffer: bytes, *, name: str, description: str, version: str, prepr
             label_files=[metadata_info.LabelFileMd(str(label_file))], tensor_type=outputs[0])
         try:
             writer = image_classifier.MetadataWriter.create_from_metadata_info(flatbuffer, general, image, scores)
-            return bytes(writer.populate())
+            return _fixed_timestamps(bytes(writer.populate()))
         except (ValueError, TypeError, RuntimeError) as e:
             raise MetadataError(f"the metadata writer refused the model ({e})") from e
+
+
+def _fixed_timestamps(model: bytes) -> bytes:
+    """The writer zips labels.txt behind the flatbuffer stamped with the current time; a fixed stamp
+    keeps conversion deterministic (the same Keras model gives the same file, and --resume can tell)."""
+    with zipfile.ZipFile(io.BytesIO(model)) as packed:
+        members = [(info.filename, packed.read(info)) for info in packed.infolist()]
+        start = min(info.header_offset for info in packed.infolist())  # where the flatbuffer ends
+    out = io.BytesIO(model[:start])
+    with zipfile.ZipFile(out, "a") as zf:  # appended behind the flatbuffer, as the writer does
+        for name, data in members:
+            zf.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+    return out.getvalue()
 
 
 def _input_shape(flatbuffer: bytes) -> list[int]:
