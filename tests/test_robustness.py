@@ -354,7 +354,7 @@ class Build:
 KILL_POINTS = [
     ("setup", r"^data: ", 0.0, signal.SIGKILL),
     ("training", r"^training ", 0.3, signal.SIGINT),
-    ("training", r"^Epoch 2/", 0.1, signal.SIGKILL),
+    ("training", r"^epoch 1/", 0.1, signal.SIGKILL),  # our line as epoch 1 ends, epoch 2 begins
     ("conversion", r"^converted fp32", 0.0, signal.SIGINT),
     ("conversion", r"^converted fp32", 0.25, signal.SIGKILL),
     ("metadata", r"^converted int8", 0.0, signal.SIGKILL),
