@@ -46,7 +46,10 @@ class Session:
         sys.stdout.flush()
         sys.stderr.flush()
         self._saved = (os.dup(1), os.dup(2))
-        self.term = os.fdopen(os.dup(self._saved[0]), "w", buffering=1, encoding="utf-8", errors="replace")
+        if _is_fd1(sys.stdout):
+            self.term = os.fdopen(os.dup(self._saved[0]), "w", buffering=1, encoding="utf-8", errors="replace")
+        else:  # stdout was replaced in Python (click's CliRunner, a notebook): our lines go where it points
+            self.term = sys.stdout
         self.live = self.term.isatty() and os.environ.get("TERM", "") not in ("", "dumb")
         read_end, write_end = os.pipe()
         os.dup2(write_end, 1)
@@ -125,7 +128,15 @@ class Session:
                 self._log.write(f"[edgepipe {_stamp()}] failed:\n"
                                 + "".join(traceback.format_exception(type(failed), failed, failed.__traceback__)))
             self._log.close()
-        self.term.close()
+        if self.term is not sys.stdout:
+            self.term.close()
+
+
+def _is_fd1(stream) -> bool:
+    try:
+        return stream.fileno() == 1
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is both
+        return False
 
 
 class Progress:
