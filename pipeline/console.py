@@ -88,6 +88,8 @@ class Session:
     def say(self, line: str) -> None:
         """One of edgepipe's own lines: on the terminal and, time-stamped, in the log."""
         line = str(line)
+        if self._log.closed:  # a straggler after the command ended (an interrupted stage's finalizer)
+            return
         with self._lock:
             self._log.write(f"[edgepipe {_stamp()}] {line}\n")
             self._log.flush()
@@ -219,8 +221,9 @@ def keras_callback(epochs: int, steps_per_epoch: int, log=say):
 
     class _Progress(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            self.ctx = progress(f"training epoch 1/{epochs}", total=epochs * steps_per_epoch, unit="steps")
-            self.bar = self.ctx.__enter__()
+            # Not the context manager: Keras skips on_train_end when interrupted, and a generator left
+            # open would report from its finalizer long after the session closed.
+            self.bar = Progress(_active, f"training epoch 1/{epochs}", total=epochs * steps_per_epoch, unit="steps")
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
@@ -234,6 +237,6 @@ def keras_callback(epochs: int, steps_per_epoch: int, log=say):
             log(f"epoch {epoch + 1}/{epochs}: {figures} ({time.perf_counter() - self.t0:.1f} s)")
 
         def on_train_end(self, logs=None):
-            self.ctx.__exit__(None, None, None)
+            self.bar.finish()
 
     return _Progress()
