@@ -23,8 +23,8 @@ from device.integrity import METADATA_NAME, DeviceError, extract_bundle, sha256_
 from pipeline.artifacts import LOG, MANIFEST
 
 # What `pipeline bundle` always writes besides the models, and the runner cannot do without.
-BUNDLE_REQUIRED = (METADATA_NAME, "labels.txt", "device/__init__.py", "device/core.py", "device/timing.py",
-                   "device/runner.py")
+BUNDLE_REQUIRED = (METADATA_NAME, "labels.txt", "device/__init__.py", "device/core.py", "device/images.py",
+                   "device/integrity.py", "device/timing.py", "device/runner.py")
 
 
 def verify_path(path) -> list[str]:
@@ -62,7 +62,9 @@ def verify_run_dir(run_dir: Path) -> list[str]:
             if rel not in (MANIFEST, LOG) and rel not in files:
                 problems.append(f"{rel}: present but not listed in {MANIFEST}")
     # The models: size, sha256 (again, against metadata.json), load, tensors against the metadata.
-    problems += [_relative(p, run_dir) for p in verify_folder(run_dir)]
+    # A `pipeline train` run has none and no metadata.json: nothing more to check.
+    if manifest.get("models") or METADATA_NAME in files:
+        problems += [_relative(p, run_dir) for p in verify_folder(run_dir)]
     return problems
 
 
