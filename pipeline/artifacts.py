@@ -16,6 +16,7 @@ from pathlib import Path
 from device.integrity import sha256_file
 
 MANIFEST = "manifest.json"
+LOG = "build.log"  # grows after the manifest is written (the last lines), so it is not hashed
 PROGRESS = ".progress.json"
 LOCK = ".lock"
 
@@ -66,7 +67,8 @@ def file_table(root: Path) -> dict:
     out = {}
     for p in sorted(Path(root).rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if p.is_file() and rel != MANIFEST and not any(part.startswith(".") for part in p.relative_to(root).parts):
+        hidden = any(part.startswith(".") for part in p.relative_to(root).parts)
+        if p.is_file() and rel not in (MANIFEST, LOG) and not hidden:
             out[rel] = file_entry(p)
     return out
 

@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 
 import pipeline
+from pipeline import console
 from device.core import METADATA_NAME, Model
 from pipeline.artifacts import MANIFEST, RunDir, file_entry, update_manifest, write_json
 from pipeline.config import BuildConfig
 from pipeline.data import Dataset, load_dataset
+from pipeline.ship.metadata import status as tflite_metadata_status
 
 STAGES = ("train", "convert", "metadata", "evaluate", "benchmark", "report")
 
@@ -47,6 +49,12 @@ def _save_keras(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _tflite_metadata(cfg: BuildConfig, data: Dataset, folder: Path, variants, log) -> None:
+    from pipeline.ship.metadata import embed_files
+
+    embed_files(folder, variants, cfg.model, data.name, data.spec.to_dict(), pipeline.__version__, log=log)
+
+
 def metadata_for(cfg: BuildConfig, data: Dataset, run_dir: Path, variants) -> dict:
     """What the device needs beside a model: preprocessing, labels, and each model's hash and tensors."""
     pre = data.spec.to_dict()
@@ -56,7 +64,8 @@ def metadata_for(cfg: BuildConfig, data: Dataset, run_dir: Path, variants) -> di
         path = run_dir / f"model_{v}.tflite"
         info = Model(path, metadata={"preprocess": pre}, verify=False).info()
         meta["models"][path.name] = {"variant": v, **file_entry(path), "input": info["input"],
-                                     "output": info["output"], "ops": info["ops"]}
+                                     "output": info["output"], "ops": info["ops"],
+                                     "tflite_metadata": tflite_metadata_status(path, pre)}
     return meta
 
 
@@ -67,6 +76,7 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
     from pipeline import train as train_stage
 
     run = RunDir(cfg.run_dir, overwrite=overwrite, resume=resume, log=log)
+    console.keep_log(run.staging, run.final)  # build.log goes with the run (and stays with a failed one)
     wanted = STAGES[:STAGES.index(until) + 1]
     times: dict[str, float] = {}
     reused: list[str] = []
@@ -105,6 +115,7 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
             else:
                 for v, (flatbuffer, _) in convert_stage.convert_all(model, cfg, data, log=log).items():
                     run.write(f"model_{v}.tflite", flatbuffer)
+                _tflite_metadata(cfg, data, run.staging, cfg.quantize, log)
                 run.stage_done("convert", converted)
             times["convert"] = time.perf_counter() - t0
 
@@ -135,6 +146,7 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
                 # (model_<name>.tflite); those join the evaluation, benchmark and report.
                 added = guard(run.staging, cfg, data, model, meta, evaluation, log=log)
                 if added:
+                    _tflite_metadata(cfg, data, run.staging, added, log)
                     variants += added
                     meta = metadata_for(cfg, data, run.staging, variants)
                     run.write_json(METADATA_NAME, meta)

@@ -60,6 +60,27 @@ def handle_errors(fn):
     return wrapper
 
 
+def verbose_option(fn):
+    return click.option("-v", "--verbose", is_flag=True,
+                        help="Also show TensorFlow's and the interpreter's own log lines live "
+                             "(they always go to the run's build.log).")(fn)
+
+
+def captured(verbose: bool, work):
+    """Run work(log) with native output kept in build.log; a bug ends in one line naming the log."""
+    from pipeline import console
+
+    user_errors = (click.ClickException, ConfigError, KeyboardInterrupt, *_user_errors())
+    with console.session(verbose, user_errors) as session:
+        try:
+            return work(session.say)
+        except Exception as e:
+            if isinstance(e, user_errors):
+                raise
+            raise UserError(f"failed: {type(e).__name__}: {e}; the traceback and TensorFlow's own output are in "
+                            f"{session.where()}") from e
+
+
 def _split_variants(ctx, param, values):
     names = [v.strip() for value in values for v in value.split(",") if v.strip()]
     if values and not names:
@@ -143,7 +164,8 @@ def convert_options(fn):
     fn = click.option("--calibration-samples", type=click.IntRange(min=1), default=300, show_default=True,
                       help="Training images used to calibrate int8/int16x8 activation ranges.")(fn)
     fn = click.option("--int8-io", type=click.Choice(INT8_IO), default="int8", show_default=True,
-                      help="Input/output type of the int8 model: int8 (integer-only) or float.")(fn)
+                      help="Input/output type of the int8 model: int8 (integer-only), uint8 (integer-only, what "
+                           "MediaPipe Tasks and TFLite Model Maker use) or float.")(fn)
     return fn
 
 
@@ -153,7 +175,7 @@ def measure_options(fn):
     fn = click.option("--warmup", "bench_warmup", type=click.IntRange(min=0), default=20, show_default=True,
                       help="Warm-up inferences per variant, timed but kept out of the statistics.")(fn)
     fn = click.option("--threads", type=click.IntRange(min=1), multiple=True,
-                      help="Interpreter threads to measure (repeatable; default: 1 and all cores).")(fn)
+                      help="Interpreter threads to measure (repeatable; default: 1 and min(4, cores)).")(fn)
     fn = click.option("--no-xnnpack", is_flag=True, help="Benchmark the built-in kernels instead of XNNPACK.")(fn)
     fn = click.option("--cross-check", is_flag=True,
                       help="Also run Google's litert-benchmark on every variant and compare medians.")(fn)
@@ -247,13 +269,14 @@ def main():
 @click.option("--fallback", type=click.Choice(FALLBACKS), default="none", show_default=True,
               help="auto: if int8 loses more than --max-accuracy-drop, repair it (equalization, then float layers).")
 @click.option("--qat", is_flag=True, help="Also fine-tune with quantization-aware training and report QAT int8.")
+@verbose_option
 @handle_errors
-def build(overwrite, resume, no_benchmark, **kwargs):
+def build(overwrite, resume, no_benchmark, verbose, **kwargs):
     """Train, quantize, convert, evaluate, benchmark and report, into one run directory."""
     from pipeline.build import build as run_build, check_accuracy_drop, AccuracyDropError
 
     cfg = _resume_config(resume) if resume else _config(benchmark=not no_benchmark, overwrite=overwrite, **kwargs)
-    run_dir = run_build(cfg, overwrite=overwrite, resume=bool(resume), log=click.echo)
+    run_dir = captured(verbose, lambda log: run_build(cfg, overwrite=overwrite, resume=bool(resume), log=log))
     _print_table(run_dir)
     if cfg.max_accuracy_drop is not None:
         try:
@@ -266,12 +289,14 @@ def build(overwrite, resume, no_benchmark, **kwargs):
 @data_options
 @train_options
 @output_options
+@verbose_option
 @handle_errors
-def train(overwrite, **kwargs):
+def train(overwrite, verbose, **kwargs):
     """Train only: writes model.keras and a manifest."""
     from pipeline.build import build as run_build
 
-    run_build(_config(overwrite=overwrite, **kwargs), overwrite=overwrite, until="train", log=click.echo)
+    cfg = _config(overwrite=overwrite, **kwargs)
+    captured(verbose, lambda log: run_build(cfg, overwrite=overwrite, until="train", log=log))
 
 
 @main.command()
@@ -279,26 +304,28 @@ def train(overwrite, **kwargs):
 @data_options
 @convert_options
 @output_options
+@verbose_option
 @handle_errors
-def convert(keras_model, overwrite, **kwargs):
+def convert(keras_model, overwrite, verbose, **kwargs):
     """Convert a .keras model into the chosen .tflite variants (no training, no measurements)."""
     from pipeline.build import build as run_build
 
     cfg = _config(keras_model=keras_model, overwrite=overwrite, **kwargs)
-    run_build(cfg, overwrite=overwrite, until="metadata", log=click.echo)
+    captured(verbose, lambda log: run_build(cfg, overwrite=overwrite, until="metadata", log=log))
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @measure_options
+@verbose_option
 @handle_errors
-def benchmark(run_dir, **kwargs):
+def benchmark(run_dir, verbose, **kwargs):
     """Measure latency, memory and size of every variant of a finished run again."""
     from pipeline.build import rebenchmark
 
     _converted_run(run_dir, "benchmark")
     cfg = _run_config(run_dir, **kwargs)
-    rebenchmark(run_dir, cfg, log=click.echo)
+    captured(verbose, lambda log: rebenchmark(run_dir, cfg, log=log))
     _print_table(run_dir)
 
 
@@ -355,13 +382,14 @@ def _print_table(run_dir: Path) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@verbose_option
 @handle_errors
-def analyze(run_dir):
+def analyze(run_dir, verbose):
     """Per-layer quantization error of a finished run's int8 model, added to its report."""
     from pipeline.guard import analyze_run
 
     _converted_run(run_dir, "analyze")
-    analyze_run(run_dir, log=click.echo)
+    captured(verbose, lambda log: analyze_run(run_dir, log=log))
 
 
 @main.command()
@@ -406,6 +434,34 @@ def report(run_dir, more_results, device_results):
     report_stage.render(run_dir, device_results=[*device_results, *more_results], log=click.echo)
     update_manifest(run_dir)
     _print_table(run_dir)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, metavar="RUN_A RUN_B [...]")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "html", "json"]), default="text",
+              show_default=True, help="What to print: a terminal table, Markdown, an HTML page or JSON.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write compare.json, compare.md, compare.html and compare.png into DIR.")
+@handle_errors
+def compare(runs, fmt, out):
+    """Finished runs side by side: accuracy with its interval, size, latency; incomparable columns flagged."""
+    from pipeline.report import compare as comparison
+
+    try:
+        result = comparison.compare(list(runs))
+    except comparison.CompareError as e:
+        raise UserError(str(e))
+    if fmt == "json":
+        click.echo(json.dumps(result, indent=2))
+    elif fmt == "html":
+        click.echo(comparison.html(result, comparison.plot(result)), nl=False)
+    else:
+        click.echo(comparison.markdown(result) if fmt == "markdown" else comparison.text(result), nl=False)
+        if fmt == "text":
+            click.echo()
+    if out:
+        for path in comparison.write(result, out):
+            click.echo(f"wrote {path}", err=True)
 
 
 @main.command()

@@ -8,8 +8,14 @@ from pathlib import Path
 
 # Order matters: reports list variants in this order, smallest change from the baseline first.
 VARIANTS = ("fp32", "dynamic", "float16", "int8", "int16x8")
-INT8_IO = ("int8", "float")
+# uint8 is what TFLite Model Maker exported and what MediaPipe Tasks accepts as a quantized input.
+INT8_IO = ("int8", "uint8", "float")
 FALLBACKS = ("none", "auto")
+
+
+def default_threads() -> tuple[int, ...]:
+    """1 and min(4, cores): a Raspberry Pi has 4 cores, and 64 threads on a big host says nothing about it."""
+    return tuple(sorted({1, min(4, os.cpu_count() or 1)}))
 
 
 class ConfigError(ValueError):
@@ -57,7 +63,7 @@ class BuildConfig:
     benchmark: bool = True
     bench_runs: int = 200
     bench_warmup: int = 20
-    threads: tuple[int, ...] = ()  # empty: 1 and all cores
+    threads: tuple[int, ...] = ()  # empty: default_threads()
     xnnpack: bool = True
     cross_check: bool = False
     max_accuracy_drop: float | None = None
@@ -88,7 +94,7 @@ class BuildConfig:
 
             _set(self, "augment", default_augment(self.dataset))
         _set(self, "quantize", resolve_variants(self.quantize))
-        _set(self, "threads", tuple(self.threads) or tuple(sorted({1, os.cpu_count() or 1})))
+        _set(self, "threads", tuple(self.threads) or default_threads())
         for name, low in (("epochs", 1), ("batch_size", 1), ("calibration_samples", 1), ("bench_runs", 1),
                           ("bench_warmup", 0), ("warmup_epochs", 0)):
             value = getattr(self, name)

@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 
 from device.core import normalize
+from pipeline import console
 from pipeline.config import BuildConfig
 from pipeline.data import Dataset
 
@@ -40,13 +41,13 @@ def float16_weights(converter, tf, calibration, cfg):
 
 
 def full_integer_int8(converter, tf, calibration, cfg):
-    """Every op int8, calibrated on training images; int8 input/output unless --int8-io float."""
+    """Every op int8, calibrated on training images; int8 (or uint8) input/output unless --int8-io float."""
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = calibration
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    if cfg.int8_io == "int8":
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
+    if cfg.int8_io in ("int8", "uint8"):
+        # uint8 adds one requantize op at each end; the graph between stays int8.
+        converter.inference_input_type = converter.inference_output_type = getattr(tf, cfg.int8_io)
 
 
 def int16_activations_int8_weights(converter, tf, calibration, cfg):
@@ -101,10 +102,13 @@ def convert_all(model, cfg: BuildConfig, data: Dataset, log=print) -> dict[str, 
         log(f"calibration: --calibration-samples {cfg.calibration_samples} is more than the {len(data.x_train):,} "
             f"training images; calibrating on all {len(data.x_train):,}")
     out = {}
-    for variant in cfg.quantize:
-        t0 = time.perf_counter()
-        out[variant] = (convert(model, variant, cfg, calibration), time.perf_counter() - t0)
-        log(f"converted {variant}: {len(out[variant][0]):,} bytes in {out[variant][1]:.2f} s")
-        if variant in NOTES:
-            log(f"  note: {NOTES[variant]}")
+    with console.progress("converting", total=len(cfg.quantize), unit="variants") as bar:
+        for variant in cfg.quantize:
+            bar.advance(0, description=f"converting {variant}")
+            t0 = time.perf_counter()
+            out[variant] = (convert(model, variant, cfg, calibration), time.perf_counter() - t0)
+            log(f"converted {variant}: {len(out[variant][0]):,} bytes in {out[variant][1]:.2f} s")
+            if variant in NOTES:
+                log(f"  note: {NOTES[variant]}")
+            bar.advance()
     return out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from pipeline import console
 from pipeline.config import BuildConfig
 from pipeline.data import Dataset
 from pipeline.models import build_model
@@ -90,7 +91,8 @@ def train(cfg: BuildConfig, data: Dataset, log=print):
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
     throughput = _Throughput(len(data.x_train), cfg.epochs, log)
-    callbacks = [throughput] + ([keras.callbacks.TensorBoard(log_dir=cfg.tensorboard)] if cfg.tensorboard else [])
+    callbacks = [throughput, console.keras_callback(cfg.epochs, steps)]
+    callbacks += [keras.callbacks.TensorBoard(log_dir=cfg.tensorboard)] if cfg.tensorboard else []
     log(f"training {cfg.model} on {len(data.x_train)} {data.name} images ({len(data.x_val)} for validation), "
         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in recipe.items()))
     history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, steps_per_epoch=steps,

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from device.integrity import METADATA_NAME, DeviceError, extract_bundle, sha256_file, verify_folder
-from pipeline.artifacts import MANIFEST
+from pipeline.artifacts import LOG, MANIFEST
 
 # What `pipeline bundle` always writes besides the models, and the runner cannot do without.
 BUNDLE_REQUIRED = (METADATA_NAME, "labels.txt", "device/__init__.py", "device/core.py", "device/images.py",
@@ -59,7 +59,7 @@ def verify_run_dir(run_dir: Path) -> list[str]:
         parts = p.relative_to(run_dir).parts
         if p.is_file() and not any(part.startswith(".") for part in parts):
             rel = PurePosixPath(*parts).as_posix()
-            if rel != MANIFEST and rel not in files:
+            if rel not in (MANIFEST, LOG) and rel not in files:
                 problems.append(f"{rel}: present but not listed in {MANIFEST}")
     # The models: size, sha256 (again, against metadata.json), load, tensors against the metadata.
     # A `pipeline train` run has none and no metadata.json: nothing more to check.

@@ -21,8 +21,26 @@ def test_summarize_matches_numpy():
     assert s["p90_ms"] == pytest.approx(np.percentile(ms, 90))
     assert s["p99_ms"] == pytest.approx(np.percentile(ms, 99))
     assert s["mean_ms"] == pytest.approx(ms.mean()) and s["std_ms"] == pytest.approx(ms.std(ddof=1))
-    assert s["warning"].startswith("wide spread")  # lognormal sigma 0.3: std is ~30% of the mean
+    assert s["p25_ms"] == pytest.approx(np.percentile(ms, 25)) and s["iqr_ms"] == pytest.approx(
+        np.percentile(ms, 75) - np.percentile(ms, 25))
+    assert s["warning"].startswith("wide spread")  # lognormal sigma 0.3: the IQR is ~40% of the median
     assert "warning" not in timing.summarize(np.full(50, 1e-3) + rng.normal(0, 1e-6, 50))
+
+
+def test_one_outlier_is_not_a_wide_spread():
+    # One descheduled run 1000x slower: std is 14x the mean, the quartiles do not move.
+    samples = np.full(200, 1e-4) + np.random.default_rng(2).normal(0, 1e-6, 200)
+    samples[17] = 0.1
+    s = timing.summarize(samples)
+    assert s["std_ms"] > 10 * s["mean_ms"] and "warning" not in s
+
+
+def test_default_threads_fit_a_pi(monkeypatch):
+    from pipeline.config import BuildConfig
+
+    for cores, expected in ((1, (1,)), (2, (1, 2)), (4, (1, 4)), (64, (1, 4))):
+        monkeypatch.setattr("os.cpu_count", lambda: cores)
+        assert BuildConfig(dataset="digits").threads == expected
 
 
 def test_warmup_is_kept_apart():

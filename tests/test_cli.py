@@ -39,7 +39,7 @@ def test_every_build_option_has_help():
     (["--model", "resnet50"], ["mnist-mlp", "mnist-cnn", "cifar-cnn", "cifar-dscnn"]),
     (["--quantize", "int4"], ["fp32", "dynamic", "float16", "int8", "int16x8", "all"]),
     (["--quantize", "int8,bf16"], ["int16x8"]),
-    (["--int8-io", "uint8"], ["int8", "float"]),
+    (["--int8-io", "int16"], ["int8", "uint8", "float"]),
 ])
 def test_unknown_choices_list_the_valid_ones(args, names):
     result = invoke("build", *args)

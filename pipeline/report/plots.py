@@ -84,7 +84,8 @@ def latency_distributions(bench: dict | None, variants: list[str]) -> bytes | No
         ax.set_title(f"{t} thread{'s' if int(t) > 1 else ''}")
         ax.grid(True, axis="y", which="both", alpha=0.3)
     axes[0].set_ylabel("latency per image, ms (log scale)")
-    fig.suptitle(f"Latency distributions, {bench.get('runs')} timed runs each (box: quartiles and median; "
+    # Two lines: on a narrow figure (one thread count, few variants) one line is wider than the figure.
+    fig.suptitle(f"Latency distributions, {bench.get('runs')} timed runs each\n(box: quartiles and median; "
                  "whiskers: p1-p99)", fontsize=10)
     return _png(fig)
 
