@@ -10,6 +10,9 @@ from pathlib import Path
 VARIANTS = ("fp32", "dynamic", "float16", "int8", "int16x8")
 INT8_IO = ("int8", "float")
 FALLBACKS = ("none", "auto")
+# What a model's input expects, as uint8 pixel * scale + offset. A user's model that starts with a
+# Rescaling or Normalization layer takes raw pixels ("0,255"); the zoo trains on "0,1".
+INPUT_RANGES = {"0,1": (1 / 255, 0.0), "-1,1": (2 / 255, -1.0), "0,255": (1.0, 0.0)}
 
 
 class ConfigError(ValueError):
@@ -40,6 +43,7 @@ class BuildConfig:
     validation_fraction: float = 0.1
     seed: int = 0
     int8_io: str = "int8"
+    input_range: str | None = None  # None: read from the --keras-model, else "0,1"
     keras_model: str | None = None
     tensorboard: str | None = None
     out: str = ""  # the run directory; empty: artifacts/<model>-<dataset>
@@ -84,6 +88,8 @@ class BuildConfig:
             raise ConfigError(f"validation_fraction: got {self.validation_fraction}, expected between 0 and 0.5")
         if self.int8_io not in INT8_IO:
             raise ConfigError(f"--int8-io: got '{self.int8_io}', expected one of {', '.join(INT8_IO)}")
+        if self.input_range is not None and self.input_range not in INPUT_RANGES:
+            raise ConfigError(f"--input-range: got '{self.input_range}', expected one of {', '.join(INPUT_RANGES)}")
         if self.fallback not in FALLBACKS:
             raise ConfigError(f"--fallback: got '{self.fallback}', expected one of {', '.join(FALLBACKS)}")
         if self.max_accuracy_drop is not None and not self.max_accuracy_drop >= 0:
@@ -92,6 +98,11 @@ class BuildConfig:
             raise ConfigError("--fallback auto needs --max-accuracy-drop PP: the accuracy the guard may lose")
         if not self.out:
             _set(self, "out", str(Path("artifacts") / f"{model}-{self.dataset}"))
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the guard stage runs: it analyses, repairs or fine-tunes the int8 model."""
+        return self.analyze or self.fallback == "auto" or self.qat
 
     @property
     def run_dir(self) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.report import plots
 from pipeline.report.notes import notes, threads_label
-from pipeline.artifacts import MANIFEST, atomic_write, write_json
+from pipeline.artifacts import MANIFEST, atomic_write, run_name, write_json
 from pipeline.config import VARIANTS
 
 SCHEMA = 1
@@ -64,7 +64,7 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
     names = [v for v in VARIANTS if v in evaluation["variants"]] + [v for v in evaluation["variants"] if v not in VARIANTS]
     variants = [_variant(run_dir, v, evaluation, bench, threads) for v in names]
     report = {
-        "schema": SCHEMA, "run": run_dir.name.removeprefix(".").removesuffix(".partial"),
+        "schema": SCHEMA, "run": run_name(run_dir),
         "model": manifest["config"]["model"], "dataset": manifest["config"]["dataset"],
         "test_images": evaluation["n"], "table_threads": threads, "variants": variants,
         "keras": evaluation.get("keras"), "versions": manifest.get("versions", {}),
