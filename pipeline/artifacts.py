@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pipeline
@@ -45,8 +46,14 @@ class RunDirError(Exception):
 
 # ---------------------------------------------------------------- names (the one place for them)
 
-def _sibling(final: Path, kind: str) -> Path:
+def _named(final: Path) -> Path:
+    """The path itself, or its absolute form where it has no name of its own (".", "..", "runs/")."""
     final = Path(final)
+    return final if final.name not in ("", ".", "..") else Path(os.path.abspath(final))
+
+
+def _sibling(final: Path, kind: str) -> Path:
+    final = _named(final)
     return final.parent / f".{final.name}.{kind}"
 
 
@@ -128,7 +135,7 @@ class RunLock:
     """`flock` on .NAME.lock: one writer per run, released by the kernel when its holder dies."""
 
     def __init__(self, final: Path, doing: str):
-        self.final, self.doing = Path(final), doing
+        self.final, self.doing = _named(final), doing
         self.path = _sibling(self.final, "lock")
         self.fd: int | None = None
 
@@ -138,10 +145,11 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "edgepipe process"
-                os.close(fd)
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
                     raise
+                holder = self._holder(fd)
+                os.close(fd)
                 raise RunDirError(
                     f"another {holder} is writing {self.final} right now; wait for it or choose another --name "
                     f"(the system releases the lock {self.path} when that process ends; if no such process "
@@ -154,10 +162,21 @@ class RunLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{self.doing} (pid {os.getpid()})\n".encode(), 0)
+        note = f"{self.doing} (pid {os.getpid()})\n".encode()
+        os.pwrite(fd, note, 0)
+        os.ftruncate(fd, len(note))
         self.fd = fd
         return self
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        # The holder writes its note just after taking the lock: give it a moment.
+        for _ in range(50):
+            note = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            if note:
+                return note
+            time.sleep(0.01)
+        return "edgepipe process"
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
@@ -189,7 +208,7 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
 
 def swap_into_place(folder: Path, final: Path) -> None:
     """Move a finished folder to `final`, replacing the run there. Call with the run's lock held."""
-    final = Path(final)
+    final = _named(final)
     swap = _sibling(final, "swap")
     if not final.exists():
         if not _renameat2(folder, final, _RENAME_NOREPLACE):
@@ -209,7 +228,7 @@ def swap_into_place(folder: Path, final: Path) -> None:
 
 def recover(final: Path, log=print) -> None:
     """Finish or undo what a killed process left beside `final`. Call with the run's lock held."""
-    final = Path(final)
+    final = _named(final)
     swap, swap_new, update = _sibling(final, "swap"), _sibling(final, "swap-new"), _sibling(final, "update")
     if not final.exists():
         for candidate in (swap, swap_new):
@@ -228,7 +247,7 @@ class RunDir:
     """Staging folder for one build, locked for its whole life; `commit()` swaps it into place."""
 
     def __init__(self, final: Path, *, overwrite: bool = False, resume: bool = False, log=print):
-        self.final = Path(final)
+        self.final = _named(final)
         self.staging = staging_dir(self.final)
         self.resumed = False
         self._check_final(overwrite, resume)  # touches nothing when it refuses
@@ -349,7 +368,7 @@ def update_manifest(run_dir: Path, changed: dict | None = None) -> dict:
 def updating(run_dir: Path, doing: str, log=print):
     """Change a finished run as one step: yields a copy to change; on success the copy, its manifest
     re-hashed last, replaces the run. Interrupted or failed at any moment, the run is the old one."""
-    final = Path(run_dir)
+    final = _named(run_dir)
     if not is_run(final):
         raise RunDirError(f"{final}: not a finished run (no edgepipe manifest.json); pass a run directory "
                           "written by `pipeline build`")

@@ -383,7 +383,8 @@ def test_int8_io_float_predicts_like_int8_io(tmp_path):
     from pipeline.data import load_dataset
 
     for io, out in (("int8", "a"), ("float", "b")):
-        result = invoke("build", *FAST, "--quantize", "int8", "--int8-io", io, "--no-benchmark", "--out", tmp_path / out)
+        result = invoke("build", *FAST, "--quantize", "int8", "--int8-io", io, "--no-benchmark",
+                        "--out", tmp_path / out)
         assert result.exit_code == 0, result.output
     x = load_dataset("digits", seed=0).x_test
     a = Model(tmp_path / "a" / "model_int8.tflite").predict(x)

@@ -214,9 +214,10 @@ def analyze_run(run_dir: Path, log=print) -> dict:
             analysis["guard"] = json.loads((work / ANALYSIS).read_text())["guard"]
         _mark_float(analysis)
         _write(work, analysis)
-        worst = max(analysis["layers"], key=lambda r: r["rmse_over_scale"])
-        log(f"analyze: {len(analysis['layers'])} quantized ops, {sum(r['suspect'] for r in analysis['layers'])} "
-            f"suspect (RMSE/scale > {SUSPECT}); worst {worst['layer']} ({worst['op']}) at {worst['rmse_over_scale']:.2f}")
+        layers = analysis["layers"]
+        worst = max(layers, key=lambda r: r["rmse_over_scale"])
+        log(f"analyze: {len(layers)} quantized ops, {sum(r['suspect'] for r in layers)} suspect (RMSE/scale > "
+            f"{SUSPECT}); worst {worst['layer']} ({worst['op']}) at {worst['rmse_over_scale']:.2f}")
         if (work / "report.md").is_file():
             from pipeline.report import render as report
 
