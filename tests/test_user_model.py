@@ -198,3 +198,33 @@ def test_count_macs_against_hand_counts():
     assert count_macs(nested) == 1296 + 6 * 6 * 4 * 10
     dw = Sequential([Input((8, 8, 2)), layers.DepthwiseConv2D(3, depth_multiplier=2)])
     assert count_macs(dw) == 6 * 6 * 4 * 9
+
+
+def test_subprocess_timeouts_are_recorded_not_raised(tmp_path, digits, monkeypatch):
+    """QAT, the litert-benchmark cross-check and the memory probe run in child processes with a time
+    limit; running out of it is a recorded failure with the reason, never a TimeoutExpired traceback."""
+    import shutil as sh
+
+    from keras import Input, Sequential, layers
+
+    from pipeline.config import BuildConfig
+    from pipeline.convert import calibration_images, convert
+    from pipeline.guard import qat
+    from pipeline.measure import benchmark
+
+    model = Sequential([Input((28, 28, 1)), layers.Flatten(), layers.Dense(10, activation="softmax")])
+    cfg = BuildConfig(dataset="digits", out=str(tmp_path / "run"))
+    calibration = calibration_images(digits, 20, 0)
+    (tmp_path / "m.tflite").write_bytes(convert(model, "fp32", cfg, calibration))
+
+    monkeypatch.setattr(benchmark, "MEMORY_TIMEOUT_S", 0.01)
+    assert "memory not measured" in benchmark.fresh_process_memory(tmp_path / "m.tflite")["error"]
+    if sh.which("litert-benchmark"):
+        monkeypatch.setattr(benchmark, "CROSS_CHECK_TIMEOUT_S", 0.01)
+        assert "was stopped" in benchmark.litert_benchmark(tmp_path / "m.tflite", 1, 10, 1)["error"]
+    if qat.available() is None:
+        monkeypatch.setattr(qat, "TIMEOUT_S", 0.01)
+        (tmp_path / "qat").mkdir()
+        record, flatbuffer = qat.fine_tune(model, cfg, digits, calibration, lambda fb: 0.0, tmp_path / "qat",
+                                           log=lambda *a: None)
+        assert flatbuffer is None and record["status"] == "failed" and "stopped after" in record["reason"]
