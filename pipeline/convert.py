@@ -102,11 +102,9 @@ def _conversion_problem(variant: str, message: str) -> str:
     ops = sorted(set(re.findall(r"'(tfl?\.[A-Za-z0-9_]+)' op", message)))
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     what = f"op(s) {', '.join(ops)}" if ops else (lines[0][:200] if lines else "an unsupported op")
+    fix = f"TFLite has no {variant} kernel for them: replace or reconfigure the layers that make them"
     if variant in ("int8", "int16x8"):
-        fix = (f"these have no {variant} kernel in TFLite: drop {variant} from --quantize (dynamic and float16 "
-               "keep such ops in float), or replace the layers that make them")
-    else:
-        fix = "replace the layers that make them with built-in Keras layers"
+        fix += f", or drop {variant} from --quantize (dynamic and float16 keep such ops in float)"
     return f"cannot convert the model to {variant}: {what}; {fix}"
 
 
