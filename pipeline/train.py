@@ -128,13 +128,22 @@ def input_convention(cfg: BuildConfig, model) -> tuple[float, float]:
 
 
 def _first_layer(model) -> str | None:
+    """The class of the first layer that computes something, looking inside nested models."""
+    import keras
+
     layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    if layers and isinstance(layers[0], keras.Model):
+        return _first_layer(layers[0])
     return type(layers[0]).__name__ if layers else None
 
 
 def outputs_probabilities(model) -> bool:
-    """Whether the model ends in softmax (probabilities) rather than logits."""
+    """Whether the model ends in softmax (probabilities) rather than logits, looking inside nested models."""
+    import keras
+
     last = model.layers[-1]
+    if isinstance(last, keras.Model):
+        return outputs_probabilities(last)
     if type(last).__name__ == "Softmax":
         return True
     activation = getattr(last, "activation", None)

@@ -226,3 +226,19 @@ def test_subprocess_timeouts_are_recorded_not_raised(tmp_path, digits, monkeypat
         record, flatbuffer = qat.fine_tune(model, cfg, digits, calibration, lambda fb: 0.0, tmp_path / "qat",
                                            log=lambda *a: None)
         assert flatbuffer is None and record["status"] == "failed" and "stopped after" in record["reason"]
+
+
+def test_input_and_output_conventions_are_read_inside_nested_models():
+    from keras import Input, Sequential, layers
+
+    from pipeline.config import BuildConfig
+    from pipeline.train import input_convention, outputs_probabilities
+
+    cfg = BuildConfig(dataset="digits", out="unused")
+    pre = Sequential([Input((28, 28, 1)), layers.Rescaling(1 / 255)])
+    head = Sequential([Input((784,)), layers.Dense(10, activation="softmax")])
+    nested = Sequential([Input((28, 28, 1)), pre, layers.Flatten(), head])
+    assert input_convention(cfg, nested) == (1.0, 0.0) and outputs_probabilities(nested)
+    plain = Sequential([Input((28, 28, 1)), layers.Flatten(), layers.Dense(10)])
+    assert input_convention(cfg, plain) == (1 / 255, 0.0) and not outputs_probabilities(plain)
+    assert input_convention(BuildConfig(dataset="digits", out="u", input_range="-1,1"), plain) == (2 / 255, -1.0)
