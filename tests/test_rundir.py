@@ -119,8 +119,8 @@ WRITER = textwrap.dedent("""
     except RunDirError as e:
         print("refused:", e)
         sys.exit(0)
-    print("locked", flush=True)
     run.write("payload.txt", tag * 1000)
+    print("locked", flush=True)
     time.sleep(hold)
     if "--die" in sys.argv:
         time.sleep(60)
