@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 METADATA_NAME = "metadata.json"
@@ -73,7 +74,8 @@ def read_model_bytes(path: Path, expected_sha256: str | None = None) -> bytes:
         if actual != expected_sha256:
             raise DeviceError(
                 f"{path}: sha256 {actual[:12]}... does not match {expected_sha256[:12]}... in the metadata; "
-                "the file was changed or damaged in transit, copy the bundle again"
+                "the file was changed or damaged since it was written; "
+                + ("rebuild the run" if (path.parent / "manifest.json").is_file() else "copy the bundle again")
             )
     return data
 
@@ -94,6 +96,8 @@ def verify_folder(folder: Path) -> list[str]:
 
     folder = Path(folder)
     meta_path = folder / METADATA_NAME
+    if not folder.is_dir():
+        return [f"{folder}: no such folder; pass an unpacked bundle or a run directory"]
     if not meta_path.is_file():
         return [f"{meta_path}: missing; expected the metadata file written by `pipeline build`"]
     try:
@@ -140,19 +144,38 @@ def verify_folder(folder: Path) -> list[str]:
 
 
 def extract_bundle(archive: Path, dest: Path) -> Path:
-    """Unpack a bundle with tarfile's `data` filter: no paths outside dest, no links out, no devices."""
-    import tarfile
+    """Unpack a bundle with tarfile's `data` filter: no paths outside dest, no links out, no devices.
 
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    It is unpacked into a hidden folder beside dest and renamed into place only when complete, so a
+    failure leaves nothing behind; dest must not exist or be an empty folder.
+    """
+    import shutil
+    import tarfile
+    import tempfile
+
+    archive, dest = Path(archive), Path(dest)
+    if not archive.is_file():
+        raise DeviceError(f"{archive}: no such bundle file; pass the .tar.gz written by `pipeline bundle`")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise DeviceError(f"{dest}: already exists and is not an empty folder; unpack into a new folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.unpack-"))
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(dest, filter="data")
-    except tarfile.FilterError as e:
-        raise DeviceError(f"{archive}: refused, a member points outside the target folder ({e}); "
-                          "the archive is not a bundle written by `pipeline bundle`")
-    except (OSError, tarfile.TarError, EOFError) as e:
-        raise DeviceError(f"{archive}: not a readable .tar.gz bundle ({e})")
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(tmp, filter="data")
+        except tarfile.FilterError as e:
+            raise DeviceError(f"{archive}: refused, a member points outside the target folder ({e}); "
+                              "the archive is not a bundle written by `pipeline bundle`")
+        except (OSError, tarfile.TarError, EOFError) as e:
+            raise DeviceError(f"{archive}: not a readable .tar.gz bundle ({e})")
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the unpacked folder is the user's
+        if dest.is_dir():
+            dest.rmdir()
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return dest
 
 
@@ -203,3 +226,9 @@ def check_replaceable(path: Path, flag: str = "--overwrite") -> None:
     what = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "a file"
     raise DeviceError(f"{path}: {what} that edgepipe did not write (no edgepipe manifest.json or metadata.json); "
                       f"{flag} replaces only edgepipe's own output; choose another path or move it away yourself")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -23,7 +23,7 @@ import numpy as np
 import pipeline
 from device.core import METADATA_NAME, Model
 from device.integrity import sha256_file
-from pipeline.artifacts import CREATED_BY, MANIFEST, RunDir, RunDirError, atomic_write, file_entry, updating, write_json
+from pipeline.artifacts import CREATED_BY, MANIFEST, RunDir, atomic_write, file_entry, updating, write_json
 from pipeline.config import BuildConfig
 from pipeline.data import Dataset, load_dataset
 
@@ -83,7 +83,7 @@ def _stages(run: RunDir, cfg: BuildConfig, until: str, log) -> Path:
     clock, reused = Stopwatch(), []
     run.write_json("config.json", cfg.to_dict())  # first, so --resume can restart from any point
     with clock("data"):
-        data, user_model = load_inputs(cfg, log)
+        data, user_model = load_inputs(cfg, wanted, log)
     with clock("train"):
         model, history = train_stage(run, cfg, data, user_model, reused, log)
     variants, meta = ["fp32"], None
@@ -127,11 +127,11 @@ def _stages(run: RunDir, cfg: BuildConfig, until: str, log) -> Path:
 
 # ---------------------------------------------------------------- the stages
 
-def load_inputs(cfg: BuildConfig, log) -> tuple[Dataset, object]:
+def load_inputs(cfg: BuildConfig, wanted, log) -> tuple[Dataset, object]:
     """The dataset, with the model's input convention, and the user's own model if one was given."""
     from pipeline.train import input_convention, load_user_model
 
-    data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction)
+    data = _data(cfg, wanted, log)
     user_model = load_user_model(cfg.keras_model, data) if cfg.keras_model else None
     scale, offset = input_convention(cfg, user_model)
     data = dataclasses.replace(data, spec=dataclasses.replace(data.spec, scale=scale, offset=offset))
@@ -244,6 +244,23 @@ def benchmark_stage(run: RunDir, cfg: BuildConfig, meta: dict, variants: list[st
 
 # ---------------------------------------------------------------- helpers of the stages
 
+def _data(cfg: BuildConfig, wanted, log) -> Dataset:
+    """The dataset, or only its description when nothing needs its images and getting them means a download:
+    converting your own model (`pipeline convert`) to variants that need no calibration."""
+    from pipeline.convert import CALIBRATED
+    from pipeline.data import DATASETS
+
+    info = DATASETS[cfg.dataset]
+    needs_images = "evaluate" in wanted or not cfg.keras_model or any(v in CALIBRATED for v in cfg.quantize)
+    if needs_images or cfg.data_dir is not None or not info.offline:
+        return load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction)
+    log(f"data: {', '.join(cfg.quantize)} need no images, so {cfg.dataset} is not downloaded "
+        "(no samples/ for the device; pass --data-dir to include them)")
+    empty = np.zeros((0, *info.input_shape), np.uint8), np.zeros(0, np.int64)
+    return Dataset(cfg.dataset, *empty, *empty, *empty, info.spec, {"kind": "none", "files": [], "sha256": None,
+                                                                      "counts": {"train": 0, "val": 0, "test": 0}})
+
+
 def _hashes(run: RunDir, names: list[str]) -> dict:
     return {name: sha256_file(run.path(name)) for name in names}
 
@@ -285,6 +302,8 @@ def _write_samples(folder: Path, data: Dataset, images: int = 8, labelled: int =
     """A few test images as PNG for `classify`, and a labelled npz for `eval`, to ship in the bundle."""
     from PIL import Image
 
+    if not len(data.x_test):
+        return
     folder.mkdir(exist_ok=True)
     for i in range(min(images, len(data.x_test))):
         img = data.x_test[i]
@@ -326,9 +345,6 @@ def rebenchmark(run_dir: Path, cfg: BuildConfig, log=print) -> dict:
 
     with updating(run_dir, "benchmark", log=log) as (work, changed):
         manifest = json.loads((work / MANIFEST).read_text())
-        if not (work / METADATA_NAME).is_file():
-            raise RunDirError(f"{run_dir}: a run without converted models (made by `pipeline train`?); "
-                              "`pipeline benchmark` needs a run from `pipeline build` or `pipeline convert`")
         meta = json.loads((work / METADATA_NAME).read_text())
         variants = [m["variant"] for m in meta["models"].values()]
         bench = benchmark_variants(work, variants, meta, threads_list=cfg.threads, xnnpack=cfg.xnnpack,

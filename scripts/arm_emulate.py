@@ -3,7 +3,7 @@
 
 Usage:
     scripts/arm_emulate.py BUNDLE.tar.gz DATA.npz [--runtime ai-edge-litert==X.Y.Z | --runtime tflite-runtime==2.14.0]
-                           [--cache DIR] [--model model_int8.tflite]
+                           [--cache DIR] [--model MODEL.tflite]
 
 Builds (once, then reuses from the cache) a bookworm arm64 userland with `debootstrap --foreign
 --arch=arm64 --variant=minbase`, puts a Raspberry Pi 4 /proc/cpuinfo in it, installs the aarch64
@@ -363,7 +363,7 @@ def parse_args(argv):
                    help="ai-edge-litert==X.Y.Z or tflite-runtime==2.14.0 (default: the host's ai-edge-litert)")
     p.add_argument("--cache", type=Path, default=None,
                    help="cache folder (default: ${XDG_CACHE_HOME:-$HOME/.cache}/edgepipe/arm64-bookworm)")
-    p.add_argument("--model", default="model_int8.tflite", help="model file inside the bundle (default: %(default)s)")
+    p.add_argument("--model", help="model file inside the bundle (default: the bundle's default_model)")
     return p.parse_args(argv)
 
 
@@ -371,6 +371,14 @@ def _terminate(signum, frame):
     # Turn SIGTERM/SIGHUP into an exception, so a running setup command is killed and its half-built
     # folder removed (a SIGKILL leaves the folder; the next setup deletes it under the lock).
     raise SystemExit(128 + signum)
+
+
+def _default_model(bundle: Path) -> str:
+    """The model the bundle's runner runs by default (metadata.json's default_model)."""
+    try:
+        return json.loads((bundle / "metadata.json").read_text()).get("default_model") or "model_int8.tflite"
+    except (OSError, ValueError, AttributeError):
+        return "model_int8.tflite"
 
 
 def main(argv=None) -> int:
@@ -424,7 +432,7 @@ def main(argv=None) -> int:
         except (OSError, tarfile.TarError, EOFError) as e:
             log(f"error: {args.bundle}: not a readable bundle .tar.gz ({e})")
             return 2
-        runner, model = bundle / "device" / "runner.py", bundle / args.model
+        runner, model = bundle / "device" / "runner.py", bundle / (args.model or _default_model(bundle))
         for path in (runner, model):
             if not path.is_file():
                 log(f"error: {args.bundle}: has no {path.relative_to(bundle)}; pass a bundle written by `pipeline bundle`")

@@ -193,14 +193,10 @@ def analyze_run(run_dir: Path, log=print) -> dict:
     """`pipeline analyze RUN_DIR`: the per-layer table of a finished run's int8 model, into its report."""
     import keras
 
-    from pipeline.artifacts import RunDirError
     from pipeline.config import BuildConfig
     from pipeline.data import load_dataset
 
     with updating(run_dir, "analyze", log=log) as (work, _):
-        if not (work / "model_fp32.tflite").is_file() or not (work / "model.keras").is_file():
-            raise RunDirError(f"{run_dir}: a run without converted models (made by `pipeline train`?); "
-                              "`pipeline analyze` needs a run from `pipeline build`")
         cfg = BuildConfig.from_dict({**json.loads((work / "manifest.json").read_text())["config"],
                                      "out": str(run_dir), "analyze": True, "fallback": "none", "qat": False})
         data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction)
