@@ -319,8 +319,8 @@ def _resume_config(target: str) -> BuildConfig:
         if is_run(final):
             raise UserError(f"--resume {target}: the run {final} is already complete; nothing to resume")
         if final.exists():
-            raise UserError(f"--resume {target}: {final} is not a run (no edgepipe manifest.json) and no interrupted "
-                            f"build of it was found at {staging}; start one with `pipeline build --out {final}`")
+            raise UserError(f"--resume {target}: {final} is not a run (no manifest.json) and no interrupted build "
+                            f"of it was found at {staging}; start one with `pipeline build --out {final}`")
         raise UserError(f"--resume {target}: no interrupted build found at {staging}; start it with "
                         "`pipeline build --name NAME` first")
     saved["out"] = str(final)
