@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 import pipeline
-from pipeline.config import FALLBACKS, INT8_IO, VARIANTS, BuildConfig, ConfigError
+from pipeline.config import FALLBACKS, INPUT_RANGES, INT8_IO, VARIANTS, BuildConfig, ConfigError
 from pipeline.data import DATASETS
 from pipeline.models import MODELS, OPTIMIZERS, SCHEDULES
 from pipeline.ship.tflm import BOARDS, TARGETS
@@ -35,11 +35,21 @@ def _user_errors():
     """The exception types that mean 'your input', not 'our bug'; imported lazily to keep --help fast."""
     from device.core import DeviceError
     from pipeline.artifacts import RunDirError
+    from pipeline.convert import ConversionError
     from pipeline.data import DataError
     from pipeline.report.render import ReportError
     from pipeline.train import ModelMismatchError
 
-    return (DeviceError, RunDirError, DataError, ModelMismatchError, ReportError)
+    return (DeviceError, RunDirError, DataError, ModelMismatchError, ReportError, ConversionError)
+
+
+# What an interruption leaves, by command: a build's staging folder stays for --resume; a finished
+# run that was being changed stays as it was.
+INTERRUPTED = {
+    **dict.fromkeys(("build", "train", "convert"),
+                    "interrupted; nothing half-written was left behind (continue with `pipeline build --resume NAME`)"),
+    **dict.fromkeys(("report", "benchmark", "analyze"), "interrupted; the run is unchanged"),
+}
 
 
 def handle_errors(fn):
@@ -56,7 +66,7 @@ def handle_errors(fn):
                 raise UserError(str(e))
             raise
         except KeyboardInterrupt:
-            raise Interrupted("interrupted; nothing half-written was left behind (continue with --resume)")
+            raise Interrupted(INTERRUPTED.get(fn.__name__, "interrupted"))
     return wrapper
 
 
@@ -166,6 +176,9 @@ def convert_options(fn):
     fn = click.option("--int8-io", type=click.Choice(INT8_IO), default="int8", show_default=True,
                       help="Input/output type of the int8 model: int8 (integer-only), uint8 (integer-only, what "
                            "MediaPipe Tasks and TFLite Model Maker use) or float.")(fn)
+    fn = click.option("--input-range", type=click.Choice(list(INPUT_RANGES)),
+                      help="Pixel range the model expects (default: 0,255 for a --keras-model that starts with "
+                           "a Rescaling or Normalization layer, else 0,1); recorded for the device.")(fn)
     return fn
 
 
@@ -275,6 +288,8 @@ def build(overwrite, resume, no_benchmark, verbose, **kwargs):
     """Train, quantize, convert, evaluate, benchmark and report, into one run directory."""
     from pipeline.build import build as run_build, check_accuracy_drop, AccuracyDropError
 
+    if resume:
+        _refuse_options_with_resume(click.get_current_context())
     cfg = _resume_config(resume) if resume else _config(benchmark=not no_benchmark, overwrite=overwrite, **kwargs)
     run_dir = captured(verbose, lambda log: run_build(cfg, overwrite=overwrite, resume=bool(resume), log=log))
     _print_table(run_dir)
@@ -329,14 +344,25 @@ def benchmark(run_dir, verbose, **kwargs):
     _print_table(run_dir)
 
 
+def _refuse_options_with_resume(ctx) -> None:
+    """--resume continues with the options the build was started with; others would be silently ignored."""
+    given = [f"--{name.replace('_', '-')}" for name in ctx.params
+             if name != "resume" and ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)]
+    if given:
+        raise click.UsageError(f"--resume continues with the options the build was started with; drop "
+                               f"{', '.join(given)} (or start a new build with them and --overwrite)")
+
+
 def _resume_config(target: str) -> BuildConfig:
     """The configuration an interrupted build saved in its staging folder."""
+    from pipeline.artifacts import is_run, staging_dir
+
     final = Path(target) if ("/" in target or Path(target).is_dir()) else Path("artifacts") / target
-    staging = final.parent / f".{final.name}.partial"
+    staging = staging_dir(final)
     try:
         saved = json.loads((staging / "config.json").read_text())
     except (OSError, ValueError):
-        if (final / "manifest.json").is_file():
+        if is_run(final):
             raise UserError(f"--resume {target}: the run {final} is already complete; nothing to resume")
         if final.exists():
             raise UserError(f"--resume {target}: {final} is not a run (no manifest.json) and no interrupted build "
@@ -424,15 +450,15 @@ def verify(run_dir, as_json):
 @handle_errors
 def report(run_dir, more_results, device_results):
     """Render report.json, report.md, report.html and the plots of a finished run again."""
+    from pipeline.artifacts import updating
     from pipeline.report import render as report_stage
-    from pipeline.artifacts import update_manifest
 
     if more_results and not device_results:
         raise click.UsageError(f"unexpected argument(s) {' '.join(map(str, more_results))}; device results go "
                                "after --device-results: pipeline report RUN_DIR --device-results FILE...")
     _converted_run(run_dir, "report")
-    report_stage.render(run_dir, device_results=[*device_results, *more_results], log=click.echo)
-    update_manifest(run_dir)
+    with updating(run_dir, "report", log=click.echo) as (work, _):
+        report_stage.render(work, device_results=[*device_results, *more_results], log=click.echo)
     _print_table(run_dir)
 
 

@@ -11,6 +11,9 @@ VARIANTS = ("fp32", "dynamic", "float16", "int8", "int16x8")
 # uint8 is what TFLite Model Maker exported and what MediaPipe Tasks accepts as a quantized input.
 INT8_IO = ("int8", "uint8", "float")
 FALLBACKS = ("none", "auto")
+# What a model's input expects, as uint8 pixel * scale + offset. A user's model that starts with a
+# Rescaling or Normalization layer takes raw pixels ("0,255"); the zoo trains on "0,1".
+INPUT_RANGES = {"0,1": (1 / 255, 0.0), "-1,1": (2 / 255, -1.0), "0,255": (1.0, 0.0)}
 
 
 def default_threads() -> tuple[int, ...]:
@@ -55,6 +58,7 @@ class BuildConfig:
     validation_fraction: float = 0.1
     seed: int = 0
     int8_io: str = "int8"
+    input_range: str | None = None  # None: read from the --keras-model, else "0,1"
     keras_model: str | None = None
     tensorboard: str | None = None
     out: str = ""  # the run directory; empty: artifacts/<model or --keras-model file stem>-<dataset>
@@ -117,6 +121,8 @@ class BuildConfig:
                               f"{self.label_smoothing}, expected numbers in [0, 1)")
         if self.int8_io not in INT8_IO:
             raise ConfigError(f"--int8-io: got '{self.int8_io}', expected one of {', '.join(INT8_IO)}")
+        if self.input_range is not None and self.input_range not in INPUT_RANGES:
+            raise ConfigError(f"--input-range: got '{self.input_range}', expected one of {', '.join(INPUT_RANGES)}")
         if self.fallback not in FALLBACKS:
             raise ConfigError(f"--fallback: got '{self.fallback}', expected one of {', '.join(FALLBACKS)}")
         if self.max_accuracy_drop is not None and not self.max_accuracy_drop >= 0:
@@ -158,6 +164,11 @@ class BuildConfig:
         standard = DATASETS[self.dataset].input_shape
         height, width = parse_image_size(self.image_size) if self.image_size else standard[:2]
         return height, width, MODELS[self.model].channels if self.dataset == "folder" else standard[2]
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the guard stage runs: it analyses, repairs or fine-tunes the int8 model."""
+        return self.analyze or self.fallback == "auto" or self.qat
 
     @property
     def run_dir(self) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import time
 import warnings
 
@@ -92,7 +93,26 @@ def convert(model, variant: str, cfg: BuildConfig, calibration: np.ndarray) -> b
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
         converter = tf.lite.TFLiteConverter.from_keras_model(model)
         PRESETS[variant](converter, tf, representative, cfg)
-        return converter.convert()
+        try:
+            return converter.convert()
+        except Exception as e:
+            if type(e).__name__ != "ConverterError":
+                raise
+            raise ConversionError(_conversion_problem(variant, str(e))) from None
+
+
+class ConversionError(Exception):
+    """The converter cannot make this variant of the user's model; the message names the ops."""
+
+
+def _conversion_problem(variant: str, message: str) -> str:
+    ops = sorted(set(re.findall(r"'(tfl?\.[A-Za-z0-9_]+)' op", message)))
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    what = f"op(s) {', '.join(ops)}" if ops else (lines[0][:200] if lines else "an unsupported op")
+    fix = f"TFLite has no {variant} kernel for them: replace or reconfigure the layers that make them"
+    if variant in ("int8", "int16x8"):
+        fix += f", or drop {variant} from --quantize (dynamic and float16 keep such ops in float)"
+    return f"cannot convert the model to {variant}: {what}; {fix}"
 
 
 def convert_all(model, cfg: BuildConfig, data: Dataset, log=print) -> dict[str, tuple[bytes, float]]:

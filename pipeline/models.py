@@ -155,19 +155,43 @@ def build_model(name: str, input_shape, classes: int):
 
 
 def count_macs(model) -> int:
-    """Multiply-accumulates of one inference, from the layer shapes (conv, depthwise conv, dense)."""
+    """Multiply-accumulates of one inference, from the layer shapes.
+
+    Convolutions of any rank (1-D, 2-D, 3-D, grouped, transposed), depthwise and separable ones, and
+    dense layers (on any rank), descending into nested models. Other layers (pooling, normalization,
+    activations) cost additions and comparisons, not MACs, and are left out, as is usual.
+    """
+    import keras
     from keras import layers
+    from keras.src.layers.convolutional.base_conv import BaseConv
+    from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
+    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
+    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
+
+    def prod(values) -> int:
+        out = 1
+        for v in values:
+            out *= int(v)
+        return out
 
     total = 0
     for layer in model.layers:
-        if isinstance(layer, layers.DepthwiseConv2D):
-            _, h, w, c = layer.output.shape
-            kh, kw = layer.kernel_size
-            total += h * w * c * kh * kw
-        elif isinstance(layer, layers.Conv2D):
-            _, h, w, c_out = layer.output.shape
-            kh, kw = layer.kernel_size
-            total += h * w * c_out * kh * kw * layer.input.shape[-1]
-        elif isinstance(layer, layers.Dense):
-            total += int(layer.input.shape[-1]) * layer.units
+        if isinstance(layer, keras.Model):
+            total += count_macs(layer)
+            continue
+        if not isinstance(layer, (BaseConv, BaseConvTranspose, BaseDepthwiseConv, BaseSeparableConv, layers.Dense)):
+            continue
+        c_in, out_shape = int(layer.input.shape[-1]), layer.output.shape  # channels_last, as the zoo builds
+        kernel = prod(getattr(layer, "kernel_size", ()))
+        if isinstance(layer, BaseSeparableConv):  # depthwise over the input, then 1x1 to the output channels
+            positions = prod(out_shape[1:-1])
+            total += positions * c_in * layer.depth_multiplier * (kernel + int(out_shape[-1]))
+        elif isinstance(layer, BaseDepthwiseConv):
+            total += prod(out_shape[1:]) * kernel
+        elif isinstance(layer, BaseConvTranspose):  # every input position scatters a kernel of outputs
+            total += prod(layer.input.shape[1:-1]) * c_in * kernel * int(out_shape[-1])
+        elif isinstance(layer, BaseConv):
+            total += prod(out_shape[1:]) * kernel * c_in // getattr(layer, "groups", 1)
+        else:  # Dense: every leading position multiplies its input vector by the kernel
+            total += prod(layer.input.shape[1:-1]) * c_in * layer.units
     return int(total)

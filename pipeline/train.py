@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import time
+import zipfile
+from pathlib import Path
 
 from pipeline import console
-from pipeline.config import BuildConfig
+from pipeline.config import INPUT_RANGES, BuildConfig
 from pipeline.data import Dataset
 from pipeline.models import build_model
 
@@ -108,19 +110,115 @@ def load_user_model(path: str, data: Dataset):
     """A user's own `.keras` model, checked against the dataset before anything else runs."""
     import keras
 
+    path = Path(path)
+    what = _not_a_keras_file(path)
+    if what:
+        raise ModelMismatchError(f"--keras-model {path}: {what}; pass a .keras file saved with model.save()")
     try:
         model = keras.models.load_model(path, compile=False)
+    except TypeError:
+        custom = _custom_layers(path)
+        if not custom:
+            raise
+        raise ModelMismatchError(
+            f"--keras-model {path}: custom layer(s) {', '.join(custom)} need their Python code to load; "
+            "edgepipe reads built-in Keras layers only: rebuild the model from built-in layers and save it again")
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelMismatchError(f"--keras-model {path}: cannot load it as a Keras model ({first}); "
                                  "pass a .keras file saved with model.save()")
-    check_input_shape(model, data, path)
+    check_input_shape(model, data, str(path))
     return model
+
+
+def _not_a_keras_file(path: Path) -> str | None:
+    """What the file is when it cannot be a Keras model (a zip with config.json, or HDF5 for .h5)."""
+    head = path.read_bytes()[:8]
+    if head.startswith(b"\x89HDF"):
+        return None
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if "config.json" in z.namelist():
+                return None
+        return "a zip archive without config.json, so not a Keras archive (model.save() writes config.json in it)"
+    if not head:
+        return "an empty file"
+    try:
+        path.read_bytes()[:4096].decode("utf-8")
+        return "a text file, not a Keras model"
+    except UnicodeDecodeError:
+        return f"{path.stat().st_size:,} bytes of binary data that is neither a .keras (zip) nor an .h5 (HDF5) model"
+
+
+def _custom_layers(path: Path) -> list[str]:
+    """Class names in a .keras archive's config that Keras itself does not provide."""
+    import json
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            config = json.loads(z.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return []
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "class_name" in node and "config" in node and not str(node.get("module") or "").startswith("keras"):
+                found.append(f"'{node['class_name']}'" + (f" ({node['registered_name']})"
+                                                         if node.get("registered_name") else ""))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(config)
+    return sorted(set(found))
+
+
+def input_convention(cfg: BuildConfig, model) -> tuple[float, float]:
+    """(scale, offset) from uint8 pixels to the model's input: read from the model where it says.
+
+    A model whose first layer is Rescaling or Normalization does its own scaling, so it takes raw
+    0-255 pixels; otherwise --input-range says, and the zoo's convention is 0,1.
+    """
+    scales_itself = model is not None and _first_layer(model) in ("Rescaling", "Normalization")
+    if scales_itself and cfg.input_range not in (None, "0,255"):
+        raise ModelMismatchError(f"--input-range {cfg.input_range}: {cfg.keras_model} starts with a "
+                                 f"{_first_layer(model)} layer, so it takes raw 0-255 pixels; drop --input-range")
+    return INPUT_RANGES["0,255" if scales_itself else cfg.input_range or "0,1"]
+
+
+def _first_layer(model) -> str | None:
+    """The class of the first layer that computes something, looking inside nested models."""
+    import keras
+
+    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    if layers and isinstance(layers[0], keras.Model):
+        return _first_layer(layers[0])
+    return type(layers[0]).__name__ if layers else None
+
+
+def outputs_probabilities(model) -> bool:
+    """Whether the model ends in softmax (probabilities) rather than logits, looking inside nested models."""
+    import keras
+
+    last = model.layers[-1]
+    if isinstance(last, keras.Model):
+        return outputs_probabilities(last)
+    if type(last).__name__ == "Softmax":
+        return True
+    activation = getattr(last, "activation", None)
+    return getattr(activation, "__name__", "") == "softmax"
 
 
 def check_input_shape(model, data: Dataset, what: str) -> None:
     expected = (data.spec.height, data.spec.width, data.spec.channels)
     got = tuple(model.inputs[0].shape[1:])
+    if None in got:
+        raise ModelMismatchError(
+            f"{what}: dynamic input shape {got}; a .tflite for a board needs a fixed one: build the model with "
+            f"keras.Input(shape={expected}) and save it again")
     if got != expected:
         raise ModelMismatchError(
             f"{what}: input shape {got} does not fit dataset '{data.name}' {expected}; "

@@ -20,11 +20,11 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from device.integrity import METADATA_NAME, DeviceError, extract_bundle, sha256_file, verify_folder
-from pipeline.artifacts import LOG, MANIFEST
+from pipeline.artifacts import LOG, MANIFEST, is_staging
+from pipeline.ship.bundle import RUNNER_FILES
 
 # What `pipeline bundle` always writes besides the models, and the runner cannot do without.
-BUNDLE_REQUIRED = (METADATA_NAME, "labels.txt", "device/__init__.py", "device/core.py", "device/images.py",
-                   "device/integrity.py", "device/timing.py", "device/runner.py")
+BUNDLE_REQUIRED = (METADATA_NAME, "labels.txt", *(f"device/{name}" for name in RUNNER_FILES))
 
 
 def verify_path(path) -> list[str]:
@@ -39,7 +39,7 @@ def verify_path(path) -> list[str]:
 
 def verify_run_dir(run_dir: Path) -> list[str]:
     run_dir = Path(run_dir)
-    if run_dir.name.endswith(".partial") and run_dir.name.startswith("."):
+    if is_staging(run_dir):
         return [f"{run_dir}: the staging folder of an interrupted build, not a run; finish it with "
                 "`pipeline build --resume`"]
     try:

@@ -109,7 +109,7 @@ def _guard(tmp_path, source, data, model, remedies=("cle", "mixed"), **kw):
 
     cfg = _cfg(tmp_path, source, **kw)
     run = _converted(tmp_path, model, cfg, data)
-    added = guard(run, cfg, data, model, {}, {}, log=lambda *a: None, remedies=remedies)
+    added = guard(run, cfg, data, model, log=lambda *a: None, remedies=remedies)
     return run, added, json.loads((run / "analysis.json").read_text())
 
 

@@ -43,6 +43,20 @@ def test_default_threads_fit_a_pi(monkeypatch):
         assert BuildConfig(dataset="digits").threads == expected
 
 
+def test_summarize_known_values():
+    """Figures worked out by hand, so the test checks the statistics and not numpy against itself."""
+    s = timing.summarize([0.001, 0.002, 0.003, 0.004, 0.005])  # seconds
+    assert s["n"] == 5 and s["p50_ms"] == pytest.approx(3.0) and s["mean_ms"] == pytest.approx(3.0)
+    assert s["p90_ms"] == pytest.approx(4.6)  # linear interpolation: 4 + 0.6 * (5 - 4)
+    assert s["p99_ms"] == pytest.approx(4.96)
+    assert s["std_ms"] == pytest.approx(2.5 ** 0.5)  # sample std of 1..5
+    assert s["min_ms"] == 1.0 and s["max_ms"] == 5.0 and s["throughput_per_s"] == pytest.approx(1000 / 3)
+    hundred = timing.summarize(np.arange(1, 101) * 1e-3)  # 1..100 ms
+    assert hundred["p50_ms"] == pytest.approx(50.5) and hundred["p90_ms"] == pytest.approx(90.1)
+    assert hundred["p99_ms"] == pytest.approx(99.01)
+    assert timing.summarize([]) == {"n": 0}
+
+
 def test_warmup_is_kept_apart():
     calls = []
     warm, timed = timing.time_calls(lambda: calls.append(1), runs=7, warmup=3)

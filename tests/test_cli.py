@@ -123,14 +123,10 @@ def test_existing_run_needs_overwrite(tmp_path):
 def test_digits_demo_build_and_bundle(tmp_path):
     """The README's offline demo, end to end through the CLI, then the bundle command."""
     import json
-    import time
 
-    t0 = time.perf_counter()
     result = invoke("build", "--dataset", "digits", "--quantize", "int8", "--out", tmp_path / "run",
                     "--runs", "20", "--threads", "1")
-    seconds = time.perf_counter() - t0
     assert result.exit_code == 0, result.output
-    assert seconds < 60
     assert "int8" in result.output and "fp32" in result.output
     evaluation = json.loads((tmp_path / "run" / "evaluation.json").read_text())
     assert evaluation["variants"]["int8"]["accuracy"] > 0.8

@@ -23,6 +23,8 @@ from pipeline import console
 RUNNER = Path(device.__file__).resolve().parent / "runner.py"
 CROSS_CHECK_RESOLUTION_MS = 0.01
 CROSS_CHECK_TOLERANCE = 0.10
+CROSS_CHECK_TIMEOUT_S = 600
+MEMORY_TIMEOUT_S = 300
 
 
 def _interleaved(models: dict[str, Model], prepared: dict[str, np.ndarray], runs: int, warmup: int, advance):
@@ -64,8 +66,11 @@ def measure_latency(run_dir: Path, variants, metadata: dict, *, threads: int, xn
 def fresh_process_memory(model_path: Path) -> dict:
     """Peak RSS and wall time of a new runner process that loads the model and runs it a few times."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(RUNNER), "bench", "--model", str(model_path), "--runs", "10",
-                           "--warmup", "2", "--json"], capture_output=True, text=True, timeout=300)
+    try:
+        proc = subprocess.run([sys.executable, str(RUNNER), "bench", "--model", str(model_path), "--runs", "10",
+                               "--warmup", "2", "--json"], capture_output=True, text=True, timeout=MEMORY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"the runner took over {MEMORY_TIMEOUT_S} s for 12 inferences; memory not measured"}
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "runner failed"}
@@ -80,9 +85,12 @@ def litert_benchmark(model_path: Path, threads: int, runs: int, warmup: int) -> 
         cmd = ["litert-benchmark", "--model", str(model_path), "--num_runs", str(runs), "--warmup_runs",
                str(warmup), "--num_threads", str(threads), "--result_json", str(result_path)]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CROSS_CHECK_TIMEOUT_S)
         except FileNotFoundError:
             return {"error": "litert-benchmark is not installed (it comes with ai-edge-litert)"}
+        except subprocess.TimeoutExpired:
+            return {"error": f"litert-benchmark took over {CROSS_CHECK_TIMEOUT_S} s and was stopped; "
+                             "cross-check with fewer --runs"}
         if proc.returncode != 0 or not result_path.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()
             return {"error": tail[-1] if tail else f"exit code {proc.returncode}"}

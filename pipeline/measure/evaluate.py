@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.core import Model, normalize, score
+from device.core import Model, normalize, score, softmax
 from pipeline import console
 from pipeline.measure import stats
 
@@ -57,6 +57,8 @@ def evaluate_variants(run_dir: Path, variants, x_test: np.ndarray, y_test: np.nd
             f"({entry['change_pp_vs_fp32']:+.2f} pp{paired}), {seconds[variant]:.2f} s for {len(y)} images")
     if keras_model is not None:
         keras_probs = keras_model.predict(normalize(x_test, metadata["preprocess"]), batch_size=256, verbose=0)
+        if metadata.get("output") == "logits":
+            keras_probs = softmax(keras_probs)
         probs["keras"] = keras_probs
         result["keras"] = {
             "accuracy": float((keras_probs.argmax(1) == y).mean()),

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.report import plots
 from pipeline.report.notes import notes, threads_label
-from pipeline.artifacts import MANIFEST, atomic_write, write_json
+from pipeline.artifacts import MANIFEST, atomic_write, run_name, write_json
 from pipeline.config import VARIANTS
 from pipeline.delivery import default_variant, guard_decision
 
@@ -72,7 +72,7 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
     variants = [_variant(run_dir, v, evaluation, bench, threads) for v in names]
     delivered, superseded = guard_decision(run_dir)
     report = {
-        "schema": SCHEMA, "run": run_dir.name.removeprefix(".").removesuffix(".partial"),
+        "schema": SCHEMA, "run": run_name(run_dir),
         "model": manifest["config"]["model"], "dataset": manifest["config"]["dataset"],
         "test_images": evaluation["n"], "table_threads": threads, "variants": variants,
         "delivered": {"variant": default_variant(names, delivered, superseded), "by_guard": delivered in names,
