@@ -340,9 +340,9 @@ def test_ctrl_c_on_build_exits_130(tmp_path):
                              "--out", str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     for line in proc.stdout:
-        if line.startswith("data:"):
+        if line.startswith("training "):  # TensorFlow is loaded and fit() is about to run
             break
-    time.sleep(3)  # inside training
+    time.sleep(1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
