@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import signal
 import json
 from pathlib import Path
 
@@ -81,14 +82,28 @@ def captured(verbose: bool, work):
     from pipeline import console
 
     user_errors = (click.ClickException, ConfigError, KeyboardInterrupt, *_user_errors())
-    with console.session(verbose, user_errors) as session:
-        try:
-            return work(session.say)
-        except Exception as e:
-            if isinstance(e, user_errors):
-                raise
-            raise UserError(f"failed: {type(e).__name__}: {e}; the traceback and TensorFlow's own output are in "
-                            f"{session.where()}") from e
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    # Ctrl-C inside TensorFlow's tracing can come back as an unrelated error (seen: "ValueError: None
+    # values not supported"); remembering the signal keeps it an interruption, exit code 130.
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with console.session(verbose, user_errors) as session:
+            try:
+                return work(session.say)
+            except Exception as e:
+                if interrupted:
+                    raise KeyboardInterrupt from e
+                if isinstance(e, user_errors):
+                    raise
+                raise UserError(f"failed: {type(e).__name__}: {e}; the traceback and TensorFlow's own output are "
+                                f"in {session.where()}") from e
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _split_variants(ctx, param, values):
