@@ -1,7 +1,7 @@
 """Speed of the evaluate and benchmark stages, their run-to-run stability, and what int8 buys, on real MNIST.
 
 Builds mnist-cnn (5 epochs, all five variants) from the real MNIST subset, then measures:
-  1. evaluating all five variants on the 1,000 test images through pipeline.evaluate   target <= 5 s
+  1. evaluating all five variants on the 1,000 test images through pipeline.measure.evaluate  target <= 5 s
   2. the default benchmark stage (runs, warm-up, threads, memory) for five variants     target <= 30 s
      run twice; int8 and fp32 p50 at 1 thread compared between the two runs            target within 10%
   3. int8 p50 / fp32 p50 at 1 thread, for mnist-cnn and for cifar-cnn                   target <= 0.45
@@ -59,7 +59,7 @@ def write_synthetic_cifar(folder: Path, per_batch: int, seed: int = 0) -> Path:
 
 
 def time_evaluation(run_dir: Path, data, meta: dict, repeats: int) -> dict:
-    from pipeline.evaluate import evaluate_variants
+    from pipeline.measure.evaluate import evaluate_variants
 
     variants = [m["variant"] for m in meta["models"].values()]
     walls, accuracy = [], None
@@ -74,7 +74,7 @@ def time_evaluation(run_dir: Path, data, meta: dict, repeats: int) -> dict:
 
 def time_benchmark(run_dir: Path, meta: dict, macs: int) -> dict:
     """One default benchmark stage exactly as `pipeline build` runs it."""
-    from pipeline.benchmark import benchmark_variants
+    from pipeline.measure.benchmark import benchmark_variants
     from pipeline.config import BuildConfig
 
     cfg = BuildConfig(dataset="mnist", model="mnist-cnn")
@@ -90,7 +90,7 @@ def time_benchmark(run_dir: Path, meta: dict, macs: int) -> dict:
 
 
 def mnist_part(data_dir: Path, out: Path, repeats: int) -> dict:
-    from pipeline import report
+    from pipeline.report import render as report
     from pipeline.artifacts import update_manifest, write_json
     from pipeline.build import build
     from pipeline.config import BuildConfig

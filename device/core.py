@@ -6,9 +6,7 @@ device, and the host's evaluation and benchmark. It imports only the standard li
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import os
 import warnings
 import zipfile
@@ -17,12 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-METADATA_NAME = "metadata.json"
-TFLITE_IDENTIFIER = b"TFL3"
-# Smallest file that can hold a flatbuffer root offset, the identifier and a model table.
-MIN_MODEL_BYTES = 16
-# A model for an edge board far beyond this is a mistake, and reading it whole would hurt the board.
-MAX_MODEL_BYTES = 512 * 1024 * 1024
+from device.integrity import (METADATA_NAME, DeviceError, expected_sha256, find_metadata, load_metadata,
+                              read_model_bytes)
+
 MAX_IMAGE_PIXELS = 50_000_000
 
 # Resolution order: LiteRT is the maintained runtime; tflite-runtime still has 32-bit ARM wheels;
@@ -32,10 +27,6 @@ _INTERPRETERS = (
     ("tflite_runtime", "tflite_runtime.interpreter", "tflite-runtime"),
     ("tensorflow.lite", "tensorflow", "tensorflow"),
 )
-
-
-class DeviceError(Exception):
-    """A problem with the user's input (model, image, data); the message is one actionable line."""
 
 
 @dataclass(frozen=True)
@@ -95,73 +86,6 @@ def runtime(prefer: str | None = None) -> Runtime:
         "no TFLite interpreter could be imported (tried " + "; ".join(tried) + "); "
         "install one: pip install ai-edge-litert (or tflite-runtime on 32-bit ARM)"
     )
-
-
-# ---------------------------------------------------------------- metadata and integrity
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def find_metadata(model_path: Path) -> Path | None:
-    """The pipeline writes metadata.json beside every model, in run directories and bundles alike."""
-    candidate = Path(model_path).resolve().parent / METADATA_NAME
-    return candidate if candidate.is_file() else None
-
-
-def load_metadata(path: Path) -> dict:
-    try:
-        meta = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DeviceError(f"{path}: not readable JSON metadata ({e}); rebuild it with `pipeline build`")
-    if not isinstance(meta, dict) or not isinstance(meta.get("preprocess"), dict):
-        raise DeviceError(f"{path}: metadata has no 'preprocess' section; rebuild it with `pipeline build`")
-    return meta
-
-
-def read_model_bytes(path: Path, expected_sha256: str | None = None) -> bytes:
-    """Read a model and refuse anything that is not plausibly a TFLite flatbuffer.
-
-    The interpreter trusts its input; checking size and the `TFL3` identifier first turns an
-    empty, truncated or wrong file into a clear error instead of a crash inside C++.
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise DeviceError(f"{path}: cannot read model ({e.strerror}); pass an existing .tflite with --model")
-    if not path.is_file():
-        raise DeviceError(f"{path}: is not a file; pass a .tflite file with --model")
-    if size < MIN_MODEL_BYTES:
-        raise DeviceError(f"{path}: {size} bytes is too small to be a TFLite model; the file is empty or truncated")
-    if size > MAX_MODEL_BYTES:
-        raise DeviceError(f"{path}: {size} bytes is larger than the {MAX_MODEL_BYTES} byte limit for a model")
-    data = path.read_bytes()
-    if data[4:8] != TFLITE_IDENTIFIER:
-        raise DeviceError(f"{path}: not a TFLite model (no 'TFL3' identifier at byte 4); pass a .tflite file")
-    root = int.from_bytes(data[0:4], "little")
-    if root < 8 or root + 4 > size:
-        raise DeviceError(f"{path}: corrupt TFLite model (root offset {root} outside the {size} byte file)")
-    if expected_sha256 is not None:
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != expected_sha256:
-            raise DeviceError(
-                f"{path}: sha256 {actual[:12]}... does not match {expected_sha256[:12]}... in the metadata; "
-                "the file was changed or damaged in transit, copy the bundle again"
-            )
-    return data
-
-
-def expected_sha256(model_path: Path, metadata: dict | None) -> str | None:
-    """The sha256 the metadata records for this model, or None when nothing can vouch for its bytes."""
-    models = metadata.get("models") if isinstance(metadata, dict) else None
-    entry = models.get(Path(model_path).name) if isinstance(models, dict) else None
-    sha = entry.get("sha256") if isinstance(entry, dict) else None
-    return sha if isinstance(sha, str) and sha else None
 
 
 # ---------------------------------------------------------------- quantization helpers
@@ -400,73 +324,6 @@ def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256, 
     """score() of `model` on uint8 images `x` with labels `y` (from `source`), plus the probabilities."""
     probs = model.predict(x, batch_size)
     return {**score(probs, y, model.labels, source), "probabilities": probs}
-
-
-def verify_folder(folder: Path) -> list[str]:
-    """Problems with the models a metadata file lists: missing, wrong size or hash, unloadable, or
-    tensors that differ from what the metadata says. An empty list means the folder is sound."""
-    folder = Path(folder)
-    meta_path = folder / METADATA_NAME
-    if not meta_path.is_file():
-        return [f"{meta_path}: missing; expected the metadata file written by `pipeline build`"]
-    try:
-        meta = load_metadata(meta_path)
-    except DeviceError as e:
-        return [str(e)]
-    problems = []
-    models = meta.get("models")
-    if not isinstance(models, dict) or not models:
-        return [f"{meta_path}: lists no models"]
-    for name, entry in models.items():
-        path = folder / name
-        if not isinstance(entry, dict) or expected_sha256(path, meta) is None:
-            # Nothing to check the bytes against, so they are not handed to the interpreter either.
-            problems.append(f"{name}: the metadata records no sha256 for it; cannot verify")
-            continue
-        if Path(name).name != name:
-            problems.append(f"{name}: not a plain file name beside {METADATA_NAME}")
-            continue
-        if not path.is_file():
-            problems.append(f"{name}: missing")
-            continue
-        if path.stat().st_size != entry.get("bytes"):
-            problems.append(f"{name}: {path.stat().st_size} bytes, metadata says {entry.get('bytes')}")
-            continue
-        try:
-            model = Model(path, metadata=meta)
-        except DeviceError as e:
-            problems.append(str(e))
-            continue
-        for side, spec in (("input", model.input), ("output", model.output)):
-            want = entry.get(side)
-            if not isinstance(want, dict):
-                problems.append(f"{name}: the metadata does not describe its {side} tensor")
-                continue
-            got = spec.to_dict()
-            differs = [k for k in ("shape", "dtype", "scale", "zero_point") if k in want and want[k] != got[k]]
-            if differs:
-                problems.append(f"{name}: {side} tensor {', '.join(differs)} differ from the metadata")
-    for extra in sorted(folder.glob("*.tflite")):
-        if extra.name not in models:
-            problems.append(f"{extra.name}: not listed in {METADATA_NAME}, so nothing vouches for it")
-    return problems
-
-
-def extract_bundle(archive: Path, dest: Path) -> Path:
-    """Unpack a bundle with tarfile's `data` filter: no paths outside dest, no links out, no devices."""
-    import tarfile
-
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(dest, filter="data")
-    except tarfile.FilterError as e:
-        raise DeviceError(f"{archive}: refused, a member points outside the target folder ({e}); "
-                          "the archive is not a bundle written by `pipeline bundle`")
-    except (OSError, tarfile.TarError, EOFError) as e:
-        raise DeviceError(f"{archive}: not a readable .tar.gz bundle ({e})")
-    return dest
 
 
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ if __package__ in (None, ""):
     # folder that holds it, in a bundle and in the repository alike.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from device import core, timing  # noqa: E402
+from device import core, integrity, timing  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "model_int8.tflite"
 
@@ -82,13 +82,13 @@ def cmd_info(args) -> dict:
 
 
 def cmd_unpack(args) -> dict:
-    dest = core.extract_bundle(args.archive, args.dest)
-    problems = core.verify_folder(dest)
+    dest = integrity.extract_bundle(args.archive, args.dest)
+    problems = integrity.verify_folder(dest)
     return {"kind": "unpack", "folder": str(dest), "ok": not problems, "problems": problems}
 
 
 def cmd_verify(args) -> dict:
-    problems = core.verify_folder(args.folder)
+    problems = integrity.verify_folder(args.folder)
     return {"kind": "verify", "folder": str(args.folder), "ok": not problems, "problems": problems}
 
 
@@ -212,8 +212,8 @@ def _unverifiable(args) -> bool:
     model = getattr(args, "model", None)
     if model is None or not Path(model).is_file() or not hasattr(os, "fork"):
         return False  # no model, or core.Model's own clean error; no fork on Windows: run in-process
-    meta_path = core.find_metadata(model)
-    return core.expected_sha256(model, core.load_metadata(meta_path) if meta_path else None) is None
+    meta_path = integrity.find_metadata(model)
+    return integrity.expected_sha256(model, integrity.load_metadata(meta_path) if meta_path else None) is None
 
 
 def _in_child(args) -> int:

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from device.core import sha256_file
+from device.integrity import sha256_file
 
 MANIFEST = "manifest.json"
 PROGRESS = ".progress.json"

@@ -115,7 +115,7 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
             _write_samples(run.path("samples"), data)
 
         if "evaluate" in wanted and cfg.evaluate:
-            from pipeline.evaluate import evaluate_variants
+            from pipeline.measure.evaluate import evaluate_variants
 
             t0 = time.perf_counter()
             guarded = cfg.analyze or cfg.fallback == "auto" or cfg.qat
@@ -128,7 +128,7 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
             times["evaluate"] = time.perf_counter() - t0
 
             if guarded:
-                from pipeline.analyze import guard
+                from pipeline.guard import guard
 
                 t0 = time.perf_counter()
                 # The guard decides on the validation split and writes any new variant it makes
@@ -147,7 +147,7 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
                 run.stage_done("evaluate", ["evaluation.json", "predictions.npz", *evaluated])
 
         if "benchmark" in wanted and cfg.benchmark:
-            from pipeline.benchmark import benchmark_variants
+            from pipeline.measure.benchmark import benchmark_variants
 
             t0 = time.perf_counter()
             measured = [f"model_{v}.tflite" for v in variants]
@@ -171,7 +171,7 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
             "stage_seconds": times, "reused_stages": reused,
         }
         if "report" in wanted and cfg.evaluate:
-            from pipeline import report
+            from pipeline.report import render as report
 
             t0 = time.perf_counter()
             run.write_json(MANIFEST, manifest)
@@ -237,8 +237,8 @@ def check_accuracy_drop(run_dir: Path, max_drop_pp: float) -> None:
 
 def rebenchmark(run_dir: Path, cfg: BuildConfig, log=print) -> dict:
     """`pipeline benchmark RUN_DIR`: measure again, rewrite benchmark.json and the report."""
-    from pipeline import report
-    from pipeline.benchmark import benchmark_variants
+    from pipeline.report import render as report
+    from pipeline.measure.benchmark import benchmark_variants
 
     run_dir = Path(run_dir)
     meta = json.loads((run_dir / METADATA_NAME).read_text())

@@ -26,7 +26,7 @@ def _user_errors():
     from device.core import DeviceError
     from pipeline.artifacts import RunDirError
     from pipeline.data import DataError
-    from pipeline.report import ReportError
+    from pipeline.report.render import ReportError
     from pipeline.train import ModelMismatchError
 
     return (DeviceError, RunDirError, DataError, ModelMismatchError, ReportError)
@@ -258,7 +258,7 @@ def _run_config(run_dir: Path, **overrides) -> BuildConfig:
 def _print_table(run_dir: Path) -> None:
     report_md = Path(run_dir) / "report.md"
     if report_md.exists():
-        from pipeline.report import summary_table
+        from pipeline.report.render import summary_table
 
         click.echo(summary_table(run_dir))
 
@@ -268,7 +268,7 @@ def _print_table(run_dir: Path) -> None:
 @handle_errors
 def analyze(run_dir):
     """Per-layer quantization error of a finished run's int8 model, added to its report."""
-    from pipeline.analyze import analyze_run
+    from pipeline.guard import analyze_run
 
     analyze_run(run_dir, log=click.echo)
 
@@ -302,7 +302,7 @@ def verify(run_dir, as_json):
 @handle_errors
 def report(run_dir, device_results):
     """Render report.json, report.md, report.html and the plots of a finished run again."""
-    from pipeline import report as report_stage
+    from pipeline.report import render as report_stage
     from pipeline.artifacts import update_manifest
 
     report_stage.render(run_dir, device_results=list(device_results), log=click.echo)
@@ -322,7 +322,7 @@ def report(run_dir, device_results):
 @handle_errors
 def bundle(run_dir, out, variants):
     """Pack a run into one .tar.gz for a Raspberry Pi: models, metadata, runner, samples, README."""
-    from pipeline.bundle import BundleError, make_bundle
+    from pipeline.ship.bundle import BundleError, make_bundle
 
     try:
         path = make_bundle(run_dir, out, variants or None)

@@ -105,7 +105,7 @@ def _converted(tmp_path, model, cfg, data):
 
 
 def _guard(tmp_path, source, data, model, remedies=("cle", "mixed"), **kw):
-    from pipeline.analyze import guard
+    from pipeline.guard import guard
 
     cfg = _cfg(tmp_path, source, **kw)
     run = _converted(tmp_path, model, cfg, data)
@@ -194,7 +194,7 @@ def test_guard_does_nothing_when_int8_is_within_budget(tmp_path, source, data, t
 
 
 def test_mixed_models_are_the_converter_s_int8_when_nothing_is_float(tmp_path, source, data, trained):
-    from pipeline.analyze import Judge, Quantizer
+    from pipeline.guard.analyze import Judge, Quantizer
     from pipeline.convert import calibration_images
 
     cfg = _cfg(tmp_path, source)
@@ -216,7 +216,7 @@ def test_equalization_through_batchnorm_relu6_depthwise_and_pooling():
     import keras
     from keras import layers
 
-    from pipeline.equalize import _in_range, _out_range, equalize
+    from pipeline.guard.equalize import _in_range, _out_range, equalize
 
     keras.utils.set_random_seed(1)
     model = keras.Sequential([

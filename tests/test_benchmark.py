@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from device import timing
-from pipeline.benchmark import benchmark_variants
+from pipeline.measure.benchmark import benchmark_variants
 
 
 def test_summarize_matches_numpy():

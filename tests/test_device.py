@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from device import core
+from device import core, integrity
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = REPO / "device" / "runner.py"
@@ -211,7 +211,7 @@ def test_bench_reports_latency_and_memory(mnist_run):
 
 
 def test_bundle_unpacks_verifies_and_classifies(mnist_run, tmp_path):
-    from pipeline.bundle import make_bundle
+    from pipeline.ship.bundle import make_bundle
 
     archive = make_bundle(mnist_run, tmp_path / "b.tar.gz")
     dest = tmp_path / "pi"
@@ -247,5 +247,5 @@ def test_bundle_with_escaping_paths_is_refused(tmp_path):
         info.size = 3
         tar.addfile(info, io.BytesIO(b"bad"))
     with pytest.raises(core.DeviceError, match="outside"):
-        core.extract_bundle(evil, tmp_path / "dest")
+        integrity.extract_bundle(evil, tmp_path / "dest")
     assert not (tmp_path / "escaped.txt").exists()

@@ -122,7 +122,7 @@ def test_markdown_has_one_table_with_one_row_per_variant(report, run):
 
 
 def test_summary_table_is_plain_text_with_every_variant(run):
-    from pipeline.report import summary_table
+    from pipeline.report.render import summary_table
 
     lines = summary_table(run).splitlines()
     assert "|" not in "".join(lines) and lines[0].startswith("variant")
@@ -169,7 +169,7 @@ def test_notes_follow_the_measurements(report, samples, predictions):
 
 def test_tampered_measurements_become_notes(copy):
     from pipeline.artifacts import write_json
-    from pipeline.report import render
+    from pipeline.report.render import render
 
     evaluation = json.loads((copy / "evaluation.json").read_text())
     evaluation["keras"].update(fp32_tflite_agreement=0.99, fp32_tflite_max_abs_diff=0.2)
@@ -196,7 +196,7 @@ def test_tampered_measurements_become_notes(copy):
 
 
 def test_report_without_benchmark_still_shows_accuracy(copy, report):
-    from pipeline.report import render
+    from pipeline.report.render import render
 
     (copy / "benchmark.json").unlink()
     again = render(copy, log=lambda *a: None)
@@ -215,7 +215,7 @@ def runner_json(*args) -> dict:
 
 
 def test_device_results_add_labelled_columns(copy, predictions, tmp_path):
-    from pipeline.report import render
+    from pipeline.report.render import render
 
     with np.load(copy / "samples" / "eval.npz") as d:
         x, y = d["x"][:40], d["y"][:40]
@@ -266,7 +266,7 @@ def test_device_results_add_labelled_columns(copy, predictions, tmp_path):
                  "environment": {"cpu": "Cortex-A72", "machine": "aarch64"}}).encode(), "latency.p50_ms"),
 ])
 def test_bad_device_results_raise_report_error_naming_the_file(copy, tmp_path, content, expected):
-    from pipeline.report import ReportError, render
+    from pipeline.report.render import ReportError, render
 
     before = (copy / "report.json").read_bytes()
     bad = tmp_path / "from-the-pi.json"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from device import core
+from device import integrity
 from pipeline.verify import verify_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def _flip(path: Path, at: int = -1) -> None:
 def _rehash(run: Path, name: str) -> None:
     """Make the manifest agree with a file again, so only the deeper check can catch the change."""
     manifest = json.loads((run / "manifest.json").read_text())
-    manifest["files"][name] = {"bytes": (run / name).stat().st_size, "sha256": core.sha256_file(run / name)}
+    manifest["files"][name] = {"bytes": (run / name).stat().st_size, "sha256": integrity.sha256_file(run / name)}
     (run / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -128,7 +128,7 @@ def test_hidden_files_are_not_part_of_a_run(run_copy):
 
 @pytest.fixture
 def bundle(mnist_run, tmp_path) -> Path:
-    from pipeline.bundle import make_bundle
+    from pipeline.ship.bundle import make_bundle
 
     return make_bundle(mnist_run, tmp_path / "b.tar.gz")
 

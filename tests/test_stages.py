@@ -7,7 +7,7 @@ import json
 import numpy as np
 from click.testing import CliRunner
 
-from device import core
+from device import core, integrity
 from pipeline.cli import main
 from tests.test_data import BATCHES, pickled, write_cifar_tar
 
@@ -68,7 +68,7 @@ def test_train_then_convert_as_separate_stages(tmp_path):
         "model_dynamic.tflite", "model_fp32.tflite", "model_int8.tflite"]
     meta = json.loads((converted / "metadata.json").read_text())
     for name, entry in meta["models"].items():
-        assert entry["sha256"] == core.sha256_file(converted / name)
+        assert entry["sha256"] == integrity.sha256_file(converted / name)
     # Converting the same Keras model again gives the same fp32 flatbuffer: conversion is deterministic.
     fp32 = (converted / "model_fp32.tflite").read_bytes()
     again = invoke("convert", trained / "model.keras", "--dataset", "digits", "--quantize", "fp32",

@@ -1,1 +1,1 @@
-"""Getting models onto hardware: the device bundle and deployment to boards over SSH."""
+"""Getting models onto hardware: the device bundle, named boards and deployment to them over SSH."""

@@ -1,129 +1,24 @@
-"""Training data: MNIST, CIFAR-10 and scikit-learn's digits as uint8 NHWC images and int64 labels.
+"""The file formats of the named datasets: keras.datasets online; MNIST npz / IDX; CIFAR-10 batches; sklearn digits.
 
-Online users get `keras.datasets` (download and cache). Offline users point `--data-dir` at whatever
-they downloaded, so the file formats are parsed here rather than by Keras: a corrupt or misplaced
-file must end in a one-line DataError naming it, not in a traceback from numpy, gzip or pickle.
-Every load also records where its pixels came from, so a manifest can say what a model was trained on.
+Each loader returns (source kind, (x_train, y_train), (x_test, y_test), files read), with images
+checked to uint8 NHWC and labels to int64 by `_check`.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 import io
-import os
 import pickle
 import tarfile
 import zipfile
 import zlib
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from pipeline.data import DataError, DatasetInfo, Loaded
 
-class DataError(Exception):
-    """A user's data problem. str(e) is ONE line: what happened, what was expected, how to fix it."""
-
-    def __init__(self, message: str):
-        # Reasons quoted from gzip, pickle or Keras can span lines; the CLI prints exactly one.
-        super().__init__(" ".join(str(message).split()))
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    height: int
-    width: int
-    channels: int
-    labels: tuple[str, ...]
-    scale: float = 1 / 255  # model_input = uint8_pixel * scale + offset
-    offset: float = 0.0
-    layout: str = "NHWC"
-    color: str | None = None  # "grayscale" or "rgb"; None derives it from channels
-
-    def __post_init__(self):
-        # Frozen, so normalise through object.__setattr__: labels may arrive as a JSON list.
-        object.__setattr__(self, "labels", tuple(self.labels))
-        implied = {1: "grayscale", 3: "rgb"}.get(self.channels)
-        if self.color is None:
-            object.__setattr__(self, "color", implied)
-        if self.layout != "NHWC" or implied is None or self.color != implied:
-            raise ValueError(f"inconsistent preprocessing: {self.layout} with {self.channels} channel(s) "
-                             f"and color {self.color!r}; expected NHWC, 1 channel grayscale or 3 channels rgb")
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "labels": list(self.labels)}
-
-    @classmethod
-    def from_dict(cls, d) -> PreprocessSpec:
-        # Unknown keys are skipped so that metadata written by a newer edgepipe still loads.
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: comparing arrays with == is ambiguous
-class Dataset:
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    spec: PreprocessSpec
-    source: dict
-
-
-# What every loader returns: source kind, checked (images, labels) for train and for test, files read.
-_Loaded = tuple[str, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], list]
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    description: str
-    input_shape: tuple[int, int, int]
-    labels: tuple[str, ...]
-    default_model: str
-    loader: Callable[[DatasetInfo, Path | None], _Loaded]
-    offline: str = ""  # the files --data-dir may hold, as error messages quote it
-
-    @property
-    def spec(self) -> PreprocessSpec:
-        return PreprocessSpec(*self.input_shape, labels=self.labels)
-
-
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, seed: int = 0,
-                 validation_fraction: float = 0.1) -> Dataset:
-    """Load `name` from the network or from `data_dir`; validation is a seeded slice of the train split."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
-    if not 0 <= validation_fraction < 1:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-    info = DATASETS[name]
-    kind, (x_train, y_train), (x_test, y_test), files = info.loader(
-        info, None if data_dir is None else Path(data_dir).expanduser())
-    n = len(x_train)
-    n_val = max(1, round(n * validation_fraction)) if validation_fraction > 0 else 0
-    if n_val >= n:
-        raise DataError(f"{name}: {n} training image(s), none left after {n_val} for validation; check the data files")
-    order = np.random.default_rng(seed).permutation(n)
-    val, train = order[:n_val], order[n_val:]
-    source = {
-        "kind": kind,
-        "files": files,
-        # Hashes the pixels and labels, not the files: the same data gives the same hash in any format.
-        "sha256": _arrays_sha256(x_train, y_train, x_test, y_test),
-        "counts": {"train": len(train), "val": len(val), "test": len(x_test)},
-    }
-    return Dataset(name, x_train[train], y_train[train], x_train[val], y_train[val], x_test, y_test, info.spec, source)
-
-
-def _arrays_sha256(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        # dtype and shape go in too, so that differently shaped arrays with equal bytes differ.
-        h.update(f"{a.dtype.str}{a.shape};".encode())
-        h.update(np.ascontiguousarray(a))
-    return h.hexdigest()
+DIGIT_LABELS = tuple("0123456789")
 
 
 def _check(where: str, x, y, info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +40,7 @@ def _check(where: str, x, y, info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]
     return np.ascontiguousarray(x), y.astype(np.int64)
 
 
-def _download(name: str, info: DatasetInfo) -> _Loaded:
+def _download(name: str, info: DatasetInfo) -> Loaded:
     import keras  # here, not at the top: TensorFlow takes seconds to import and --help must not wait
 
     try:
@@ -182,7 +77,7 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-def _load_mnist(info: DatasetInfo, data_dir: Path | None) -> _Loaded:
+def load_mnist(info: DatasetInfo, data_dir: Path | None) -> Loaded:
     if data_dir is None:
         return _download("mnist", info)
     folder, files = _data_dir(data_dir, info), []
@@ -256,7 +151,7 @@ CIFAR_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", 
 CIFAR_ORIGIN = "the python version from https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
-def _load_cifar10(info: DatasetInfo, data_dir: Path | None) -> _Loaded:
+def load_cifar10(info: DatasetInfo, data_dir: Path | None) -> Loaded:
     if data_dir is None:
         return _download("cifar10", info)
     folder, files = _data_dir(data_dir, info), []
@@ -332,7 +227,7 @@ def _cifar_batch(raw: bytes, where: str, info: DatasetInfo) -> tuple[np.ndarray,
 
 # ---- digits: scikit-learn's 1,797 real 8x8 digits, brought to the MNIST layout ----
 
-def _load_digits(info: DatasetInfo, data_dir: Path | None) -> _Loaded:
+def load_digits(info: DatasetInfo, data_dir: Path | None) -> Loaded:
     if data_dir is not None:
         # Rejected rather than ignored: a silently skipped --data-dir lets users believe their files were used.
         raise DataError(f"--data-dir {data_dir}: --dataset digits reads no files (the digits ship with "
@@ -353,19 +248,3 @@ def _load_digits(info: DatasetInfo, data_dir: Path | None) -> _Loaded:
     return "sklearn", _check(where, x_train, y_train, info), _check(where, x_test, y_test, info), []
 
 
-DIGIT_LABELS = tuple("0123456789")
-
-DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo(
-        "MNIST handwritten digits: 60,000 train / 10,000 test, 28x28 grayscale",
-        (28, 28, 1), DIGIT_LABELS, "mnist-cnn", _load_mnist,
-        offline="mnist.npz (Keras layout) or the four IDX files " + ", ".join(IDX_FILES) + " (raw or .gz)"),
-    "cifar10": DatasetInfo(
-        "CIFAR-10 photos in 10 classes: 50,000 train / 10,000 test, 32x32 RGB",
-        (32, 32, 3), CIFAR_LABELS, "cifar-cnn", _load_cifar10,
-        offline="the cifar-10-batches-py folder (data_batch_1..5, test_batch), its contents, "
-                "or cifar-10-python.tar.gz"),
-    "digits": DatasetInfo(
-        "scikit-learn's 1,797 real 8x8 digits in the MNIST layout (28x28 grayscale); no network, no files",
-        (28, 28, 1), DIGIT_LABELS, "mnist-cnn", _load_digits),
-}

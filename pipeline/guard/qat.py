@@ -2,7 +2,7 @@
 
 tfmot 0.8.1 rejects Keras 3 models and needs legacy Keras (`tf_keras`), which TensorFlow only uses
 when TF_USE_LEGACY_KERAS=1 is set before it is first imported: hence a child process
-(`python -m pipeline.qat WORKDIR`). Loading the Keras 3 `.keras` file into tf_keras fails, so the
+(`python -m pipeline.guard.qat WORKDIR`). Loading the Keras 3 `.keras` file into tf_keras fails, so the
 parent sends each layer's class and config and the weights; the child rebuilds the same Sequential
 model in tf_keras, copies the weights with set_weights, fine-tunes with fake quantization and
 converts to int8 with the int8 preset's settings.
@@ -62,7 +62,7 @@ def fine_tune(model, cfg, data, calibration: np.ndarray, judge, workdir: Path, l
     np.savez(workdir / "qat.npz", x=data.x_train, y=data.y_train, calibration=calibration,
              **{f"w{i}": w for i, w in enumerate(weights)})
     log(f"guard: quantization-aware fine-tuning, {EPOCHS} epoch(s) on {len(data.x_train)} images (tf_keras process)")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.qat", str(workdir)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.guard.qat", str(workdir)], capture_output=True, text=True,
                           env={**os.environ, "TF_USE_LEGACY_KERAS": "1"}, timeout=TIMEOUT_S,
                           cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode != 0:
@@ -122,5 +122,5 @@ def _child(workdir: Path) -> None:
 
 if __name__ == "__main__":
     if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
-        sys.exit("run through pipeline.qat.fine_tune: TF_USE_LEGACY_KERAS=1 must be set before TensorFlow loads")
+        sys.exit("run through pipeline.guard.qat.fine_tune: TF_USE_LEGACY_KERAS=1 must be set before TensorFlow loads")
     _child(Path(sys.argv[1]))

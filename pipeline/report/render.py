@@ -13,8 +13,8 @@ import re
 from html import escape as esc
 from pathlib import Path
 
-from pipeline import plots
-from pipeline.notes import notes, threads_label
+from pipeline.report import plots
+from pipeline.report.notes import notes, threads_label
 from pipeline.artifacts import MANIFEST, atomic_write, write_json
 from pipeline.config import VARIANTS
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import device
 from device.core import METADATA_NAME
 
-RUNNER_FILES = ("__init__.py", "core.py", "timing.py", "runner.py")
+RUNNER_FILES = ("__init__.py", "core.py", "integrity.py", "timing.py", "runner.py")
 
 # ai-edge-litert publishes wheels for 64-bit Linux (aarch64, x86_64) and macOS arm64 on Python
 # 3.10+; a 32-bit Raspberry Pi OS (armv7l) or an older Python needs tflite-runtime, whose last

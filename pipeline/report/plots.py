@@ -112,3 +112,22 @@ def confusion_pair(evaluation: dict, labels: list[str]) -> bytes | None:
                         color="white" if count > vmax / 2 else "black")
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="images")
     return _png(fig)
+
+
+def layer_errors(layers: list[dict], ideal: float, suspect: float) -> bytes:
+    """Per-layer int8 error against pure rounding (`ideal`) and the `suspect` threshold."""
+    labels = [f"{r['layer']} ({r['op']})" + (" [float]" if r.get("float_in") else "") for r in layers]
+    values = [r["rmse_over_scale"] for r in layers]
+    fig = Figure(figsize=(7.5, 0.35 * len(layers) + 1.6))
+    ax = fig.subplots()
+    bars = ax.barh(labels, values, color=["#c0392b" if r["suspect"] else "#2e86c1" for r in layers])
+    ax.bar_label(bars, fmt="%.2f", padding=3, fontsize=8)
+    ax.axvline(ideal, color="grey", ls="--", lw=1, label=f"rounding only ({ideal:.2f})")
+    ax.axvline(suspect, color="#c0392b", ls=":", lw=1, label=f"suspect (> {suspect})")
+    ax.set_xlim(0, max(values + [1.0]) * 1.15)
+    ax.invert_yaxis()
+    ax.set_xlabel("RMSE of the op's int8 output / its quantization step")
+    ax.set_title("int8 error per layer (QuantizationDebugger, validation images)", fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)

@@ -1,0 +1,140 @@
+"""Where images come from: the Dataset every stage uses, the registry of named datasets, load_dataset().
+
+Online users get `keras.datasets` (download and cache). Offline users point `--data-dir` at whatever
+they downloaded; the file formats are parsed in `sources.py`, so a corrupt or misplaced file ends in
+a one-line DataError naming it, not in a traceback from numpy, gzip or pickle. Every load also
+records where its pixels came from, so a manifest can say what a model was trained on.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+class DataError(Exception):
+    """A user's data problem. str(e) is ONE line: what happened, what was expected, how to fix it."""
+
+    def __init__(self, message: str):
+        # Reasons quoted from gzip, pickle or Keras can span lines; the CLI prints exactly one.
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    height: int
+    width: int
+    channels: int
+    labels: tuple[str, ...]
+    scale: float = 1 / 255  # model_input = uint8_pixel * scale + offset
+    offset: float = 0.0
+    layout: str = "NHWC"
+    color: str | None = None  # "grayscale" or "rgb"; None derives it from channels
+
+    def __post_init__(self):
+        # Frozen, so normalise through object.__setattr__: labels may arrive as a JSON list.
+        object.__setattr__(self, "labels", tuple(self.labels))
+        implied = {1: "grayscale", 3: "rgb"}.get(self.channels)
+        if self.color is None:
+            object.__setattr__(self, "color", implied)
+        if self.layout != "NHWC" or implied is None or self.color != implied:
+            raise ValueError(f"inconsistent preprocessing: {self.layout} with {self.channels} channel(s) "
+                             f"and color {self.color!r}; expected NHWC, 1 channel grayscale or 3 channels rgb")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "labels": list(self.labels)}
+
+    @classmethod
+    def from_dict(cls, d) -> PreprocessSpec:
+        # Unknown keys are skipped so that metadata written by a newer edgepipe still loads.
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing arrays with == is ambiguous
+class Dataset:
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    spec: PreprocessSpec
+    source: dict
+
+
+# What every loader returns: source kind, checked (images, labels) for train and for test, files read.
+Loaded = tuple[str, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], list]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    description: str
+    input_shape: tuple[int, int, int]
+    labels: tuple[str, ...]
+    default_model: str
+    loader: Callable[[DatasetInfo, Path | None], Loaded]
+    offline: str = ""  # the files --data-dir may hold, as error messages quote it
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec(*self.input_shape, labels=self.labels)
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, seed: int = 0,
+                 validation_fraction: float = 0.1) -> Dataset:
+    """Load `name` from the network or from `data_dir`; validation is a seeded slice of the train split."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    info = DATASETS[name]
+    kind, (x_train, y_train), (x_test, y_test), files = info.loader(
+        info, None if data_dir is None else Path(data_dir).expanduser())
+    n = len(x_train)
+    n_val = max(1, round(n * validation_fraction)) if validation_fraction > 0 else 0
+    if n_val >= n:
+        raise DataError(f"{name}: {n} training image(s), none left after {n_val} for validation; check the data files")
+    order = np.random.default_rng(seed).permutation(n)
+    val, train = order[:n_val], order[n_val:]
+    source = {
+        "kind": kind,
+        "files": files,
+        # Hashes the pixels and labels, not the files: the same data gives the same hash in any format.
+        "sha256": _arrays_sha256(x_train, y_train, x_test, y_test),
+        "counts": {"train": len(train), "val": len(val), "test": len(x_test)},
+    }
+    return Dataset(name, x_train[train], y_train[train], x_train[val], y_train[val], x_test, y_test, info.spec, source)
+
+
+def _arrays_sha256(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        # dtype and shape go in too, so that differently shaped arrays with equal bytes differ.
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(np.ascontiguousarray(a))
+    return h.hexdigest()
+
+
+# The registry sits below the types the loaders import from this package.
+from pipeline.data.sources import (  # noqa: E402
+    CIFAR_LABELS, DIGIT_LABELS, IDX_FILES, load_cifar10, load_digits, load_mnist)
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo(
+        "MNIST handwritten digits: 60,000 train / 10,000 test, 28x28 grayscale",
+        (28, 28, 1), DIGIT_LABELS, "mnist-cnn", load_mnist,
+        offline="mnist.npz (Keras layout) or the four IDX files " + ", ".join(IDX_FILES) + " (raw or .gz)"),
+    "cifar10": DatasetInfo(
+        "CIFAR-10 photos in 10 classes: 50,000 train / 10,000 test, 32x32 RGB",
+        (32, 32, 3), CIFAR_LABELS, "cifar-cnn", load_cifar10,
+        offline="the cifar-10-batches-py folder (data_batch_1..5, test_batch), its contents, "
+                "or cifar-10-python.tar.gz"),
+    "digits": DatasetInfo(
+        "scikit-learn's 1,797 real 8x8 digits in the MNIST layout (28x28 grayscale); no network, no files",
+        (28, 28, 1), DIGIT_LABELS, "mnist-cnn", load_digits),
+}
