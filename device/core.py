@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -138,19 +139,27 @@ def normalize(pixels: np.ndarray, preprocess: dict) -> np.ndarray:
     return pixels.astype(np.float32) * np.float32(preprocess["scale"]) + np.float32(preprocess["offset"])
 
 
-def load_image(path: Path, preprocess: dict) -> np.ndarray:
-    """Any image Pillow reads, to uint8 (H, W, C) in the model's size and colour layout."""
+def load_image(path: Path, preprocess: dict, timings: dict | None = None) -> np.ndarray:
+    """Any image Pillow reads, to uint8 (H, W, C) in the model's size and colour layout.
+
+    With `timings`, the seconds spent decoding and resizing are appended to its "decode" and
+    "resize" lists (the runner's bench reports them apart from invoke)."""
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            t0 = time.perf_counter()
             with Image.open(path) as img:
                 img.load()
                 img = _to_mode(img, preprocess["channels"])
+                t1 = time.perf_counter()
                 img = img.resize((preprocess["width"], preprocess["height"]), Image.Resampling.BILINEAR)
                 arr = np.asarray(img, dtype=np.uint8)
+            if timings is not None:
+                timings.setdefault("decode", []).append(t1 - t0)
+                timings.setdefault("resize", []).append(time.perf_counter() - t1)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DeviceError(f"{path}: image is too large ({e}); pass an image under {MAX_IMAGE_PIXELS} pixels")
     except FileNotFoundError:

@@ -140,17 +140,45 @@ def verify_folder(folder: Path) -> list[str]:
 
 
 def extract_bundle(archive: Path, dest: Path) -> Path:
-    """Unpack a bundle with tarfile's `data` filter: no paths outside dest, no links out, no devices."""
+    """Unpack a bundle: regular files and folders only, every one inside dest; refuse anything else.
+
+    The checks are made here rather than by tarfile's `data` filter, which Python before 3.12 may
+    lack (Raspberry Pi OS bullseye has 3.9.2), so one code path runs on every board.
+    """
+    import shutil
     import tarfile
+    import zlib
+    from pathlib import PurePosixPath
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+
+    def refuse(member, why: str) -> DeviceError:
+        return DeviceError(f"{archive}: refused, member {member.name!r} {why}; "
+                           "the archive is not a bundle written by `pipeline bundle`")
+
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(dest, filter="data")
-    except tarfile.FilterError as e:
-        raise DeviceError(f"{archive}: refused, a member points outside the target folder ({e}); "
-                          "the archive is not a bundle written by `pipeline bundle`")
-    except (OSError, tarfile.TarError, EOFError) as e:
+            members = tar.getmembers()
+            for m in members:
+                parts = PurePosixPath(m.name).parts
+                if not (m.isfile() or m.isdir()):
+                    raise refuse(m, "is a link or a device, not a file or folder")
+                if not parts or PurePosixPath(m.name).is_absolute() or ".." in parts:
+                    raise refuse(m, "points outside the target folder")
+            for m in members:
+                target = root.joinpath(*PurePosixPath(m.name).parts)
+                # A link already in dest must not carry a member out of it.
+                if root != target.resolve() and root not in target.resolve().parents:
+                    raise refuse(m, "points outside the target folder (through a link in it)")
+                if m.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(m) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                target.chmod(0o755 if m.mode & 0o111 else 0o644)
+    except (OSError, tarfile.TarError, EOFError, zlib.error) as e:
         raise DeviceError(f"{archive}: not a readable .tar.gz bundle ({e})")
     return dest

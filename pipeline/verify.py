@@ -21,10 +21,10 @@ from pathlib import Path, PurePosixPath
 
 from device.integrity import METADATA_NAME, DeviceError, extract_bundle, sha256_file, verify_folder
 from pipeline.artifacts import MANIFEST
+from pipeline.ship.bundle import RUNNER_FILES
 
 # What `pipeline bundle` always writes besides the models, and the runner cannot do without.
-BUNDLE_REQUIRED = (METADATA_NAME, "labels.txt", "device/__init__.py", "device/core.py", "device/timing.py",
-                   "device/runner.py")
+BUNDLE_REQUIRED = (METADATA_NAME, "labels.txt", *(f"device/{name}" for name in RUNNER_FILES))
 
 
 def verify_path(path) -> list[str]:
