@@ -6,7 +6,9 @@ therefore never leaves a run directory that looks complete; `--resume` picks the
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -194,3 +196,47 @@ def update_manifest(run_dir: Path, changed: dict | None = None) -> dict:
     manifest["files"] = file_table(run_dir)
     write_json(run_dir / MANIFEST, manifest)
     return manifest
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+@contextlib.contextmanager
+def updating(run_dir: Path):
+    """A copy of a finished run to change; when the block succeeds it replaces the run in one step.
+
+    A kill at any moment leaves the run as it was or as it became, never half of each, so a run
+    that verified before still verifies. Updates of one run wait for each other (a lock file beside
+    it); what an interrupted update left behind is removed by the next one.
+    """
+    run_dir = Path(run_dir)
+    parent, name = run_dir.parent, run_dir.name
+    with open(parent / f".{name}.update-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in parent.glob(f".{name}.update-*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        stage = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.update-"))
+        try:
+            shutil.copytree(run_dir, stage, symlinks=True, dirs_exist_ok=True)
+            yield stage
+            if not _exchange(stage, run_dir):  # elsewhere: two renames, with a moment of no run in between
+                os.replace(run_dir, stage.with_name(stage.name + "-old"))
+                os.replace(stage, run_dir)
+                stage = stage.with_name(stage.name + "-old")
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)

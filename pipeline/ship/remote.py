@@ -36,7 +36,6 @@ else:
 
 ROOT = os.path.join(os.path.expanduser("~"), "edgepipe")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-RUNNER_FILES = ("__init__.py", "core.py", "timing.py", "runner.py", "board.py")
 READY = ".edgepipe-ready"
 EXIT_AGENT = 3
 
@@ -76,10 +75,12 @@ def _watched(cmd: list, cwd=None, env=None, stdout=None, capture: bool = False):
                             stderr=pipe, start_new_session=True)
 
     def watch():
+        # os.read, not sys.stdin: a daemon thread blocked inside a buffered reader makes the interpreter
+        # abort at exit ("could not acquire lock for <stdin> at interpreter shutdown").
         try:
-            while sys.stdin.buffer.read(65536):
+            while os.read(0, 65536):
                 pass
-        except (OSError, ValueError):
+        except OSError:
             pass
         if proc.poll() is None:
             try:
@@ -149,7 +150,7 @@ def session(p: dict) -> None:
                 path = os.path.join(run, name)
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
     print(json.dumps({"probe": probe(p), "status": status(p)}), flush=True)
-    while sys.stdin.buffer.read(65536):
+    while os.read(0, 65536):
         pass
 
 
@@ -252,7 +253,8 @@ def venv(p: dict) -> dict:
         if not _extract(os.path.join(_run_dir(p), "bundle.tar.gz"), wheels, lambda n: n.startswith(prefix)):
             raise AgentError(f"the bundle has no files under {prefix}")
         source = f"the bundle's {prefix}"
-    cmd = [os.path.join(path, "bin", "python"), "-m", "pip", "install", "--only-binary=:all:"]
+    # --no-compile: byte-compiling every file of numpy costs minutes on a slow board; imports compile what they use.
+    cmd = [os.path.join(path, "bin", "python"), "-m", "pip", "install", "--only-binary=:all:", "--no-compile"]
     if wheels:
         cmd += ["--no-index", "--find-links", os.path.join(wheels, *p["wheels"].split("/"))]
     try:
@@ -277,7 +279,7 @@ def unpack(p: dict) -> dict:
     shutil.rmtree(stage, ignore_errors=True)
     try:
         found = _extract(os.path.join(run, "bundle.tar.gz"), stage,
-                         lambda n: n.startswith("device/") and n.split("/", 1)[1] in RUNNER_FILES)
+                         lambda n: n.startswith("device/") and n.split("/", 1)[1] in p["runner_files"])
         if "device/runner.py" not in found:
             raise AgentError("the bundle has no device/runner.py; build it with `pipeline bundle`")
         python = os.path.join(_venv_dir(p), "bin", "python")

@@ -128,7 +128,8 @@ class Session:
                 return text.format(host=d.ssh_host, port=f" port {d.port}" if d.port else "", target=d.target,
                                    timeout=self.options.connect_timeout)
         last = [line.strip() for line in stderr.splitlines() if line.strip()]
-        return f"ssh failed while {step}: {last[-1] if last else 'no message'}"
+        # ssh also exits with 255 when the remote command was killed by a signal.
+        return f"the connection or the board-side process died while {step}: {last[-1] if last else 'no message'}"
 
     # ------------------------------------------------------------ the connection
 
