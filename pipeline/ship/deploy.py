@@ -176,8 +176,8 @@ def deploy_board(device: Device, bundle: Bundle, reference: dict, cfg: DeployCon
     """Deploy to one board; returns its deploy.json entry with the runner's results under 'results'."""
     say = lambda msg: log(f"{device.name}: {msg}")  # noqa: E731
     t0 = time.monotonic()
-    entry = {"name": device.name, "target": device.target, "ok": False, "reason": None, "steps": {},
-             "copied": False, "installed": False}
+    entry = {"name": device.name, "target": device.target, "ok": False, "reason": None,
+             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": {}, "copied": False, "installed": False}
     session = Session(device, cfg.ssh, t0 + cfg.timeout, cfg.timeout)
     boards.add(session)
 
