@@ -155,7 +155,9 @@ def load_image(path: Path, preprocess: dict, timings: dict | None = None) -> np.
                 img.load()
                 img = _to_mode(img, preprocess["channels"])
                 t1 = time.perf_counter()
-                img = img.resize((preprocess["width"], preprocess["height"]), Image.Resampling.BILINEAR)
+                # Pillow before 9.1 (Debian bullseye's python3-pil) has the filters on Image itself.
+                bilinear = getattr(Image, "Resampling", Image).BILINEAR
+                img = img.resize((preprocess["width"], preprocess["height"]), bilinear)
                 arr = np.asarray(img, dtype=np.uint8)
             if timings is not None:
                 timings.setdefault("decode", []).append(t1 - t0)

@@ -71,6 +71,8 @@ TFLITE_RUNTIME = "tflite-runtime==2.14.0"
 # What a Raspberry Pi OS Lite image has that matters here: Python with venv and pip (PEP 668 refuses
 # a system-wide pip install there, so deployments make a virtual environment).
 INCLUDE = ("python3-minimal", "libpython3.11-stdlib", "python3", "python3-venv", "python3-pip")
+# Debian bullseye (the base of Raspberry Pi OS legacy) has Python 3.9.2, whose tarfile has no `filter=`.
+INCLUDE_BULLSEYE = ("python3-minimal", "libpython3.9-stdlib", "python3", "python3-venv", "python3-pip")
 
 # The CPU part of a Raspberry Pi's /proc/cpuinfo. qemu-user resolves absolute paths inside `-L ROOT`
 # first (and a chroot has no /proc of its own), so the emulated process reads this file instead of
@@ -108,12 +110,14 @@ def _cpuinfo(block: str, core: str) -> str:
 class Userland:
     arch: str                 # Debian architecture
     machine: str              # what platform.machine() says inside
-    qemu: str                 # Debian's qemu-user-static binary
-    qemu_cpu: str             # the board's core; qemu's default `-cpu max` gave wrong results with some LiteRT releases
-    binfmt: str               # binfmt_misc entry (/usr/lib/binfmt.d/<binfmt>.conf)
+    qemu: str | None          # Debian's qemu-user-static binary; None: the host runs it natively (in a chroot)
+    qemu_cpu: str | None      # the board's core; qemu's default `-cpu max` gave wrong results with some LiteRT releases
+    binfmt: str | None        # binfmt_misc entry (/usr/lib/binfmt.d/<binfmt>.conf)
     wheel_arch: str           # manylinux platform suffix
-    cpuinfo: str
+    cpuinfo: str | None
     include: tuple = INCLUDE
+    suite: str = SUITE
+    python: str = PYTHON
     # Requirements the userland's Debian packages provide: PyPI has no armv7l numpy or Pillow wheel
     # (a Pi gets them from piwheels.org or apt), so the 32-bit userland carries Debian's.
     from_os: tuple = ()
@@ -132,6 +136,10 @@ USERLANDS = {
     "armhf": Userland("armhf", "armv7l", "qemu-arm-static", "cortex-a7", "qemu-arm", "armv7l",
                       _cpuinfo(_A7, "Cortex-A7"), include=INCLUDE + ("python3-numpy", "python3-pil"),
                       from_os=("numpy", "pillow")),
+    # Not a Pi: a Python 3.9 board (Debian bullseye, run natively in a chroot) for the runner and the
+    # bundle on the oldest Python the requirements serve, with tflite-runtime.
+    "amd64-bullseye": Userland("amd64", "x86_64", None, None, None, "x86_64", None, include=INCLUDE_BULLSEYE,
+                               suite="bullseye", python="python3.9"),
 }
 
 _PROBE = ("import platform, sys; print(json.dumps({'machine': platform.machine(), "
@@ -173,7 +181,7 @@ def run(cmd, **kwargs) -> None:
 
 def ensure_tools(userland: Userland, serve: bool = False) -> None:
     """qemu-user-static and debootstrap (and the Debian keyring; to serve, OpenSSH) from Debian's packages, if missing."""
-    tools = [(userland.qemu, "qemu-user-static"), ("debootstrap", "debootstrap")]
+    tools = [("debootstrap", "debootstrap")] + ([(userland.qemu, "qemu-user-static")] if userland.qemu else [])
     if serve:
         tools += [("/usr/sbin/sshd", "openssh-server"), ("ssh-keygen", "openssh-client")]
     missing = [pkg for tool, pkg in tools if shutil.which(tool) is None]
@@ -270,12 +278,14 @@ def _build_atomically(final: Path, stamp: str, recipe: dict, build) -> None:
 
 
 def emulated(root: Path, userland: Userland, *args: str) -> list[str]:
-    return [userland.qemu, "-cpu", userland.qemu_cpu, "-L", str(root), str(root / "usr" / "bin" / PYTHON), *args]
+    if userland.qemu is None:  # the host's own architecture: the userland's Python in a chroot (needs root)
+        return ["chroot", str(root), f"/usr/bin/{userland.python}", *args]
+    return [userland.qemu, "-cpu", userland.qemu_cpu, "-L", str(root), str(root / "usr" / "bin" / userland.python), *args]
 
 
 def emulated_env(root: Path, site: Path | None) -> dict:
     """A clean environment: the host's PYTHON*, OPENBLAS_CORETYPE=Haswell and such mean nothing on ARM."""
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": os.environ.get("HOME", "/root"),
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin", "LANG": "C.UTF-8", "HOME": os.environ.get("HOME", "/root"),
            "PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1"}
     if site is not None:
         env["PYTHONPATH"] = str(site)
@@ -289,13 +299,14 @@ def probe(root: Path, userland: Userland, site: Path | None = None) -> dict:
     out = subprocess.run(emulated(root, userland, "-c", "import json; " + _PROBE), capture_output=True, text=True,
                          env=emulated_env(root, site), timeout=300)
     if out.returncode != 0:
-        raise SetupError(f"the emulated {PYTHON} does not start (exit {out.returncode}): {out.stderr.strip()[-400:]}")
+        raise SetupError(f"the userland's {userland.python} does not start (exit {out.returncode}): {out.stderr.strip()[-400:]}")
     return json.loads(out.stdout)
 
 
 def userland_recipe(userland: Userland) -> dict:
-    return {"version": RECIPE_VERSION, "suite": SUITE, "arch": userland.arch, "variant": "minbase",
-            "include": list(userland.include), "cpuinfo_sha256": hashlib.sha256(userland.cpuinfo.encode()).hexdigest()}
+    return {"version": RECIPE_VERSION, "suite": userland.suite, "arch": userland.arch, "variant": "minbase",
+            "include": list(userland.include),
+            "cpuinfo_sha256": hashlib.sha256(userland.cpuinfo.encode()).hexdigest() if userland.cpuinfo else None}
 
 
 def ensure_userland(cache: Path, userland: Userland) -> Path:
@@ -304,7 +315,7 @@ def ensure_userland(cache: Path, userland: Userland) -> Path:
     if _stamp_ok(root, ".edgepipe-userland.json", recipe):
         cpuinfo = root / "proc" / "cpuinfo"
         with contextlib.suppress(OSError):
-            if cpuinfo.read_text() == userland.cpuinfo:
+            if userland.cpuinfo is None or cpuinfo.read_text() == userland.cpuinfo:
                 return root
         log(f"restoring {cpuinfo}")  # without it ai-edge-litert segfaults under emulation
         tmp = cpuinfo.with_name(".cpuinfo.tmp")
@@ -315,9 +326,9 @@ def ensure_userland(cache: Path, userland: Userland) -> Path:
     def build(tmp: Path) -> None:
         t0 = time.monotonic()
         mirror = debian_mirror()
-        log(f"debootstrap --foreign {SUITE} {userland.arch} from {mirror} into {tmp}")
+        log(f"debootstrap --foreign {userland.suite} {userland.arch} from {mirror} into {tmp}")
         run(["debootstrap", "--foreign", f"--arch={userland.arch}", "--variant=minbase",
-             f"--include={','.join(userland.include)}", SUITE, str(tmp), mirror])
+             f"--include={','.join(userland.include)}", userland.suite, str(tmp), mirror])
         # binfmt_misc (needed by `debootstrap --second-stage`, which runs the target's maintainer
         # scripts) is often unavailable in containers; unpacking every package is enough to run Python.
         debs = sorted((tmp / "var/cache/apt/archives").glob("*.deb"))
@@ -337,14 +348,15 @@ def ensure_userland(cache: Path, userland: Userland) -> Path:
         for lib in sorted(tmp.glob("usr/lib/*/*/lib*.so.3")):
             if lib.parent.name in ("blas", "lapack") and not (lib.parent.parent / lib.name).exists():
                 (lib.parent.parent / lib.name).symlink_to(f"{lib.parent.name}/{lib.name}")
-        (tmp / "proc").mkdir(exist_ok=True)
-        (tmp / "proc" / "cpuinfo").write_text(userland.cpuinfo)
+        if userland.cpuinfo is not None:
+            (tmp / "proc").mkdir(exist_ok=True)
+            (tmp / "proc" / "cpuinfo").write_text(userland.cpuinfo)
         info = probe(tmp, userland)
         if info.get("machine") != userland.machine:
             raise SetupError(f"the emulated Python reports machine {info.get('machine')!r}, not {userland.machine}")
         log(f"userland ready: Python {info['python']} on {info['machine']} ({time.monotonic() - t0:.0f} s setup)")
 
-    log(f"building the {SUITE} {userland.arch} userland in {root} (once; later runs reuse it)")
+    log(f"building the {userland.suite} {userland.arch} userland in {root} (once; later runs reuse it)")
     _build_atomically(root, ".edgepipe-userland.json", recipe, build)
     return root
 
@@ -411,6 +423,8 @@ DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("u
 
 def ensure_binfmt(userland: Userland) -> None:
     """Let the kernel run the userland's binaries through qemu, inside a chroot too (flag F)."""
+    if userland.binfmt is None:  # the host's own architecture
+        return
     if not (BINFMT / "register").exists():
         if os.geteuid() != 0:
             raise SetupError(f"binfmt_misc is not mounted at {BINFMT} and this is not root; as root: "
@@ -460,7 +474,7 @@ def prepare_board(root: Path, userland: Userland) -> None:
             (root / inside).unlink(missing_ok=True)  # may be a dangling symlink in the userland
             shutil.copyfile(host_file, root / inside)
     check = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-c", "import platform; print(platform.machine())"],
-                           capture_output=True, text=True, timeout=300, env={"QEMU_CPU": userland.qemu_cpu,
+                           capture_output=True, text=True, timeout=300, env={"QEMU_CPU": userland.qemu_cpu or "",
                                                                              "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     if check.returncode != 0 or check.stdout.strip() != userland.machine:
         raise SetupError(f"chroot {root} python3 does not run as {userland.machine} (exit {check.returncode}: "
@@ -502,7 +516,7 @@ class Board:
             "X11Forwarding no", "AllowTcpForwarding no", "MaxSessions 30", "MaxStartups 30:30:60",
             f"ChrootDirectory {self.root}",
             # Reaches qemu through the environment of every process of a session (binfmt passes it on).
-            f"SetEnv QEMU_CPU={self.userland.qemu_cpu}", ""]))
+            *([f"SetEnv QEMU_CPU={self.userland.qemu_cpu}"] if self.userland.qemu else []), ""]))
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation folder
         self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(config), "-E", str(self.log)],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -530,6 +544,57 @@ class Board:
         self.proc = None
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_boards(names: dict, workdir: Path, fresh: bool = True) -> tuple[list, Path]:
+    """Serve each userland ({alias: USERLANDS key}) as a board on a free port of 127.0.0.1.
+
+    Returns the started Boards and an ssh_config for `ssh -F` (and `pipeline deploy --ssh-config`)
+    in which each alias logs in as root with a key made here and a known_hosts holding the boards'
+    keys. `fresh`: remove what deploys left on the boards (~/edgepipe, keeping pip's download cache),
+    so the next deploy is a first one. Stop the boards with Board.stop()."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    key = workdir / "id_ed25519"
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    boards, known, hosts = [], "", ""
+    try:
+        for alias, arch in names.items():
+            userland = USERLANDS[arch]
+            root = setup_board(userland, default_cache(arch))
+            if fresh:
+                _forget_deploys(root / "root")
+            board = Board(userland, root, free_port(), workdir / f"sshd-{alias}",
+                          key.with_suffix(".pub").read_text()).start()
+            boards.append(board)
+            known += board.known_hosts_line()
+            hosts += f"Host {alias}\n  HostName 127.0.0.1\n  Port {board.port}\n  User root\n"
+    except BaseException:
+        for board in boards:
+            board.stop()
+        raise
+    (workdir / "known_hosts").write_text(known)
+    config = workdir / "ssh_config"
+    config.write_text(hosts + f"Host *\n  IdentityFile {key}\n  IdentitiesOnly yes\n"
+                      f"  UserKnownHostsFile {workdir / 'known_hosts'}\n")
+    return boards, config
+
+
+def _forget_deploys(home: Path) -> None:
+    deployed, cache = home / "edgepipe", home / ".edgepipe-pip-cache"
+    if (deployed / "cache").is_dir():
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(deployed / "cache", cache)
+    shutil.rmtree(deployed, ignore_errors=True)
+    if cache.is_dir():
+        deployed.mkdir(parents=True)
+        os.replace(cache, deployed / "cache")
+
+
 def setup_board(userland: Userland, cache: Path) -> Path:
     """Tools, userland, binfmt and the chroot's needs: the root folder a Board serves."""
     with locked(cache):
@@ -553,8 +618,9 @@ def host_litert_version() -> str | None:
 
 
 def default_cache(arch: str = "arm64") -> Path:
+    userland = USERLANDS[arch]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "edgepipe" / f"{arch}-{SUITE}"
+    return Path(base) / "edgepipe" / f"{userland.arch}-{userland.suite}"
 
 
 def parse_args(argv):
@@ -566,7 +632,8 @@ def parse_args(argv):
     p.add_argument("bundle", type=Path, nargs="?", help="bundle .tar.gz written by `pipeline bundle`")
     p.add_argument("data", type=Path, nargs="?", help=".npz with arrays x (uint8 images) and y (labels)")
     p.add_argument("--arch", choices=list(USERLANDS), default="arm64",
-                   help="arm64: Raspberry Pi OS 64-bit (Cortex-A72); armhf: 32-bit (Cortex-A7). Default: %(default)s")
+                   help="arm64: Raspberry Pi OS 64-bit (Cortex-A72); armhf: 32-bit (Cortex-A7); amd64-bullseye: a "
+                        "native Debian 11 board with Python 3.9 (--serve only). Default: %(default)s")
     p.add_argument("--runtime", default=None,
                    help="ai-edge-litert==X.Y.Z or tflite-runtime==2.14.0 (default: the host's ai-edge-litert on "
                         "arm64, tflite-runtime 2.14.0 on armhf)")
@@ -597,8 +664,8 @@ def serve(args, userland: Userland, cache: Path) -> int:
     except (SetupError, OSError, subprocess.CalledProcessError) as e:
         log(f"error: {e}")
         return EXIT_SETUP
-    log(f"board up: ssh -p {args.serve} root@127.0.0.1 (an emulated {userland.machine} Raspberry Pi OS, "
-        f"{userland.qemu} -cpu {userland.qemu_cpu}); its host key for known_hosts:")
+    log(f"board up: ssh -p {args.serve} root@127.0.0.1 ({userland.suite} {userland.machine}"
+        + (f", {userland.qemu} -cpu {userland.qemu_cpu}" if userland.qemu else "") + "); its host key for known_hosts:")
     print(board.known_hosts_line(), end="", flush=True)
     try:
         while board.proc.poll() is None:
@@ -619,6 +686,9 @@ def main(argv=None) -> int:
     cache = (args.cache or default_cache(args.arch)).expanduser().resolve()
     if args.serve is not None:
         return serve(args, userland, cache)
+    if userland.qemu is None:
+        log(f"error: --arch {args.arch} is served as a board (--serve); run mode emulates the ARM userlands only")
+        return 2
     spec = args.runtime
     if spec is None and userland.arch == "armhf":
         spec = TFLITE_RUNTIME

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -322,14 +321,9 @@ def _arm_emulate():
     return module
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Lab:
-    """Two emulated boards (pi64: arm64 + ai-edge-litert, pi32: armhf + tflite-runtime) behind their own sshd."""
+    """The emulated boards (pi64: arm64 + ai-edge-litert, pi32: armhf + tflite-runtime, py39: a native
+    Debian bullseye with Python 3.9), each behind its own sshd, and an ssh_config naming them."""
 
     def __init__(self, tmp: Path, roots: dict, boards: dict, env: dict, ssh_config: Path):
         self.tmp, self.roots, self.boards, self.env, self.ssh_config = tmp, roots, boards, env, ssh_config
@@ -344,48 +338,25 @@ def lab(tmp_path_factory):
     if sys.platform != "linux" or os.geteuid() != 0:
         pytest.skip("emulated boards need root on Linux: binfmt_misc, chroot and a second sshd")
     arm = _arm_emulate()
-    roots = {}
-    for arch in ("arm64", "armhf"):
-        try:
-            roots[arch] = arm.setup_board(arm.USERLANDS[arch], arm.default_cache(arch))
-        except arm.SetupError as e:
-            if "binfmt_misc" in str(e) or "ChrootDirectory" in str(e) or "not root" in str(e):
-                pytest.skip(f"cannot emulate a board here: {e}")
-            raise
-    for root in roots.values():  # each test session starts from boards deploy has never seen; pip's cache stays
-        deployed = root / "root" / "edgepipe"
-        cache = root / "root" / ".edgepipe-pip-cache"
-        if (deployed / "cache").is_dir():
-            shutil.rmtree(cache, ignore_errors=True)
-            os.replace(deployed / "cache", cache)
-        shutil.rmtree(deployed, ignore_errors=True)
-        if cache.is_dir():
-            deployed.mkdir(parents=True)
-            os.replace(cache, deployed / "cache")
-
     tmp = tmp_path_factory.mktemp("lab")
-    key = tmp / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    boards, known = {}, ""
+    names = {"pi64": "arm64", "pi32": "armhf", "py39": "amd64-bullseye"}
     try:
-        for name, arch in (("pi64", "arm64"), ("pi32", "armhf")):
-            board = arm.Board(arm.USERLANDS[arch], roots[arch], _free_port(), tmp / f"sshd-{name}",
-                              key.with_suffix(".pub").read_text()).start()
-            boards[name] = board
-            known += board.known_hosts_line()
-        (tmp / "known_hosts").write_text(known)
+        # Each test session starts from boards no deploy has touched (pip's download cache stays).
+        started, config = arm.start_boards(names, tmp, fresh=True)
+    except arm.SetupError as e:
+        if "binfmt_misc" in str(e) or "ChrootDirectory" in str(e) or "not root" in str(e):
+            pytest.skip(f"cannot emulate a board here: {e}")
+        raise
+    boards = dict(zip(names, started))
+    try:
         other = tmp / "other_key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
         other_pub = " ".join(other.with_suffix(".pub").read_text().split()[:2])
-        (tmp / "wrong_known_hosts").write_text(f"[127.0.0.1]:{boards['pi64'].port} {other_pub}\n")
-        (tmp / "new_known_hosts").write_text("")
         p64 = boards["pi64"].port
-        config = tmp / "ssh_config"
-        config.write_text(f"""Host pi64
-  HostName 127.0.0.1
-  Port {p64}
-  User root
-Host pi64-wrongkey
+        (tmp / "wrong_known_hosts").write_text(f"[127.0.0.1]:{p64} {other_pub}\n")
+        (tmp / "new_known_hosts").write_text("")
+        # pi64 again under two more names: once with a different key on record, once with none.
+        config.write_text(f"""Host pi64-wrongkey
   HostName 127.0.0.1
   Port {p64}
   User root
@@ -395,15 +366,11 @@ Host pi64-newkey
   Port {p64}
   User root
   UserKnownHostsFile {tmp / 'new_known_hosts'}
-Host *
-  IdentityFile {key}
-  IdentitiesOnly yes
-  UserKnownHostsFile {tmp / 'known_hosts'}
-""")
+""" + config.read_text())
         env = base_env(tmp)
         cli("device", "add", "pi64", "pi64", env=env)  # by ~/.ssh/config alias
         cli("device", "add", "pi32", f"root@127.0.0.1:{boards['pi32'].port}", env=env)  # by address
-        yield Lab(tmp, roots, boards, env, config)
+        yield Lab(tmp, {n: b.root for n, b in boards.items()}, boards, env, config)
     finally:
         for board in boards.values():
             board.stop()
@@ -512,7 +479,7 @@ def test_deploy_to_emulated_64_and_32_bit_pis(lab, run, deployed, host_eval):
 
     # The report: one column pair per board, accuracy shown, emulated latency never shown as a board's.
     report = json.loads((run / "report.json").read_text())
-    assert [d["label"] for d in report["devices"]] == ["pi64", "pi32"]
+    assert [d["label"] for d in report["devices"]][:2] == ["pi64", "pi32"]
     int8 = next(v for v in report["variants"] if v["variant"] == "int8")
     assert int8["device"]["pi64"]["accuracy"] == _device_result(run, "pi64", "eval")["accuracy"]
     md = (run / "report.md").read_text()
@@ -531,14 +498,38 @@ def test_deploy_to_emulated_64_and_32_bit_pis(lab, run, deployed, host_eval):
         assert again["seconds"] < first[board]["seconds"]
         print(f"{board}: first deploy {first[board]['seconds']:.1f} s {first[board]['steps']}, "
               f"second {again['seconds']:.1f} s {again['steps']} (load average {os.getloadavg()[0]:.1f})")
-    assert len(list((run / "device_results").glob("*.json"))) == 4  # the second deploy replaced the first's results
+    # The second deploy replaced the first's results: one eval and one bench per board.
+    names = [json.loads(p.read_text())["board"]["name"] for p in (run / "device_results").glob("*.json")]
+    assert sorted(n for n in names if n in ("pi64", "pi32")) == ["pi32", "pi32", "pi64", "pi64"]
     summary = deployed[1]["proc"].stdout
     assert "pi64: ok" in summary and "nothing copied or installed" in summary and "emulated" in summary
 
 
 @pytest.mark.slow
+def test_python39_board_with_tflite_runtime(lab, run, bundle, host_eval):
+    """Debian bullseye's Python 3.9.2 (tarfile without `filter=`, Pillow's old API): the bundle unpacks
+    with the runner's own checks, and tflite-runtime gives the host's accuracy image for image."""
+    lab.deploy(run, "--bundle", str(bundle), "--device", "py39", "--runs", "20", "--warmup", "2")
+    entry = _deploy_record(run)["boards"]["py39"]
+    assert entry["ok"], entry["reason"]
+    assert entry["board"]["python"] == "3.9.2" and entry["board"]["machine"] == "x86_64"
+    assert not entry["board"]["emulated"] and "bullseye" in entry["board"]["os"]
+    assert f"tflite-runtime=={TFLITE_RUNTIME}" in entry["runtime"]["requirements"]
+    assert "numpy<2" in entry["runtime"]["requirements"] and entry["runtime"]["source"] == "index"
+    assert "unpack" in entry["steps"]
+    device, host = _device_result(run, "py39", "eval"), host_eval("tflite_runtime")
+    assert device["interpreter"] == host["interpreter"]
+    assert device["accuracy"] == host["accuracy"] and device["confusion"] == host["confusion"]
+    bench = _device_result(run, "py39", "bench")
+    assert bench["preprocess"]["decode"]["n"] == 50 and bench["load"]["warm"]["n"] == 5
+    assert bench["environment"]["python"] == "3.9.2"
+    md = (run / "report.md").read_text()
+    assert "py39 p50 ms" in md and "- py39 (py39)" in md and "load cold" in md  # a board not emulated shows its timings
+
+
+@pytest.mark.slow
 def test_boards_that_fail_fail_alone_with_one_line(lab, run, bundle, deployed):
-    down = f"root@127.0.0.1:{_free_port()}"
+    down = f"root@127.0.0.1:{_arm_emulate().free_port()}"
     before = (run / "report.json").read_bytes()
     proc = lab.deploy(run, "--bundle", str(bundle), "--device", "pi64", "--device", down, "--device", "pi64-wrongkey",
                       "--device", "pi64-newkey", "--runs", "3", "--warmup", "0", check=False)
@@ -601,7 +592,7 @@ def test_ctrl_c_stops_every_board_and_merges_nothing(lab, run, bundle, deployed)
 
 @pytest.mark.slow
 def test_changed_bundle_on_the_board_is_refused_and_two_deploys_to_one_board_do_not_collide(lab, run, bundle, deployed):
-    model = lab.roots["arm64"] / "root" / "edgepipe" / run.name / "bundle" / "model_int8.tflite"
+    model = lab.roots["pi64"] / "root" / "edgepipe" / run.name / "bundle" / "model_int8.tflite"
     data = bytearray(model.read_bytes())
     data[-1] ^= 1
     model.write_bytes(bytes(data))
@@ -628,7 +619,7 @@ def test_changed_bundle_on_the_board_is_refused_and_two_deploys_to_one_board_do_
 
 @pytest.mark.slow
 def test_accept_new_host_key_then_purge_removes_only_the_deploy_folder(lab, run, deployed):
-    home = lab.roots["arm64"] / "root"
+    home = lab.roots["pi64"] / "root"
     marker = home / "not-ours.txt"
     marker.write_text("the user's file")
     env = lab.env
