@@ -12,7 +12,6 @@ import platform
 import shutil
 import struct
 import subprocess
-from typing import Optional
 
 # `vcgencmd get_throttled` bits (Raspberry Pi firmware): what is happening now, and what has happened since boot.
 THROTTLED_BITS = {0: "under-voltage now", 1: "ARM frequency capped now", 2: "throttled now",
@@ -21,7 +20,7 @@ THROTTLED_BITS = {0: "under-voltage now", 1: "ARM frequency capped now", 2: "thr
                   19: "soft temperature limit has occurred"}
 
 
-def _read(path: str) -> Optional[str]:
+def _read(path: str) -> str | None:
     try:
         with open(path, "rb") as f:
             return f.read().decode("utf-8", "replace").replace("\x00", "").strip()
@@ -46,7 +45,7 @@ def _os_release() -> dict:
     return out
 
 
-def model() -> Optional[str]:
+def model() -> str | None:
     """The board's name as its firmware gives it ("Raspberry Pi 4 Model B Rev 1.4"), else the CPU's."""
     named = _read("/proc/device-tree/model")
     if named:
@@ -58,7 +57,7 @@ def model() -> Optional[str]:
     return None
 
 
-def emulated(machine: str, board_model: Optional[str]) -> bool:
+def emulated(machine: str, board_model: str | None) -> bool:
     """True under qemu: the userlands edgepipe emulates say so in their cpuinfo, and qemu-user left
     alone shows an ARM program the host's x86 cpuinfo."""
     if board_model and "qemu" in board_model.lower():
@@ -84,7 +83,7 @@ def describe() -> dict:
             "python": platform.python_version(), "emulated": emulated(machine, board_model)}
 
 
-def _vcgencmd(*args: str) -> Optional[str]:
+def _vcgencmd(*args: str) -> str | None:
     if shutil.which("vcgencmd") is None:
         return None
     try:

@@ -363,7 +363,7 @@ def ensure_userland(cache: Path, userland: Userland) -> Path:
 
 # ---------------------------------------------------------------- runtime packages (run mode)
 
-_SPEC = re.compile(r"^(ai[-_.]edge[-_.]litert|tflite[-_.]runtime)==([0-9][0-9A-Za-z.+-]*)$", re.I)
+_SPEC = re.compile(r"^(ai[-_.]edge[-_.]litert|tflite[-_.]runtime)==([0-9][0-9A-Za-z.+-]*)$", re.IGNORECASE)
 
 
 def parse_runtime(spec: str) -> tuple[str, str, str]:
@@ -436,7 +436,7 @@ def ensure_binfmt(userland: Userland) -> None:
     entry = BINFMT / userland.binfmt
     if entry.exists():
         text = entry.read_text()
-        flags = re.search(r"^flags:\s*(\S*)", text, re.M)
+        flags = re.search(r"^flags:\s*(\S*)", text, re.MULTILINE)
         if text.startswith("enabled") and flags and "F" in flags.group(1):
             return
         raise SetupError(f"{entry} is registered without the F flag or disabled, so it cannot run inside a "
@@ -500,7 +500,7 @@ class Board:
     def known_hosts_line(self) -> str:
         return f"[127.0.0.1]:{self.port} {self.host_public_key}\n"
 
-    def start(self, timeout: float = 15) -> "Board":
+    def start(self, timeout: float = 15) -> Board:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.host_key.exists():
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"edgepipe-{self.userland.arch}",

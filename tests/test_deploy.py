@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -97,6 +96,17 @@ def test_device_add_list_remove(tmp_path):
     assert "zero" not in cli("device", "list", env=env).stdout
     gone = cli("device", "remove", "zero", env=env, check=False)
     assert gone.returncode == 1 and "no board named zero" in gone.stderr
+
+
+def test_run_names_become_plain_folder_names_on_the_board():
+    from pipeline.ship.deploy import board_folder
+    from pipeline.ship.remote import NAME
+
+    assert board_folder("mnist-cnn-mnist") == "mnist-cnn-mnist"
+    for name in ("my run", "run;rm -rf ~", ".hidden", "ü", "$(id)", "a" * 300):
+        folder = board_folder(name)
+        assert NAME.match(folder) and "/" not in folder, (name, folder)
+    assert board_folder("my run") != board_folder("my-run")
 
 
 # ---------------------------------------------------------------- the runtime each board gets
@@ -439,7 +449,7 @@ def deployed(lab, run, bundle):
 
 
 def _interval(entry: dict) -> tuple[float, float]:
-    parse = lambda s: datetime.strptime(s, "%Y-%m-%dT%H:%M:%S%z").timestamp()  # noqa: E731
+    parse = lambda s: datetime.strptime(s, "%Y-%m-%dT%H:%M:%S%z").timestamp()
     return parse(entry["started"]), parse(entry["finished"])
 
 
@@ -583,7 +593,7 @@ def test_ctrl_c_stops_every_board_and_merges_nothing(lab, run, bundle, deployed)
             break
     time.sleep(3)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "nothing was merged" in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from device import core
 from device.integrity import METADATA_NAME, sha256_file
-from pipeline.artifacts import updating, update_manifest, write_json
+from pipeline.artifacts import update_manifest, updating, write_json
 from pipeline.ship.bundle import RUNNER_FILES, WHEELS_INDEX, make_bundle, select_requirements, wheel_key
 from pipeline.ship.devices import Device, resolve
 from pipeline.ship.ssh import BoardError, Cancelled, Session, SshOptions
@@ -97,7 +97,7 @@ def open_bundle(run_dir: Path, path: Path | None, workdir: Path, log) -> Bundle:
     try:
         with tarfile.open(path, "r:gz") as tar:
             names = set(tar.getnames())
-            read = lambda name: tar.extractfile(name).read().decode() if name in names else None  # noqa: E731
+            read = lambda name: tar.extractfile(name).read().decode() if name in names else None
             meta, requirements, wheels = read(METADATA_NAME), read("requirements.txt"), read(WHEELS_INDEX)
     except (OSError, tarfile.TarError, EOFError) as e:
         raise DeployError(f"{path}: not a readable bundle ({e}); write one with `pipeline bundle {run_dir}`")
@@ -109,8 +109,17 @@ def open_bundle(run_dir: Path, path: Path | None, workdir: Path, log) -> Bundle:
         if run_meta["models"].get(name, {}).get("sha256") != entry.get("sha256"):
             raise DeployError(f"{path}: its {name} is not the one in {run_dir}; the bundle was built from another "
                               f"run, write it again with `pipeline bundle {run_dir}`")
-    return Bundle(Path(path), run_dir.name, sha256_file(path), Path(path).stat().st_size, requirements,
+    return Bundle(Path(path), board_folder(run_dir.name), sha256_file(path), Path(path).stat().st_size, requirements,
                   {entry["variant"]: name for name, entry in models.items()}, json.loads(wheels) if wheels else {})
+
+
+def board_folder(run_name: str) -> str:
+    """The run's folder name on the board: the run's own name when it is a plain one, else a plain
+    version of it with a hash of the original, so no two runs share a folder by accident."""
+    plain = re.sub(r"[^A-Za-z0-9._-]", "-", run_name).lstrip(".-_")[:100]
+    if plain == run_name:
+        return plain
+    return f"{plain or 'run'}-{hashlib.sha256(run_name.encode()).hexdigest()[:8]}"
 
 
 def choose(probe: dict, bundle: Bundle) -> Choice:
@@ -146,7 +155,7 @@ def host_reference(run_dir: Path, bundle: Bundle) -> dict:
         rt = model.runtime
         result = core.evaluate(model, x, y, source=EVAL_DATA)
         variants[variant] = {"accuracy": result["accuracy"], "confusion": result["confusion"]}
-    return {"data": EVAL_DATA, "n": int(len(y)), "interpreter": {"name": rt.name, "version": rt.version},
+    return {"data": EVAL_DATA, "n": len(y), "interpreter": {"name": rt.name, "version": rt.version},
             "variants": variants}
 
 
@@ -174,7 +183,7 @@ class Boards:
 
 def deploy_board(device: Device, bundle: Bundle, reference: dict, cfg: DeployConfig, boards: Boards, log) -> dict:
     """Deploy to one board; returns its deploy.json entry with the runner's results under 'results'."""
-    say = lambda msg: log(f"{device.name}: {msg}")  # noqa: E731
+    say = lambda msg: log(f"{device.name}: {msg}")
     t0 = time.monotonic()
     entry = {"name": device.name, "target": device.target, "ok": False, "reason": None,
              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": {}, "copied": False, "installed": False}

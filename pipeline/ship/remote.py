@@ -123,7 +123,7 @@ def session(p: dict) -> None:
     """Take the board's deploy lock, print the board (probe) and what of this run is on it, then hold
     the lock until stdin closes: the rest of the deploy runs in other calls meanwhile."""
     os.makedirs(ROOT, exist_ok=True)
-    f = open(os.path.join(ROOT, ".lock"), "a+")
+    f = open(os.path.join(ROOT, ".lock"), "a+")  # noqa: SIM115 -- open for the life of this process: it is the lock
     deadline = time.monotonic() + float(p.get("timeout", 600))
     announced = False
     while True:

@@ -40,17 +40,17 @@ _SOURCES = tuple(base64.b64encode(Path(m.__file__).read_bytes()).decode() for m 
 
 # What ssh's stderr says -> the one line a user reads; the first match wins.
 SSH_ERRORS = (
-    ("REMOTE HOST IDENTIFICATION HAS CHANGED", "host key refused: it differs from the one known_hosts holds for "
-     "{host} (if the board was reinstalled, remove the old key with `ssh-keygen -R {host}`)"),
-    ("Host key verification failed", "host key refused: {host} is not in known_hosts; connect once with "
-     "`ssh {target}` to check and accept its key, or pass --accept-new-host-key"),
+    ("REMOTE HOST IDENTIFICATION HAS CHANGED", ("host key refused: it differs from the one known_hosts holds for "
+     "{host} (if the board was reinstalled, remove the old key with `ssh-keygen -R {host}`)")),
+    ("Host key verification failed", ("host key refused: {host} is not in known_hosts; connect once with "
+     "`ssh {target}` to check and accept its key, or pass --accept-new-host-key")),
     ("Connection refused", "unreachable: connection refused (no SSH server listening on {host}{port})"),
     ("Could not resolve hostname", "unreachable: unknown host name {host}"),
     ("timed out", "unreachable: no answer from {host}{port} within {timeout} s"),
     ("No route to host", "unreachable: no route to {host}"),
     ("Network is unreachable", "unreachable: network is unreachable"),
-    ("Permission denied", "login refused: the board accepts none of your keys (copy yours with `ssh-copy-id "
-     "{target}`; passwords are never used)"),
+    ("Permission denied", ("login refused: the board accepts none of your keys (copy yours with `ssh-copy-id "
+     "{target}`; passwords are never used)")),
 )
 
 
