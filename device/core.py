@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import time
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -16,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from device.images import MAX_IMAGE_PIXELS, image_warnings, load_image, read_image  # noqa: F401 (the core's API)
 from device.integrity import (METADATA_NAME, DeviceError, expected_sha256, find_metadata, load_metadata,
                               read_model_bytes)
 
-MAX_IMAGE_PIXELS = 50_000_000
 
 # Resolution order: LiteRT is the maintained runtime; tflite-runtime still has 32-bit ARM wheels;
 # full TensorFlow works anywhere but costs seconds and hundreds of MB to import.
@@ -139,56 +138,6 @@ def normalize(pixels: np.ndarray, preprocess: dict) -> np.ndarray:
     return pixels.astype(np.float32) * np.float32(preprocess["scale"]) + np.float32(preprocess["offset"])
 
 
-def load_image(path: Path, preprocess: dict, timings: dict | None = None) -> np.ndarray:
-    """Any image Pillow reads, to uint8 (H, W, C) in the model's size and colour layout.
-
-    With `timings`, the seconds spent decoding and resizing are appended to its "decode" and
-    "resize" lists (the runner's bench reports them apart from invoke)."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            t0 = time.perf_counter()
-            with Image.open(path) as img:
-                img.load()
-                img = _to_mode(img, preprocess["channels"])
-                t1 = time.perf_counter()
-                # Pillow before 9.1 (Debian bullseye's python3-pil) has the filters on Image itself.
-                bilinear = getattr(Image, "Resampling", Image).BILINEAR
-                img = img.resize((preprocess["width"], preprocess["height"]), bilinear)
-                arr = np.asarray(img, dtype=np.uint8)
-            if timings is not None:
-                timings.setdefault("decode", []).append(t1 - t0)
-                timings.setdefault("resize", []).append(time.perf_counter() - t1)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DeviceError(f"{path}: image is too large ({e}); pass an image under {MAX_IMAGE_PIXELS} pixels")
-    except FileNotFoundError:
-        raise DeviceError(f"{path}: no such image file")
-    except Exception as e:  # Pillow's decoders on damaged files raise OSError, ValueError, TypeError, struct.error...
-        raise DeviceError(f"{path}: not a readable image ({type(e).__name__}: {e}); pass a PNG, JPEG or other "
-                          "Pillow format")
-    return arr.reshape(preprocess["height"], preprocess["width"], preprocess["channels"])
-
-
-def _to_mode(img, channels: int):
-    # Palette, alpha and 16-bit images are converted, not refused: flatten alpha onto black (the
-    # background of MNIST-style training digits) and scale 16-bit samples down to 8 bits.
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 else 255.0
-        from PIL import Image
-        img = Image.fromarray(np.clip(arr * 255.0 / peak, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        from PIL import Image
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, img.convert("RGBA"))
-    return img.convert("L" if channels == 1 else "RGB")
-
-
 # ---------------------------------------------------------------- the model
 
 class Model:
@@ -287,19 +236,42 @@ class Model:
                               "not (N, classes)")
         return np.concatenate(out) if out else np.zeros((0, self.output.shape[-1]), np.float32)
 
-    def classify(self, image_paths, top_k: int = 3) -> list[dict]:
-        pixels = np.stack([load_image(Path(p), self.preprocess) for p in image_paths])
-        probs = self.predict(pixels)
-        results = []
-        for path, p in zip(image_paths, probs):
-            order = np.argsort(-p)[:top_k]
-            results.append({"image": str(path), "top": [
-                {"label": self.labels[i] if i < len(self.labels) else str(i), "index": int(i),
-                 "score": float(p[i])} for i in order]})
+    def classify(self, images, top_k: int = 3, invert: bool = False) -> list[dict]:
+        """One result per image, in order: its top-k, or the error that kept it from being classified.
+
+        `images` are paths or (name, bytes) pairs. A bad image does not stop the others.
+        """
+        results, loaded = [], []
+        dataset = (self.metadata or {}).get("dataset")
+        for image in images:
+            name, source = image if isinstance(image, tuple) else (str(image), Path(image))
+            try:
+                pixels, facts = read_image(source, self.preprocess, name)
+            except DeviceError as e:
+                results.append({"image": name, "error": str(e)})
+                continue
+            if invert:
+                pixels = 255 - pixels
+            results.append({"image": name, "top": None, "warnings": image_warnings(pixels, facts, self.preprocess,
+                                                                                     dataset)})
+            loaded.append((len(results) - 1, pixels))
+        if loaded:
+            probs = self.predict(np.stack([p for _, p in loaded]))
+            for (i, _), p in zip(loaded, probs):
+                order = np.argsort(-p)[:top_k]
+                results[i]["top"] = [{"label": self.labels[c] if c < len(self.labels) else str(c), "index": int(c),
+                                      "score": float(p[c])} for c in order]
         return results
 
+    @property
+    def sha256(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(self.model_bytes).hexdigest()
+
     def info(self) -> dict:
-        ops = sorted({op["op_name"] for op in self._ops()})
+        # DELEGATE nodes are the interpreter's own (XNNPACK took over part of the graph), not the model's.
+        ops = sorted({op["op_name"] for op in self._ops()} - {"DELEGATE"})
         return {"model": str(self.path), "bytes": len(self.model_bytes),
                 "interpreter": {"name": self.runtime.name, "version": self.runtime.version},
                 "input": self.input.to_dict(), "output": self.output.to_dict(), "ops": ops,
@@ -338,7 +310,7 @@ def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256, 
 
 
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A labelled evaluation set: arrays `x` (uint8 images) and `y` (labels)."""
+    """A labelled evaluation set: arrays `x` (uint8 images, 0-255) and `y` (integer class indices)."""
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = {"x", "y"} - set(data.files)
@@ -350,9 +322,36 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DeviceError(f"{path}: not a readable .npz file ({e}); expected arrays 'x' and 'y'")
+    if x.ndim == 0 or len(x) == 0:
+        raise DeviceError(f"{path}: 'x' holds no images; expected N >= 1 uint8 images (N, H, W[, C])")
     if len(x) != len(y):
         raise DeviceError(f"{path}: {len(x)} images but {len(y)} labels; they must match")
-    return x, y
+    return _pixels(path, x), _labels(path, y)
+
+
+def _pixels(path, x: np.ndarray) -> np.ndarray:
+    if x.dtype == np.uint8:
+        return x
+    if np.issubdtype(x.dtype, np.floating) and x.size and np.nanmax(x) <= 1.0:
+        raise DeviceError(f"{path}: 'x' is {x.dtype} in [0, 1], but the runner takes uint8 pixels 0-255 and "
+                          "scales them itself; save x as (x * 255).round().astype(np.uint8)")
+    if np.issubdtype(x.dtype, np.integer) and x.min() >= 0 and x.max() <= 255:
+        return x.astype(np.uint8)
+    raise DeviceError(f"{path}: 'x' is {x.dtype} with values from {x.min()} to {x.max()}; expected uint8 pixels "
+                      "0-255 (save x.astype(np.uint8) if that is what they are)")
+
+
+def _labels(path, y: np.ndarray) -> np.ndarray:
+    if y.ndim == 2 and y.shape[1] > 1:
+        raise DeviceError(f"{path}: 'y' has shape {list(y.shape)}, one-hot or scores; expected one class index "
+                          "per image: save y.argmax(axis=1)")
+    y = y.reshape(len(y))
+    if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
+        raise DeviceError(f"{path}: 'y' holds {y.dtype} values such as {str(y[0])!r}; expected integer class "
+                          "indices (0 is the first line of labels.txt)")
+    if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y) & (y == np.round(y))):
+        raise DeviceError(f"{path}: 'y' holds non-integer values; expected integer class indices")
+    return y.astype(np.int64)
 
 
 def environment() -> dict:

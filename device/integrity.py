@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 METADATA_NAME = "metadata.json"
@@ -73,7 +74,8 @@ def read_model_bytes(path: Path, expected_sha256: str | None = None) -> bytes:
         if actual != expected_sha256:
             raise DeviceError(
                 f"{path}: sha256 {actual[:12]}... does not match {expected_sha256[:12]}... in the metadata; "
-                "the file was changed or damaged in transit, copy the bundle again"
+                "the file was changed or damaged since it was written; "
+                + ("rebuild the run" if (path.parent / "manifest.json").is_file() else "copy the bundle again")
             )
     return data
 
@@ -94,6 +96,8 @@ def verify_folder(folder: Path) -> list[str]:
 
     folder = Path(folder)
     meta_path = folder / METADATA_NAME
+    if not folder.is_dir():
+        return [f"{folder}: no such folder; pass an unpacked bundle or a run directory"]
     if not meta_path.is_file():
         return [f"{meta_path}: missing; expected the metadata file written by `pipeline build`"]
     try:
@@ -142,17 +146,45 @@ def verify_folder(folder: Path) -> list[str]:
 def extract_bundle(archive: Path, dest: Path) -> Path:
     """Unpack a bundle: regular files and folders only, every one inside dest; refuse anything else.
 
-    The checks are made here rather than by tarfile's `data` filter, which Python before 3.12 may
-    lack (Raspberry Pi OS bullseye has 3.9.2), so one code path runs on every board.
+    The members are checked here rather than by tarfile's `data` filter, which Python before 3.12
+    may lack (Raspberry Pi OS bullseye has 3.9.2), so one code path runs on every board. It is
+    unpacked into a hidden folder beside dest and renamed into place only when complete, so a
+    failure leaves nothing behind; dest must not exist or be an empty folder.
     """
+    import shutil
+    import tempfile
+
+    archive, dest = Path(archive), Path(dest)
+    if not archive.is_file():
+        raise DeviceError(f"{archive}: no such bundle file; pass the .tar.gz written by `pipeline bundle`")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise DeviceError(f"{dest}: already exists and is not an empty folder; unpack into a new folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.unpack-"))
+    try:
+        _extract_checked(archive, tmp)
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the unpacked folder is the user's
+        if dest.is_dir():
+            dest.rmdir()
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _extract_checked(archive: Path, root: Path) -> None:
+    """Every member checked first (a file or folder, a relative path without '..'), then written."""
     import shutil
     import tarfile
     import zlib
     from pathlib import PurePosixPath
-
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    root = dest.resolve()
 
     def refuse(member, why: str) -> DeviceError:
         return DeviceError(f"{archive}: refused, member {member.name!r} {why}; "
@@ -162,16 +194,13 @@ def extract_bundle(archive: Path, dest: Path) -> Path:
         with tarfile.open(archive, "r:gz") as tar:
             members = tar.getmembers()
             for m in members:
-                parts = PurePosixPath(m.name).parts
+                path = PurePosixPath(m.name)
                 if not (m.isfile() or m.isdir()):
                     raise refuse(m, "is a link or a device, not a file or folder")
-                if not parts or PurePosixPath(m.name).is_absolute() or ".." in parts:
+                if not path.parts or path.is_absolute() or ".." in path.parts:
                     raise refuse(m, "points outside the target folder")
             for m in members:
                 target = root.joinpath(*PurePosixPath(m.name).parts)
-                # A link already in dest must not carry a member out of it.
-                if root != target.resolve() and root not in target.resolve().parents:
-                    raise refuse(m, "points outside the target folder (through a link in it)")
                 if m.isdir():
                     target.mkdir(parents=True, exist_ok=True)
                     continue
@@ -181,4 +210,3 @@ def extract_bundle(archive: Path, dest: Path) -> Path:
                 target.chmod(0o755 if m.mode & 0o111 else 0o644)
     except (OSError, tarfile.TarError, EOFError, zlib.error) as e:
         raise DeviceError(f"{archive}: not a readable .tar.gz bundle ({e})")
-    return dest

@@ -1,12 +1,17 @@
 """edgepipe device runner: classify images, evaluate, benchmark and inspect a `.tflite` model.
 
 Usage (in a bundle, or from the repository):
-    python device/runner.py classify IMAGE... [--model PATH] [--top-k K] [--json]
+    python device/runner.py classify IMAGE|FOLDER|-... [--model PATH] [--top-k K] [--invert] [--json]
     python device/runner.py eval DATA.npz     [--model PATH] [--json]
-    python device/runner.py bench             [--model PATH] [--runs N] [--warmup N] [--threads N] [--no-xnnpack] [--json]
+    python device/runner.py bench             [--model PATH] [--runs N] [--warmup N] [--threads N] [--no-xnnpack]
+                                              [--json]
     python device/runner.py info              [--model PATH] [--json]
     python device/runner.py verify [FOLDER]   [--json]
-    python device/runner.py unpack BUNDLE.tar.gz FOLDER
+    python device/runner.py unpack BUNDLE.tar.gz FOLDER [--json]
+
+The default model is the one the bundle's metadata.json names as `default_model` (the variant the
+run delivers). Exit codes: 0 ok, 1 failure (including any image that could not be classified),
+2 usage, 130 interrupted. Every --json output carries `kind` and `schema`.
 
 Needs only numpy, pillow and one TFLite interpreter (ai-edge-litert, tflite-runtime or tensorflow).
 """
@@ -29,18 +34,66 @@ if __package__ in (None, ""):
 
 from device import board, core, integrity, timing  # noqa: E402
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "model_int8.tflite"
-SAMPLES = DEFAULT_MODEL.parent / "samples"
+BUNDLE = Path(__file__).resolve().parent.parent
+SCHEMA = 1
+FALLBACK_MODEL = "model_int8.tflite"  # bundles older than `default_model` in their metadata
+SAMPLES = BUNDLE / "samples"
+
+
+def default_model() -> Path:
+    """The model the bundle's metadata names as its default: the variant the run delivers."""
+    try:
+        name = json.loads((BUNDLE / core.METADATA_NAME).read_text()).get("default_model")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return BUNDLE / (name if isinstance(name, str) and name and Path(name).name == name else FALLBACK_MODEL)
+
+
+def _shown(path: Path) -> str:
+    """A path as the user gave it; the default model by its name inside the bundle."""
+    path = Path(path)
+    return path.name if path.is_absolute() and path.parent == BUNDLE else str(path)
+
+
+def _header(kind: str, args=None, model=None) -> dict:
+    out = {"kind": kind, "schema": SCHEMA}
+    if model is not None:
+        out.update({"model": _shown(args.model), "model_sha256": model.sha256})
+    return out
 
 
 def _load(args) -> core.Model:
-    return core.Model(args.model, threads=getattr(args, "threads", None),
-                      xnnpack=not getattr(args, "no_xnnpack", False))
+    model = core.Model(args.model, threads=getattr(args, "threads", None),
+                       xnnpack=not getattr(args, "no_xnnpack", False))
+    entry = ((model.metadata or {}).get("models") or {}).get(model.path.name) or {}
+    if isinstance(entry, dict) and entry.get("superseded_by"):
+        warnings.warn(f"{model.path.name}: superseded by {entry['superseded_by']}, which the accuracy guard delivers "
+                      "instead because this one lost too much accuracy; drop --model to run the default")
+    return model
+
+
+def _images(paths):
+    """The images to classify, in order: files as given, a folder's image files sorted, `-` as stdin."""
+    from PIL import Image
+
+    extensions = {ext.lower() for ext in Image.registered_extensions()}
+    for path in paths:
+        if str(path) == "-":
+            yield "-", sys.stdin.buffer.read()
+        elif path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                           and p.suffix.lower() in extensions)
+            yield from ((str(p), p) for p in found) if found else [(str(path), path)]  # an error for it
+        else:
+            yield str(path), path
 
 
 def cmd_classify(args) -> dict:
     model = _load(args)
-    return {"model": str(args.model), "results": model.classify(args.images, args.top_k)}
+    results = model.classify(list(_images(args.images)), args.top_k, invert=args.invert)
+    failed = sum("error" in r for r in results)
+    return {**_header("classify", args, model), "invert": args.invert, "results": results,
+            "failed": failed, "ok": failed == 0}
 
 
 def cmd_eval(args) -> dict:
@@ -49,7 +102,7 @@ def cmd_eval(args) -> dict:
     t0 = time.perf_counter()
     result = core.evaluate(model, x, y, source=str(args.data))
     seconds = time.perf_counter() - t0
-    return {"kind": "eval", "schema": 1, "model": str(args.model), "data": str(args.data),
+    return {**_header("eval", args, model), "data": str(args.data),
             "n": result["n"], "accuracy": result["accuracy"], "per_class": result["per_class"],
             "confusion": result["confusion"], "seconds": seconds,
             "interpreter": {"name": model.runtime.name, "version": model.runtime.version},
@@ -94,8 +147,8 @@ def cmd_bench(args) -> dict:
     first_ms = (clock() - t0) * 1e3
     warm, timed = timing.time_calls(lambda: model.invoke(prepared), args.runs, args.warmup)
     peak_after_inference = timing.peak_rss_mb()
-    return {"kind": "bench", "schema": 1, "model": str(args.model), "threads": args.threads,
-            "cores": os.cpu_count(), "xnnpack": not args.no_xnnpack,
+    return {**_header("bench", args, model), "threads": args.threads, "cores": os.cpu_count(),
+            "xnnpack": not args.no_xnnpack,
             "load": {"import_ms": import_ms, "cold_ms": cold_ms, "warm": timing.summarize(warm_loads)},
             "init_ms": cold_ms, "first_inference_ms": first_ms,
             "preprocess": {"images": len(images), "runs": len(quantize),
@@ -111,25 +164,33 @@ def cmd_bench(args) -> dict:
 
 
 def cmd_info(args) -> dict:
-    return _load(args).info()
+    model = _load(args)
+    return {**_header("info", args, model), **{k: v for k, v in model.info().items() if k != "model"}}
 
 
 def cmd_unpack(args) -> dict:
     dest = integrity.extract_bundle(args.archive, args.dest)
     problems = integrity.verify_folder(dest)
-    return {"kind": "unpack", "folder": str(dest), "ok": not problems, "problems": problems}
+    return {**_header("unpack"), "path": str(args.dest), "ok": not problems, "problems": problems}
 
 
 def cmd_verify(args) -> dict:
-    problems = integrity.verify_folder(args.folder)
-    return {"kind": "verify", "folder": str(args.folder), "ok": not problems, "problems": problems}
+    folder = args.folder if args.folder is not None else BUNDLE
+    problems = integrity.verify_folder(folder)
+    return {**_header("verify"), "path": str(args.folder or "."), "ok": not problems, "problems": problems}
 
 
 def _print_human(command: str, out: dict) -> None:
     if command == "classify":
         for r in out["results"]:
+            if "error" in r:
+                print(f"error: {r['error']}", file=sys.stderr)
+                continue
             tops = ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"])
             print(f"{r['image']}: {tops}")
+        if out["failed"] and len(out["results"]) > 1:
+            print(f"error: {out['failed']} of {len(out['results'])} image(s) could not be classified",
+                  file=sys.stderr)
     elif command == "eval":
         print(f"accuracy {out['accuracy']:.4f} on {out['n']} images "
               f"({out['interpreter']['name']} {out['interpreter']['version']})")
@@ -159,11 +220,25 @@ def _print_human(command: str, out: dict) -> None:
                 print(f"board {when}: " + ", ".join(f"{k} {v}" for k, v in known.items())
                       + (f" ({'; '.join(st['throttled_flags']) or 'never throttled'})" if st["throttled"] else ""))
     elif command in ("verify", "unpack"):
-        print(f"{out['folder']}: " + ("all models verified" if out["ok"] else "PROBLEMS"))
+        print(f"{out['path']}: " + ("all models verified" if out["ok"] else "PROBLEMS"))
         for problem in out["problems"]:
             print(f"  - {problem}")
-    else:
-        print(json.dumps(out, indent=2))
+    elif command == "info":
+        _print_info(out)
+
+
+def _print_info(out: dict) -> None:
+    print(f"{out['model']}: {out['bytes']:,} bytes, sha256 {out['model_sha256'][:12]}..., "
+          f"{out['interpreter']['name']} {out['interpreter']['version']}")
+    for side in ("input", "output"):
+        t = out[side]
+        quant = f", scale {t['scale']:.6g}, zero point {t['zero_point']}" if t["scale"] else ""
+        print(f"  {side:<6} {t['name']}: {t['shape']} {t['dtype']}{quant}")
+    print(f"  ops    {', '.join(out['ops'])}")
+    p = out["preprocess"]
+    print(f"  images {p['height']}x{p['width']}x{p['channels']}, pixel * {p['scale']:.6g} + {p['offset']:g}; "
+          f"{len(p['labels'])} labels: {', '.join(p['labels'][:12])}{' ...' if len(p['labels']) > 12 else ''}"
+          + ("" if out["metadata"] else f" (assumed: no {core.METADATA_NAME} beside the model)"))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -172,15 +247,19 @@ def parser() -> argparse.ArgumentParser:
 
     def add(name, fn, help_text):
         sp = sub.add_parser(name, help=help_text)
-        sp.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                        help="the .tflite model (default: the bundle's model_int8.tflite)")
+        sp.add_argument("--model", type=Path, default=None,
+                        help="the .tflite model (default: the bundle's default_model in metadata.json, "
+                             "the variant the run delivers)")
         sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
         sp.set_defaults(fn=fn)
         return sp
 
     sp = add("classify", cmd_classify, "top-k labels for each image")
-    sp.add_argument("images", nargs="+", type=Path, help="image files (any format Pillow reads)")
+    sp.add_argument("images", nargs="+", type=Path,
+                    help="image files (any format Pillow reads), folders of them, or - for one image on stdin")
     sp.add_argument("--top-k", type=int, default=3, help="labels to show per image (default 3)")
+    sp.add_argument("--invert", action="store_true",
+                    help="flip pixel values first (dark strokes on light paper for a model trained on light on dark)")
     sp = add("eval", cmd_eval, "accuracy on a labelled .npz set (arrays x and y)")
     sp.add_argument("data", type=Path, help=".npz with 'x' (uint8 images) and 'y' (labels)")
     sp = add("bench", cmd_bench, "load (cold, warm), preprocessing, first inference, timed runs, memory, board state")
@@ -195,7 +274,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-xnnpack", action="store_true", help="use the built-in kernels instead of XNNPACK")
     add("info", cmd_info, "tensors, dtypes, quantization parameters and ops")
     sp = sub.add_parser("verify", help="check every model in a bundle against its metadata (size, sha256, tensors)")
-    sp.add_argument("folder", nargs="?", type=Path, default=DEFAULT_MODEL.parent,
+    sp.add_argument("folder", nargs="?", type=Path, default=None,
                     help="the unpacked bundle or run directory (default: this bundle)")
     sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
     sp.set_defaults(fn=cmd_verify)
@@ -209,6 +288,16 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    # A path on the command line that does not exist is a usage error (2), as in `pipeline`; images
+    # are data, each reported on its own by classify.
+    for name, what in (("model", "no such model file"), ("data", "no such .npz file"),
+                       ("archive", "no such bundle file"), ("folder", "no such folder")):
+        path = getattr(args, name, None)
+        if path is not None and not path.exists():
+            print(f"error: {path}: {what}", file=sys.stderr)
+            return 2
+    if getattr(args, "fn", None) not in (cmd_verify, cmd_unpack) and args.model is None:
+        args.model = default_model()
     for name in ("runs", "threads", "top_k", "loads", "preprocess_runs"):
         if getattr(args, name, 1) < 1:
             print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
@@ -240,6 +329,9 @@ def _execute(args) -> int:
     out, code = _step(args.fn, args)
     if code:
         return code
+    for r in out.get("results", []):  # per-image doubts reach a person in --json mode too
+        for w in r.get("warnings", []):
+            print(f"warning: {r['image']}: {w}", file=sys.stderr)
     try:
         if args.json:
             print(json.dumps(out, indent=2))

@@ -73,7 +73,7 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
     try:
         run.write_json("config.json", cfg.to_dict())  # first, so --resume can restart from any point
         t0 = time.perf_counter()
-        data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction)
+        data = _data(cfg, wanted, log)
         times["data"] = time.perf_counter() - t0
         log(f"data: {data.name} from {data.source['kind']}, {len(data.x_train)} train / {len(data.x_val)} "
             f"validation / {len(data.x_test)} test")
@@ -189,6 +189,23 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
     return final
 
 
+def _data(cfg: BuildConfig, wanted, log) -> Dataset:
+    """The dataset, or only its description when nothing needs its images and getting them means a download:
+    converting your own model (`pipeline convert`) to variants that need no calibration."""
+    from pipeline.convert import CALIBRATED
+    from pipeline.data import DATASETS
+
+    info = DATASETS[cfg.dataset]
+    needs_images = "evaluate" in wanted or not cfg.keras_model or any(v in CALIBRATED for v in cfg.quantize)
+    if needs_images or cfg.data_dir is not None or not info.offline:
+        return load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction)
+    log(f"data: {', '.join(cfg.quantize)} need no images, so {cfg.dataset} is not downloaded "
+        "(no samples/ for the device; pass --data-dir to include them)")
+    empty = np.zeros((0, *info.input_shape), np.uint8), np.zeros(0, np.int64)
+    return Dataset(cfg.dataset, *empty, *empty, *empty, info.spec, {"kind": "none", "files": [], "sha256": None,
+                                                                      "counts": {"train": 0, "val": 0, "test": 0}})
+
+
 def _reuse(run: RunDir, stage: str, inputs: list[str]) -> bool:
     """A finished stage is reused only if its outputs and these inputs are still the files it saw."""
     entry = run.reusable(stage)
@@ -203,6 +220,8 @@ def _write_samples(folder: Path, data: Dataset, images: int = 8, labelled: int =
 
     from pipeline.artifacts import atomic_write
 
+    if not len(data.x_test):
+        return
     folder.mkdir(exist_ok=True)
     for i in range(min(images, len(data.x_test))):
         img = data.x_test[i]

@@ -1,10 +1,13 @@
 """`pipeline`: a thin click group. Each command parses options, builds one BuildConfig, calls one function.
 
-User mistakes become `click.ClickException`s with a one-line message (exit 1) or usage errors
-(exit 2); tracebacks are for bugs only.
+Exit codes (README, "Exit codes"): 0 ok; 1 the command ran and failed (bad data or files, a check
+that found problems); 2 the command line is wrong (unknown or conflicting options, a value out of
+range, a path that does not exist or is of the wrong kind); 130 interrupted (Ctrl-C). User mistakes
+are one line, never a traceback; tracebacks are for bugs only.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -16,10 +19,17 @@ from pipeline.config import FALLBACKS, INT8_IO, VARIANTS, BuildConfig, ConfigErr
 from pipeline.data import DATASETS
 from pipeline.models import MODELS
 from pipeline.ship.bundle import WHEEL_PLATFORMS
+from pipeline.ship.tflm import BOARDS, TARGETS
 
 
 class UserError(click.ClickException):
     """A problem with the user's input or files; exit code 1, message only."""
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C: exit code 130, as a shell reports a command killed by SIGINT."""
+
+    exit_code = 130
 
 
 def _user_errors():
@@ -51,12 +61,15 @@ def handle_errors(fn):
                 raise UserError(str(e))
             raise
         except KeyboardInterrupt:
-            raise UserError("interrupted; nothing half-written was left behind (continue with --resume)")
+            raise Interrupted("interrupted; nothing half-written was left behind (continue with --resume)")
     return wrapper
 
 
 def _split_variants(ctx, param, values):
     names = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    if values and not names:
+        raise click.BadParameter(f"empty; pass one or more of {', '.join((*VARIANTS, 'all'))}, or leave the option "
+                                 "out for int8")
     choices = (*VARIANTS, "all")
     unknown = [n for n in names if n not in choices]
     if unknown:
@@ -64,10 +77,28 @@ def _split_variants(ctx, param, values):
     return tuple(names)
 
 
+def _data_dir(ctx, param, value):
+    """A --data-dir that does not exist, or that the dataset cannot read, is a usage error (exit 2)."""
+    if value is None:
+        return None
+    dataset = ctx.params.get("dataset") or "mnist"
+    info = DATASETS.get(dataset)
+    if info is not None and not getattr(info, "offline", True):
+        raise click.BadParameter(f"{value}: --dataset {dataset} reads no files; drop --data-dir, or choose a "
+                                 "dataset that reads them (--dataset mnist)")
+    if not value.exists():
+        expected = getattr(info, "offline", None) or "the dataset's files"
+        raise click.BadParameter(f"{value} does not exist; expected a folder holding {expected}")
+    return value
+
+
 def data_options(fn):
+    # Eager: --data-dir's check needs the dataset, whichever comes first on the command line.
     fn = click.option("--dataset", type=click.Choice(list(DATASETS)), default="mnist", show_default=True,
-                      help="Training data: mnist, cifar10, or digits (scikit-learn's 8x8 digits, no network needed).")(fn)
-    fn = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+                      is_eager=True,
+                      help="Training data: mnist, cifar10, or digits (scikit-learn's 8x8 digits, no network "
+                           "needed).")(fn)
+    fn = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), callback=_data_dir,
                       help="Read the dataset offline from DIR (mnist.npz or IDX files; cifar-10-batches-py "
                            "or cifar-10-python.tar.gz) instead of downloading it.")(fn)
     fn = click.option("--seed", type=int, default=0, show_default=True,
@@ -119,13 +150,35 @@ def measure_options(fn):
     return fn
 
 
-def _config(out, name, **kwargs) -> BuildConfig:
-    if out and name:
+def _config(out, name, overwrite=False, **kwargs) -> BuildConfig:
+    """The BuildConfig of these options. Without --out or --name, the default run name gets the next
+    free number (`mnist-cnn-mnist-2`) when a finished run has it, unless --overwrite asks to replace it."""
+    if out is not None and name is not None:
         raise click.UsageError("--out and --name both name the run directory; pass only one")
-    if name:
-        if "/" in name or name in (".", ".."):
+    if name is not None:
+        if not name.strip() or "/" in name or name in (".", ".."):
             raise click.BadParameter(f"'{name}' is not a plain name; use --out for a path", param_hint="--name")
         out = Path("artifacts") / name
+    if out is not None and str(out).strip() in ("", "."):  # click turns an empty --out into "."
+        raise click.BadParameter("empty or the current folder; pass the name of a new run directory",
+                                 param_hint="--out")
+    cfg = _make_config(out, **kwargs)
+    if out is None and not overwrite and cfg.run_dir.exists():
+        final = _next_free(cfg.run_dir)
+        click.echo(f"{cfg.run_dir} exists; writing {final} (--name or --out choose the folder, "
+                   "--overwrite replaces it)")
+        cfg = dataclasses.replace(cfg, out=str(final))
+    return cfg
+
+
+def _next_free(path: Path) -> Path:
+    n = 2
+    while path.with_name(f"{path.name}-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}-{n}")
+
+
+def _make_config(out, **kwargs) -> BuildConfig:
     xnnpack = not kwargs.pop("no_xnnpack", False)
     if not kwargs.get("quantize"):
         kwargs.pop("quantize", None)  # the config's default (int8) applies
@@ -185,7 +238,7 @@ def build(overwrite, resume, no_benchmark, **kwargs):
     """Train, quantize, convert, evaluate, benchmark and report, into one run directory."""
     from pipeline.build import build as run_build, check_accuracy_drop, AccuracyDropError
 
-    cfg = _resume_config(resume) if resume else _config(benchmark=not no_benchmark, **kwargs)
+    cfg = _resume_config(resume) if resume else _config(benchmark=not no_benchmark, overwrite=overwrite, **kwargs)
     run_dir = run_build(cfg, overwrite=overwrite, resume=bool(resume), log=click.echo)
     _print_table(run_dir)
     if cfg.max_accuracy_drop is not None:
@@ -204,7 +257,7 @@ def train(overwrite, **kwargs):
     """Train only: writes model.keras and a manifest."""
     from pipeline.build import build as run_build
 
-    run_build(_config(**kwargs), overwrite=overwrite, until="train", log=click.echo)
+    run_build(_config(overwrite=overwrite, **kwargs), overwrite=overwrite, until="train", log=click.echo)
 
 
 @main.command()
@@ -217,7 +270,7 @@ def convert(keras_model, overwrite, **kwargs):
     """Convert a .keras model into the chosen .tflite variants (no training, no measurements)."""
     from pipeline.build import build as run_build
 
-    cfg = _config(keras_model=keras_model, **kwargs)
+    cfg = _config(keras_model=keras_model, overwrite=overwrite, **kwargs)
     run_build(cfg, overwrite=overwrite, until="metadata", log=click.echo)
 
 
@@ -229,6 +282,7 @@ def benchmark(run_dir, **kwargs):
     """Measure latency, memory and size of every variant of a finished run again."""
     from pipeline.build import rebenchmark
 
+    _converted_run(run_dir, "benchmark")
     cfg = _run_config(run_dir, **kwargs)
     rebenchmark(run_dir, cfg, log=click.echo)
     _print_table(run_dir)
@@ -241,12 +295,28 @@ def _resume_config(target: str) -> BuildConfig:
     try:
         saved = json.loads((staging / "config.json").read_text())
     except (OSError, ValueError):
-        if final.is_dir():
+        if (final / "manifest.json").is_file():
             raise UserError(f"--resume {target}: the run {final} is already complete; nothing to resume")
+        if final.exists():
+            raise UserError(f"--resume {target}: {final} is not a run (no manifest.json) and no interrupted build "
+                            f"of it was found at {staging}; start one with `pipeline build --out {final}`")
         raise UserError(f"--resume {target}: no interrupted build found at {staging}; start it with "
                         "`pipeline build --name NAME` first")
     saved["out"] = str(final)
     return BuildConfig.from_dict(saved)
+
+
+def _converted_run(run_dir: Path, command: str) -> None:
+    """A finished run with .tflite models, or one line saying what RUN_DIR is and what makes one."""
+    from device.core import METADATA_NAME
+
+    if not (run_dir / "manifest.json").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no manifest.json); `pipeline {command}` needs a run "
+                        "written by `pipeline build`")
+    if not (run_dir / METADATA_NAME).is_file() or not (run_dir / "model_fp32.tflite").is_file():
+        raise UserError(f"{run_dir}: a `pipeline train` run (model.keras, no .tflite models); `pipeline {command}` "
+                        f"needs converted models: make them with `pipeline build --keras-model {run_dir}/model.keras "
+                        "--name NAME` (with the run's --dataset)")
 
 
 def _run_config(run_dir: Path, **overrides) -> BuildConfig:
@@ -263,9 +333,10 @@ def _run_config(run_dir: Path, **overrides) -> BuildConfig:
 def _print_table(run_dir: Path) -> None:
     report_md = Path(run_dir) / "report.md"
     if report_md.exists():
-        from pipeline.report.render import summary_table
+        from pipeline.report.render import delivery_line, summary_table
 
         click.echo(summary_table(run_dir))
+        click.echo(delivery_line(run_dir))
 
 
 @main.command()
@@ -275,11 +346,12 @@ def analyze(run_dir):
     """Per-layer quantization error of a finished run's int8 model, added to its report."""
     from pipeline.guard import analyze_run
 
+    _converted_run(run_dir, "analyze")
     analyze_run(run_dir, log=click.echo)
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(exists=True, path_type=Path))
+@click.argument("run_dir", metavar="RUN_DIR|BUNDLE", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @handle_errors
 def verify(run_dir, as_json):
@@ -288,7 +360,8 @@ def verify(run_dir, as_json):
 
     problems = verify_path(run_dir)
     if as_json:
-        click.echo(json.dumps({"path": str(run_dir), "ok": not problems, "problems": problems}, indent=2))
+        click.echo(json.dumps({"kind": "verify", "schema": 1, "path": str(run_dir), "ok": not problems,
+                               "problems": problems}, indent=2))
     elif not problems:
         click.echo(f"{run_dir}: verified")
     if problems:
@@ -301,16 +374,22 @@ def verify(run_dir, as_json):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("more_results", nargs=-1, metavar="", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--device-results", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
-              help="JSON written on a device by `runner.py bench --json` or `eval --json` (repeatable); "
-                   "shown beside the host's figures.")
+              metavar="FILE...",
+              help="JSON written on a device by `runner.py bench --json` or `eval --json` (several files after one "
+                   "--device-results, or the option repeated); shown beside the host's figures.")
 @handle_errors
-def report(run_dir, device_results):
+def report(run_dir, more_results, device_results):
     """Render report.json, report.md, report.html and the plots of a finished run again."""
     from pipeline.report import render as report_stage
     from pipeline.artifacts import update_manifest
 
-    report_stage.render(run_dir, device_results=list(device_results), log=click.echo)
+    if more_results and not device_results:
+        raise click.UsageError(f"unexpected argument(s) {' '.join(map(str, more_results))}; device results go "
+                               "after --device-results: pipeline report RUN_DIR --device-results FILE...")
+    _converted_run(run_dir, "report")
+    report_stage.render(run_dir, device_results=[*device_results, *more_results], log=click.echo)
     update_manifest(run_dir)
     _print_table(run_dir)
 
@@ -322,18 +401,38 @@ def report(run_dir, device_results):
 @click.option("--variants", callback=lambda ctx, param, values: tuple(
                   v.strip() for value in values for v in value.split(",") if v.strip()),
               multiple=True, metavar="VARIANT[,VARIANT]",
-              help="Models to include, including guard variants such as int8-cle (default: int8 and fp32); "
-                   "int8 is required.")
+              help="Models to include, including guard variants such as int8-cle (default: the variant the run "
+                   "delivers, and fp32 as the reference).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle written by `pipeline bundle`.")
 @click.option("--wheels", type=click.Choice(list(WHEEL_PLATFORMS)), multiple=True,
               help="Also carry the runtime's wheels for this board platform (repeatable), for boards without "
                    "internet; `pipeline deploy` installs from them.")
 @handle_errors
-def bundle(run_dir, out, variants, wheels):
+def bundle(run_dir, out, variants, overwrite, wheels):
     """Pack a run into one .tar.gz for a Raspberry Pi: models, metadata, runner, samples, README."""
     from pipeline.ship.bundle import make_bundle
 
-    path = make_bundle(run_dir, out, variants or None, wheels=wheels, log=lambda m: click.echo(m, err=True))
+    path = make_bundle(run_dir, out, variants or None, overwrite=overwrite, wheels=wheels,
+                       log=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)")
+
+
+class ByteSize(click.ParamType):
+    """A byte count: 262144, 256K or 256KiB, 1M or 1MiB (K and M are 1024 and 1024*1024)."""
+    name = "BYTES"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+        scale = {"K": 1024, "M": 1024 * 1024}.get(text[-1:], 1)
+        try:
+            n = int(float(text[:-1] if scale > 1 else text) * scale)
+        except ValueError:
+            n = -1
+        if n <= 0:
+            self.fail(f"'{value}' is not a byte count; write e.g. 262144, 256K or 1M", param, ctx)
+        return n
 
 
 def ssh_options(fn):
@@ -351,10 +450,6 @@ def _ssh(ssh_config, accept_new_host_key, connect_timeout):
     from pipeline.ship.ssh import SshOptions
 
     return SshOptions(ssh_config, accept_new_host_key, connect_timeout)
-
-
-class Interrupted(UserError):
-    exit_code = 130
 
 
 @main.group("device")
@@ -447,6 +542,32 @@ def deploy(run_dir, targets, bundle_path, runs, warmup, threads, timeout, clean,
         raise UserError(f"{len(failed)} of {len(entries)} board(s) failed: {', '.join(failed)} (reasons above and in "
                         f"the report); the others were merged")
 
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--target", type=click.Choice(TARGETS), default="tflm", show_default=True,
+              help="tflm: C/C++ sources for TensorFlow Lite Micro on a microcontroller.")
+@click.option("--variant", default="int8", show_default=True,
+              help="The run's integer model to export (int8, or a guard variant such as int8-cle).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write, plus FOLDER.tar.gz beside it (default: RUN_DIR-tflm beside the run).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out.")
+@click.option("--board", type=click.Choice(list(BOARDS)),
+              help="Refuse to export unless the model and its arena fit this board.")
+@click.option("--flash", type=ByteSize(), help="Flash free for the model, for a board not in --board's list.")
+@click.option("--ram", type=ByteSize(), help="RAM free for the tensor arena, for a board not in --board's list.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the run's dataset is now, if not where it was built from.")
+@click.option("--test-images", type=click.IntRange(min=1), help="Check accuracy on the first N test images only.")
+@handle_errors
+def export(run_dir, target, **kwargs):
+    """Export a finished run for a microcontroller: C/C++ sources, measured arena, accuracy under TFLite Micro."""
+    from pipeline.ship.tflm import ExportError, export_tflm
+
+    try:
+        export_tflm(run_dir, log=click.echo, **kwargs)
+    except ExportError as e:
+        raise UserError(str(e))
 
 
 if __name__ == "__main__":

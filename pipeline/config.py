@@ -42,7 +42,7 @@ class BuildConfig:
     int8_io: str = "int8"
     keras_model: str | None = None
     tensorboard: str | None = None
-    out: str = ""  # the run directory; empty: artifacts/<model>-<dataset>
+    out: str = ""  # the run directory; empty: artifacts/<model or --keras-model file stem>-<dataset>
     # Evaluation and benchmark.
     evaluate: bool = True
     benchmark: bool = True
@@ -90,8 +90,9 @@ class BuildConfig:
             raise ConfigError(f"--max-accuracy-drop: got {self.max_accuracy_drop}, expected percentage points >= 0")
         if self.fallback == "auto" and self.max_accuracy_drop is None:
             raise ConfigError("--fallback auto needs --max-accuracy-drop PP: the accuracy the guard may lose")
-        if not self.out:
-            _set(self, "out", str(Path("artifacts") / f"{model}-{self.dataset}"))
+        if not self.out:  # a user's own model is named after its file, not after a zoo model it may not be
+            base = Path(self.keras_model).stem if self.keras_model else model
+            _set(self, "out", str(Path("artifacts") / f"{base}-{self.dataset}"))
 
     @property
     def run_dir(self) -> Path:

@@ -63,6 +63,7 @@ PRESETS = {
     "int8": full_integer_int8,
     "int16x8": int16_activations_int8_weights,
 }
+CALIBRATED = ("int8", "int16x8")  # the presets that read calibration images
 
 
 def calibration_images(data: Dataset, count: int, seed: int) -> np.ndarray:
@@ -91,6 +92,9 @@ def convert(model, variant: str, cfg: BuildConfig, calibration: np.ndarray) -> b
 def convert_all(model, cfg: BuildConfig, data: Dataset, log=print) -> dict[str, tuple[bytes, float]]:
     """Every configured variant: {variant: (flatbuffer bytes, seconds)}."""
     calibration = calibration_images(data, cfg.calibration_samples, cfg.seed)
+    if any(v in CALIBRATED for v in cfg.quantize) and cfg.calibration_samples > len(data.x_train):
+        log(f"calibration: --calibration-samples {cfg.calibration_samples} is more than the {len(data.x_train):,} "
+            f"training images; calibrating on all {len(data.x_train):,}")
     out = {}
     for variant in cfg.quantize:
         t0 = time.perf_counter()

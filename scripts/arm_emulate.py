@@ -3,7 +3,7 @@
 
 Usage:
     scripts/arm_emulate.py BUNDLE.tar.gz DATA.npz [--arch arm64|armhf] [--runtime SPEC] [--cache DIR]
-                           [--model model_int8.tflite]
+                           [--model MODEL.tflite]
     scripts/arm_emulate.py --serve PORT --authorized-keys FILE [--arch arm64|armhf] [--cache DIR]
 
 Builds (once, then reuses from the cache) a bookworm userland with `debootstrap --foreign
@@ -13,7 +13,7 @@ Builds (once, then reuses from the cache) a bookworm userland with `debootstrap 
 Run mode installs the runtime's wheels with `pip --platform manylinux_2_*_<arch> --target`, unpacks
 the bundle and runs, under `qemu-<arch>-static -cpu <the board's core>`:
 
-    python3.11 device/runner.py eval DATA.npz --json --model BUNDLE/model_int8.tflite
+    python3.11 device/runner.py eval DATA.npz --json [--model BUNDLE/MODEL.tflite]
 
 The runner's JSON goes to stdout, everything else to stderr; the exit code is the runner's
 (0 ok, 1 error, 2 usage; a runner killed by a signal gives 128 + the signal number). The script's
@@ -639,7 +639,7 @@ def parse_args(argv):
                         "arm64, tflite-runtime 2.14.0 on armhf)")
     p.add_argument("--cache", type=Path, default=None,
                    help="cache folder (default: ${XDG_CACHE_HOME:-$HOME/.cache}/edgepipe/<arch>-bookworm)")
-    p.add_argument("--model", default="model_int8.tflite", help="model file inside the bundle (default: %(default)s)")
+    p.add_argument("--model", help="model file inside the bundle (default: the bundle's default_model)")
     p.add_argument("--serve", type=int, metavar="PORT",
                    help="serve the userland as a board: sshd on 127.0.0.1:PORT, logins chrooted into it, until Ctrl-C")
     p.add_argument("--authorized-keys", type=Path, help="with --serve: public key(s) allowed to log in as root")
@@ -676,6 +676,14 @@ def serve(args, userland: Userland, cache: Path) -> int:
         return 0
     finally:
         board.stop()
+
+
+def _default_model(bundle: Path) -> str:
+    """The model the bundle's runner runs by default (metadata.json's default_model)."""
+    try:
+        return json.loads((bundle / "metadata.json").read_text()).get("default_model") or "model_int8.tflite"
+    except (OSError, ValueError, AttributeError):
+        return "model_int8.tflite"
 
 
 def main(argv=None) -> int:
@@ -740,7 +748,7 @@ def main(argv=None) -> int:
         except (OSError, tarfile.TarError, EOFError) as e:
             log(f"error: {args.bundle}: not a readable bundle .tar.gz ({e})")
             return 2
-        runner, model = bundle / "device" / "runner.py", bundle / args.model
+        runner, model = bundle / "device" / "runner.py", bundle / (args.model or _default_model(bundle))
         for path in (runner, model):
             if not path.is_file():
                 log(f"error: {args.bundle}: has no {path.relative_to(bundle)}; pass a bundle written by `pipeline bundle`")

@@ -248,24 +248,6 @@ def test_extraction_refuses_anything_but_files_and_folders_inside(tmp_path, case
     assert not (tmp_path / "dest" / "metadata.json").exists()  # checked before anything is written
 
 
-def test_extraction_does_not_follow_a_link_already_in_the_folder(tmp_path):
-    import io
-
-    from device.integrity import DeviceError, extract_bundle
-
-    def add(tar):
-        info = tarfile.TarInfo("samples/x.png")
-        info.size = 3
-        tar.addfile(info, io.BytesIO(b"bad"))
-
-    (tmp_path / "dest").mkdir()
-    (tmp_path / "outside").mkdir()
-    (tmp_path / "dest" / "samples").symlink_to(tmp_path / "outside")
-    with pytest.raises(DeviceError, match="outside"):
-        extract_bundle(_tar(tmp_path / "a.tar.gz", add), tmp_path / "dest")
-    assert list((tmp_path / "outside").iterdir()) == []
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """mnist-cnn, 1 epoch, int8, on the real digits (the MNIST subset when present)."""
@@ -277,6 +259,7 @@ def run(tmp_path_factory) -> Path:
 
 
 def test_same_run_same_bundle_bytes(run, tmp_path):
+    """What `pipeline deploy` relies on to copy nothing the second time (tests/test_ux.py checks the members)."""
     from device.integrity import sha256_file
     from pipeline.ship.bundle import make_bundle
 
@@ -286,7 +269,6 @@ def test_same_run_same_bundle_bytes(run, tmp_path):
     assert sha256_file(a) == sha256_file(b)
     with tarfile.open(a) as tar:
         names = tar.getnames()
-        assert {m.mtime for m in tar} == {0} and {m.uname for m in tar} == {""}
     assert "device/board.py" in names and "samples/eval.npz" in names
 
 

@@ -160,7 +160,7 @@ def test_bad_models_give_one_line_errors(mnist_run, tmp_path):
         err = _error_lines(proc.stderr)
         assert "Traceback" not in proc.stderr and len(err) == 1 and name in err[0], (name, proc.stderr)
     proc = run_runner("info", "--model", tmp_path / "missing.tflite")
-    assert proc.returncode == 1 and "missing.tflite" in proc.stderr
+    assert proc.returncode == 2 and "missing.tflite: no such model file" in proc.stderr  # usage: README's table
 
 
 def test_sha256_mismatch_is_refused(mnist_run, tmp_path):

@@ -48,7 +48,8 @@ def test_finished_run_verifies(mnist_run):
     proc = subprocess.run([*PIPELINE, "verify", str(mnist_run), "--json"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"path": str(mnist_run), "ok": True, "problems": []}
+    assert json.loads(proc.stdout) == {"kind": "verify", "schema": 1, "path": str(mnist_run), "ok": True,
+                                       "problems": []}
 
 
 def _flip(path: Path, at: int = -1) -> None:
@@ -410,7 +411,7 @@ def _check_after_kill(build: Build, sig: int, rc: int, final: Path, where: str) 
         # cli.py turns KeyboardInterrupt into one line; no traceback, ever.
         assert "Traceback" not in build.stderr, (where, build.stderr[-3000:])
         if rc != 0:
-            assert rc == 1 and "interrupted" in build.stderr, (where, rc, build.stderr[-2000:])
+            assert rc == 130 and "interrupted" in build.stderr, (where, rc, build.stderr[-2000:])
     if not final.exists():
         return "absent"
     problems = verify_path(final)

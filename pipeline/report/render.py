@@ -17,6 +17,7 @@ from pipeline.report import plots
 from pipeline.report.notes import notes, threads_label
 from pipeline.artifacts import MANIFEST, atomic_write, write_json
 from pipeline.config import VARIANTS
+from pipeline.delivery import default_variant, guard_decision
 
 SCHEMA = 1
 DEVICE_DIR = "device_results"
@@ -63,17 +64,22 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
         raise ReportError(f"{run_dir}: {', '.join(missing)} missing, though evaluation.json lists them; rebuild it")
     names = [v for v in VARIANTS if v in evaluation["variants"]] + [v for v in evaluation["variants"] if v not in VARIANTS]
     variants = [_variant(run_dir, v, evaluation, bench, threads) for v in names]
+    delivered, superseded = guard_decision(run_dir)
     report = {
         "schema": SCHEMA, "run": run_dir.name.removeprefix(".").removesuffix(".partial"),
         "model": manifest["config"]["model"], "dataset": manifest["config"]["dataset"],
         "test_images": evaluation["n"], "table_threads": threads, "variants": variants,
+        "delivered": {"variant": default_variant(names, delivered, superseded), "by_guard": delivered in names,
+                      "superseded": [v for v in superseded if v in names]},
         "keras": evaluation.get("keras"), "versions": manifest.get("versions", {}),
         "environment": bench["environment"] if bench else None,
         "benchmark": {k: bench.get(k) for k in ("xnnpack", "runs", "warmup", "interleaved", "macs_per_inference")}
         if bench else None,
-        "devices": _merge_devices(device_results or [], variants),
+        "devices": _merge_devices(device_results or [], variants, _model_hashes(run_dir), run_dir),
         "analysis": _analysis(run_dir),
         "boards": _boards(run_dir),
+        "tflm": _read_json(run_dir / "tflm.json", "the figures of `pipeline export --target tflm`")
+        if (run_dir / "tflm.json").is_file() else None,
     }
     report["notes"] = notes(report, bench)
     return report
@@ -135,10 +141,44 @@ def _analysis_md(analysis: dict | None) -> list[str]:
     return out
 
 
+def _tflm_md(t: dict | None) -> list[str]:
+    """The microcontroller export's figures, as `pipeline export --target tflm` measured them."""
+    if not t:
+        return []
+    a, arena = t["accuracy"], t["arena"]
+    fits = [b for b, ok in next(r for r in t["variants"] if r.get("exported"))["fits"].items() if ok]
+    shown = ", ".join(f"#{d['index']} ({d['label']}: TFLM {d['tflm']}, LiteRT {d['litert']})" for d in a["differing"][:10])
+    return ["", "## Microcontroller (TensorFlow Lite Micro)", "",
+            (f"{t['variant']} for `{t['export']['folder']}`: {t['flash_bytes']:,} bytes of flash, tensor arena "
+             f"{arena['recommended']:,} bytes ({arena['measured']:,} measured under tflite-micro "
+             f"{t['versions']['tflite-micro']}, plus margin); fits {', '.join(fits) or 'none of the listed boards'}.  "),
+            (f"Accuracy under TFLite Micro's kernels {_pct(a['accuracy_tflm'])} on {a['images']:,} test images; "
+             f"top-1 agreement with LiteRT {_pct(a['agreement'])}"
+             + (f", {a['differing_count']} image(s) differ: {shown}." if a["differing_count"] else "."))]
+
+
 # ---------------------------------------------------------------- device results
 
-def _merge_devices(paths, variants: list[dict]) -> list[dict]:
-    """Add each device file's figures to its variant's `device` dict; returns the devices seen."""
+def _model_hashes(run_dir: Path) -> dict[str, str]:
+    """sha256 -> model file, for every model this run's metadata lists."""
+    meta = _read_json(run_dir / "metadata.json", "the metadata written by `pipeline build`")
+    return {entry["sha256"]: name for name, entry in meta.get("models", {}).items() if entry.get("sha256")}
+
+
+def _as_given(path: Path, run_dir: Path) -> str:
+    """A file inside the run relative to it, any other as the user gave it (never made absolute)."""
+    try:
+        return path.relative_to(run_dir).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _merge_devices(paths, variants: list[dict], hashes: dict[str, str], run_dir: Path) -> list[dict]:
+    """Add each device file's figures to its variant's `device` dict; returns the devices seen.
+
+    A result counts only for a model this run contains byte for byte: the runner names the sha256
+    of the model it ran, and a file name alone (model_int8.tflite) fits every run.
+    """
     by_name = {v["file"]: v for v in variants}
     devices, seen = {}, {}  # label -> device; (label, model, kind) -> the file that gave it
     for path in map(Path, paths):
@@ -156,16 +196,26 @@ def _merge_devices(paths, variants: list[dict]) -> list[dict]:
         env = data.get("environment")
         if not isinstance(env, dict) or not env.get("cpu") and not env.get("machine"):
             raise ReportError(f"{path}: no 'environment' with 'cpu' or 'machine'; expected {DEVICE_SOURCE}")
+        figures = _device_figures(path, kind, data)
+        sha = data.get("model_sha256")
+        if not isinstance(sha, str):
+            raise ReportError(f"{path}: names no 'model_sha256', so nothing shows it ran this run's {name}; "
+                              "measure again with the runner of this run's bundle")
+        if hashes.get(sha) != name:
+            found = f"this run's {hashes[sha]}" if sha in hashes else "a model this run does not contain"
+            raise ReportError(f"{path}: measured {found} (sha256 {sha[:12]}...), not this run's {name}; "
+                              "pass results measured on this run's own bundle")
         # `pipeline deploy` names the board; a file brought back by hand is labelled by its CPU.
         label = (data.get("board") or {}).get("name") or _device_label(env)
         if (label, name, kind) in seen:
             raise ReportError(f"{path}: a second {kind} result for {name} on {label} (the first is "
                               f"{seen[label, name, kind]}); pass one per model, kind and device")
-        seen[label, name, kind], figures = path, _device_figures(path, kind, data)
+        seen[label, name, kind] = path
         by_name[name]["device"].setdefault(label, {}).update(figures)
         device = devices.setdefault(label, {"label": label, "environment": env,
                                             "interpreter": data.get("interpreter"), "files": []})
-        device["files"].append({"file": str(path), "kind": kind, "variant": by_name[name]["variant"], **figures})
+        device["files"].append({"file": _as_given(path, run_dir), "kind": kind, "variant": by_name[name]["variant"],
+                                **figures})
     return list(devices.values())
 
 
@@ -289,10 +339,24 @@ def _text(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join("  ".join(cells) for cells in lines)
 
 
+def headline(report: dict) -> str:
+    """Which model the run delivers: what its bundle ships and its runner runs by default."""
+    d = report.get("delivered")
+    if not d:
+        return ""
+    v = next(x for x in report["variants"] if x["variant"] == d["variant"])
+    why = "the accuracy guard's repair" if d["by_guard"] else "the best variant present"
+    line = f"Delivers {d['variant']} ({why}): {_pct(v['accuracy'])} on the test split, {v['bytes'] / 1024:.1f} KiB"
+    if d["superseded"]:
+        line += f"; it replaces {', '.join(d['superseded'])}, which ships only on request"
+    return line + "."
+
+
 def _context(report: dict) -> list[str]:
     """The sentences above the table: what was measured, where, how."""
     versions = report["versions"]
-    lines = [f"{report['model']} on {report['dataset']}, accuracy on {report['test_images']:,} test images; "
+    lines = [*([headline(report)] if report.get("delivered") else []),
+             f"{report['model']} on {report['dataset']}, accuracy on {report['test_images']:,} test images; "
              f"edgepipe {versions.get('edgepipe')}, TensorFlow {versions.get('tensorflow')}, "
              f"ai-edge-litert {versions.get('ai-edge-litert')}."]
     if report["benchmark"]:
@@ -316,6 +380,7 @@ def _markdown(report: dict) -> str:
            *["| " + " | ".join(r) + " |" for r in rows], "", "## Notes", ""]
     out += [f"- {n['text']}" for n in report["notes"]] or ["- none"]
     out += _analysis_md(report.get("analysis"))
+    out += _tflm_md(report.get("tflm"))
     out += _boards_md(report)
     out += ["", "## Plots", ""] + [f"![{CAPTIONS.get(p, p)}]({p})" for p in report["plots"]]
     return "\n".join(out) + "\n"
@@ -329,8 +394,12 @@ def _html(report: dict, pngs: dict[str, bytes]) -> str:
     figures = "".join(f'<figure><img alt="{esc(CAPTIONS.get(name, name))}" src="data:image/png;base64,'
                       f'{base64.b64encode(png).decode()}"><figcaption>{esc(CAPTIONS.get(name, name))}</figcaption></figure>'
                       for name, png in pngs.items())
-    section = _analysis_md(report.get("analysis")) + _boards_md(report)
+    section = _analysis_md(report.get("analysis"))
     analysis = f"<h2>Accuracy guard and per-layer error</h2><pre>{esc(chr(10).join(section).strip())}</pre>\n" if section else ""
+    boards = _boards_md(report)[3:]
+    analysis += f"<h2>Boards</h2><pre>{esc(chr(10).join(boards))}</pre>\n" if boards else ""
+    micro = _tflm_md(report.get("tflm"))
+    analysis += f"<h2>Microcontroller (TensorFlow Lite Micro)</h2><p>{esc(' '.join(micro[3:]))}</p>\n" if micro else ""
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>edgepipe report: "
             f"{esc(report['run'])}</title><style>body{{font-family:sans-serif;max-width:75em;margin:2em auto}}"
             "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
@@ -366,6 +435,10 @@ def render(run_dir: Path, device_results: list[Path] | None = None, log=print) -
     manifest, evaluation, bench, labels = _load(run_dir)
     kept, new = _device_files(run_dir, device_results or [])
     report = collect(run_dir, manifest, evaluation, bench, kept + [p for _, p in new])
+    kept_as = {str(path): f"{DEVICE_DIR}/{name}" for name, path in new}  # where the run keeps each new file
+    for device in report["devices"]:
+        for f in device["files"]:
+            f["file"] = kept_as.get(f["file"], f["file"])
     drawn = {"accuracy_vs_latency.png": plots.accuracy_vs_latency(report["variants"], report["table_threads"] or 1),
              "latency.png": plots.latency_distributions(bench, [v["variant"] for v in report["variants"]]),
              "confusion_fp32_int8.png": plots.confusion_pair(evaluation, labels)}
@@ -391,3 +464,8 @@ def render(run_dir: Path, device_results: list[Path] | None = None, log=print) -
 def summary_table(run_dir: Path) -> str:
     """The report's table as aligned plain text for the terminal."""
     return _text(*table(_read_json(Path(run_dir) / "report.json", "the report written by `pipeline report`")))
+
+
+def delivery_line(run_dir: Path) -> str:
+    """The headline for the terminal: which model the run delivers."""
+    return headline(_read_json(Path(run_dir) / "report.json", "the report written by `pipeline report`"))

@@ -1,11 +1,15 @@
 """The device bundle: one `.tar.gz` with the models, their metadata, the runner and instructions.
 
 Laid out so that, unpacked anywhere, `python device/runner.py classify samples/*.png` works with no
-other file: the runner's default model is `model_int8.tflite` beside the `device/` folder.
+other file: the runner's default model is the one metadata.json names as `default_model`, the
+variant the run delivers (pipeline/delivery.py). A variant the accuracy guard replaced ships only
+when asked for, labelled `superseded_by` in the metadata.
 
-The same run gives the same bytes (fixed times, owners and order), so a bundle's sha256 tells
-`pipeline deploy` whether a board already has it. With `wheels`, the bundle also carries the
-runtime's wheels for the named platforms, for boards without internet.
+The archive is reproducible: members sorted, mtimes fixed (SOURCE_DATE_EPOCH, else 1980-01-01 as
+in wheels), owner 0/0 without names, modes 0644 (0755 for folders), no timestamp in the gzip header,
+so two bundles of one run are byte-identical, and a bundle's sha256 tells `pipeline deploy` whether a
+board already has it. With `wheels`, the bundle also carries the runtime's wheels for the named
+board platforms, for boards without internet.
 """
 from __future__ import annotations
 
@@ -22,8 +26,12 @@ from pathlib import Path
 
 import device
 from device.core import METADATA_NAME
+from pipeline.delivery import PREFERENCE, default_variant, guard_decision
 
-RUNNER_FILES = ("__init__.py", "core.py", "integrity.py", "timing.py", "runner.py", "board.py")
+SUFFIXES = (".tar.gz", ".tgz")
+ZIP_EPOCH = 315532800  # 1980-01-01, the earliest time a zip (and so a wheel) can record
+
+RUNNER_FILES = ("__init__.py", "core.py", "images.py", "integrity.py", "timing.py", "runner.py", "board.py")
 WHEELS_DIR = "wheels"
 WHEELS_INDEX = f"{WHEELS_DIR}/wheels.json"
 
@@ -60,7 +68,7 @@ Input: {h}x{w} {color}, pixels scaled by {scale:g}; labels in labels.txt.
        python3 device/runner.py eval samples/eval.npz --json > eval.json
    Bring bench/eval JSON back to the host: `pipeline report RUN_DIR --device-results *.json`.
 
-Every command takes --model model_<variant>.tflite; the default is model_int8.tflite.
+Every command takes --model model_<variant>.tflite; the default is {default} ({why}).
 """
 
 
@@ -161,19 +169,84 @@ def download_wheels(requirements: str, name: str, dest: Path, log=print) -> dict
             "requirements": reqs, "files": files, "missing": missing, "without_dependencies": without_deps}
 
 
-def _normalized(info: tarfile.TarInfo) -> tarfile.TarInfo:
-    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-    info.mode = 0o755 if info.isdir() or info.mode & 0o111 else 0o644
+def _mtime() -> int:
+    try:
+        return int(os.environ["SOURCE_DATE_EPOCH"])
+    except (KeyError, ValueError):
+        return ZIP_EPOCH
+
+
+def _member(name: str, size: int = 0, directory: bool = False) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = size, _mtime()
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type, info.mode = (tarfile.DIRTYPE, 0o755) if directory else (tarfile.REGTYPE, 0o644)
     return info
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(_normalized(info), io.BytesIO(data))
+def _write_archive(path: Path, members: dict[str, bytes]) -> None:
+    """A .tar.gz of `members` (name -> bytes) that depends on nothing but their names and contents."""
+    folders = sorted({str(Path(n).parent) for n in members} - {"."})
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for folder in folders:
+            tar.addfile(_member(folder, directory=True))
+        for name in sorted(members):
+            tar.addfile(_member(name, len(members[name])), io.BytesIO(members[name]))
 
 
-def make_bundle(run_dir: Path, out: Path | None = None, variants=None, wheels=(), log=print) -> Path:
+def _is_bundle(path: Path) -> bool:
+    """True only for an archive `pipeline bundle` wrote: the one kind of file --overwrite may replace."""
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            names = set(tar.getnames())
+    except (OSError, tarfile.TarError, EOFError):
+        return False
+    return {METADATA_NAME, "device/runner.py"} <= names
+
+
+def _out_path(run_dir: Path, out, overwrite: bool) -> Path:
+    out = Path(out) if out else run_dir.parent / f"{run_dir.name}.tar.gz"
+    if not out.name.endswith(SUFFIXES):
+        fix = out.name + (".gz" if out.name.endswith(".tar") else ".tar.gz")
+        raise BundleError(f"--out {out}: a bundle is a gzip-compressed tar; name it {fix} (or .tgz)")
+    if out.is_dir():
+        raise BundleError(f"--out {out}: is a folder; pass a file name such as {out / run_dir.name}.tar.gz")
+    if out.exists():
+        if not overwrite:
+            raise BundleError(f"--out {out}: already exists; pass --overwrite to replace it, or another --out")
+        if not _is_bundle(out):
+            raise BundleError(f"--out {out}: exists and is not a bundle written by `pipeline bundle`; "
+                              "refusing to replace it even with --overwrite, choose another --out")
+    return out
+
+
+def choose(run_dir: Path, available: dict[str, str], variants=None) -> tuple[list[str], str, str]:
+    """(variants to pack, the runner's default among them, why that one)."""
+    delivered, superseded = guard_decision(run_dir)
+    if variants:
+        chosen = list(dict.fromkeys(variants))  # `int8,int8` packs one copy
+        missing = [v for v in chosen if v not in available]
+        if missing:
+            raise BundleError(f"{run_dir}: no model for variant(s) {', '.join(missing)}; "
+                              f"this run has {', '.join(available)}")
+    else:
+        # What the run delivers, and fp32 beside it as the reference; superseded models stay home.
+        best = default_variant(available, delivered, superseded)
+        chosen = list(dict.fromkeys([best, *(["fp32"] if "fp32" in available else [])]))
+    default = default_variant(chosen, delivered, superseded)
+    if default == delivered:
+        why = "the variant the accuracy guard delivers"
+    elif default in superseded:
+        why = f"superseded by {delivered}, which --variants left out"
+    else:
+        why = "the first present of " + ", ".join(PREFERENCE)
+    return chosen, default, why
+
+
+def make_bundle(run_dir: Path, out: Path | None = None, variants=None, overwrite: bool = False,
+                log=lambda line: None, wheels=()) -> Path:
     """Write `<run>.tar.gz` (or `out`); returns its path. `wheels`: WHEEL_PLATFORMS names to carry wheels for."""
     from importlib import metadata as importlib_metadata
 
@@ -182,58 +255,55 @@ def make_bundle(run_dir: Path, out: Path | None = None, variants=None, wheels=()
     run_dir = Path(run_dir)
     meta_path = run_dir / METADATA_NAME
     if not meta_path.is_file():
-        raise BundleError(f"{run_dir}: no {METADATA_NAME}; pass a run directory written by `pipeline build`")
+        raise BundleError(f"{run_dir}: no {METADATA_NAME}; pass a run directory written by `pipeline build` "
+                          "or `pipeline convert`")
     meta = json.loads(meta_path.read_text())
     available = {m["variant"]: name for name, m in meta["models"].items()}
-    chosen = list(variants) if variants else [v for v in ("int8", "fp32") if v in available] or list(available)
-    missing = [v for v in chosen if v not in available]
-    if missing:
-        raise BundleError(f"{run_dir}: no model for variant(s) {', '.join(missing)}; "
-                          f"this run has {', '.join(available)}")
-    if "int8" not in chosen:
-        raise BundleError("a bundle must contain the int8 model, the runner's default; add int8 to --variants")
-    files = [available[v] for v in chosen]
-    bundle_meta = {**meta, "models": {f: meta["models"][f] for f in files}}
-    out = Path(out) if out else run_dir.parent / f"{run_dir.name}.tar.gz"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    chosen, default, why = choose(run_dir, available, variants)
+    out = _out_path(run_dir, out, overwrite)
+    delivered, superseded = guard_decision(run_dir)
+    models = {}
+    for v in chosen:
+        models[available[v]] = dict(meta["models"][available[v]])
+        if v in superseded and delivered:
+            models[available[v]]["superseded_by"] = delivered
+    bundle_meta = {**meta, "default_model": available[default], "default_reason": why, "models": models}
     pre = meta["preprocess"]
     readme = README.format(name=run_dir.name, model=meta["model"], dataset=meta["dataset"],
-                           version=pipeline.__version__, models=", ".join(files), h=pre["height"],
+                           version=pipeline.__version__, models=", ".join(models), h=pre["height"],
                            w=pre["width"], color=pre.get("color", f"{pre['channels']}-channel"),
-                           scale=pre["scale"], archive=out.name)
+                           scale=pre["scale"], archive=out.name, default=available[default], why=why)
     unknown = [w for w in wheels if w not in WHEEL_PLATFORMS]
     if unknown:
         raise BundleError(f"no wheel platform {', '.join(unknown)}; choose from {', '.join(WHEEL_PLATFORMS)}")
-    requirements = REQUIREMENTS.format(litert=importlib_metadata.version("ai-edge-litert"))
+    litert = importlib_metadata.version("ai-edge-litert")
     device_dir = Path(device.__file__).resolve().parent
+    members = {f: (run_dir / f).read_bytes() for f in models}
+    members[METADATA_NAME] = json.dumps(bundle_meta, indent=2).encode()
+    members["labels.txt"] = (run_dir / "labels.txt").read_bytes()
+    members.update({f"device/{name}": (device_dir / name).read_bytes() for name in RUNNER_FILES})
+    samples = run_dir / "samples"
+    if samples.is_dir():
+        members.update({f"samples/{p.name}": p.read_bytes() for p in samples.iterdir() if p.is_file()})
+    members["requirements.txt"] = REQUIREMENTS.format(litert=litert).encode()
+    members["README.md"] = readme.encode()
+    index = {}
+    with tempfile.TemporaryDirectory(prefix="edgepipe-wheels-") as wheel_dir:
+        for name in wheels:
+            folder = Path(wheel_dir) / name
+            folder.mkdir()
+            index[name] = download_wheels(members["requirements.txt"].decode(), name, folder, log)
+            members.update({f"{WHEELS_DIR}/{name}/{whl.name}": whl.read_bytes() for whl in folder.glob("*.whl")})
+    if index:
+        members[WHEELS_INDEX] = json.dumps(index, indent=2).encode()
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        with tempfile.TemporaryDirectory(prefix="edgepipe-wheels-") as wheel_dir, open(tmp, "wb") as raw, \
-                gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
-                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for f in files:
-                tar.add(run_dir / f, arcname=f, filter=_normalized)
-            _add_bytes(tar, METADATA_NAME, json.dumps(bundle_meta, indent=2).encode())
-            tar.add(run_dir / "labels.txt", arcname="labels.txt", filter=_normalized)
-            for name in RUNNER_FILES:
-                tar.add(device_dir / name, arcname=f"device/{name}", filter=_normalized)
-            samples = run_dir / "samples"
-            if samples.is_dir():
-                for p in sorted(samples.iterdir()):
-                    tar.add(p, arcname=f"samples/{p.name}", filter=_normalized)
-            _add_bytes(tar, "requirements.txt", requirements.encode())
-            _add_bytes(tar, "README.md", readme.encode())
-            index = {}
-            for name in wheels:
-                folder = Path(wheel_dir) / name
-                folder.mkdir()
-                index[name] = download_wheels(requirements, name, folder, log)
-                for whl in sorted(folder.glob("*.whl")):
-                    tar.add(whl, arcname=f"{WHEELS_DIR}/{name}/{whl.name}", filter=_normalized)
-            if index:
-                _add_bytes(tar, WHEELS_INDEX, json.dumps(index, indent=2).encode())
+        _write_archive(tmp, members)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    log(f"bundle: {', '.join(models)}; the runner's default is {available[default]} ({why})")
     return out
+

@@ -144,9 +144,9 @@ def session(p: dict) -> None:
     run = _run_dir(p)
     if p.get("clean"):
         shutil.rmtree(run, ignore_errors=True)
-    elif os.path.isdir(run):  # what interrupted deploys left (we hold the lock: nobody is writing them)
+    elif os.path.isdir(run):  # hidden: what interrupted deploys left (we hold the lock: nobody is writing them)
         for name in os.listdir(run):
-            if name.startswith((".unpack-", ".wheels-", ".bundle.tar.gz.")):
+            if name.startswith("."):
                 path = os.path.join(run, name)
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
     print(json.dumps({"probe": probe(p), "status": status(p)}), flush=True)
@@ -273,19 +273,18 @@ def venv(p: dict) -> dict:
 
 
 def unpack(p: dict) -> dict:
-    """The bundle's own runner unpacks and verifies it into a staging folder, which then replaces <run>/bundle."""
+    """The bundle's own runner unpacks and verifies it into a new folder, which then replaces <run>/bundle."""
     run = _run_dir(p)
-    stage = os.path.join(run, f".unpack-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
+    tools, stage = os.path.join(run, f".runner-{os.getpid()}"), os.path.join(run, f".unpack-{os.getpid()}")
     try:
-        found = _extract(os.path.join(run, "bundle.tar.gz"), stage,
+        found = _extract(os.path.join(run, "bundle.tar.gz"), tools,
                          lambda n: n.startswith("device/") and n.split("/", 1)[1] in p["runner_files"])
         if "device/runner.py" not in found:
             raise AgentError("the bundle has no device/runner.py; build it with `pipeline bundle`")
         python = os.path.join(_venv_dir(p), "bin", "python")
-        result = subprocess.run([python, os.path.join(stage, "device", "runner.py"), "unpack",
+        result = subprocess.run([python, os.path.join(tools, "device", "runner.py"), "unpack",
                                  os.path.join(run, "bundle.tar.gz"), stage, "--json"],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdin=subprocess.DEVNULL, capture_output=True)
         try:
             out = json.loads(result.stdout)
         except ValueError:
@@ -298,6 +297,7 @@ def unpack(p: dict) -> dict:
         os.replace(stage, final)
         return out
     finally:
+        shutil.rmtree(tools, ignore_errors=True)
         shutil.rmtree(stage, ignore_errors=True)
 
 

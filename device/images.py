@@ -1,0 +1,111 @@
+"""Images as a user brings them, to uint8 pixels in the model's size and colour layout.
+
+EXIF orientation applied, palette/alpha/16-bit converted, decompression bombs refused; and the
+doubts worth a warning: an image far smaller than the model's input, or of the opposite polarity
+to the training data. Imports only numpy and pillow (lazily).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+
+from device.integrity import DeviceError
+
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+# Training data whose polarity is known: MNIST and scikit-learn's digits are light strokes on black.
+# A metadata "polarity" in preprocess overrides this table (keyed by the metadata's dataset name).
+POLARITY = {"mnist": "light-on-dark", "digits": "light-on-dark"}
+# An image whose side is below this fraction of the model's is upscaled so much that little is left.
+SMALL_FRACTION = 0.5
+
+
+def load_image(path, preprocess: dict, timings: dict | None = None) -> np.ndarray:
+    """Any image Pillow reads, to uint8 (H, W, C) in the model's size and colour layout."""
+    return read_image(path, preprocess, timings=timings)[0]
+
+
+def read_image(source, preprocess: dict, name: str | None = None, timings: dict | None = None) -> tuple[np.ndarray, dict]:
+    """(uint8 (H, W, C) pixels in the model's size and layout, facts about the original image).
+
+    `source` is a path or the bytes of an image (stdin). EXIF orientation is applied first, as
+    phones and cameras store many photos sideways with a tag that says how to turn them upright.
+    With `timings`, the seconds spent decoding and resizing are appended to its "decode" and
+    "resize" lists (the runner's bench reports them apart from invoke).
+    """
+    import io
+
+    from PIL import Image, ImageOps
+
+    name = name or str(source)
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            t0 = time.perf_counter()
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+                img.load()
+                orientation = img.getexif().get(0x0112, 1)
+                img = ImageOps.exif_transpose(img)
+                size = img.size
+                img = _to_mode(img, preprocess["channels"])
+                t1 = time.perf_counter()
+                # Pillow before 9.1 (Debian bullseye's python3-pil) has the filters on Image itself.
+                bilinear = getattr(Image, "Resampling", Image).BILINEAR
+                img = img.resize((preprocess["width"], preprocess["height"]), bilinear)
+                arr = np.asarray(img, dtype=np.uint8)
+            if timings is not None:
+                timings.setdefault("decode", []).append(t1 - t0)
+                timings.setdefault("resize", []).append(time.perf_counter() - t1)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DeviceError(f"{name}: image is too large ({e}); pass an image under {MAX_IMAGE_PIXELS} pixels")
+    except FileNotFoundError:
+        raise DeviceError(f"{name}: no such image file")
+    except IsADirectoryError:
+        raise DeviceError(f"{name}: is a folder with no image files in it")
+    except Exception as e:  # Pillow's decoders on damaged files raise OSError, ValueError, TypeError, struct.error...
+        raise DeviceError(f"{name}: not a readable image ({type(e).__name__}: {e}); pass a PNG, JPEG or other "
+                          "Pillow format")
+    arr = arr.reshape(preprocess["height"], preprocess["width"], preprocess["channels"])
+    return arr, {"width": size[0], "height": size[1], "exif_orientation": orientation}
+
+
+def image_warnings(pixels: np.ndarray, facts: dict, preprocess: dict, dataset: str | None) -> list[str]:
+    """What makes a classification of this image doubtful: far too small, or the opposite polarity."""
+    out = []
+    h, w = preprocess["height"], preprocess["width"]
+    if facts["width"] < SMALL_FRACTION * w or facts["height"] < SMALL_FRACTION * h:
+        out.append(f"the image is {facts['width']}x{facts['height']}, far smaller than the model's {w}x{h} input; "
+                   "it was upscaled and the result means little")
+    polarity = preprocess.get("polarity") or POLARITY.get(dataset or "")
+    if polarity == "light-on-dark" and _background(pixels) > 127:
+        out.append(f"the image looks dark on a light background, but the model was trained on light strokes on "
+                   f"a dark background ({dataset}); pass --invert to flip it")
+    return out
+
+
+def _background(pixels: np.ndarray) -> float:
+    """The median of the one-pixel border: the background of a centred digit or object."""
+    g = pixels.mean(axis=-1) if pixels.ndim == 3 else pixels
+    border = np.concatenate([g[0], g[-1], g[1:-1, 0], g[1:-1, -1]])
+    return float(np.median(border))
+
+
+def _to_mode(img, channels: int):
+    # Palette, alpha and 16-bit images are converted, not refused: flatten alpha onto black (the
+    # background of MNIST-style training digits) and scale 16-bit samples down to 8 bits.
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        from PIL import Image
+        img = Image.fromarray(np.clip(arr * 255.0 / peak, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        from PIL import Image
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("L" if channels == 1 else "RGB")

@@ -1,0 +1,396 @@
+"""Export for TensorFlow Lite Micro: `pipeline export RUN_DIR --target tflm`.
+
+From a finished run: the int8 model made lean for a microcontroller (batch fixed at 1, int8 in and out),
+its arena measured and its accuracy checked under TFLM's kernels (ship/micro.py), which boards it fits,
+and a folder plus .tar.gz of C/C++ sources and a README (ship/tflm_sources.py). The run's manifest and
+report gain the flash and RAM figures (tflm.json). Nothing is half-written: the folder is built in a
+staging folder beside its target and renamed into place when every figure is in.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+import pipeline
+from device.core import Model
+from device.integrity import METADATA_NAME, DeviceError, read_model_bytes, sha256_file
+from pipeline.artifacts import MANIFEST, update_manifest, write_json
+from pipeline.ship import micro, tflm_sources
+from pipeline.ship.micro import KIB, MIB, ExportError
+
+TARGETS = ("tflm",)
+MARKER = "tflm_export.json"  # an export's own manifest; --overwrite replaces only folders that hold one
+KIND = "edgepipe TensorFlow Lite Micro export"
+RUN_SUMMARY = "tflm.json"
+MAX_DIFFERING = 50  # differing images listed by index; the count is always complete
+
+
+@dataclass(frozen=True)
+class Board:
+    title: str
+    flash: int  # bytes
+    ram: int  # bytes
+    core: str
+
+
+# Common TinyML boards and their on-chip memory (datasheet totals).
+BOARDS: dict[str, Board] = {
+    "nano33ble": Board("Arduino Nano 33 BLE Sense", 1 * MIB, 256 * KIB, "nRF52840, Cortex-M4F 64 MHz"),
+    "nucleo-l4r5zi": Board("STM32 Nucleo-L4R5ZI", 2 * MIB, 640 * KIB, "STM32L4R5, Cortex-M4F 120 MHz"),
+    "pico": Board("Raspberry Pi Pico", 2 * MIB, 264 * KIB, "RP2040, Cortex-M0+ 133 MHz"),
+    "pico2": Board("Raspberry Pi Pico 2", 4 * MIB, 520 * KIB, "RP2350, Cortex-M33 150 MHz"),
+    "disco-f746ng": Board("STM32F746G-DISCO", 1 * MIB, 320 * KIB, "STM32F746, Cortex-M7 216 MHz"),
+    "esp32-s3": Board("ESP32-S3-DevKitC-1 (N8)", 8 * MIB, 512 * KIB, "ESP32-S3, Xtensa LX7 240 MHz"),
+}
+# A board's memory is not all the model's: the interpreter, the used kernels, the board support and the
+# application take flash; the stack, the board support's buffers and globals take RAM. These are rough
+# allowances, not measurements (the board's own build reports the exact figures); --flash/--ram instead
+# give the budget left for the model and the arena, with no allowance taken off.
+FLASH_ALLOWANCE = 128 * KIB
+RAM_ALLOWANCE = 32 * KIB
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Flash and RAM a model and its arena may use; None is unchecked."""
+    name: str
+    flash: int | None
+    ram: int | None
+
+    def problems(self, flash: int, arena: int) -> list[str]:
+        out = []
+        if self.flash is not None and flash > self.flash:
+            out.append(f"the model needs {flash:,} bytes of flash, {self.flash:,} are free")
+        if self.ram is not None and arena > self.ram:
+            out.append(f"the arena needs {arena:,} bytes of RAM, {self.ram:,} are free")
+        return out
+
+
+def board_budget(name: str) -> Budget:
+    b = BOARDS[name]
+    return Budget(name, b.flash - FLASH_ALLOWANCE, b.ram - RAM_ALLOWANCE)
+
+
+def choose_budget(board: str | None, flash: int | None, ram: int | None) -> Budget | None:
+    if board and (flash is not None or ram is not None):
+        raise ExportError("--board and --flash/--ram both set the budget; pass a board or your own figures")
+    if board:
+        return board_budget(board)
+    if flash is not None or ram is not None:
+        return Budget("--flash/--ram", flash, ram)
+    return None
+
+
+def fits(flash: int, arena: int) -> dict[str, bool]:
+    return {name: not board_budget(name).problems(flash, arena) for name in BOARDS}
+
+
+# ---------------------------------------------------------------- the run and its model
+
+def _read_run(run_dir: Path) -> tuple[dict, dict]:
+    try:
+        meta = json.loads((run_dir / METADATA_NAME).read_text())
+        manifest = json.loads((run_dir / MANIFEST).read_text())
+        manifest["config"]
+    except (OSError, ValueError, KeyError):
+        raise ExportError(f"{run_dir}: no readable {METADATA_NAME} and {MANIFEST}; pass a run directory written "
+                          "by `pipeline build`")
+    return meta, manifest
+
+
+def _run_data(manifest: dict, data_dir: Path | None, run_dir: Path):
+    """The data the run was built from, checked against the manifest's hash: the lean model is
+    calibrated on its training split as the run was, and judged on its test split."""
+    from pipeline.config import BuildConfig
+    from pipeline.data import DataError, load_dataset
+
+    cfg = BuildConfig.from_dict(manifest["config"])
+    where = str(data_dir) if data_dir else cfg.data_dir
+    try:
+        data = load_dataset(cfg.dataset, where, seed=cfg.seed, validation_fraction=cfg.validation_fraction)
+    except DataError as e:
+        raise ExportError(f"{e}; the export evaluates {run_dir} on its test split: pass --data-dir DIR with "
+                          f"the {cfg.dataset} files it was built from")
+    want = manifest.get("data", {}).get("sha256")
+    if want and data.source["sha256"] != want:
+        raise ExportError(f"the {cfg.dataset} data at {where or 'the download cache'} is not what {run_dir} was "
+                          f"built from (sha256 {data.source['sha256'][:12]}..., the manifest says {want[:12]}...); "
+                          "pass --data-dir DIR with the run's data")
+    return cfg, data
+
+
+def lean_model(run_dir: Path, variant: str, file: str, meta: dict, cfg, data, layers: set[str],
+               log) -> tuple[bytes, str]:
+    """The model for the microcontroller and how it was made. A model with int8 input and output and no
+    run-time shape ops goes as it is; the int8 variant otherwise is converted again from model.keras
+    with the batch fixed at 1 (Keras 3's Flatten then makes one RESHAPE instead of SHAPE, STRIDED_SLICE
+    and PACK) and int8 input and output, calibrated on the same training images as the run's."""
+    entry = meta["models"][file]
+    original = read_model_bytes(run_dir / file, entry.get("sha256"))
+    dynamic = sorted(set(micro.check_ops(micro.read_graph(original), layers, f"{run_dir.name}/{file}"))
+                     & micro.DYNAMIC_BATCH_OPS)
+    float_io = [f"{side} {entry[side]['dtype']}" for side in ("input", "output") if entry[side]["dtype"] != "int8"]
+    if not dynamic and not float_io:
+        return original, f"{file} of the run, unchanged"
+    if variant != "int8":
+        if float_io:
+            raise ExportError(f"{run_dir / file}: {' and '.join(float_io)}; a microcontroller needs int8 input and "
+                              "output; export --variant int8, which is converted again with them")
+        return original, (f"{file} of the run, unchanged; it keeps {', '.join(dynamic)} (only the int8 variant "
+                          "is converted again with batch 1)")
+    if not (run_dir / "model.keras").is_file():
+        raise ExportError(f"{run_dir}: no model.keras to convert again with batch 1 and int8 input/output; "
+                          "rebuild the run with `pipeline build`")
+    import keras
+
+    from pipeline.convert import calibration_images, convert
+
+    why = [f"its batch is dynamic ({', '.join(dynamic)})"] if dynamic else []
+    why += [f"it has {' and '.join(float_io)} (--int8-io float)"] if float_io else []
+    log(f"tflm: converting model.keras again for a microcontroller because {'; '.join(why)}: batch 1, int8 "
+        f"input/output, calibrated on the run's {min(cfg.calibration_samples, len(data.x_train))} training images")
+    model = keras.models.load_model(run_dir / "model.keras")
+    inputs = keras.Input(model.input_shape[1:], batch_size=1)
+    fixed = keras.Model(inputs, model(inputs), name=model.name)
+    calibration = calibration_images(data, cfg.calibration_samples, cfg.seed)
+    flatbuffer = convert(fixed, "int8", replace(cfg, int8_io="int8"), calibration)
+    return flatbuffer, (f"model.keras converted again with batch 1 and int8 input/output, calibrated as {file} "
+                        f"was ({cfg.calibration_samples} training images, seed {cfg.seed})")
+
+
+def _layer_names(run_dir: Path) -> set[str]:
+    """Layer names for error messages, read from the .keras archive's config without loading TensorFlow."""
+    import zipfile
+
+    names: set[str] = set()
+
+    def walk(config: dict) -> None:  # a model's layers, and the layers of models nested in it
+        for layer in config.get("layers", []):
+            names.add(layer["config"]["name"])
+            walk(layer["config"])
+    try:
+        with zipfile.ZipFile(run_dir / "model.keras") as z:
+            walk(json.loads(z.read("config.json"))["config"])
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
+        pass
+    return names
+
+
+# ---------------------------------------------------------------- accuracy under TFLM's kernels
+
+def compare(model_bytes: bytes, model_path: Path, arena: int, pre: dict, x, y, labels, run_probs=None) -> dict:
+    """TFLM and LiteRT on the same model and images: accuracy of each, agreement, the images that differ.
+
+    LiteRT runs twice: as the report measured it (XNNPACK, whose int8 kernels round differently) and with
+    its built-in kernels, which TFLM's reference kernels should match output for output."""
+    litert = Model(model_path, metadata={"preprocess": pre}, verify=False)
+    builtin = Model(model_path, metadata={"preprocess": pre}, verify=False, xnnpack=False)
+    prepared = litert.prepare(x)
+    tflm_raw = micro.micro_outputs(model_bytes, arena, prepared)
+    litert_raw = micro.litert_outputs(litert, prepared)
+    builtin_raw = micro.litert_outputs(builtin, prepared)
+    p_tflm, p_litert, y = tflm_raw.argmax(1), litert_raw.argmax(1), np.asarray(y)
+    differ = np.flatnonzero(p_tflm != p_litert)
+
+    def steps(a, b) -> int:
+        return int(np.abs(a.astype(np.int64) - b).max()) if len(a) else 0
+
+    out = {"images": len(y), "accuracy_tflm": float((p_tflm == y).mean()),
+           "accuracy_litert": float((p_litert == y).mean()), "agreement": float((p_tflm == p_litert).mean()),
+           "max_output_difference": steps(tflm_raw, litert_raw), "differing_count": len(differ),
+           "differing": [{"index": int(i), "label": labels[y[i]], "tflm": labels[p_tflm[i]],
+                          "litert": labels[p_litert[i]]} for i in differ[:MAX_DIFFERING]],
+           "builtin_agreement": float((p_tflm == builtin_raw.argmax(1)).mean()),
+           "builtin_identical": bool((tflm_raw == builtin_raw).all()),
+           "builtin_max_output_difference": steps(tflm_raw, builtin_raw),
+           "litert": f"{litert.runtime.name} {litert.runtime.version}"}
+    if run_probs is not None and len(run_probs) == len(y):
+        out["agreement_with_run"] = float((run_probs.argmax(1) == p_litert).mean())
+    correct = np.flatnonzero((p_tflm == y) & (p_litert == y))
+    out["example_index"] = int(correct[0]) if len(correct) else 0
+    return out
+
+
+def _variant_rows(run_dir: Path, meta: dict, exported: str, flash: int, arena: dict) -> list[dict]:
+    """Flash, arena and fit of every variant of the run under TFLM, the exported one as exported."""
+    rows = []
+    for file, entry in meta["models"].items():
+        v = entry["variant"]
+        if v == exported:
+            rows.append({"variant": v, "flash": flash, "arena": arena["recommended"], "exported": True})
+            continue
+        data = (run_dir / file).read_bytes()
+        try:
+            micro.check_ops(micro.read_graph(data), set(), file)
+            measured = micro.measure_arena(data, np.zeros(entry["input"]["shape"], entry["input"]["dtype"]))
+        except ExportError as e:
+            rows.append({"variant": v, "flash": len(data), "arena": None, "runs": False, "reason": str(e)})
+            continue
+        rows.append({"variant": v, "flash": len(data), "arena": measured["recommended"], "exported": False})
+    for r in rows:
+        r["fits"] = fits(r["flash"], r["arena"]) if r["arena"] is not None else {}
+    return rows
+
+
+# ---------------------------------------------------------------- the export folder
+
+def _check_target(out: Path, archive: Path, run_dir: Path, overwrite: bool) -> None:
+    if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
+        raise ExportError(f"--out {out}: inside the run directory {run_dir}; choose a folder outside it")
+    for path in (out, archive):
+        if path.exists() and not overwrite:
+            raise ExportError(f"{path} already exists; pass --overwrite to replace it or --out to export elsewhere")
+    if out.exists() and not _is_export(out):
+        raise ExportError(f"{out} exists and is not an edgepipe TFLite Micro export (no {MARKER}); refusing to "
+                          "delete it, choose another --out")
+    if archive.exists() and not archive.is_file():
+        raise ExportError(f"{archive} exists and is not a file; refusing to replace it, choose another --out")
+
+
+def _is_export(folder: Path) -> bool:
+    try:
+        return folder.is_dir() and json.loads((folder / MARKER).read_text()).get("kind") == KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _publish(staging: Path, out: Path, archive: Path) -> None:
+    """Pack the archive from the staging folder, then move both into place; an old export goes last."""
+    tmp_archive = archive.with_name(f".{archive.name}.tmp{os.getpid()}")
+    try:
+        with tarfile.open(tmp_archive, "w:gz") as tar:
+            tar.add(staging, arcname=out.name)
+        trash = out.parent / f".{out.name}.old-{os.getpid()}" if out.exists() else None
+        if trash:
+            os.replace(out, trash)
+        os.replace(staging, out)
+        os.replace(tmp_archive, archive)
+        if trash:
+            shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        tmp_archive.unlink(missing_ok=True)
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {"edgepipe": pipeline.__version__}
+    for dist in ("tflite-micro", "ai-edge-litert", "tensorflow"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str = "int8", board: str | None = None,
+                flash: int | None = None, ram: int | None = None, overwrite: bool = False,
+                data_dir: Path | None = None, test_images: int | None = None, log=print) -> Path:
+    """Write the export folder and its .tar.gz; record the figures in the run. Returns the folder."""
+    run_dir = Path(run_dir)
+    meta, manifest = _read_run(run_dir)
+    budget = choose_budget(board, flash, ram)
+    out = Path(out) if out else run_dir.parent / f"{run_dir.name}-tflm"
+    archive = out.parent / f"{out.name}.tar.gz"
+    _check_target(out, archive, run_dir, overwrite)
+    files = {m["variant"]: name for name, m in meta["models"].items()}
+    integer = [v for v in files if v.startswith("int8")]
+    if not integer:
+        raise ExportError(f"{run_dir}: no int8 model (it has {', '.join(files)}); build one with `pipeline build "
+                          "--quantize int8`, or `pipeline convert RUN/model.keras --quantize int8` for a trained model")
+    if variant not in integer:
+        raise ExportError(f"--variant {variant}: not an int8 model of {run_dir}; a microcontroller export takes "
+                          f"one of {', '.join(integer)}")
+    cfg, data = _run_data(manifest, data_dir, run_dir)
+    layers = _layer_names(run_dir)
+    model_bytes, conversion = lean_model(run_dir, variant, files[variant], meta, cfg, data, layers, log)
+    source = f"{run_dir.name}/{files[variant]}"
+    ops = micro.check_ops(micro.read_graph(model_bytes), layers, source)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's private mode would carry over to the published folder
+    try:
+        (staging / "model.tflite").write_bytes(model_bytes)
+        try:
+            litert = Model(staging / "model.tflite", metadata=meta, verify=False)
+        except DeviceError as e:
+            raise ExportError(str(e))
+        sample = litert.prepare(data.x_test[:1])
+        arena = micro.measure_arena(model_bytes, sample)
+        log(f"tflm: {len(model_bytes):,} bytes of flash, arena {arena['measured']:,} bytes measured, "
+            f"{arena['recommended']:,} with the margin; ops {', '.join(ops)}")
+        if budget and budget.problems(len(model_bytes), arena["recommended"]):
+            fitting = [n for n, ok in fits(len(model_bytes), arena["recommended"]).items() if ok]
+            raise ExportError(f"{source} does not fit {budget.name}: {'; '.join(budget.problems(len(model_bytes), arena['recommended']))}"
+                              f"; it fits {', '.join(fitting) or 'none of the listed boards'}; choose a smaller "
+                              "model or another board")
+        n = len(data.x_test) if test_images is None else min(test_images, len(data.x_test))
+        log(f"tflm: running {n:,} test images through TFLite Micro and LiteRT")
+        probs_path = run_dir / "predictions.npz"
+        run_probs = None
+        if probs_path.is_file():
+            with np.load(probs_path) as p:
+                run_probs = p[f"probs_{variant}"][:n] if f"probs_{variant}" in p.files else None
+        labels = list(meta["preprocess"]["labels"])
+        accuracy = compare(model_bytes, staging / "model.tflite", arena["recommended"], meta["preprocess"],
+                           data.x_test[:n], data.y_test[:n], labels, run_probs)
+        evaluation = json.loads((run_dir / "evaluation.json").read_text()) if (run_dir / "evaluation.json").is_file() else {}
+        reported = evaluation.get("variants", {}).get(variant, {}).get("accuracy")
+        accuracy["report_accuracy"] = reported if n == evaluation.get("n") else None
+        rows = _variant_rows(run_dir, meta, variant, len(model_bytes), arena)
+        k = accuracy["example_index"]
+        summary = {
+            "kind": KIND, "schema": 1, "run": run_dir.name, "variant": variant, "source": source,
+            "conversion": conversion, "flash_bytes": len(model_bytes), "sha256": sha256_file(staging / "model.tflite"),
+            "arena": arena, "ops": ops, "input": litert.input.to_dict(), "output": litert.output.to_dict(),
+            "accuracy": accuracy, "variants": rows,
+            "boards": {name: {"title": b.title, "flash": b.flash, "ram": b.ram, "core": b.core}
+                       for name, b in BOARDS.items()},
+            "allowance": {"flash": FLASH_ALLOWANCE, "ram": RAM_ALLOWANCE},
+            "budget": {"name": budget.name, "flash": budget.flash, "ram": budget.ram} if budget else None,
+            "export": {"folder": str(out), "archive": str(archive)}, "versions": _versions(),
+        }
+        sources = tflm_sources.render(
+            model_bytes=model_bytes, source=source, sha256=summary["sha256"], generator=f"edgepipe {pipeline.__version__}",
+            preprocess=meta["preprocess"], input_spec=summary["input"], output_spec=summary["output"], labels=labels,
+            arena=arena, ops=ops, resolver_methods=micro.MICRO_OPS,
+            pixel_table=micro.pixel_table(meta["preprocess"], litert.input),
+            test_image=data.x_test[k], test_label=int(data.y_test[k]), test_index=k)
+        sources["README.md"] = tflm_sources.readme(summary, out.name)
+        for name, text in sources.items():
+            (staging / name).write_text(text, encoding="utf-8")
+        summary["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                            for p in sorted(staging.iterdir())}
+        (staging / MARKER).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        _publish(staging, out, archive)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _record(run_dir, summary, log)
+    log(f"tflm: wrote {out} and {archive}")
+    return out
+
+
+def _record(run_dir: Path, summary: dict, log) -> None:
+    """tflm.json beside the run's other results, the report rendered again, the manifest's figures."""
+    write_json(run_dir / RUN_SUMMARY, {k: v for k, v in summary.items() if k != "files"})
+    if (run_dir / "evaluation.json").is_file():
+        from pipeline.report.render import render
+
+        render(run_dir, log=log)
+    a = summary["accuracy"]
+    update_manifest(run_dir, {"tflm": {
+        "variant": summary["variant"], "flash_bytes": summary["flash_bytes"], "sha256": summary["sha256"],
+        "arena_bytes": summary["arena"]["recommended"], "arena_measured_bytes": summary["arena"]["measured"],
+        "accuracy_tflm": a["accuracy_tflm"], "agreement_with_litert": a["agreement"], "images": a["images"],
+        "fits": next(r["fits"] for r in summary["variants"] if r.get("exported")),
+        "export": summary["export"], "tflite_micro": summary["versions"]["tflite-micro"]}})
