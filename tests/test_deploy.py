@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,15 +172,25 @@ def test_platform_without_a_runtime_gets_a_message_naming_it(machine, python, mo
 # ---------------------------------------------------------------- the board-side helper, run here
 
 
-def _helper(home: Path, params: dict, data: bytes = b"", wait: bool = True):
-    """The board-side helper, run by this machine's python3 exactly as deploy runs it over SSH."""
+def _helper(home: Path, params: dict, data: bytes | None = None, wait: bool = True):
+    """The board-side helper, run by this machine's python3 exactly as deploy runs it over SSH: its
+    stdin is the data to receive, or stays open while it runs (closing it means the host went away)."""
     from pipeline.ship.ssh import remote_command
 
     cmd = ["sh", "-c", remote_command(params)]
     env = {"HOME": str(home), "PATH": os.environ["PATH"]}
     if not wait:
         return subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    return subprocess.run(cmd, env=env, input=data, capture_output=True, timeout=60)
+    if data is not None:
+        return subprocess.run(cmd, env=env, input=data, capture_output=True, timeout=60)
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdin=read_end, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        os.close(read_end)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        os.close(write_end)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_helper_takes_one_deploy_at_a_time_and_refuses_a_damaged_copy(tmp_path):
@@ -206,6 +217,42 @@ def test_helper_takes_one_deploy_at_a_time_and_refuses_a_damaged_copy(tmp_path):
         assert bad.returncode == 3 and b"not a plain name" in bad.stderr
     assert _helper(tmp_path, {"cmd": "purge"}).returncode == 0
     assert not (tmp_path / "edgepipe").exists() and tmp_path.exists()
+
+
+def _reason(proc: subprocess.CompletedProcess, step: str) -> str:
+    """The one line deploy shows for a helper call that ended like `proc`."""
+    from pipeline.ship.devices import parse_target
+    from pipeline.ship.ssh import BoardError, Session, SshOptions
+
+    session = Session(parse_target("board"), SshOptions(), time.monotonic() + 60, 60)
+    try:
+        with pytest.raises(BoardError) as e:
+            session._failed(proc.returncode, proc.stderr.decode(), step)
+    finally:
+        session.close()
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_a_board_without_python3_is_named_as_such(tmp_path):
+    from pipeline.ship.ssh import remote_command
+
+    (tmp_path / "bin").mkdir()
+    for tool in ("sh",):  # a login shell, and no python3 on the PATH
+        (tmp_path / "bin" / tool).symlink_to(shutil.which(tool))
+    proc = subprocess.run(["sh", "-c", remote_command({"cmd": "purge"})], capture_output=True, timeout=60,
+                          env={"HOME": str(tmp_path), "PATH": str(tmp_path / "bin")})
+    assert proc.returncode == 127
+    assert _reason(proc, "probing the board").startswith("no python3 on the board; install it")
+
+
+def test_a_failed_install_says_what_pip_could_not_find(tmp_path):
+    proc = _helper(tmp_path, {"cmd": "venv", "run": "r1", "venv": "k1", "module": "json",
+                              "requirements": ["edgepipe-no-such-package==0.0.1"], "wheels": None})
+    reason = _reason(proc, "installing the runtime")
+    assert reason.startswith("pip could not install edgepipe-no-such-package==0.0.1 from the package index")
+    assert "No matching distribution found for edgepipe-no-such-package==0.0.1" in reason
+    assert not (tmp_path / "edgepipe" / "venvs" / "k1" / ".edgepipe-ready").exists()  # never taken for ready
 
 
 # ---------------------------------------------------------------- extraction and the bundle
