@@ -126,6 +126,12 @@ def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return np.clip(q, info.min, info.max).astype(spec.dtype)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
 def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Stored values back to real ones: x = scale * (q - zero_point)."""
     if not spec.quantized:
@@ -234,7 +240,9 @@ class Model:
         if any(o.ndim != 2 for o in out):
             raise DeviceError(f"{self.path}: the model returned output of shape {list(out[0].shape)}, "
                               "not (N, classes)")
-        return np.concatenate(out) if out else np.zeros((0, self.output.shape[-1]), np.float32)
+        probs = np.concatenate(out) if out else np.zeros((0, self.output.shape[-1]), np.float32)
+        # A model whose last layer is not a softmax outputs logits (the metadata says so); scores are probabilities.
+        return softmax(probs) if (self.metadata or {}).get("output") == "logits" else probs
 
     def classify(self, images, top_k: int = 3, invert: bool = False) -> list[dict]:
         """One result per image, in order: its top-k, or the error that kept it from being classified.
@@ -258,7 +266,7 @@ class Model:
         if loaded:
             probs = self.predict(np.stack([p for _, p in loaded]))
             for (i, _), p in zip(loaded, probs):
-                order = np.argsort(-p)[:top_k]
+                order = np.argsort(-p, kind="stable")[:top_k]  # ties: the lowest index, as argmax (evaluation)
                 results[i]["top"] = [{"label": self.labels[c] if c < len(self.labels) else str(c), "index": int(c),
                                       "score": float(p[c])} for c in order]
         return results

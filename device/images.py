@@ -42,6 +42,9 @@ def read_image(source, preprocess: dict, name: str | None = None, timings: dict 
 
     name = name or str(source)
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    # The filter the model was trained with (metadata's preprocess "resize"); older bundles used bilinear.
+    # Pillow before 9.1 (Debian bullseye's python3-pil) has the filters on Image itself.
+    resample = getattr(getattr(Image, "Resampling", Image), str(preprocess.get("resize", "bilinear")).upper())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -53,9 +56,7 @@ def read_image(source, preprocess: dict, name: str | None = None, timings: dict 
                 size = img.size
                 img = _to_mode(img, preprocess["channels"])
                 t1 = time.perf_counter()
-                # Pillow before 9.1 (Debian bullseye's python3-pil) has the filters on Image itself.
-                bilinear = getattr(Image, "Resampling", Image).BILINEAR
-                img = img.resize((preprocess["width"], preprocess["height"]), bilinear)
+                img = img.resize((preprocess["width"], preprocess["height"]), resample)
                 arr = np.asarray(img, dtype=np.uint8)
             if timings is not None:
                 timings.setdefault("decode", []).append(t1 - t0)

@@ -173,6 +173,55 @@ def extract_bundle(archive: Path, dest: Path) -> Path:
     return dest
 
 
+def written_by_edgepipe(path: Path) -> str | None:
+    """What edgepipe wrote at path ('run', 'bundle folder', 'bundle'), or None if it cannot prove it wrote it.
+
+    Proof is our own JSON: a run's manifest.json, or a bundle's metadata.json, with our schema and
+    created_by. Commands that replace a user-named path (`--overwrite`, `bundle --out`, `unpack`)
+    replace only these, because anything else may be a user's own files.
+    """
+    import tarfile
+
+    path = Path(path)
+
+    def ours(text) -> bool:
+        try:
+            doc = json.loads(text)
+        except (ValueError, UnicodeDecodeError):
+            return False
+        if not isinstance(doc, dict) or doc.get("schema") != 1:
+            return False
+        # Runs of edgepipe 0.x before created_by was recorded name edgepipe among their versions.
+        versions = doc.get("versions")
+        return str(doc.get("created_by", "")).startswith("edgepipe ") or (
+            isinstance(versions, dict) and "edgepipe" in versions)
+
+    try:
+        if path.is_dir():
+            if (path / "manifest.json").is_file() and ours((path / "manifest.json").read_bytes()):
+                return "run"
+            if (path / METADATA_NAME).is_file() and ours((path / METADATA_NAME).read_bytes()):
+                return "bundle folder"
+            return None
+        if path.is_file():
+            with tarfile.open(path, "r:gz") as tar:
+                member = tar.extractfile(METADATA_NAME)
+                return "bundle" if member is not None and ours(member.read(1 << 20)) else None
+    except (OSError, KeyError, EOFError, tarfile.TarError):
+        return None
+    return None
+
+
+def check_replaceable(path: Path, flag: str = "--overwrite") -> None:
+    """Refuse, touching nothing, to replace a path edgepipe cannot prove it wrote."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()) or (not path.is_symlink() and written_by_edgepipe(path)):
+        return
+    what = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "a file"
+    raise DeviceError(f"{path}: {what} that edgepipe did not write (no edgepipe manifest.json or metadata.json); "
+                      f"{flag} replaces only edgepipe's own output; choose another path or move it away yourself")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -10,25 +10,33 @@ import time
 
 import numpy as np
 
-# Above this coefficient of variation a median is not worth quoting without a warning.
-WIDE_SPREAD_CV = 0.10
+# Above this ratio of interquartile range to median a median is not worth quoting without a warning.
+# Median and IQR, not mean and std: one descheduled run of 50 ms among 0.05 ms ones moves the std
+# by orders of magnitude but the quartiles not at all (pyperf and Google's benchmark do the same).
+WIDE_SPREAD_IQR = 0.15
 
 
 def summarize(samples_s) -> dict:
-    """n, mean, std, min/max and percentiles of samples in seconds, reported in milliseconds."""
+    """n, mean, std, min/max, quartiles and percentiles of samples in seconds, reported in milliseconds."""
     a = np.asarray(samples_s, dtype=np.float64) * 1e3
     if a.size == 0:
         return {"n": 0}
     mean = float(a.mean())
     std = float(a.std(ddof=1)) if a.size > 1 else 0.0
-    p50, p90, p99 = (float(v) for v in np.percentile(a, [50, 90, 99]))
-    out = {"n": int(a.size), "mean_ms": mean, "std_ms": std, "p50_ms": p50, "p90_ms": p90,
-           "p99_ms": p99, "min_ms": float(a.min()), "max_ms": float(a.max()),
+    p25, p50, p75, p90, p99 = (float(v) for v in np.percentile(a, [25, 50, 75, 90, 99]))
+    out = {"n": int(a.size), "mean_ms": mean, "std_ms": std, "p25_ms": p25, "p50_ms": p50, "p75_ms": p75,
+           "iqr_ms": p75 - p25, "p90_ms": p90, "p99_ms": p99, "min_ms": float(a.min()), "max_ms": float(a.max()),
            "throughput_per_s": 1e3 / p50 if p50 > 0 else None}
-    if mean > 0 and std / mean > WIDE_SPREAD_CV:
-        out["warning"] = (f"wide spread: std is {100 * std / mean:.0f}% of the mean; "
-                          "the machine was busy or throttling, treat the mean with care")
+    if wide_spread(out):
+        out["warning"] = (f"wide spread: the interquartile range is {100 * (p75 - p25) / p50:.0f}% of the median; "
+                          "the machine was busy or throttling, compare medians of interleaved runs only")
     return out
+
+
+def wide_spread(summary: dict) -> bool:
+    """IQR above WIDE_SPREAD_IQR of the median (summaries from before the quartiles were kept: never)."""
+    p50, iqr = summary.get("p50_ms") or 0, summary.get("iqr_ms")
+    return iqr is not None and p50 > 0 and iqr / p50 > WIDE_SPREAD_IQR
 
 
 def time_calls(fn, runs: int, warmup: int) -> tuple[list[float], list[float]]:

@@ -1,30 +1,86 @@
-"""The run directory: atomic writes, one writer at a time, a manifest that explains every file.
+"""The run directory: a kernel lock, atomic writes, a manifest that explains every file, atomic swaps.
 
-A build writes into a hidden staging folder `.<name>.partial` beside the final one and renames it
-into place only when every stage has finished and the manifest is written. An interrupted build
-therefore never leaves a run directory that looks complete; `--resume` picks the staging folder up.
+Beside a run NAME live, hidden, only while something happens to it:
+  .NAME.lock     the lock file; `flock` on it is held by whoever builds or changes NAME. The kernel
+                 releases it when the holder dies, so a lock is never stale; the pid inside is only
+                 for the message.
+  .NAME.partial  the staging folder of a build; `--resume` continues it.
+  .NAME.update   a copy of the finished run that `report`, `benchmark` or `analyze` is changing.
+  .NAME.swap     the other half of a swap in progress.
+A build or an update ends by swapping its folder into place (Linux `renameat2(RENAME_EXCHANGE)`:
+the old run or the new one is at NAME at every instant). Whatever a killed process left is
+recovered or removed by the next one that takes the lock.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
-from device.integrity import sha256_file
+import pipeline
+# check_replaceable is re-exported: `bundle --out`, `runner.py unpack` and exports call it too.
+from device.integrity import check_replaceable, sha256_file, written_by_edgepipe  # noqa: F401
 
 MANIFEST = "manifest.json"
+LOG = "build.log"  # grows after the manifest is written (the last lines), so it is not hashed
 PROGRESS = ".progress.json"
-LOCK = ".lock"
+REQUEST = ".request.json"
+CREATED_BY = f"edgepipe {pipeline.__version__}"
+
+# Read once: mkstemp makes 0600 files, and run folders follow the user's umask like any other file.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
 
 
 class RunDirError(Exception):
-    """The run directory cannot be used as asked (exists, locked); the message says what to do."""
+    """The run directory cannot be used as asked (exists, locked, not ours); the message says what to do."""
 
+
+# ---------------------------------------------------------------- names (the one place for them)
+
+def _named(final: Path) -> Path:
+    """The path itself, or its absolute form where it has no name of its own (".", "..", "runs/")."""
+    final = Path(final)
+    return final if final.name not in ("", ".", "..") else Path(os.path.abspath(final))
+
+
+def _sibling(final: Path, kind: str) -> Path:
+    final = _named(final)
+    return final.parent / f".{final.name}.{kind}"
+
+
+def staging_dir(final: Path) -> Path:
+    return _sibling(final, "partial")
+
+
+def run_name(folder: Path) -> str:
+    """The run's name, also from its staging or update folder."""
+    name = Path(folder).name
+    for kind in ("partial", "update", "swap"):
+        if name.startswith(".") and name.endswith(f".{kind}"):
+            return name[1:-len(kind) - 1]
+    return name
+
+
+def is_staging(folder: Path) -> bool:
+    name = Path(folder).name
+    return name.startswith(".") and name.endswith(".partial")
+
+
+def is_run(folder: Path) -> bool:
+    return written_by_edgepipe(folder) == "run"
+
+
+# ---------------------------------------------------------------- files
 
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over the target."""
@@ -33,6 +89,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         data = data.encode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -68,61 +125,162 @@ def file_table(root: Path) -> dict:
     out = {}
     for p in sorted(Path(root).rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if p.is_file() and rel != MANIFEST and not any(part.startswith(".") for part in p.relative_to(root).parts):
+        hidden = any(part.startswith(".") for part in p.relative_to(root).parts)
+        if p.is_file() and rel not in (MANIFEST, LOG) and not hidden:
             out[rel] = file_entry(p)
     return out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as e:
-        return e.errno == errno.EPERM
-    return True
+# ---------------------------------------------------------------- the lock
 
+class RunLock:
+    """`flock` on .NAME.lock: one writer per run, released by the kernel when its holder dies."""
+
+    def __init__(self, final: Path, doing: str):
+        self.final, self.doing = _named(final), doing
+        self.path = _sibling(self.final, "lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                holder = self._holder(fd)
+                os.close(fd)
+                raise RunDirError(
+                    f"another {holder} is writing {self.final} right now; wait for it or choose another --name "
+                    f"(the system releases the lock {self.path} when that process ends; if no such process "
+                    "runs and it stays, as on a network file system without flock, delete that file)")
+            # The holder before us may have unlinked the file after we opened it: lock the file that is there.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        note = f"{self.doing} (pid {os.getpid()})\n".encode()
+        os.pwrite(fd, note, 0)
+        os.ftruncate(fd, len(note))
+        self.fd = fd
+        return self
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        # The holder writes its note just after taking the lock: give it a moment.
+        for _ in range(50):
+            note = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            if note:
+                return note
+            time.sleep(0.01)
+        return "edgepipe process"
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            # Unlinked while still held, so the next process never locks a file nobody else can see.
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = None
+
+
+# ---------------------------------------------------------------- swapping a folder into place
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux renameat2; False where the system or file system lacks it (then the caller falls back)."""
+    libc_name = ctypes.util.find_library("c")
+    fn = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def swap_into_place(folder: Path, final: Path) -> None:
+    """Move a finished folder to `final`, replacing the run there. Call with the run's lock held."""
+    final = _named(final)
+    swap = _sibling(final, "swap")
+    if not final.exists():
+        if not _renameat2(folder, final, _RENAME_NOREPLACE):
+            os.rename(folder, final)
+        return
+    # First under the swap name: from here on, .NAME.swap beside a run at NAME is always a whole run
+    # (the new one before the exchange, the old one after it), so recovery may simply delete it.
+    os.rename(folder, swap)
+    if not _renameat2(swap, final, _RENAME_EXCHANGE):
+        # Without an exchange there is a moment with no run at NAME; recover() puts the old one back.
+        tmp = _sibling(final, "swap-new")
+        os.rename(swap, tmp)
+        os.rename(final, swap)
+        os.rename(tmp, final)
+    shutil.rmtree(swap, ignore_errors=True)
+
+
+def recover(final: Path, log=print) -> None:
+    """Finish or undo what a killed process left beside `final`. Call with the run's lock held."""
+    final = _named(final)
+    swap, swap_new, update = _sibling(final, "swap"), _sibling(final, "swap-new"), _sibling(final, "update")
+    if not final.exists():
+        for candidate in (swap, swap_new):
+            if candidate.is_dir() and is_run(candidate):
+                log(f"restoring {final} from an interrupted swap")
+                os.rename(candidate, final)
+                break
+    for leftover in (swap, swap_new, update):
+        if leftover.exists():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- a build's staging folder
 
 class RunDir:
-    """Staging folder for one build; `commit()` moves it into place."""
+    """Staging folder for one build, locked for its whole life; `commit()` swaps it into place."""
 
     def __init__(self, final: Path, *, overwrite: bool = False, resume: bool = False, log=print):
-        self.final = Path(final)
-        self.staging = self.final.parent / f".{self.final.name}.partial"
+        self.final = _named(final)
+        self.staging = staging_dir(self.final)
         self.resumed = False
-        if self.final.exists() and not overwrite and not resume:
+        self._check_final(overwrite, resume)  # touches nothing when it refuses
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.final, "build").__enter__()
+        try:
+            recover(self.final, log)
+            self._check_final(overwrite, resume)  # again: another build may have finished meanwhile
+            if self.staging.exists():
+                if resume:
+                    self.resumed = True
+                    log(f"resuming the interrupted build in {self.staging}")
+                else:
+                    log(f"removing the leftovers of an interrupted build in {self.staging} "
+                        "(pass --resume to continue it instead)")
+                    shutil.rmtree(self.staging)
+            self.staging.mkdir(exist_ok=True)
+        except BaseException:
+            self.lock.__exit__()
+            raise
+
+    def _check_final(self, overwrite: bool, resume: bool) -> None:
+        if not (self.final.exists() or self.final.is_symlink()):
+            return
+        if not overwrite and not resume:
             raise RunDirError(f"run directory {self.final} already exists; pass --overwrite to replace it "
                               "or --name/--out to build elsewhere")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self._lock(resume, log)
-
-    def _lock(self, resume: bool, log) -> None:
-        # Create the staging folder with our lock already inside and rename it into place: the
-        # rename fails if another build got there first, so two builds never share one folder.
-        fresh = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}.new-"))
-        (fresh / LOCK).write_text(str(os.getpid()))
         try:
-            os.rename(fresh, self.staging)
-            return
-        except OSError:
-            shutil.rmtree(fresh)
-        holder = self._lock_holder()
-        if holder is not None and holder != os.getpid() and _pid_alive(holder):
-            raise RunDirError(f"another build (pid {holder}) is writing {self.final} right now; "
-                              "wait for it or choose another --name")
-        if resume:
-            self.resumed = True
-            log(f"resuming the interrupted build in {self.staging}")
-        else:
-            log(f"removing the leftovers of an interrupted build in {self.staging} "
-                "(pass --resume to continue it instead)")
-            shutil.rmtree(self.staging)
-            self.staging.mkdir()
-        atomic_write(self.staging / LOCK, str(os.getpid()))
-
-    def _lock_holder(self) -> int | None:
-        try:
-            return int((self.staging / LOCK).read_text().strip())
-        except (OSError, ValueError):
-            return None
+            check_replaceable(self.final, "--overwrite")
+        except Exception as e:
+            raise RunDirError(str(e)) from None
 
     def path(self, name: str) -> Path:
         return self.staging / name
@@ -135,23 +293,25 @@ class RunDir:
         write_json(self.path(name), obj)
         return self.path(name)
 
-    # Progress lets `--resume` skip finished stages; each entry lists the files the stage wrote
-    # with their hashes, so a resumed build reuses only what still verifies.
+    # Progress lets `--resume` skip finished stages. Each entry lists the files the stage wrote and
+    # the inputs it was made from (data hash, source model hash, shaping options), so a resumed build
+    # reuses only what still verifies and was made from the same inputs.
     def progress(self) -> dict:
         try:
             return json.loads(self.path(PROGRESS).read_text())
         except (OSError, ValueError):
             return {}
 
-    def stage_done(self, stage: str, files: list[str], info: dict | None = None) -> None:
+    def stage_done(self, stage: str, files: list[str], info: dict | None = None, inputs: dict | None = None) -> None:
         prog = self.progress()
-        prog[stage] = {"files": {f: file_entry(self.path(f)) for f in files}, "info": info or {}}
+        prog[stage] = {"files": {f: file_entry(self.path(f)) for f in files}, "info": info or {},
+                       "inputs": inputs or {}}
         self.write_json(PROGRESS, prog)
 
-    def reusable(self, stage: str) -> dict | None:
-        """The record of a finished stage whose files are all still intact, else None."""
+    def reusable(self, stage: str, inputs: dict | None = None, files: list[str] = ()) -> dict | None:
+        """The record of a finished stage made from these inputs, whose files (and `files`) are intact."""
         entry = self.progress().get(stage)
-        if entry is None:
+        if entry is None or entry.get("inputs", {}) != (inputs or {}) or not set(files) <= set(entry["files"]):
             return None
         for name, want in entry["files"].items():
             p = self.path(name)
@@ -159,37 +319,45 @@ class RunDir:
                 return None
         return entry
 
+    def request(self, until: str | None) -> str:
+        """The last stage asked for: given by a new build, read back by a resumed one."""
+        if until is None:
+            try:
+                return json.loads(self.path(REQUEST).read_text())["until"]
+            except (OSError, ValueError, KeyError):
+                return "report"
+        self.write_json(REQUEST, {"until": until})
+        return until
+
     def commit(self, manifest: dict) -> Path:
-        """Write the manifest (hashes of every file) and move the run into place."""
+        """Write the manifest (hashes of every file) and swap the run into place."""
         manifest["files"] = file_table(self.staging)
         self.write_json(MANIFEST, manifest)
-        # Hidden files are bookkeeping (progress, lock) or the temporaries of writes an interrupted
-        # attempt never finished: none belongs in the finished run, and none is in the manifest. The
-        # lock goes last, once the run is in place, so no other build takes the folder meanwhile.
+        # Hidden files are bookkeeping (progress) or the temporaries of writes an interrupted attempt
+        # never finished: none belongs in the finished run, and none is in the manifest.
         for hidden in sorted(self.staging.rglob(".*"), reverse=True):
-            if hidden == self.path(LOCK):
-                continue
             if hidden.is_dir() and not hidden.is_symlink():
                 shutil.rmtree(hidden, ignore_errors=True)
             else:
                 hidden.unlink(missing_ok=True)
-        trash = None
-        if self.final.exists():
-            trash = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
-            os.replace(self.final, trash)
-        os.replace(self.staging, self.final)
-        (self.final / LOCK).unlink(missing_ok=True)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        swap_into_place(self.staging, self.final)
+        self.lock.__exit__()
         return self.final
 
     def abandon(self) -> None:
-        """Drop the lock but keep the staging folder, so `--resume` can continue."""
-        self.path(LOCK).unlink(missing_ok=True)
+        """Release the lock but keep the staging folder, so `--resume` can continue."""
+        self.lock.__exit__()
 
+    def discard(self) -> None:
+        """The build failed on its input: nothing to resume, so the staging folder goes."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.lock.__exit__()
+
+
+# ---------------------------------------------------------------- changing a finished run
 
 def update_manifest(run_dir: Path, changed: dict | None = None) -> dict:
-    """Re-hash every file of an existing run after a stage rewrote some (benchmark, report)."""
+    """Re-hash every file of a run after a stage rewrote some (benchmark, report)."""
     run_dir = Path(run_dir)
     manifest = json.loads((run_dir / MANIFEST).read_text())
     manifest.update(changed or {})
@@ -198,45 +366,22 @@ def update_manifest(run_dir: Path, changed: dict | None = None) -> dict:
     return manifest
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    import ctypes
-
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a))
-
-
 @contextlib.contextmanager
-def updating(run_dir: Path):
-    """A copy of a finished run to change; when the block succeeds it replaces the run in one step.
-
-    A kill at any moment leaves the run as it was or as it became, never half of each, so a run
-    that verified before still verifies. Updates of one run wait for each other (a lock file beside
-    it); what an interrupted update left behind is removed by the next one.
-    """
-    run_dir = Path(run_dir)
-    parent, name = run_dir.parent, run_dir.name
-    with open(parent / f".{name}.update-lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        for stale in parent.glob(f".{name}.update-*"):
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-        stage = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.update-"))
+def updating(run_dir: Path, doing: str, log=print):
+    """Change a finished run as one step: yields a copy to change; on success the copy, its manifest
+    re-hashed last, replaces the run. Interrupted or failed at any moment, the run is the old one."""
+    final = _named(run_dir)
+    if not is_run(final):
+        raise RunDirError(f"{final}: not a finished run (no edgepipe manifest.json); pass a run directory "
+                          "written by `pipeline build`")
+    with RunLock(final, doing):
+        recover(final, log)
+        work = _sibling(final, "update")
+        shutil.copytree(final, work, symlinks=True)
         try:
-            shutil.copytree(run_dir, stage, symlinks=True, dirs_exist_ok=True)
-            yield stage
-            if not _exchange(stage, run_dir):  # elsewhere: two renames, with a moment of no run in between
-                os.replace(run_dir, stage.with_name(stage.name + "-old"))
-                os.replace(stage, run_dir)
-                stage = stage.with_name(stage.name + "-old")
+            changed: dict = {}
+            yield work, changed
+            update_manifest(work, changed)
+            swap_into_place(work, final)
         finally:
-            shutil.rmtree(stage, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)

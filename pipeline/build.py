@@ -1,12 +1,17 @@
 """The stages of a build, in order, into one atomic run directory.
 
-data -> train -> convert -> metadata -> evaluate -> benchmark -> report. Each stage records the
-files it wrote; `--resume` skips a finished stage whose files still verify. The run directory
-(manifest.json, metadata.json, evaluation.json, benchmark.json) is the interface between stages, so
-`pipeline benchmark` and `pipeline report` can run later on a finished run.
+data -> train -> convert -> guard -> metadata -> evaluate -> benchmark -> report. Each stage is one
+function with explicit inputs and outputs; each records the files it wrote and the inputs it was
+made from (data hash, source model hash, the options that shape it), so `--resume` reuses a finished
+stage only when its files still verify and its inputs are the same. The run directory (manifest.json,
+metadata.json, evaluation.json, benchmark.json) is the interface between stages, so `pipeline
+benchmark` and `pipeline report` can run later on a finished run.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import json
 import os
 import platform
@@ -17,15 +22,42 @@ import numpy as np
 
 import pipeline
 from device.core import METADATA_NAME, Model
-from pipeline.artifacts import MANIFEST, RunDir, file_entry, update_manifest, write_json
+from device.integrity import sha256_file
+from pipeline import console
+from pipeline.artifacts import (
+    CREATED_BY,
+    MANIFEST,
+    RunDir,
+    atomic_write,
+    file_entry,
+    updating,
+    write_json,
+)
 from pipeline.config import BuildConfig
 from pipeline.data import Dataset, load_dataset
+from pipeline.ship.metadata import status as tflite_metadata_status
 
-STAGES = ("train", "convert", "metadata", "evaluate", "benchmark", "report")
+STAGES = ("train", "convert", "guard", "metadata", "evaluate", "benchmark", "report")
+SAMPLES = "samples"
 
 
 class AccuracyDropError(Exception):
     """Variants lost more accuracy than --max-accuracy-drop allows (the report is still written)."""
+
+
+class Stopwatch:
+    """Seconds per stage: `with clock("train"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = time.perf_counter() - t0
 
 
 def versions() -> dict:
@@ -40,154 +72,190 @@ def versions() -> dict:
     return out
 
 
-def _save_keras(model, path: Path) -> None:
-    # Keras insists on the .keras suffix, so the temporary name keeps it; rename makes it atomic.
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
-def metadata_for(cfg: BuildConfig, data: Dataset, run_dir: Path, variants) -> dict:
-    """What the device needs beside a model: preprocessing, labels, and each model's hash and tensors."""
-    pre = data.spec.to_dict()
-    meta = {"schema": 1, "created_by": f"edgepipe {pipeline.__version__}", "dataset": data.name,
-            "model": cfg.model, "preprocess": pre, "models": {}}
-    for v in variants:
-        path = run_dir / f"model_{v}.tflite"
-        info = Model(path, metadata={"preprocess": pre}, verify=False).info()
-        meta["models"][path.name] = {"variant": v, **file_entry(path), "input": info["input"],
-                                     "output": info["output"], "ops": info["ops"]}
-    return meta
-
-
-def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, until: str = "report",
+def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, until: str | None = None,
           log=print) -> Path:
-    """Run the stages up to and including `until`; returns the finished run directory."""
-    from pipeline import convert as convert_stage
-    from pipeline import train as train_stage
-
+    """Run the stages up to and including `until` (a resumed build: what it was first asked for)."""
     run = RunDir(cfg.run_dir, overwrite=overwrite, resume=resume, log=log)
-    wanted = STAGES[:STAGES.index(until) + 1]
-    times: dict[str, float] = {}
-    reused: list[str] = []
+    console.keep_log(run.staging, run.final)  # build.log goes with the run (and stays with a failed one)
     try:
-        run.write_json("config.json", cfg.to_dict())  # first, so --resume can restart from any point
-        t0 = time.perf_counter()
-        data = _data(cfg, wanted, log)
-        times["data"] = time.perf_counter() - t0
-        log(f"data: {data.name} from {data.source['kind']}, {len(data.x_train)} train / {len(data.x_val)} "
-            f"validation / {len(data.x_test)} test")
-
-        t0 = time.perf_counter()
-        import keras
-
-        if run.reusable("train"):
-            model, history = keras.models.load_model(run.path("model.keras")), run.progress()["train"]["info"]
-            reused.append("train")
-        else:
-            if cfg.keras_model:
-                model, history = train_stage.load_user_model(cfg.keras_model, data), {"source": cfg.keras_model}
-                log(f"using your model {cfg.keras_model}; training skipped")
-            else:
-                model, history = train_stage.train(cfg, data, log=log)
-            _save_keras(model, run.path("model.keras"))
-            run.stage_done("train", ["model.keras"], history)
-        times["train"] = time.perf_counter() - t0
-        from pipeline.models import count_macs
-
-        macs = count_macs(model)
-
-        if "convert" in wanted:
-            t0 = time.perf_counter()
-            converted = ["model.keras", *(f"model_{v}.tflite" for v in cfg.quantize)]
-            if _reuse(run, "convert", converted):  # the models of this very model.keras
-                reused.append("convert")
-            else:
-                for v, (flatbuffer, _) in convert_stage.convert_all(model, cfg, data, log=log).items():
-                    run.write(f"model_{v}.tflite", flatbuffer)
-                run.stage_done("convert", converted)
-            times["convert"] = time.perf_counter() - t0
-
-            variants = list(cfg.quantize)
-            meta = metadata_for(cfg, data, run.staging, variants)
-            run.write_json(METADATA_NAME, meta)
-            run.write("labels.txt", "\n".join(data.spec.labels) + "\n")
-            _write_samples(run.path("samples"), data)
-
-        if "evaluate" in wanted and cfg.evaluate:
-            from pipeline.measure.evaluate import evaluate_variants
-
-            t0 = time.perf_counter()
-            guarded = cfg.analyze or cfg.fallback == "auto" or cfg.qat
-            evaluated = ["model.keras", METADATA_NAME, *(f"model_{v}.tflite" for v in variants)]
-            if not guarded and _reuse(run, "evaluate", evaluated):
-                reused.append("evaluate")
-            else:
-                evaluation, probs = evaluate_variants(run.staging, variants, data.x_test, data.y_test, meta,
-                                                      keras_model=model, log=log)
-            times["evaluate"] = time.perf_counter() - t0
-
-            if guarded:
-                from pipeline.guard import guard
-
-                t0 = time.perf_counter()
-                # The guard decides on the validation split and writes any new variant it makes
-                # (model_<name>.tflite); those join the evaluation, benchmark and report.
-                added = guard(run.staging, cfg, data, model, meta, evaluation, log=log)
-                if added:
-                    variants += added
-                    meta = metadata_for(cfg, data, run.staging, variants)
-                    run.write_json(METADATA_NAME, meta)
-                    evaluation, probs = evaluate_variants(run.staging, variants, data.x_test, data.y_test, meta,
-                                                          keras_model=model, log=log)
-                times["guard"] = time.perf_counter() - t0
-            if "evaluate" not in reused:
-                run.write_json("evaluation.json", evaluation)
-                _save_predictions(run.path("predictions.npz"), probs, data.y_test)
-                run.stage_done("evaluate", ["evaluation.json", "predictions.npz", *evaluated])
-
-        if "benchmark" in wanted and cfg.benchmark:
-            from pipeline.measure.benchmark import benchmark_variants
-
-            t0 = time.perf_counter()
-            measured = [f"model_{v}.tflite" for v in variants]
-            if _reuse(run, "benchmark", measured):
-                reused.append("benchmark")
-            else:
-                bench = benchmark_variants(run.staging, variants, meta, threads_list=cfg.threads,
-                                           xnnpack=cfg.xnnpack, runs=cfg.bench_runs, warmup=cfg.bench_warmup,
-                                           macs=macs, cross_check_litert=cfg.cross_check, log=log)
-                run.write_json("benchmark.json", bench)
-                run.stage_done("benchmark", ["benchmark.json", *measured])
-            times["benchmark"] = time.perf_counter() - t0
-
-        manifest = {
-            "schema": 1, "config": cfg.to_dict(), "versions": versions(),
-            "platform": {"system": platform.platform(), "machine": platform.machine(),
-                         "cpu_count": os.cpu_count()},
-            "data": data.source, "calibration_samples": min(cfg.calibration_samples, len(data.x_train)),
-            "preprocess": data.spec.to_dict(), "training": history, "macs_per_inference": macs,
-            "models": meta["models"] if "convert" in wanted else {},
-            "stage_seconds": times, "reused_stages": reused,
-        }
-        if "report" in wanted and cfg.evaluate:
-            from pipeline.report import render as report
-
-            t0 = time.perf_counter()
-            run.write_json(MANIFEST, manifest)
-            report.render(run.staging, log=log)
-            times["report"] = time.perf_counter() - t0
-        final = run.commit(manifest)
-    except BaseException:
-        run.abandon()
+        final = _stages(run, cfg, run.request(None if resume else until or "report"), log)
+    except Exception:
+        run.discard()  # failed on its input (or a bug): there is nothing to resume
         raise
+    except BaseException:
+        run.abandon()  # interrupted: the staging folder stays for --resume
+        raise
+    log(f"wrote {final}")
+    return final
+
+
+def _stages(run: RunDir, cfg: BuildConfig, until: str, log) -> Path:
+    wanted = STAGES[:STAGES.index(until) + 1]
+    clock, reused = Stopwatch(), []
+    run.write_json("config.json", cfg.to_dict())  # first, so --resume can restart from any point
+    with clock("data"):
+        data, user_model = load_inputs(cfg, wanted, log)
+    with clock("train"):
+        model, history = train_stage(run, cfg, data, user_model, reused, log)
+    variants, meta = ["fp32"], None
+    if "convert" in wanted:
+        with clock("convert"):
+            variants = convert_stage(run, cfg, data, model, reused, log)
+    if "guard" in wanted and cfg.guarded:
+        with clock("guard"):
+            variants += guard_stage(run, cfg, data, model, reused, log)
+    if "metadata" in wanted:
+        meta = metadata_stage(run, cfg, data, model, variants)
+    if "evaluate" in wanted and cfg.evaluate:
+        with clock("evaluate"):
+            evaluate_stage(run, data, model, meta, variants, reused, log)
+    from pipeline.models import count_macs
+
+    macs = count_macs(model)
+    if "benchmark" in wanted and cfg.benchmark:
+        with clock("benchmark"):
+            benchmark_stage(run, cfg, meta, variants, macs, reused, log)
+    manifest = {
+        "schema": 1, "created_by": CREATED_BY, "config": cfg.to_dict(), "versions": versions(),
+        "platform": {"system": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count()},
+        "data": data.source, "calibration_samples": min(cfg.calibration_samples, len(data.x_train)),
+        "preprocess": data.spec.to_dict(), "training": history, "macs_per_inference": macs,
+        "models": meta["models"] if meta else {}, "stage_seconds": clock.seconds, "reused_stages": reused,
+    }
+    if "report" in wanted and cfg.evaluate:
+        with clock("report"):
+            run.write_json(MANIFEST, manifest)  # the report reads it
+            from pipeline.report import render
+
+            render.render(run.staging, log=log)
+    final = run.commit(manifest)
     if reused:
         log(f"reused from the interrupted build: {', '.join(reused)}")
     elif run.resumed:
         log("nothing from the interrupted build could be reused; every stage ran again")
-    log(f"wrote {final}")
     return final
 
+
+# ---------------------------------------------------------------- the stages
+
+def load_inputs(cfg: BuildConfig, wanted, log) -> tuple[Dataset, object]:
+    """The dataset, with the model's input convention, and the user's own model if one was given."""
+    from pipeline.train import input_convention, load_user_model
+
+    data = _data(cfg, wanted, log)
+    user_model = load_user_model(cfg.keras_model, data) if cfg.keras_model else None
+    scale, offset = input_convention(cfg, user_model)
+    data = dataclasses.replace(data, spec=dataclasses.replace(data.spec, scale=scale, offset=offset))
+    log(f"data: {data.name} from {data.source['kind']}, {len(data.x_train)} train / {len(data.x_val)} "
+        f"validation / {len(data.x_test)} test")
+    return data, user_model
+
+
+def train_stage(run: RunDir, cfg: BuildConfig, data: Dataset, user_model, reused: list, log):
+    """-> model.keras: trained, or the user's model as it is."""
+    import keras
+
+    from pipeline import train
+
+    inputs = {"data": data.source["sha256"], "preprocess": [data.spec.scale, data.spec.offset],
+              "source_model": sha256_file(Path(cfg.keras_model)) if cfg.keras_model else None,
+              "options": {k: getattr(cfg, k) for k in ("model", "epochs", "batch_size", "seed")}}
+    entry = run.reusable("train", inputs)
+    if entry:
+        reused.append("train")
+        return keras.models.load_model(run.path("model.keras")), entry["info"]
+    if user_model is not None:
+        model, history = user_model, {"source": cfg.keras_model}
+        log(f"using your model {cfg.keras_model}; training skipped")
+    else:
+        model, history = train.train(cfg, data, log=log)
+    _save_keras(model, run.path("model.keras"))
+    run.stage_done("train", ["model.keras"], history, inputs)
+    return model, history
+
+
+def convert_stage(run: RunDir, cfg: BuildConfig, data: Dataset, model, reused: list, log) -> list[str]:
+    """-> model_<variant>.tflite for every --quantize variant."""
+    from pipeline import convert
+
+    files = [f"model_{v}.tflite" for v in cfg.quantize]
+    inputs = {**_hashes(run, ["model.keras"]), "data": data.source["sha256"],
+              "options": {k: getattr(cfg, k) for k in ("quantize", "calibration_samples", "int8_io", "seed")}}
+    inputs["options"]["quantize"] = list(cfg.quantize)
+    if run.reusable("convert", inputs, files):
+        reused.append("convert")
+    else:
+        for v, (flatbuffer, _) in convert.convert_all(model, cfg, data, log=log).items():
+            run.write(f"model_{v}.tflite", flatbuffer)
+        _tflite_metadata(cfg, data, run.staging, cfg.quantize, log)
+        run.stage_done("convert", files, None, inputs)
+    return list(cfg.quantize)
+
+
+def guard_stage(run: RunDir, cfg: BuildConfig, data: Dataset, model, reused: list, log) -> list[str]:
+    """-> analysis.json and any variant the guard made (model_int8-cle.tflite, ...); returns those."""
+    from pipeline.guard import guard
+
+    inputs = {**_hashes(run, ["model.keras", *(f"model_{v}.tflite" for v in cfg.quantize)]),
+              "data": data.source["sha256"],
+              "options": {k: getattr(cfg, k) for k in ("analyze", "fallback", "qat", "max_accuracy_drop",
+                                                       "calibration_samples", "int8_io", "seed")}}
+    entry = run.reusable("guard", inputs)
+    if entry:
+        reused.append("guard")
+        return entry["info"]["added"]
+    added = guard(run.staging, cfg, data, model, log=log)
+    _tflite_metadata(cfg, data, run.staging, added, log)
+    written = ["analysis.json", *(f"model_{v}.tflite" for v in added)]
+    written += [p.name for p in run.staging.glob("analysis_*.png")]
+    run.stage_done("guard", written, {"added": added}, inputs)
+    return added
+
+
+def metadata_stage(run: RunDir, cfg: BuildConfig, data: Dataset, model, variants: list[str]) -> dict:
+    """-> metadata.json (what the device needs), labels.txt and samples/; cheap, so never reused."""
+    meta = metadata_for(cfg, data, run.staging, variants, logits=_outputs_logits(model))
+    run.write_json(METADATA_NAME, meta)
+    run.write("labels.txt", "\n".join(data.spec.labels) + "\n")
+    _write_samples(run.path(SAMPLES), data)
+    return meta
+
+
+def evaluate_stage(run: RunDir, data: Dataset, model, meta: dict, variants: list[str], reused: list, log) -> None:
+    """-> evaluation.json and predictions.npz: every variant once, on the test split."""
+    from pipeline.measure.evaluate import evaluate_variants
+
+    inputs = {**_hashes(run, ["model.keras", METADATA_NAME, *(f"model_{v}.tflite" for v in variants)]),
+              "data": data.source["sha256"]}
+    if run.reusable("evaluate", inputs):
+        reused.append("evaluate")
+        return
+    evaluation, probs = evaluate_variants(run.staging, variants, data.x_test, data.y_test, meta,
+                                          keras_model=model, log=log)
+    run.write_json("evaluation.json", evaluation)
+    _save_predictions(run.path("predictions.npz"), probs, data.y_test)
+    run.stage_done("evaluate", ["evaluation.json", "predictions.npz"], None, inputs)
+
+
+def benchmark_stage(run: RunDir, cfg: BuildConfig, meta: dict, variants: list[str], macs: int, reused: list,
+                    log) -> None:
+    """-> benchmark.json: latency, memory and size of every variant."""
+    from pipeline.measure.benchmark import benchmark_variants
+
+    inputs = {**_hashes(run, [METADATA_NAME, *(f"model_{v}.tflite" for v in variants)]),
+              "options": {k: getattr(cfg, k) for k in ("xnnpack", "bench_runs", "bench_warmup", "cross_check")}}
+    inputs["options"]["threads"] = list(cfg.threads)
+    if run.reusable("benchmark", inputs):
+        reused.append("benchmark")
+        return
+    bench = benchmark_variants(run.staging, variants, meta, threads_list=cfg.threads, xnnpack=cfg.xnnpack,
+                               runs=cfg.bench_runs, warmup=cfg.bench_warmup, macs=macs,
+                               cross_check_litert=cfg.cross_check, log=log)
+    run.write_json("benchmark.json", bench)
+    run.stage_done("benchmark", ["benchmark.json"], None, inputs)
+
+
+# ---------------------------------------------------------------- helpers of the stages
 
 def _data(cfg: BuildConfig, wanted, log) -> Dataset:
     """The dataset, or only its description when nothing needs its images and getting them means a download:
@@ -198,7 +266,8 @@ def _data(cfg: BuildConfig, wanted, log) -> Dataset:
     info = DATASETS[cfg.dataset]
     needs_images = "evaluate" in wanted or not cfg.keras_model or any(v in CALIBRATED for v in cfg.quantize)
     if needs_images or cfg.data_dir is not None or not info.offline:
-        return load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction)
+        return load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction,
+                            input_shape=cfg.input_shape, log=log)
     log(f"data: {', '.join(cfg.quantize)} need no images, so {cfg.dataset} is not downloaded "
         "(no samples/ for the device; pass --data-dir to include them)")
     empty = np.zeros((0, *info.input_shape), np.uint8), np.zeros(0, np.int64)
@@ -206,19 +275,54 @@ def _data(cfg: BuildConfig, wanted, log) -> Dataset:
                                                                       "counts": {"train": 0, "val": 0, "test": 0}})
 
 
-def _reuse(run: RunDir, stage: str, inputs: list[str]) -> bool:
-    """A finished stage is reused only if its outputs and these inputs are still the files it saw."""
-    entry = run.reusable(stage)
-    return entry is not None and set(inputs) <= set(entry["files"])
+def _hashes(run: RunDir, names: list[str]) -> dict:
+    return {name: sha256_file(run.path(name)) for name in names}
+
+
+def _save_keras(model, path: Path) -> None:
+    # Keras insists on the .keras suffix, so the temporary name keeps it; rename makes it atomic.
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def _outputs_logits(model) -> bool:
+    """True when the last layer does not end in softmax: the model's outputs are logits."""
+    from pipeline.train import outputs_probabilities
+
+    return not outputs_probabilities(model)
+
+
+def metadata_for(cfg: BuildConfig, data: Dataset, run_dir: Path, variants, logits: bool = False) -> dict:
+    """What the device needs beside a model: preprocessing, labels, and each model's hash and tensors."""
+    pre = data.spec.to_dict()
+    meta = {"schema": 1, "created_by": CREATED_BY, "dataset": data.name, "model": cfg.model,
+            "preprocess": pre, "output": "logits" if logits else "probabilities", "models": {}}
+    for v in variants:
+        path = run_dir / f"model_{v}.tflite"
+        info = Model(path, metadata={"preprocess": pre}, verify=False).info()
+        meta["models"][path.name] = {"variant": v, **file_entry(path), "input": info["input"],
+                                     "output": info["output"], "ops": info["ops"],
+                                     "tflite_metadata": tflite_metadata_status(path, pre)}
+    return meta
+
+
+def _tflite_metadata(cfg: BuildConfig, data: Dataset, folder: Path, variants, log) -> None:
+    """Standard TFLite model metadata (labels, normalization) inside each model, for apps like MediaPipe."""
+    from pipeline.ship.metadata import embed_files
+
+    embed_files(folder, variants, cfg.model, data.name, data.spec.to_dict(), pipeline.__version__, log=log)
+
+
+def sample_name(index: int, label: str) -> str:
+    """A file name for a sample image; a label such as `T-shirt/top` must not make a folder."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label).strip("_") or "class"
+    return f"{index:02d}_{safe}.png"
 
 
 def _write_samples(folder: Path, data: Dataset, images: int = 8, labelled: int = 200) -> None:
     """A few test images as PNG for `classify`, and a labelled npz for `eval`, to ship in the bundle."""
-    import io
-
     from PIL import Image
-
-    from pipeline.artifacts import atomic_write
 
     if not len(data.x_test):
         return
@@ -228,17 +332,19 @@ def _write_samples(folder: Path, data: Dataset, images: int = 8, labelled: int =
         img = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        atomic_write(folder / f"{i:02d}_{data.spec.labels[int(data.y_test[i])]}.png", buf.getvalue())
+        atomic_write(folder / sample_name(i, data.spec.labels[int(data.y_test[i])]), buf.getvalue())
     buf = io.BytesIO()
     np.savez_compressed(buf, x=data.x_test[:labelled], y=data.y_test[:labelled])
     atomic_write(folder / "eval.npz", buf.getvalue())
 
 
 def _save_predictions(path: Path, probs: dict[str, np.ndarray], y: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez_compressed(tmp, y=np.asarray(y), **{f"probs_{k}": v for k, v in probs.items()})
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, y=np.asarray(y), **{f"probs_{k}": v for k, v in probs.items()})
+    atomic_write(path, buf.getvalue())
 
+
+# ---------------------------------------------------------------- after the build
 
 def check_accuracy_drop(run_dir: Path, max_drop_pp: float) -> None:
     run_dir = Path(run_dir)
@@ -255,21 +361,20 @@ def check_accuracy_drop(run_dir: Path, max_drop_pp: float) -> None:
 
 
 def rebenchmark(run_dir: Path, cfg: BuildConfig, log=print) -> dict:
-    """`pipeline benchmark RUN_DIR`: measure again, rewrite benchmark.json and the report."""
-    from pipeline.report import render as report
+    """`pipeline benchmark RUN_DIR`: measure again; benchmark.json, the report and the manifest change as one."""
     from pipeline.measure.benchmark import benchmark_variants
+    from pipeline.report import render
 
-    run_dir = Path(run_dir)
-    meta = json.loads((run_dir / METADATA_NAME).read_text())
-    manifest = json.loads((run_dir / MANIFEST).read_text())
-    variants = [m["variant"] for m in meta["models"].values()]
-    bench = benchmark_variants(run_dir, variants, meta, threads_list=cfg.threads, xnnpack=cfg.xnnpack,
-                               runs=cfg.bench_runs, warmup=cfg.bench_warmup, macs=manifest.get("macs_per_inference"),
-                               cross_check_litert=cfg.cross_check, log=log)
-    write_json(run_dir / "benchmark.json", bench)
-    update_manifest(run_dir, {"stage_seconds": {**manifest.get("stage_seconds", {}), "benchmark": bench["seconds"]}})
-    if (run_dir / "evaluation.json").exists():
-        report.render(run_dir, log=log)
-        update_manifest(run_dir)
+    with updating(run_dir, "benchmark", log=log) as (work, changed):
+        manifest = json.loads((work / MANIFEST).read_text())
+        meta = json.loads((work / METADATA_NAME).read_text())
+        variants = [m["variant"] for m in meta["models"].values()]
+        bench = benchmark_variants(work, variants, meta, threads_list=cfg.threads, xnnpack=cfg.xnnpack,
+                                   runs=cfg.bench_runs, warmup=cfg.bench_warmup,
+                                   macs=manifest.get("macs_per_inference"), cross_check_litert=cfg.cross_check,
+                                   log=log)
+        write_json(work / "benchmark.json", bench)
+        changed["stage_seconds"] = {**manifest.get("stage_seconds", {}), "benchmark": bench["seconds"]}
+        if (work / "evaluation.json").exists():
+            render.render(work, log=log)
     return bench
-

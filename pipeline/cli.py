@@ -15,9 +15,9 @@ from pathlib import Path
 import click
 
 import pipeline
-from pipeline.config import FALLBACKS, INT8_IO, VARIANTS, BuildConfig, ConfigError
+from pipeline.config import FALLBACKS, INPUT_RANGES, INT8_IO, VARIANTS, BuildConfig, ConfigError
 from pipeline.data import DATASETS
-from pipeline.models import MODELS
+from pipeline.models import MODELS, OPTIMIZERS, SCHEDULES
 from pipeline.ship.bundle import WHEEL_PLATFORMS
 from pipeline.ship.tflm import BOARDS, TARGETS
 
@@ -36,6 +36,7 @@ def _user_errors():
     """The exception types that mean 'your input', not 'our bug'; imported lazily to keep --help fast."""
     from device.core import DeviceError
     from pipeline.artifacts import RunDirError
+    from pipeline.convert import ConversionError
     from pipeline.data import DataError
     from pipeline.report.render import ReportError
     from pipeline.ship.bundle import BundleError
@@ -43,8 +44,17 @@ def _user_errors():
     from pipeline.ship.devices import DeviceError as BoardNameError
     from pipeline.train import ModelMismatchError
 
-    return (DeviceError, RunDirError, DataError, ModelMismatchError, ReportError, BundleError, DeployError,
-            BoardNameError)
+    return (DeviceError, RunDirError, DataError, ModelMismatchError, ReportError, ConversionError, BundleError,
+            DeployError, BoardNameError)
+
+
+# What an interruption leaves, by command: a build's staging folder stays for --resume; a finished
+# run that was being changed stays as it was.
+INTERRUPTED = {
+    **dict.fromkeys(("build", "train", "convert"),
+                    "interrupted; nothing half-written was left behind (continue with `pipeline build --resume NAME`)"),
+    **dict.fromkeys(("report", "benchmark", "analyze"), "interrupted; the run is unchanged"),
+}
 
 
 def handle_errors(fn):
@@ -61,8 +71,29 @@ def handle_errors(fn):
                 raise UserError(str(e))
             raise
         except KeyboardInterrupt:
-            raise Interrupted("interrupted; nothing half-written was left behind (continue with --resume)")
+            raise Interrupted(INTERRUPTED.get(fn.__name__, "interrupted"))
     return wrapper
+
+
+def verbose_option(fn):
+    return click.option("-v", "--verbose", is_flag=True,
+                        help="Also show TensorFlow's and the interpreter's own log lines live "
+                             "(they always go to the run's build.log).")(fn)
+
+
+def captured(verbose: bool, work):
+    """Run work(log) with native output kept in build.log; a bug ends in one line naming the log."""
+    from pipeline import console
+
+    user_errors = (click.ClickException, ConfigError, KeyboardInterrupt, *_user_errors())
+    with console.session(verbose, user_errors) as session:
+        try:
+            return work(session.say)
+        except Exception as e:
+            if isinstance(e, user_errors):
+                raise
+            raise UserError(f"failed: {type(e).__name__}: {e}; the traceback and TensorFlow's own output are in "
+                            f"{session.where()}") from e
 
 
 def _split_variants(ctx, param, values):
@@ -94,13 +125,15 @@ def _data_dir(ctx, param, value):
 
 def data_options(fn):
     # Eager: --data-dir's check needs the dataset, whichever comes first on the command line.
-    fn = click.option("--dataset", type=click.Choice(list(DATASETS)), default="mnist", show_default=True,
-                      is_eager=True,
-                      help="Training data: mnist, cifar10, or digits (scikit-learn's 8x8 digits, no network "
-                           "needed).")(fn)
+    fn = click.option("--dataset", type=click.Choice(list(DATASETS)), is_eager=True,
+                      help="Training data: mnist, cifar10, digits (scikit-learn's 8x8 digits, no network needed) "
+                           "or folder (your images, one folder per class). Default: folder when --data-dir holds "
+                           "class folders, else mnist.")(fn)
     fn = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), callback=_data_dir,
-                      help="Read the dataset offline from DIR (mnist.npz or IDX files; cifar-10-batches-py "
-                           "or cifar-10-python.tar.gz) instead of downloading it.")(fn)
+                      help="Read the dataset offline from DIR (mnist.npz or IDX files; cifar-10-batches-py, "
+                           "cifar-10-python.tar.gz or CIFAR class folders) or your own class folders.")(fn)
+    fn = click.option("--image-size", metavar="HxW",
+                      help="Size images from folders are resized to (default: the dataset's, 32x32 for a folder).")(fn)
     fn = click.option("--seed", type=int, default=0, show_default=True,
                       help="Seed for weights, shuffling, validation split and calibration sample.")(fn)
     return fn
@@ -117,10 +150,23 @@ def output_options(fn):
 def train_options(fn):
     fn = click.option("--model", type=click.Choice(list(MODELS)),
                       help="Architecture from the zoo (default: the dataset's default).")(fn)
-    fn = click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
-                      help="Training epochs.")(fn)
-    fn = click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-                      help="Training batch size.")(fn)
+    # The recipe options default to the model's own recipe (models.MODELS; the README lists them).
+    fn = click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the model's recipe).")(fn)
+    fn = click.option("--batch-size", type=click.IntRange(min=1), help="Training batch size (default: recipe).")(fn)
+    fn = click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="Optimizer (default: recipe).")(fn)
+    fn = click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True),
+                      help="Peak learning rate (default: recipe).")(fn)
+    fn = click.option("--lr-schedule", type=click.Choice(SCHEDULES),
+                      help="cosine (to 0, after --warmup-epochs) or constant (default: recipe).")(fn)
+    fn = click.option("--warmup-epochs", type=click.IntRange(min=0),
+                      help="Linear warm-up epochs (default: recipe).")(fn)
+    fn = click.option("--weight-decay", type=click.FloatRange(min=0, max=1, max_open=True),
+                      help="Decoupled weight decay (default: recipe).")(fn)
+    fn = click.option("--label-smoothing", type=click.FloatRange(min=0, max=1, max_open=True),
+                      help="Label smoothing of the loss (default: recipe).")(fn)
+    fn = click.option("--augment/--no-augment", default=None,
+                      help="Random shift and horizontal flip of training images only (default: on for cifar10 "
+                           "and folders, off for digits).")(fn)
     fn = click.option("--tensorboard", type=click.Path(file_okay=False, path_type=Path),
                       help="Write TensorBoard logs to DIR.")(fn)
     return fn
@@ -133,7 +179,11 @@ def convert_options(fn):
     fn = click.option("--calibration-samples", type=click.IntRange(min=1), default=300, show_default=True,
                       help="Training images used to calibrate int8/int16x8 activation ranges.")(fn)
     fn = click.option("--int8-io", type=click.Choice(INT8_IO), default="int8", show_default=True,
-                      help="Input/output type of the int8 model: int8 (integer-only) or float.")(fn)
+                      help="Input/output type of the int8 model: int8 (integer-only), uint8 (integer-only, what "
+                           "MediaPipe Tasks and TFLite Model Maker use) or float.")(fn)
+    fn = click.option("--input-range", type=click.Choice(list(INPUT_RANGES)),
+                      help="Pixel range the model expects (default: 0,255 for a --keras-model that starts with "
+                           "a Rescaling or Normalization layer, else 0,1); recorded for the device.")(fn)
     return fn
 
 
@@ -143,7 +193,7 @@ def measure_options(fn):
     fn = click.option("--warmup", "bench_warmup", type=click.IntRange(min=0), default=20, show_default=True,
                       help="Warm-up inferences per variant, timed but kept out of the statistics.")(fn)
     fn = click.option("--threads", type=click.IntRange(min=1), multiple=True,
-                      help="Interpreter threads to measure (repeatable; default: 1 and all cores).")(fn)
+                      help="Interpreter threads to measure (repeatable; default: 1 and min(4, cores)).")(fn)
     fn = click.option("--no-xnnpack", is_flag=True, help="Benchmark the built-in kernels instead of XNNPACK.")(fn)
     fn = click.option("--cross-check", is_flag=True,
                       help="Also run Google's litert-benchmark on every variant and compare medians.")(fn)
@@ -182,6 +232,10 @@ def _make_config(out, **kwargs) -> BuildConfig:
     xnnpack = not kwargs.pop("no_xnnpack", False)
     if not kwargs.get("quantize"):
         kwargs.pop("quantize", None)  # the config's default (int8) applies
+    if kwargs.get("dataset") is None:
+        from pipeline.data import is_image_folder
+
+        kwargs["dataset"] = "folder" if kwargs.get("data_dir") and is_image_folder(kwargs["data_dir"]) else "mnist"
     for key in ("data_dir", "keras_model", "tensorboard"):
         if kwargs.get(key) is not None:
             kwargs[key] = str(kwargs[key])
@@ -233,13 +287,16 @@ def main():
 @click.option("--fallback", type=click.Choice(FALLBACKS), default="none", show_default=True,
               help="auto: if int8 loses more than --max-accuracy-drop, repair it (equalization, then float layers).")
 @click.option("--qat", is_flag=True, help="Also fine-tune with quantization-aware training and report QAT int8.")
+@verbose_option
 @handle_errors
-def build(overwrite, resume, no_benchmark, **kwargs):
+def build(overwrite, resume, no_benchmark, verbose, **kwargs):
     """Train, quantize, convert, evaluate, benchmark and report, into one run directory."""
     from pipeline.build import build as run_build, check_accuracy_drop, AccuracyDropError
 
+    if resume:
+        _refuse_options_with_resume(click.get_current_context())
     cfg = _resume_config(resume) if resume else _config(benchmark=not no_benchmark, overwrite=overwrite, **kwargs)
-    run_dir = run_build(cfg, overwrite=overwrite, resume=bool(resume), log=click.echo)
+    run_dir = captured(verbose, lambda log: run_build(cfg, overwrite=overwrite, resume=bool(resume), log=log))
     _print_table(run_dir)
     if cfg.max_accuracy_drop is not None:
         try:
@@ -252,12 +309,14 @@ def build(overwrite, resume, no_benchmark, **kwargs):
 @data_options
 @train_options
 @output_options
+@verbose_option
 @handle_errors
-def train(overwrite, **kwargs):
+def train(overwrite, verbose, **kwargs):
     """Train only: writes model.keras and a manifest."""
     from pipeline.build import build as run_build
 
-    run_build(_config(overwrite=overwrite, **kwargs), overwrite=overwrite, until="train", log=click.echo)
+    cfg = _config(overwrite=overwrite, **kwargs)
+    captured(verbose, lambda log: run_build(cfg, overwrite=overwrite, until="train", log=log))
 
 
 @main.command()
@@ -265,37 +324,50 @@ def train(overwrite, **kwargs):
 @data_options
 @convert_options
 @output_options
+@verbose_option
 @handle_errors
-def convert(keras_model, overwrite, **kwargs):
+def convert(keras_model, overwrite, verbose, **kwargs):
     """Convert a .keras model into the chosen .tflite variants (no training, no measurements)."""
     from pipeline.build import build as run_build
 
     cfg = _config(keras_model=keras_model, overwrite=overwrite, **kwargs)
-    run_build(cfg, overwrite=overwrite, until="metadata", log=click.echo)
+    captured(verbose, lambda log: run_build(cfg, overwrite=overwrite, until="metadata", log=log))
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @measure_options
+@verbose_option
 @handle_errors
-def benchmark(run_dir, **kwargs):
+def benchmark(run_dir, verbose, **kwargs):
     """Measure latency, memory and size of every variant of a finished run again."""
     from pipeline.build import rebenchmark
 
     _converted_run(run_dir, "benchmark")
     cfg = _run_config(run_dir, **kwargs)
-    rebenchmark(run_dir, cfg, log=click.echo)
+    captured(verbose, lambda log: rebenchmark(run_dir, cfg, log=log))
     _print_table(run_dir)
+
+
+def _refuse_options_with_resume(ctx) -> None:
+    """--resume continues with the options the build was started with; others would be silently ignored."""
+    given = [f"--{name.replace('_', '-')}" for name in ctx.params
+             if name != "resume" and ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)]
+    if given:
+        raise click.UsageError(f"--resume continues with the options the build was started with; drop "
+                               f"{', '.join(given)} (or start a new build with them and --overwrite)")
 
 
 def _resume_config(target: str) -> BuildConfig:
     """The configuration an interrupted build saved in its staging folder."""
+    from pipeline.artifacts import is_run, staging_dir
+
     final = Path(target) if ("/" in target or Path(target).is_dir()) else Path("artifacts") / target
-    staging = final.parent / f".{final.name}.partial"
+    staging = staging_dir(final)
     try:
         saved = json.loads((staging / "config.json").read_text())
     except (OSError, ValueError):
-        if (final / "manifest.json").is_file():
+        if is_run(final):
             raise UserError(f"--resume {target}: the run {final} is already complete; nothing to resume")
         if final.exists():
             raise UserError(f"--resume {target}: {final} is not a run (no manifest.json) and no interrupted build "
@@ -341,13 +413,14 @@ def _print_table(run_dir: Path) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@verbose_option
 @handle_errors
-def analyze(run_dir):
+def analyze(run_dir, verbose):
     """Per-layer quantization error of a finished run's int8 model, added to its report."""
     from pipeline.guard import analyze_run
 
     _converted_run(run_dir, "analyze")
-    analyze_run(run_dir, log=click.echo)
+    captured(verbose, lambda log: analyze_run(run_dir, log=log))
 
 
 @main.command()
@@ -382,16 +455,44 @@ def verify(run_dir, as_json):
 @handle_errors
 def report(run_dir, more_results, device_results):
     """Render report.json, report.md, report.html and the plots of a finished run again."""
+    from pipeline.artifacts import updating
     from pipeline.report import render as report_stage
-    from pipeline.artifacts import update_manifest
 
     if more_results and not device_results:
         raise click.UsageError(f"unexpected argument(s) {' '.join(map(str, more_results))}; device results go "
                                "after --device-results: pipeline report RUN_DIR --device-results FILE...")
     _converted_run(run_dir, "report")
-    report_stage.render(run_dir, device_results=[*device_results, *more_results], log=click.echo)
-    update_manifest(run_dir)
+    with updating(run_dir, "report", log=click.echo) as (work, _):
+        report_stage.render(work, device_results=[*device_results, *more_results], log=click.echo)
     _print_table(run_dir)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, metavar="RUN_A RUN_B [...]")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "html", "json"]), default="text",
+              show_default=True, help="What to print: a terminal table, Markdown, an HTML page or JSON.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write compare.json, compare.md, compare.html and compare.png into DIR.")
+@handle_errors
+def compare(runs, fmt, out):
+    """Finished runs side by side: accuracy with its interval, size, latency; incomparable columns flagged."""
+    from pipeline.report import compare as comparison
+
+    try:
+        result = comparison.compare(list(runs))
+    except comparison.CompareError as e:
+        raise UserError(str(e))
+    if fmt == "json":
+        click.echo(json.dumps(result, indent=2))
+    elif fmt == "html":
+        click.echo(comparison.html(result, comparison.plot(result)), nl=False)
+    else:
+        click.echo(comparison.markdown(result) if fmt == "markdown" else comparison.text(result), nl=False)
+        if fmt == "text":
+            click.echo()
+    if out:
+        for path in comparison.write(result, out):
+            click.echo(f"wrote {path}", err=True)
 
 
 @main.command()

@@ -8,8 +8,17 @@ from pathlib import Path
 
 # Order matters: reports list variants in this order, smallest change from the baseline first.
 VARIANTS = ("fp32", "dynamic", "float16", "int8", "int16x8")
-INT8_IO = ("int8", "float")
+# uint8 is what TFLite Model Maker exported and what MediaPipe Tasks accepts as a quantized input.
+INT8_IO = ("int8", "uint8", "float")
 FALLBACKS = ("none", "auto")
+# What a model's input expects, as uint8 pixel * scale + offset. A user's model that starts with a
+# Rescaling or Normalization layer takes raw pixels ("0,255"); the zoo trains on "0,1".
+INPUT_RANGES = {"0,1": (1 / 255, 0.0), "-1,1": (2 / 255, -1.0), "0,255": (1.0, 0.0)}
+
+
+def default_threads() -> tuple[int, ...]:
+    """1 and min(4, cores): a Raspberry Pi has 4 cores, and 64 threads on a big host says nothing about it."""
+    return tuple(sorted({1, min(4, os.cpu_count() or 1)}))
 
 
 class ConfigError(ValueError):
@@ -33,13 +42,23 @@ class BuildConfig:
     dataset: str = "mnist"
     model: str | None = None  # None: the dataset's default model
     data_dir: str | None = None
+    image_size: str | None = None  # "HxW"; None: the dataset's standard size (32x32 for a folder)
     quantize: tuple[str, ...] = ("int8",)
-    epochs: int = 5
-    batch_size: int = 64
+    # The training recipe: None takes the model's default (models.MODELS[...].recipe).
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    learning_rate: float | None = None
+    lr_schedule: str | None = None
+    warmup_epochs: int | None = None
+    weight_decay: float | None = None
+    label_smoothing: float | None = None
+    augment: bool | None = None  # None: on for CIFAR and image folders, off for digits
     calibration_samples: int = 300
     validation_fraction: float = 0.1
     seed: int = 0
     int8_io: str = "int8"
+    input_range: str | None = None  # None: read from the --keras-model, else "0,1"
     keras_model: str | None = None
     tensorboard: str | None = None
     out: str = ""  # the run directory; empty: artifacts/<model or --keras-model file stem>-<dataset>
@@ -48,7 +67,7 @@ class BuildConfig:
     benchmark: bool = True
     bench_runs: int = 200
     bench_warmup: int = 20
-    threads: tuple[int, ...] = ()  # empty: 1 and all cores
+    threads: tuple[int, ...] = ()  # empty: default_threads()
     xnnpack: bool = True
     cross_check: bool = False
     max_accuracy_drop: float | None = None
@@ -66,15 +85,22 @@ class BuildConfig:
         model = self.model or DATASETS[self.dataset].default_model
         if model not in MODELS:
             raise ConfigError(f"--model: unknown '{model}'; choose from {', '.join(MODELS)}")
-        if MODELS[model].input_shape != DATASETS[self.dataset].input_shape:
-            fitting = [m for m, info in MODELS.items() if info.input_shape == DATASETS[self.dataset].input_shape]
-            raise ConfigError(f"--model: '{model}' takes {MODELS[model].input_shape} images but '{self.dataset}' "
-                              f"has {DATASETS[self.dataset].input_shape}; choose from {', '.join(fitting)}")
         _set(self, "model", model)
+        height, width = self._image_size(DATASETS[self.dataset].input_shape)
+        self._check_model_fits(MODELS, DATASETS[self.dataset].input_shape[-1], height, width)
+        recipe = MODELS[model].recipe
+        for name in ("epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule", "warmup_epochs",
+                     "weight_decay", "label_smoothing"):
+            if getattr(self, name) is None:
+                _set(self, name, getattr(recipe, name if name != "lr_schedule" else "schedule"))
+        if self.augment is None:
+            from pipeline.data.augment import default_augment
+
+            _set(self, "augment", default_augment(self.dataset))
         _set(self, "quantize", resolve_variants(self.quantize))
-        _set(self, "threads", tuple(self.threads) or tuple(sorted({1, os.cpu_count() or 1})))
+        _set(self, "threads", tuple(self.threads) or default_threads())
         for name, low in (("epochs", 1), ("batch_size", 1), ("calibration_samples", 1), ("bench_runs", 1),
-                          ("bench_warmup", 0)):
+                          ("bench_warmup", 0), ("warmup_epochs", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}, expected an integer >= {low}")
@@ -82,8 +108,21 @@ class BuildConfig:
             raise ConfigError(f"--threads: got {list(self.threads)}, expected integers >= 1")
         if not 0.0 < self.validation_fraction < 0.5:
             raise ConfigError(f"validation_fraction: got {self.validation_fraction}, expected between 0 and 0.5")
+        from pipeline.models import OPTIMIZERS, SCHEDULES
+
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer: got '{self.optimizer}', expected one of {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"--lr-schedule: got '{self.lr_schedule}', expected one of {', '.join(SCHEDULES)}")
+        if not 0 < self.learning_rate <= 10:
+            raise ConfigError(f"--learning-rate: got {self.learning_rate}, expected a number in (0, 10]")
+        if not 0 <= self.weight_decay < 1 or not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--weight-decay / --label-smoothing: got {self.weight_decay} / "
+                              f"{self.label_smoothing}, expected numbers in [0, 1)")
         if self.int8_io not in INT8_IO:
             raise ConfigError(f"--int8-io: got '{self.int8_io}', expected one of {', '.join(INT8_IO)}")
+        if self.input_range is not None and self.input_range not in INPUT_RANGES:
+            raise ConfigError(f"--input-range: got '{self.input_range}', expected one of {', '.join(INPUT_RANGES)}")
         if self.fallback not in FALLBACKS:
             raise ConfigError(f"--fallback: got '{self.fallback}', expected one of {', '.join(FALLBACKS)}")
         if self.max_accuracy_drop is not None and not self.max_accuracy_drop >= 0:
@@ -93,6 +132,43 @@ class BuildConfig:
         if not self.out:  # a user's own model is named after its file, not after a zoo model it may not be
             base = Path(self.keras_model).stem if self.keras_model else model
             _set(self, "out", str(Path("artifacts") / f"{base}-{self.dataset}"))
+
+    def _image_size(self, standard: tuple[int, int, int]) -> tuple[int, int]:
+        if self.image_size is None:
+            return standard[:2]
+        height, width = parse_image_size(self.image_size)
+        if self.dataset in FIXED_SIZE and (height, width) != standard[:2]:
+            raise ConfigError(f"--image-size: {self.dataset} images are {standard[0]}x{standard[1]} and are not "
+                              f"resized; --image-size applies to image folders (--dataset folder or cifar10 "
+                              f"JPEGs), drop it")
+        _set(self, "image_size", f"{height}x{width}")
+        return height, width
+
+    def _check_model_fits(self, models, channels: int, height: int, width: int) -> None:
+        """Said before any data is read or training starts: which zoo models take these images."""
+        info = models[self.model]
+        if self.dataset != "folder" and info.channels != channels:
+            fitting = [m for m, i in models.items() if i.channels == channels]
+            raise ConfigError(f"--model: '{self.model}' takes {info.channels}-channel images but '{self.dataset}' "
+                              f"has {channels}; choose from {', '.join(fitting)}")
+        if min(height, width) < info.min_size:
+            raise ConfigError(f"--model: '{self.model}' needs images of at least {info.min_size}x{info.min_size}, "
+                              f"but they are {height}x{width}; raise --image-size or pick another --model")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of the images this build trains on; a folder takes the model's channels."""
+        from pipeline.data import DATASETS
+        from pipeline.models import MODELS
+
+        standard = DATASETS[self.dataset].input_shape
+        height, width = parse_image_size(self.image_size) if self.image_size else standard[:2]
+        return height, width, MODELS[self.model].channels if self.dataset == "folder" else standard[2]
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the guard stage runs: it analyses, repairs or fine-tunes the int8 model."""
+        return self.analyze or self.fallback == "auto" or self.qat
 
     @property
     def run_dir(self) -> Path:
@@ -114,6 +190,25 @@ class BuildConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+FIXED_SIZE = ("mnist", "digits")  # array formats with one image size; only image files are resized
+IMAGE_SIZE_RANGE = (8, 512)
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """'32x32' (or '32') to (height, width), within IMAGE_SIZE_RANGE."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", str(text))
+    low, high = IMAGE_SIZE_RANGE
+    if not match:
+        raise ConfigError(f"--image-size: got '{text}', expected HEIGHTxWIDTH in pixels such as 32x32")
+    height, width = int(match[1]), int(match[2] or match[1])
+    if not (low <= height <= high and low <= width <= high):
+        raise ConfigError(f"--image-size: got {height}x{width}, expected each side between {low} and {high} pixels "
+                          f"(small models for edge devices train on 28x28 to 96x96)")
+    return height, width
 
 
 def _set(cfg, name, value):

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import time
 import warnings
 
 import numpy as np
 
 from device.core import normalize
+from pipeline import console
 from pipeline.config import BuildConfig
 from pipeline.data import Dataset
 
@@ -40,13 +42,13 @@ def float16_weights(converter, tf, calibration, cfg):
 
 
 def full_integer_int8(converter, tf, calibration, cfg):
-    """Every op int8, calibrated on training images; int8 input/output unless --int8-io float."""
+    """Every op int8, calibrated on training images; int8 (or uint8) input/output unless --int8-io float."""
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = calibration
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    if cfg.int8_io == "int8":
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
+    if cfg.int8_io in ("int8", "uint8"):
+        # uint8 adds one requantize op at each end; the graph between stays int8.
+        converter.inference_input_type = converter.inference_output_type = getattr(tf, cfg.int8_io)
 
 
 def int16_activations_int8_weights(converter, tf, calibration, cfg):
@@ -67,9 +69,14 @@ CALIBRATED = ("int8", "int16x8")  # the presets that read calibration images
 
 
 def calibration_images(data: Dataset, count: int, seed: int) -> np.ndarray:
-    """A seeded sample of the training split (never validation or test), normalized like training."""
+    """A seeded sample of the training split (never validation or test, never augmented), normalized like
+    training, stratified: each class gets its share, so a rare class still sets the activation ranges."""
     rng = np.random.default_rng(seed)
-    take = rng.permutation(len(data.x_train))[:count]
+    classes = np.unique(data.y_train)
+    members = [rng.permutation(np.flatnonzero(data.y_train == c)) for c in classes]
+    # Round-robin over the shuffled classes: equal shares, and the rest from classes that have more.
+    order = [m[i] for i in range(max(map(len, members), default=0)) for m in members if i < len(m)]
+    take = np.sort(np.array(order[:count], dtype=np.int64))
     return normalize(data.x_train[take], data.spec.to_dict())
 
 
@@ -86,7 +93,26 @@ def convert(model, variant: str, cfg: BuildConfig, calibration: np.ndarray) -> b
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
         converter = tf.lite.TFLiteConverter.from_keras_model(model)
         PRESETS[variant](converter, tf, representative, cfg)
-        return converter.convert()
+        try:
+            return converter.convert()
+        except Exception as e:
+            if type(e).__name__ != "ConverterError":
+                raise
+            raise ConversionError(_conversion_problem(variant, str(e))) from None
+
+
+class ConversionError(Exception):
+    """The converter cannot make this variant of the user's model; the message names the ops."""
+
+
+def _conversion_problem(variant: str, message: str) -> str:
+    ops = sorted(set(re.findall(r"'(tfl?\.[A-Za-z0-9_]+)' op", message)))
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    what = f"op(s) {', '.join(ops)}" if ops else (lines[0][:200] if lines else "an unsupported op")
+    fix = f"TFLite has no {variant} kernel for them: replace or reconfigure the layers that make them"
+    if variant in ("int8", "int16x8"):
+        fix += f", or drop {variant} from --quantize (dynamic and float16 keep such ops in float)"
+    return f"cannot convert the model to {variant}: {what}; {fix}"
 
 
 def convert_all(model, cfg: BuildConfig, data: Dataset, log=print) -> dict[str, tuple[bytes, float]]:
@@ -96,10 +122,13 @@ def convert_all(model, cfg: BuildConfig, data: Dataset, log=print) -> dict[str, 
         log(f"calibration: --calibration-samples {cfg.calibration_samples} is more than the {len(data.x_train):,} "
             f"training images; calibrating on all {len(data.x_train):,}")
     out = {}
-    for variant in cfg.quantize:
-        t0 = time.perf_counter()
-        out[variant] = (convert(model, variant, cfg, calibration), time.perf_counter() - t0)
-        log(f"converted {variant}: {len(out[variant][0]):,} bytes in {out[variant][1]:.2f} s")
-        if variant in NOTES:
-            log(f"  note: {NOTES[variant]}")
+    with console.progress("converting", total=len(cfg.quantize), unit="variants") as bar:
+        for variant in cfg.quantize:
+            bar.advance(0, description=f"converting {variant}")
+            t0 = time.perf_counter()
+            out[variant] = (convert(model, variant, cfg, calibration), time.perf_counter() - t0)
+            log(f"converted {variant}: {len(out[variant][0]):,} bytes in {out[variant][1]:.2f} s")
+            if variant in NOTES:
+                log(f"  note: {NOTES[variant]}")
+            bar.advance()
     return out

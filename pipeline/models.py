@@ -77,18 +77,76 @@ def cifar_dscnn(input_shape, classes):
     ], name="cifar_dscnn")
 
 
+def cifar_resnet8(input_shape, classes):
+    """MLPerf Tiny's image-classification reference (ResNet v1, 16 filters): 78,666 parameters at 32x32x3.
+
+    A 3x3 stem, then three stacks of two 3x3 convs (16; 32 and 64 at stride 2, with a 1x1 stride-2
+    shortcut), global average pooling, softmax. L2 1e-4 and he_normal as in the reference, so its
+    training figures are comparable with ours.
+    """
+    from keras import Input, Model, layers, regularizers
+
+    conv = {"padding": "same", "kernel_initializer": "he_normal", "kernel_regularizer": regularizers.l2(1e-4)}
+    inputs = Input(input_shape)
+    x = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(16, 3, **conv)(inputs)))
+    for filters, stride in ((16, 1), (32, 2), (64, 2)):
+        y = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(filters, 3, strides=stride, **conv)(x)))
+        y = layers.BatchNormalization()(layers.Conv2D(filters, 3, **conv)(y))
+        if stride != 1:
+            x = layers.Conv2D(filters, 1, strides=stride, **conv)(x)
+        x = layers.ReLU()(layers.Add()([x, y]))
+    # The reference pools the whole final map (8x8 at 32x32 input); sized from the map, it fits any input.
+    x = layers.AveragePooling2D(pool_size=tuple(x.shape[1:3]))(x)
+    outputs = layers.Dense(classes, activation="softmax", kernel_initializer="he_normal")(layers.Flatten()(x))
+    return Model(inputs, outputs, name="cifar_resnet8")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a zoo model is trained by default; every field can be overridden from the command line."""
+    epochs: int
+    batch_size: int
+    optimizer: str  # a key of OPTIMIZERS
+    learning_rate: float  # peak rate, reached after the warm-up
+    schedule: str = "cosine"  # "cosine" decays to 0 over the run after a linear warm-up; "constant"
+    warmup_epochs: int = 0
+    weight_decay: float = 0.0  # decoupled (AdamW-style), on top of any L2 in the architecture
+    label_smoothing: float = 0.0
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     build: Callable
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, int, int]  # the standard size; channels are what the model takes
     description: str
+    recipe: Recipe
+    min_size: int = 8  # smallest height/width the architecture can take
+
+    @property
+    def channels(self) -> int:
+        return self.input_shape[-1]
 
 
 MODELS: dict[str, ModelInfo] = {
-    "mnist-mlp": ModelInfo(mnist_mlp, (28, 28, 1), "Flatten, Dense 128 relu, Dense 10 softmax"),
-    "mnist-cnn": ModelInfo(mnist_cnn, (28, 28, 1), "Conv32-Pool-Conv64-Pool-Flatten-Dense128-Dense10 (the Keras MNIST example)"),
-    "cifar-cnn": ModelInfo(cifar_cnn, (32, 32, 3), "Conv32-Pool-Conv64-Pool-Flatten-Dense64-Dense10"),
-    "cifar-dscnn": ModelInfo(cifar_dscnn, (32, 32, 3), "MobileNet-style depthwise-separable net for edge CPUs"),
+    "mnist-mlp": ModelInfo(mnist_mlp, (28, 28, 1), "Flatten, Dense 128 relu, Dense 10 softmax",
+                           Recipe(5, 64, "adam", 1e-3, "constant"), min_size=1),
+    "mnist-cnn": ModelInfo(mnist_cnn, (28, 28, 1),
+                           "Conv32-Pool-Conv64-Pool-Flatten-Dense128-Dense10 (the Keras MNIST example)",
+                           Recipe(6, 128, "adam", 2e-3, "cosine", warmup_epochs=1, label_smoothing=0.1),
+                           min_size=10),
+    "cifar-cnn": ModelInfo(cifar_cnn, (32, 32, 3), "Conv32-Pool-Conv64-Pool-Flatten-Dense64-Dense10",
+                           Recipe(10, 64, "adamw", 2e-3, "cosine", warmup_epochs=1, weight_decay=1e-4,
+                                  label_smoothing=0.1), min_size=10),
+    "cifar-dscnn": ModelInfo(cifar_dscnn, (32, 32, 3), "MobileNet-style depthwise-separable net for edge CPUs",
+                             Recipe(10, 64, "adam", 1e-3, "cosine", warmup_epochs=1), min_size=8),
+    "cifar-resnet8": ModelInfo(cifar_resnet8, (32, 32, 3),
+                               "ResNet-8, the MLPerf Tiny image-classification reference (78,666 parameters)",
+                               Recipe(60, 128, "sgd", 0.1, "cosine", warmup_epochs=3, label_smoothing=0.1),
+                               min_size=8),
 }
 
 
@@ -97,19 +155,43 @@ def build_model(name: str, input_shape, classes: int):
 
 
 def count_macs(model) -> int:
-    """Multiply-accumulates of one inference, from the layer shapes (conv, depthwise conv, dense)."""
+    """Multiply-accumulates of one inference, from the layer shapes.
+
+    Convolutions of any rank (1-D, 2-D, 3-D, grouped, transposed), depthwise and separable ones, and
+    dense layers (on any rank), descending into nested models. Other layers (pooling, normalization,
+    activations) cost additions and comparisons, not MACs, and are left out, as is usual.
+    """
+    import keras
     from keras import layers
+    from keras.src.layers.convolutional.base_conv import BaseConv
+    from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
+    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
+    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
+
+    def prod(values) -> int:
+        out = 1
+        for v in values:
+            out *= int(v)
+        return out
 
     total = 0
     for layer in model.layers:
-        if isinstance(layer, layers.DepthwiseConv2D):
-            _, h, w, c = layer.output.shape
-            kh, kw = layer.kernel_size
-            total += h * w * c * kh * kw
-        elif isinstance(layer, layers.Conv2D):
-            _, h, w, c_out = layer.output.shape
-            kh, kw = layer.kernel_size
-            total += h * w * c_out * kh * kw * layer.input.shape[-1]
-        elif isinstance(layer, layers.Dense):
-            total += int(layer.input.shape[-1]) * layer.units
+        if isinstance(layer, keras.Model):
+            total += count_macs(layer)
+            continue
+        if not isinstance(layer, (BaseConv, BaseConvTranspose, BaseDepthwiseConv, BaseSeparableConv, layers.Dense)):
+            continue
+        c_in, out_shape = int(layer.input.shape[-1]), layer.output.shape  # channels_last, as the zoo builds
+        kernel = prod(getattr(layer, "kernel_size", ()))
+        if isinstance(layer, BaseSeparableConv):  # depthwise over the input, then 1x1 to the output channels
+            positions = prod(out_shape[1:-1])
+            total += positions * c_in * layer.depth_multiplier * (kernel + int(out_shape[-1]))
+        elif isinstance(layer, BaseDepthwiseConv):
+            total += prod(out_shape[1:]) * kernel
+        elif isinstance(layer, BaseConvTranspose):  # every input position scatters a kernel of outputs
+            total += prod(layer.input.shape[1:-1]) * c_in * kernel * int(out_shape[-1])
+        elif isinstance(layer, BaseConv):
+            total += prod(out_shape[1:]) * kernel * c_in // getattr(layer, "groups", 1)
+        else:  # Dense: every leading position multiplies its input vector by the kernel
+            total += prod(layer.input.shape[1:-1]) * c_in * layer.units
     return int(total)

@@ -1,10 +1,14 @@
-"""Training: Adam, sparse categorical cross-entropy, seeded, with optional TensorBoard logs."""
+"""Training: each zoo model's recipe (optimizer, schedule, smoothing, augmentation), seeded, timed per epoch."""
 from __future__ import annotations
 
-from device.core import normalize
-from pipeline.config import BuildConfig
+import time
+import zipfile
+from pathlib import Path
+
+from pipeline import console
+from pipeline.config import INPUT_RANGES, BuildConfig
 from pipeline.data import Dataset
-from pipeline.models import MODELS, build_model
+from pipeline.models import build_model
 
 
 class ModelMismatchError(ValueError):
@@ -20,44 +24,201 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def train(cfg: BuildConfig, data: Dataset, log=print):
-    """Build the configured model and fit it; returns (model, history dict)."""
+def recipe_of(cfg: BuildConfig) -> dict:
+    """The training recipe this build uses: the model's defaults with the command line's overrides."""
+    return {k: getattr(cfg, k) for k in ("epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule",
+                                         "warmup_epochs", "weight_decay", "label_smoothing", "augment")}
+
+
+def _optimizer(recipe: dict, steps_per_epoch: int):
     import keras
 
+    lr = recipe["learning_rate"]
+    if recipe["lr_schedule"] == "cosine":
+        total = recipe["epochs"] * steps_per_epoch
+        warmup = min(recipe["warmup_epochs"] * steps_per_epoch, total - 1)
+        # Warm-up starts from lr/100: big steps on freshly initialised BatchNorm statistics diverge.
+        lr = keras.optimizers.schedules.CosineDecay(lr / 100 if warmup else lr, total - warmup,
+                                                    warmup_target=lr if warmup else None, warmup_steps=warmup)
+    wd = recipe["weight_decay"] or None
+    if recipe["optimizer"] == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    if recipe["optimizer"] == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=recipe["weight_decay"])
+    return keras.optimizers.Adam(lr, weight_decay=wd)
+
+
+class _Throughput:
+    """Keras callback timing the training part of each epoch (validation excluded) and logging it."""
+
+    def __new__(cls, images: int, epochs: int, log):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.seconds: list[float] = []
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.t0, self.trained = time.perf_counter(), None
+
+            def on_test_begin(self, logs=None):
+                self.trained = time.perf_counter() - self.t0
+
+            def on_epoch_end(self, epoch, logs=None):
+                seconds = self.trained if self.trained is not None else time.perf_counter() - self.t0
+                self.seconds.append(seconds)
+                figures = ", ".join(f"{k} {v:.4f}" for k, v in (logs or {}).items() if k != "learning_rate")
+                log(f"epoch {epoch + 1}/{epochs}: {figures}; {images / seconds:,.0f} images/s ({seconds:.1f} s)")
+
+        return Callback()
+
+
+def train(cfg: BuildConfig, data: Dataset, log=print):
+    """Build the configured model and fit it with its recipe; returns (model, history dict)."""
+    import keras
+
+    from pipeline.data.augment import batches
+
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, MODELS[cfg.model].input_shape, len(data.spec.labels))
+    spec = data.spec
+    model = build_model(cfg.model, (spec.height, spec.width, spec.channels), len(spec.labels))
     check_input_shape(model, data, cfg.model)
-    model.compile(optimizer=keras.optimizers.Adam(), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    callbacks = [keras.callbacks.TensorBoard(log_dir=cfg.tensorboard)] if cfg.tensorboard else []
-    log(f"training {cfg.model} on {len(data.x_train)} {data.name} images "
-        f"({len(data.x_val)} for validation), {cfg.epochs} epoch(s), batch {cfg.batch_size}")
-    pre = data.spec.to_dict()
-    history = model.fit(
-        normalize(data.x_train, pre), data.y_train,
-        validation_data=(normalize(data.x_val, pre), data.y_val),
-        epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True, verbose=2, callbacks=callbacks,
-    )
-    return model, {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    recipe, classes = recipe_of(cfg), len(spec.labels)
+    common = {"batch_size": cfg.batch_size, "classes": classes, "scale": spec.scale, "offset": spec.offset}
+    train_ds, steps = batches(data.x_train, data.y_train, epochs=cfg.epochs, shuffle=True, augment=cfg.augment,
+                              seed=cfg.seed, **common)
+    val_ds, _ = batches(data.x_val, data.y_val, **common)
+    model.compile(optimizer=_optimizer(recipe, steps),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    throughput = _Throughput(len(data.x_train), cfg.epochs, log)
+    callbacks = [throughput, console.keras_callback(cfg.epochs, steps)]
+    callbacks += [keras.callbacks.TensorBoard(log_dir=cfg.tensorboard)] if cfg.tensorboard else []
+    log(f"training {cfg.model} on {len(data.x_train)} {data.name} images ({len(data.x_val)} for validation), "
+        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in recipe.items()))
+    history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, steps_per_epoch=steps,
+                        shuffle=False, verbose=0, callbacks=callbacks)  # the dataset shuffles itself
+    out = {k: [float(v) for v in vs] for k, vs in history.history.items() if k != "learning_rate"}
+    out["epoch_seconds"] = [round(s, 3) for s in throughput.seconds]
+    out["images_per_second"] = [round(len(data.x_train) / s, 1) for s in throughput.seconds]
+    out["recipe"] = recipe
+    return model, out
 
 
 def load_user_model(path: str, data: Dataset):
     """A user's own `.keras` model, checked against the dataset before anything else runs."""
     import keras
 
+    path = Path(path)
+    what = _not_a_keras_file(path)
+    if what:
+        raise ModelMismatchError(f"--keras-model {path}: {what}; pass a .keras file saved with model.save()")
     try:
         model = keras.models.load_model(path, compile=False)
+    except TypeError:
+        custom = _custom_layers(path)
+        if not custom:
+            raise
+        raise ModelMismatchError(
+            f"--keras-model {path}: custom layer(s) {', '.join(custom)} need their Python code to load; "
+            "edgepipe reads built-in Keras layers only: rebuild the model from built-in layers and save it again")
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelMismatchError(f"--keras-model {path}: cannot load it as a Keras model ({first}); "
                                  "pass a .keras file saved with model.save()")
-    check_input_shape(model, data, path)
+    check_input_shape(model, data, str(path))
     return model
+
+
+def _not_a_keras_file(path: Path) -> str | None:
+    """What the file is when it cannot be a Keras model (a zip with config.json, or HDF5 for .h5)."""
+    head = path.read_bytes()[:8]
+    if head.startswith(b"\x89HDF"):
+        return None
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if "config.json" in z.namelist():
+                return None
+        return "a zip archive without config.json, so not a Keras archive (model.save() writes config.json in it)"
+    if not head:
+        return "an empty file"
+    try:
+        path.read_bytes()[:4096].decode("utf-8")
+        return "a text file, not a Keras model"
+    except UnicodeDecodeError:
+        return f"{path.stat().st_size:,} bytes of binary data that is neither a .keras (zip) nor an .h5 (HDF5) model"
+
+
+def _custom_layers(path: Path) -> list[str]:
+    """Class names in a .keras archive's config that Keras itself does not provide."""
+    import json
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            config = json.loads(z.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return []
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "class_name" in node and "config" in node and not str(node.get("module") or "").startswith("keras"):
+                found.append(f"'{node['class_name']}'" + (f" ({node['registered_name']})"
+                                                         if node.get("registered_name") else ""))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(config)
+    return sorted(set(found))
+
+
+def input_convention(cfg: BuildConfig, model) -> tuple[float, float]:
+    """(scale, offset) from uint8 pixels to the model's input: read from the model where it says.
+
+    A model whose first layer is Rescaling or Normalization does its own scaling, so it takes raw
+    0-255 pixels; otherwise --input-range says, and the zoo's convention is 0,1.
+    """
+    scales_itself = model is not None and _first_layer(model) in ("Rescaling", "Normalization")
+    if scales_itself and cfg.input_range not in (None, "0,255"):
+        raise ModelMismatchError(f"--input-range {cfg.input_range}: {cfg.keras_model} starts with a "
+                                 f"{_first_layer(model)} layer, so it takes raw 0-255 pixels; drop --input-range")
+    return INPUT_RANGES["0,255" if scales_itself else cfg.input_range or "0,1"]
+
+
+def _first_layer(model) -> str | None:
+    """The class of the first layer that computes something, looking inside nested models."""
+    import keras
+
+    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    if layers and isinstance(layers[0], keras.Model):
+        return _first_layer(layers[0])
+    return type(layers[0]).__name__ if layers else None
+
+
+def outputs_probabilities(model) -> bool:
+    """Whether the model ends in softmax (probabilities) rather than logits, looking inside nested models."""
+    import keras
+
+    last = model.layers[-1]
+    if isinstance(last, keras.Model):
+        return outputs_probabilities(last)
+    if type(last).__name__ == "Softmax":
+        return True
+    activation = getattr(last, "activation", None)
+    return getattr(activation, "__name__", "") == "softmax"
 
 
 def check_input_shape(model, data: Dataset, what: str) -> None:
     expected = (data.spec.height, data.spec.width, data.spec.channels)
     got = tuple(model.inputs[0].shape[1:])
+    if None in got:
+        raise ModelMismatchError(
+            f"{what}: dynamic input shape {got}; a .tflite for a board needs a fixed one: build the model with "
+            f"keras.Input(shape={expected}) and save it again")
     if got != expected:
         raise ModelMismatchError(
             f"{what}: input shape {got} does not fit dataset '{data.name}' {expected}; "

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from device.integrity import METADATA_NAME, DeviceError, extract_bundle, sha256_file, verify_folder
-from pipeline.artifacts import MANIFEST
+from pipeline.artifacts import LOG, MANIFEST, is_staging
 from pipeline.ship.bundle import RUNNER_FILES
 
 # What `pipeline bundle` always writes besides the models, and the runner cannot do without.
@@ -39,7 +39,7 @@ def verify_path(path) -> list[str]:
 
 def verify_run_dir(run_dir: Path) -> list[str]:
     run_dir = Path(run_dir)
-    if run_dir.name.endswith(".partial") and run_dir.name.startswith("."):
+    if is_staging(run_dir):
         return [f"{run_dir}: the staging folder of an interrupted build, not a run; finish it with "
                 "`pipeline build --resume`"]
     try:
@@ -59,7 +59,7 @@ def verify_run_dir(run_dir: Path) -> list[str]:
         parts = p.relative_to(run_dir).parts
         if p.is_file() and not any(part.startswith(".") for part in parts):
             rel = PurePosixPath(*parts).as_posix()
-            if rel != MANIFEST and rel not in files:
+            if rel not in (MANIFEST, LOG) and rel not in files:
                 problems.append(f"{rel}: present but not listed in {MANIFEST}")
     # The models: size, sha256 (again, against metadata.json), load, tensors against the metadata.
     # A `pipeline train` run has none and no metadata.json: nothing more to check.

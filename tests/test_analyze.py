@@ -109,7 +109,7 @@ def _guard(tmp_path, source, data, model, remedies=("cle", "mixed"), **kw):
 
     cfg = _cfg(tmp_path, source, **kw)
     run = _converted(tmp_path, model, cfg, data)
-    added = guard(run, cfg, data, model, {}, {}, log=lambda *a: None, remedies=remedies)
+    added = guard(run, cfg, data, model, log=lambda *a: None, remedies=remedies)
     return run, added, json.loads((run / "analysis.json").read_text())
 
 
@@ -154,8 +154,12 @@ def test_debugger_flags_the_last_dense(breaker_run):
     layers = json.loads((breaker_run / "analysis.json").read_text())["layers"]
     assert [r["op"] for r in layers] == ["CONV_2D", "MAX_POOL_2D", "CONV_2D", "MAX_POOL_2D", "RESHAPE",
                                          "FULLY_CONNECTED", "FULLY_CONNECTED", "SOFTMAX"]
+    # The last Dense is the clear culprit; the Dense whose outputs were scaled up sits near the threshold,
+    # on one side or the other depending on the calibration sample.
     suspects = [r for r in layers if r["suspect"]]
-    assert len(suspects) == 1 and suspects[0]["op"] == "FULLY_CONNECTED" and suspects[0]["rmse_over_scale"] > 2
+    worst = max(layers, key=lambda r: r["rmse_over_scale"])
+    assert worst is layers[6] and worst["rmse_over_scale"] > 2
+    assert suspects[-1] is worst and all(r["op"] == "FULLY_CONNECTED" for r in suspects)
     for r in layers:
         assert r["range"] == pytest.approx(255 * r["scale"]) and r["mse"] >= 0 and r["tensor"]
         assert r["suspect"] or r["rmse_over_scale"] < 0.7

@@ -75,8 +75,7 @@ def int8_bundle(tmp_path_factory):
     test = load_dataset("mnist" if has_mnist else "digits", str(MNIST_DIR) if has_mnist else None)
     x, y = test.x_test, test.y_test
     np.savez(data, x=x, y=y)
-    if "test_images" in report:  # the host's figure must be on the same digits
-        assert report["test_images"] == len(y)
+    assert report["test_images"] == len(y)  # the host's figure must be on the same digits
     return bundle, data, host_accuracy
 
 
@@ -130,17 +129,14 @@ def test_int8_on_emulated_pi_matches_host(emulation_tools, int8_bundle, host_eva
     assert arm["interpreter"] == {"name": name, "version": version}
     # Emulated for real: the script's probe of the emulated Python, and the runner's own report.
     assert "machine=aarch64" in proc.stderr
-    if "environment" in arm:
-        assert arm["environment"]["machine"] == "aarch64"
-    if "n" in arm:
-        assert arm["n"] == len(np.load(int8_bundle[1])["y"])
+    assert arm["environment"]["machine"] == "aarch64"
+    assert arm["n"] == len(np.load(int8_bundle[1])["y"])
 
     host = host_eval(name)
     assert host["interpreter"]["version"] == version
     assert arm["accuracy"] == host["accuracy"], (
         f"{spec}: accuracy {arm['accuracy']} on emulated arm64 != {host['accuracy']} on this host")
-    if "confusion" in arm:  # the same digits right and wrong, not only as many
-        assert arm["confusion"] == host["confusion"]
+    assert arm["confusion"] == host["confusion"]  # the same digits right and wrong, not only as many
 
     if name == "ai_edge_litert":
         # The runtime the host's report was measured with: the figures must be identical.

@@ -39,7 +39,7 @@ def test_every_build_option_has_help():
     (["--model", "resnet50"], ["mnist-mlp", "mnist-cnn", "cifar-cnn", "cifar-dscnn"]),
     (["--quantize", "int4"], ["fp32", "dynamic", "float16", "int8", "int16x8", "all"]),
     (["--quantize", "int8,bf16"], ["int16x8"]),
-    (["--int8-io", "uint8"], ["int8", "float"]),
+    (["--int8-io", "int16"], ["int8", "uint8", "float"]),
 ])
 def test_unknown_choices_list_the_valid_ones(args, names):
     result = invoke("build", *args)
@@ -123,14 +123,10 @@ def test_existing_run_needs_overwrite(tmp_path):
 def test_digits_demo_build_and_bundle(tmp_path):
     """The README's offline demo, end to end through the CLI, then the bundle command."""
     import json
-    import time
 
-    t0 = time.perf_counter()
     result = invoke("build", "--dataset", "digits", "--quantize", "int8", "--out", tmp_path / "run",
                     "--runs", "20", "--threads", "1")
-    seconds = time.perf_counter() - t0
     assert result.exit_code == 0, result.output
-    assert seconds < 60
     assert "int8" in result.output and "fp32" in result.output
     evaluation = json.loads((tmp_path / "run" / "evaluation.json").read_text())
     assert evaluation["variants"]["int8"]["accuracy"] > 0.8

@@ -34,6 +34,7 @@ class PreprocessSpec:
     offset: float = 0.0
     layout: str = "NHWC"
     color: str | None = None  # "grayscale" or "rgb"; None derives it from channels
+    resize: str = "bilinear"  # Pillow filter that brings any photo to height x width, as in training
 
     def __post_init__(self):
         # Frozen, so normalise through object.__setattr__: labels may arrive as a JSON list.
@@ -86,13 +87,29 @@ class DatasetInfo:
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, seed: int = 0,
-                 validation_fraction: float = 0.1) -> Dataset:
-    """Load `name` from the network or from `data_dir`; validation is a seeded slice of the train split."""
+                 validation_fraction: float = 0.1, input_shape: tuple[int, int, int] | None = None,
+                 log=print) -> Dataset:
+    """Load `name` from the network or from `data_dir`; validation is a seeded slice of the train split.
+
+    Image folders (`--dataset folder`, or CIFAR-10 as JPEGs) are decoded to `input_shape` (default: the
+    dataset's standard size) and split by class.
+    """
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
     if not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     info = DATASETS[name]
+    shape = tuple(input_shape or info.input_shape)
+    if name == "folder" or (name == "cifar10" and data_dir is not None and is_image_folder(data_dir)):
+        if data_dir is None:
+            raise DataError("--dataset folder reads your images: pass --data-dir DIR holding one folder per class")
+        return load_folder_dataset(name, Path(data_dir).expanduser(), shape, seed=seed, log=log,
+                                   validation_fraction=validation_fraction,
+                                   expected_labels=info.labels if name != "folder" else None)
+    if shape != info.input_shape:
+        raise DataError(f"{name}: images from {info.offline or 'this source'} are "
+                        f"{'x'.join(map(str, info.input_shape[:2]))}; only image folders are resized, drop "
+                        f"--image-size")
     kind, (x_train, y_train), (x_test, y_test), files = info.loader(
         info, None if data_dir is None else Path(data_dir).expanduser())
     n = len(x_train)
@@ -121,6 +138,7 @@ def _arrays_sha256(*arrays: np.ndarray) -> str:
 
 
 # The registry sits below the types the loaders import from this package.
+from pipeline.data.folders import FOLDER_LAYOUT, is_image_folder, load_folder_dataset  # noqa: E402
 from pipeline.data.sources import (  # noqa: E402
     CIFAR_LABELS, DIGIT_LABELS, IDX_FILES, load_cifar10, load_digits, load_mnist)
 
@@ -133,8 +151,12 @@ DATASETS: dict[str, DatasetInfo] = {
         "CIFAR-10 photos in 10 classes: 50,000 train / 10,000 test, 32x32 RGB",
         (32, 32, 3), CIFAR_LABELS, "cifar-cnn", load_cifar10,
         offline="the cifar-10-batches-py folder (data_batch_1..5, test_batch), its contents, "
-                "or cifar-10-python.tar.gz"),
+                "cifar-10-python.tar.gz, or the images in class folders (train/airplane/*.jpg ...)"),
     "digits": DatasetInfo(
         "scikit-learn's 1,797 real 8x8 digits in the MNIST layout (28x28 grayscale); no network, no files",
         (28, 28, 1), DIGIT_LABELS, "mnist-cnn", load_digits),
+    "folder": DatasetInfo(
+        "your own images, one folder per class (optionally under train/, val/, test/); any format Pillow "
+        "reads, resized to --image-size (default 32x32), RGB unless the model takes grayscale",
+        (32, 32, 3), (), "cifar-resnet8", None, offline=FOLDER_LAYOUT),
 }

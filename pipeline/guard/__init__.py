@@ -10,6 +10,7 @@ What was tried, what each remedy cost and which layers stayed float go into anal
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -19,7 +20,7 @@ import numpy as np
 
 import pipeline
 from device.core import normalize
-from pipeline.artifacts import atomic_write, update_manifest, write_json
+from pipeline.artifacts import atomic_write, updating, write_json
 from pipeline.convert import calibration_images, convert
 from pipeline.guard.analyze import IDEAL, SUSPECT, Judge, Quantizer, quiet
 from pipeline.guard.equalize import equalize
@@ -32,11 +33,10 @@ DECISION_IMAGES = 2000    # validation images every accuracy decision is measure
 REMEDIES = ("cle", "mixed", "qat")
 
 
-def guard(run_dir: Path, cfg, data, model, meta: dict, evaluation: dict, log=print,
-          remedies=REMEDIES) -> list[str]:
+def guard(run_dir: Path, cfg, data, model, log=print, remedies=REMEDIES) -> list[str]:
     """Analyse the int8 model and, if it loses more than cfg.max_accuracy_drop, repair it.
 
-    Every decision is measured on the validation split; `evaluation` (test split) is not used.
+    Every decision is measured on the validation split; the test split is for the report only.
     Writes analysis.json (and analysis_layers.png) into run_dir, plus model_<variant>.tflite for the
     delivered remedy (and int8-qat when --qat asks for it); returns the variants written.
     `remedies` lets tests skip one.
@@ -196,22 +196,27 @@ def analyze_run(run_dir: Path, log=print) -> dict:
     from pipeline.config import BuildConfig
     from pipeline.data import load_dataset
 
-    run_dir = Path(run_dir)
-    cfg = BuildConfig.from_dict({**json.loads((run_dir / "manifest.json").read_text())["config"],
-                                 "out": str(run_dir), "analyze": True, "fallback": "none", "qat": False})
-    data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction)
-    model = keras.models.load_model(run_dir / "model.keras", compile=False)
-    analysis, _ = _examine(run_dir, cfg, data, model, log, REMEDIES)
-    if (run_dir / ANALYSIS).is_file():  # keep what the build's guard decided
-        analysis["guard"] = json.loads((run_dir / ANALYSIS).read_text())["guard"]
-    _mark_float(analysis)
-    _write(run_dir, analysis)
-    worst = max(analysis["layers"], key=lambda r: r["rmse_over_scale"])
-    log(f"analyze: {len(analysis['layers'])} quantized ops, {sum(r['suspect'] for r in analysis['layers'])} suspect "
-        f"(RMSE/scale > {SUSPECT}); worst {worst['layer']} ({worst['op']}) at {worst['rmse_over_scale']:.2f}")
-    if (run_dir / "report.md").is_file():
-        from pipeline.report import render as report
+    with updating(run_dir, "analyze", log=log) as (work, _):
+        cfg = BuildConfig.from_dict({**json.loads((work / "manifest.json").read_text())["config"],
+                                     "out": str(run_dir), "analyze": True, "fallback": "none", "qat": False})
+        data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction,
+                            input_shape=cfg.input_shape, log=log)
+        pre = json.loads((work / "manifest.json").read_text()).get("preprocess")
+        if pre:  # the input convention the run was built with
+            data = dataclasses.replace(data, spec=dataclasses.replace(data.spec, scale=pre["scale"],
+                                                                      offset=pre["offset"]))
+        model = keras.models.load_model(work / "model.keras", compile=False)
+        analysis, _ = _examine(work, cfg, data, model, log, REMEDIES)
+        if (work / ANALYSIS).is_file():  # keep what the build's guard decided
+            analysis["guard"] = json.loads((work / ANALYSIS).read_text())["guard"]
+        _mark_float(analysis)
+        _write(work, analysis)
+        layers = analysis["layers"]
+        worst = max(layers, key=lambda r: r["rmse_over_scale"])
+        log(f"analyze: {len(layers)} quantized ops, {sum(r['suspect'] for r in layers)} suspect (RMSE/scale > "
+            f"{SUSPECT}); worst {worst['layer']} ({worst['op']}) at {worst['rmse_over_scale']:.2f}")
+        if (work / "report.md").is_file():
+            from pipeline.report import render as report
 
-        report.render(run_dir, log=log)
-    update_manifest(run_dir)
+            report.render(work, log=log)
     return analysis

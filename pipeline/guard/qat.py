@@ -62,9 +62,14 @@ def fine_tune(model, cfg, data, calibration: np.ndarray, judge, workdir: Path, l
     np.savez(workdir / "qat.npz", x=data.x_train, y=data.y_train, calibration=calibration,
              **{f"w{i}": w for i, w in enumerate(weights)})
     log(f"guard: quantization-aware fine-tuning, {EPOCHS} epoch(s) on {len(data.x_train)} images (tf_keras process)")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.guard.qat", str(workdir)], capture_output=True, text=True,
-                          env={**os.environ, "TF_USE_LEGACY_KERAS": "1"}, timeout=TIMEOUT_S,
-                          cwd=Path(__file__).resolve().parent.parent)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipeline.guard.qat", str(workdir)], capture_output=True,
+                              text=True, env={**os.environ, "TF_USE_LEGACY_KERAS": "1"}, timeout=TIMEOUT_S,
+                              cwd=Path(__file__).resolve().parent.parent.parent)
+    except subprocess.TimeoutExpired:
+        record.update(status="failed", reason=f"QAT process stopped after {TIMEOUT_S} s; the other remedies "
+                                              "stand (a smaller model or fewer images fine-tune faster)")
+        return record, None
     if proc.returncode != 0:
         tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
         record.update(status="failed", reason=f"QAT process exited {proc.returncode}: {tail[0]}")

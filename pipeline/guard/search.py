@@ -1,6 +1,7 @@
 """The float-op search: the fewest int8 ops to leave in float so validation accuracy meets a target."""
 from __future__ import annotations
 
+from pipeline import console
 from pipeline.guard.analyze import Judge, Quantizer
 
 MAX_CANDIDATES = 16       # float-layer groups measured per search round, by quantization error
@@ -19,8 +20,22 @@ def search_float_ops(q: Quantizer, judge: Judge, target: float) -> dict:
     for i in q.quantized:
         groups.setdefault(q.region(i), f"the output of {q.ops[i]['layer']} with its consumers")
     ranked = sorted(groups, key=lambda g: (-max(error[i] for i in g), len(g)))[:MAX_CANDIDATES]
-    float_ops, why = frozenset(), {}
     flatbuffer = q.flatbuffer()
+    with console.progress("guard: float-op search", unit="candidates measured") as bar:
+        judge = _counted(judge, bar)
+        return _search(q, judge, target, groups, ranked, error, flatbuffer)
+
+
+def _counted(judge, bar):
+    def measured(flatbuffer):
+        accuracy = judge(flatbuffer)
+        bar.advance()
+        return accuracy
+    return measured
+
+
+def _search(q, judge, target, groups, ranked, error, flatbuffer) -> dict:
+    float_ops, why = frozenset(), {}
     acc = start = judge(flatbuffer)
     rounds = []
     while acc < target:

@@ -18,13 +18,16 @@ import numpy as np
 import device
 from device import timing
 from device.core import Model, environment
+from pipeline import console
 
 RUNNER = Path(device.__file__).resolve().parent / "runner.py"
 CROSS_CHECK_RESOLUTION_MS = 0.01
 CROSS_CHECK_TOLERANCE = 0.10
+CROSS_CHECK_TIMEOUT_S = 600
+MEMORY_TIMEOUT_S = 300
 
 
-def _interleaved(models: dict[str, Model], prepared: dict[str, np.ndarray], runs: int, warmup: int):
+def _interleaved(models: dict[str, Model], prepared: dict[str, np.ndarray], runs: int, warmup: int, advance):
     clock = time.perf_counter
     warm = {v: [] for v in models}
     timed = {v: [] for v in models}
@@ -34,11 +37,12 @@ def _interleaved(models: dict[str, Model], prepared: dict[str, np.ndarray], runs
             t0 = clock()
             model.invoke(x)
             (warm if i < warmup else timed)[v].append(clock() - t0)
+        advance(len(models))  # outside the timed region
     return warm, timed
 
 
 def measure_latency(run_dir: Path, variants, metadata: dict, *, threads: int, xnnpack: bool,
-                    runs: int, warmup: int) -> dict:
+                    runs: int, warmup: int, advance=lambda n: None) -> dict:
     pre = metadata["preprocess"]
     pixels = np.random.default_rng(0).integers(
         0, 256, size=(1, pre["height"], pre["width"], pre["channels"]), dtype=np.uint8)
@@ -52,7 +56,7 @@ def measure_latency(run_dir: Path, variants, metadata: dict, *, threads: int, xn
         t0 = time.perf_counter()
         models[v].invoke(prepared[v])
         out[v] = {"init_ms": init_ms, "first_inference_ms": (time.perf_counter() - t0) * 1e3}
-    warm, timed = _interleaved(models, prepared, runs, warmup)
+    warm, timed = _interleaved(models, prepared, runs, warmup, advance)
     for v in variants:
         out[v].update({"warmup": timing.summarize(warm[v]), "latency": timing.summarize(timed[v]),
                        "samples_ms": [round(s * 1e3, 6) for s in timed[v]]})
@@ -62,8 +66,11 @@ def measure_latency(run_dir: Path, variants, metadata: dict, *, threads: int, xn
 def fresh_process_memory(model_path: Path) -> dict:
     """Peak RSS and wall time of a new runner process that loads the model and runs it a few times."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(RUNNER), "bench", "--model", str(model_path), "--runs", "10",
-                           "--warmup", "2", "--json"], capture_output=True, text=True, timeout=300)
+    try:
+        proc = subprocess.run([sys.executable, str(RUNNER), "bench", "--model", str(model_path), "--runs", "10",
+                               "--warmup", "2", "--json"], capture_output=True, text=True, timeout=MEMORY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"the runner took over {MEMORY_TIMEOUT_S} s for 12 inferences; memory not measured"}
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "runner failed"}
@@ -78,9 +85,12 @@ def litert_benchmark(model_path: Path, threads: int, runs: int, warmup: int) -> 
         cmd = ["litert-benchmark", "--model", str(model_path), "--num_runs", str(runs), "--warmup_runs",
                str(warmup), "--num_threads", str(threads), "--result_json", str(result_path)]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CROSS_CHECK_TIMEOUT_S)
         except FileNotFoundError:
             return {"error": "litert-benchmark is not installed (it comes with ai-edge-litert)"}
+        except subprocess.TimeoutExpired:
+            return {"error": f"litert-benchmark took over {CROSS_CHECK_TIMEOUT_S} s and was stopped; "
+                             "cross-check with fewer --runs"}
         if proc.returncode != 0 or not result_path.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()
             return {"error": tail[-1] if tail else f"exit code {proc.returncode}"}
@@ -116,13 +126,16 @@ def benchmark_variants(run_dir: Path, variants, metadata: dict, *, threads_list,
     t_start = time.perf_counter()
     sizes = {v: (run_dir / f"model_{v}.tflite").stat().st_size for v in variants}
     # The load average says whether other work competed for the cores while we measured.
-    result = {"schema": 1, "environment": {**environment(), "load_average_1m": os.getloadavg()[0]}, "xnnpack": xnnpack, "runs": runs, "warmup": warmup,
+    result = {"schema": 1, "environment": {**environment(), "load_average_1m": os.getloadavg()[0]},
+              "xnnpack": xnnpack, "runs": runs, "warmup": warmup,
               "interleaved": True, "macs_per_inference": macs, "threads": {}, "variants": {}}
     for v in variants:
         result["variants"][v] = {"bytes": sizes[v], "size_ratio_vs_fp32": sizes[v] / sizes["fp32"]}
     for threads in threads_list:
-        lat = measure_latency(run_dir, variants, metadata, threads=threads, xnnpack=xnnpack, runs=runs,
-                              warmup=warmup)
+        with console.progress(f"benchmark @{threads} thread(s)", total=(warmup + runs) * len(variants),
+                              unit="invokes") as bar:
+            lat = measure_latency(run_dir, variants, metadata, threads=threads, xnnpack=xnnpack, runs=runs,
+                                  warmup=warmup, advance=bar.advance)
         base = lat["fp32"]["latency"]["p50_ms"]
         for v in variants:
             p50 = lat[v]["latency"]["p50_ms"]

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from device.core import Model, normalize, score
+from device.core import Model, normalize, score, softmax
+from pipeline import console
+from pipeline.measure import stats
 
 
 def summarize_predictions(probs: np.ndarray, y: np.ndarray, labels, baseline: np.ndarray | None) -> dict:
@@ -30,22 +32,33 @@ def evaluate_variants(run_dir: Path, variants, x_test: np.ndarray, y_test: np.nd
     labels = metadata["preprocess"]["labels"]
     probs: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
-    for variant in variants:
-        t0 = time.perf_counter()
-        model = Model(Path(run_dir) / f"model_{variant}.tflite", metadata=metadata)
-        probs[variant] = model.predict(x_test)
-        seconds[variant] = time.perf_counter() - t0
+    with console.progress("evaluating", total=len(variants) * len(y), unit="images") as bar:
+        for variant in variants:
+            bar.advance(0, description=f"evaluating {variant}")
+            t0 = time.perf_counter()
+            model = Model(Path(run_dir) / f"model_{variant}.tflite", metadata=metadata)
+            probs[variant] = model.predict(x_test)
+            seconds[variant] = time.perf_counter() - t0
+            bar.advance(len(y))
     baseline = probs["fp32"]
     result = {"n": int(len(y)), "variants": {}}
     for variant in variants:
         entry = summarize_predictions(probs[variant], y, labels, None if variant == "fp32" else baseline)
         entry["change_pp_vs_fp32"] = 100.0 * (entry["accuracy"] - float((baseline.argmax(1) == y).mean()))
         entry["seconds"] = seconds[variant]
+        entry["interval_95"] = stats.accuracy_with_interval(y, probs[variant].argmax(1))
+        if variant != "fp32":
+            entry["mcnemar_vs_fp32"] = stats.paired_change(y, baseline.argmax(1), probs[variant].argmax(1))
         result["variants"][variant] = entry
-        log(f"accuracy {variant:>8}: {entry['accuracy']:.4f} ({entry['change_pp_vs_fp32']:+.2f} pp), "
-            f"{seconds[variant]:.2f} s for {len(y)} images")
+        ci = entry["interval_95"]
+        test = entry.get("mcnemar_vs_fp32")
+        paired = f", McNemar p {test['p_value']:.2g}" if test else ""
+        log(f"accuracy {variant:>8}: {entry['accuracy']:.4f} [95% {ci['low']:.4f}-{ci['high']:.4f}] "
+            f"({entry['change_pp_vs_fp32']:+.2f} pp{paired}), {seconds[variant]:.2f} s for {len(y)} images")
     if keras_model is not None:
         keras_probs = keras_model.predict(normalize(x_test, metadata["preprocess"]), batch_size=256, verbose=0)
+        if metadata.get("output") == "logits":
+            keras_probs = softmax(keras_probs)
         probs["keras"] = keras_probs
         result["keras"] = {
             "accuracy": float((keras_probs.argmax(1) == y).mean()),

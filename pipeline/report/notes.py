@@ -6,7 +6,8 @@ disagreeing, more threads being slower, a device result worth a remark.
 """
 from __future__ import annotations
 
-from device.timing import WIDE_SPREAD_CV
+from device.timing import wide_spread
+from pipeline.measure.stats import change_words
 
 # int8 moves a quarter of fp32's bytes and its kernels do 4x the MACs per instruction; once the
 # kernels dominate an invoke, int8 should take at most this fraction of fp32's time at one thread.
@@ -36,6 +37,8 @@ def notes(report: dict, bench: dict | None) -> list[dict]:
         notes += _cross_check_notes(bench)
         notes += [_note("memory", v["variant"], f"{v['variant']}: the fresh-process memory measurement failed "
                         f"({v['memory']['error']})") for v in report["variants"] if (v["memory"] or {}).get("error")]
+    notes += _significance_notes(report["variants"])
+    notes += _metadata_notes(report.get("tflite_metadata") or {})
     notes += _keras_notes(report["keras"])
     notes += _device_notes(report)
     notes += _board_notes(report)
@@ -49,14 +52,13 @@ def _note(kind: str, variant: str | None, text: str) -> dict:
 def _spread_notes(variants: list[dict]) -> list[dict]:
     out = []
     for v in variants:
-        wide = [(t, lat) for t, lat in v["latency"].items()
-                if lat["mean_ms"] > 0 and lat["std_ms"] / lat["mean_ms"] > WIDE_SPREAD_CV]
-        figures = "; ".join(f"at {threads_label(t)} std {lat['std_ms']:.4f} ms is "
-                            f"{100 * lat['std_ms'] / lat['mean_ms']:.0f}% of the mean {lat['mean_ms']:.4f} ms "
-                            f"(p50 {lat['p50_ms']:.4f}, max {lat['max_ms']:.4f})" for t, lat in wide)
+        wide = [(t, lat) for t, lat in v["latency"].items() if wide_spread(lat)]
+        figures = "; ".join(f"at {threads_label(t)} the interquartile range {lat['p25_ms']:.4f}-{lat['p75_ms']:.4f} ms "
+                            f"is {100 * lat['iqr_ms'] / lat['p50_ms']:.0f}% of the median {lat['p50_ms']:.4f} ms "
+                            f"(max {lat['max_ms']:.4f})" for t, lat in wide)
         if wide:
             out.append(_note("wide_spread", v["variant"], f"{v['variant']}: wide spread, {figures}; the machine was "
-                             "busy or throttling, so trust the median over the mean"))
+                             "busy or throttling, so compare medians of variants measured together only"))
     return out
 
 
@@ -69,9 +71,9 @@ def _thread_notes(variants: list[dict], base: int, cores: int) -> list[dict]:
                             for v in slower)
         if slower:
             out.append(_note("more_threads_slower", None, (
-                f"{threads_label(t)} are slower than {threads_label(base)} (p50) for {figures}: waking and synchronizing "
-                f"threads costs more than splitting this model's work saves on this {cores}-core machine, so run "
-                f"it with {threads_label(base)}")))
+                f"{threads_label(t)} are slower than {threads_label(base)} (p50) for {figures}: waking and "
+                f"synchronizing threads costs more than splitting this model's work saves on this {cores}-core "
+                f"machine, so run it with {threads_label(base)}")))
     return out
 
 
@@ -109,6 +111,20 @@ def _int8_notes(by_v: dict, report: dict) -> list[dict]:
     spread = [v for v in ("fp32", "int8") if by_v[v]["latency"][str(t)].get("warning")]
     tail = f" The spread of {' and '.join(spread)} was also wide." if spread else ""
     return [_note("int8_speedup_below_target", "int8", head + why + tail)]
+
+
+def _significance_notes(variants: list[dict]) -> list[dict]:
+    """Whether each change against fp32 is real, in words (exact McNemar on the images they disagree on)."""
+    return [_note("accuracy_change", v["variant"], change_words(v["variant"], v["change_pp"], v["mcnemar_vs_fp32"]))
+            for v in variants if v.get("mcnemar_vs_fp32")]
+
+
+def _metadata_notes(status: dict) -> list[dict]:
+    """Models that standard apps (MediaPipe Tasks, the Task Library) cannot open on their own, and why."""
+    return [_note("no_tflite_metadata", name.removeprefix("model_").removesuffix(".tflite"),
+                  f"{name} carries no TFLite metadata (labels, normalization), so apps such as MediaPipe Tasks "
+                  f"cannot use it as it is: {s['reason']}")
+            for name, s in status.items() if s and not s.get("present")]
 
 
 def _keras_notes(keras: dict | None) -> list[dict]:

@@ -84,7 +84,8 @@ def latency_distributions(bench: dict | None, variants: list[str]) -> bytes | No
         ax.set_title(f"{t} thread{'s' if int(t) > 1 else ''}")
         ax.grid(True, axis="y", which="both", alpha=0.3)
     axes[0].set_ylabel("latency per image, ms (log scale)")
-    fig.suptitle(f"Latency distributions, {bench.get('runs')} timed runs each (box: quartiles and median; "
+    # Two lines: on a narrow figure (one thread count, few variants) one line is wider than the figure.
+    fig.suptitle(f"Latency distributions, {bench.get('runs')} timed runs each\n(box: quartiles and median; "
                  "whiskers: p1-p99)", fontsize=10)
     return _png(fig)
 
@@ -94,6 +95,8 @@ def confusion_pair(evaluation: dict, labels: list[str]) -> bytes | None:
     if "int8" not in evaluation["variants"] or "fp32" not in evaluation["variants"]:
         return None
     mats = {v: np.asarray(evaluation["variants"][v]["confusion"]) for v in ("fp32", "int8")}
+    # Folder datasets bring their own class names: long ones are shortened so the cells keep their size.
+    labels = [name if len(name) <= 14 else name[:13] + "…" for name in labels]
     vmax = max(int(m.max()) for m in mats.values())
     size = max(4.0, 0.45 * len(labels) + 1.5)
     fig = Figure(figsize=(2 * size + 1, size), layout="constrained")

@@ -10,16 +10,18 @@ import base64
 import hashlib
 import json
 import re
-from html import escape as esc
 from pathlib import Path
+
+import numpy as np
 
 from pipeline.report import plots
 from pipeline.report.notes import notes, threads_label
-from pipeline.artifacts import MANIFEST, atomic_write, write_json
+from pipeline.artifacts import MANIFEST, atomic_write, run_name, write_json
 from pipeline.config import VARIANTS
 from pipeline.delivery import default_variant, guard_decision
 
 SCHEMA = 1
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 DEVICE_DIR = "device_results"
 ANALYSIS_PLOT = "analysis_layers.png"
 DEVICE_SOURCE = "the output of `runner.py bench --json` or `runner.py eval --json`"
@@ -27,7 +29,8 @@ PLOTS = {"accuracy_vs_latency.png": "Accuracy against p50 latency; marker area i
          "latency.png": "Latency distribution of every variant (raw timed samples)",
          "confusion_fp32_int8.png": "Confusion matrices of fp32 and int8 on the test split"}
 
-CAPTIONS = {**PLOTS, ANALYSIS_PLOT: "Per-layer RMSE/scale of the int8 model (0.29 is ideal rounding, above 0.7 suspect)"}
+CAPTIONS = {**PLOTS,
+            ANALYSIS_PLOT: "Per-layer RMSE/scale of the int8 model (0.29 is ideal rounding, above 0.7 suspect)"}
 
 
 class ReportError(Exception):
@@ -51,8 +54,9 @@ def _load(run_dir: Path) -> tuple[dict, dict, dict | None, list[str]]:
     evaluation = _read_json(run_dir / "evaluation.json", "the evaluation written by `pipeline build`")
     bench_path = run_dir / "benchmark.json"
     bench = _read_json(bench_path, "the benchmark of `pipeline build`") if bench_path.exists() else None
-    labels = _read_json(run_dir / "metadata.json", "the metadata written by `pipeline build`")["preprocess"]["labels"]
-    return manifest, evaluation, bench, labels
+    meta = _read_json(run_dir / "metadata.json", "the metadata written by `pipeline build`")
+    manifest["tflite_metadata"] = {name: m.get("tflite_metadata") for name, m in meta.get("models", {}).items()}
+    return manifest, evaluation, bench, meta["preprocess"]["labels"]
 
 
 def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
@@ -62,11 +66,13 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
     missing = [f"model_{v}.tflite" for v in evaluation["variants"] if not (run_dir / f"model_{v}.tflite").is_file()]
     if missing:
         raise ReportError(f"{run_dir}: {', '.join(missing)} missing, though evaluation.json lists them; rebuild it")
-    names = [v for v in VARIANTS if v in evaluation["variants"]] + [v for v in evaluation["variants"] if v not in VARIANTS]
+    _fill_statistics(run_dir, evaluation)
+    names = [v for v in VARIANTS if v in evaluation["variants"]]
+    names += [v for v in evaluation["variants"] if v not in VARIANTS]
     variants = [_variant(run_dir, v, evaluation, bench, threads) for v in names]
     delivered, superseded = guard_decision(run_dir)
     report = {
-        "schema": SCHEMA, "run": run_dir.name.removeprefix(".").removesuffix(".partial"),
+        "schema": SCHEMA, "run": run_name(run_dir),
         "model": manifest["config"]["model"], "dataset": manifest["config"]["dataset"],
         "test_images": evaluation["n"], "table_threads": threads, "variants": variants,
         "delivered": {"variant": default_variant(names, delivered, superseded), "by_guard": delivered in names,
@@ -78,6 +84,8 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
         "devices": _merge_devices(device_results or [], variants, _model_hashes(run_dir), run_dir),
         "analysis": _analysis(run_dir),
         "boards": _boards(run_dir),
+        # {model file: {"present": bool, "reason": why not}}; None for runs built before it was recorded.
+        "tflite_metadata": manifest.get("tflite_metadata", {}),
         "tflm": _read_json(run_dir / "tflm.json", "the figures of `pipeline export --target tflm`")
         if (run_dir / "tflm.json").is_file() else None,
     }
@@ -92,6 +100,7 @@ def _variant(run_dir: Path, v: str, evaluation: dict, bench: dict | None, thread
              "accuracy": e["accuracy"], "change_pp": e["change_pp_vs_fp32"],
              "agreement": e.get("agreement_with_fp32", 1.0),  # fp32, the baseline, agrees with itself
              "mean_abs_prob_diff": e.get("mean_abs_prob_diff_vs_fp32", 0.0),
+             "interval_95": e.get("interval_95"), "mcnemar_vs_fp32": e.get("mcnemar_vs_fp32"),
              "p50_ms": None, "p90_ms": None, "p99_ms": None, "speedup": None, "gmac_per_s": None,
              "latency": {}, "memory": None, "device": {}}
     if bench:
@@ -105,6 +114,23 @@ def _variant(run_dir: Path, v: str, evaluation: dict, bench: dict | None, thread
     return entry
 
 
+def _fill_statistics(run_dir: Path, evaluation: dict) -> None:
+    """Intervals and paired tests for runs evaluated before they were recorded, from predictions.npz."""
+    from pipeline.measure import stats
+
+    lacking = [v for v, e in evaluation["variants"].items() if "interval_95" not in e]
+    if not lacking or not (run_dir / "predictions.npz").is_file():
+        return
+    with np.load(run_dir / "predictions.npz") as saved:
+        y, base = saved["y"], saved["probs_fp32"].argmax(1)
+        for v in lacking:
+            if f"probs_{v}" in saved.files:
+                pred = saved[f"probs_{v}"].argmax(1)
+                evaluation["variants"][v]["interval_95"] = stats.accuracy_with_interval(y, pred)
+                if v != "fp32":
+                    evaluation["variants"][v]["mcnemar_vs_fp32"] = stats.paired_change(y, base, pred)
+
+
 # ---------------------------------------------------------------- accuracy guard (analysis.json)
 
 def _analysis(run_dir: Path) -> dict | None:
@@ -116,18 +142,27 @@ def _analysis(run_dir: Path) -> dict | None:
     return {"layers": a.get("layers"), "guard": a.get("guard"), "validation": a.get("validation")}
 
 
+def _guard_sentence(analysis: dict) -> str:
+    """The guard's decision and what it rests on: how many validation images, so what one image is worth."""
+    g, images = analysis["guard"], (analysis.get("validation") or {}).get("images")
+    rests = (f"{images:,} {g['split']} images (one image is {100 / images:.2f} pp)" if images
+             else f"the {g['split']} split")
+    return (f"Budget {g['max_accuracy_drop_pp']} pp, decided on {rests} in {g['seconds']:.1f} s: "
+            f"{g['summary']}")
+
+
 def _analysis_md(analysis: dict | None) -> list[str]:
     if not analysis:
         return []
     out = []
     if analysis.get("guard"):
         g = analysis["guard"]
-        out += ["", "## Accuracy guard", "", f"Budget {g['max_accuracy_drop_pp']} pp, decided on the "
-                f"{g['split']} split in {g['seconds']:.1f} s: {g['summary']}.", ""]
+        out += ["", "## Accuracy guard", "", f"{_guard_sentence(analysis)}.", ""]
         for r in g.get("remedies", []):
             line = f"- {r['name']} -> {r.get('variant') or '-'}: {r['status']}"
             if r.get("accuracy") is not None:
-                line += f", validation accuracy {_pct(r['accuracy'])} ({0.0 - r['drop_pp']:+.2f} pp), {r['bytes']:,} bytes"
+                line += (f", validation accuracy {_pct(r['accuracy'])} ({0.0 - r['drop_pp']:+.2f} pp), "
+                         f"{r['bytes']:,} bytes")
             if r.get("reason"):
                 line += f"; {r['reason']}"
             out.append(line)
@@ -305,15 +340,17 @@ def _boards_md(report: dict) -> list[str]:
 
 def table(report: dict) -> tuple[list[str], list[list[str]]]:
     """(headers, rows of strings): one row per variant, host figures then each device's."""
-    headers = ["variant", "size", "size ratio", "accuracy", "change", "agreement", "p50 ms", "p90 ms",
-               "p99 ms", "speed-up vs fp32"]
+    headers = ["variant", "size", "size ratio", "accuracy", "95% interval", "change", "McNemar p", "agreement",
+               "p50 ms", "p90 ms", "p99 ms", "speed-up vs fp32"]
     labels = [d["label"] for d in report["devices"]]
     for label in labels:
         headers += [f"{label} accuracy", f"{label} p50 ms"]
     rows = []
     for v in report["variants"]:
+        ci, test = v.get("interval_95"), v.get("mcnemar_vs_fp32")
         row = [v["variant"], f"{v['bytes'] / 1024:.1f} KiB", f"{v['size_ratio']:.2f}x", _pct(v["accuracy"]),
-               f"{v['change_pp']:+.2f} pp", _pct(v["agreement"]), _ms(v["p50_ms"]), _ms(v["p90_ms"]),
+               f"{100 * ci['low']:.1f}-{100 * ci['high']:.1f}%" if ci else "-", f"{v['change_pp']:+.2f} pp",
+               _p_value(test), _pct(v["agreement"]), _ms(v["p50_ms"]), _ms(v["p90_ms"]),
                _ms(v["p99_ms"]), "-" if v["speedup"] is None else f"{v['speedup']:.2f}x"]
         for label in labels:
             dev = v["device"].get(label, {})
@@ -321,6 +358,12 @@ def table(report: dict) -> tuple[list[str], list[list[str]]]:
             row += [_pct(dev.get("accuracy")), "emulated" if dev.get("emulated") else _ms(dev.get("p50_ms"))]
         rows.append(row)
     return headers, rows
+
+
+def _p_value(test: dict | None) -> str:
+    if not test:
+        return "-"
+    return f"{test['p_value']:.2g}" + ("" if test["significant"] else " (n.s.)")
 
 
 def _pct(x) -> str:
@@ -387,27 +430,23 @@ def _markdown(report: dict) -> str:
 
 
 def _html(report: dict, pngs: dict[str, bytes]) -> str:
+    """The page: every section as HTML from templates/report.html; plots inline, nothing fetched."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(pct=_pct, ms=_ms)
     headers, rows = table(report)
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
-    notes = "".join(f"<li>{esc(n['text'])}</li>" for n in report["notes"]) or "<li>none</li>"
-    figures = "".join(f'<figure><img alt="{esc(CAPTIONS.get(name, name))}" src="data:image/png;base64,'
-                      f'{base64.b64encode(png).decode()}"><figcaption>{esc(CAPTIONS.get(name, name))}</figcaption></figure>'
-                      for name, png in pngs.items())
-    section = _analysis_md(report.get("analysis"))
-    analysis = f"<h2>Accuracy guard and per-layer error</h2><pre>{esc(chr(10).join(section).strip())}</pre>\n" if section else ""
-    boards = _boards_md(report)[3:]
-    analysis += f"<h2>Boards</h2><pre>{esc(chr(10).join(boards))}</pre>\n" if boards else ""
-    micro = _tflm_md(report.get("tflm"))
-    analysis += f"<h2>Microcontroller (TensorFlow Lite Micro)</h2><p>{esc(' '.join(micro[3:]))}</p>\n" if micro else ""
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>edgepipe report: "
-            f"{esc(report['run'])}</title><style>body{{font-family:sans-serif;max-width:75em;margin:2em auto}}"
-            "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
-            "td:first-child{text-align:left}img{max-width:100%}</style></head><body>\n"
-            f"<h1>edgepipe report: {esc(report['run'])}</h1>\n"
-            + "".join(f"<p>{esc(s)}</p>" for s in _context(report))
-            + f"\n<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n"
-            f"<h2>Notes</h2><ul>{notes}</ul>\n{analysis}<h2>Plots</h2>{figures}\n</body></html>\n")
+    analysis = report.get("analysis") or {}
+    figures = [{"caption": CAPTIONS.get(name, name), "src": "data:image/png;base64," + base64.b64encode(png).decode()}
+               for name, png in pngs.items()]
+    micro = [line.strip().replace("`", "") for line in _tflm_md(report.get("tflm"))[3:]]
+    # (nesting level, text) of the Markdown list of boards, without its heading.
+    boards = [(1 if line.startswith("  ") else 0, line.strip()[2:]) for line in _boards_md(report)[3:]]
+    return env.get_template("report.html").render(
+        report=report, context=_context(report), headers=headers, rows=rows, figures=figures,
+        guard=analysis.get("guard"), guard_sentence=_guard_sentence(analysis) if analysis.get("guard") else None,
+        layers=analysis.get("layers"), micro=micro, boards=boards)
 
 
 # ---------------------------------------------------------------- entry points

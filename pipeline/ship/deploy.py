@@ -14,6 +14,7 @@ board and merges nothing.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import re
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from device import core
 from device.integrity import METADATA_NAME, sha256_file
-from pipeline.artifacts import update_manifest, updating, write_json
+from pipeline.artifacts import RunDirError, is_run, updating, write_json
 from pipeline.ship.bundle import RUNNER_FILES, WHEELS_INDEX, make_bundle, select_requirements, wheel_key
 from pipeline.ship.devices import Device, resolve
 from pipeline.ship.ssh import BoardError, Cancelled, Session, SshOptions
@@ -329,11 +330,32 @@ def deploy(run_dir: Path, cfg: DeployConfig, log=print) -> list[dict]:
     return entries
 
 
+# Another writer of the run (a second deploy's merge, `pipeline report`) takes seconds: wait that long.
+MERGE_WAIT_S = 300
+
+
+@contextlib.contextmanager
+def _updating(run_dir: Path, log):
+    """artifacts.updating, waiting while another process holds the run's lock instead of failing."""
+    deadline = time.monotonic() + MERGE_WAIT_S
+    while True:
+        stack = contextlib.ExitStack()
+        try:
+            work = stack.enter_context(updating(run_dir, "deploy (merging the boards' results)", log))
+            break
+        except RunDirError:
+            if not is_run(run_dir) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    with stack:
+        yield work
+
+
 def merge(run_dir: Path, entries: list[dict], reference: dict, log) -> None:
     """One atomic update of the run: device results, deploy.json, the report and the manifest."""
     from pipeline.report import render as report
 
-    with updating(run_dir) as stage, tempfile.TemporaryDirectory(prefix="edgepipe-results-") as tmp:
+    with _updating(run_dir, log) as (stage, _), tempfile.TemporaryDirectory(prefix="edgepipe-results-") as tmp:
         try:
             record = json.loads((stage / DEPLOY_JSON).read_text())
         except (OSError, ValueError):
@@ -354,7 +376,6 @@ def merge(run_dir: Path, entries: list[dict], reference: dict, log) -> None:
         record["reference"] = reference
         write_json(stage / DEPLOY_JSON, record)
         report.render(stage, device_results=new, log=log)
-        update_manifest(stage)
     log(f"report: {run_dir / 'report.md'} updated with {sum(e['ok'] for e in entries)} board(s)")
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pipeline
 from device.core import Model
 from device.integrity import METADATA_NAME, DeviceError, read_model_bytes, sha256_file
-from pipeline.artifacts import MANIFEST, update_manifest, write_json
+from pipeline.artifacts import MANIFEST, updating, write_json
 from pipeline.ship import micro, tflm_sources
 from pipeline.ship.micro import KIB, MIB, ExportError
 
@@ -381,16 +381,22 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str = "int8"
 
 
 def _record(run_dir: Path, summary: dict, log) -> None:
-    """tflm.json beside the run's other results, the report rendered again, the manifest's figures."""
-    write_json(run_dir / RUN_SUMMARY, {k: v for k, v in summary.items() if k != "files"})
-    if (run_dir / "evaluation.json").is_file():
-        from pipeline.report.render import render
+    """tflm.json beside the run's other results, the report rendered again, the manifest's figures:
+    changed as one step (artifacts.updating), so an interruption leaves the run as it was."""
+    with updating(run_dir, "export", log=log) as (work, changed):
+        write_json(work / RUN_SUMMARY, {k: v for k, v in summary.items() if k != "files"})
+        if (work / "evaluation.json").is_file():
+            from pipeline.report.render import render
 
-        render(run_dir, log=log)
+            render(work, log=log)
+        changed["tflm"] = _manifest_figures(summary)
+
+
+def _manifest_figures(summary: dict) -> dict:
     a = summary["accuracy"]
-    update_manifest(run_dir, {"tflm": {
+    return {
         "variant": summary["variant"], "flash_bytes": summary["flash_bytes"], "sha256": summary["sha256"],
         "arena_bytes": summary["arena"]["recommended"], "arena_measured_bytes": summary["arena"]["measured"],
         "accuracy_tflm": a["accuracy_tflm"], "agreement_with_litert": a["agreement"], "images": a["images"],
         "fits": next(r["fits"] for r in summary["variants"] if r.get("exported")),
-        "export": summary["export"], "tflite_micro": summary["versions"]["tflite-micro"]}})
+        "export": summary["export"], "tflite_micro": summary["versions"]["tflite-micro"]}

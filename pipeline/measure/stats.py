@@ -1,0 +1,68 @@
+"""How far to trust an accuracy: a 95% interval for each variant, a paired test for each change.
+
+With 1,000 test images one image is 0.1 pp, so a quantized model that is "0.2 pp worse" may be
+no worse at all. Two questions, two standard answers:
+  - the accuracy itself: the Wilson score interval (Wilson 1927), which unlike the textbook normal
+    approximation stays inside [0, 1] and keeps its coverage near 0% and 100% accuracy;
+  - the change against fp32 on the same images: the exact McNemar test. Only images where the two
+    models disagree about correctness say anything; under "no difference" each of those is equally
+    likely to favour either model, so the count favouring fp32 is Binomial(disagreements, 1/2).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
+ALPHA = 0.05
+
+
+def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for correct/n (both ends as fractions)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts (a right & b wrong, and the reverse)."""
+    from scipy.stats import binomtest
+
+    if only_a + only_b == 0:
+        return 1.0
+    return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def paired_change(y, baseline_pred, pred) -> dict:
+    """The change of `pred` against `baseline_pred` on the same images, with its exact McNemar test."""
+    y, base, pred = (np.asarray(a).reshape(-1) for a in (y, baseline_pred, pred))
+    base_right, right = base == y, pred == y
+    only_base, only_this = int((base_right & ~right).sum()), int((~base_right & right).sum())
+    p = mcnemar_exact(only_base, only_this)
+    return {"n": int(len(y)), "baseline_only_correct": only_base, "variant_only_correct": only_this,
+            "p_value": p, "significant": p < ALPHA}
+
+
+def accuracy_with_interval(y, pred) -> dict:
+    y, pred = np.asarray(y).reshape(-1), np.asarray(pred).reshape(-1)
+    correct = int((y == pred).sum())
+    low, high = wilson(correct, len(y))
+    return {"correct": correct, "n": int(len(y)), "low": low, "high": high}
+
+
+def change_words(variant: str, change_pp: float, test: dict) -> str:
+    """One sentence on whether a change against fp32 is real, for the report's notes."""
+    b, c, p = test["baseline_only_correct"], test["variant_only_correct"], test["p_value"]
+    where = (f"fp32 alone was right on {b} and {variant} alone on {c} of {test['n']:,} test images "
+             f"(exact McNemar p = {p:.3g})")
+    if b + c == 0:
+        return f"{variant}: exactly as accurate as fp32; both were right and wrong on the same {test['n']:,} images"
+    if not test["significant"]:
+        return (f"{variant}: the {change_pp:+.2f} pp change against fp32 is not statistically significant: {where}; "
+                "on this test set it cannot be told apart from no change")
+    direction = "drop" if change_pp < 0 else "gain"
+    return f"{variant}: the {change_pp:+.2f} pp {direction} against fp32 is statistically significant: {where}"

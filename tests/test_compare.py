@@ -1,0 +1,102 @@
+"""`pipeline compare`: runs side by side, figures recomputed from each run's own files."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.measure.stats import wilson
+
+
+def _build(out, **kw):
+    from pipeline.build import build
+    from pipeline.config import BuildConfig
+
+    cfg = BuildConfig(dataset="digits", model="mnist-cnn", bench_runs=10, bench_warmup=2, threads=(1,),
+                      out=str(out), **kw)
+    return build(cfg, log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    return _build(tmp / "a", epochs=1), _build(tmp / "b", epochs=2, seed=1, quantize=("int8", "float16"))
+
+
+def _cli(*args):
+    result = CliRunner().invoke(main, ["compare", *map(str, args)])
+    return result.exit_code, result.output
+
+
+def test_json_has_every_variant_with_its_own_figures(runs):
+    code, out = _cli(*runs, "--format", "json")
+    assert code == 0, out
+    result = json.loads(out)
+    assert [r["run"] for r in result["runs"]] == ["a", "b"]
+    assert result["not_comparable"] == {"accuracy": None, "latency": None}  # same test set, same machine
+    for run, row in zip(runs, result["runs"]):
+        report = json.loads((run / "report.json").read_text())
+        with np.load(run / "predictions.npz") as saved:
+            y = saved["y"]
+            for v, mine in zip(report["variants"], row["variants"]):
+                correct = int((saved[f"probs_{v['variant']}"].argmax(1) == y).sum())
+                assert mine["variant"] == v["variant"] and mine["accuracy"] == pytest.approx(correct / len(y))
+                assert mine["interval_95"] == pytest.approx(list(wilson(correct, len(y))))
+                assert mine["bytes"] == (run / f"model_{v['variant']}.tflite").stat().st_size
+                assert mine["p50_ms"]["1"] == v["latency"]["1"]["p50_ms"]
+    assert [v["variant"] for v in result["runs"][1]["variants"]] == ["fp32", "float16", "int8"]
+    assert result["runs"][1]["recipe"]["epochs"] == 2 and result["runs"][1]["recipe"]["seed"] == 1
+
+
+def test_text_markdown_html_and_files(runs, tmp_path):
+    code, out = _cli(*runs, "--out", tmp_path / "cmp")
+    assert code == 0 and "not comparable" not in out
+    assert out.splitlines()[0].split()[:5] == ["run", "model", "dataset", "recipe", "variant"]
+    code, md = _cli(*runs, "--format", "markdown")
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    assert code == 0 and len(rows) == 5
+    assert {p.name for p in (tmp_path / "cmp").iterdir()} == {"compare.json", "compare.md", "compare.html",
+                                                              "compare.png"}
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert page.count("<tr>") == 6 and 'src="data:image/png;base64,' in page and "|---" not in page
+    assert (tmp_path / "cmp" / "compare.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_other_test_sets_and_machines_are_flagged(runs, mnist_run, tmp_path):
+    # A copy of run b as if benchmarked on a Raspberry Pi: its latency is no longer comparable.
+    pi = shutil.copytree(runs[1], tmp_path / "pi")
+    report = json.loads((pi / "report.json").read_text())
+    report["environment"].update(cpu="Cortex-A72", cores=4, machine="aarch64")
+    (pi / "report.json").write_text(json.dumps(report))
+    code, out = _cli(runs[0], pi, mnist_run, "--format", "json")
+    flags = json.loads(out)["not_comparable"]
+    assert code == 0
+    assert "Cortex-A72" in flags["latency"] and "AMD" not in flags["latency"].split("pi:")[1].split(";")[0]
+    assert "a: 360 test images" in flags["accuracy"] and f"{mnist_run.name}: " in flags["accuracy"]
+    code, out = _cli(runs[0], pi, mnist_run)
+    assert "accuracy*" in out and "p50 ms @1†" in out and "* accuracy not comparable" in out
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("one", "needs at least two runs"),
+    ("missing", "no such run directory"),
+    ("old", "report schema 0, this edgepipe reads schema 1"),
+    ("unfinished", "no report.json"),
+])
+def test_bad_input_is_one_line(runs, tmp_path, case, expected):
+    args = {"one": [runs[0]], "missing": [runs[0], tmp_path / "nope"]}.get(case)
+    if case == "old":
+        old = shutil.copytree(runs[1], tmp_path / "old")
+        report = json.loads((old / "report.json").read_text())
+        (old / "report.json").write_text(json.dumps({**report, "schema": 0}))
+        args = [runs[0], old]
+    if case == "unfinished":
+        (tmp_path / "half").mkdir()
+        (tmp_path / "half" / "manifest.json").write_text("{}")
+        args = [runs[0], tmp_path / "half"]
+    code, out = _cli(*args)
+    assert code == 1 and expected in out and len(out.strip().splitlines()) == 1, out
