@@ -4,7 +4,7 @@ Usage (in a bundle, or from the repository):
     python device/runner.py classify IMAGE|FOLDER|-... [--model PATH] [--top-k K] [--invert] [--json]
     python device/runner.py eval DATA.npz     [--model PATH] [--json]
     python device/runner.py bench             [--model PATH] [--runs N] [--warmup N] [--threads N] [--no-xnnpack]
-                                              [--json]
+                                              [--loads N] [--images IMAGE...] [--preprocess-runs N] [--json]
     python device/runner.py info              [--model PATH] [--json]
     python device/runner.py verify [FOLDER]   [--json]
     python device/runner.py unpack BUNDLE.tar.gz FOLDER [--json]
