@@ -6,6 +6,7 @@ to the training data. Imports only numpy and pillow (lazily).
 """
 from __future__ import annotations
 
+import time
 import warnings
 
 import numpy as np
@@ -22,16 +23,18 @@ POLARITY = {"mnist": "light-on-dark", "digits": "light-on-dark"}
 SMALL_FRACTION = 0.5
 
 
-def load_image(path, preprocess: dict) -> np.ndarray:
+def load_image(path, preprocess: dict, timings: dict | None = None) -> np.ndarray:
     """Any image Pillow reads, to uint8 (H, W, C) in the model's size and colour layout."""
-    return read_image(path, preprocess)[0]
+    return read_image(path, preprocess, timings=timings)[0]
 
 
-def read_image(source, preprocess: dict, name: str | None = None) -> tuple[np.ndarray, dict]:
+def read_image(source, preprocess: dict, name: str | None = None, timings: dict | None = None) -> tuple[np.ndarray, dict]:
     """(uint8 (H, W, C) pixels in the model's size and layout, facts about the original image).
 
     `source` is a path or the bytes of an image (stdin). EXIF orientation is applied first, as
     phones and cameras store many photos sideways with a tag that says how to turn them upright.
+    With `timings`, the seconds spent decoding and resizing are appended to its "decode" and
+    "resize" lists (the runner's bench reports them apart from invoke).
     """
     import io
 
@@ -40,18 +43,24 @@ def read_image(source, preprocess: dict, name: str | None = None) -> tuple[np.nd
     name = name or str(source)
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     # The filter the model was trained with (metadata's preprocess "resize"); older bundles used bilinear.
-    resample = Image.Resampling[str(preprocess.get("resize", "bilinear")).upper()]
+    # Pillow before 9.1 (Debian bullseye's python3-pil) has the filters on Image itself.
+    resample = getattr(getattr(Image, "Resampling", Image), str(preprocess.get("resize", "bilinear")).upper())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            t0 = time.perf_counter()
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
                 img.load()
                 orientation = img.getexif().get(0x0112, 1)
                 img = ImageOps.exif_transpose(img)
                 size = img.size
                 img = _to_mode(img, preprocess["channels"])
+                t1 = time.perf_counter()
                 img = img.resize((preprocess["width"], preprocess["height"]), resample)
                 arr = np.asarray(img, dtype=np.uint8)
+            if timings is not None:
+                timings.setdefault("decode", []).append(t1 - t0)
+                timings.setdefault("resize", []).append(time.perf_counter() - t1)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DeviceError(f"{name}: image is too large ({e}); pass an image under {MAX_IMAGE_PIXELS} pixels")
     except FileNotFoundError:

@@ -144,13 +144,14 @@ def verify_folder(folder: Path) -> list[str]:
 
 
 def extract_bundle(archive: Path, dest: Path) -> Path:
-    """Unpack a bundle with tarfile's `data` filter: no paths outside dest, no links out, no devices.
+    """Unpack a bundle: regular files and folders only, every one inside dest; refuse anything else.
 
-    It is unpacked into a hidden folder beside dest and renamed into place only when complete, so a
+    The members are checked here rather than by tarfile's `data` filter, which Python before 3.12
+    may lack (Raspberry Pi OS bullseye has 3.9.2), so one code path runs on every board. It is
+    unpacked into a hidden folder beside dest and renamed into place only when complete, so a
     failure leaves nothing behind; dest must not exist or be an empty folder.
     """
     import shutil
-    import tarfile
     import tempfile
 
     archive, dest = Path(archive), Path(dest)
@@ -161,14 +162,7 @@ def extract_bundle(archive: Path, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.unpack-"))
     try:
-        try:
-            with tarfile.open(archive, "r:gz") as tar:
-                tar.extractall(tmp, filter="data")
-        except tarfile.FilterError as e:
-            raise DeviceError(f"{archive}: refused, a member points outside the target folder ({e}); "
-                              "the archive is not a bundle written by `pipeline bundle`")
-        except (OSError, tarfile.TarError, EOFError) as e:
-            raise DeviceError(f"{archive}: not a readable .tar.gz bundle ({e})")
+        _extract_checked(archive, tmp)
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the unpacked folder is the user's
         if dest.is_dir():
             dest.rmdir()
@@ -232,3 +226,36 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _extract_checked(archive: Path, root: Path) -> None:
+    """Every member checked first (a file or folder, a relative path without '..'), then written."""
+    import shutil
+    import tarfile
+    import zlib
+    from pathlib import PurePosixPath
+
+    def refuse(member, why: str) -> DeviceError:
+        return DeviceError(f"{archive}: refused, member {member.name!r} {why}; "
+                           "the archive is not a bundle written by `pipeline bundle`")
+
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            for m in members:
+                path = PurePosixPath(m.name)
+                if not (m.isfile() or m.isdir()):
+                    raise refuse(m, "is a link or a device, not a file or folder")
+                if not path.parts or path.is_absolute() or ".." in path.parts:
+                    raise refuse(m, "points outside the target folder")
+            for m in members:
+                target = root.joinpath(*PurePosixPath(m.name).parts)
+                if m.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(m) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                target.chmod(0o755 if m.mode & 0o111 else 0o644)
+    except (OSError, tarfile.TarError, EOFError, zlib.error) as e:
+        raise DeviceError(f"{archive}: not a readable .tar.gz bundle ({e})")

@@ -4,7 +4,7 @@ Usage (in a bundle, or from the repository):
     python device/runner.py classify IMAGE|FOLDER|-... [--model PATH] [--top-k K] [--invert] [--json]
     python device/runner.py eval DATA.npz     [--model PATH] [--json]
     python device/runner.py bench             [--model PATH] [--runs N] [--warmup N] [--threads N] [--no-xnnpack]
-                                              [--json]
+                                              [--loads N] [--images IMAGE...] [--preprocess-runs N] [--json]
     python device/runner.py info              [--model PATH] [--json]
     python device/runner.py verify [FOLDER]   [--json]
     python device/runner.py unpack BUNDLE.tar.gz FOLDER [--json]
@@ -32,11 +32,12 @@ if __package__ in (None, ""):
     # folder that holds it, in a bundle and in the repository alike.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from device import core, integrity, timing  # noqa: E402
+from device import board, core, integrity, timing  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parent.parent
 SCHEMA = 1
 FALLBACK_MODEL = "model_int8.tflite"  # bundles older than `default_model` in their metadata
+SAMPLES = BUNDLE / "samples"
 
 
 def default_model() -> Path:
@@ -109,24 +110,56 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_bench(args) -> dict:
+    """Load (cold, then warm), preprocessing per stage, first inference, timed inferences, memory and the
+    board's state before and after, in the way hosted device farms report a profile run."""
     import numpy as np
 
-    t0 = time.perf_counter()
-    model = _load(args)
-    init_ms = (time.perf_counter() - t0) * 1e3
-    p = model.preprocess
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, size=(1, p["height"], p["width"], p["channels"]), dtype=np.uint8)
-    prepared = model.prepare(pixels)
-    t0 = time.perf_counter()
+    clock = time.perf_counter
+    before = board.state()
+    t0 = clock()
+    rt = core.runtime()  # importing the interpreter module: part of a cold start, kept apart
+    import_ms = (clock() - t0) * 1e3
+    t0 = clock()
+    model = _load(args)  # the first interpreter of this fresh process
+    cold_ms = (clock() - t0) * 1e3
+    peak_after_load = timing.peak_rss_mb()
+    warm_loads = []
+    for _ in range(args.loads):  # code loaded and the file in the page cache: what a reload costs
+        t0 = clock()
+        _load(args)
+        warm_loads.append(clock() - t0)
+
+    images = args.images if args.images is not None else sorted(SAMPLES.glob("*.png"))
+    p, stages, quantize = model.preprocess, {}, []
+    if images:
+        core.load_image(images[0], p)  # untimed: the first decode imports Pillow's codec
+        for i in range(max(args.preprocess_runs, len(images))):
+            pixels = core.load_image(images[i % len(images)], p, stages)[None]
+            t0 = clock()
+            prepared = model.prepare(pixels)
+            quantize.append(clock() - t0)
+    else:  # no images to decode: random pixels of the input's size, preprocessing not measured
+        pixels = np.random.default_rng(0).integers(0, 256, size=(1, p["height"], p["width"], p["channels"]),
+                                                   dtype=np.uint8)
+        prepared = model.prepare(pixels)
+    t0 = clock()
     model.invoke(prepared)
-    first_ms = (time.perf_counter() - t0) * 1e3
+    first_ms = (clock() - t0) * 1e3
     warm, timed = timing.time_calls(lambda: model.invoke(prepared), args.runs, args.warmup)
-    return {**_header("bench", args, model), "threads": args.threads,
-            "xnnpack": not args.no_xnnpack, "init_ms": init_ms, "first_inference_ms": first_ms,
+    peak_after_inference = timing.peak_rss_mb()
+    return {**_header("bench", args, model), "threads": args.threads, "cores": os.cpu_count(),
+            "xnnpack": not args.no_xnnpack,
+            "load": {"import_ms": import_ms, "cold_ms": cold_ms, "warm": timing.summarize(warm_loads)},
+            "init_ms": cold_ms, "first_inference_ms": first_ms,
+            "preprocess": {"images": len(images), "runs": len(quantize),
+                           "decode": timing.summarize(stages.get("decode", [])),
+                           "resize": timing.summarize(stages.get("resize", [])),
+                           "quantize": timing.summarize(quantize)} if images else None,
             "warmup": timing.summarize(warm), "latency": timing.summarize(timed),
-            "samples_ms": [s * 1e3 for s in timed], "peak_rss_mb": timing.peak_rss_mb(),
-            "interpreter": {"name": model.runtime.name, "version": model.runtime.version},
+            "samples_ms": [s * 1e3 for s in timed], "peak_rss_mb": peak_after_inference,
+            "memory": {"peak_rss_mb_after_load": peak_after_load, "peak_rss_mb_after_inference": peak_after_inference},
+            "board_state": {"before": before, "after": board.state()},
+            "interpreter": {"name": rt.name, "version": rt.version},
             "environment": core.environment()}
 
 
@@ -164,15 +197,28 @@ def _print_human(command: str, out: dict) -> None:
         for label, acc in out["per_class"].items():
             print(f"  {label:>12}: " + ("no images" if acc is None else f"{acc:.4f}"))
     elif command == "bench":
-        lat = out["latency"]
-        print(f"init {out['init_ms']:.1f} ms, first inference {out['first_inference_ms']:.3f} ms, "
-              f"threads {out['threads']}, xnnpack {'on' if out['xnnpack'] else 'off'}")
-        print(f"n={lat['n']} p50 {lat['p50_ms']:.4f} ms  p90 {lat['p90_ms']:.4f}  p99 {lat['p99_ms']:.4f}  "
+        lat, load = out["latency"], out["load"]
+        print(f"load: import {load['import_ms']:.1f} ms, cold {load['cold_ms']:.1f} ms, warm p50 "
+              f"{load['warm'].get('p50_ms', float('nan')):.2f} ms (n={load['warm']['n']}); first inference "
+              f"{out['first_inference_ms']:.3f} ms; threads {out['threads']} of {out['cores']} cores, "
+              f"xnnpack {'on' if out['xnnpack'] else 'off'}")
+        if out["preprocess"]:
+            pre = out["preprocess"]
+            print(f"preprocess per image (n={pre['runs']}, {pre['images']} images): " + ", ".join(
+                f"{stage} p50 {pre[stage]['p50_ms']:.4f} ms" for stage in ("decode", "resize", "quantize")))
+        print(f"invoke n={lat['n']} p50 {lat['p50_ms']:.4f} ms  p90 {lat['p90_ms']:.4f}  p99 {lat['p99_ms']:.4f}  "
               f"mean {lat['mean_ms']:.4f} ± {lat['std_ms']:.4f}  min {lat['min_ms']:.4f}  max {lat['max_ms']:.4f}")
         if lat.get("warning"):
             print(f"warning: {lat['warning']}")
-        if out["peak_rss_mb"] is not None:
-            print(f"peak memory {out['peak_rss_mb']:.1f} MB")
+        mem = out["memory"]
+        if mem["peak_rss_mb_after_inference"] is not None:
+            print(f"peak memory {mem['peak_rss_mb_after_load']:.1f} MB after load, "
+                  f"{mem['peak_rss_mb_after_inference']:.1f} MB after inference")
+        for when, st in out["board_state"].items():
+            known = {k: v for k, v in st.items() if v is not None and k != "throttled_flags"}
+            if known:
+                print(f"board {when}: " + ", ".join(f"{k} {v}" for k, v in known.items())
+                      + (f" ({'; '.join(st['throttled_flags']) or 'never throttled'})" if st["throttled"] else ""))
     elif command in ("verify", "unpack"):
         print(f"{out['path']}: " + ("all models verified" if out["ok"] else "PROBLEMS"))
         for problem in out["problems"]:
@@ -216,9 +262,14 @@ def parser() -> argparse.ArgumentParser:
                     help="flip pixel values first (dark strokes on light paper for a model trained on light on dark)")
     sp = add("eval", cmd_eval, "accuracy on a labelled .npz set (arrays x and y)")
     sp.add_argument("data", type=Path, help=".npz with 'x' (uint8 images) and 'y' (labels)")
-    sp = add("bench", cmd_bench, "latency: init, first inference, warm-up, timed runs")
+    sp = add("bench", cmd_bench, "load (cold, warm), preprocessing, first inference, timed runs, memory, board state")
     sp.add_argument("--runs", type=int, default=200, help="timed runs (default 200)")
     sp.add_argument("--warmup", type=int, default=20, help="warm-up runs, not in the statistics (default 20)")
+    sp.add_argument("--loads", type=int, default=5, help="warm loads timed after the cold one (default 5)")
+    sp.add_argument("--images", type=Path, nargs="*", default=None,
+                    help="images to time decode, resize and quantize on (default: the bundle's samples/*.png)")
+    sp.add_argument("--preprocess-runs", type=int, default=50,
+                    help="preprocessing runs, cycling through the images (default 50)")
     sp.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
     sp.add_argument("--no-xnnpack", action="store_true", help="use the built-in kernels instead of XNNPACK")
     add("info", cmd_info, "tensors, dtypes, quantization parameters and ops")
@@ -247,7 +298,7 @@ def main(argv=None) -> int:
             return 2
     if getattr(args, "fn", None) not in (cmd_verify, cmd_unpack) and args.model is None:
         args.model = default_model()
-    for name in ("runs", "threads", "top_k"):
+    for name in ("runs", "threads", "top_k", "loads", "preprocess_runs"):
         if getattr(args, name, 1) < 1:
             print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2

@@ -19,6 +19,7 @@ import pipeline
 from pipeline.config import FALLBACKS, INPUT_RANGES, INT8_IO, VARIANTS, BuildConfig, ConfigError
 from pipeline.data import DATASETS
 from pipeline.models import MODELS, OPTIMIZERS, SCHEDULES
+from pipeline.ship.bundle import WHEEL_PLATFORMS
 from pipeline.ship.tflm import BOARDS, TARGETS
 
 
@@ -39,9 +40,13 @@ def _user_errors():
     from pipeline.convert import ConversionError
     from pipeline.data import DataError
     from pipeline.report.render import ReportError
+    from pipeline.ship.bundle import BundleError
+    from pipeline.ship.deploy import DeployError
+    from pipeline.ship.devices import DeviceError as BoardNameError
     from pipeline.train import ModelMismatchError
 
-    return (DeviceError, RunDirError, DataError, ModelMismatchError, ReportError, ConversionError)
+    return (DeviceError, RunDirError, DataError, ModelMismatchError, ReportError, ConversionError, BundleError,
+            DeployError, BoardNameError)
 
 
 # What an interruption leaves, by command: a build's staging folder stays for --resume; a finished
@@ -515,15 +520,16 @@ def compare(runs, fmt, out):
               help="Models to include, including guard variants such as int8-cle (default: the variant the run "
                    "delivers, and fp32 as the reference).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle written by `pipeline bundle`.")
+@click.option("--wheels", type=click.Choice(list(WHEEL_PLATFORMS)), multiple=True,
+              help="Also carry the runtime's wheels for this board platform (repeatable), for boards without "
+                   "internet; `pipeline deploy` installs from them.")
 @handle_errors
-def bundle(run_dir, out, variants, overwrite):
+def bundle(run_dir, out, variants, overwrite, wheels):
     """Pack a run into one .tar.gz for a Raspberry Pi: models, metadata, runner, samples, README."""
-    from pipeline.ship.bundle import BundleError, make_bundle
+    from pipeline.ship.bundle import make_bundle
 
-    try:
-        path = make_bundle(run_dir, out, variants or None, overwrite=overwrite, log=click.echo)
-    except BundleError as e:
-        raise UserError(str(e))
+    path = make_bundle(run_dir, out, variants or None, overwrite=overwrite, wheels=wheels,
+                       log=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)")
 
 
@@ -543,6 +549,114 @@ class ByteSize(click.ParamType):
         if n <= 0:
             self.fail(f"'{value}' is not a byte count; write e.g. 262144, 256K or 1M", param, ctx)
         return n
+
+
+def ssh_options(fn):
+    fn = click.option("--ssh-config", type=click.Path(exists=True, dir_okay=False),
+                      help="OpenSSH client configuration to use instead of ~/.ssh/config (ssh -F).")(fn)
+    fn = click.option("--accept-new-host-key", is_flag=True,
+                      help="Accept and remember the host key of a board never connected to (OpenSSH's "
+                           "accept-new); a changed key is always refused.")(fn)
+    fn = click.option("--connect-timeout", type=click.IntRange(min=1), default=10, show_default=True,
+                      help="Seconds to wait for a board to answer.")(fn)
+    return fn
+
+
+def _ssh(ssh_config, accept_new_host_key, connect_timeout):
+    from pipeline.ship.ssh import SshOptions
+
+    return SshOptions(ssh_config, accept_new_host_key, connect_timeout)
+
+
+@main.group("device")
+def device_group():
+    """Named boards for `pipeline deploy` ($XDG_CONFIG_HOME/edgepipe/devices.json); SSH keys stay in ~/.ssh."""
+
+
+@device_group.command("add")
+@click.argument("name")
+@click.argument("target", metavar="[USER@]HOST[:PORT]")
+@click.option("--replace", is_flag=True, help="Point an existing name at a new destination.")
+@handle_errors
+def device_add(name, target, replace):
+    """Name a board; HOST may be an address, a host name or a Host alias of ~/.ssh/config."""
+    from pipeline.ship import devices
+
+    board = devices.add(name, target, replace)
+    click.echo(f"{board.name}: {board.target} (in {devices.config_path()})")
+
+
+@device_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the boards as JSON.")
+@handle_errors
+def device_list(as_json):
+    """The named boards."""
+    from pipeline.ship import devices
+
+    boards = devices.load()
+    if as_json:
+        click.echo(json.dumps({n: {"target": d.target} for n, d in boards.items()}, indent=2))
+    elif not boards:
+        click.echo("no boards yet; add one with `pipeline device add NAME [USER@]HOST[:PORT]`")
+    for name, board in sorted(boards.items()) if not as_json else ():
+        click.echo(f"{name}  {board.target}")
+
+
+@device_group.command("remove")
+@click.argument("name")
+@click.option("--purge", is_flag=True, help="First delete ~/edgepipe on the board over SSH: every run, environment "
+                                            "and cache `pipeline deploy` put there, and nothing else.")
+@ssh_options
+@handle_errors
+def device_remove(name, purge, **ssh):
+    """Forget a named board (with --purge, after cleaning up after deploy on it)."""
+    from pipeline.ship import devices
+    from pipeline.ship.deploy import purge as purge_board
+    from pipeline.ship.ssh import BoardError
+
+    if name not in devices.load():
+        raise UserError(f"no board named {name}; `pipeline device list` shows the known ones")
+    if purge:
+        try:
+            removed = purge_board(name, _ssh(**ssh))
+        except BoardError as e:
+            raise UserError(f"{name}: {e}; the board stays in the list (remove it without --purge to forget it anyway)")
+        click.echo(f"{name}: " + ("removed ~/edgepipe from the board" if removed else "nothing to remove on the board"))
+    devices.remove(name)
+    click.echo(f"{name}: forgotten")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--device", "targets", multiple=True, required=True, metavar="NAME|[USER@]HOST[:PORT]",
+              help="A board by name (`pipeline device list`) or SSH destination; repeat for several, deployed in parallel.")
+@click.option("--bundle", "bundle_path", type=click.Path(exists=True, dir_okay=False),
+              help="Deploy this bundle of the run (e.g. made with `pipeline bundle --wheels`) instead of making one.")
+@click.option("--runs", type=click.IntRange(min=1), default=200, show_default=True, help="Timed inferences per model on the board.")
+@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True, help="Warm-up inferences before them.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Interpreter threads on the board.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=900, show_default=True,
+              help="Seconds a board may take, from connecting to its results.")
+@click.option("--clean", is_flag=True, help="Delete the run's folder on each board first (~/edgepipe/RUN), so the "
+                                            "bundle is copied and unpacked afresh; environments are kept.")
+@ssh_options
+@handle_errors
+def deploy(run_dir, targets, bundle_path, runs, warmup, threads, timeout, clean, **ssh):
+    """Put a run's models on boards over SSH, evaluate and benchmark them there, and add each board to the report."""
+    from pipeline.ship import deploy as ship
+
+    cfg = ship.DeployConfig(tuple(targets), bundle_path, runs, warmup, threads, timeout, clean, _ssh(**ssh))
+    try:
+        entries = ship.deploy(run_dir, cfg, log=lambda m: click.echo(m, err=True))
+    except (ship.Interrupted, KeyboardInterrupt):
+        raise Interrupted("interrupted: every board was stopped and nothing was merged into the report")
+    for line in ship.summary(entries):
+        click.echo(line)
+    _print_table(run_dir)
+    failed = [e["name"] for e in entries if not e["ok"]]
+    if failed:
+        raise UserError(f"{len(failed)} of {len(entries)} board(s) failed: {', '.join(failed)} (reasons above and in "
+                        f"the report); the others were merged")
 
 
 @main.command()

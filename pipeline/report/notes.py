@@ -41,6 +41,7 @@ def notes(report: dict, bench: dict | None) -> list[dict]:
     notes += _metadata_notes(report.get("tflite_metadata") or {})
     notes += _keras_notes(report["keras"])
     notes += _device_notes(report)
+    notes += _board_notes(report)
     return notes
 
 
@@ -156,10 +157,49 @@ def _device_notes(report: dict) -> list[dict]:
             if f["kind"] == "eval":
                 parts.append(f"{f['variant']} evaluated on {f['n']} images of {f['data']} (the host used "
                              f"{report['test_images']} test images, so accuracies may differ by the sample)")
+            elif f.get("emulated"):
+                parts.append(f"{f['variant']} benchmarked under emulation (its timings are not reported)")
             else:
                 parts.append(f"{f['variant']} benchmarked at {threads_label(f['threads'])}, XNNPACK "
                              f"{'on' if f['xnnpack'] else 'off'}, {f['runs']} runs"
                              + (f" [{f['warning']}]" if f["warning"] else ""))
         out.append(_note("device", None, f"device {d['label']} ({interp.get('name')} {interp.get('version')}): "
                          + "; ".join(parts)))
+    return out
+
+
+def _board_notes(report: dict) -> list[dict]:
+    """Boards `pipeline deploy` reached: failures, emulation, and device accuracy against the host's."""
+    record = report.get("boards") or {}
+    ref, out = record.get("reference") or {}, []
+    for name, b in (record.get("boards") or {}).items():
+        if not b["ok"]:
+            shown = any(name == d["label"] for d in report["devices"])
+            out.append(_note("board_failed", None, f"board {name}: the deploy of {b['finished']} failed: {b['reason']}"
+                             + ("; the figures shown for it are from an earlier deploy" if shown else "")))
+            continue
+        if b["board"].get("emulated"):
+            out.append(_note("board_emulated", None, f"board {name} is emulated ({b['board'].get('model')}): its "
+                             "accuracy is real, its latencies measure the emulator on this host, not a board, "
+                             "and are not shown"))
+        host = ref.get("interpreter") or {}
+        for variant, a in b.get("accuracy", {}).items():
+            same = (f"{100 * a['device']:.2f}% on the {a['n']} images of {ref.get('data')}, the host's figure "
+                    f"with the same images")
+            if a["same_interpreter"] and a["equal"]:
+                text = f"{name}: {variant} accuracy equals the host's ({same} and interpreter, {host.get('name')} {host.get('version')})"
+            elif a["same_interpreter"]:
+                text = (f"{name}: {variant} accuracy {100 * a['device']:.2f}% differs from the host's "
+                        f"{100 * a['host']:.2f}% on the same {a['n']} images with the same interpreter: this should "
+                        "not happen; check the board's runtime install")
+            elif a["equal"]:
+                text = (f"{name}: {variant} accuracy equals the host's ({same}), though the board runs "
+                        f"{b['interpreter']['name']} {b['interpreter']['version']} and the host {host.get('name')} "
+                        f"{host.get('version')}")
+            else:
+                text = (f"{name}: {variant} accuracy {100 * a['device']:.2f}% against the host's {100 * a['host']:.2f}% "
+                        f"on the same {a['n']} images: the board runs {b['interpreter']['name']} "
+                        f"{b['interpreter']['version']}, the host {host.get('name')} {host.get('version')}, whose int8 "
+                        "kernels round differently, so images whose top two scores nearly tie can flip")
+            out.append(_note("board_accuracy", variant, text))
     return out

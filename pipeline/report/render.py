@@ -83,6 +83,7 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
         if bench else None,
         "devices": _merge_devices(device_results or [], variants, _model_hashes(run_dir), run_dir),
         "analysis": _analysis(run_dir),
+        "boards": _boards(run_dir),
         # {model file: {"present": bool, "reason": why not}}; None for runs built before it was recorded.
         "tflite_metadata": manifest.get("tflite_metadata", {}),
         "tflm": _read_json(run_dir / "tflm.json", "the figures of `pipeline export --target tflm`")
@@ -239,7 +240,8 @@ def _merge_devices(paths, variants: list[dict], hashes: dict[str, str], run_dir:
             found = f"this run's {hashes[sha]}" if sha in hashes else "a model this run does not contain"
             raise ReportError(f"{path}: measured {found} (sha256 {sha[:12]}...), not this run's {name}; "
                               "pass results measured on this run's own bundle")
-        label = _device_label(env)
+        # `pipeline deploy` names the board; a file brought back by hand is labelled by its CPU.
+        label = (data.get("board") or {}).get("name") or _device_label(env)
         if (label, name, kind) in seen:
             raise ReportError(f"{path}: a second {kind} result for {name} on {label} (the first is "
                               f"{seen[label, name, kind]}); pass one per model, kind and device")
@@ -266,11 +268,72 @@ def _device_figures(path: Path, kind: str, data: dict) -> dict:
             raise ReportError(f"{path}: no number at '{'.'.join(keys)}'; expected {DEVICE_SOURCE}")
         return value
 
+    emulated = bool((data.get("board") or {}).get("emulated"))
     if kind == "eval":
-        return {"accuracy": number("accuracy"), "n": number("n"), "data": data.get("data")}
+        return {"accuracy": number("accuracy"), "n": number("n"), "data": data.get("data"), "emulated": emulated}
     latency = {f"{k}_ms": number("latency", f"{k}_ms") for k in ("p50", "p90", "p99")}
-    return {**latency, "runs": number("latency", "n"), "warning": data["latency"].get("warning"),
-            **{k: data.get(k) for k in ("threads", "xnnpack", "peak_rss_mb")}}
+    return {**latency, "runs": number("latency", "n"), "warning": data["latency"].get("warning"), "emulated": emulated,
+            **{k: data.get(k) for k in ("threads", "xnnpack", "peak_rss_mb", "first_inference_ms", "load",
+                                        "preprocess", "memory", "board_state")},
+            "mean_ms": data["latency"].get("mean_ms"), "std_ms": data["latency"].get("std_ms"),
+            "min_ms": data["latency"].get("min_ms")}
+
+
+# ---------------------------------------------------------------- boards (deploy.json)
+
+def _boards(run_dir: Path) -> dict | None:
+    """What `pipeline deploy` recorded: each board's description and last deploy, and the host's reference."""
+    path = run_dir / "deploy.json"
+    if not path.is_file():
+        return None
+    d = _read_json(path, "the record written by `pipeline deploy`")
+    return {"boards": d.get("boards", {}), "reference": d.get("reference")}
+
+
+SOURCES = {"bundle": "installed from the bundle's wheels", "index": "installed from the package index",
+           "existing": "in the environment an earlier deploy installed"}
+
+
+def _boards_md(report: dict) -> list[str]:
+    boards = (report.get("boards") or {}).get("boards")
+    if not boards:
+        return []
+    out = ["", "## Boards", ""]
+    devices = {d["label"]: d for d in report["devices"]}
+    for name, b in boards.items():
+        if not b["ok"]:
+            out.append(f"- {name} ({b['target']}): deploy FAILED on {b['finished']}: {b['reason']}")
+            continue
+        info, interp = b["board"], b["interpreter"]
+        out.append(f"- {name} ({b['target']}): {info.get('model') or 'unknown board'}, {info.get('os')}, Python "
+                   f"{info.get('python')} {info.get('machine')} ({info.get('bits')}-bit), {info.get('cores')} cores"
+                   + (f", {info['memory_mb']} MB" if info.get("memory_mb") else "")
+                   + f"; {interp['name']} {interp['version']} {SOURCES.get(b['runtime']['source'], '')}; "
+                   f"deployed in {b['seconds']:.1f} s on {b['finished']} ("
+                   + (", ".join(x for x, f in (("bundle copied", b["copied"]), ("runtime installed", b["installed"])) if f)
+                      or "nothing copied or installed") + ")")
+        for f in devices.get(name, {}).get("files", []):
+            if f["kind"] != "bench":
+                continue
+            if f["emulated"]:
+                out.append(f"  - {f['variant']}: timings not shown: measured under emulation, they are the emulator's")
+                continue
+            load, pre, mem = f.get("load") or {}, f.get("preprocess"), f.get("memory") or {}
+            line = (f"  - {f['variant']}: load cold {load.get('cold_ms', 0):.1f} ms, warm p50 "
+                    f"{(load.get('warm') or {}).get('p50_ms', 0):.2f} ms; first inference {f.get('first_inference_ms') or 0:.3f} ms; "
+                    f"invoke p50 {_ms(f['p50_ms'])}, p90 {_ms(f['p90_ms'])}, p99 {_ms(f['p99_ms'])}, mean "
+                    f"{_ms(f.get('mean_ms'))} ± {_ms(f.get('std_ms'))}, min {_ms(f.get('min_ms'))} ms (n={f['runs']}, "
+                    f"{threads_label(f['threads'])})")
+            if pre:
+                line += "; per image " + ", ".join(f"{k} {_ms(pre[k].get('p50_ms'))}" for k in ("decode", "resize", "quantize")) + " ms"
+            if mem.get("peak_rss_mb_after_inference") is not None:
+                line += (f"; peak memory {mem['peak_rss_mb_after_load']:.1f} MB after load, "
+                         f"{mem['peak_rss_mb_after_inference']:.1f} MB after inference")
+            states = f.get("board_state") or {}
+            shown = [f"{when}: " + ", ".join(f"{k} {v}" for k, v in st.items() if v is not None and k != "throttled_flags")
+                     for when, st in states.items() if any(v is not None for v in st.values())]
+            out.append(line + (f"; board {'; '.join(shown)}" if shown else ""))
+    return out
 
 
 # ---------------------------------------------------------------- the table, in three formats
@@ -291,7 +354,8 @@ def table(report: dict) -> tuple[list[str], list[list[str]]]:
                _ms(v["p99_ms"]), "-" if v["speedup"] is None else f"{v['speedup']:.2f}x"]
         for label in labels:
             dev = v["device"].get(label, {})
-            row += [_pct(dev.get("accuracy")), _ms(dev.get("p50_ms"))]
+            # A latency measured under emulation is the emulator's speed, never shown as the board's.
+            row += [_pct(dev.get("accuracy")), "emulated" if dev.get("emulated") else _ms(dev.get("p50_ms"))]
         rows.append(row)
     return headers, rows
 
@@ -360,6 +424,7 @@ def _markdown(report: dict) -> str:
     out += [f"- {n['text']}" for n in report["notes"]] or ["- none"]
     out += _analysis_md(report.get("analysis"))
     out += _tflm_md(report.get("tflm"))
+    out += _boards_md(report)
     out += ["", "## Plots", ""] + [f"![{CAPTIONS.get(p, p)}]({p})" for p in report["plots"]]
     return "\n".join(out) + "\n"
 
@@ -376,10 +441,12 @@ def _html(report: dict, pngs: dict[str, bytes]) -> str:
     figures = [{"caption": CAPTIONS.get(name, name), "src": "data:image/png;base64," + base64.b64encode(png).decode()}
                for name, png in pngs.items()]
     micro = [line.strip().replace("`", "") for line in _tflm_md(report.get("tflm"))[3:]]
+    # (nesting level, text) of the Markdown list of boards, without its heading.
+    boards = [(1 if line.startswith("  ") else 0, line.strip()[2:]) for line in _boards_md(report)[3:]]
     return env.get_template("report.html").render(
         report=report, context=_context(report), headers=headers, rows=rows, figures=figures,
         guard=analysis.get("guard"), guard_sentence=_guard_sentence(analysis) if analysis.get("guard") else None,
-        layers=analysis.get("layers"), micro=micro)
+        layers=analysis.get("layers"), micro=micro, boards=boards)
 
 
 # ---------------------------------------------------------------- entry points

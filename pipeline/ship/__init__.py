@@ -1,1 +1,1 @@
-"""Getting models onto hardware: the device bundle and its kin."""
+"""Getting models onto hardware: the device bundle, named boards and deployment to them over SSH."""

@@ -7,7 +7,9 @@ when asked for, labelled `superseded_by` in the metadata.
 
 The archive is reproducible: members sorted, mtimes fixed (SOURCE_DATE_EPOCH, else 1980-01-01 as
 in wheels), owner 0/0 without names, modes 0644 (0755 for folders), no timestamp in the gzip header,
-so two bundles of one run are byte-identical.
+so two bundles of one run are byte-identical, and a bundle's sha256 tells `pipeline deploy` whether a
+board already has it. With `wheels`, the bundle also carries the runtime's wheels for the named
+board platforms, for boards without internet.
 """
 from __future__ import annotations
 
@@ -15,7 +17,11 @@ import gzip
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import device
@@ -25,7 +31,9 @@ from pipeline.delivery import PREFERENCE, default_variant, guard_decision
 SUFFIXES = (".tar.gz", ".tgz")
 ZIP_EPOCH = 315532800  # 1980-01-01, the earliest time a zip (and so a wheel) can record
 
-RUNNER_FILES = ("__init__.py", "core.py", "images.py", "integrity.py", "timing.py", "runner.py")
+RUNNER_FILES = ("__init__.py", "core.py", "images.py", "integrity.py", "timing.py", "runner.py", "board.py")
+WHEELS_DIR = "wheels"
+WHEELS_INDEX = f"{WHEELS_DIR}/wheels.json"
 
 # ai-edge-litert publishes wheels for 64-bit Linux (aarch64, x86_64) and macOS arm64 on Python
 # 3.10+; a 32-bit Raspberry Pi OS (armv7l) or an older Python needs tflite-runtime, whose last
@@ -66,6 +74,99 @@ Every command takes --model model_<variant>.tflite; the default is {default} ({w
 
 class BundleError(Exception):
     """The run directory cannot be bundled as asked."""
+
+
+@dataclass(frozen=True)
+class WheelPlatform:
+    machine: str     # platform_machine as the board's Python reports it
+    python: str      # major.minor
+    glibc: int       # the newest manylinux_2_<glibc> its OS can load
+    os: str
+
+    @property
+    def tags(self) -> list[str]:
+        # pip does not widen a --platform tag to older manylinux versions: name each one (and
+        # linux_<machine>, the tag of piwheels.org's builds, for users who add that index).
+        return [f"manylinux_2_{m}_{self.machine}" for m in range(self.glibc, 16, -1)] + [
+            f"manylinux2014_{self.machine}", f"linux_{self.machine}"]
+
+    def markers(self) -> dict:
+        return {"implementation_name": "cpython", "os_name": "posix", "platform_machine": self.machine,
+                "platform_python_implementation": "CPython", "platform_system": "Linux", "sys_platform": "linux",
+                "python_version": self.python, "python_full_version": f"{self.python}.0"}
+
+
+# `pipeline bundle --wheels NAME`: the boards a bundle can carry wheels for, named <machine>-cp<python>
+# as the deploy looks them up.
+WHEEL_PLATFORMS = {
+    "aarch64-cp311": WheelPlatform("aarch64", "3.11", 36, "Raspberry Pi OS 64-bit (bookworm)"),
+    "armv7l-cp311": WheelPlatform("armv7l", "3.11", 36, "Raspberry Pi OS 32-bit (bookworm)"),
+    "aarch64-cp313": WheelPlatform("aarch64", "3.13", 41, "Raspberry Pi OS 64-bit (trixie)"),
+    "aarch64-cp39": WheelPlatform("aarch64", "3.9", 31, "Raspberry Pi OS 64-bit legacy (bullseye)"),
+    "armv7l-cp39": WheelPlatform("armv7l", "3.9", 31, "Raspberry Pi OS 32-bit legacy (bullseye)"),
+    "x86_64-cp311": WheelPlatform("x86_64", "3.11", 36, "64-bit PC Linux with Python 3.11"),
+}
+
+
+def wheel_key(machine: str, python_version: str) -> str:
+    return f"{machine}-cp{python_version.replace('.', '')}"
+
+
+def select_requirements(text: str, markers: dict) -> list[str]:
+    """The lines of a requirements.txt that apply where `markers` hold, without their markers."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    chosen = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            req = Requirement(line)
+        except InvalidRequirement as e:
+            raise BundleError(f"requirements.txt: {line!r} is not a requirement ({e})")
+        if req.marker is None or req.marker.evaluate(markers):
+            chosen.append(f"{req.name}{req.specifier}")
+    return chosen
+
+
+def _pip_download(platform: WheelPlatform, reqs: list[str], dest: Path, deps: bool = True) -> tuple[bool, str]:
+    tags = [arg for tag in platform.tags for arg in ("--platform", tag)]
+    abi = f"cp{platform.python.replace('.', '')}"
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-input",
+                           "--only-binary=:all:", "--python-version", platform.python, "--implementation", "cp",
+                           "--abi", abi, *tags, *([] if deps else ["--no-deps"]), "-d", str(dest), *reqs],
+                          capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR:")]
+    return proc.returncode == 0, (errors[-1] if errors else proc.stderr.strip()[-300:])
+
+
+def download_wheels(requirements: str, name: str, dest: Path, log=print) -> dict:
+    """The wheels `requirements` choose on platform `name`, into dest; what PyPI lacks is listed, not fatal.
+
+    PyPI has no armv7l wheel of numpy or Pillow (a Raspberry Pi gets them from piwheels.org or apt's
+    python3-numpy and python3-pil, which the deploy's environment sees), so a requirement is tried
+    with its dependencies, then without them, then recorded as missing."""
+    platform = WHEEL_PLATFORMS[name]
+    reqs = select_requirements(requirements, platform.markers())
+    log(f"bundle: downloading wheels for {name} ({platform.os}): {' '.join(reqs)}")
+    ok, _ = _pip_download(platform, reqs, dest)
+    missing, without_deps = {}, []
+    if not ok:
+        for req in reqs:
+            if _pip_download(platform, [req], dest)[0]:
+                continue
+            ok_alone, reason = _pip_download(platform, [req], dest, deps=False)
+            if ok_alone:
+                without_deps.append(req)
+            else:
+                missing[req] = reason.removeprefix("ERROR: ")
+    files = sorted(p.name for p in dest.glob("*.whl"))
+    if missing:
+        log(f"bundle: {name}: no wheel on the index for {', '.join(missing)}; the board must provide "
+            f"{'it' if len(missing) == 1 else 'them'} (Raspberry Pi OS: apt install python3-numpy python3-pil)")
+    return {"platform": name, "os": platform.os, "python": platform.python, "machine": platform.machine,
+            "requirements": reqs, "files": files, "missing": missing, "without_dependencies": without_deps}
 
 
 def _mtime() -> int:
@@ -145,8 +246,8 @@ def choose(run_dir: Path, available: dict[str, str], variants=None) -> tuple[lis
 
 
 def make_bundle(run_dir: Path, out: Path | None = None, variants=None, overwrite: bool = False,
-                log=lambda line: None) -> Path:
-    """Write `<run>.tar.gz` (or `out`); returns its path."""
+                log=lambda line: None, wheels=()) -> Path:
+    """Write `<run>.tar.gz` (or `out`); returns its path. `wheels`: WHEEL_PLATFORMS names to carry wheels for."""
     from importlib import metadata as importlib_metadata
 
     import pipeline
@@ -172,6 +273,9 @@ def make_bundle(run_dir: Path, out: Path | None = None, variants=None, overwrite
                            version=pipeline.__version__, models=", ".join(models), h=pre["height"],
                            w=pre["width"], color=pre.get("color", f"{pre['channels']}-channel"),
                            scale=pre["scale"], archive=out.name, default=available[default], why=why)
+    unknown = [w for w in wheels if w not in WHEEL_PLATFORMS]
+    if unknown:
+        raise BundleError(f"no wheel platform {', '.join(unknown)}; choose from {', '.join(WHEEL_PLATFORMS)}")
     litert = importlib_metadata.version("ai-edge-litert")
     device_dir = Path(device.__file__).resolve().parent
     members = {f: (run_dir / f).read_bytes() for f in models}
@@ -183,6 +287,15 @@ def make_bundle(run_dir: Path, out: Path | None = None, variants=None, overwrite
         members.update({f"samples/{p.name}": p.read_bytes() for p in samples.iterdir() if p.is_file()})
     members["requirements.txt"] = REQUIREMENTS.format(litert=litert).encode()
     members["README.md"] = readme.encode()
+    index = {}
+    with tempfile.TemporaryDirectory(prefix="edgepipe-wheels-") as wheel_dir:
+        for name in wheels:
+            folder = Path(wheel_dir) / name
+            folder.mkdir()
+            index[name] = download_wheels(members["requirements.txt"].decode(), name, folder, log)
+            members.update({f"{WHEELS_DIR}/{name}/{whl.name}": whl.read_bytes() for whl in folder.glob("*.whl")})
+    if index:
+        members[WHEELS_INDEX] = json.dumps(index, indent=2).encode()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
