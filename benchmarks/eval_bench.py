@@ -74,8 +74,8 @@ def time_evaluation(run_dir: Path, data, meta: dict, repeats: int) -> dict:
 
 def time_benchmark(run_dir: Path, meta: dict, macs: int) -> dict:
     """One default benchmark stage exactly as `pipeline build` runs it."""
-    from pipeline.measure.benchmark import benchmark_variants
     from pipeline.config import BuildConfig
+    from pipeline.measure.benchmark import benchmark_variants
 
     cfg = BuildConfig(dataset="mnist", model="mnist-cnn")
     variants = [m["variant"] for m in meta["models"].values()]
@@ -90,11 +90,11 @@ def time_benchmark(run_dir: Path, meta: dict, macs: int) -> dict:
 
 
 def mnist_part(data_dir: Path, out: Path, repeats: int) -> dict:
-    from pipeline.report import render as report
     from pipeline.artifacts import update_manifest, write_json
     from pipeline.build import build
     from pipeline.config import BuildConfig
     from pipeline.data import load_dataset
+    from pipeline.report import render as report
 
     progress("building mnist-cnn, 5 epochs, all variants (benchmark measured separately below)")
     t0 = time.perf_counter()

@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from device.images import MAX_IMAGE_PIXELS, image_warnings, load_image, read_image  # noqa: F401 (the core's API)
-from device.integrity import (METADATA_NAME, DeviceError, expected_sha256, find_metadata, load_metadata,
-                              read_model_bytes)
-
+from device.integrity import METADATA_NAME, DeviceError, expected_sha256, find_metadata, load_metadata, read_model_bytes
 
 # Resolution order: LiteRT is the maintained runtime; tflite-runtime still has 32-bit ARM wheels;
 # full TensorFlow works anywhere but costs seconds and hundreds of MB to import.
@@ -104,7 +102,7 @@ class TensorSpec:
         return np.issubdtype(self.dtype, np.integer) and self.scale > 0
 
     @classmethod
-    def from_detail(cls, d: dict) -> "TensorSpec":
+    def from_detail(cls, d: dict) -> TensorSpec:
         scale, zero_point = d.get("quantization", (0.0, 0))
         qp = d.get("quantization_parameters") or {}
         if len(qp.get("scales", [])) == 1:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import pipeline
+
 # check_replaceable is re-exported: `bundle --out`, `runner.py unpack` and exports call it too.
 from device.integrity import check_replaceable, sha256_file, written_by_edgepipe  # noqa: F401
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import signal
 import json
+import signal
 from pathlib import Path
 
 import click
@@ -306,7 +306,8 @@ def main():
 @handle_errors
 def build(overwrite, resume, no_benchmark, verbose, **kwargs):
     """Train, quantize, convert, evaluate, benchmark and report, into one run directory."""
-    from pipeline.build import build as run_build, check_accuracy_drop, AccuracyDropError
+    from pipeline.build import AccuracyDropError, check_accuracy_drop
+    from pipeline.build import build as run_build
 
     if resume:
         _refuse_options_with_resume(click.get_current_context())

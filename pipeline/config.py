@@ -180,7 +180,7 @@ class BuildConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BuildConfig":
+    def from_dict(cls, d: dict) -> BuildConfig:
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         for k in ("quantize", "threads"):

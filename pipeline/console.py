@@ -27,7 +27,7 @@ from pathlib import Path
 
 LOG_NAME = "build.log"
 
-_active: "Session | None" = None
+_active: Session | None = None
 
 
 def _stamp() -> str:
@@ -60,8 +60,14 @@ class Session:
         self._progress = None
         if self.live:
             from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._rich = Console(file=self.term, highlight=False)
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -5,8 +5,8 @@ error messages, and importing TensorFlow for that would cost seconds.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 def mnist_mlp(input_shape, classes):

@@ -198,8 +198,8 @@ def test_guard_does_nothing_when_int8_is_within_budget(tmp_path, source, data, t
 
 
 def test_mixed_models_are_the_converter_s_int8_when_nothing_is_float(tmp_path, source, data, trained):
-    from pipeline.guard.analyze import Judge, Quantizer
     from pipeline.convert import calibration_images
+    from pipeline.guard.analyze import Judge, Quantizer
 
     cfg = _cfg(tmp_path, source)
     run = _converted(tmp_path, trained, cfg, data)

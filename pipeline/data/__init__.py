@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -139,8 +139,7 @@ def _arrays_sha256(*arrays: np.ndarray) -> str:
 
 # The registry sits below the types the loaders import from this package.
 from pipeline.data.folders import FOLDER_LAYOUT, is_image_folder, load_folder_dataset  # noqa: E402
-from pipeline.data.sources import (  # noqa: E402
-    CIFAR_LABELS, DIGIT_LABELS, IDX_FILES, load_cifar10, load_digits, load_mnist)
+from pipeline.data.sources import CIFAR_LABELS, DIGIT_LABELS, IDX_FILES, load_cifar10, load_digits, load_mnist  # noqa: E402
 
 DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo(

@@ -42,8 +42,11 @@ def _writer():
     """The writer modules, from the environment or from the side folder."""
     try:
         from tensorflow_lite_support.metadata import metadata_schema_py_generated as schema
-        from tensorflow_lite_support.metadata.python.metadata_writers import (image_classifier, metadata_info,
-                                                                              writer_utils)
+        from tensorflow_lite_support.metadata.python.metadata_writers import (
+            image_classifier,
+            metadata_info,
+            writer_utils,
+        )
     except ImportError:
         if str(SIDE) in sys.path or not SIDE.is_dir():
             raise MetadataError(f"the TFLite metadata writer ({WRITER}) is not installed in {SIDE}; "
