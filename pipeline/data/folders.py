@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import console
 from pipeline.data import DataError
 
 SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -136,14 +137,21 @@ def decode(root: Path, paths: list[str], preprocess: dict, workers: int | None =
     """Every path decoded, on every core for a large set; the in-process path avoids start-up for a few."""
     workers = workers or os.cpu_count() or 1
     chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)] or [[]]
-    if workers == 1 or len(chunks) == 1:
-        parts = [_decode_chunk(str(root), c, preprocess) for c in chunks]
-    else:
-        import multiprocessing
+    parts = []
+    with console.progress(f"decoding {root}", total=len(paths), unit="images") as bar:
+        if workers == 1 or len(chunks) == 1:
+            for c in chunks:
+                parts.append(_decode_chunk(str(root), c, preprocess))
+                bar.advance(len(c))
+        else:
+            import multiprocessing
 
-        # spawn, not fork: the parent may already hold TensorFlow's threads, which fork can deadlock.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            parts = list(pool.map(_decode_chunk, [str(root)] * len(chunks), chunks, [preprocess] * len(chunks)))
+            # spawn, not fork: the parent may already hold TensorFlow's threads, which fork can deadlock.
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for c, part in zip(chunks, pool.map(_decode_chunk, [str(root)] * len(chunks), chunks,
+                                                    [preprocess] * len(chunks))):
+                    parts.append(part)
+                    bar.advance(len(c))
     x = np.concatenate([p[0] for p in parts])
     ok = np.array([o for p in parts for o in p[1]], bool)
     return x, ok, [e for p in parts for e in p[2]], Counter(s for p in parts for s in p[3])
