@@ -28,7 +28,8 @@ def load_image(path, preprocess: dict, timings: dict | None = None) -> np.ndarra
     return read_image(path, preprocess, timings=timings)[0]
 
 
-def read_image(source, preprocess: dict, name: str | None = None, timings: dict | None = None) -> tuple[np.ndarray, dict]:
+def read_image(source, preprocess: dict, name: str | None = None,
+               timings: dict | None = None) -> tuple[np.ndarray, dict]:
     """(uint8 (H, W, C) pixels in the model's size and layout, facts about the original image).
 
     `source` is a path or the bytes of an image (stdin). EXIF orientation is applied first, as

@@ -68,7 +68,8 @@ def _load(args) -> core.Model:
     entry = ((model.metadata or {}).get("models") or {}).get(model.path.name) or {}
     if isinstance(entry, dict) and entry.get("superseded_by"):
         warnings.warn(f"{model.path.name}: superseded by {entry['superseded_by']}, which the accuracy guard delivers "
-                      "instead because this one lost too much accuracy; drop --model to run the default")
+                      "instead because this one lost too much accuracy; drop --model to run the default",
+                      stacklevel=2)
     return model
 
 

@@ -630,12 +630,17 @@ def device_remove(name, purge, **ssh):
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--device", "targets", multiple=True, required=True, metavar="NAME|[USER@]HOST[:PORT]",
-              help="A board by name (`pipeline device list`) or SSH destination; repeat for several, deployed in parallel.")
+              help="A board by name (`pipeline device list`) or SSH destination; "
+                   "repeat for several, deployed in parallel.")
 @click.option("--bundle", "bundle_path", type=click.Path(exists=True, dir_okay=False),
-              help="Deploy this bundle of the run (e.g. made with `pipeline bundle --wheels`) instead of making one.")
-@click.option("--runs", type=click.IntRange(min=1), default=200, show_default=True, help="Timed inferences per model on the board.")
-@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True, help="Warm-up inferences before them.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Interpreter threads on the board.")
+              help="Deploy this bundle of the run (e.g. made with `pipeline bundle --wheels`) "
+                   "instead of making one.")
+@click.option("--runs", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Timed inferences per model on the board.")
+@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Warm-up inferences before them.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Interpreter threads on the board.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=900, show_default=True,
               help="Seconds a board may take, from connecting to its results.")
 @click.option("--clean", is_flag=True, help="Delete the run's folder on each board first (~/edgepipe/RUN), so the "

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Emulated Raspberry Pi OS userlands (Debian bookworm arm64 and armhf): run a bundle's runner, or serve a board over SSH.
+"""Emulated Raspberry Pi OS userlands (Debian bookworm arm64 and armhf): run a bundle's runner,
+or serve a board over SSH.
 
 Usage:
     scripts/arm_emulate.py BUNDLE.tar.gz DATA.npz [--arch arm64|armhf] [--runtime SPEC] [--cache DIR]
@@ -180,7 +181,8 @@ def run(cmd, **kwargs) -> None:
 
 
 def ensure_tools(userland: Userland, serve: bool = False) -> None:
-    """qemu-user-static and debootstrap (and the Debian keyring; to serve, OpenSSH) from Debian's packages, if missing."""
+    """qemu-user-static and debootstrap (and the Debian keyring; to serve, OpenSSH) from Debian's packages,
+    if missing."""
     tools = [("debootstrap", "debootstrap")] + ([(userland.qemu, "qemu-user-static")] if userland.qemu else [])
     if serve:
         tools += [("/usr/sbin/sshd", "openssh-server"), ("ssh-keygen", "openssh-client")]
@@ -280,7 +282,8 @@ def _build_atomically(final: Path, stamp: str, recipe: dict, build) -> None:
 def emulated(root: Path, userland: Userland, *args: str) -> list[str]:
     if userland.qemu is None:  # the host's own architecture: the userland's Python in a chroot (needs root)
         return ["chroot", str(root), f"/usr/bin/{userland.python}", *args]
-    return [userland.qemu, "-cpu", userland.qemu_cpu, "-L", str(root), str(root / "usr" / "bin" / userland.python), *args]
+    return [userland.qemu, "-cpu", userland.qemu_cpu, "-L", str(root),
+            str(root / "usr" / "bin" / userland.python), *args]
 
 
 def emulated_env(root: Path, site: Path | None) -> dict:
@@ -299,7 +302,8 @@ def probe(root: Path, userland: Userland, site: Path | None = None) -> dict:
     out = subprocess.run(emulated(root, userland, "-c", "import json; " + _PROBE), capture_output=True, text=True,
                          env=emulated_env(root, site), timeout=300)
     if out.returncode != 0:
-        raise SetupError(f"the userland's {userland.python} does not start (exit {out.returncode}): {out.stderr.strip()[-400:]}")
+        raise SetupError(f"the userland's {userland.python} does not start (exit {out.returncode}): "
+                         f"{out.stderr.strip()[-400:]}")
     return json.loads(out.stdout)
 
 
@@ -473,7 +477,8 @@ def prepare_board(root: Path, userland: Userland) -> None:
             (root / inside).parent.mkdir(parents=True, exist_ok=True)
             (root / inside).unlink(missing_ok=True)  # may be a dangling symlink in the userland
             shutil.copyfile(host_file, root / inside)
-    check = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-c", "import platform; print(platform.machine())"],
+    check = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-c",
+                            "import platform; print(platform.machine())"],
                            capture_output=True, text=True, timeout=300, env={"QEMU_CPU": userland.qemu_cpu or "",
                                                                              "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     if check.returncode != 0 or check.stdout.strip() != userland.machine:
@@ -712,7 +717,8 @@ def main(argv=None) -> int:
         log(f"error: {e}")
         return 2
     if dist == "ai-edge-litert" and userland.arch == "armhf":
-        log(f"error: --runtime {spec}: ai-edge-litert publishes no 32-bit ARM wheel; use {TFLITE_RUNTIME} with --arch armhf")
+        log(f"error: --runtime {spec}: ai-edge-litert publishes no 32-bit ARM wheel; "
+            f"use {TFLITE_RUNTIME} with --arch armhf")
         return 2
     for path, what in ((args.bundle, "bundle"), (args.data, "data")):
         if not path.is_file():
@@ -751,7 +757,8 @@ def main(argv=None) -> int:
         runner, model = bundle / "device" / "runner.py", bundle / (args.model or _default_model(bundle))
         for path in (runner, model):
             if not path.is_file():
-                log(f"error: {args.bundle}: has no {path.relative_to(bundle)}; pass a bundle written by `pipeline bundle`")
+                log(f"error: {args.bundle}: has no {path.relative_to(bundle)}; "
+                    "pass a bundle written by `pipeline bundle`")
                 return 2
         cmd = emulated(root, userland, "device/runner.py", "eval", str(data), "--json", "--model", str(model))
         log(f"running under emulation: {PYTHON} device/runner.py eval {data} --json --model {model}")

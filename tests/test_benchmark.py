@@ -39,7 +39,7 @@ def test_default_threads_fit_a_pi(monkeypatch):
     from pipeline.config import BuildConfig
 
     for cores, expected in ((1, (1,)), (2, (1, 2)), (4, (1, 4)), (64, (1, 4))):
-        monkeypatch.setattr("os.cpu_count", lambda: cores)
+        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
         assert BuildConfig(dataset="digits").threads == expected
 
 
@@ -78,5 +78,6 @@ def test_benchmark_with_cross_check(mnist_run, tmp_path):
         check = result["cross_check"]["variants"][v]
         assert check["their_median_ms"] > 0 and isinstance(check["agree"], bool)
         assert check["litert_benchmark"]["raw"]["num_threads"] == 1
-    assert lat["int8"]["speedup_vs_fp32"] == pytest.approx(lat["fp32"]["latency"]["p50_ms"] / lat["int8"]["latency"]["p50_ms"])
+    assert lat["int8"]["speedup_vs_fp32"] == pytest.approx(
+        lat["fp32"]["latency"]["p50_ms"] / lat["int8"]["latency"]["p50_ms"])
     assert result["environment"]["cores"] >= 1 and result["interleaved"] is True

@@ -65,7 +65,8 @@ def test_int8_io_float_keeps_float_tensors(tmp_path):
     from pipeline.build import build
     from pipeline.config import BuildConfig
 
-    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax")])
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10, activation="softmax")])
     model.save(tmp_path / "tiny.keras")
     cfg = BuildConfig(dataset="digits", keras_model=str(tmp_path / "tiny.keras"), int8_io="float",
                       out=str(tmp_path / "run"), calibration_samples=20)

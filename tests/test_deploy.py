@@ -39,7 +39,8 @@ def cli(*args: str, env=None, timeout: int = 1800, check: bool = True) -> subpro
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO,
                           env=env, timeout=timeout)
     if check:
-        assert proc.returncode == 0, f"pipeline {' '.join(args)}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+        assert proc.returncode == 0, (f"pipeline {' '.join(args)}: exit {proc.returncode}\n"
+                                      f"{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 
@@ -65,7 +66,8 @@ def test_destinations_parse():
     from pipeline.ship.devices import parse_target
 
     d = parse_target("pi@raspberrypi.local", "pi4")
-    assert (d.name, d.user, d.host, d.port, d.target) == ("pi4", "pi", "raspberrypi.local", None, "pi@raspberrypi.local")
+    assert (d.name, d.user, d.host, d.port, d.target) == ("pi4", "pi", "raspberrypi.local", None,
+                                                          "pi@raspberrypi.local")
     d = parse_target("pi@10.0.0.7:2222")
     assert (d.name, d.user, d.host, d.port) == ("pi-10.0.0.7-2222", "pi", "10.0.0.7", 2222)
     d = parse_target("[fe80::1]:22")
@@ -117,14 +119,15 @@ def _bundle_info(wheels=None):
     from pipeline.ship.bundle import REQUIREMENTS
     from pipeline.ship.deploy import Bundle
 
-    return Bundle(Path("b.tar.gz"), "run", "0" * 64, 1, REQUIREMENTS.format(litert="2.3.0"), {"int8": "model_int8.tflite"},
-                  wheels or {})
+    return Bundle(Path("b.tar.gz"), "run", "0" * 64, 1, REQUIREMENTS.format(litert="2.3.0"),
+                  {"int8": "model_int8.tflite"}, wheels or {})
 
 
 def _probe(machine: str, python: str, bits: int = 64, model: str = "Raspberry Pi 4 Model B Rev 1.4") -> dict:
     return {"machine": machine, "python": python, "bits": bits, "model": model, "os": "Raspberry Pi OS",
             "markers": {"implementation_name": "cpython", "os_name": "posix", "platform_machine": machine,
-                        "platform_python_implementation": "CPython", "platform_release": "6.6", "platform_system": "Linux",
+                        "platform_python_implementation": "CPython", "platform_release": "6.6",
+                        "platform_system": "Linux",
                         "python_full_version": python, "python_version": ".".join(python.split(".")[:2]),
                         "sys_platform": "linux"}}
 
@@ -145,7 +148,8 @@ def test_runtime_follows_the_bundle_requirements(machine, python, bits, runtime,
     assert choice.wheels is None
     again = choose(_probe(machine, python, bits), _bundle_info())
     assert again.venv == choice.venv  # the same board and requirements reuse one environment
-    assert choose(_probe(machine, "3.11.9" if python != "3.11.9" else "3.11.8", bits), _bundle_info()).venv != choice.venv
+    other = "3.11.9" if python != "3.11.9" else "3.11.8"
+    assert choose(_probe(machine, other, bits), _bundle_info()).venv != choice.venv
 
 
 def test_carried_wheels_are_used_for_their_platform_only():
@@ -343,7 +347,8 @@ def test_runner_bench_profile_on_this_host(run, tmp_path):
     assert 0 < mem["peak_rss_mb_after_load"] <= mem["peak_rss_mb_after_inference"] == out["peak_rss_mb"]
     assert out["threads"] == 1 and out["cores"] == os.cpu_count()
     assert set(out["board_state"]) == {"before", "after"}
-    assert set(out["board_state"]["before"]) == {"governor", "freq_mhz", "temperature_c", "throttled", "throttled_flags"}
+    assert set(out["board_state"]["before"]) == {"governor", "freq_mhz", "temperature_c", "throttled",
+                                                 "throttled_flags"}
     human = subprocess.run([sys.executable, "device/runner.py", "bench", "--runs", "5", "--loads", "1"], cwd=folder,
                            capture_output=True, text=True, timeout=300)
     assert human.returncode == 0 and "load: import" in human.stdout and "preprocess per image" in human.stdout
@@ -478,7 +483,9 @@ def deployed(lab, run, bundle):
 
 
 def _interval(entry: dict) -> tuple[float, float]:
-    parse = lambda s: datetime.strptime(s, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    def parse(s):
+        return datetime.strptime(s, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+
     return parse(entry["started"]), parse(entry["finished"])
 
 
@@ -504,7 +511,8 @@ def test_deploy_to_emulated_64_and_32_bit_pis(lab, run, deployed, host_eval):
     assert s64 < e32 and s32 < e64, (pi64["started"], pi64["finished"], pi32["started"], pi32["finished"])
 
     # Accuracy on the board equals the same interpreter's on this host, image for image.
-    for board, interpreter, version in (("pi64", "ai_edge_litert", "2.3.0"), ("pi32", "tflite_runtime", TFLITE_RUNTIME)):
+    for board, interpreter, version in (("pi64", "ai_edge_litert", "2.3.0"),
+                                        ("pi32", "tflite_runtime", TFLITE_RUNTIME)):
         device = _device_result(run, board, "eval")
         host = host_eval(interpreter)
         assert device["interpreter"] == host["interpreter"] == {"name": interpreter, "version": version}

@@ -81,7 +81,8 @@ def test_device_runs_with_tensorflow_unimportable(mnist_run, tmp_path):
     blocked = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True)
     assert "blocked" in blocked.stderr  # the block works, so the runner really ran without TensorFlow
     check = subprocess.run([sys.executable, "-c", "import device.runner, sys; "
-                            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow','pipeline','click','keras')))"],
+                            "print(sorted(m for m in sys.modules "
+                            "if m.split('.')[0] in ('tensorflow','pipeline','click','keras')))"],
                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
     assert check.returncode == 0 and check.stdout.strip() == "[]", check.stdout + check.stderr
 

@@ -253,7 +253,8 @@ def test_device_results_add_labelled_columns(copy, predictions, tmp_path):
     again = render(copy, log=lambda *a: None)
     assert by_variant(again)["int8"]["device"] == {device["label"]: int8}
     assert len(list((copy / "device_results").glob("*.json"))) == len(files)
-    assert by_variant(render(copy, device_results=files, log=lambda *a: None))["int8"]["device"] == {device["label"]: int8}
+    again = render(copy, device_results=files, log=lambda *a: None)
+    assert by_variant(again)["int8"]["device"] == {device["label"]: int8}
 
 
 @pytest.mark.parametrize("content, expected", [

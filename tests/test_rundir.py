@@ -177,7 +177,7 @@ def test_overwrites_never_leave_the_run_missing(tmp_path):
     assert "committed" in _done(_py(WRITER, final, "0", 0))
     reader = _py(READER, final, 8)
     outcomes = []
-    for round_ in range(5):
+    for _round in range(5):
         writers = [_py(WRITER, final, str(i), random.uniform(0, 0.05)) for i in range(8)]
         outcomes += [_done(w) for w in writers]
     verdict = json.loads(_done(reader))
@@ -297,7 +297,7 @@ def test_interrupting_report_benchmark_analyze_leaves_a_run_that_verifies(run_co
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(one, enumerate(plans)))
     print("\n".join(map(str, results)))
-    for cmd, sig, hit, rc, problems, follow_rc, beside in results:
+    for cmd, sig, _hit, _rc, problems, follow_rc, beside in results:
         assert problems == [] and follow_rc == 0 and beside == [], (cmd, sig, problems, beside)
     assert sum(hit and rc != 0 for _, _, hit, rc, *_ in results) >= 8  # most signals landed mid-command
 

@@ -38,7 +38,9 @@ def equalize(model, images: np.ndarray, sweeps: int = 50):
             maxima[id(p)] = out.reshape(-1, out.shape[-1]).max(axis=0).astype(np.float64)
     # Channels that reach the ReLU6 clip on `images`: they keep s = 1.
     held = sum(int((maxima[id(p)] >= p["clip"] * (1 - 1e-6)).sum()) for p in clipped)
-    for sweep in range(1, sweeps + 1):
+    sweep = 0  # sweeps done, reported below
+    for _ in range(sweeps):
+        sweep += 1
         worst = 0.0
         for p in pairs:
             r_a, r_b = _out_range(p["a"], p["a_bn"]), _in_range(p["b"], p["b_bn"], p["channels"])

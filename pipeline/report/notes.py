@@ -187,7 +187,8 @@ def _board_notes(report: dict) -> list[dict]:
             same = (f"{100 * a['device']:.2f}% on the {a['n']} images of {ref.get('data')}, the host's figure "
                     f"with the same images")
             if a["same_interpreter"] and a["equal"]:
-                text = f"{name}: {variant} accuracy equals the host's ({same} and interpreter, {host.get('name')} {host.get('version')})"
+                text = (f"{name}: {variant} accuracy equals the host's ({same} and interpreter, "
+                        f"{host.get('name')} {host.get('version')})")
             elif a["same_interpreter"]:
                 text = (f"{name}: {variant} accuracy {100 * a['device']:.2f}% differs from the host's "
                         f"{100 * a['host']:.2f}% on the same {a['n']} images with the same interpreter: this should "
@@ -197,9 +198,10 @@ def _board_notes(report: dict) -> list[dict]:
                         f"{b['interpreter']['name']} {b['interpreter']['version']} and the host {host.get('name')} "
                         f"{host.get('version')}")
             else:
-                text = (f"{name}: {variant} accuracy {100 * a['device']:.2f}% against the host's {100 * a['host']:.2f}% "
-                        f"on the same {a['n']} images: the board runs {b['interpreter']['name']} "
-                        f"{b['interpreter']['version']}, the host {host.get('name')} {host.get('version')}, whose int8 "
+                text = (f"{name}: {variant} accuracy {100 * a['device']:.2f}% against the host's "
+                        f"{100 * a['host']:.2f}% on the same {a['n']} images: the board runs "
+                        f"{b['interpreter']['name']} {b['interpreter']['version']}, the host {host.get('name')} "
+                        f"{host.get('version')}, whose int8 "
                         "kernels round differently, so images whose top two scores nearly tie can flip")
             out.append(_note("board_accuracy", variant, text))
     return out

@@ -182,11 +182,13 @@ def _tflm_md(t: dict | None) -> list[str]:
         return []
     a, arena = t["accuracy"], t["arena"]
     fits = [b for b, ok in next(r for r in t["variants"] if r.get("exported"))["fits"].items() if ok]
-    shown = ", ".join(f"#{d['index']} ({d['label']}: TFLM {d['tflm']}, LiteRT {d['litert']})" for d in a["differing"][:10])
+    shown = ", ".join(f"#{d['index']} ({d['label']}: TFLM {d['tflm']}, LiteRT {d['litert']})"
+                      for d in a["differing"][:10])
     return ["", "## Microcontroller (TensorFlow Lite Micro)", "",
             (f"{t['variant']} for `{t['export']['folder']}`: {t['flash_bytes']:,} bytes of flash, tensor arena "
              f"{arena['recommended']:,} bytes ({arena['measured']:,} measured under tflite-micro "
-             f"{t['versions']['tflite-micro']}, plus margin); fits {', '.join(fits) or 'none of the listed boards'}.  "),
+             f"{t['versions']['tflite-micro']}, plus margin); "
+             f"fits {', '.join(fits) or 'none of the listed boards'}.  "),
             (f"Accuracy under TFLite Micro's kernels {_pct(a['accuracy_tflm'])} on {a['images']:,} test images; "
              f"top-1 agreement with LiteRT {_pct(a['agreement'])}"
              + (f", {a['differing_count']} image(s) differ: {shown}." if a["differing_count"] else "."))]
@@ -310,7 +312,8 @@ def _boards_md(report: dict) -> list[str]:
                    + (f", {info['memory_mb']} MB" if info.get("memory_mb") else "")
                    + f"; {interp['name']} {interp['version']} {SOURCES.get(b['runtime']['source'], '')}; "
                    f"deployed in {b['seconds']:.1f} s on {b['finished']} ("
-                   + (", ".join(x for x, f in (("bundle copied", b["copied"]), ("runtime installed", b["installed"])) if f)
+                   + (", ".join(x for x, f in (("bundle copied", b["copied"]), ("runtime installed", b["installed"]))
+                                if f)
                       or "nothing copied or installed") + ")")
         for f in devices.get(name, {}).get("files", []):
             if f["kind"] != "bench":
@@ -320,17 +323,21 @@ def _boards_md(report: dict) -> list[str]:
                 continue
             load, pre, mem = f.get("load") or {}, f.get("preprocess"), f.get("memory") or {}
             line = (f"  - {f['variant']}: load cold {load.get('cold_ms', 0):.1f} ms, warm p50 "
-                    f"{(load.get('warm') or {}).get('p50_ms', 0):.2f} ms; first inference {f.get('first_inference_ms') or 0:.3f} ms; "
+                    f"{(load.get('warm') or {}).get('p50_ms', 0):.2f} ms; "
+                    f"first inference {f.get('first_inference_ms') or 0:.3f} ms; "
                     f"invoke p50 {_ms(f['p50_ms'])}, p90 {_ms(f['p90_ms'])}, p99 {_ms(f['p99_ms'])}, mean "
                     f"{_ms(f.get('mean_ms'))} ± {_ms(f.get('std_ms'))}, min {_ms(f.get('min_ms'))} ms (n={f['runs']}, "
                     f"{threads_label(f['threads'])})")
             if pre:
-                line += "; per image " + ", ".join(f"{k} {_ms(pre[k].get('p50_ms'))}" for k in ("decode", "resize", "quantize")) + " ms"
+                line += ("; per image "
+                         + ", ".join(f"{k} {_ms(pre[k].get('p50_ms'))}" for k in ("decode", "resize", "quantize"))
+                         + " ms")
             if mem.get("peak_rss_mb_after_inference") is not None:
                 line += (f"; peak memory {mem['peak_rss_mb_after_load']:.1f} MB after load, "
                          f"{mem['peak_rss_mb_after_inference']:.1f} MB after inference")
             states = f.get("board_state") or {}
-            shown = [f"{when}: " + ", ".join(f"{k} {v}" for k, v in st.items() if v is not None and k != "throttled_flags")
+            shown = [f"{when}: " + ", ".join(f"{k} {v}" for k, v in st.items()
+                                             if v is not None and k != "throttled_flags")
                      for when, st in states.items() if any(v is not None for v in st.values())]
             out.append(line + (f"; board {'; '.join(shown)}" if shown else ""))
     return out

@@ -98,7 +98,10 @@ def open_bundle(run_dir: Path, path: Path | None, workdir: Path, log) -> Bundle:
     try:
         with tarfile.open(path, "r:gz") as tar:
             names = set(tar.getnames())
-            read = lambda name: tar.extractfile(name).read().decode() if name in names else None
+
+            def read(name):
+                return tar.extractfile(name).read().decode() if name in names else None
+
             meta, requirements, wheels = read(METADATA_NAME), read("requirements.txt"), read(WHEELS_INDEX)
     except (OSError, tarfile.TarError, EOFError) as e:
         raise DeployError(f"{path}: not a readable bundle ({e}); write one with `pipeline bundle {run_dir}`")
@@ -184,7 +187,10 @@ class Boards:
 
 def deploy_board(device: Device, bundle: Bundle, reference: dict, cfg: DeployConfig, boards: Boards, log) -> dict:
     """Deploy to one board; returns its deploy.json entry with the runner's results under 'results'."""
-    say = lambda msg: log(f"{device.name}: {msg}")
+
+    def say(msg):
+        log(f"{device.name}: {msg}")
+
     t0 = time.monotonic()
     entry = {"name": device.name, "target": device.target, "ok": False, "reason": None,
              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": {}, "copied": False, "installed": False}
@@ -392,8 +398,10 @@ def summary(entries: list[dict]) -> list[str]:
             f"{v} {100 * a['device']:.2f}% " + ("= host" if a["equal"] else f"vs host {100 * a['host']:.2f}%")
             + ("" if a["same_interpreter"] else " (another interpreter)") for v, a in e["accuracy"].items())
         interp = e["interpreter"]
-        lines.append(f"{e['name']}: ok in {e['seconds']:.1f} s ({did}); {interp['name']} {interp['version']}; {parity}"
-                     + ("; emulated: its timings are the emulator's, not a board's" if e["board"].get("emulated") else ""))
+        lines.append(f"{e['name']}: ok in {e['seconds']:.1f} s ({did}); "
+                     f"{interp['name']} {interp['version']}; {parity}"
+                     + ("; emulated: its timings are the emulator's, not a board's"
+                        if e["board"].get("emulated") else ""))
     return lines
 
 

@@ -88,7 +88,8 @@ def load() -> dict[str, Device]:
 def save(devices: dict[str, Device]) -> Path:
     path = config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = {"devices": {name: {k: v for k, v in asdict(d).items() if v is not None} for name, d in sorted(devices.items())}}
+    body = {"devices": {name: {k: v for k, v in asdict(d).items() if v is not None}
+                        for name, d in sorted(devices.items())}}
     atomic_write(path, json.dumps(body, indent=2) + "\n")
     return path
 

@@ -109,7 +109,8 @@ def probe(p: dict) -> dict:
     except OSError:
         free_mb = None
     markers = {"implementation_name": sys.implementation.name, "os_name": os.name,
-               "platform_machine": platform.machine(), "platform_python_implementation": platform.python_implementation(),
+               "platform_machine": platform.machine(),
+               "platform_python_implementation": platform.python_implementation(),
                "platform_release": platform.release(), "platform_system": platform.system(),
                "python_full_version": platform.python_version(),
                "python_version": ".".join(platform.python_version_tuple()[:2]), "sys_platform": sys.platform}

@@ -331,7 +331,8 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str = "int8"
             f"{arena['recommended']:,} with the margin; ops {', '.join(ops)}")
         if budget and budget.problems(len(model_bytes), arena["recommended"]):
             fitting = [n for n, ok in fits(len(model_bytes), arena["recommended"]).items() if ok]
-            raise ExportError(f"{source} does not fit {budget.name}: {'; '.join(budget.problems(len(model_bytes), arena['recommended']))}"
+            raise ExportError(f"{source} does not fit {budget.name}: "
+                              f"{'; '.join(budget.problems(len(model_bytes), arena['recommended']))}"
                               f"; it fits {', '.join(fitting) or 'none of the listed boards'}; choose a smaller "
                               "model or another board")
         n = len(data.x_test) if test_images is None else min(test_images, len(data.x_test))
@@ -344,7 +345,8 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str = "int8"
         labels = list(meta["preprocess"]["labels"])
         accuracy = compare(model_bytes, staging / "model.tflite", arena["recommended"], meta["preprocess"],
                            data.x_test[:n], data.y_test[:n], labels, run_probs)
-        evaluation = json.loads((run_dir / "evaluation.json").read_text()) if (run_dir / "evaluation.json").is_file() else {}
+        evaluation = (json.loads((run_dir / "evaluation.json").read_text())
+                      if (run_dir / "evaluation.json").is_file() else {})
         reported = evaluation.get("variants", {}).get(variant, {}).get("accuracy")
         accuracy["report_accuracy"] = reported if n == evaluation.get("n") else None
         rows = _variant_rows(run_dir, meta, variant, len(model_bytes), arena)
@@ -361,7 +363,8 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str = "int8"
             "export": {"folder": str(out), "archive": str(archive)}, "versions": _versions(),
         }
         sources = tflm_sources.render(
-            model_bytes=model_bytes, source=source, sha256=summary["sha256"], generator=f"edgepipe {pipeline.__version__}",
+            model_bytes=model_bytes, source=source, sha256=summary["sha256"],
+            generator=f"edgepipe {pipeline.__version__}",
             preprocess=meta["preprocess"], input_spec=summary["input"], output_spec=summary["output"], labels=labels,
             arena=arena, ops=ops, resolver_methods=micro.MICRO_OPS,
             pixel_table=micro.pixel_table(meta["preprocess"], litert.input),

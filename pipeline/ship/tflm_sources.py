@@ -296,7 +296,8 @@ FILE_ROLES = {
     "model_data.cc": "the model as a C array",
     "model_settings.h": "input shape, scale and zero point, output size and quantization, `kTensorArenaSize`",
     "model_settings.cc": "`kCategoryLabels` and `kPixelToInput` (camera pixel to input value)",
-    "op_resolver.h": "`ModelOpResolver` (`MicroMutableOpResolver<N>`) and `RegisterModelOps()`: exactly the model's ops",
+    "op_resolver.h": ("`ModelOpResolver` (`MicroMutableOpResolver<N>`) and `RegisterModelOps()`: "
+                      "exactly the model's ops"),
     "test_image.h": "`kTestImageCategory`, the true class of the embedded test image",
     "test_image.cc": "one test image as raw pixels",
     "main_functions.h": "`setup()` and `loop()`",
