@@ -669,8 +669,8 @@ def deploy(run_dir, targets, bundle_path, runs, warmup, threads, timeout, clean,
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--target", type=click.Choice(TARGETS), default="tflm", show_default=True,
               help="tflm: C/C++ sources for TensorFlow Lite Micro on a microcontroller.")
-@click.option("--variant", default="int8", show_default=True,
-              help="The run's integer model to export (int8, or a guard variant such as int8-cle).")
+@click.option("--variant", help="The run's integer model to export (default: what the run delivers, the "
+                                "accuracy guard's repair such as int8-cle where it made one, else int8).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder to write, plus FOLDER.tar.gz beside it (default: RUN_DIR-tflm beside the run).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out.")

@@ -290,7 +290,7 @@ def _versions() -> dict:
     return out
 
 
-def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str = "int8", board: str | None = None,
+def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None = None, board: str | None = None,
                 flash: int | None = None, ram: int | None = None, overwrite: bool = False,
                 data_dir: Path | None = None, test_images: int | None = None, log=print) -> Path:
     """Write the export folder and its .tar.gz; record the figures in the run. Returns the folder."""
@@ -305,6 +305,12 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str = "int8"
     if not integer:
         raise ExportError(f"{run_dir}: no int8 model (it has {', '.join(files)}); build one with `pipeline build "
                           "--quantize int8`, or `pipeline convert RUN/model.keras --quantize int8` for a trained model")
+    if variant is None:  # what the run delivers: the guard's repair when it made one
+        from pipeline.delivery import guard_decision
+
+        delivered = guard_decision(run_dir)[0]
+        variant = delivered if delivered in integer else "int8"
+        log(f"export: {variant}" + (" (the accuracy guard's repair)" if variant == delivered != "int8" else ""))
     if variant not in integer:
         raise ExportError(f"--variant {variant}: not an int8 model of {run_dir}; a microcontroller export takes "
                           f"one of {', '.join(integer)}")
