@@ -349,10 +349,17 @@ class RunDir:
         """Release the lock but keep the staging folder, so `--resume` can continue."""
         self.lock.__exit__()
 
-    def discard(self) -> None:
-        """The build failed on its input: nothing to resume, so the staging folder goes."""
+    def discard(self) -> Path | None:
+        """The build failed: nothing to resume, so the staging folder goes. Its build.log is kept beside
+        the run as NAME.failed.log (for a bug, it holds the traceback); returns that path, if any."""
+        log, kept = self.staging / LOG, self.final.parent / f"{self.final.name}.failed.log"
+        try:
+            os.replace(log, kept)
+        except OSError:
+            kept = None
         shutil.rmtree(self.staging, ignore_errors=True)
         self.lock.__exit__()
+        return kept
 
 
 # ---------------------------------------------------------------- changing a finished run

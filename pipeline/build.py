@@ -80,7 +80,8 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
     try:
         final = _stages(run, cfg, run.request(None if resume else until or "report"), log)
     except Exception:
-        run.discard()  # failed on its input (or a bug): there is nothing to resume
+        # Failed on its input (or a bug): there is nothing to resume. The log stays readable for a bug.
+        console.log_moved(run.discard())
         raise
     except BaseException:
         run.abandon()  # interrupted: the staging folder stays for --resume

@@ -105,6 +105,7 @@ def captured(verbose: bool, work):
                     raise KeyboardInterrupt from e
                 if isinstance(e, user_errors):
                     raise
+                session.keep = True
                 raise UserError(f"failed: {type(e).__name__}: {e}; the traceback and TensorFlow's own output are "
                                 f"in {session.where()}") from e
     finally:

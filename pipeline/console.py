@@ -41,6 +41,7 @@ class Session:
         self.verbose = verbose
         self.log_path = Path(tempfile.gettempdir()) / f"edgepipe-{os.getpid()}-{int(time.time())}.log"
         self.final: Path | None = None
+        self.keep = False  # set for a bug: its one-line message points at this log
         self._lock = threading.Lock()
         self._log = open(self.log_path, "w+", encoding="utf-8", errors="replace")
         sys.stdout.flush()
@@ -114,6 +115,13 @@ class Session:
                 self.log_path.unlink(missing_ok=True)
             self._log = open(new, "a+", encoding="utf-8", errors="replace")
             self.log_path, self.final = new, (Path(final) / LOG_NAME if final else None)
+
+    def log_moved(self, path: Path | None) -> None:
+        """The log file was renamed (the open handle follows it) and no longer goes with a run."""
+        with self._lock:
+            if path is not None:
+                self.log_path = Path(path)
+            self.final = None
 
     def where(self) -> Path:
         """The log's current path (the staging folder is renamed into the run directory on success)."""
@@ -191,6 +199,11 @@ def say(line: str) -> None:
         print(line, flush=True)
 
 
+def log_moved(path: Path | None) -> None:
+    if _active is not None:
+        _active.log_moved(path)
+
+
 def keep_log(folder: Path, final: Path | None = None) -> None:
     if _active is not None:
         _active.keep_log(folder, final)
@@ -217,7 +230,7 @@ def session(verbose: bool = False, user_errors: tuple = ()):
     finally:
         s, _active = _active, None
         s.close(failed)
-        if s.final is None and (failed is None or isinstance(failed, user_errors)):
+        if s.final is None and not s.keep and (failed is None or isinstance(failed, user_errors)):
             s.log_path.unlink(missing_ok=True)
 
 

@@ -106,8 +106,9 @@ def test_a_failure_ends_in_one_line_that_names_the_log(tmp_path):
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()
     assert len(last) == 1 and "converter exploded" in last[0], proc.stderr
-    log = Path(re.search(r"are in (\S+build\.log)", last[0]).group(1))
-    assert log.is_file() and log.parent.name == ".run.partial"  # stays with the interrupted build
+    log = Path(re.search(r"are in (\S+\.log)", last[0]).group(1))
+    # The failed build's staging folder goes (nothing to resume); its log stays beside it.
+    assert log == tmp_path / "run.failed.log" and log.is_file() and not (tmp_path / ".run.partial").exists()
     text = log.read_text()
     assert "Traceback" in text and "RuntimeError: converter exploded" in text and "training epoch" in text
     assert [n for n in NATIVE if n in proc.stdout + proc.stderr] == []
