@@ -693,5 +693,15 @@ def export(run_dir, target, **kwargs):
         raise UserError(str(e))
 
 
+def entry():
+    """The `pipeline` command. Once a command has finished, its outcome stands: a Ctrl-C that lands while
+    Python shuts down (TensorFlow's exit handlers take a while) would otherwise kill the process with no
+    message and an exit code that says the finished work was interrupted."""
+    try:
+        main()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 if __name__ == "__main__":
-    main()
+    entry()
