@@ -299,7 +299,8 @@ def test_interrupting_report_benchmark_analyze_leaves_a_run_that_verifies(run_co
     print("\n".join(map(str, results)))
     for cmd, sig, _hit, _rc, problems, follow_rc, beside in results:
         assert problems == [] and follow_rc == 0 and beside == [], (cmd, sig, problems, beside)
-    assert sum(hit and rc != 0 for _, _, hit, rc, *_ in results) >= 8  # most signals landed mid-command
+    # Most signals reached a running command (a SIGINT after its outcome was decided rightly exits 0).
+    assert sum(hit for _, _, hit, *_ in results) >= 8
 
 
 # ---------------------------------------------------------------- resume, with real builds
