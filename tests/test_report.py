@@ -67,7 +67,7 @@ def md_table(md: str) -> list[list[str]]:
 
 
 def test_report_is_versioned_and_lists_every_variant_in_order(report):
-    assert report["schema"] == 1
+    assert report["kind"] == "report" and report["schema"] == 1
     assert [v["variant"] for v in report["variants"]] == VARIANTS
     for v in report["variants"]:
         assert {"bytes", "size_ratio", "accuracy", "change_pp", "agreement", "p50_ms", "p90_ms", "p99_ms",

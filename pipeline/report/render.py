@@ -72,7 +72,7 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
     variants = [_variant(run_dir, v, evaluation, bench, threads) for v in names]
     delivered, superseded = guard_decision(run_dir)
     report = {
-        "schema": SCHEMA, "run": run_name(run_dir),
+        "kind": "report", "schema": SCHEMA, "run": run_name(run_dir),
         "model": manifest["config"]["model"], "dataset": manifest["config"]["dataset"],
         "test_images": evaluation["n"], "table_threads": threads, "variants": variants,
         "delivered": {"variant": default_variant(names, delivered, superseded), "by_guard": delivered in names,
