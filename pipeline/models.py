@@ -145,7 +145,7 @@ MODELS: dict[str, ModelInfo] = {
                              Recipe(10, 64, "adam", 1e-3, "cosine", warmup_epochs=1), min_size=8),
     "cifar-resnet8": ModelInfo(cifar_resnet8, (32, 32, 3),
                                "ResNet-8, the MLPerf Tiny image-classification reference (78,666 parameters)",
-                               Recipe(60, 128, "sgd", 0.1, "cosine", warmup_epochs=3, label_smoothing=0.1),
+                               Recipe(45, 128, "sgd", 0.1, "cosine", warmup_epochs=3, label_smoothing=0.1),
                                min_size=8),
 }
 
