@@ -94,8 +94,11 @@ def captured(verbose: bool, work):
         raise KeyboardInterrupt
 
     # Ctrl-C inside TensorFlow's tracing can come back as an unrelated error (seen: "ValueError: None
-    # values not supported"); remembering the signal keeps it an interruption, exit code 130.
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    # values not supported"); remembering the signal keeps it an interruption, exit code 130. A SIGINT
+    # ignored by whoever started us (`nohup`, a background job of a script) stays ignored.
+    previous = signal.getsignal(signal.SIGINT)
+    if previous != signal.SIG_IGN:
+        signal.signal(signal.SIGINT, on_sigint)
     try:
         with console.session(verbose, user_errors) as session:
             try:
@@ -109,7 +112,8 @@ def captured(verbose: bool, work):
                 raise UserError(f"failed: {type(e).__name__}: {e}; the traceback and TensorFlow's own output are "
                                 f"in {session.where()}") from e
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:  # None: a handler set outside Python, which we did not replace either
+            signal.signal(signal.SIGINT, previous)
 
 
 def _split_variants(ctx, param, values):

@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A shell that starts the suite in the background (`cmd &` without job control) hands it SIGINT as
+# ignored, and an ignored signal stays ignored in every program it starts: the tests that press Ctrl-C
+# on a `pipeline` command would press nothing, as the commands rightly keep an inherited SIG_IGN. A
+# handler of our own is reset to the default in each child, so the children get Python's usual Ctrl-C.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 MNIST_DIR = Path(os.environ.get("EDGEPIPE_MNIST_DIR", REPO.parent / "shared" / "datasets" / "mnist-9k"))
 
 

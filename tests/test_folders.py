@@ -184,7 +184,7 @@ def test_model_that_cannot_take_the_size_is_refused_before_training():
 
 def test_recipes_defaults_and_overrides():
     cfg = BuildConfig(dataset="cifar10", model="cifar-resnet8")
-    assert (cfg.epochs, cfg.optimizer, cfg.augment) == (60, "sgd", True)
+    assert (cfg.epochs, cfg.optimizer, cfg.augment) == (45, "sgd", True)
     cfg = BuildConfig(dataset="cifar10", model="cifar-resnet8", epochs=3, learning_rate=0.05, augment=False)
     assert (cfg.epochs, cfg.learning_rate, cfg.augment, cfg.label_smoothing) == (3, 0.05, False, 0.1)
     assert BuildConfig(dataset="mnist").augment is False and BuildConfig(dataset="digits").augment is False

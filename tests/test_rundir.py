@@ -319,6 +319,18 @@ def test_interrupting_report_benchmark_analyze_leaves_a_run_that_verifies(run_co
     assert sum(hit for _, _, _, hit, *_ in results) >= 10, results
 
 
+def test_a_command_started_with_sigint_ignored_keeps_ignoring_it(run_copy):
+    """`nohup pipeline ...` or a script's background job: Ctrl-C to the terminal is not meant for it."""
+    proc = subprocess.Popen([*PIPELINE, "analyze", str(run_copy)], env=ENV, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    time.sleep(1.0)
+    assert proc.poll() is None, "analyze finished before the signal; the test needs a longer command"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert verify_path(run_copy) == []
+
+
 # ---------------------------------------------------------------- resume, with real builds
 
 @pytest.mark.slow
