@@ -95,9 +95,11 @@ def captured(verbose: bool, work):
 
     # Ctrl-C inside TensorFlow's tracing can come back as an unrelated error (seen: "ValueError: None
     # values not supported"); remembering the signal keeps it an interruption, exit code 130. A SIGINT
-    # ignored by whoever started us (`nohup`, a background job of a script) stays ignored.
+    # ignored by whoever started us (`nohup`, a script's background job) stays ignored, and a handler
+    # set outside Python (None) stays too.
     previous = signal.getsignal(signal.SIGINT)
-    if previous != signal.SIG_IGN:
+    ours = previous not in (signal.SIG_IGN, None)
+    if ours:
         signal.signal(signal.SIGINT, on_sigint)
     try:
         with console.session(verbose, user_errors) as session:
@@ -112,7 +114,7 @@ def captured(verbose: bool, work):
                 raise UserError(f"failed: {type(e).__name__}: {e}; the traceback and TensorFlow's own output are "
                                 f"in {session.where()}") from e
     finally:
-        if previous is not None:  # None: a handler set outside Python, which we did not replace either
+        if ours:
             signal.signal(signal.SIGINT, previous)
 
 

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 # handler of our own is reset to the default in each child, so the children get Python's usual Ctrl-C.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
 MNIST_DIR = Path(os.environ.get("EDGEPIPE_MNIST_DIR", REPO.parent / "shared" / "datasets" / "mnist-9k"))
 
 
