@@ -46,7 +46,7 @@ def main() -> None:
 
     from pipeline.build import build
     from pipeline.config import BuildConfig
-    from pipeline.ship.tflm import export_tflm
+    from pipeline.micro.export import export_tflm
 
     mnist = REPO.parent / "shared" / "datasets" / "mnist"
     data_dirs = {"mnist": str(mnist), "cifar10": str(cifar_slice(args.work, args.cifar_per_class,

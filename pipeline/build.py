@@ -35,7 +35,7 @@ from pipeline.artifacts import (
 )
 from pipeline.config import BuildConfig
 from pipeline.data import Dataset, load_dataset
-from pipeline.ship.metadata import status as tflite_metadata_status
+from pipeline.metadata import status as tflite_metadata_status
 
 STAGES = ("train", "convert", "guard", "metadata", "evaluate", "benchmark", "report")
 SAMPLES = "samples"
@@ -310,7 +310,7 @@ def metadata_for(cfg: BuildConfig, data: Dataset, run_dir: Path, variants, logit
 
 def _tflite_metadata(cfg: BuildConfig, data: Dataset, folder: Path, variants, log) -> None:
     """Standard TFLite model metadata (labels, normalization) inside each model, for apps like MediaPipe."""
-    from pipeline.ship.metadata import embed_files
+    from pipeline.metadata import embed_files
 
     embed_files(folder, variants, cfg.model, data.name, data.spec.to_dict(), pipeline.__version__, log=log)
 

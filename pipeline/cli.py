@@ -18,9 +18,9 @@ import click
 import pipeline
 from pipeline.config import FALLBACKS, INPUT_RANGES, INT8_IO, VARIANTS, BuildConfig, ConfigError
 from pipeline.data import DATASETS
+from pipeline.micro.export import BOARDS, TARGETS
 from pipeline.models import MODELS, OPTIMIZERS, SCHEDULES
 from pipeline.ship.bundle import WHEEL_PLATFORMS
-from pipeline.ship.tflm import BOARDS, TARGETS
 
 
 class UserError(click.ClickException):
@@ -37,12 +37,12 @@ def _user_errors():
     """The exception types that mean 'your input', not 'our bug'; imported lazily to keep --help fast."""
     from device.core import DeviceError
     from pipeline.artifacts import RunDirError
+    from pipeline.boards.deploy import DeployError
+    from pipeline.boards.devices import DeviceError as BoardNameError
     from pipeline.convert import ConversionError
     from pipeline.data import DataError
     from pipeline.report.render import ReportError
     from pipeline.ship.bundle import BundleError
-    from pipeline.ship.deploy import DeployError
-    from pipeline.ship.devices import DeviceError as BoardNameError
     from pipeline.train import ModelMismatchError
 
     return (DeviceError, RunDirError, DataError, ModelMismatchError, ReportError, ConversionError, BundleError,
@@ -571,7 +571,7 @@ def ssh_options(fn):
 
 
 def _ssh(ssh_config, accept_new_host_key, connect_timeout):
-    from pipeline.ship.ssh import SshOptions
+    from pipeline.boards.ssh import SshOptions
 
     return SshOptions(ssh_config, accept_new_host_key, connect_timeout)
 
@@ -588,7 +588,7 @@ def device_group():
 @handle_errors
 def device_add(name, target, replace):
     """Name a board; HOST may be an address, a host name or a Host alias of ~/.ssh/config."""
-    from pipeline.ship import devices
+    from pipeline.boards import devices
 
     board = devices.add(name, target, replace)
     click.echo(f"{board.name}: {board.target} (in {devices.config_path()})")
@@ -599,7 +599,7 @@ def device_add(name, target, replace):
 @handle_errors
 def device_list(as_json):
     """The named boards."""
-    from pipeline.ship import devices
+    from pipeline.boards import devices
 
     boards = devices.load()
     if as_json:
@@ -618,9 +618,9 @@ def device_list(as_json):
 @handle_errors
 def device_remove(name, purge, **ssh):
     """Forget a named board (with --purge, after cleaning up after deploy on it)."""
-    from pipeline.ship import devices
-    from pipeline.ship.deploy import purge as purge_board
-    from pipeline.ship.ssh import BoardError
+    from pipeline.boards import devices
+    from pipeline.boards.deploy import purge as purge_board
+    from pipeline.boards.ssh import BoardError
 
     if name not in devices.load():
         raise UserError(f"no board named {name}; `pipeline device list` shows the known ones")
@@ -656,14 +656,14 @@ def device_remove(name, purge, **ssh):
 @handle_errors
 def deploy(run_dir, targets, bundle_path, runs, warmup, threads, timeout, clean, **ssh):
     """Put a run's models on boards over SSH, evaluate and benchmark them there, and add each board to the report."""
-    from pipeline.ship import deploy as ship
+    from pipeline.boards import deploy as boards
 
-    cfg = ship.DeployConfig(tuple(targets), bundle_path, runs, warmup, threads, timeout, clean, _ssh(**ssh))
+    cfg = boards.DeployConfig(tuple(targets), bundle_path, runs, warmup, threads, timeout, clean, _ssh(**ssh))
     try:
-        entries = ship.deploy(run_dir, cfg, log=lambda m: click.echo(m, err=True))
-    except (ship.Interrupted, KeyboardInterrupt):
+        entries = boards.deploy(run_dir, cfg, log=lambda m: click.echo(m, err=True))
+    except (boards.Interrupted, KeyboardInterrupt):
         raise Interrupted("interrupted: every board was stopped and nothing was merged into the report")
-    for line in ship.summary(entries):
+    for line in boards.summary(entries):
         click.echo(line)
     _print_table(run_dir)
     failed = [e["name"] for e in entries if not e["ok"]]
@@ -691,7 +691,7 @@ def deploy(run_dir, targets, bundle_path, runs, warmup, threads, timeout, clean,
 @handle_errors
 def export(run_dir, target, **kwargs):
     """Export a finished run for a microcontroller: C/C++ sources, measured arena, accuracy under TFLite Micro."""
-    from pipeline.ship.tflm import ExportError, export_tflm
+    from pipeline.micro.export import ExportError, export_tflm
 
     try:
         export_tflm(run_dir, log=click.echo, **kwargs)

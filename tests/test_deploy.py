@@ -56,14 +56,14 @@ def base_env(tmp: Path) -> dict:
                                     "pi@host:99999", "pi@host:22x", "pi@host&", "", "pi@", "@host", "pi@host:",
                                     "pi@[::1;]:22", "pi@host\nother"])
 def test_destinations_with_shell_metacharacters_are_refused(target):
-    from pipeline.ship.devices import DeviceError, parse_target
+    from pipeline.boards.devices import DeviceError, parse_target
 
     with pytest.raises(DeviceError):
         parse_target(target)
 
 
 def test_destinations_parse():
-    from pipeline.ship.devices import parse_target
+    from pipeline.boards.devices import parse_target
 
     d = parse_target("pi@raspberrypi.local", "pi4")
     assert (d.name, d.user, d.host, d.port, d.target) == ("pi4", "pi", "raspberrypi.local", None,
@@ -102,8 +102,8 @@ def test_device_add_list_remove(tmp_path):
 
 
 def test_run_names_become_plain_folder_names_on_the_board():
-    from pipeline.ship.deploy import board_folder
-    from pipeline.ship.remote import NAME
+    from pipeline.boards.deploy import board_folder
+    from pipeline.boards.remote import NAME
 
     assert board_folder("mnist-cnn-mnist") == "mnist-cnn-mnist"
     for name in ("my run", "run;rm -rf ~", ".hidden", "ü", "$(id)", "a" * 300):
@@ -116,8 +116,8 @@ def test_run_names_become_plain_folder_names_on_the_board():
 
 
 def _bundle_info(wheels=None):
+    from pipeline.boards.deploy import Bundle
     from pipeline.ship.bundle import REQUIREMENTS
-    from pipeline.ship.deploy import Bundle
 
     return Bundle(Path("b.tar.gz"), "run", "0" * 64, 1, REQUIREMENTS.format(litert="2.3.0"),
                   {"int8": "model_int8.tflite"}, wheels or {})
@@ -140,7 +140,7 @@ def _probe(machine: str, python: str, bits: int = 64, model: str = "Raspberry Pi
     ("aarch64", "3.9.2", 64, "tflite-runtime==2.14.0", "numpy<2"),      # Raspberry Pi OS 64-bit legacy (bullseye)
 ])
 def test_runtime_follows_the_bundle_requirements(machine, python, bits, runtime, numpy):
-    from pipeline.ship.deploy import choose
+    from pipeline.boards.deploy import choose
 
     choice = choose(_probe(machine, python, bits), _bundle_info())
     assert runtime in choice.requirements and numpy in choice.requirements and "pillow" in choice.requirements
@@ -153,7 +153,7 @@ def test_runtime_follows_the_bundle_requirements(machine, python, bits, runtime,
 
 
 def test_carried_wheels_are_used_for_their_platform_only():
-    from pipeline.ship.deploy import choose
+    from pipeline.boards.deploy import choose
 
     bundle = _bundle_info({"aarch64-cp311": {"files": ["ai_edge_litert-2.3.0-cp311-cp311-manylinux_2_27_aarch64.whl"]}})
     assert choose(_probe("aarch64", "3.11.2"), bundle).wheels == "wheels/aarch64-cp311"
@@ -164,8 +164,8 @@ def test_carried_wheels_are_used_for_their_platform_only():
                                                      ("armv6l", "3.9.2", "Raspberry Pi Model B Plus Rev 1.2"),
                                                      ("riscv64", "3.11.4", "StarFive VisionFive 2")])
 def test_platform_without_a_runtime_gets_a_message_naming_it(machine, python, model):
-    from pipeline.ship.deploy import choose
-    from pipeline.ship.ssh import BoardError
+    from pipeline.boards.deploy import choose
+    from pipeline.boards.ssh import BoardError
 
     with pytest.raises(BoardError) as e:
         choose(_probe(machine, python, 32, model), _bundle_info())
@@ -179,7 +179,7 @@ def test_platform_without_a_runtime_gets_a_message_naming_it(machine, python, mo
 def _helper(home: Path, params: dict, data: bytes | None = None, wait: bool = True):
     """The board-side helper, run by this machine's python3 exactly as deploy runs it over SSH: its
     stdin is the data to receive, or stays open while it runs (closing it means the host went away)."""
-    from pipeline.ship.ssh import remote_command
+    from pipeline.boards.ssh import remote_command
 
     cmd = ["sh", "-c", remote_command(params)]
     env = {"HOME": str(home), "PATH": os.environ["PATH"]}
@@ -225,8 +225,8 @@ def test_helper_takes_one_deploy_at_a_time_and_refuses_a_damaged_copy(tmp_path):
 
 def _reason(proc: subprocess.CompletedProcess, step: str) -> str:
     """The one line deploy shows for a helper call that ended like `proc`."""
-    from pipeline.ship.devices import parse_target
-    from pipeline.ship.ssh import BoardError, Session, SshOptions
+    from pipeline.boards.devices import parse_target
+    from pipeline.boards.ssh import BoardError, Session, SshOptions
 
     session = Session(parse_target("board"), SshOptions(), time.monotonic() + 60, 60)
     try:
@@ -239,7 +239,7 @@ def _reason(proc: subprocess.CompletedProcess, step: str) -> str:
 
 
 def test_a_board_without_python3_is_named_as_such(tmp_path):
-    from pipeline.ship.ssh import remote_command
+    from pipeline.boards.ssh import remote_command
 
     (tmp_path / "bin").mkdir()
     for tool in ("sh",):  # a login shell, and no python3 on the PATH

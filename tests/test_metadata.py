@@ -94,7 +94,7 @@ def _mediapipe_python() -> Path:
 
 
 def test_every_model_carries_metadata_a_reader_understands(rgb_run):
-    from pipeline.ship.metadata import _writer
+    from pipeline.metadata import _writer
 
     _writer()  # puts the writer's folder on sys.path
     from tensorflow_lite_support.metadata.python.metadata import MetadataDisplayer
@@ -156,7 +156,7 @@ def test_no_writer_means_no_metadata_and_the_report_says_why(tmp_path):
     meta = json.loads((tmp_path / "run" / "metadata.json").read_text())
     for entry in meta["models"].values():
         assert entry["tflite_metadata"]["present"] is False
-        assert "python -m pipeline.ship.metadata --install" in entry["tflite_metadata"]["reason"]
+        assert "python -m pipeline.metadata --install" in entry["tflite_metadata"]["reason"]
     notes = [n for n in json.loads((tmp_path / "run" / "report.json").read_text())["notes"]
              if n["kind"] == "no_tflite_metadata"]
     assert {n["variant"] for n in notes} == {"fp32", "int8"}
@@ -167,7 +167,7 @@ def test_a_shape_the_writer_cannot_describe_is_refused_with_the_reason():
     import keras
     import tensorflow as tf
 
-    from pipeline.ship.metadata import MetadataError, embed
+    from pipeline.metadata import MetadataError, embed
 
     model = keras.Sequential([keras.Input((784,), batch_size=1), keras.layers.Dense(10, activation="softmax")])
     flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()

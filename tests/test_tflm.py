@@ -15,8 +15,9 @@ from click.testing import CliRunner
 from device import core
 from device.integrity import sha256_file
 from pipeline.cli import main
-from pipeline.ship import micro, tflm_sources
-from pipeline.ship.tflm import MARKER, export_tflm
+from pipeline.micro import runtime
+from pipeline.micro import sources as c_sources
+from pipeline.micro.export import MARKER, export_tflm
 from tests.conftest import REPO
 
 CIFAR_JPG = Path(REPO.parent / "shared" / "datasets" / "cifar10-jpg")
@@ -90,7 +91,7 @@ def cifar_runs(tmp_path_factory):
 
 def test_export_folder_archive_and_run_records(mnist_export):
     run, out = mnist_export
-    expected = {*tflm_sources.SOURCES, "model.tflite", "README.md", MARKER}
+    expected = {*c_sources.SOURCES, "model.tflite", "README.md", MARKER}
     assert {p.name for p in out.iterdir()} == expected
     summary = json.loads((out / MARKER).read_text())
     for name, entry in summary["files"].items():
@@ -115,8 +116,8 @@ def test_export_folder_archive_and_run_records(mnist_export):
 def test_micro_model_is_lean_and_predicts_as_the_runs_int8(mnist_export):
     run, out = mnist_export
     summary = json.loads((out / MARKER).read_text())
-    ops = [op for op, _ in micro.read_graph((out / "model.tflite").read_bytes())]
-    run_ops = [op for op, _ in micro.read_graph((run / "model_int8.tflite").read_bytes())]
+    ops = [op for op, _ in runtime.read_graph((out / "model.tflite").read_bytes())]
+    run_ops = [op for op, _ in runtime.read_graph((run / "model_int8.tflite").read_bytes())]
     assert {"SHAPE", "STRIDED_SLICE", "PACK"} <= set(run_ops)  # Keras 3's Flatten with a dynamic batch
     assert not {"SHAPE", "STRIDED_SLICE", "PACK"} & set(ops) and ops.count("RESHAPE") == 1
     assert summary["ops"] == list(dict.fromkeys(ops))
@@ -216,7 +217,7 @@ def check_sources_against_model(out: Path, run: Path, tmp_path: Path) -> None:
     assert [bytes(int(b) for b in v).decode() for v in got["label"]] == model.labels
     # The example's image, quantized the example's way, is classified as its stated label under TFLM.
     x = np.array([int(v) for v in got["test_input"][0]], np.int8).reshape(1, h, w, c)
-    interpreter = micro.micro_interpreter((out / "model.tflite").read_bytes(), summary["arena"]["recommended"])
+    interpreter = runtime.micro_interpreter((out / "model.tflite").read_bytes(), summary["arena"]["recommended"])
     interpreter.set_input(x, 0)
     interpreter.invoke()
     assert int(np.argmax(interpreter.get_output(0))) == int(got["test_category"][0][0])
@@ -234,12 +235,12 @@ def test_mnist_sources_compile_and_hold_the_model(mnist_export, tmp_path):
 def test_labels_are_escaped_for_c(tmp_path):
     labels = ['say "hi"', "back\\slash", "caf\u00e9 \u2615", "tri??=graph", "7 \\x41 tab\tend", "\u00e91"]
     spec = {"shape": [1, 2, 2, 1], "dtype": "int8", "scale": 0.5, "zero_point": -1}
-    files = tflm_sources.render(
+    files = c_sources.render(
         model_bytes=b"\x1c\x00\x00\x00TFL3" + bytes(range(40)), source='run "x"\\model.tflite', sha256="0" * 64,
         generator="edgepipe test", preprocess={"scale": 1 / 255, "offset": 0.0, "color": "grayscale"},
         input_spec=spec, output_spec={**spec, "shape": [1, len(labels)]}, labels=labels,
         arena={"recommended": 1040, "measured": 16, "how": "test", "margin": {"fraction": 0.1, "minimum": 1024}},
-        ops=["RESHAPE"], resolver_methods=micro.MICRO_OPS, pixel_table=np.zeros(256, np.int8),
+        ops=["RESHAPE"], resolver_methods=runtime.MICRO_OPS, pixel_table=np.zeros(256, np.int8),
         test_image=np.arange(4, dtype=np.uint8), test_label=0, test_index=0)
     for name, text in files.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
@@ -252,18 +253,18 @@ def test_labels_are_escaped_for_c(tmp_path):
 # ---------------------------------------------------------------- arena and accuracy under TFLM
 
 def test_arena_is_the_smallest_that_works(mnist_export):
-    from tflite_micro import runtime
+    from tflite_micro import runtime as tflm
 
     out = mnist_export[1]
     arena = json.loads((out / MARKER).read_text())["arena"]
     model = (out / "model.tflite").read_bytes()
     sample = np.zeros((1, 28, 28, 1), np.int8)
     for size in (arena["measured"], arena["recommended"]):
-        interpreter = runtime.Interpreter.from_bytes(model, arena_size=size)
+        interpreter = tflm.Interpreter.from_bytes(model, arena_size=size)
         interpreter.set_input(sample, 0)
         interpreter.invoke()
-    with micro.c_stderr() as text, pytest.raises(RuntimeError):
-        runtime.Interpreter.from_bytes(model, arena_size=int(arena["measured"] * 0.9))
+    with runtime.c_stderr() as text, pytest.raises(RuntimeError):
+        tflm.Interpreter.from_bytes(model, arena_size=int(arena["measured"] * 0.9))
     assert "Failed to resize buffer" in text[0] or "failed" in text[0].lower()
     assert arena["recommended"] >= arena["measured"] + 1024 and arena["recommended"] % 16 == 0
     assert abs(arena["reported"] - arena["measured"]) <= 16  # the allocation report and the search agree
@@ -272,11 +273,11 @@ def test_arena_is_the_smallest_that_works(mnist_export):
 def tflm_vs_litert(out: Path, run: Path, x: np.ndarray) -> dict[str, np.ndarray]:
     """Raw int8 outputs of the exported model for images x, computed here straight from the interpreters:
     TFLite Micro, LiteRT with its built-in kernels, and LiteRT with XNNPACK (how the report measures)."""
-    from tflite_micro import runtime
+    from tflite_micro import runtime as tflm
 
     summary = json.loads((out / MARKER).read_text())
     meta = json.loads((run / "metadata.json").read_text())
-    interpreter = runtime.Interpreter.from_bytes((out / "model.tflite").read_bytes(),
+    interpreter = tflm.Interpreter.from_bytes((out / "model.tflite").read_bytes(),
                                                  arena_size=summary["arena"]["recommended"])
     outputs = {"tflm": []}
     prepared = core.Model(out / "model.tflite", metadata=meta, verify=False).prepare(x)

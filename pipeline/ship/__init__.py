@@ -1,1 +1,1 @@
-"""Getting models onto hardware: the device bundle, named boards and deployment to them over SSH."""
+"""The device bundle: one reproducible .tar.gz of the delivered model, the runner and its wheels."""

@@ -13,7 +13,7 @@ protobuf: only `import tflite_support` (its task protos) does. So the wheel is i
 `--no-deps` into a folder of its own, outside site-packages where `pip check` and the resolver
 never see the pin, and imported from there as `tensorflow_lite_support.metadata...`:
 
-    python -m pipeline.ship.metadata --install
+    python -m pipeline.metadata --install
 
 Without it a build still succeeds, and metadata.json and the report say the models carry no
 metadata and why. MediaPipe Tasks' ImageClassifier takes float32 or uint8 input with 3 channels:
@@ -31,7 +31,7 @@ from pathlib import Path
 
 WRITER = "tflite-support==0.4.4"
 SIDE = Path(os.environ.get("EDGEPIPE_TFLITE_SUPPORT") or Path(sys.prefix) / "share" / "edgepipe" / "tflite-support")
-INSTALL = "python -m pipeline.ship.metadata --install"
+INSTALL = "python -m pipeline.metadata --install"
 
 
 class MetadataError(Exception):
@@ -161,6 +161,6 @@ def install(target: Path = SIDE) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--install"]:
-        sys.exit(f"usage: python -m pipeline.ship.metadata --install   (installs {WRITER} into {SIDE})")
+        sys.exit(f"usage: python -m pipeline.metadata --install   (installs {WRITER} into {SIDE})")
     install()
     print(f"installed {WRITER} into {SIDE}")

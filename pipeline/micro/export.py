@@ -1,8 +1,8 @@
 """Export for TensorFlow Lite Micro: `pipeline export RUN_DIR --target tflm`.
 
 From a finished run: the int8 model made lean for a microcontroller (batch fixed at 1, int8 in and out),
-its arena measured and its accuracy checked under TFLM's kernels (ship/micro.py), which boards it fits,
-and a folder plus .tar.gz of C/C++ sources and a README (ship/tflm_sources.py). The run's manifest and
+its arena measured and its accuracy checked under TFLM's kernels (micro/runtime.py), which boards it fits,
+and a folder plus .tar.gz of C/C++ sources and a README (micro/sources.py). The run's manifest and
 report gain the flash and RAM figures (tflm.json). Nothing is half-written: the folder is built in a
 staging folder beside its target and renamed into place when every figure is in.
 """
@@ -22,8 +22,9 @@ import pipeline
 from device.core import Model
 from device.integrity import METADATA_NAME, DeviceError, read_model_bytes, sha256_file
 from pipeline.artifacts import MANIFEST, updating, write_json
-from pipeline.ship import micro, tflm_sources
-from pipeline.ship.micro import KIB, MIB, ExportError
+from pipeline.micro import runtime
+from pipeline.micro import sources as c_sources
+from pipeline.micro.runtime import KIB, MIB, ExportError
 
 TARGETS = ("tflm",)
 MARKER = "tflm_export.json"  # an export's own manifest; --overwrite replaces only folders that hold one
@@ -134,8 +135,8 @@ def lean_model(run_dir: Path, variant: str, file: str, meta: dict, cfg, data, la
     and PACK) and int8 input and output, calibrated on the same training images as the run's."""
     entry = meta["models"][file]
     original = read_model_bytes(run_dir / file, entry.get("sha256"))
-    dynamic = sorted(set(micro.check_ops(micro.read_graph(original), layers, f"{run_dir.name}/{file}"))
-                     & micro.DYNAMIC_BATCH_OPS)
+    dynamic = sorted(set(runtime.check_ops(runtime.read_graph(original), layers, f"{run_dir.name}/{file}"))
+                     & runtime.DYNAMIC_BATCH_OPS)
     float_io = [f"{side} {entry[side]['dtype']}" for side in ("input", "output") if entry[side]["dtype"] != "int8"]
     if not dynamic and not float_io:
         return original, f"{file} of the run, unchanged"
@@ -193,9 +194,9 @@ def compare(model_bytes: bytes, model_path: Path, arena: int, pre: dict, x, y, l
     litert = Model(model_path, metadata={"preprocess": pre}, verify=False)
     builtin = Model(model_path, metadata={"preprocess": pre}, verify=False, xnnpack=False)
     prepared = litert.prepare(x)
-    tflm_raw = micro.micro_outputs(model_bytes, arena, prepared)
-    litert_raw = micro.litert_outputs(litert, prepared)
-    builtin_raw = micro.litert_outputs(builtin, prepared)
+    tflm_raw = runtime.micro_outputs(model_bytes, arena, prepared)
+    litert_raw = runtime.litert_outputs(litert, prepared)
+    builtin_raw = runtime.litert_outputs(builtin, prepared)
     p_tflm, p_litert, y = tflm_raw.argmax(1), litert_raw.argmax(1), np.asarray(y)
     differ = np.flatnonzero(p_tflm != p_litert)
 
@@ -228,8 +229,8 @@ def _variant_rows(run_dir: Path, meta: dict, exported: str, flash: int, arena: d
             continue
         data = (run_dir / file).read_bytes()
         try:
-            micro.check_ops(micro.read_graph(data), set(), file)
-            measured = micro.measure_arena(data, np.zeros(entry["input"]["shape"], entry["input"]["dtype"]))
+            runtime.check_ops(runtime.read_graph(data), set(), file)
+            measured = runtime.measure_arena(data, np.zeros(entry["input"]["shape"], entry["input"]["dtype"]))
         except ExportError as e:
             rows.append({"variant": v, "flash": len(data), "arena": None, "runs": False, "reason": str(e)})
             continue
@@ -318,7 +319,7 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
     layers = _layer_names(run_dir)
     model_bytes, conversion = lean_model(run_dir, variant, files[variant], meta, cfg, data, layers, log)
     source = f"{run_dir.name}/{files[variant]}"
-    ops = micro.check_ops(micro.read_graph(model_bytes), layers, source)
+    ops = runtime.check_ops(runtime.read_graph(model_bytes), layers, source)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
@@ -332,7 +333,7 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
         except DeviceError as e:
             raise ExportError(str(e))
         sample = litert.prepare(data.x_test[:1])
-        arena = micro.measure_arena(model_bytes, sample)
+        arena = runtime.measure_arena(model_bytes, sample)
         log(f"tflm: {len(model_bytes):,} bytes of flash, arena {arena['measured']:,} bytes measured, "
             f"{arena['recommended']:,} with the margin; ops {', '.join(ops)}")
         if budget and budget.problems(len(model_bytes), arena["recommended"]):
@@ -368,14 +369,14 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
             "budget": {"name": budget.name, "flash": budget.flash, "ram": budget.ram} if budget else None,
             "export": {"folder": str(out), "archive": str(archive)}, "versions": _versions(),
         }
-        sources = tflm_sources.render(
+        sources = c_sources.render(
             model_bytes=model_bytes, source=source, sha256=summary["sha256"],
             generator=f"edgepipe {pipeline.__version__}",
             preprocess=meta["preprocess"], input_spec=summary["input"], output_spec=summary["output"], labels=labels,
-            arena=arena, ops=ops, resolver_methods=micro.MICRO_OPS,
-            pixel_table=micro.pixel_table(meta["preprocess"], litert.input),
+            arena=arena, ops=ops, resolver_methods=runtime.MICRO_OPS,
+            pixel_table=runtime.pixel_table(meta["preprocess"], litert.input),
             test_image=data.x_test[k], test_label=int(data.y_test[k]), test_index=k)
-        sources["README.md"] = tflm_sources.readme(summary, out.name)
+        sources["README.md"] = c_sources.readme(summary, out.name)
         for name, text in sources.items():
             (staging / name).write_text(text, encoding="utf-8")
         summary["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}

@@ -6,7 +6,7 @@ BatchMode=yes never asks for a password or passphrase; StrictHostKeyChecking=yes
 key known_hosts does not hold, unless the user asked for OpenSSH's `accept-new`.
 
 Each board gets one master connection (ControlMaster) that the later calls share, so a deploy pays
-for one handshake. Every call runs pipeline/ship/remote.py with the board's python3; its stdin
+for one handshake. Every call runs pipeline/boards/remote.py with the board's python3; its stdin
 stays open for as long as the call runs, so that when this process dies the board-side helper
 sees its stdin close and stops what it started.
 """
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import device.board
-from pipeline.ship import remote
-from pipeline.ship.devices import Device
+from pipeline.boards import remote
+from pipeline.boards.devices import Device
 
 # The board's python3 decodes and runs device/board.py as module `edgepipe_board`, then remote.py.
 # Only base64 and this line (no backslashes, no single quotes) reach the board's login shell, so

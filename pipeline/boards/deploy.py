@@ -28,9 +28,9 @@ from pathlib import Path
 from device import core
 from device.integrity import METADATA_NAME, sha256_file
 from pipeline.artifacts import RunDirError, is_run, updating, write_json
+from pipeline.boards.devices import Device, resolve
+from pipeline.boards.ssh import BoardError, Cancelled, Session, SshOptions
 from pipeline.ship.bundle import RUNNER_FILES, WHEELS_INDEX, make_bundle, select_requirements, wheel_key
-from pipeline.ship.devices import Device, resolve
-from pipeline.ship.ssh import BoardError, Cancelled, Session, SshOptions
 
 DEPLOY_JSON = "deploy.json"
 EVAL_DATA = "samples/eval.npz"

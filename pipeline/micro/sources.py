@@ -1,4 +1,4 @@
-"""The C/C++ sources of a TFLite Micro export, rendered from figures ship/tflm.py measured.
+"""The C/C++ sources of a TFLite Micro export, rendered from figures micro/export.py measured.
 
 Kept apart from the measuring so each file reads top to bottom: here are only the texts a firmware
 project compiles. Everything but op_resolver.h and main_functions.cc compiles without TFLite Micro's

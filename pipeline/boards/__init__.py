@@ -1,0 +1,1 @@
+"""The user's boards: named devices, OpenSSH sessions, the remote helper, deploy and merge."""
