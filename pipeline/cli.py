@@ -38,7 +38,7 @@ def _user_errors():
     from device.core import DeviceError
     from pipeline.artifacts import RunDirError
     from pipeline.boards.deploy import DeployError
-    from pipeline.boards.devices import DeviceError as BoardNameError
+    from pipeline.boards.devices import BoardNameError
     from pipeline.convert import ConversionError
     from pipeline.data import DataError
     from pipeline.report.render import ReportError
@@ -661,7 +661,7 @@ def deploy(run_dir, targets, bundle_path, runs, warmup, threads, timeout, clean,
     cfg = boards.DeployConfig(tuple(targets), bundle_path, runs, warmup, threads, timeout, clean, _ssh(**ssh))
     try:
         entries = boards.deploy(run_dir, cfg, log=lambda m: click.echo(m, err=True))
-    except (boards.Interrupted, KeyboardInterrupt):
+    except (boards.DeployInterrupted, KeyboardInterrupt):
         raise Interrupted("interrupted: every board was stopped and nothing was merged into the report")
     for line in boards.summary(entries):
         click.echo(line)

@@ -56,9 +56,9 @@ def base_env(tmp: Path) -> dict:
                                     "pi@host:99999", "pi@host:22x", "pi@host&", "", "pi@", "@host", "pi@host:",
                                     "pi@[::1;]:22", "pi@host\nother"])
 def test_destinations_with_shell_metacharacters_are_refused(target):
-    from pipeline.boards.devices import DeviceError, parse_target
+    from pipeline.boards.devices import BoardNameError, parse_target
 
-    with pytest.raises(DeviceError):
+    with pytest.raises(BoardNameError):
         parse_target(target)
 
 
@@ -226,14 +226,14 @@ def test_helper_takes_one_deploy_at_a_time_and_refuses_a_damaged_copy(tmp_path):
 def _reason(proc: subprocess.CompletedProcess, step: str) -> str:
     """The one line deploy shows for a helper call that ended like `proc`."""
     from pipeline.boards.devices import parse_target
-    from pipeline.boards.ssh import BoardError, Session, SshOptions
+    from pipeline.boards.ssh import BoardError, SshConnection, SshOptions
 
-    session = Session(parse_target("board"), SshOptions(), time.monotonic() + 60, 60)
+    connection = SshConnection(parse_target("board"), SshOptions(), time.monotonic() + 60, 60)
     try:
         with pytest.raises(BoardError) as e:
-            session._failed(proc.returncode, proc.stderr.decode(), step)
+            connection._failed(proc.returncode, proc.stderr.decode(), step)
     finally:
-        session.close()
+        connection.close()
     assert "\n" not in str(e.value)
     return str(e.value)
 

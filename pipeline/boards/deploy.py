@@ -8,8 +8,9 @@ bundle's own runner, then `runner.py eval` on samples/eval.npz and `runner.py be
 
 The boards that finished are merged into the run's report in one atomic step (device columns named
 after the boards, deploy.json with what each board is and how its accuracy compares with the host's on
-the same images); a board that failed gets one line there and in the summary. Ctrl-C stops every
-board and merges nothing.
+the same images); a board that failed, for any reason, gets one line there and in the summary. A
+deploy in which no board finished leaves the run as it was, and Ctrl-C stops every board and merges
+nothing.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from device import core
 from device.integrity import METADATA_NAME, sha256_file
 from pipeline.artifacts import RunDirError, is_run, updating, write_json
 from pipeline.boards.devices import Device, resolve
-from pipeline.boards.ssh import BoardError, Cancelled, Session, SshOptions
+from pipeline.boards.ssh import BoardError, Cancelled, SshConnection, SshOptions
 from pipeline.ship.bundle import RUNNER_FILES, WHEELS_INDEX, make_bundle, select_requirements, wheel_key
 
 DEPLOY_JSON = "deploy.json"
@@ -45,7 +46,7 @@ class DeployError(Exception):
     """The run or bundle cannot be deployed as asked; the message says what to do."""
 
 
-class Interrupted(Exception):
+class DeployInterrupted(Exception):
     """Ctrl-C: every board was stopped and nothing was merged."""
 
 
@@ -167,103 +168,155 @@ def host_reference(run_dir: Path, bundle: Bundle) -> dict:
 
 
 class Boards:
-    """The sessions of a deploy, so that Ctrl-C in the main thread can stop them all."""
+    """The connections of a deploy, so that Ctrl-C in the main thread can stop them all."""
 
     def __init__(self):
-        self._sessions, self._guard, self.cancelled = [], threading.Lock(), False
+        self._connections, self._guard, self.cancelled = [], threading.Lock(), False
 
-    def add(self, session: Session) -> None:
+    def add(self, connection: SshConnection) -> None:
         with self._guard:
-            self._sessions.append(session)
+            self._connections.append(connection)
             if self.cancelled:
-                session.abort()
+                connection.abort()
 
     def abort(self) -> None:
         with self._guard:
             self.cancelled = True
-            for s in self._sessions:
-                s.abort()
+            for c in self._connections:
+                c.abort()
 
 
 def deploy_board(device: Device, bundle: Bundle, reference: dict, cfg: DeployConfig, boards: Boards, log) -> dict:
-    """Deploy to one board; returns its deploy.json entry with the runner's results under 'results'."""
+    """Deploy to one board; returns its deploy.json entry with the runner's results under 'results'.
 
-    def say(msg):
-        log(f"{device.name}: {msg}")
+    Whatever ends this board's deploy, of any kind, becomes its one-line reason: the other boards
+    go on and the ones that finish are merged."""
+    board = BoardDeploy(device, bundle, cfg, log)
+    try:
+        board.connection = SshConnection(device, cfg.ssh, board.t0 + cfg.timeout, cfg.timeout)
+        boards.add(board.connection)
+        board.record(board.run(), reference)
+    except BoardError as e:
+        board.entry["reason"] = str(e)
+    except Cancelled:
+        board.entry["reason"] = "interrupted"
+    except Exception as e:  # a bug, or the host failing for this board (a file, the disk): still only this board
+        board.entry["reason"] = f"unexpected {type(e).__name__} on the host: {e}"
+    finally:
+        if board.connection is not None:
+            board.connection.close()
+    return board.finish()
 
-    t0 = time.monotonic()
-    entry = {"name": device.name, "target": device.target, "ok": False, "reason": None,
-             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": {}, "copied": False, "installed": False}
-    session = Session(device, cfg.ssh, t0 + cfg.timeout, cfg.timeout)
-    boards.add(session)
 
-    def timed(step, fn, *args, **kwargs):
+class BoardDeploy:
+    """The steps of one board's deploy, in the order they run; `entry` is what deploy.json records."""
+
+    def __init__(self, device: Device, bundle: Bundle, cfg: DeployConfig, log):
+        self.device, self.bundle, self.cfg, self._log = device, bundle, cfg, log
+        self.connection: SshConnection | None = None
+        self.t0 = time.monotonic()
+        self.entry = {"name": device.name, "target": device.target, "ok": False, "reason": None,
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": {}, "copied": False,
+                      "installed": False}
+
+    def say(self, msg: str) -> None:
+        self._log(f"{self.device.name}: {msg}")
+
+    def timed(self, step: str, fn, *args, **kwargs):
         start = time.monotonic()
         out = fn(*args, **kwargs)
-        entry["steps"][step] = round(time.monotonic() - start, 3)
+        self.entry["steps"][step] = round(time.monotonic() - start, 3)
         return out
 
-    try:
-        timed("connect", session.open)
+    def run(self) -> list:
+        """Connect, then under the board's lock: probe, check, copy, install, unpack, measure; the runs' outputs."""
+        self.timed("connect", self.connection.open)
         start = time.monotonic()
-        with session.session({"run": bundle.run, "sha256": bundle.sha256, "clean": cfg.clean}, say) as first:
-            entry["steps"]["lock_and_probe"] = round(time.monotonic() - start, 3)
+        lock = {"run": self.bundle.run, "sha256": self.bundle.sha256, "clean": self.cfg.clean}
+        with self.connection.session(lock, self.say) as first:
+            self.entry["steps"]["lock_and_probe"] = round(time.monotonic() - start, 3)
             probe, status = first["probe"], first["status"]
-            entry["board"] = {k: probe.get(k) for k in ("model", "os", "kernel", "machine", "bits", "cores",
-                                                        "memory_mb", "python", "emulated", "state")}
-            say(f"{probe.get('model') or 'board'}, {probe.get('os')}, Python {probe['python']} {probe['machine']}"
-                + (" (emulated)" if probe.get("emulated") else ""))
-            choice = choose(probe, bundle)
-            entry["runtime"] = {"requirements": choice.requirements, "venv": choice.venv, "source": (
-                "existing" if choice.venv in status["venvs"] else "bundle" if choice.wheels else "index")}
-            if not probe.get("venv"):
-                raise BoardError("python3 on the board has no venv module; install it: sudo apt install python3-venv")
-            if status["unpacked"].startswith(("changed", "added")):
-                raise BoardError(f"the bundle unpacked on the board was changed ({status['unpacked']}), so it is not "
-                                 "used; deploy with --clean to copy it afresh")
-            needed = (bundle.size * 2 if status["bundle"] != "same" else 0) + (
-                INSTALL_MB << 20 if choice.venv not in status["venvs"] else 0)
-            if probe.get("free_mb") is not None and needed and probe["free_mb"] << 20 < needed:
-                raise BoardError(f"disk full: {probe['free_mb']} MB free in {probe.get('home')}, about "
-                                 f"{needed >> 20} MB needed; free some space on the board")
-            if status["bundle"] != "same":
-                say(f"copying the bundle ({bundle.size / 1e6:.1f} MB)")
-                timed("copy", session.json, {"cmd": "receive", "run": bundle.run, "sha256": bundle.sha256,
-                                             "size": bundle.size}, "copying the bundle", data=bundle.path)
-                entry["copied"] = True
-            if choice.venv not in status["venvs"]:
-                say(f"installing {' '.join(choice.requirements)} into a new environment from "
-                    + ("the bundle's wheels" if choice.wheels else "the package index"))
-                timed("install", session.json, {"cmd": "venv", "run": bundle.run, "venv": choice.venv,
-                                                "requirements": choice.requirements, "module": choice.module,
-                                                "wheels": choice.wheels}, "installing the runtime")
-                entry["installed"] = True
-            if entry["copied"] or status["unpacked"] != "same":
-                say("unpacking and verifying with the bundle's runner")
-                timed("unpack", session.json, {"cmd": "unpack", "run": bundle.run, "venv": choice.venv,
-                                               "runner_files": list(RUNNER_FILES)}, "unpacking the bundle")
-            runs = []
-            for name in bundle.models.values():
-                runs += [["eval", EVAL_DATA, "--json", "--model", name],
-                         ["bench", "--json", "--model", name, "--runs", str(cfg.runs), "--warmup", str(cfg.warmup),
-                          "--threads", str(cfg.threads)]]
-            say(f"measuring {', '.join(bundle.models)}: eval on {EVAL_DATA}, bench")
-            outputs = timed("measure", session.json, {"cmd": "runs", "run": bundle.run, "venv": choice.venv,
-                                                      "runs": runs}, "measuring")
-        entry["results"] = _results(outputs, device, entry["board"])
+            choice = self.choose_runtime(probe, status)
+            self.check_board(probe, status, choice)
+            self.copy(status)
+            self.install(choice, status)
+            self.unpack(choice, status)
+            return self.measure(choice)
+
+    def choose_runtime(self, probe: dict, status: dict) -> Choice:
+        self.entry["board"] = {k: probe.get(k) for k in ("model", "os", "kernel", "machine", "bits", "cores",
+                                                         "memory_mb", "python", "emulated", "state")}
+        self.say(f"{probe.get('model') or 'board'}, {probe.get('os')}, Python {probe['python']} {probe['machine']}"
+                 + (" (emulated)" if probe.get("emulated") else ""))
+        choice = choose(probe, self.bundle)
+        self.entry["runtime"] = {"requirements": choice.requirements, "venv": choice.venv, "source": (
+            "existing" if choice.venv in status["venvs"] else "bundle" if choice.wheels else "index")}
+        return choice
+
+    def check_board(self, probe: dict, status: dict, choice: Choice) -> None:
+        """Refuse a board that cannot take this deploy: no venv module, a changed unpacked bundle, no room."""
+        if not probe.get("venv"):
+            raise BoardError("python3 on the board has no venv module; install it: sudo apt install python3-venv")
+        if status["unpacked"].startswith(("changed", "added")):
+            raise BoardError(f"the bundle unpacked on the board was changed ({status['unpacked']}), so it is not "
+                             "used; deploy with --clean to copy it afresh")
+        needed = (self.bundle.size * 2 if status["bundle"] != "same" else 0) + (
+            INSTALL_MB << 20 if choice.venv not in status["venvs"] else 0)
+        if probe.get("free_mb") is not None and needed and probe["free_mb"] << 20 < needed:
+            raise BoardError(f"disk full: {probe['free_mb']} MB free in {probe.get('home')}, about "
+                             f"{needed >> 20} MB needed; free some space on the board")
+
+    def copy(self, status: dict) -> None:
+        if status["bundle"] == "same":
+            return
+        b = self.bundle
+        self.say(f"copying the bundle ({b.size / 1e6:.1f} MB)")
+        self.timed("copy", self.connection.json, {"cmd": "receive", "run": b.run, "sha256": b.sha256, "size": b.size},
+                   "copying the bundle", data=b.path)
+        self.entry["copied"] = True
+
+    def install(self, choice: Choice, status: dict) -> None:
+        if choice.venv in status["venvs"]:
+            return
+        self.say(f"installing {' '.join(choice.requirements)} into a new environment from "
+                 + ("the bundle's wheels" if choice.wheels else "the package index"))
+        self.timed("install", self.connection.json, {"cmd": "venv", "run": self.bundle.run, "venv": choice.venv,
+                                                     "requirements": choice.requirements, "module": choice.module,
+                                                     "wheels": choice.wheels}, "installing the runtime")
+        self.entry["installed"] = True
+
+    def unpack(self, choice: Choice, status: dict) -> None:
+        if not self.entry["copied"] and status["unpacked"] == "same":
+            return
+        self.say("unpacking and verifying with the bundle's runner")
+        self.timed("unpack", self.connection.json, {"cmd": "unpack", "run": self.bundle.run, "venv": choice.venv,
+                                                    "runner_files": list(RUNNER_FILES)}, "unpacking the bundle")
+
+    def measure(self, choice: Choice) -> list:
+        """`runner.py eval` on samples/eval.npz and `runner.py bench` for every model, in one call."""
+        cfg, runs = self.cfg, []
+        for name in self.bundle.models.values():
+            runs += [["eval", EVAL_DATA, "--json", "--model", name],
+                     ["bench", "--json", "--model", name, "--runs", str(cfg.runs), "--warmup", str(cfg.warmup),
+                      "--threads", str(cfg.threads)]]
+        self.say(f"measuring {', '.join(self.bundle.models)}: eval on {EVAL_DATA}, bench")
+        return self.timed("measure", self.connection.json, {"cmd": "runs", "run": self.bundle.run,
+                                                            "venv": choice.venv, "runs": runs}, "measuring")
+
+    def record(self, outputs: list, reference: dict) -> None:
+        """The runner's results, with the board named in them, and their accuracy beside the host's."""
+        entry = self.entry
+        entry["results"] = _results(outputs, self.device, entry["board"])
         entry["interpreter"] = entry["results"][0][1]["interpreter"]
-        entry["accuracy"] = _parity(entry["results"], reference, bundle)
+        entry["accuracy"] = _parity(entry["results"], reference, self.bundle)
         entry["ok"] = True
-    except BoardError as e:
-        entry["reason"] = str(e)
-    except Cancelled:
-        entry["reason"] = "interrupted"
-    finally:
-        session.close()
-    entry["seconds"] = round(time.monotonic() - t0, 3)
-    entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    say(f"done in {entry['seconds']:.1f} s" if entry["ok"] else f"FAILED: {entry['reason']}")
-    return entry
+
+    def finish(self) -> dict:
+        entry = self.entry
+        entry["seconds"] = round(time.monotonic() - self.t0, 3)
+        entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.say(f"done in {entry['seconds']:.1f} s" if entry["ok"] else f"FAILED: {entry['reason']}")
+        return entry
 
 
 def _results(outputs: list, device: Device, board: dict) -> list:
@@ -328,11 +381,14 @@ def deploy(run_dir: Path, cfg: DeployConfig, log=print) -> list[dict]:
             except KeyboardInterrupt:
                 boards.abort()
                 concurrent.futures.wait(futures)
-                raise Interrupted()
+                raise DeployInterrupted()
         entries = [f.result() for f in futures]
         if boards.cancelled:
-            raise Interrupted()
-    merge(run_dir, entries, reference, log)
+            raise DeployInterrupted()
+    if any(e["ok"] for e in entries):
+        merge(run_dir, entries, reference, log)
+    else:
+        log(f"no board finished: {run_dir} is unchanged")
     return entries
 
 
@@ -408,9 +464,9 @@ def summary(entries: list[dict]) -> list[str]:
 def purge(spec: str, options: SshOptions, timeout: float = 120) -> bool:
     """Remove ~/edgepipe (every run, environment and cache deploy put there) from a board."""
     device = resolve(spec)
-    session = Session(device, options, time.monotonic() + timeout, timeout)
+    connection = SshConnection(device, options, time.monotonic() + timeout, timeout)
     try:
-        session.open()
-        return session.json({"cmd": "purge"}, "removing ~/edgepipe")["removed"]
+        connection.open()
+        return connection.json({"cmd": "purge"}, "removing ~/edgepipe")["removed"]
     finally:
-        session.close()
+        connection.close()

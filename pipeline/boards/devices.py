@@ -22,8 +22,9 @@ HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})|\[[0-9A-Fa-f:.]+\])
 TARGET = re.compile(r"^(?:(?P<user>[^@]+)@)?(?P<host>\[[^\]]*\]|[^:@]+)(?::(?P<port>[^:]+))?$")
 
 
-class DeviceError(Exception):
-    """A board name or destination that cannot be used; the message says what was expected."""
+class BoardNameError(Exception):
+    """A board's name or destination, given or stored in devices.json, that cannot be used; the message
+    says what was expected."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Device:
 
 def check_name(name: str) -> str:
     if not NAME.match(name or ""):
-        raise DeviceError(f"board name {name!r}: use letters, digits, '.', '_' and '-' (at most 64, "
+        raise BoardNameError(f"board name {name!r}: use letters, digits, '.', '_' and '-' (at most 64, "
                           "starting with a letter or digit), e.g. pi4")
     return name
 
@@ -54,10 +55,10 @@ def parse_target(target: str, name: str | None = None) -> Device:
     m = TARGET.match(target or "")
     user, host, port = (m.group("user"), m.group("host"), m.group("port")) if m else (None, None, None)
     if not m or not HOST.match(host) or (user is not None and not USER.match(user)):
-        raise DeviceError(f"{target!r} is not an SSH destination; expected [user@]host[:port] with a plain host "
+        raise BoardNameError(f"{target!r} is not an SSH destination; expected [user@]host[:port] with a plain host "
                           "name, address or ~/.ssh/config alias, e.g. pi@raspberrypi.local or pi@10.0.0.7:2222")
     if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
-        raise DeviceError(f"{target!r}: port {port!r} is not a number from 1 to 65535")
+        raise BoardNameError(f"{target!r}: port {port!r} is not a number from 1 to 65535")
     return Device(check_name(name) if name else _default_name(target), host, user, int(port) if port else None)
 
 
@@ -78,11 +79,27 @@ def load() -> dict[str, Device]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        raise DeviceError(f"{path}: not readable JSON ({e}); fix or delete it")
+        raise BoardNameError(f"{path}: not readable JSON ({e}); fix or delete it")
     try:
-        return {name: Device(**entry) for name, entry in raw.get("devices", {}).items()}
+        stored = {name: Device(**entry) for name, entry in raw.get("devices", {}).items()}
     except (TypeError, AttributeError):
-        raise DeviceError(f"{path}: not a devices file written by `pipeline device add`; fix or delete it")
+        raise BoardNameError(f"{path}: not a devices file written by `pipeline device add`; fix or delete it")
+    return {name: _checked(path, name, device) for name, device in stored.items()}
+
+
+def _checked(path: Path, name: str, device: Device) -> Device:
+    """A stored board, held to what `device add` accepts: the file may have been edited by hand or by
+    anyone who can write it, and its hosts and users reach the ssh command line."""
+    try:
+        if not isinstance(device.host, str) or not isinstance(name, str):
+            raise BoardNameError(f"host {device.host!r} is not an SSH destination")
+        accepted = parse_target(device.target, check_name(name))
+    except BoardNameError as e:
+        raise BoardNameError(f"{path}: board {name!r}: {e}; fix or remove that entry")
+    if accepted != device:
+        raise BoardNameError(f"{path}: board {name!r}: {device!r} is not what `pipeline device add {name} "
+                             f"{device.target}` would store; fix or remove that entry")
+    return device
 
 
 def save(devices: dict[str, Device]) -> Path:
@@ -98,7 +115,7 @@ def add(name: str, target: str, replace: bool = False) -> Device:
     device = parse_target(target, name)
     devices = load()
     if name in devices and not replace and devices[name] != device:
-        raise DeviceError(f"board {name} is already {devices[name].target}; pass --replace to point it at {target}")
+        raise BoardNameError(f"board {name} is already {devices[name].target}; pass --replace to point it at {target}")
     devices[name] = device
     save(devices)
     return device
@@ -107,7 +124,7 @@ def add(name: str, target: str, replace: bool = False) -> Device:
 def remove(name: str) -> Device:
     devices = load()
     if name not in devices:
-        raise DeviceError(f"no board named {name}; `pipeline device list` shows the known ones")
+        raise BoardNameError(f"no board named {name}; `pipeline device list` shows the known ones")
     device = devices.pop(name)
     save(devices)
     return device

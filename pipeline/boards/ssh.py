@@ -6,9 +6,14 @@ BatchMode=yes never asks for a password or passphrase; StrictHostKeyChecking=yes
 key known_hosts does not hold, unless the user asked for OpenSSH's `accept-new`.
 
 Each board gets one master connection (ControlMaster) that the later calls share, so a deploy pays
-for one handshake. Every call runs pipeline/boards/remote.py with the board's python3; its stdin
-stays open for as long as the call runs, so that when this process dies the board-side helper
-sees its stdin close and stops what it started.
+for one handshake. The master runs in the background with a short ControlPersist: closed at the end
+by `ssh -O exit`, and, when this process is killed before it can do that, gone by itself a few
+seconds after the last call's ssh has ended. Every call runs pipeline/boards/remote.py with the
+board's python3; its stdin stays open for as long as the call runs, so that when this process dies
+the board-side helper sees its stdin close and stops what it started.
+
+Every ssh command line ends its options with `--` before the destination, so no destination,
+however it got here, is read as an option.
 """
 from __future__ import annotations
 
@@ -74,7 +79,12 @@ def remote_command(params: dict) -> str:
     return shlex.join(["python3", "-c", BOOTSTRAP, *_SOURCES, encoded])
 
 
-class Session:
+# Seconds the background master waits, once no call uses it, before it exits on its own: long enough
+# for the gap between two calls of a deploy, short enough that a killed deploy leaves nothing behind.
+CONTROL_PERSIST_S = 5
+
+
+class SshConnection:
     """One board's connection for one deploy; `abort()` from any thread kills everything it runs."""
 
     def __init__(self, device: Device, options: SshOptions, deadline: float, timeout: float):
@@ -84,11 +94,10 @@ class Session:
         self._procs: set[subprocess.Popen] = set()
         self._guard = threading.Lock()
         self.aborted = False
-        self._master: subprocess.Popen | None = None
 
     # ------------------------------------------------------------ processes
 
-    def _ssh(self, command: str | None = None, master: bool = False) -> list[str]:
+    def _ssh(self, command: str | None = None, master: bool = False, control: str | None = None) -> list[str]:
         o, d = self.options, self.device
         args = ["ssh", *(["-F", o.config] if o.config else []), "-o", "BatchMode=yes",
                 "-o", f"StrictHostKeyChecking={'accept-new' if o.accept_new_host_key else 'yes'}",
@@ -100,8 +109,11 @@ class Session:
         if d.user:
             args += ["-l", d.user]
         if master:
-            args.append("-N")  # no command: the master only holds the connection
-        return [*args, d.ssh_host, *([command] if command else [])]
+            # -f -N: once logged in, the master goes to the background and this ssh exits 0.
+            args += ["-o", f"ControlPersist={CONTROL_PERSIST_S}", "-f", "-N"]
+        if control:
+            args += ["-O", control]
+        return [*args, "--", d.ssh_host, *([command] if command else [])]
 
     def _start(self, cmd: list[str], **kwargs) -> subprocess.Popen:
         with self._guard:
@@ -137,20 +149,20 @@ class Session:
         """Connect and authenticate once (the master); a refused key or a down board fails here."""
         if shutil.which("ssh") is None:
             raise BoardError("no `ssh` command on this host; install OpenSSH's client (apt install openssh-client)")
-        self._master = self._start(self._ssh(master=True), stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        socket = Path(self._dir) / "c"
-        while not socket.exists():
-            if self._master.poll() is not None:
-                if self.aborted:
-                    raise Cancelled()
-                raise BoardError(self._explain(self._master.stderr.read().decode(errors="replace"), "connecting"))
-            try:
-                self.remaining("connecting")
-            except BoardError:
-                self._master.kill()
-                raise
-            time.sleep(0.05)
+        proc = self._start(self._ssh(master=True), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+        try:
+            _, err = proc.communicate(timeout=self.remaining("connecting"))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise BoardError(f"timed out after {self.timeout:.0f} s (--timeout) while connecting")
+        finally:
+            self._forget(proc)
+        if self.aborted:
+            raise Cancelled()
+        if proc.returncode != 0:
+            raise BoardError(self._explain(err.decode(errors="replace"), "connecting"))
 
     def call(self, params: dict, step: str, data: Path | None = None) -> tuple[bytes, str]:
         """Run one remote.py command; (stdout, stderr), or BoardError with the reason it failed."""
@@ -260,15 +272,10 @@ class Session:
                 proc.kill()
 
     def close(self) -> None:
-        if self._master is not None and self._master.poll() is None:
-            self._master.terminate()
-            try:
-                self._master.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._master.kill()
-                self._master.wait()
-        if self._master is not None:
-            self._forget(self._master)
+        """Stop the background master, if it is listening, and remove its socket's folder."""
+        if (Path(self._dir) / "c").exists():
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run(self._ssh(control="exit"), stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
