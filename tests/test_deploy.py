@@ -679,3 +679,177 @@ def test_accept_new_host_key_then_purge_removes_only_the_deploy_folder(lab, run,
     assert not (home / "edgepipe").exists() and marker.read_text() == "the user's file"
     assert "newkey" not in cli("device", "list", env=env).stdout
     marker.unlink()
+
+
+# ---------------------------------------------------------------- a real sshd on 127.0.0.1, this host as the board
+
+
+class LocalBoard:
+    """A stock OpenSSH server on 127.0.0.1 whose logins run on this host, with a HOME and PATH of the
+    test's own (sshd's SetEnv): a board that needs no emulation. `python3` on that PATH is this
+    interpreter, so the runtime is already installed and the deploy needs no network."""
+
+    def __init__(self, workdir: Path, alias: str, path: str, client_key: Path):
+        self.alias, self.port, self.workdir = alias, _arm_emulate().free_port(), workdir / f"sshd-{alias}"
+        self.home = self.workdir / "home"
+        self.home.mkdir(parents=True)
+        self.host_key = self.workdir / "host_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key)], check=True)
+        config = self.workdir / "sshd_config"
+        config.write_text("\n".join([
+            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {self.host_key}",
+            f"PidFile {self.workdir / 'sshd.pid'}", f"AuthorizedKeysFile {client_key}.pub",
+            "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+            "UsePAM no", "StrictModes no", "PrintMotd no", "MaxSessions 30", f"SetEnv HOME={self.home} PATH={path}",
+            ""]))
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(config), "-E", str(self.workdir / "log")],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import socket
+
+        deadline = time.monotonic() + 15
+        while True:
+            assert self.proc.poll() is None, (self.workdir / "log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"sshd on port {self.port} never listened"
+                time.sleep(0.1)
+
+    def ssh_config(self, client_key: Path, known_hosts: Path) -> str:
+        with known_hosts.open("a") as f:
+            f.write(f"[127.0.0.1]:{self.port} " + " ".join(self.host_key.with_suffix(".pub").read_text().split()[:2])
+                    + "\n")
+        return (f"Host {self.alias}\n  HostName 127.0.0.1\n  Port {self.port}\n  User root\n"
+                f"  IdentityFile {client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {known_hosts}\n")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    """Two boards on this host: `here`, a healthy one, and `broken`, whose python3 answers `{}` to
+    every call (a board-side helper that says something deploy does not expect)."""
+    if sys.platform != "linux" or os.geteuid() != 0 or not Path("/usr/sbin/sshd").exists():
+        pytest.skip("a local board needs root and OpenSSH's server (apt install openssh-server)")
+    tmp = tmp_path_factory.mktemp("local")
+    key = tmp / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    fake = tmp / "fake-bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\necho '{}'\n")
+    (fake / "python3").chmod(0o755)
+    boards = []
+    try:
+        boards.append(LocalBoard(tmp, "here", f"{Path(sys.executable).parent}:/usr/bin:/bin", key))
+        boards.append(LocalBoard(tmp, "broken", f"{fake}:/usr/bin:/bin", key))
+        config = tmp / "ssh_config"
+        config.write_text("".join(b.ssh_config(key, tmp / "known_hosts") for b in boards))
+        env = base_env(tmp)
+        yield Lab(tmp, {}, {b.alias: b for b in boards}, env, config)
+    finally:
+        for board in boards:
+            board.stop()
+
+
+def _files(run: Path) -> dict:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("entry", [
+    {"name": "evil", "host": "-oProxyCommand=touch {marker}"},
+    {"name": "evil", "host": "localhost", "user": "-oProxyCommand=touch {marker}"},
+    {"name": "evil", "host": "localhost -oProxyCommand=touch {marker}"},
+    {"name": "evil", "host": "localhost", "port": "22 -oProxyCommand=touch {marker}"},
+    {"name": "other", "host": "localhost"},  # stored under a name that is not its own
+])
+def test_a_crafted_devices_file_is_refused_in_one_line_and_nothing_runs(run, tmp_path, entry):
+    env = base_env(tmp_path)
+    marker = tmp_path / "MARKER"
+    stored = {k: v.format(marker=marker) if isinstance(v, str) else v for k, v in entry.items()}
+    devices = tmp_path / "config" / "edgepipe" / "devices.json"
+    devices.parent.mkdir(parents=True)
+    devices.write_text(json.dumps({"devices": {"evil": stored}}))
+    before = _files(run)
+    for args in (["deploy", str(run), "--device", "evil", "--timeout", "30"], ["device", "list"],
+                 ["device", "remove", "evil", "--purge"]):
+        proc = cli(*args, env=env, check=False, timeout=120)
+        assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(devices) in lines[0] and "board 'evil'" in lines[0], (args, proc.stderr)
+        assert "fix or remove that entry" in lines[0] and "Traceback" not in proc.stderr
+    assert not marker.exists()
+    assert _files(run) == before
+
+
+def test_ssh_reads_the_destination_as_a_destination(tmp_path):
+    """Even a Device that skipped every check (`--` ends ssh's options): ssh refuses the host name,
+    and never takes it for an option (before `--`, the master failed with ssh's usage line)."""
+    from pipeline.boards.devices import Device
+    from pipeline.boards.ssh import BoardError, SshConnection, SshOptions
+
+    marker = tmp_path / "MARKER"
+    connection = SshConnection(Device("evil", f"-oProxyCommand=touch {marker}"), SshOptions(),
+                               time.monotonic() + 60, 60)
+    try:
+        with pytest.raises(BoardError) as e:
+            connection.open()
+        with pytest.raises(BoardError):
+            connection.call({"cmd": "purge"}, "removing ~/edgepipe")
+    finally:
+        connection.close()
+    assert "usage: ssh" not in str(e.value) and "hostname contains invalid characters" in str(e.value)
+    assert not marker.exists()
+
+
+def test_a_deploy_that_reached_no_board_leaves_the_run_unchanged(run, tmp_path):
+    down = f"root@127.0.0.1:{_arm_emulate().free_port()}"
+    before = _files(run)
+    proc = cli("deploy", str(run), "--device", down, "--timeout", "60", env=base_env(tmp_path), check=False,
+               timeout=300)
+    assert proc.returncode == 1 and "unreachable: connection refused" in proc.stdout, proc.stdout + proc.stderr
+    assert "1 of 1 board(s) failed" in proc.stderr and "is unchanged" in proc.stderr
+    assert _files(run) == before
+
+
+def test_an_unexpected_error_on_one_board_is_its_line_and_the_others_merge(local, run):
+    proc = local.deploy(run, "--device", "here", "--device", "broken", "--runs", "3", "--warmup", "0",
+                        "--timeout", "600", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "broken: FAILED: unexpected KeyError on the host: 'probe'" in proc.stdout, proc.stdout
+    assert any(line.startswith("here: ok") for line in proc.stdout.splitlines()), proc.stdout + proc.stderr
+    assert "1 of 2 board(s) failed: broken" in proc.stderr
+    record = _deploy_record(run)["boards"]
+    assert record["here"]["ok"] and not record["broken"]["ok"]
+    assert record["here"]["accuracy"]["int8"]["equal"]  # this host's interpreter, on this host: the same answers
+    assert _device_result(run, "here", "eval")["board"]["name"] == "here"
+    assert cli("verify", str(run), env=local.env).returncode == 0
+
+
+def test_a_killed_deploy_leaves_no_ssh_master(local, run):
+    """SIGKILL gives deploy no chance to close anything: the master's ControlPersist ends it."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "deploy", str(run), "--ssh-config",
+                             str(local.ssh_config), "--device", "here", "--runs", "1000000"], cwd=REPO,
+                            env=local.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "measuring" in line:
+                break
+        masters = subprocess.run(["pgrep", "-af", f"{local.ssh_config}.*ControlMaster=yes"], capture_output=True,
+                                 text=True).stdout.splitlines()
+        paths = {arg.split("=", 1)[1] for line in masters for arg in line.split() if arg.startswith("ControlPath=")}
+        assert len(paths) == 1, masters  # the one master of this deploy, alive while it measures
+        control = paths.pop()
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while subprocess.run(["pgrep", "-f", control], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, subprocess.run(["pgrep", "-af", control], capture_output=True,
+                                                           text=True).stdout
+        time.sleep(0.5)
+    _assert_no_runner_left()
