@@ -177,6 +177,15 @@ def test_no_writer_and_no_network_means_no_metadata_and_the_report_says_why(tmp_
     assert "carries no TFLite metadata" in (tmp_path / "run" / "report.html").read_text()
 
 
+def test_install_ahead_of_time_offline_is_one_line_and_leaves_nothing(tmp_path):
+    env = {**_offline_pip(os.environ), "PYTHONPATH": str(REPO), "EDGEPIPE_TFLITE_SUPPORT": str(tmp_path / "side")}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.metadata", "--install"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "could not install the TFLite metadata writer" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the side folder nor pip's temporary one is left
+
+
 @pytest.mark.slow
 def test_the_first_build_installs_the_writer_and_its_models_carry_metadata(tmp_path):
     """The README's two set-up commands are enough: the writer arrives with the first build, from the registry."""
