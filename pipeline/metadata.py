@@ -166,11 +166,12 @@ def status(path: Path, preprocess: dict) -> dict:
     return {"present": False, "reason": reason}
 
 
-def install(target: Path = SIDE) -> None:
+def install(target: Path = SIDE, replace: bool = False) -> None:
     """pip-install the writer without its dependency pins into the side folder; MetadataError if pip fails.
 
     pip fills a fresh folder beside the target that is renamed into place only when complete, so an
-    interrupted or concurrent install never leaves a half-filled side folder that would pass for installed.
+    interrupted install never leaves a half-filled side folder that would pass for installed. Two
+    builds installing at once: the first rename wins and the other's copy is dropped (unless `replace`).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-")
@@ -183,8 +184,13 @@ def install(target: Path = SIDE) -> None:
             last = next((line.strip() for line in reversed(proc.stderr.splitlines()) if line.strip()), "no output")
             raise MetadataError(f"could not install the TFLite metadata writer {WRITER} into {target} (pip: "
                                 f"{last[:200]}); with network, run `{INSTALL}` or build again")
-        shutil.rmtree(target, ignore_errors=True)  # --install over an existing folder replaces it
-        os.replace(tmp, target)
+        if replace:
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp, target)  # atomic while target is absent (or empty)
+        except OSError:
+            if not (target / "tensorflow_lite_support").is_dir():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
@@ -193,7 +199,7 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["--install"]:
         sys.exit(f"usage: python -m pipeline.metadata --install   (installs {WRITER} into {SIDE})")
     try:
-        install()
+        install(replace=True)
     except MetadataError as e:
         sys.exit(str(e))
     print(f"installed {WRITER} into {SIDE}")
