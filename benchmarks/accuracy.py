@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+from portable import portable, portable_command
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "datasets"
 TARGETS = {
@@ -66,7 +68,7 @@ def run(target: str, out: Path, extra: list[str]) -> dict:
     evaluation = json.loads((out / "evaluation.json").read_text())
     ips = manifest["training"].get("images_per_second", [])
     return {
-        "command": " ".join(cmd), "log": str(log), "wall_s": round(wall, 1),
+        "command": portable_command(cmd), "log": portable(log), "wall_s": round(wall, 1),
         "stage_seconds": {k: round(v, 1) for k, v in manifest["stage_seconds"].items()},
         "accuracy": {v: e["accuracy"] for v, e in evaluation["variants"].items()},
         "test_images": evaluation.get("n") or manifest["data"]["counts"]["test"],

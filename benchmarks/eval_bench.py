@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from portable import portable
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = {"evaluate_s": 5.0, "benchmark_s": 30.0, "p50_drift": 0.10, "int8_ratio": 0.45}
@@ -123,7 +124,7 @@ def mnist_part(data_dir: Path, out: Path, repeats: int) -> dict:
     update_manifest(run_dir)
     drift = {v: abs(benches[1]["p50_ms_1_thread"][v] / benches[0]["p50_ms_1_thread"][v] - 1) for v in ("fp32", "int8")}
     ratios = [b["p50_ms_1_thread"]["int8"] / b["p50_ms_1_thread"]["fp32"] for b in benches]
-    return {"run_dir": str(run_dir), "build_s": build_s, "macs_per_inference": manifest["macs_per_inference"],
+    return {"run_dir": portable(run_dir), "build_s": build_s, "macs_per_inference": manifest["macs_per_inference"],
             "evaluation": evaluation, "benchmark_runs": [{k: b[k] for k in b if k != "bench"} for b in benches],
             "p50_drift": drift, "int8_fp32_ratio": ratios}
 
@@ -141,7 +142,7 @@ def cifar_part(out: Path, per_batch: int) -> dict:
     bench = json.loads((run_dir / "benchmark.json").read_text())
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     p50 = {v: bench["threads"]["1"][v]["latency"]["p50_ms"] for v in ("fp32", "int8")}
-    return {"run_dir": str(run_dir), "data": "synthetic: random pixels and labels in CIFAR-10 batch format",
+    return {"run_dir": portable(run_dir), "data": "synthetic: random pixels and labels in CIFAR-10 batch format",
             "macs_per_inference": bench["macs_per_inference"], "runs": bench["runs"], "p50_ms_1_thread": p50,
             "int8_fp32_ratio": p50["int8"] / p50["fp32"],
             "meaningless_accuracy": {v: e["accuracy"] for v, e in evaluation["variants"].items()}}

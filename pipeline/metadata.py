@@ -11,18 +11,21 @@ needs protobuf>=6.31, so pip cannot resolve both as dependencies. The writer its
 generated flatbuffers bindings, the populator and two small pybind modules) never imports
 protobuf: only `import tflite_support` (its task protos) does. So the wheel is installed with
 `--no-deps` into a folder of its own, outside site-packages where `pip check` and the resolver
-never see the pin, and imported from there as `tensorflow_lite_support.metadata...`:
+never see the pin, and imported from there as `tensorflow_lite_support.metadata...`.
 
-    python -m pipeline.metadata --install
+The first build that needs the writer installs it there (one line says so), so the README's two
+set-up commands are the whole set-up; `python -m pipeline.metadata --install` does it ahead of time,
+e.g. before taking a machine offline. Without network the install fails and the build still
+succeeds: metadata.json and the report say the models carry no metadata and why.
 
-Without it a build still succeeds, and metadata.json and the report say the models carry no
-metadata and why. MediaPipe Tasks' ImageClassifier takes float32 or uint8 input with 3 channels:
-the fp32 model and the int8 model built with `--int8-io uint8` of an RGB run.
+MediaPipe Tasks' ImageClassifier takes float32 or uint8 input with 3 channels: the fp32 model and the
+int8 model built with `--int8-io uint8` of an RGB run.
 """
 from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,14 +35,15 @@ from pathlib import Path
 WRITER = "tflite-support==0.4.4"
 SIDE = Path(os.environ.get("EDGEPIPE_TFLITE_SUPPORT") or Path(sys.prefix) / "share" / "edgepipe" / "tflite-support")
 INSTALL = "python -m pipeline.metadata --install"
+_failed: list[str] = []  # why this process's install failed: one attempt per process, not one per model
 
 
 class MetadataError(Exception):
     """Metadata could not be written for this model; the message says why (the build goes on)."""
 
 
-def _writer():
-    """The writer modules, from the environment or from the side folder."""
+def _writer(log=print):
+    """The writer modules, from the environment or from the side folder (installed there on first use)."""
     try:
         from tensorflow_lite_support.metadata import metadata_schema_py_generated as schema
         from tensorflow_lite_support.metadata.python.metadata_writers import (
@@ -48,11 +52,20 @@ def _writer():
             writer_utils,
         )
     except ImportError:
-        if str(SIDE) in sys.path or not SIDE.is_dir():
-            raise MetadataError(f"the TFLite metadata writer ({WRITER}) is not installed in {SIDE}; "
-                                f"run `{INSTALL}`")
+        if str(SIDE) in sys.path:
+            raise MetadataError(f"the TFLite metadata writer ({WRITER}) in {SIDE} does not import; "
+                                f"delete that folder and run `{INSTALL}`")
+        if not SIDE.is_dir():
+            if _failed:
+                raise MetadataError(_failed[0])
+            log(f"metadata: installing the TFLite metadata writer {WRITER} (without its pins) into {SIDE}, once")
+            try:
+                install()
+            except MetadataError as e:
+                _failed.append(str(e))
+                raise
         sys.path.append(str(SIDE))  # appended: nothing in it may shadow the environment's own packages
-        return _writer()
+        return _writer(log)
     return schema, image_classifier, metadata_info, writer_utils
 
 
@@ -63,9 +76,9 @@ def has_metadata(flatbuffer: bytes) -> bool:
     return any(model.Metadata(i).Name() == b"TFLITE_METADATA" for i in range(model.MetadataLength()))
 
 
-def embed(flatbuffer: bytes, *, name: str, description: str, version: str, preprocess: dict) -> bytes:
+def embed(flatbuffer: bytes, *, name: str, description: str, version: str, preprocess: dict, log=print) -> bytes:
     """The model with image-classifier metadata and labels.txt inside; MetadataError if not possible."""
-    schema, image_classifier, metadata_info, writer_utils = _writer()
+    schema, image_classifier, metadata_info, writer_utils = _writer(log)
     inputs, outputs = writer_utils.get_input_tensor_types(flatbuffer), writer_utils.get_output_tensor_types(flatbuffer)
     shape = _input_shape(flatbuffer)
     labels = preprocess["labels"]
@@ -132,7 +145,7 @@ def embed_files(folder: Path, variants, model: str, dataset: str, preprocess: di
             atomic_write(path, embed(flatbuffer, name=f"{model} {v} ({dataset})", version=version,
                                      description=(f"{model} trained on {dataset} by edgepipe, {v} variant; "
                                                   f"{len(preprocess['labels'])} classes"),
-                                     preprocess=preprocess))
+                                     preprocess=preprocess, log=log))
             result[path.name] = None
         except MetadataError as e:
             result[path.name] = str(e)
@@ -153,14 +166,40 @@ def status(path: Path, preprocess: dict) -> dict:
     return {"present": False, "reason": reason}
 
 
-def install(target: Path = SIDE) -> None:
-    """pip-install the writer without its dependency pins into the side folder."""
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--upgrade", "--target", str(target), WRITER],
-                   check=True)
+def install(target: Path = SIDE, replace: bool = False) -> None:
+    """pip-install the writer without its dependency pins into the side folder; MetadataError if pip fails.
+
+    pip fills a fresh folder beside the target that is renamed into place only when complete, so an
+    interrupted install never leaves a half-filled side folder that would pass for installed. Two
+    builds installing at once: the first rename wins and the other's copy is dropped (unless `replace`).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-")
+    try:
+        # One quick retry: offline, pip's defaults (5 retries, 15 s each) would hold the build for minutes.
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
+                               "--retries", "1", "--timeout", "10", "--target", tmp, WRITER],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = next((line.strip() for line in reversed(proc.stderr.splitlines()) if line.strip()), "no output")
+            raise MetadataError(f"could not install the TFLite metadata writer {WRITER} into {target} (pip: "
+                                f"{last[:200]}); with network, run `{INSTALL}` or build again")
+        if replace:
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp, target)  # atomic while target is absent (or empty)
+        except OSError:
+            if not (target / "tensorflow_lite_support").is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--install"]:
         sys.exit(f"usage: python -m pipeline.metadata --install   (installs {WRITER} into {SIDE})")
-    install()
+    try:
+        install(replace=True)
+    except MetadataError as e:
+        sys.exit(str(e))
     print(f"installed {WRITER} into {SIDE}")

@@ -88,11 +88,12 @@ def test_offline_without_data_dir_names_the_ways_out(monkeypatch, tmp_path):
     def offline(*a, **k):
         raise OSError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
-    result = invoke("build", "--dataset", "mnist", "--out", tmp_path / "run")
+    # CIFAR-10 has no offline stand-in (MNIST falls back to the digits: tests/test_data.py).
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", offline)
+    result = invoke("build", "--dataset", "cifar10", "--out", tmp_path / "run")
     assert result.exit_code == 1
     error = one_line_error(result)
-    assert "--data-dir" in error and "--dataset digits" in error and "mnist.npz" in error
+    assert "--data-dir" in error and "--dataset digits" in error and "cifar-10-python.tar.gz" in error
     assert not (tmp_path / "run").exists()
 
 

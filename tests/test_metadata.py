@@ -146,21 +146,60 @@ def test_mediapipe_classifies_like_the_runner(rgb_run, tmp_path):
         assert len(ours) == 10 * TEST_PER_CLASS and agreement >= 0.995, (path, agreement)
 
 
-def test_no_writer_means_no_metadata_and_the_report_says_why(tmp_path):
-    """Without the writer the build succeeds; metadata.json and the report say the models have none."""
+def _offline_pip(env: dict) -> dict:
+    """pip with no reachable index: no config files, no find-links, an index on a closed local port."""
+    env = {k: v for k, v in env.items() if not k.startswith("PIP_")}
+    return {**env, "PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_NO_CACHE_DIR": "1"}
+
+
+def _digits_build(out: Path, side: Path, env: dict) -> subprocess.CompletedProcess:
     code = ("from pipeline.cli import main\n"
-            f"main(['build', '--dataset', 'digits', '--epochs', '1', '--no-benchmark', '--out', '{tmp_path / 'run'}'])")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "EDGEPIPE_TFLITE_SUPPORT": str(tmp_path / "nothing-here")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+            f"main(['build', '--dataset', 'digits', '--epochs', '1', '--no-benchmark', '--out', '{out}'])")
+    env = {**env, "PYTHONPATH": str(REPO), "EDGEPIPE_TFLITE_SUPPORT": str(side)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_no_writer_and_no_network_means_no_metadata_and_the_report_says_why(tmp_path):
+    """Offline, the first-use install fails once; the build succeeds and metadata.json and the report say why."""
+    proc = _digits_build(tmp_path / "run", tmp_path / "nothing-here", _offline_pip(os.environ))
     assert proc.returncode == 0, proc.stderr
+    output = proc.stdout + proc.stderr
+    assert output.count("installing the TFLite metadata writer") == 1, output[-3000:]  # one attempt, not one per model
+    assert not (tmp_path / "nothing-here").exists()  # a failed install leaves nothing that passes for installed
     meta = json.loads((tmp_path / "run" / "metadata.json").read_text())
     for entry in meta["models"].values():
         assert entry["tflite_metadata"]["present"] is False
+        assert "could not install the TFLite metadata writer" in entry["tflite_metadata"]["reason"]
         assert "python -m pipeline.metadata --install" in entry["tflite_metadata"]["reason"]
     notes = [n for n in json.loads((tmp_path / "run" / "report.json").read_text())["notes"]
              if n["kind"] == "no_tflite_metadata"]
     assert {n["variant"] for n in notes} == {"fp32", "int8"}
     assert "carries no TFLite metadata" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_install_ahead_of_time_offline_is_one_line_and_leaves_nothing(tmp_path):
+    env = {**_offline_pip(os.environ), "PYTHONPATH": str(REPO), "EDGEPIPE_TFLITE_SUPPORT": str(tmp_path / "side")}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.metadata", "--install"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "could not install the TFLite metadata writer" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the side folder nor pip's temporary one is left
+
+
+@pytest.mark.slow
+def test_the_first_build_installs_the_writer_and_its_models_carry_metadata(tmp_path):
+    """The README's two set-up commands are enough: the writer arrives with the first build, from the registry."""
+    from pipeline.metadata import has_metadata
+
+    proc = _digits_build(tmp_path / "run", tmp_path / "side", os.environ)
+    assert proc.returncode == 0, proc.stderr
+    assert (proc.stdout + proc.stderr).count("installing the TFLite metadata writer") == 1
+    assert (tmp_path / "side" / "tensorflow_lite_support").is_dir()
+    for variant in ("fp32", "int8"):
+        assert has_metadata((tmp_path / "run" / f"model_{variant}.tflite").read_bytes())
+    again = _digits_build(tmp_path / "run2", tmp_path / "side", os.environ)  # installed once, then used
+    assert again.returncode == 0 and "installing" not in again.stdout + again.stderr
+    assert has_metadata((tmp_path / "run2" / "model_int8.tflite").read_bytes())
 
 
 def test_a_shape_the_writer_cannot_describe_is_refused_with_the_reason():

@@ -78,7 +78,7 @@ class DatasetInfo:
     input_shape: tuple[int, int, int]
     labels: tuple[str, ...]
     default_model: str
-    loader: Callable[[DatasetInfo, Path | None], Loaded]
+    loader: Callable[[DatasetInfo, Path | None, Callable], Loaded]  # (info, data_dir, log)
     offline: str = ""  # the files --data-dir may hold, as error messages quote it
 
     @property
@@ -111,7 +111,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, seed: 
                         f"{'x'.join(map(str, info.input_shape[:2]))}; only image folders are resized, drop "
                         f"--image-size")
     kind, (x_train, y_train), (x_test, y_test), files = info.loader(
-        info, None if data_dir is None else Path(data_dir).expanduser())
+        info, None if data_dir is None else Path(data_dir).expanduser(), log)
     n = len(x_train)
     n_val = max(1, round(n * validation_fraction)) if validation_fraction > 0 else 0
     if n_val >= n:

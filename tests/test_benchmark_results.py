@@ -1,0 +1,47 @@
+"""Result files under benchmarks/results read the same on any machine: no absolute paths in them."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ABSOLUTE = re.compile(r"(^|[\s=:\"'])/[A-Za-z]")
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "benchmarks" / "results").rglob("*.json")),
+                         ids=lambda p: str(p.relative_to(REPO / "benchmarks" / "results")))
+def test_a_result_file_records_no_absolute_path(path):
+    found = [s for s in _strings(json.loads(path.read_text())) if ABSOLUTE.search(s)]
+    assert not found, f"{path.name} records machine paths: {found[:3]}"
+
+
+def test_the_scripts_record_paths_relative_to_the_repository_or_tmpdir(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    sys.modules.pop("portable", None)
+    from portable import portable, portable_command
+
+    tmp = Path(tempfile.gettempdir())
+    assert portable(REPO / "benchmarks" / "results") == "benchmarks/results"
+    assert portable(REPO.parent / "shared" / "datasets" / "mnist") == "../shared/datasets/mnist"
+    assert portable(tmp / "tmpab12cd" / "mnist") == "$TMPDIR/tmpab12cd/mnist"
+    assert portable("/srv/somewhere/else/cifar10-jpg") == "cifar10-jpg"
+    command = portable_command(["pipeline", "build", "--data-dir", str(REPO.parent / "shared" / "mnist"),
+                                "--epochs", "5", "--out", str(tmp / "t" / "mnist")])
+    assert command == "pipeline build --data-dir ../shared/mnist --epochs 5 --out $TMPDIR/t/mnist"
