@@ -37,8 +37,8 @@ def _user_errors():
     """The exception types that mean 'your input', not 'our bug'; imported lazily to keep --help fast."""
     from device.core import DeviceError
     from pipeline.artifacts import RunDirError
-    from pipeline.boards.deploy import DeployError
     from pipeline.boards.devices import BoardNameError
+    from pipeline.boards.payload import DeployError
     from pipeline.convert import ConversionError
     from pipeline.data import DataError
     from pipeline.report.render import ReportError
