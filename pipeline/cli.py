@@ -667,6 +667,9 @@ def deploy(run_dir, targets, bundle_path, runs, warmup, threads, timeout, clean,
         click.echo(line)
     _print_table(run_dir)
     failed = [e["name"] for e in entries if not e["ok"]]
+    if len(failed) == len(entries):
+        raise UserError(f"{len(failed)} of {len(entries)} board(s) failed: {', '.join(failed)} (reasons above); "
+                        "nothing was merged, the run is unchanged")
     if failed:
         raise UserError(f"{len(failed)} of {len(entries)} board(s) failed: {', '.join(failed)} (reasons above and in "
                         f"the report); the others were merged")

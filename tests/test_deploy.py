@@ -811,7 +811,7 @@ def test_a_deploy_that_reached_no_board_leaves_the_run_unchanged(run, tmp_path):
     proc = cli("deploy", str(run), "--device", down, "--timeout", "60", env=base_env(tmp_path), check=False,
                timeout=300)
     assert proc.returncode == 1 and "unreachable: connection refused" in proc.stdout, proc.stdout + proc.stderr
-    assert "1 of 1 board(s) failed" in proc.stderr and "is unchanged" in proc.stderr
+    assert "1 of 1 board(s) failed" in proc.stderr and "nothing was merged, the run is unchanged" in proc.stderr
     assert _files(run) == before
 
 
