@@ -815,6 +815,7 @@ def test_a_deploy_that_reached_no_board_leaves_the_run_unchanged(run, tmp_path):
     assert _files(run) == before
 
 
+@pytest.mark.slow
 def test_an_unexpected_error_on_one_board_is_its_line_and_the_others_merge(local, run):
     proc = local.deploy(run, "--device", "here", "--device", "broken", "--runs", "3", "--warmup", "0",
                         "--timeout", "600", check=False)
