@@ -37,8 +37,8 @@ def _user_errors():
     """The exception types that mean 'your input', not 'our bug'; imported lazily to keep --help fast."""
     from device.core import DeviceError
     from pipeline.artifacts import RunDirError
-    from pipeline.boards.deploy import DeployError
     from pipeline.boards.devices import BoardNameError
+    from pipeline.boards.payload import DeployError
     from pipeline.convert import ConversionError
     from pipeline.data import DataError
     from pipeline.report.render import ReportError
@@ -667,6 +667,9 @@ def deploy(run_dir, targets, bundle_path, runs, warmup, threads, timeout, clean,
         click.echo(line)
     _print_table(run_dir)
     failed = [e["name"] for e in entries if not e["ok"]]
+    if len(failed) == len(entries):
+        raise UserError(f"{len(failed)} of {len(entries)} board(s) failed: {', '.join(failed)} (reasons above); "
+                        "nothing was merged, the run is unchanged")
     if failed:
         raise UserError(f"{len(failed)} of {len(entries)} board(s) failed: {', '.join(failed)} (reasons above and in "
                         f"the report); the others were merged")
