@@ -166,6 +166,11 @@ class BuildConfig:
         return height, width, MODELS[self.model].channels if self.dataset == "folder" else standard[2]
 
     @property
+    def model_name(self) -> str:
+        """What reports call the model: the user's file for --keras-model, else the zoo model."""
+        return Path(self.keras_model).name if self.keras_model else self.model
+
+    @property
     def guarded(self) -> bool:
         """Whether the guard stage runs: it analyses, repairs or fine-tunes the int8 model."""
         return self.analyze or self.fallback == "auto" or self.qat
