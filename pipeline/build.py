@@ -352,6 +352,15 @@ def sample_name(index: int, label: str) -> str:
     return f"{index:02d}_{safe}.png"
 
 
+def sample_indices(y: np.ndarray, count: int) -> list[int]:
+    """Test images across classes: the first of each class in class order, then the second, and so on
+    (a test split sorted by class, as image folders are, would otherwise give eight of the first class)."""
+    y = np.asarray(y).reshape(-1)
+    members = [np.flatnonzero(y == c) for c in np.unique(y)]
+    order = [int(m[k]) for k in range(max(map(len, members), default=0)) for m in members if k < len(m)]
+    return order[:count]
+
+
 def _write_samples(folder: Path, data: Dataset, images: int = 8, labelled: int = 200) -> None:
     """A few test images as PNG for `classify`, and a labelled npz for `eval`, to ship in the bundle."""
     from PIL import Image
@@ -359,12 +368,12 @@ def _write_samples(folder: Path, data: Dataset, images: int = 8, labelled: int =
     if not len(data.x_test):
         return
     folder.mkdir(exist_ok=True)
-    for i in range(min(images, len(data.x_test))):
+    for n, i in enumerate(sample_indices(data.y_test, images)):
         img = data.x_test[i]
         img = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        atomic_write(folder / sample_name(i, data.spec.labels[int(data.y_test[i])]), buf.getvalue())
+        atomic_write(folder / sample_name(n, data.spec.labels[int(data.y_test[i])]), buf.getvalue())
     buf = io.BytesIO()
     np.savez_compressed(buf, x=data.x_test[:labelled], y=data.y_test[:labelled])
     atomic_write(folder / "eval.npz", buf.getvalue())
