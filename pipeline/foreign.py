@@ -21,6 +21,7 @@ from pipeline.config import INPUT_RANGES
 DETECT_IMAGES = 500  # validation images each convention is scored on: a few seconds for a small model
 CLEAR_MARGIN = 0.10  # the best convention must beat the next by this much (accuracy) to be chosen
 CHANCE_MARGIN = 0.05  # "at chance": within this of 1/classes
+FAR_BELOW = 0.30  # a given range this far below the best convention is warned about too
 
 
 class LegacyModelError(ValueError):
@@ -152,10 +153,12 @@ def detect_input_range(model, x: np.ndarray, y: np.ndarray, given: str | None) -
     out = {"scores": scores, "images": n, "warning": None}
     if given is not None:
         out.update(range=given, source="given")
-        if scores[given] <= chance + CHANCE_MARGIN and clear and best != given:
+        at_chance = scores[given] <= chance + CHANCE_MARGIN
+        if clear and best != given and (at_chance or scores[best] - scores[given] >= FAR_BELOW):
             out["warning"] = (f"--input-range {given} scores {_pct(scores[given])} on {n} validation images, "
-                              f"at chance (1 in {classes}), but {best} scores {_pct(scores[best])}; "
-                              f"pass --input-range {best} if that is how the model was trained")
+                              f"{f'at chance (1 in {classes})' if at_chance else 'far below the best'}, but {best} "
+                              f"scores {_pct(scores[best])}; pass --input-range {best} if that is how the model "
+                              "was trained")
         return out
     out.update(range=best if clear else "0,1", source="detected" if clear else "default")
     if not clear:

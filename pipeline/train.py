@@ -116,30 +116,37 @@ def load_user_model(path: str, data: Dataset | None, log=print):
         raise ModelMismatchError(f"--keras-model {path}: {what}; pass a .keras file saved with model.save()")
     try:
         model = keras.models.load_model(path, compile=False)
-    except TypeError as e:
-        custom = _custom_layers(path)
-        if not custom and path.read_bytes()[:4] == b"\x89HDF":  # a tf.keras 2 file: its legacy loader may read it
-            from pipeline.foreign import LegacyModelError, load_legacy_h5
-
-            try:
-                model = load_legacy_h5(path, e, log=log)
-            except LegacyModelError as legacy:
-                raise ModelMismatchError(str(legacy)) from None
-            if data is not None:
-                check_input_shape(model, data, str(path))
-            return model
-        if not custom:
-            raise
-        raise ModelMismatchError(
-            f"--keras-model {path}: custom layer(s) {', '.join(custom)} need their Python code to load; "
-            "edgepipe reads built-in Keras layers only: rebuild the model from built-in layers and save it again")
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelMismatchError(f"--keras-model {path}: cannot load it as a Keras model ({first}); "
-                                 "pass a .keras file saved with model.save()")
+    except (TypeError, ValueError) as e:
+        if path.read_bytes()[:4] != b"\x89HDF":
+            _unloadable(path, e)
+        model = _legacy(path, e, log)  # a tf.keras 2 file: its legacy loader may read it
+    except OSError as e:
+        _unloadable(path, e)
     if data is not None:
         check_input_shape(model, data, str(path))
     return model
+
+
+def _unloadable(path: Path, e: Exception):
+    custom = _custom_layers(path) if isinstance(e, TypeError) else []
+    if isinstance(e, TypeError) and not custom:
+        raise e  # not the user's file: a bug of ours or of Keras, reported as one
+    if custom:
+        raise ModelMismatchError(
+            f"--keras-model {path}: custom layer(s) {', '.join(custom)} need their Python code to load; "
+            "edgepipe reads built-in Keras layers only: rebuild the model from built-in layers and save it again")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ModelMismatchError(f"--keras-model {path}: cannot load it as a Keras model ({first}); "
+                             "pass a .keras file saved with model.save()")
+
+
+def _legacy(path: Path, error: Exception, log):
+    from pipeline.foreign import LegacyModelError, load_legacy_h5
+
+    try:
+        return load_legacy_h5(path, error, log=log)
+    except LegacyModelError as legacy:
+        raise ModelMismatchError(str(legacy)) from None
 
 
 def _not_a_keras_file(path: Path) -> str | None:
