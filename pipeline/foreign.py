@@ -160,8 +160,12 @@ def detect_input_range(model, x: np.ndarray, y: np.ndarray, given: str | None) -
                               f"scores {_pct(scores[best])}; pass --input-range {best} if that is how the model "
                               "was trained")
         return out
-    out.update(range=best if clear else "0,1", source="detected" if clear else "default")
-    if not clear:
+    # A model that scores as well under the default 0..1 as under the best (a ReLU network without
+    # normalization barely cares about scale) keeps the default: it is as right as any.
+    default_fits = scores["0,1"] >= scores[best] - CLEAR_MARGIN and scores["0,1"] > chance + CHANCE_MARGIN
+    chosen = best if clear else "0,1"
+    out.update(range=chosen, source="detected" if clear or default_fits else "default")
+    if out["source"] == "default":
         out["warning"] = (f"no input range is clearly best on {n} validation images ({describe_scores(scores)}); "
                           "assuming 0,1: pass --input-range to choose")
     return out
