@@ -192,6 +192,8 @@ def test_legacy_h5_is_read_with_tf_keras_and_rebuilt(tmp_path):
     said = next(ln for ln in result.output.splitlines() if ln.startswith("model: vww_like.h5"))
     assert "tf_keras" in said and "DepthwiseConv2D(groups)" in said and "outputs agree" in said
     assert (tmp_path / "run" / "model_fp32.tflite").is_file()
+    # untrained: every range scores at chance, so 0..1 is assumed and said to be a guess
+    assert "warning: no input range is clearly best" in result.output and "assuming 0,1" in result.output
     # the model is read before the data: its line comes first
     lines = result.output.splitlines()
     assert lines.index(said) < next(i for i, ln in enumerate(lines) if ln.startswith("data:"))
