@@ -348,3 +348,15 @@ def test_samples_across_classes_and_classify_on_class_folders(tmp_path):
     assert "holds 3 folder(s) and no image files" in line and f"{data / 'test' / 'circle'}" in line, proc.stderr
     proc = runner("classify", "--model", tmp_path / "run" / "model_fp32.tflite", data / "test" / "circle")
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------- the MLPerf comparison needs MLPerf's files
+
+def test_mlperf_compare_refuses_cleanly_without_the_files(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mlperf_compare.py"), "--h5",
+                           tmp_path / "pretrainedResnet.h5", "--out", tmp_path / "run"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert line.startswith("error: --h5 ") and "pretrainedResnet_quant.tflite" in line and "mlcommons/tiny" in line
+    assert not (tmp_path / "run").exists()
