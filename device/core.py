@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device import foreign
 from device.images import MAX_IMAGE_PIXELS, image_warnings, load_image, read_image  # noqa: F401 (the core's API)
 from device.integrity import METADATA_NAME, DeviceError, expected_sha256, find_metadata, load_metadata, read_model_bytes
 
@@ -139,7 +140,9 @@ def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
 
 def normalize(pixels: np.ndarray, preprocess: dict) -> np.ndarray:
     """uint8 pixels to model input, exactly as in training: pixel * scale + offset."""
-    return pixels.astype(np.float32) * np.float32(preprocess["scale"]) + np.float32(preprocess["offset"])
+    # scale and offset are numbers, or one per channel (a foreign model's TFLite metadata may say so).
+    return (pixels.astype(np.float32) * np.asarray(preprocess["scale"], np.float32)
+            + np.asarray(preprocess["offset"], np.float32))
 
 
 # ---------------------------------------------------------------- the model
@@ -148,7 +151,8 @@ class Model:
     """A loaded `.tflite` model with its preprocessing; `predict` takes uint8 images, returns probabilities."""
 
     def __init__(self, path, *, threads: int | None = None, xnnpack: bool = True,
-                 metadata: dict | None = None, verify: bool = True, runtime_name: str | None = None):
+                 metadata: dict | None = None, verify: bool = True, runtime_name: str | None = None,
+                 input_range: str | None = None, labels: list[str] | None = None):
         self.path = Path(path)
         meta_path = find_metadata(self.path) if metadata is None else None
         self.metadata = metadata if metadata is not None else (load_metadata(meta_path) if meta_path else None)
@@ -171,23 +175,37 @@ class Model:
         if len(self.output.shape) != 2:
             raise DeviceError(f"{self.path}: output shape {list(self.output.shape)} is not (N, classes); "
                               "this runner serves classifiers")
-        self.preprocess = self._preprocess_spec()
+        self.preprocess = self._preprocess_spec(input_range, labels)
         if self.preprocess.get("channels") not in (1, 3):
             raise DeviceError(f"{self.path}: input has {self.preprocess.get('channels')} channels; "
                               "the runner feeds grayscale (1) or RGB (3) images")
         self._batch = self.input.shape[0]
+        # A batch fixed in the model (shape_signature without -1, as in Coral's models) cannot be resized:
+        # such a model gets its own batch size, one image at a time for batch 1.
+        signature = inputs[0].get("shape_signature")
+        self.fixed_batch = signature is not None and len(signature) > 0 and int(signature[0]) > 0
         self._input_index, self._output_index = self.input.index, self.output.index
         self._set_tensor, self._invoke = self.interpreter.set_tensor, self.interpreter.invoke
         self._get_tensor = self.interpreter.get_tensor
 
-    def _preprocess_spec(self) -> dict:
+    def _preprocess_spec(self, input_range: str | None, labels: list[str] | None) -> dict:
+        """metadata.json's preprocessing (with what the user overrides), else what device/foreign.py infers."""
+        classes = self.output.shape[-1]
+        if labels is not None and len(labels) != classes:
+            raise DeviceError(f"--labels: {len(labels)} labels, but {self.path.name} has {classes} classes; "
+                              "pass a file with one label a line for each class, in the model's order")
+        if input_range is not None and input_range not in foreign.INPUT_RANGES:
+            raise DeviceError(f"--input-range: got '{input_range}', expected one of {', '.join(foreign.INPUT_RANGES)}")
         if self.metadata is not None:
-            return self.metadata["preprocess"]
-        _, h, w, c = self.input.shape
-        warnings.warn(f"{self.path}: no {METADATA_NAME} beside the model; assuming {h}x{w}x{c} input "
-                      "scaled to [0,1] and numeric labels", stacklevel=3)
-        return {"height": h, "width": w, "channels": c, "scale": 1 / 255, "offset": 0.0,
-                "layout": "NHWC", "labels": [str(i) for i in range(self.output.shape[-1])]}
+            pre = dict(self.metadata["preprocess"])
+            if input_range is not None:
+                pre["scale"], pre["offset"] = foreign.INPUT_RANGES[input_range]
+            if labels is not None:
+                pre["labels"] = list(labels)
+            return pre
+        pre, said = foreign.preprocess(self.model_bytes, self.input, classes, input_range, labels)
+        warnings.warn(f"{self.path}: no {METADATA_NAME} beside the model; {said}", stacklevel=3)
+        return pre
 
     @property
     def labels(self) -> list[str]:
@@ -233,14 +251,27 @@ class Model:
     def predict(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Probabilities (float32, N x classes) for uint8 images, in batches."""
         prepared = self.prepare(np.asarray(pixels))
-        out = [dequantize(self.invoke(prepared[i:i + batch_size]), self.output)
-               for i in range(0, len(prepared), batch_size)]
+        if self.fixed_batch:
+            out = self._fixed_batches(prepared)
+        else:
+            out = [dequantize(self.invoke(prepared[i:i + batch_size]), self.output)
+                   for i in range(0, len(prepared), batch_size)]
         if any(o.ndim != 2 for o in out):
             raise DeviceError(f"{self.path}: the model returned output of shape {list(out[0].shape)}, "
                               "not (N, classes)")
         probs = np.concatenate(out) if out else np.zeros((0, self.output.shape[-1]), np.float32)
         # A model whose last layer is not a softmax outputs logits (the metadata says so); scores are probabilities.
         return softmax(probs) if (self.metadata or {}).get("output") == "logits" else probs
+
+    def _fixed_batches(self, prepared: np.ndarray) -> list[np.ndarray]:
+        """Outputs in the model's own batch size; the last batch padded with its first image, then trimmed."""
+        size, out = self.input.shape[0], []
+        for i in range(0, len(prepared), size):
+            chunk = prepared[i:i + size]
+            padded = np.concatenate([chunk, np.repeat(chunk[:1], size - len(chunk), axis=0)]) if len(chunk) < size \
+                else chunk
+            out.append(dequantize(self.invoke(padded), self.output)[:len(chunk)])
+        return out
 
     def classify(self, images, top_k: int = 3, invert: bool = False) -> list[dict]:
         """One result per image, in order: its top-k, or the error that kept it from being classified.

@@ -67,12 +67,27 @@ def read_image(source, preprocess: dict, name: str | None = None,
     except FileNotFoundError:
         raise DeviceError(f"{name}: no such image file")
     except IsADirectoryError:
-        raise DeviceError(f"{name}: is a folder with no image files in it")
+        raise DeviceError(folder_error(name, source))
     except Exception as e:  # Pillow's decoders on damaged files raise OSError, ValueError, TypeError, struct.error...
         raise DeviceError(f"{name}: not a readable image ({type(e).__name__}: {e}); pass a PNG, JPEG or other "
                           "Pillow format")
     arr = arr.reshape(preprocess["height"], preprocess["width"], preprocess["channels"])
     return arr, {"width": size[0], "height": size[1], "exif_orientation": orientation}
+
+
+def folder_error(name: str, folder) -> str:
+    """Why a folder gave no image: empty, or it holds class folders (an image-folder dataset) to pass one by one."""
+    from pathlib import Path
+
+    try:
+        subfolders = sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        subfolders = []
+    if not subfolders:
+        return f"{name}: is a folder with no image files in it"
+    shown = " ".join(str(p) for p in subfolders[:3]) + (" ..." if len(subfolders) > 3 else "")
+    return (f"{name}: holds {len(subfolders)} folder(s) and no image files; classify reads only the images directly "
+            f"in a folder: pass the folders themselves ({shown}), or {name.rstrip('/')}/*/ in a shell")
 
 
 def image_warnings(pixels: np.ndarray, facts: dict, preprocess: dict, dataset: str | None) -> list[str]:

@@ -32,7 +32,7 @@ if __package__ in (None, ""):
     # folder that holds it, in a bundle and in the repository alike.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from device import board, core, integrity, timing  # noqa: E402
+from device import board, core, foreign, integrity, timing  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parent.parent
 SCHEMA = 1
@@ -64,13 +64,24 @@ def _header(kind: str, args=None, model=None) -> dict:
 
 def _load(args) -> core.Model:
     model = core.Model(args.model, threads=getattr(args, "threads", None),
-                       xnnpack=not getattr(args, "no_xnnpack", False))
+                       xnnpack=not getattr(args, "no_xnnpack", False), **_foreign_options(args))
     entry = ((model.metadata or {}).get("models") or {}).get(model.path.name) or {}
     if isinstance(entry, dict) and entry.get("superseded_by"):
         warnings.warn(f"{model.path.name}: superseded by {entry['superseded_by']}, which the accuracy guard delivers "
                       "instead because this one lost too much accuracy; drop --model to run the default",
                       stacklevel=2)
     return model
+
+
+def _foreign_options(args) -> dict:
+    """--input-range and --labels: what a model without metadata.json means, when the user knows better."""
+    labels = None
+    if getattr(args, "labels", None) is not None:
+        try:
+            labels = foreign.read_labels(args.labels)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise core.DeviceError(f"--labels {args.labels}: {e}; pass a text file with one label a line")
+    return {"input_range": getattr(args, "input_range", None), "labels": labels}
 
 
 def _images(paths):
@@ -237,9 +248,15 @@ def _print_info(out: dict) -> None:
         print(f"  {side:<6} {t['name']}: {t['shape']} {t['dtype']}{quant}")
     print(f"  ops    {', '.join(out['ops'])}")
     p = out["preprocess"]
-    print(f"  images {p['height']}x{p['width']}x{p['channels']}, pixel * {p['scale']:.6g} + {p['offset']:g}; "
-          f"{len(p['labels'])} labels: {', '.join(p['labels'][:12])}{' ...' if len(p['labels']) > 12 else ''}"
-          + ("" if out["metadata"] else f" (assumed: no {core.METADATA_NAME} beside the model)"))
+    print(f"  images {p['height']}x{p['width']}x{p['channels']}, pixel * {_number(p['scale'])} + "
+          f"{_number(p['offset'])}; {len(p['labels'])} labels: {', '.join(p['labels'][:12])}"
+          f"{' ...' if len(p['labels']) > 12 else ''}"
+          + ("" if out["metadata"] else f" (no {core.METADATA_NAME} beside the model: {p.get('source')})"))
+
+
+def _number(value) -> str:
+    """A scale or offset: one number, or one per channel."""
+    return f"{value:.6g}" if isinstance(value, (int, float)) else "[" + ", ".join(f"{v:.6g}" for v in value) + "]"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -252,6 +269,12 @@ def parser() -> argparse.ArgumentParser:
                         help="the .tflite model (default: the bundle's default_model in metadata.json, "
                              "the variant the run delivers)")
         sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        sp.add_argument("--input-range", choices=tuple(foreign.INPUT_RANGES), default=None,
+                        help="pixels scaled to this range before the model (default: metadata.json, the model's "
+                             "TFLite metadata, else TFLite's convention for its input type)")
+        sp.add_argument("--labels", type=Path, default=None,
+                        help="a text file with one label a line (default: metadata.json or the model's TFLite "
+                             "metadata)")
         sp.set_defaults(fn=fn)
         return sp
 

@@ -33,7 +33,7 @@ from pipeline.artifacts import (
     updating,
     write_json,
 )
-from pipeline.config import BuildConfig
+from pipeline.config import INPUT_RANGES, BuildConfig
 from pipeline.data import Dataset, load_dataset
 from pipeline.metadata import status as tflite_metadata_status
 
@@ -95,7 +95,7 @@ def _stages(run: RunDir, cfg: BuildConfig, until: str, log) -> Path:
     clock, reused = Stopwatch(), []
     run.write_json("config.json", cfg.to_dict())  # first, so --resume can restart from any point
     with clock("data"):
-        data, user_model = load_inputs(cfg, wanted, log)
+        data, user_model, chosen_range = load_inputs(cfg, wanted, log)
     with clock("train"):
         model, history = train_stage(run, cfg, data, user_model, reused, log)
     variants, meta = ["fp32"], None
@@ -120,6 +120,7 @@ def _stages(run: RunDir, cfg: BuildConfig, until: str, log) -> Path:
         "schema": 1, "created_by": CREATED_BY, "config": cfg.to_dict(), "versions": versions(),
         "platform": {"system": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count()},
         "data": data.source, "calibration_samples": min(cfg.calibration_samples, len(data.x_train)),
+        "model_name": cfg.model_name, "input_range": chosen_range,
         "preprocess": data.spec.to_dict(), "training": history, "macs_per_inference": macs,
         "models": meta["models"] if meta else {}, "stage_seconds": clock.seconds, "reused_stages": reused,
     }
@@ -139,17 +140,47 @@ def _stages(run: RunDir, cfg: BuildConfig, until: str, log) -> Path:
 
 # ---------------------------------------------------------------- the stages
 
-def load_inputs(cfg: BuildConfig, wanted, log) -> tuple[Dataset, object]:
-    """The dataset, with the model's input convention, and the user's own model if one was given."""
-    from pipeline.train import input_convention, load_user_model
+def load_inputs(cfg: BuildConfig, wanted, log) -> tuple[Dataset, object, dict]:
+    """The dataset, with the model's input convention, the user's own model if one was given, and how
+    the input range was chosen (for the manifest)."""
+    from pipeline.train import check_input_shape, load_user_model
 
+    # The user's model before the data: a file that cannot be used is said before minutes of decoding.
+    user_model = load_user_model(cfg.keras_model, None, log=log) if cfg.keras_model else None
     data = _data(cfg, wanted, log)
-    user_model = load_user_model(cfg.keras_model, data) if cfg.keras_model else None
-    scale, offset = input_convention(cfg, user_model)
-    data = dataclasses.replace(data, spec=dataclasses.replace(data.spec, scale=scale, offset=offset))
+    if user_model is not None:
+        check_input_shape(user_model, data, cfg.keras_model)
     log(f"data: {data.name} from {data.source['kind']}, {len(data.x_train)} train / {len(data.x_val)} "
         f"validation / {len(data.x_test)} test")
-    return data, user_model
+    chosen = input_range(cfg, user_model, data, log)
+    scale, offset = INPUT_RANGES[chosen["range"]]
+    data = dataclasses.replace(data, spec=dataclasses.replace(data.spec, scale=scale, offset=offset))
+    return data, user_model, chosen
+
+
+def input_range(cfg: BuildConfig, user_model, data: Dataset, log) -> dict:
+    """The input range the build feeds the model, and why: given, the model's own Rescaling layer, or
+    detected by scoring a user's model under each convention (pipeline/foreign.py)."""
+    from pipeline.foreign import describe_scores, detect_input_range
+    from pipeline.train import input_convention, scales_its_own_input
+
+    if user_model is None:
+        return {"range": cfg.input_range or "0,1", "source": "given" if cfg.input_range else "default"}
+    input_convention(cfg, user_model)  # refuses an --input-range that contradicts a Rescaling layer
+    if scales_its_own_input(user_model):
+        log("input range: 0,255, the model's first layer scales raw pixels itself")
+        return {"range": "0,255", "source": "model's first layer"}
+    if not len(data.x_val):
+        chosen = {"range": cfg.input_range or "0,1", "source": "given" if cfg.input_range else "default"}
+        log(f"input range: {chosen['range']} ({chosen['source']}; not checked: no validation images were loaded)")
+        return chosen
+    chosen = detect_input_range(user_model, data.x_val, data.y_val, cfg.input_range)
+    how = {"given": "given with --input-range", "detected": "detected", "default": "assumed"}[chosen["source"]]
+    log(f"input range: {chosen['range']}, {how}: {describe_scores(chosen['scores'])} on {chosen['images']} "
+        "validation images" + ("" if chosen["source"] == "given" else "; --input-range overrides it"))
+    if chosen["warning"]:
+        log(f"warning: {chosen['warning']}")
+    return chosen
 
 
 def train_stage(run: RunDir, cfg: BuildConfig, data: Dataset, user_model, reused: list, log):
@@ -297,7 +328,7 @@ def _outputs_logits(model) -> bool:
 def metadata_for(cfg: BuildConfig, data: Dataset, run_dir: Path, variants, logits: bool = False) -> dict:
     """What the device needs beside a model: preprocessing, labels, and each model's hash and tensors."""
     pre = data.spec.to_dict()
-    meta = {"schema": 1, "created_by": CREATED_BY, "dataset": data.name, "model": cfg.model,
+    meta = {"schema": 1, "created_by": CREATED_BY, "dataset": data.name, "model": cfg.model_name,
             "preprocess": pre, "output": "logits" if logits else "probabilities", "models": {}}
     for v in variants:
         path = run_dir / f"model_{v}.tflite"
@@ -312,13 +343,24 @@ def _tflite_metadata(cfg: BuildConfig, data: Dataset, folder: Path, variants, lo
     """Standard TFLite model metadata (labels, normalization) inside each model, for apps like MediaPipe."""
     from pipeline.metadata import embed_files
 
-    embed_files(folder, variants, cfg.model, data.name, data.spec.to_dict(), pipeline.__version__, log=log)
+    embed_files(folder, variants, cfg.model_name, data.name, data.spec.to_dict(), pipeline.__version__, log=log)
 
 
 def sample_name(index: int, label: str) -> str:
     """A file name for a sample image; a label such as `T-shirt/top` must not make a folder."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label).strip("_") or "class"
     return f"{index:02d}_{safe}.png"
+
+
+def sample_indices(y: np.ndarray, count: int) -> list[int]:
+    """Test images across classes: the first of each class, then the second, and so on, classes in the
+    order they first appear (a test split sorted by class, as image folders are, would otherwise give
+    eight of the first class; the first test image stays the first sample)."""
+    y = np.asarray(y).reshape(-1)
+    classes, first = np.unique(y, return_index=True)
+    members = [np.flatnonzero(y == c) for c in classes[np.argsort(first)]]
+    order = [int(m[k]) for k in range(max(map(len, members), default=0)) for m in members if k < len(m)]
+    return order[:count]
 
 
 def _write_samples(folder: Path, data: Dataset, images: int = 8, labelled: int = 200) -> None:
@@ -328,12 +370,12 @@ def _write_samples(folder: Path, data: Dataset, images: int = 8, labelled: int =
     if not len(data.x_test):
         return
     folder.mkdir(exist_ok=True)
-    for i in range(min(images, len(data.x_test))):
+    for n, i in enumerate(sample_indices(data.y_test, images)):
         img = data.x_test[i]
         img = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        atomic_write(folder / sample_name(i, data.spec.labels[int(data.y_test[i])]), buf.getvalue())
+        atomic_write(folder / sample_name(n, data.spec.labels[int(data.y_test[i])]), buf.getvalue())
     buf = io.BytesIO()
     np.savez_compressed(buf, x=data.x_test[:labelled], y=data.y_test[:labelled])
     atomic_write(folder / "eval.npz", buf.getvalue())

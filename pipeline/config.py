@@ -6,14 +6,16 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+# INPUT_RANGES: what a model's input expects, as uint8 pixel * scale + offset. A user's model that starts
+# with a Rescaling or Normalization layer takes raw pixels ("0,255"); the zoo trains on "0,1". One table
+# for the build and the device runner's --input-range.
+from device.foreign import INPUT_RANGES
+
 # Order matters: reports list variants in this order, smallest change from the baseline first.
 VARIANTS = ("fp32", "dynamic", "float16", "int8", "int16x8")
 # uint8 is what TFLite Model Maker exported and what MediaPipe Tasks accepts as a quantized input.
 INT8_IO = ("int8", "uint8", "float")
 FALLBACKS = ("none", "auto")
-# What a model's input expects, as uint8 pixel * scale + offset. A user's model that starts with a
-# Rescaling or Normalization layer takes raw pixels ("0,255"); the zoo trains on "0,1".
-INPUT_RANGES = {"0,1": (1 / 255, 0.0), "-1,1": (2 / 255, -1.0), "0,255": (1.0, 0.0)}
 
 
 def default_threads() -> tuple[int, ...]:
@@ -164,6 +166,11 @@ class BuildConfig:
         standard = DATASETS[self.dataset].input_shape
         height, width = parse_image_size(self.image_size) if self.image_size else standard[:2]
         return height, width, MODELS[self.model].channels if self.dataset == "folder" else standard[2]
+
+    @property
+    def model_name(self) -> str:
+        """What reports call the model: the user's file for --keras-model, else the zoo model."""
+        return Path(self.keras_model).name if self.keras_model else self.model
 
     @property
     def guarded(self) -> bool:

@@ -106,8 +106,8 @@ def train(cfg: BuildConfig, data: Dataset, log=print):
     return model, out
 
 
-def load_user_model(path: str, data: Dataset):
-    """A user's own `.keras` model, checked against the dataset before anything else runs."""
+def load_user_model(path: str, data: Dataset | None, log=print):
+    """A user's own `.keras` model, checked against the dataset (when given) before anything else runs."""
     import keras
 
     path = Path(path)
@@ -116,19 +116,37 @@ def load_user_model(path: str, data: Dataset):
         raise ModelMismatchError(f"--keras-model {path}: {what}; pass a .keras file saved with model.save()")
     try:
         model = keras.models.load_model(path, compile=False)
-    except TypeError:
-        custom = _custom_layers(path)
-        if not custom:
-            raise
+    except (TypeError, ValueError) as e:
+        if path.read_bytes()[:4] != b"\x89HDF":
+            _unloadable(path, e)
+        model = _legacy(path, e, log)  # a tf.keras 2 file: its legacy loader may read it
+    except OSError as e:
+        _unloadable(path, e)
+    if data is not None:
+        check_input_shape(model, data, str(path))
+    return model
+
+
+def _unloadable(path: Path, e: Exception):
+    custom = _custom_layers(path) if isinstance(e, TypeError) else []
+    if isinstance(e, TypeError) and not custom:
+        raise e  # not the user's file: a bug of ours or of Keras, reported as one
+    if custom:
         raise ModelMismatchError(
             f"--keras-model {path}: custom layer(s) {', '.join(custom)} need their Python code to load; "
             "edgepipe reads built-in Keras layers only: rebuild the model from built-in layers and save it again")
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelMismatchError(f"--keras-model {path}: cannot load it as a Keras model ({first}); "
-                                 "pass a .keras file saved with model.save()")
-    check_input_shape(model, data, str(path))
-    return model
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ModelMismatchError(f"--keras-model {path}: cannot load it as a Keras model ({first}); "
+                             "pass a .keras file saved with model.save()")
+
+
+def _legacy(path: Path, error: Exception, log):
+    from pipeline.foreign import LegacyModelError, load_legacy_h5
+
+    try:
+        return load_legacy_h5(path, error, log=log)
+    except LegacyModelError as legacy:
+        raise ModelMismatchError(str(legacy)) from None
 
 
 def _not_a_keras_file(path: Path) -> str | None:
@@ -182,11 +200,16 @@ def input_convention(cfg: BuildConfig, model) -> tuple[float, float]:
     A model whose first layer is Rescaling or Normalization does its own scaling, so it takes raw
     0-255 pixels; otherwise --input-range says, and the zoo's convention is 0,1.
     """
-    scales_itself = model is not None and _first_layer(model) in ("Rescaling", "Normalization")
+    scales_itself = model is not None and scales_its_own_input(model)
     if scales_itself and cfg.input_range not in (None, "0,255"):
         raise ModelMismatchError(f"--input-range {cfg.input_range}: {cfg.keras_model} starts with a "
                                  f"{_first_layer(model)} layer, so it takes raw 0-255 pixels; drop --input-range")
     return INPUT_RANGES["0,255" if scales_itself else cfg.input_range or "0,1"]
+
+
+def scales_its_own_input(model) -> bool:
+    """A model whose first layer is Rescaling or Normalization takes raw 0-255 pixels."""
+    return _first_layer(model) in ("Rescaling", "Normalization")
 
 
 def _first_layer(model) -> str | None:

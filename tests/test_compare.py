@@ -55,7 +55,7 @@ def test_json_has_every_variant_with_its_own_figures(runs):
 def test_text_markdown_html_and_files(runs, tmp_path):
     code, out = _cli(*runs, "--out", tmp_path / "cmp")
     assert code == 0 and "not comparable" not in out
-    assert out.splitlines()[0].split()[:5] == ["run", "model", "dataset", "recipe", "variant"]
+    assert out.splitlines()[0].split()[:6] == ["run", "model", "dataset", "input", "recipe", "variant"]
     code, md = _cli(*runs, "--format", "markdown")
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| run")]
     assert code == 0 and len(rows) == 5

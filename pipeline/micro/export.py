@@ -8,6 +8,7 @@ staging folder beside its target and renamed into place when every figure is in.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ MARKER = "tflm_export.json"  # an export's own manifest; --overwrite replaces on
 KIND = "edgepipe TensorFlow Lite Micro export"
 RUN_SUMMARY = "tflm.json"
 MAX_DIFFERING = 50  # differing images listed by index; the count is always complete
+AGREEMENT_PP = 2.0  # TFLM vs the run's int8 accuracy, see agreement_tolerance()
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,8 @@ def _run_data(manifest: dict, data_dir: Path | None, run_dir: Path):
     cfg = BuildConfig.from_dict(manifest["config"])
     where = str(data_dir) if data_dir else cfg.data_dir
     try:
-        data = load_dataset(cfg.dataset, where, seed=cfg.seed, validation_fraction=cfg.validation_fraction)
+        data = load_dataset(cfg.dataset, where, seed=cfg.seed, validation_fraction=cfg.validation_fraction,
+                            input_shape=cfg.input_shape)
     except DataError as e:
         raise ExportError(f"{e}; the export evaluates {run_dir} on its test split: pass --data-dir DIR with "
                           f"the {cfg.dataset} files it was built from")
@@ -124,7 +127,19 @@ def _run_data(manifest: dict, data_dir: Path | None, run_dir: Path):
         raise ExportError(f"the {cfg.dataset} data at {where or 'the download cache'} is not what {run_dir} was "
                           f"built from (sha256 {data.source['sha256'][:12]}..., the manifest says {want[:12]}...); "
                           "pass --data-dir DIR with the run's data")
-    return cfg, data
+    # The images as the run fed them (--input-range, a Rescaling layer, a detected range), not the
+    # dataset's default 0..1: calibrating on other values would make another model.
+    pre = meta_preprocess(manifest)
+    return cfg, dataclasses.replace(data, spec=dataclasses.replace(data.spec, scale=pre["scale"],
+                                                                   offset=pre["offset"]))
+
+
+def meta_preprocess(manifest: dict) -> dict:
+    pre = manifest.get("preprocess") or {}
+    if "scale" not in pre or "offset" not in pre:
+        raise ExportError("the run's manifest records no preprocessing (scale, offset); rebuild it with "
+                          "`pipeline build`")
+    return pre
 
 
 def lean_model(run_dir: Path, variant: str, file: str, meta: dict, cfg, data, layers: set[str],
@@ -217,6 +232,31 @@ def compare(model_bytes: bytes, model_path: Path, arena: int, pre: dict, x, y, l
     correct = np.flatnonzero((p_tflm == y) & (p_litert == y))
     out["example_index"] = int(correct[0]) if len(correct) else 0
     return out
+
+
+def _run_accuracy(path: Path, meta: dict, x, y) -> float:
+    """The run's own variant on the same images, as the run's evaluation ran it."""
+    from device.core import evaluate
+
+    return evaluate(Model(path, metadata=meta, verify=False), x, y)["accuracy"]
+
+
+def agreement_tolerance(n: int) -> float:
+    """Percentage points TFLM may differ from the run's int8: 2 pp, or 3 images on a small test set
+    (the export is converted again with batch 1, so a few borderline images may flip)."""
+    return max(AGREEMENT_PP, 100 * 3 / max(n, 1))
+
+
+def _check_agreement(accuracy: dict, variant: str, n: int, log) -> None:
+    """Both figures always; a refusal when they differ by more than the tolerance."""
+    tflm, run = accuracy["accuracy_tflm"], accuracy["run_accuracy"]
+    log(f"tflm: accuracy under TFLite Micro {100 * tflm:.2f}%, the run's {variant} {100 * run:.2f}% on the same "
+        f"{n:,} test images")
+    tolerance = agreement_tolerance(n)
+    if abs(tflm - run) * 100 > tolerance:
+        raise ExportError(f"the TFLite Micro model scores {100 * tflm:.2f}% but the run's {variant} {100 * run:.2f}% "
+                          f"on the same {n:,} test images (more than {tolerance:.1f} pp apart), so the export is not "
+                          "the run's model; nothing was written: check the run's preprocessing in its manifest")
 
 
 def _variant_rows(run_dir: Path, meta: dict, exported: str, flash: int, arena: dict) -> list[dict]:
@@ -356,6 +396,8 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
                       if (run_dir / "evaluation.json").is_file() else {})
         reported = evaluation.get("variants", {}).get(variant, {}).get("accuracy")
         accuracy["report_accuracy"] = reported if n == evaluation.get("n") else None
+        accuracy["run_accuracy"] = _run_accuracy(run_dir / files[variant], meta, data.x_test[:n], data.y_test[:n])
+        _check_agreement(accuracy, variant, n, log)
         rows = _variant_rows(run_dir, meta, variant, len(model_bytes), arena)
         k = accuracy["example_index"]
         summary = {

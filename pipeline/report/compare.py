@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.artifacts import MANIFEST
 from pipeline.measure.stats import wilson
-from pipeline.report.render import SCHEMA, TEMPLATES, _ms, _pct, _text
+from pipeline.report.render import SCHEMA, TEMPLATES, _ms, _pct, _text, input_range_of
 
 FORMATS = ("text", "markdown", "html", "json")
 
@@ -65,6 +65,7 @@ def _summary(run: dict) -> dict:
         report.get("benchmark") or {}
     return {
         "run": run["path"].name, "path": str(run["path"]), "model": report["model"], "dataset": report["dataset"],
+        "input_range": (report.get("input_range") or input_range_of(manifest) or {}).get("range"),
         "recipe": {k: cfg.get(k) for k in ("epochs", "batch_size", "seed", "calibration_samples", "int8_io",
                                            "keras_model")},
         "test_set": {"images": report["test_images"], "data_sha256": data.get("sha256"), "source": data.get("kind")},
@@ -114,7 +115,7 @@ def table(result: dict) -> tuple[list[str], list[list[str]], list[str]]:
     """(headers, rows, footnotes): a column that is not comparable carries a mark and a footnote."""
     flags = result["not_comparable"]
     acc_mark, lat_mark = ("*" if flags["accuracy"] else ""), ("†" if flags["latency"] else "")
-    headers = ["run", "model", "dataset", "recipe", "variant", f"accuracy{acc_mark}", "95% interval",
+    headers = ["run", "model", "dataset", "input", "recipe", "variant", f"accuracy{acc_mark}", "95% interval",
                "change", "size"] + [f"p50 ms @{t}{lat_mark}" for t in result["threads"]]
     for label in result["devices"]:
         headers += [f"{label} accuracy", f"{label} p50 ms"]
@@ -124,7 +125,8 @@ def table(result: dict) -> tuple[list[str], list[list[str]], list[str]]:
                   if not r["recipe"].get("keras_model") else f"given {Path(r['recipe']['keras_model']).name}")
         for v in r["variants"]:
             low, high = v["interval_95"]
-            row = [r["run"], r["model"], r["dataset"], recipe, v["variant"], _pct(v["accuracy"]),
+            row = [r["run"], r["model"], r["dataset"], (r["input_range"] or "?").replace(",", ".."), recipe,
+                   v["variant"], _pct(v["accuracy"]),
                    f"{100 * low:.1f}-{100 * high:.1f}%", f"{v['change_pp']:+.2f} pp", f"{v['bytes'] / 1024:.1f} KiB"]
             row += [_ms(v["p50_ms"].get(t)) for t in result["threads"]]
             for label in result["devices"]:

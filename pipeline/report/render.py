@@ -73,7 +73,8 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
     delivered, superseded = guard_decision(run_dir)
     report = {
         "kind": "report", "schema": SCHEMA, "run": run_name(run_dir),
-        "model": manifest["config"]["model"], "dataset": manifest["config"]["dataset"],
+        "model": manifest.get("model_name") or manifest["config"]["model"], "dataset": manifest["config"]["dataset"],
+        "input_range": input_range_of(manifest),
         "test_images": evaluation["n"], "table_threads": threads, "variants": variants,
         "delivered": {"variant": default_variant(names, delivered, superseded), "by_guard": delivered in names,
                       "superseded": [v for v in superseded if v in names]},
@@ -91,6 +92,17 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
     }
     report["notes"] = notes(report, bench)
     return report
+
+
+def input_range_of(manifest: dict) -> dict | None:
+    """{"range": "0,255", "source": ...} of a run; runs made before it was recorded: from the preprocessing."""
+    from pipeline.foreign import range_name
+
+    if manifest.get("input_range"):
+        return {k: manifest["input_range"].get(k) for k in ("range", "source", "scores", "images")}
+    pre = manifest.get("preprocess") or {}
+    name = range_name(pre.get("scale", 0.0), pre.get("offset", 0.0)) if pre else None
+    return {"range": name, "source": "recorded preprocessing"} if name else None
 
 
 def _variant(run_dir: Path, v: str, evaluation: dict, bench: dict | None, threads: int | None) -> dict:
@@ -402,11 +414,18 @@ def headline(report: dict) -> str:
     return line + "."
 
 
+def _range_said(chosen: dict | None) -> str:
+    if not chosen or not chosen.get("range"):
+        return ""
+    return f", input pixels scaled to {chosen['range'].replace(',', '..')} ({chosen.get('source') or 'recorded'})"
+
+
 def _context(report: dict) -> list[str]:
     """The sentences above the table: what was measured, where, how."""
     versions = report["versions"]
     lines = [*([headline(report)] if report.get("delivered") else []),
-             f"{report['model']} on {report['dataset']}, accuracy on {report['test_images']:,} test images; "
+             f"{report['model']} on {report['dataset']}{_range_said(report.get('input_range'))}, accuracy on "
+             f"{report['test_images']:,} test images; "
              f"edgepipe {versions.get('edgepipe')}, TensorFlow {versions.get('tensorflow')}, "
              f"ai-edge-litert {versions.get('ai-edge-litert')}."]
     if report["benchmark"]:
