@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device import timing
 from device.images import MAX_IMAGE_PIXELS, image_warnings, load_image, read_image  # noqa: F401 (the core's API)
 from device.integrity import METADATA_NAME, DeviceError, expected_sha256, find_metadata, load_metadata, read_model_bytes
 
@@ -379,4 +380,5 @@ def environment() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(),
             "python": platform.python_version(), "os": platform.platform(),
-            "numpy": np.__version__, "interpreter": {"name": rt.name, "version": rt.version}}
+            "numpy": np.__version__, "interpreter": {"name": rt.name, "version": rt.version},
+            "cpu_features": timing.cpu_features()}

@@ -166,7 +166,8 @@ def cmd_bench(args) -> dict:
 
 def cmd_info(args) -> dict:
     model = _load(args)
-    return {**_header("info", args, model), **{k: v for k, v in model.info().items() if k != "model"}}
+    return {**_header("info", args, model), **{k: v for k, v in model.info().items() if k != "model"},
+            "environment": core.environment()}
 
 
 def cmd_unpack(args) -> dict:

@@ -1,8 +1,9 @@
 """The report's notes: what the measured numbers mean, worked out from them, never written by hand.
 
 Each note names a variant and says what is unusual and why: a wide spread, int16x8's missing
-acceleration, int8 slower than expected, Keras and fp32 .tflite disagreeing, litert-benchmark
-disagreeing, more threads being slower, a device result worth a remark.
+acceleration, int8 slower than expected (and the CPU feature that decides it), Keras and fp32 .tflite
+disagreeing, litert-benchmark's figures against ours, more threads being slower, a device result
+worth a remark.
 """
 from __future__ import annotations
 
@@ -12,9 +13,6 @@ from pipeline.measure.stats import change_words
 # int8 moves a quarter of fp32's bytes and its kernels do 4x the MACs per instruction; once the
 # kernels dominate an invoke, int8 should take at most this fraction of fp32's time at one thread.
 INT8_EXPECTED_RATIO = 0.45
-# Below this fp32 p50 a model is so small that the fixed cost of each invoke (microseconds for the
-# Python call, tensor copies and op dispatch) is a large share of the time.
-TINY_MODEL_MS = 1.0
 # Keras and its fp32 .tflite run the same float math; larger differences mean the converter changed it.
 KERAS_PARITY_ABS = 1e-4
 
@@ -89,25 +87,39 @@ def _int16x8_notes(by_v: dict, report: dict) -> list[dict]:
         f"({100 * v['accuracy']:.2f}%, {v['change_pp']:+.2f} pp vs fp32), not speed"))]
 
 
+def features_words(features: dict | None) -> str:
+    """A CPU's relevant features in words: 'x86 avx2, no int8 dot-product instructions'."""
+    if not features or not features.get("family"):
+        return "CPU features unknown"
+    dot = "int8 dot-product instructions" if features["int8_dot_product"] else "no int8 dot-product instructions"
+    return f"{features['family']} {' '.join(features['flags']) or '(none of the SIMD extensions checked)'}, {dot}"
+
+
 def _int8_notes(by_v: dict, report: dict) -> list[dict]:
     if "int8" not in by_v or by_v["int8"]["p50_ms"] / by_v["fp32"]["p50_ms"] <= INT8_EXPECTED_RATIO:
         return []
     fp32, int8, t = by_v["fp32"], by_v["int8"], report["table_threads"]
-    ratio = int8["p50_ms"] / fp32["p50_ms"]
-    head = (f"int8 is not the expected <= {INT8_EXPECTED_RATIO}x of fp32's latency: p50 {int8['p50_ms']:.4f} ms "
+    env = report["environment"] or {}
+    ratio, features = int8["p50_ms"] / fp32["p50_ms"], env.get("cpu_features")
+    slower = "slower than" if ratio > 1 else f"not the expected <= {INT8_EXPECTED_RATIO}x of"
+    head = (f"int8 is {slower} fp32 on {env.get('cpu')} ({features_words(features)}): p50 {int8['p50_ms']:.4f} ms "
             f"against {fp32['p50_ms']:.4f} ms at {threads_label(t)}, {ratio:.2f}x. ")
-    macs = report["benchmark"]["macs_per_inference"]
     if not report["benchmark"]["xnnpack"]:
         why = "Why: XNNPACK was off, and TFLite's built-in int8 kernels are not the optimized ones."
-    elif fp32["p50_ms"] < TINY_MODEL_MS:
-        work = (f"{macs / 1e6:.2f} M multiply-accumulates per image, done by fp32 at "
-                f"{fp32['gmac_per_s']:.1f} GMAC/s" if macs and fp32["gmac_per_s"] else "little arithmetic")
-        why = (f"Why: the model is tiny ({work}), so each invoke is dominated by its fixed cost (the Python "
-               "call, copying the input in and the output out, dispatching every op), which int8 kernels "
-               "cannot shrink; expect the ratio to approach the target on a larger model.")
+    elif not features or features.get("int8_dot_product") is None:
+        why = ("Why unknown: this machine does not say whether its CPU has int8 dot-product instructions "
+               "(no /proc/cpuinfo), which decide whether XNNPACK's int8 kernels beat its fp32 ones.")
+    elif not features["int8_dot_product"]:
+        why = ("Why: this CPU has no int8 dot-product instructions (AVX-VNNI or AVX512-VNNI on x86, dotprod on "
+               "ARM), so XNNPACK's int8 kernels widen every product to 16 bits and lose to its fp32 ones; "
+               "litert-benchmark's C++ figures show the same, and on a CPU with them (a Pi 5's Cortex-A76, "
+               "unlike a Pi 4's A72) int8 is expected to be faster.")
     else:
-        why = (f"Why: not per-invoke overhead, since fp32 takes {fp32['p50_ms']:.2f} ms; the int8 kernels may "
-               f"lack this CPU's fast integer dot-product instructions ({(report['environment'] or {}).get('cpu')}).")
+        macs = report["benchmark"]["macs_per_inference"]
+        work = f"{macs / 1e6:.2f} M multiply-accumulates per image" if macs else "little arithmetic"
+        why = (f"Why: the CPU has int8 dot-product instructions, so the kernels are not the cause; the model does "
+               f"{work}, and int8 adds quantize and requantize steps around every op, which weigh most on "
+               "small models.")
     spread = [v for v in ("fp32", "int8") if by_v[v]["latency"][str(t)].get("warning")]
     tail = f" The spread of {' and '.join(spread)} was also wide." if spread else ""
     return [_note("int8_speedup_below_target", "int8", head + why + tail)]
@@ -146,6 +158,13 @@ def _cross_check_notes(bench: dict) -> list[dict]:
             out.append(_note("cross_check_disagrees", v, (
                 f"cross-check {v}: litert-benchmark's median {entry['their_median_ms']:.4f} ms and our p50 "
                 f"{entry['our_p50_ms']:.4f} ms at {threads_label(check['threads'])} disagree; {entry.get('why', '')}")))
+        elif entry.get("agree"):
+            residual = entry["our_p50_ms"] - entry["their_median_ms"]
+            out.append(_note("cross_check", v, (
+                f"cross-check {v}: our p50 {entry['our_p50_ms']:.4f} ms is litert-benchmark's median "
+                f"{entry['their_median_ms']:.4f} ms {residual:+.4f} ms at {threads_label(check['threads'])}; "
+                "the difference is Python's per-invoke cost (set_tensor, invoke and get_tensor calls), which "
+                "the C++ tool does not pay")))
     return out
 
 

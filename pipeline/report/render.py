@@ -18,7 +18,7 @@ from pipeline.artifacts import MANIFEST, atomic_write, run_name, write_json
 from pipeline.config import VARIANTS
 from pipeline.delivery import default_variant, guard_decision
 from pipeline.report import plots
-from pipeline.report.notes import notes, threads_label
+from pipeline.report.notes import features_words, notes, threads_label
 
 SCHEMA = 1
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -79,7 +79,7 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
                       "superseded": [v for v in superseded if v in names]},
         "keras": evaluation.get("keras"), "versions": manifest.get("versions", {}),
         "environment": bench["environment"] if bench else None,
-        "benchmark": {k: bench.get(k) for k in ("xnnpack", "runs", "warmup", "interleaved", "macs_per_inference")}
+        "benchmark": {k: bench.get(k) for k in ("xnnpack", "runs", "warmup", "timing", "macs_per_inference")}
         if bench else None,
         "devices": _merge_devices(device_results or [], variants, _model_hashes(run_dir), run_dir),
         "analysis": _analysis(run_dir),
@@ -413,14 +413,23 @@ def _context(report: dict) -> list[str]:
         b, env = report["benchmark"], report["environment"]
         lines.append(f"Latency per image at {threads_label(report['table_threads'])}, XNNPACK "
                      f"{'on' if b['xnnpack'] else 'off'}, {b['runs']} timed runs after {b['warmup']} warm-up, "
-                     f"variants interleaved, on {env['cpu']} ({env['cores']} cores, "
-                     f"{env['interpreter']['name']} {env['interpreter']['version']}).")
+                     f"{_timing_words(b.get('timing'))}, on {env['cpu']} ({env['cores']} cores, "
+                     f"{features_words(env.get('cpu_features'))}, "
+                     f"{env['interpreter']['name']} {env['interpreter']['version']}); speed-ups hold on this "
+                     "machine, not on a CPU with other features.")
     if report["keras"]:
         k = report["keras"]
         lines.append(f"Keras model accuracy {_pct(k['accuracy'])}; the fp32 .tflite agrees with it on "
                      f"{_pct(k['fp32_tflite_agreement'])} of images "
                      f"(max |prob diff| {k['fp32_tflite_max_abs_diff']:.1e}).")
     return lines
+
+
+def _timing_words(how: dict | None) -> str:
+    if how and how.get("method") == "blocked":
+        return (f"each variant timed in warm blocks of consecutive runs, the blocks alternating over "
+                f"{how['rounds']} rounds")
+    return "variants interleaved invoke by invoke"  # runs benchmarked before the blocked timing
 
 
 def _markdown(report: dict) -> str:
