@@ -278,3 +278,39 @@ def test_bad_device_results_raise_report_error_naming_the_file(copy, tmp_path, c
     message = str(err.value)
     assert str(bad) in message and expected in message and "\n" not in message
     assert (copy / "report.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("features, why", [
+    ({"family": "x86", "flags": ["avx2"], "int8_dot_product": False}, "no int8 dot-product instructions"),
+    ({"family": "arm", "flags": ["asimd", "asimddp"], "int8_dot_product": True}, "the kernels are not the cause"),
+])
+def test_int8_slowdown_is_explained_by_the_cpu(copy, features, why):
+    """A measured int8 slow-down names the machine and its features, never Python's per-call cost."""
+    from pipeline.artifacts import write_json
+    from pipeline.report.render import render
+
+    bench = json.loads((copy / "benchmark.json").read_text())
+    bench["environment"]["cpu_features"] = features
+    lat = bench["threads"]["1"]
+    lat["int8"]["latency"]["p50_ms"] = 1.5 * lat["fp32"]["latency"]["p50_ms"]
+    write_json(copy / "benchmark.json", bench)
+    report = render(copy, log=lambda *a: None)
+    [int8] = [n["text"] for n in report["notes"] if n["kind"] == "int8_speedup_below_target"]
+    assert "int8 is slower than fp32 on " + bench["environment"]["cpu"] in int8 and "1.50x" in int8
+    assert why in int8 and "Python" not in int8
+    context = (copy / "report.md").read_text().split("## Notes")[0]
+    assert " ".join(features["flags"]) in context and "speed-ups hold on this machine" in context
+
+
+def test_agreeing_cross_check_states_the_residual(copy):
+    from pipeline.artifacts import write_json
+    from pipeline.report.render import render
+
+    bench = json.loads((copy / "benchmark.json").read_text())
+    bench["cross_check"] = {"threads": 1, "variants": {"fp32": {
+        "litert_benchmark": {"median_ms": 0.08}, "their_median_ms": 0.08, "our_p50_ms": 0.095, "agree": True}}}
+    write_json(copy / "benchmark.json", bench)
+    notes = render(copy, log=lambda *a: None)["notes"]
+    [check] = [n["text"] for n in notes if n["kind"] == "cross_check"]
+    assert "+0.0150 ms" in check and "Python's per-invoke cost" in check
+    assert not [n for n in notes if n["kind"] == "cross_check_disagrees"]
