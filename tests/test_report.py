@@ -314,3 +314,13 @@ def test_agreeing_cross_check_states_the_residual(copy):
     [check] = [n["text"] for n in notes if n["kind"] == "cross_check"]
     assert "+0.0150 ms" in check and "Python's per-invoke cost" in check
     assert not [n for n in notes if n["kind"] == "cross_check_disagrees"]
+
+
+def test_report_says_whether_a_per_op_profile_exists(report):
+    import importlib.util
+
+    spec = importlib.util.find_spec("ai_edge_litert.tools.benchmark_litert_model")
+    offered = spec is not None and "enable_op_profiling" in Path(spec.origin).read_text()
+    [note] = [n["text"] for n in report["notes"] if n["kind"] == "op_profile"]
+    assert note.startswith("time per op: litert-benchmark") if offered else \
+        note.startswith("no per-op profile is available: LiteRT's Python API has no per-op profiler")

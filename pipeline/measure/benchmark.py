@@ -123,6 +123,23 @@ def litert_benchmark(model_path: Path, threads: int, runs: int, warmup: int) -> 
     return {"raw": raw, "median_ms": float(median)}
 
 
+def op_profile_support() -> dict:
+    """Whether a per-op profile can be had: LiteRT's Python Interpreter has no profiler, and the installed
+    `litert-benchmark` offers one only if it has TFLite benchmark_model's --enable_op_profiling."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ai_edge_litert.tools.benchmark_litert_model")
+    try:
+        source = Path(spec.origin).read_text() if spec and spec.origin else ""
+    except OSError:
+        source = ""
+    if "enable_op_profiling" in source:
+        return {"available": True, "how": "litert-benchmark --model MODEL --num_threads 1 --enable_op_profiling"}
+    tool = "the installed litert-benchmark has no --enable_op_profiling option" if spec else \
+        "litert-benchmark is not installed"
+    return {"available": False, "why": f"LiteRT's Python API has no per-op profiler and {tool}"}
+
+
 def cross_check(run_dir: Path, variants, ours: dict, threads: int, runs: int, warmup: int) -> dict:
     out = {}
     for v in variants:
@@ -152,7 +169,7 @@ def benchmark_variants(run_dir: Path, variants, metadata: dict, *, threads_list,
     result = {"schema": 1, "environment": {**environment(), "load_average_1m": os.getloadavg()[0]},
               "xnnpack": xnnpack, "runs": runs, "warmup": warmup,
               "timing": {"method": "blocked", "rounds": len(blocks), "block_warmup": block_warmup},
-              "macs_per_inference": macs, "threads": {}, "variants": {}}
+              "macs_per_inference": macs, "op_profile": op_profile_support(), "threads": {}, "variants": {}}
     for v in variants:
         result["variants"][v] = {"bytes": sizes[v], "size_ratio_vs_fp32": sizes[v] / sizes["fp32"]}
     for threads in threads_list:

@@ -33,6 +33,7 @@ def notes(report: dict, bench: dict | None) -> list[dict]:
         notes += _int16x8_notes(by_v, report)
         notes += _int8_notes(by_v, report)
         notes += _cross_check_notes(bench)
+        notes += _op_profile_notes(bench)
         notes += [_note("memory", v["variant"], f"{v['variant']}: the fresh-process memory measurement failed "
                         f"({v['memory']['error']})") for v in report["variants"] if (v["memory"] or {}).get("error")]
     notes += _significance_notes(report["variants"])
@@ -166,6 +167,16 @@ def _cross_check_notes(bench: dict) -> list[dict]:
                 "the difference is Python's per-invoke cost (set_tensor, invoke and get_tensor calls), which "
                 "the C++ tool does not pay")))
     return out
+
+
+def _op_profile_notes(bench: dict) -> list[dict]:
+    support = bench.get("op_profile")
+    if not support:  # benchmarked before this was recorded
+        return []
+    if support["available"]:
+        return [_note("op_profile", None, f"time per op: {support['how']}")]
+    return [_note("op_profile", None, f"no per-op profile is available: {support['why']}; the latencies are "
+                  "whole invokes")]
 
 
 def _device_notes(report: dict) -> list[dict]:
