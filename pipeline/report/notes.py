@@ -36,6 +36,7 @@ def notes(report: dict, bench: dict | None) -> list[dict]:
         notes += _op_profile_notes(bench)
         notes += [_note("memory", v["variant"], f"{v['variant']}: the fresh-process memory measurement failed "
                         f"({v['memory']['error']})") for v in report["variants"] if (v["memory"] or {}).get("error")]
+    notes += learning_notes(report)
     notes += _significance_notes(report["variants"])
     notes += _metadata_notes(report.get("tflite_metadata") or {})
     notes += _keras_notes(report["keras"])
@@ -124,6 +125,54 @@ def _int8_notes(by_v: dict, report: dict) -> list[dict]:
     spread = [v for v in ("fp32", "int8") if by_v[v]["latency"][str(t)].get("warning")]
     tail = f" The spread of {' and '.join(spread)} was also wide." if spread else ""
     return [_note("int8_speedup_below_target", "int8", head + why + tail)]
+
+
+# A largest class this many times its fair share (1/classes) makes "always answer it" a rate worth checking.
+IMBALANCED = 1.5
+# Notes that mean the model did not learn what it was meant to; the CLI prints them as warnings.
+LEARNING_KINDS = ("at_chance", "majority_class", "zero_recall", "overfitting")
+TRY = ("try more images per class, a smaller model (--model cifar-cnn or mnist-cnn for grayscale), more "
+       "--epochs, or a lower --learning-rate")
+
+
+def learning_notes(report: dict) -> list[dict]:
+    """Accuracy no better than guessing or than always answering the largest class, a class never
+    recognised, and validation accuracy that stopped improving while training accuracy climbed."""
+    learning, out = report.get("learning") or {}, []
+    counts, labels = learning.get("test_counts"), learning.get("labels")
+    if not counts or not labels:
+        return out
+    n, k = sum(counts), len(counts)
+    majority = max(counts) / n
+    imbalanced = majority >= IMBALANCED / k
+    top = labels[counts.index(max(counts))]
+    for v in report["variants"]:
+        ci, name = v.get("interval_95") or {}, v["variant"]
+        acc = f"{100 * v['accuracy']:.2f}%"
+        if ci and ci["low"] <= 1 / k <= ci["high"]:
+            out.append(_note("at_chance", name, f"{name}: test accuracy {acc} is at chance: its 95% interval "
+                             f"{100 * ci['low']:.1f}-{100 * ci['high']:.1f}% holds 1/{k} = {100 / k:.1f}%, so the "
+                             f"model learned nothing usable; {TRY}"))
+        elif imbalanced and (ci and ci["low"] <= majority <= ci["high"] or v["accuracy"] <= majority):
+            out.append(_note("majority_class", name, f"{name}: test accuracy {acc} is no better than always "
+                             f"answering '{top}' ({100 * majority:.1f}% of the test images); the folder is "
+                             f"imbalanced: add images of the other classes, or {TRY}"))
+        zero = [c for c, r in (learning.get("recall") or {}).get(name, {}).items() if r == 0]
+        if zero:
+            out.append(_note("zero_recall", name, f"{name}: class(es) {', '.join(repr(c) for c in zero)} never "
+                             f"recognised (zero recall on the test split); {TRY}"))
+    train, val = learning.get("train_accuracy") or [], learning.get("val_accuracy") or []
+    if len(val) >= 3 and len(train) == len(val):
+        best = max(range(len(val)), key=val.__getitem__)
+        # Stopped: no better validation figure in the last two or more epochs; climbing: training gained 5 pp
+        # meanwhile and ends 10 pp above validation.
+        if best <= len(val) - 3 and train[-1] - train[best] >= 0.05 and train[-1] - val[-1] >= 0.10:
+            out.append(_note("overfitting", None, (
+                f"validation accuracy stopped improving at epoch {best + 1} ({100 * val[best]:.1f}%) while training "
+                f"accuracy climbed to {100 * train[-1]:.1f}% by epoch {len(train)}: the model memorises the "
+                "training images; try more images or augmentation (on by default for folders), fewer --epochs, "
+                "or a smaller model")))
+    return out
 
 
 def _significance_notes(variants: list[dict]) -> list[dict]:

@@ -83,6 +83,7 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
         if bench else None,
         "devices": _merge_devices(device_results or [], variants, _model_hashes(run_dir), run_dir),
         "analysis": _analysis(run_dir),
+        "learning": _learning(evaluation, manifest),
         "boards": _boards(run_dir),
         # {model file: {"present": bool, "reason": why not}}; None for runs built before it was recorded.
         "tflite_metadata": manifest.get("tflite_metadata", {}),
@@ -112,6 +113,16 @@ def _variant(run_dir: Path, v: str, evaluation: dict, bench: dict | None, thread
         entry.update({k: at[k] for k in ("p50_ms", "p90_ms", "p99_ms", "speedup", "gmac_per_s")})
         entry["memory"] = bench["variants"][v].get("fresh_process")
     return entry
+
+
+def _learning(evaluation: dict, manifest: dict) -> dict:
+    """What says whether the model learned: test images per class, recall per class, the training curves."""
+    confusion = np.asarray(evaluation["variants"]["fp32"].get("confusion") or [])
+    training = manifest.get("training") or {}
+    return {"labels": list((manifest.get("preprocess") or {}).get("labels") or []),
+            "test_counts": confusion.sum(axis=1).astype(int).tolist() if confusion.size else None,
+            "recall": {v: e.get("per_class") or {} for v, e in evaluation["variants"].items()},
+            "train_accuracy": training.get("accuracy"), "val_accuracy": training.get("val_accuracy")}
 
 
 def _fill_statistics(run_dir: Path, evaluation: dict) -> None:
