@@ -343,6 +343,7 @@ def _build_cli(folder: Path, out: Path, *extra) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+@pytest.mark.slow
 def test_a_model_at_chance_or_at_the_majority_rate_is_warned_about_and_min_accuracy_fails(tmp_path):
     """Noise images carry no class: the build must say the model learned nothing, on the console and in
     the report, and --min-accuracy must turn that into exit 1 (after the report is written)."""
@@ -384,3 +385,27 @@ def test_validation_that_stalls_while_training_climbs_is_overfitting():
     assert note["kind"] == "overfitting" and "epoch 2 (66.0%)" in note["text"] and "97.0%" in note["text"]
     improving = {**stalled, "val_accuracy": [0.5, 0.66, 0.7, 0.75, 0.8]}
     assert learning_notes({**base, "learning": improving}) == []
+
+
+def test_the_default_recipe_fits_the_folder(tmp_path):
+    """Grayscale -> mnist-cnn, small -> cifar-cnn (no BatchNorm), >= 50 steps an epoch, photos at 64x64;
+    what the user chose stays, and the config says why the rest was chosen."""
+    from pipeline.models import MIN_STEPS_PER_EPOCH
+
+    def folder(name, mode, size, per_class=60):
+        for c in ("a", "b"):
+            (tmp_path / name / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new(mode, size, 128).save(tmp_path / name / c / f"{i}.png")
+        return str(tmp_path / name)
+
+    gray = BuildConfig(dataset="folder", data_dir=folder("gray", "L", (28, 28)))
+    assert (gray.model, gray.image_size) == ("mnist-cnn", None) and "grayscale" in gray.folder_defaults
+    assert gray.batch_size == 16 and 96 // gray.batch_size < MIN_STEPS_PER_EPOCH  # the floor: batch 16
+    photos = folder("photos", "RGB", (300, 200), per_class=1500)
+    rgb = BuildConfig(dataset="folder", data_dir=photos)
+    assert (rgb.model, rgb.image_size) == ("cifar-cnn", "64x64") and "photos of 200 px" in rgb.folder_defaults
+    assert rgb.batch_size == 2400 // MIN_STEPS_PER_EPOCH  # 80% of 3,000 images for training, 50 steps
+    mine = BuildConfig(dataset="folder", data_dir=photos, model="cifar-resnet8", image_size="32x32", batch_size=8)
+    assert (mine.model, mine.image_size, mine.batch_size, mine.folder_defaults) == ("cifar-resnet8", "32x32", 8, None)
+    assert BuildConfig.from_dict(rgb.to_dict()) == rgb
