@@ -137,9 +137,9 @@ class BuildConfig:
             _set(self, "out", str(Path("artifacts") / f"{base}-{self.dataset}"))
 
     def _fit_folder(self) -> None:
-        """An own-image folder's model, image size and batch size, where not given, chosen to fit the folder."""
+        """An own-image folder's model, image size, batch size and augmentation, where not given, chosen to fit it."""
         if self.dataset != "folder" or not self.data_dir or self.keras_model or self.folder_defaults or \
-                (self.model and self.image_size and self.batch_size):
+                (self.model and self.image_size and self.batch_size and self.augment is not None):
             return
         from pipeline.data.folders import survey
         from pipeline.models import folder_defaults

