@@ -36,7 +36,7 @@ def summarize(samples_s) -> dict:
            "throughput_per_s": 1e3 / p50 if p50 > 0 else None}
     if wide_spread(out):
         out["warning"] = (f"wide spread: the interquartile range is {100 * (p75 - p25) / p50:.0f}% of the median; "
-                          "the machine was busy or throttling, compare medians of interleaved runs only")
+                          "the machine was busy or throttling, compare medians of variants measured together only")
     return out
 
 
@@ -79,6 +79,14 @@ def cpu_features(cpuinfo: str | None = None) -> dict:
         return {"family": None, "flags": [], "int8_dot_product": None}
     return {"family": family, "flags": [f for f in CPU_FLAGS[family] if f in present],
             "int8_dot_product": any(f in present for f in INT8_DOT_FLAGS[family])}
+
+
+def features_words(features: dict | None) -> str:
+    """A CPU's relevant features in words: 'x86 avx2, no int8 dot-product instructions'."""
+    if not features or not features.get("family"):
+        return "CPU features unknown"
+    dot = "int8 dot-product instructions" if features["int8_dot_product"] else "no int8 dot-product instructions"
+    return f"{features['family']} {' '.join(features['flags']) or '(none of the SIMD extensions checked)'}, {dot}"
 
 
 def peak_rss_mb() -> float | None:

@@ -172,6 +172,9 @@ def benchmark_variants(run_dir: Path, variants, metadata: dict, *, threads_list,
               "macs_per_inference": macs, "op_profile": op_profile_support(), "threads": {}, "variants": {}}
     for v in variants:
         result["variants"][v] = {"bytes": sizes[v], "size_ratio_vs_fp32": sizes[v] / sizes["fp32"]}
+    env = result["environment"]
+    log(f"benchmark on {env['cpu']} ({timing.features_words(env['cpu_features'])}): the speed-ups below hold "
+        "on this machine")
     for threads in threads_list:
         with console.progress(f"benchmark @{threads} thread(s)",
                               total=(runs + len(blocks) * block_warmup) * len(variants), unit="invokes") as bar:

@@ -13,9 +13,9 @@ import base64
 import json
 from pathlib import Path
 
+from device.timing import features_words
 from pipeline.artifacts import MANIFEST
 from pipeline.measure.stats import wilson
-from pipeline.report.notes import features_words
 from pipeline.report.render import SCHEMA, TEMPLATES, _ms, _pct, _text
 
 FORMATS = ("text", "markdown", "html", "json")

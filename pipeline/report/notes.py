@@ -7,7 +7,7 @@ worth a remark.
 """
 from __future__ import annotations
 
-from device.timing import wide_spread
+from device.timing import features_words, wide_spread
 from pipeline.measure.stats import change_words
 
 # int8 moves a quarter of fp32's bytes and its kernels do 4x the MACs per instruction; once the
@@ -87,14 +87,6 @@ def _int16x8_notes(by_v: dict, report: dict) -> list[dict]:
         f"TFLite's reference kernels: p50 {v['p50_ms']:.3f} ms against fp32's {by_v['fp32']['p50_ms']:.4f} ms "
         f"at {threads_label(t)}, {v['p50_ms'] / by_v['fp32']['p50_ms']:.0f}x slower{xnnpack}. It is there for accuracy "
         f"({100 * v['accuracy']:.2f}%, {v['change_pp']:+.2f} pp vs fp32), not speed"))]
-
-
-def features_words(features: dict | None) -> str:
-    """A CPU's relevant features in words: 'x86 avx2, no int8 dot-product instructions'."""
-    if not features or not features.get("family"):
-        return "CPU features unknown"
-    dot = "int8 dot-product instructions" if features["int8_dot_product"] else "no int8 dot-product instructions"
-    return f"{features['family']} {' '.join(features['flags']) or '(none of the SIMD extensions checked)'}, {dot}"
 
 
 def _int8_notes(by_v: dict, report: dict) -> list[dict]:

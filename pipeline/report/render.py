@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from device.timing import features_words
 from pipeline.artifacts import MANIFEST, atomic_write, run_name, write_json
 from pipeline.config import VARIANTS
 from pipeline.delivery import default_variant, guard_decision
 from pipeline.report import plots
-from pipeline.report.notes import features_words, notes, threads_label
+from pipeline.report.notes import notes, threads_label
 
 SCHEMA = 1
 TEMPLATES = Path(__file__).resolve().parent / "templates"
