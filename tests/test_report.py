@@ -237,6 +237,11 @@ def test_device_results_add_labelled_columns(copy, predictions, tmp_path):
     env = outputs["bench"]["environment"]
     [device] = merged["devices"]
     assert env["cpu"] in device["label"] and env["machine"] in device["label"]
+    from device.timing import features_words
+
+    # The board's own CPU features, from its runner's environment, name the machine its latency holds on.
+    [note] = [n["text"] for n in merged["notes"] if n["kind"] == "device"]
+    assert env["cpu_features"]["family"] and features_words(env["cpu_features"]) in note
     int8 = by_variant(merged)["int8"]["device"][device["label"]]
     # The eval images are the first 40 test images, whose int8 predictions the build saved.
     expected = (predictions["probs_int8"][:40].argmax(1) == y).mean()

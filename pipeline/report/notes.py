@@ -234,8 +234,9 @@ def _device_notes(report: dict) -> list[dict]:
                 parts.append(f"{f['variant']} benchmarked at {threads_label(f['threads'])}, XNNPACK "
                              f"{'on' if f['xnnpack'] else 'off'}, {f['runs']} runs"
                              + (f" [{f['warning']}]" if f["warning"] else ""))
-        out.append(_note("device", None, f"device {d['label']} ({interp.get('name')} {interp.get('version')}): "
-                         + "; ".join(parts)))
+        features = (d.get("environment") or {}).get("cpu_features")
+        out.append(_note("device", None, f"device {d['label']} ({interp.get('name')} {interp.get('version')}"
+                         + (f"; {features_words(features)}" if features else "") + "): " + "; ".join(parts)))
     return out
 
 
