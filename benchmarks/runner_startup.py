@@ -1,12 +1,18 @@
 """Cold start and steady state of the device runner core.
 
+0. The runner's whole `classify` of one PNG (import + load + one classification, a fresh process)
+   against the bare imports it cannot avoid, `python -c "import numpy, ai_edge_litert.interpreter,
+   PIL.Image"`, alternating the two, median wall time and peak RSS (from wait4, per process).
+   Targets (issue 20.3): <= 1.3x the bare imports and <= 60 MB. --other-runner adds an older
+   checkout's runner to the alternation, for a before/after measured in the same run.
 1. A fresh process that imports the runner, loads the int8 model and runs one inference: wall time
    and peak RSS, for the ai_edge_litert route and the tensorflow.lite route, interleaved.
    Targets: <= 0.3 s and <= 60 MB for ai_edge_litert.
 2. Steady-state time per inference of `Model.invoke` on a preloaded array against a bare
    `interpreter.invoke()` loop on the same interpreter, interleaved in blocks. Target: <= 1.15x.
 
-    python benchmarks/runner_startup.py RUN_DIR [--rounds 10]
+    python benchmarks/runner_startup.py RUN_DIR [--rounds 10] [--json FILE] [--only-classify]
+                                        [--other-runner ../main/device/runner.py]
 """
 from __future__ import annotations
 
@@ -31,6 +37,44 @@ p = m.preprocess
 m.predict(np.zeros((1, p["height"], p["width"], p["channels"]), np.uint8))
 print(time.perf_counter() - t0, timing.peak_rss_mb(), m.runtime.name)
 """
+
+
+BARE = "import numpy, ai_edge_litert.interpreter, PIL.Image"
+CLASSIFY_RATIO, CLASSIFY_MB = 1.3, 60.0
+
+
+def wall_and_peak(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS in MB of one child process (wait4 gives that child's own rusage)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{cmd} failed: {proc.stderr.read().decode()}")
+    proc.stderr.close()
+    return wall, usage.ru_maxrss / 1024
+
+
+def classify_against_bare(run_dir: Path, rounds: int, other_runner: Path | None = None) -> dict:
+    image = sorted((run_dir / "samples").glob("*.png"))[0]
+    runners = {"classify": REPO / "device" / "runner.py", **({"other_runner": other_runner} if other_runner else {})}
+    cmds = {"bare_imports": [sys.executable, "-c", BARE],
+            **{k: [sys.executable, str(r), "classify", str(image), "--model", str(run_dir / "model_int8.tflite")]
+               for k, r in runners.items()}}
+    samples = {k: [] for k in cmds}
+    for _ in range(rounds):
+        for k, cmd in cmds.items():  # alternating, so machine drift hits both alike
+            samples[k].append(wall_and_peak(cmd))
+    out = {k: {"wall_s": [w for w, _ in v], "peak_rss_mb": [m for _, m in v],
+               "wall_s_median": statistics.median(w for w, _ in v), "wall_s_min": min(w for w, _ in v),
+               "peak_rss_mb_median": statistics.median(m for _, m in v)} for k, v in samples.items()}
+    for k in runners:
+        out[k]["ratio_median"] = statistics.median(c[0] / b[0] for c, b in zip(samples[k], samples["bare_imports"]))
+    out["ratio_median"] = out["classify"]["ratio_median"]
+    out["other_runner"] = {**out.get("other_runner", {}), "path": str(other_runner)} if other_runner else None
+    out["image"] = image.name
+    out["met"] = out["ratio_median"] <= CLASSIFY_RATIO and out["classify"]["peak_rss_mb_median"] <= CLASSIFY_MB
+    return out
 
 
 def cold_start(model: Path, route: str) -> tuple[float, float, float, str]:
@@ -76,14 +120,31 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--only-classify", action="store_true", help="measure part 0 only (the issue 20.3 goal)")
+    ap.add_argument("--other-runner", type=Path, help="another device/runner.py (an older checkout's) alternated "
+                                                      "with ours in part 0, for a before/after in one run")
     args = ap.parse_args()
     model = args.run_dir / "model_int8.tflite"
+    c = classify_against_bare(args.run_dir, args.rounds, args.other_runner)
+    print(f"runner classify of one PNG {c['classify']['wall_s_median']:.3f} s, "
+          f"{c['classify']['peak_rss_mb_median']:.1f} MB against the bare imports "
+          f"{c['bare_imports']['wall_s_median']:.3f} s, "
+          f"{c['bare_imports']['peak_rss_mb_median']:.1f} MB: {c['ratio_median']:.2f}x (medians of {args.rounds}, "
+          f"target <= {CLASSIFY_RATIO}x and <= {CLASSIFY_MB:.0f} MB; met: {c['met']})")
+    if c["other_runner"]:
+        o = c["other_runner"]
+        print(f"{o['path']}: {o['wall_s_median']:.3f} s, {o['peak_rss_mb_median']:.1f} MB, {o['ratio_median']:.2f}x")
+    out = {"cpu_count": os.cpu_count(), "python": sys.version.split()[0], "load_average": os.getloadavg(),
+           "classify_against_bare_imports": c, "cold_start": {}}
+    if args.only_classify:
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2))
+        return
     routes = ("ai_edge_litert", "tensorflow.lite")
     samples = {r: [] for r in routes}
     for _ in range(args.rounds):
         for r in routes:  # interleaved, so machine drift hits both routes alike
             samples[r].append(cold_start(model, r))
-    out = {"cpu_count": os.cpu_count(), "python": sys.version.split()[0], "cold_start": {}}
     for r in routes:
         walls, inside, rss = zip(*[(w, i, m) for w, i, m, _ in samples[r]])
         out["cold_start"][r] = {"n": len(walls), "wall_s_median": statistics.median(walls),

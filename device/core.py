@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device import foreign
+from device import foreign, timing
 from device.images import MAX_IMAGE_PIXELS, image_warnings, load_image, read_image  # noqa: F401 (the core's API)
 from device.integrity import METADATA_NAME, DeviceError, expected_sha256, find_metadata, load_metadata, read_model_bytes
 
@@ -62,8 +63,6 @@ def runtime(prefer: str | None = None) -> Runtime:
                           + ", ".join(name for name, _, _ in _INTERPRETERS))
     if _runtime is not None and prefer in (None, _runtime.name):
         return _runtime
-    from importlib import metadata
-
     tried = []
     for name, module_name, dist in _INTERPRETERS:
         if prefer not in (None, name):
@@ -73,10 +72,15 @@ def runtime(prefer: str | None = None) -> Runtime:
         except ImportError as e:
             tried.append(f"{name} ({e})")
             continue
-        try:
-            version = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            version = getattr(module, "__version__", "unknown")
+        # The package's own __version__ first: importlib.metadata parses every installed distribution's
+        # METADATA with the email package, ~100 ms of the runner's cold start.
+        version = getattr(sys.modules.get(module_name.split(".")[0]), "__version__", None)
+        if version is None:
+            from importlib import metadata
+            try:
+                version = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                version = getattr(module, "__version__", "unknown")
         found = Runtime(name, version, module)
         if prefer is None:
             _runtime = found
@@ -410,4 +414,5 @@ def environment() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(),
             "python": platform.python_version(), "os": platform.platform(),
-            "numpy": np.__version__, "interpreter": {"name": rt.name, "version": rt.version}}
+            "numpy": np.__version__, "interpreter": {"name": rt.name, "version": rt.version},
+            "cpu_features": timing.cpu_features()}

@@ -15,6 +15,13 @@ import numpy as np
 # by orders of magnitude but the quartiles not at all (pyperf and Google's benchmark do the same).
 WIDE_SPREAD_IQR = 0.15
 
+# The /proc/cpuinfo flags that decide which XNNPACK kernels run, and of those the ones that give int8
+# a dot-product instruction (4 int8 multiply-adds into an int32 per lane). Without one, XNNPACK's int8
+# kernels widen to int16 and lose to its fp32 FMA kernels on x86; on ARM, Cortex-A72 (Pi 4) lacks
+# asimddp, Cortex-A76 (Pi 5) has it.
+CPU_FLAGS = {"x86": ("avx2", "avx512f", "avx512_vnni", "avx_vnni"), "arm": ("asimd", "neon", "asimddp", "i8mm")}
+INT8_DOT_FLAGS = {"x86": ("avx512_vnni", "avx_vnni"), "arm": ("asimddp", "i8mm")}
+
 
 def summarize(samples_s) -> dict:
     """n, mean, std, min/max, quartiles and percentiles of samples in seconds, reported in milliseconds."""
@@ -29,7 +36,7 @@ def summarize(samples_s) -> dict:
            "throughput_per_s": 1e3 / p50 if p50 > 0 else None}
     if wide_spread(out):
         out["warning"] = (f"wide spread: the interquartile range is {100 * (p75 - p25) / p50:.0f}% of the median; "
-                          "the machine was busy or throttling, compare medians of interleaved runs only")
+                          "the machine was busy or throttling, compare medians of variants measured together only")
     return out
 
 
@@ -48,6 +55,38 @@ def time_calls(fn, runs: int, warmup: int) -> tuple[list[float], list[float]]:
         fn()
         (warm if i < warmup else timed).append(clock() - t0)
     return warm, timed
+
+
+def cpu_features(cpuinfo: str | None = None) -> dict:
+    """{family, flags (the relevant ones present), int8_dot_product}; family None where nothing says.
+
+    Read from /proc/cpuinfo (x86's "flags", ARM's "Features"); elsewhere the features are unknown,
+    which the report says rather than guessing.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return {"family": None, "flags": [], "int8_dot_product": None}
+    present: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            present.update(value.split())
+    family = "x86" if "sse2" in present else "arm" if present & {"asimd", "neon", "fp"} else None
+    if family is None:
+        return {"family": None, "flags": [], "int8_dot_product": None}
+    return {"family": family, "flags": [f for f in CPU_FLAGS[family] if f in present],
+            "int8_dot_product": any(f in present for f in INT8_DOT_FLAGS[family])}
+
+
+def features_words(features: dict | None) -> str:
+    """A CPU's relevant features in words: 'x86 avx2, no int8 dot-product instructions'."""
+    if not features or not features.get("family"):
+        return "CPU features unknown"
+    dot = "int8 dot-product instructions" if features["int8_dot_product"] else "no int8 dot-product instructions"
+    return f"{features['family']} {' '.join(features['flags']) or '(none of the SIMD extensions checked)'}, {dot}"
 
 
 def peak_rss_mb() -> float | None:

@@ -300,6 +300,9 @@ def main():
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), metavar="PP",
               help="After writing the report, exit non-zero if a variant lost more than PP percentage points "
                    "(with --fallback auto, the guard's repaired variant is judged instead of the one it replaced).")
+@click.option("--min-accuracy", type=click.FloatRange(0, 100), metavar="PCT",
+              help="After writing the report, exit 1 if the delivered variant's test accuracy is below PCT percent "
+                   "(for scripts: a model that trained to chance is not shipped by accident).")
 @click.option("--no-benchmark", is_flag=True, help="Skip the latency benchmark.")
 @click.option("--resume", metavar="NAME|DIR",
               help="Continue the interrupted build of run NAME (or run directory DIR) from its last finished "
@@ -311,7 +314,7 @@ def main():
 @click.option("--qat", is_flag=True, help="Also fine-tune with quantization-aware training and report QAT int8.")
 @verbose_option
 @handle_errors
-def build(overwrite, resume, no_benchmark, verbose, **kwargs):
+def build(overwrite, resume, no_benchmark, verbose, min_accuracy, **kwargs):
     """Train, quantize, convert, evaluate, benchmark and report, into one run directory."""
     from pipeline.build import AccuracyDropError, check_accuracy_drop
     from pipeline.build import build as run_build
@@ -321,6 +324,9 @@ def build(overwrite, resume, no_benchmark, verbose, **kwargs):
     cfg = _resume_config(resume) if resume else _config(benchmark=not no_benchmark, overwrite=overwrite, **kwargs)
     run_dir = captured(verbose, lambda log: run_build(cfg, overwrite=overwrite, resume=bool(resume), log=log))
     _print_table(run_dir)
+    _warn_learning(run_dir)
+    if min_accuracy is not None:
+        _check_min_accuracy(run_dir, min_accuracy)
     if cfg.max_accuracy_drop is not None:
         try:
             check_accuracy_drop(run_dir, cfg.max_accuracy_drop)
@@ -423,6 +429,29 @@ def _run_config(run_dir: Path, **overrides) -> BuildConfig:
     saved["xnnpack"] = not overrides.get("no_xnnpack", False)
     saved["threads"] = tuple(overrides.get("threads") or ())
     return BuildConfig.from_dict(saved)
+
+
+def _warn_learning(run_dir: Path) -> None:
+    """The report's notes that say the model did not learn, on the console too (they are in the report)."""
+    from pipeline.report.notes import LEARNING_KINDS
+
+    path = Path(run_dir) / "report.json"
+    for note in json.loads(path.read_text())["notes"] if path.exists() else []:
+        if note["kind"] in LEARNING_KINDS:
+            click.echo(f"warning: {note['text']}", err=True)
+
+
+def _check_min_accuracy(run_dir: Path, floor_pct: float) -> None:
+    path = Path(run_dir) / "report.json"
+    if not path.exists():
+        raise UserError(f"--min-accuracy {floor_pct:g}: {run_dir} has no report (built with evaluation off?), so "
+                        "there is no test accuracy to check; drop --min-accuracy or evaluate")
+    report = json.loads(path.read_text())
+    delivered = report["delivered"]["variant"]
+    accuracy = next(v["accuracy"] for v in report["variants"] if v["variant"] == delivered)
+    if 100 * accuracy < floor_pct:
+        raise UserError(f"{delivered} test accuracy {100 * accuracy:.2f}% is below --min-accuracy {floor_pct:g}%; "
+                        f"the full report is in {run_dir}")
 
 
 def _print_table(run_dir: Path) -> None:

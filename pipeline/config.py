@@ -62,6 +62,8 @@ class BuildConfig:
     int8_io: str = "int8"
     input_range: str | None = None  # None: read from the --keras-model, else "0,1"
     keras_model: str | None = None
+    # Set, not given: why the folder's model, image size and batch were chosen (models.folder_defaults).
+    folder_defaults: str | None = None
     tensorboard: str | None = None
     out: str = ""  # the run directory; empty: artifacts/<model or --keras-model file stem>-<dataset>
     # Evaluation and benchmark.
@@ -84,6 +86,7 @@ class BuildConfig:
 
         if self.dataset not in DATASETS:
             raise ConfigError(f"--dataset: unknown '{self.dataset}'; choose from {', '.join(DATASETS)}")
+        self._fit_folder()
         model = self.model or DATASETS[self.dataset].default_model
         if model not in MODELS:
             raise ConfigError(f"--model: unknown '{model}'; choose from {', '.join(MODELS)}")
@@ -134,6 +137,24 @@ class BuildConfig:
         if not self.out:  # a user's own model is named after its file, not after a zoo model it may not be
             base = Path(self.keras_model).stem if self.keras_model else model
             _set(self, "out", str(Path("artifacts") / f"{base}-{self.dataset}"))
+
+    def _fit_folder(self) -> None:
+        """An own-image folder's model, image size, batch size and augmentation, where not given, chosen to fit it."""
+        if self.dataset != "folder" or not self.data_dir or self.keras_model or self.folder_defaults or \
+                (self.model and self.image_size and self.batch_size and self.augment is not None):
+            return
+        from pipeline.data.folders import survey
+        from pipeline.models import folder_defaults
+
+        found = survey(Path(self.data_dir).expanduser())
+        if found is None:
+            return
+        chosen = folder_defaults(found, self.model)
+        applied = [name for name in chosen if getattr(self, name) is None]
+        for name in applied:
+            _set(self, name, chosen[name][0])
+        if applied:
+            _set(self, "folder_defaults", ", ".join(chosen[name][1] for name in applied))
 
     def _image_size(self, standard: tuple[int, int, int]) -> tuple[int, int]:
         if self.image_size is None:

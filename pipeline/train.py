@@ -95,6 +95,8 @@ def train(cfg: BuildConfig, data: Dataset, log=print):
     throughput = _Throughput(len(data.x_train), cfg.epochs, log)
     callbacks = [throughput, console.keras_callback(cfg.epochs, steps)]
     callbacks += [keras.callbacks.TensorBoard(log_dir=cfg.tensorboard)] if cfg.tensorboard else []
+    if cfg.folder_defaults:
+        log(f"chosen for this folder: {cfg.folder_defaults} (--model, --image-size and --batch-size choose)")
     log(f"training {cfg.model} on {len(data.x_train)} {data.name} images ({len(data.x_val)} for validation), "
         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in recipe.items()))
     history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, steps_per_epoch=steps,

@@ -80,4 +80,77 @@ def test_benchmark_with_cross_check(mnist_run, tmp_path):
         assert check["litert_benchmark"]["raw"]["num_threads"] == 1
     assert lat["int8"]["speedup_vs_fp32"] == pytest.approx(
         lat["fp32"]["latency"]["p50_ms"] / lat["int8"]["latency"]["p50_ms"])
-    assert result["environment"]["cores"] >= 1 and result["interleaved"] is True
+    assert result["environment"]["cores"] >= 1 and result["timing"]["method"] == "blocked"
+
+
+def test_each_model_is_timed_in_warm_blocks_taking_turns(mnist_run):
+    """Consecutive invokes per model (warm caches), models alternating block by block over the rounds,
+    every timed sample kept: the order of the real invokes is recorded, not the clock."""
+    from device.core import Model
+    from pipeline.measure import benchmark
+
+    order = []
+
+    class Recorded(Model):
+        def invoke(self, prepared):
+            order.append(self.path.stem.removeprefix("model_"))
+            return super().invoke(prepared)
+
+    meta = json.loads((mnist_run / "metadata.json").read_text())
+    models = {v: Recorded(mnist_run / f"model_{v}.tflite", threads=1, metadata=meta) for v in ("fp32", "int8")}
+    pixels = np.zeros((1, 28, 28, 1), np.uint8)
+    prepared = {v: m.prepare(pixels) for v, m in models.items()}
+    warm, timed, how = benchmark._blocked(models, prepared, runs=23, warmup=7, advance=lambda n: None, rounds=5)
+    assert how == {"method": "blocked", "rounds": 5, "block_runs": [5, 5, 5, 4, 4], "block_warmup": 2}
+    runs_of_same = [order[0]]
+    lengths = [1]
+    for v in order[1:]:
+        if v == runs_of_same[-1]:
+            lengths[-1] += 1
+        else:
+            runs_of_same.append(v)
+            lengths.append(1)
+    assert runs_of_same == ["fp32", "int8"] * 5  # A B A B ..., never invoke by invoke
+    assert lengths == [7, 7, 7, 7, 7, 7, 6, 6, 6, 6]  # 2 warm-up + the block's timed runs
+    assert {v: len(t) for v, t in timed.items()} == {"fp32": 23, "int8": 23}
+    assert {v: len(w) for v, w in warm.items()} == {"fp32": 10, "int8": 10}
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [
+    ("processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n", ("x86", ["avx2"], False)),
+    ("flags\t: sse2 avx2 avx512f avx512bw avx512_vnni\n", ("x86", ["avx2", "avx512f", "avx512_vnni"], True)),
+    ("flags\t: sse2 avx2 avx_vnni\n", ("x86", ["avx2", "avx_vnni"], True)),
+    # Raspberry Pi 4 (Cortex-A72) and Pi 5 (Cortex-A76), as their kernels print them.
+    ("Features\t: fp asimd evtstrm crc32 cpuid\nCPU part\t: 0xd08\n", ("arm", ["asimd"], False)),
+    ("Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop "
+     "asimddp\n", ("arm", ["asimd", "asimddp"], True)),
+    ("Features\t: half thumb fastmult vfp edsp neon vfpv3 tls vfpv4 idiva idivt\n", ("arm", ["neon"], False)),
+    ("", (None, [], None)),
+])
+def test_cpu_features_from_cpuinfo(cpuinfo, expected):
+    f = timing.cpu_features(cpuinfo)
+    assert (f["family"], f["flags"], f["int8_dot_product"]) == expected
+
+
+def test_environment_of_host_and_runner_carries_cpu_features(mnist_run):
+    """The host benchmark's and the board runner's environment name the features read from /proc/cpuinfo."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from device.core import environment
+
+    try:
+        flags = {w for line in open("/proc/cpuinfo") if line.lower().startswith(("flags", "features"))
+                 for w in line.split(":", 1)[1].split()}
+    except OSError:
+        pytest.skip("no /proc/cpuinfo here")
+    host = environment()["cpu_features"]
+    assert host["flags"] and set(host["flags"]) <= flags
+    assert host["int8_dot_product"] == bool(flags & {"avx512_vnni", "avx_vnni", "asimddp", "i8mm"})
+    runner = Path(__file__).resolve().parent.parent / "device" / "runner.py"
+    for cmd in (["bench", "--runs", "3", "--warmup", "1"], ["info"]):
+        proc = subprocess.run([sys.executable, str(runner), *cmd, "--model", str(mnist_run / "model_int8.tflite"),
+                               "--json"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["environment"]["cpu_features"] == host, cmd

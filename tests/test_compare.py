@@ -81,6 +81,19 @@ def test_other_test_sets_and_machines_are_flagged(runs, mnist_run, tmp_path):
     assert "accuracy*" in out and "p50 ms @1†" in out and "* accuracy not comparable" in out
 
 
+def test_machines_with_other_cpu_features_are_flagged(runs, tmp_path):
+    """Same CPU name, other features (a VM exposing VNNI): int8 runs other kernels, latency not comparable."""
+    vnni = shutil.copytree(runs[1], tmp_path / "vnni")
+    report = json.loads((vnni / "report.json").read_text())
+    report["environment"]["cpu_features"] = {"family": "x86", "flags": ["avx2", "avx512f", "avx512_vnni"],
+                                             "int8_dot_product": True}
+    (vnni / "report.json").write_text(json.dumps(report))
+    code, out = _cli(runs[0], vnni, "--format", "json")
+    latency = json.loads(out)["not_comparable"]["latency"]
+    assert code == 0 and "vnni: " in latency and "avx512_vnni, int8 dot-product instructions" in latency
+    assert "no int8 dot-product instructions" in latency.split("vnni:")[0]
+
+
 @pytest.mark.parametrize("case, expected", [
     ("one", "needs at least two runs"),
     ("missing", "no such run directory"),

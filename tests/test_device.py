@@ -250,3 +250,34 @@ def test_bundle_with_escaping_paths_is_refused(tmp_path):
     with pytest.raises(core.DeviceError, match="outside"):
         integrity.extract_bundle(evil, tmp_path / "dest")
     assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_classify_cold_start_imports_only_what_one_png_needs(mnist_run, tmp_path):
+    """The runner's classify of one PNG, then of a folder: no Pillow plugin but PNG's (and the few Pillow
+    preloads), no numpy.ma (numpy.median's NaN check), no importlib.metadata, no device.board."""
+    digit = tmp_path / "digits" / "one.png"
+    digit.parent.mkdir()
+    Image.fromarray(np.full((28, 28), 200, np.uint8)).save(digit)
+    (tmp_path / "digits" / "notes.txt").write_text("not an image")
+    for target in (digit, digit.parent):
+        proc = subprocess.run([sys.executable, "-X", "importtime", str(RUNNER), "classify", str(target), "--model",
+                               str(mnist_run / "model_int8.tflite"), "--json"], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert [r["image"] for r in json.loads(proc.stdout)["results"]] == [str(digit)]
+        modules = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        plugins = {m for m in modules if m.startswith("PIL.") and m.endswith("ImagePlugin")}
+        assert plugins <= {"PIL.PngImagePlugin", "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.JpegImagePlugin",
+                           "PIL.PpmImagePlugin"}, plugins
+        assert not modules & {"numpy.ma", "importlib.metadata", "device.board"}, target
+
+
+def test_border_median_is_the_median():
+    from device.images import _background
+
+    rng = np.random.default_rng(0)
+    for shape in ((28, 28), (5, 7, 3), (2, 2)):
+        pixels = rng.integers(0, 256, shape).astype(np.uint8)
+        g = pixels.mean(axis=-1) if pixels.ndim == 3 else pixels
+        border = np.concatenate([g[0], g[-1], g[1:-1, 0], g[1:-1, -1]])
+        assert _background(pixels) == pytest.approx(float(np.median(border)))

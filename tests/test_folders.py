@@ -325,3 +325,89 @@ def test_cli_infers_a_folder_dataset_and_says_what_is_wrong_in_one_line(tmp_path
     assert not out.exists()  # no run directory; the staging folder stays for --resume, as for any failure
     result = CliRunner().invoke(main, ["build", "--data-dir", str(photos), "--image-size", "0x0", "--out", str(out)])
     assert result.exit_code == 2 and "--image-size" in result.output
+
+
+def _noise_folder(root: Path, counts: dict[str, int]) -> Path:
+    rng = np.random.default_rng(0)
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def _build_cli(folder: Path, out: Path, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "build", "--data-dir", str(folder), "--model",
+                           "mnist-mlp", "--image-size", "8x8", "--epochs", "1", "--no-benchmark", "--out", str(out),
+                           *extra], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.slow
+def test_a_model_at_chance_or_at_the_majority_rate_is_warned_about_and_min_accuracy_fails(tmp_path):
+    """Noise images carry no class: the build must say the model learned nothing, on the console and in
+    the report, and --min-accuracy must turn that into exit 1 (after the report is written)."""
+    balanced = _build_cli(_noise_folder(tmp_path / "noise", {"a": 60, "b": 60, "c": 60}), tmp_path / "run-b",
+                          "--min-accuracy", "90")
+    assert balanced.returncode == 1, balanced.stderr
+    assert "below --min-accuracy 90%" in balanced.stderr and (tmp_path / "run-b" / "report.json").exists()
+    report = json.loads((tmp_path / "run-b" / "report.json").read_text())
+    ci = next(v["interval_95"] for v in report["variants"] if v["variant"] == "int8")
+    assert ci["low"] <= 1 / 3 <= ci["high"]  # noise, 18 test images: the interval holds chance
+    assert "warning: int8: test accuracy" in balanced.stderr and "is at chance" in balanced.stderr
+    assert ("at_chance", "int8") in {(n["kind"], n["variant"]) for n in report["notes"]}
+    assert "is at chance" in (tmp_path / "run-b" / "report.md").read_text()
+
+    skewed = _build_cli(_noise_folder(tmp_path / "skewed", {"cats": 90, "dogs": 10}), tmp_path / "run-s",
+                        "--min-accuracy", "1")
+    assert skewed.returncode == 0, skewed.stderr
+    out = skewed.stdout + skewed.stderr
+    assert "warning: the folder is imbalanced: 'cats' has" in out
+    report = json.loads((tmp_path / "run-s" / "report.json").read_text())
+    kinds = {(n["kind"], n["variant"]) for n in report["notes"]}
+    recall = report["learning"]["recall"]["int8"]
+    assert (recall["dogs"] == 0) == (("zero_recall", "int8") in kinds)
+    int8 = next(v for v in report["variants"] if v["variant"] == "int8")
+    majority = max(report["learning"]["test_counts"]) / sum(report["learning"]["test_counts"])
+    ci = int8["interval_95"]
+    at_majority = int8["accuracy"] <= majority or ci["low"] <= majority <= ci["high"]
+    assert (("majority_class", "int8") in kinds) == at_majority
+    assert (("majority_class", "int8") in kinds) == ("no better than always answering 'cats'" in out)
+
+
+def test_validation_that_stalls_while_training_climbs_is_overfitting():
+    from pipeline.report.notes import learning_notes
+
+    base = {"variants": [], "learning": {"labels": ["a", "b"], "test_counts": [50, 50], "recall": {}}}
+    stalled = {**base["learning"], "train_accuracy": [0.5, 0.7, 0.8, 0.9, 0.97],
+               "val_accuracy": [0.5, 0.66, 0.65, 0.64, 0.66]}
+    [note] = learning_notes({**base, "learning": stalled})
+    assert note["kind"] == "overfitting" and "epoch 2 (66.0%)" in note["text"] and "97.0%" in note["text"]
+    improving = {**stalled, "val_accuracy": [0.5, 0.66, 0.7, 0.75, 0.8]}
+    assert learning_notes({**base, "learning": improving}) == []
+
+
+def test_the_default_recipe_fits_the_folder(tmp_path):
+    """Grayscale -> mnist-cnn, small -> cifar-cnn (no BatchNorm), >= 50 steps an epoch, photos at 64x64;
+    what the user chose stays, and the config says why the rest was chosen."""
+    from pipeline.models import MIN_STEPS_PER_EPOCH
+
+    def folder(name, mode, size, per_class=60):
+        for c in ("a", "b"):
+            (tmp_path / name / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new(mode, size, 128).save(tmp_path / name / c / f"{i}.png")
+        return str(tmp_path / name)
+
+    gray = BuildConfig(dataset="folder", data_dir=folder("gray", "L", (28, 28)))
+    assert (gray.model, gray.image_size, gray.augment) == ("mnist-cnn", None, False)
+    assert "mnist-cnn for grayscale" in gray.folder_defaults and "flips mirror digits" in gray.folder_defaults
+    assert gray.batch_size == 16 and 96 // gray.batch_size < MIN_STEPS_PER_EPOCH  # the floor: batch 16
+    photos = folder("photos", "RGB", (300, 200), per_class=1500)
+    rgb = BuildConfig(dataset="folder", data_dir=photos)
+    assert (rgb.model, rgb.image_size, rgb.augment) == ("cifar-cnn", "64x64", True)
+    assert "photos of 200 px" in rgb.folder_defaults
+    assert rgb.batch_size == 2400 // MIN_STEPS_PER_EPOCH  # 80% of 3,000 images for training, 50 steps
+    mine = BuildConfig(dataset="folder", data_dir=photos, model="cifar-resnet8", image_size="32x32", batch_size=8)
+    assert (mine.model, mine.image_size, mine.batch_size, mine.folder_defaults) == ("cifar-resnet8", "32x32", 8, None)
+    assert BuildConfig.from_dict(rgb.to_dict()) == rgb

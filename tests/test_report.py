@@ -204,7 +204,11 @@ def test_report_without_benchmark_still_shows_accuracy(copy, report):
     assert [v["accuracy"] for v in again["variants"]] == [v["accuracy"] for v in report["variants"]]
     assert all(v["p50_ms"] is None for v in again["variants"])
     assert again["plots"] == ["confusion_fp32_int8.png"] and not (copy / "latency.png").exists()
-    assert [n["kind"] for n in again["notes"] if n["kind"] != "accuracy_change"] == ["no_benchmark"]
+    from pipeline.report.notes import LEARNING_KINDS
+
+    # Latency notes go with the benchmark; what the accuracy says (a 1-epoch model misses classes) stays.
+    assert [n["kind"] for n in again["notes"] if n["kind"] not in ("accuracy_change", *LEARNING_KINDS)] == \
+        ["no_benchmark"]
     assert [row[0] for row in md_table((copy / "report.md").read_text())[2:]] == VARIANTS
 
 
@@ -233,6 +237,11 @@ def test_device_results_add_labelled_columns(copy, predictions, tmp_path):
     env = outputs["bench"]["environment"]
     [device] = merged["devices"]
     assert env["cpu"] in device["label"] and env["machine"] in device["label"]
+    from device.timing import features_words
+
+    # The board's own CPU features, from its runner's environment, name the machine its latency holds on.
+    [note] = [n["text"] for n in merged["notes"] if n["kind"] == "device"]
+    assert env["cpu_features"]["family"] and features_words(env["cpu_features"]) in note
     int8 = by_variant(merged)["int8"]["device"][device["label"]]
     # The eval images are the first 40 test images, whose int8 predictions the build saved.
     expected = (predictions["probs_int8"][:40].argmax(1) == y).mean()
@@ -278,3 +287,49 @@ def test_bad_device_results_raise_report_error_naming_the_file(copy, tmp_path, c
     message = str(err.value)
     assert str(bad) in message and expected in message and "\n" not in message
     assert (copy / "report.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("features, why", [
+    ({"family": "x86", "flags": ["avx2"], "int8_dot_product": False}, "no int8 dot-product instructions"),
+    ({"family": "arm", "flags": ["asimd", "asimddp"], "int8_dot_product": True}, "the kernels are not the cause"),
+])
+def test_int8_slowdown_is_explained_by_the_cpu(copy, features, why):
+    """A measured int8 slow-down names the machine and its features, never Python's per-call cost."""
+    from pipeline.artifacts import write_json
+    from pipeline.report.render import render
+
+    bench = json.loads((copy / "benchmark.json").read_text())
+    bench["environment"]["cpu_features"] = features
+    lat = bench["threads"]["1"]
+    lat["int8"]["latency"]["p50_ms"] = 1.5 * lat["fp32"]["latency"]["p50_ms"]
+    write_json(copy / "benchmark.json", bench)
+    report = render(copy, log=lambda *a: None)
+    [int8] = [n["text"] for n in report["notes"] if n["kind"] == "int8_speedup_below_target"]
+    assert "int8 is slower than fp32 on " + bench["environment"]["cpu"] in int8 and "1.50x" in int8
+    assert why in int8 and "Python" not in int8
+    context = (copy / "report.md").read_text().split("## Notes")[0]
+    assert " ".join(features["flags"]) in context and "speed-ups hold on this machine" in context
+
+
+def test_agreeing_cross_check_states_the_residual(copy):
+    from pipeline.artifacts import write_json
+    from pipeline.report.render import render
+
+    bench = json.loads((copy / "benchmark.json").read_text())
+    bench["cross_check"] = {"threads": 1, "variants": {"fp32": {
+        "litert_benchmark": {"median_ms": 0.08}, "their_median_ms": 0.08, "our_p50_ms": 0.095, "agree": True}}}
+    write_json(copy / "benchmark.json", bench)
+    notes = render(copy, log=lambda *a: None)["notes"]
+    [check] = [n["text"] for n in notes if n["kind"] == "cross_check"]
+    assert "+0.0150 ms" in check and "Python's per-invoke cost" in check
+    assert not [n for n in notes if n["kind"] == "cross_check_disagrees"]
+
+
+def test_report_says_whether_a_per_op_profile_exists(report):
+    import importlib.util
+
+    spec = importlib.util.find_spec("ai_edge_litert.tools.benchmark_litert_model")
+    offered = spec is not None and "enable_op_profiling" in Path(spec.origin).read_text()
+    [note] = [n["text"] for n in report["notes"] if n["kind"] == "op_profile"]
+    assert note.startswith("time per op: litert-benchmark") if offered else \
+        note.startswith("no per-op profile is available: LiteRT's Python API has no per-op profiler")

@@ -112,6 +112,33 @@ def _images(root: Path, folder: str) -> list[tuple[str, str]]:
     return sorted(out)
 
 
+def survey(root: Path, samples: int = 24) -> dict | None:
+    """What the default recipe needs to know before anything is decoded: how many training images, whether
+    they are grayscale, their typical shorter side (from the headers of a few, spread over the classes).
+    None when the folder cannot be read; the data stage then says what is wrong with it."""
+    from PIL import Image
+
+    try:
+        _, files = discover(Path(root))
+    except (DataError, OSError):
+        return None
+    train = files["train"]
+    picked = train[:: max(1, len(train) // samples)][:samples]
+    modes, sides = set(), []
+    for rel, _, _ in picked:
+        try:
+            with Image.open(Path(root) / rel) as img:
+                modes.add(img.mode)
+                sides.append(min(img.size))
+        except Exception:  # an unreadable file is the data stage's to report
+            continue
+    if not sides:
+        return None
+    return {"train_images": len(train) if len(files) > 1 else round(len(train) * 0.8),
+            "grayscale": modes <= {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L"},
+            "median_side": int(np.median(sides))}
+
+
 # ---- decoding, in parallel ----
 
 def _decode_chunk(root: str, paths: list[str], preprocess: dict):
@@ -272,6 +299,7 @@ def load_folder_dataset(name: str, root: Path, size: tuple[int, int, int], *, se
                         f"folder")
 
     counts = {split: {c: int((y == i).sum()) for i, c in enumerate(classes)} for split, (_, y) in parts.items()}
+    _warn_imbalance(counts["train"], log)
     source = {
         "kind": "image-folders", "folder": str(root), "files": [],
         # The decoded pixels' hash (kept with the cache) with the labels and the split: hashing 180 MB again costs.
@@ -285,6 +313,19 @@ def load_folder_dataset(name: str, root: Path, size: tuple[int, int, int], *, se
         "decode_cache": cache,
     }
     return Dataset(name, *parts["train"], *parts["val"], *parts["test"], spec, source)
+
+
+# A class with this many times the images of another: a model can score well by favouring it.
+IMBALANCE_RATIO = 3
+
+
+def _warn_imbalance(train_counts: dict[str, int], log) -> None:
+    big, small = max(train_counts, key=train_counts.get), min(train_counts, key=train_counts.get)
+    if train_counts[big] >= IMBALANCE_RATIO * train_counts[small]:
+        share = train_counts[big] / sum(train_counts.values())
+        log(f"warning: the folder is imbalanced: '{big}' has {train_counts[big]} training images, '{small}' "
+            f"{train_counts[small]}; always answering '{big}' would score {100 * share:.0f}%, so judge the accuracy "
+            f"against that and each class's recall in the report, and add images of the small classes")
 
 
 def _stratified_split(rows, labels, fraction: float, rng, classes, root):

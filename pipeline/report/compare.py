@@ -13,6 +13,7 @@ import base64
 import json
 from pathlib import Path
 
+from device.timing import features_words
 from pipeline.artifacts import MANIFEST
 from pipeline.measure.stats import wilson
 from pipeline.report.render import SCHEMA, TEMPLATES, _ms, _pct, _text, input_range_of
@@ -69,7 +70,10 @@ def _summary(run: dict) -> dict:
         "recipe": {k: cfg.get(k) for k in ("epochs", "batch_size", "seed", "calibration_samples", "int8_io",
                                            "keras_model")},
         "test_set": {"images": report["test_images"], "data_sha256": data.get("sha256"), "source": data.get("kind")},
+        # The CPU's features decide which kernels run (int8 with or without dot-product instructions):
+        # the same CPU name under another hypervisor can expose others.
         "machine": None if env is None else {"cpu": env.get("cpu"), "cores": env.get("cores"),
+                                             "cpu_features": env.get("cpu_features"),
                                              "interpreter": env.get("interpreter"), "xnnpack": bench.get("xnnpack")},
         "variants": [_row(run, v) for v in report["variants"]],
         "devices": [d["label"] for d in report.get("devices", [])],
@@ -98,6 +102,7 @@ def compare(targets: list[str]) -> dict:
                                                     f"{(t['data_sha256'] or 'unknown')[:12]} ({t['source']})")
     measured = [r for r in runs if r["machine"]]
     machine = _differs(measured, "machine", lambda m: f"{m['cpu']}, {m['cores']} cores, "
+                                                      f"{features_words(m['cpu_features'])}, "
                                                       f"{m['interpreter']['name']} {m['interpreter']['version']}, "
                                                       f"XNNPACK {'on' if m['xnnpack'] else 'off'}")
     if len(measured) < len(runs):

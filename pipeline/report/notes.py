@@ -1,20 +1,18 @@
 """The report's notes: what the measured numbers mean, worked out from them, never written by hand.
 
 Each note names a variant and says what is unusual and why: a wide spread, int16x8's missing
-acceleration, int8 slower than expected, Keras and fp32 .tflite disagreeing, litert-benchmark
-disagreeing, more threads being slower, a device result worth a remark.
+acceleration, int8 slower than expected (and the CPU feature that decides it), Keras and fp32 .tflite
+disagreeing, litert-benchmark's figures against ours, more threads being slower, a device result
+worth a remark.
 """
 from __future__ import annotations
 
-from device.timing import wide_spread
+from device.timing import features_words, wide_spread
 from pipeline.measure.stats import change_words
 
 # int8 moves a quarter of fp32's bytes and its kernels do 4x the MACs per instruction; once the
 # kernels dominate an invoke, int8 should take at most this fraction of fp32's time at one thread.
 INT8_EXPECTED_RATIO = 0.45
-# Below this fp32 p50 a model is so small that the fixed cost of each invoke (microseconds for the
-# Python call, tensor copies and op dispatch) is a large share of the time.
-TINY_MODEL_MS = 1.0
 # Keras and its fp32 .tflite run the same float math; larger differences mean the converter changed it.
 KERAS_PARITY_ABS = 1e-4
 
@@ -35,8 +33,10 @@ def notes(report: dict, bench: dict | None) -> list[dict]:
         notes += _int16x8_notes(by_v, report)
         notes += _int8_notes(by_v, report)
         notes += _cross_check_notes(bench)
+        notes += _op_profile_notes(bench)
         notes += [_note("memory", v["variant"], f"{v['variant']}: the fresh-process memory measurement failed "
                         f"({v['memory']['error']})") for v in report["variants"] if (v["memory"] or {}).get("error")]
+    notes += learning_notes(report)
     notes += _significance_notes(report["variants"])
     notes += _metadata_notes(report.get("tflite_metadata") or {})
     notes += _keras_notes(report["keras"])
@@ -93,24 +93,78 @@ def _int8_notes(by_v: dict, report: dict) -> list[dict]:
     if "int8" not in by_v or by_v["int8"]["p50_ms"] / by_v["fp32"]["p50_ms"] <= INT8_EXPECTED_RATIO:
         return []
     fp32, int8, t = by_v["fp32"], by_v["int8"], report["table_threads"]
-    ratio = int8["p50_ms"] / fp32["p50_ms"]
-    head = (f"int8 is not the expected <= {INT8_EXPECTED_RATIO}x of fp32's latency: p50 {int8['p50_ms']:.4f} ms "
+    env = report["environment"] or {}
+    ratio, features = int8["p50_ms"] / fp32["p50_ms"], env.get("cpu_features")
+    slower = "slower than" if ratio > 1 else f"not the expected <= {INT8_EXPECTED_RATIO}x of"
+    head = (f"int8 is {slower} fp32 on {env.get('cpu')} ({features_words(features)}): p50 {int8['p50_ms']:.4f} ms "
             f"against {fp32['p50_ms']:.4f} ms at {threads_label(t)}, {ratio:.2f}x. ")
-    macs = report["benchmark"]["macs_per_inference"]
     if not report["benchmark"]["xnnpack"]:
         why = "Why: XNNPACK was off, and TFLite's built-in int8 kernels are not the optimized ones."
-    elif fp32["p50_ms"] < TINY_MODEL_MS:
-        work = (f"{macs / 1e6:.2f} M multiply-accumulates per image, done by fp32 at "
-                f"{fp32['gmac_per_s']:.1f} GMAC/s" if macs and fp32["gmac_per_s"] else "little arithmetic")
-        why = (f"Why: the model is tiny ({work}), so each invoke is dominated by its fixed cost (the Python "
-               "call, copying the input in and the output out, dispatching every op), which int8 kernels "
-               "cannot shrink; expect the ratio to approach the target on a larger model.")
+    elif not features or features.get("int8_dot_product") is None:
+        why = ("Why unknown: this machine does not say whether its CPU has int8 dot-product instructions "
+               "(no /proc/cpuinfo), which decide whether XNNPACK's int8 kernels beat its fp32 ones.")
+    elif not features["int8_dot_product"]:
+        why = ("Why: this CPU has no int8 dot-product instructions (AVX-VNNI or AVX512-VNNI on x86, dotprod on "
+               "ARM), so XNNPACK's int8 kernels widen every product to 16 bits and lose to its fp32 ones; "
+               "litert-benchmark's C++ figures show the same, and on a CPU with them (a Pi 5's Cortex-A76, "
+               "unlike a Pi 4's A72) int8 is expected to be faster.")
     else:
-        why = (f"Why: not per-invoke overhead, since fp32 takes {fp32['p50_ms']:.2f} ms; the int8 kernels may "
-               f"lack this CPU's fast integer dot-product instructions ({(report['environment'] or {}).get('cpu')}).")
+        macs = report["benchmark"]["macs_per_inference"]
+        work = f"{macs / 1e6:.2f} M multiply-accumulates per image" if macs else "little arithmetic"
+        why = (f"Why: the CPU has int8 dot-product instructions, so the kernels are not the cause; the model does "
+               f"{work}, and int8 adds quantize and requantize steps around every op, which weigh most on "
+               "small models.")
     spread = [v for v in ("fp32", "int8") if by_v[v]["latency"][str(t)].get("warning")]
     tail = f" The spread of {' and '.join(spread)} was also wide." if spread else ""
     return [_note("int8_speedup_below_target", "int8", head + why + tail)]
+
+
+# A largest class this many times its fair share (1/classes) makes "always answer it" a rate worth checking.
+IMBALANCED = 1.5
+# Notes that mean the model did not learn what it was meant to; the CLI prints them as warnings.
+LEARNING_KINDS = ("at_chance", "majority_class", "zero_recall", "overfitting")
+TRY = ("try more images per class, a smaller model (--model cifar-cnn or mnist-cnn for grayscale), more "
+       "--epochs, or a lower --learning-rate")
+
+
+def learning_notes(report: dict) -> list[dict]:
+    """Accuracy no better than guessing or than always answering the largest class, a class never
+    recognised, and validation accuracy that stopped improving while training accuracy climbed."""
+    learning, out = report.get("learning") or {}, []
+    counts, labels = learning.get("test_counts"), learning.get("labels")
+    if not counts or not labels:
+        return out
+    n, k = sum(counts), len(counts)
+    majority = max(counts) / n
+    imbalanced = majority >= IMBALANCED / k
+    top = labels[counts.index(max(counts))]
+    for v in report["variants"]:
+        ci, name = v.get("interval_95") or {}, v["variant"]
+        acc = f"{100 * v['accuracy']:.2f}%"
+        if ci and ci["low"] <= 1 / k <= ci["high"]:
+            out.append(_note("at_chance", name, f"{name}: test accuracy {acc} is at chance: its 95% interval "
+                             f"{100 * ci['low']:.1f}-{100 * ci['high']:.1f}% holds 1/{k} = {100 / k:.1f}%, so the "
+                             f"model learned nothing usable; {TRY}"))
+        elif imbalanced and (ci and ci["low"] <= majority <= ci["high"] or v["accuracy"] <= majority):
+            out.append(_note("majority_class", name, f"{name}: test accuracy {acc} is no better than always "
+                             f"answering '{top}' ({100 * majority:.1f}% of the test images); the folder is "
+                             f"imbalanced: add images of the other classes, or {TRY}"))
+        zero = [c for c, r in (learning.get("recall") or {}).get(name, {}).items() if r == 0]
+        if zero:
+            out.append(_note("zero_recall", name, f"{name}: class(es) {', '.join(repr(c) for c in zero)} never "
+                             f"recognised (zero recall on the test split); {TRY}"))
+    train, val = learning.get("train_accuracy") or [], learning.get("val_accuracy") or []
+    if len(val) >= 3 and len(train) == len(val):
+        best = max(range(len(val)), key=val.__getitem__)
+        # Stopped: no better validation figure in the last two or more epochs; climbing: training gained 5 pp
+        # meanwhile and ends 10 pp above validation.
+        if best <= len(val) - 3 and train[-1] - train[best] >= 0.05 and train[-1] - val[-1] >= 0.10:
+            out.append(_note("overfitting", None, (
+                f"validation accuracy stopped improving at epoch {best + 1} ({100 * val[best]:.1f}%) while training "
+                f"accuracy climbed to {100 * train[-1]:.1f}% by epoch {len(train)}: the model memorises the "
+                "training images; try more images or augmentation (on by default for folders), fewer --epochs, "
+                "or a smaller model")))
+    return out
 
 
 def _significance_notes(variants: list[dict]) -> list[dict]:
@@ -146,7 +200,24 @@ def _cross_check_notes(bench: dict) -> list[dict]:
             out.append(_note("cross_check_disagrees", v, (
                 f"cross-check {v}: litert-benchmark's median {entry['their_median_ms']:.4f} ms and our p50 "
                 f"{entry['our_p50_ms']:.4f} ms at {threads_label(check['threads'])} disagree; {entry.get('why', '')}")))
+        elif entry.get("agree"):
+            residual = entry["our_p50_ms"] - entry["their_median_ms"]
+            out.append(_note("cross_check", v, (
+                f"cross-check {v}: our p50 {entry['our_p50_ms']:.4f} ms is litert-benchmark's median "
+                f"{entry['their_median_ms']:.4f} ms {residual:+.4f} ms at {threads_label(check['threads'])}; "
+                "the difference is Python's per-invoke cost (set_tensor, invoke and get_tensor calls), which "
+                "the C++ tool does not pay")))
     return out
+
+
+def _op_profile_notes(bench: dict) -> list[dict]:
+    support = bench.get("op_profile")
+    if not support:  # benchmarked before this was recorded
+        return []
+    if support["available"]:
+        return [_note("op_profile", None, f"time per op: {support['how']}")]
+    return [_note("op_profile", None, f"no per-op profile is available: {support['why']}; the latencies are "
+                  "whole invokes")]
 
 
 def _device_notes(report: dict) -> list[dict]:
@@ -163,8 +234,9 @@ def _device_notes(report: dict) -> list[dict]:
                 parts.append(f"{f['variant']} benchmarked at {threads_label(f['threads'])}, XNNPACK "
                              f"{'on' if f['xnnpack'] else 'off'}, {f['runs']} runs"
                              + (f" [{f['warning']}]" if f["warning"] else ""))
-        out.append(_note("device", None, f"device {d['label']} ({interp.get('name')} {interp.get('version')}): "
-                         + "; ".join(parts)))
+        features = (d.get("environment") or {}).get("cpu_features")
+        out.append(_note("device", None, f"device {d['label']} ({interp.get('name')} {interp.get('version')}"
+                         + (f"; {features_words(features)}" if features else "") + "): " + "; ".join(parts)))
     return out
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device.timing import features_words
 from pipeline.artifacts import MANIFEST, atomic_write, run_name, write_json
 from pipeline.config import VARIANTS
 from pipeline.delivery import default_variant, guard_decision
@@ -80,10 +81,11 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
                       "superseded": [v for v in superseded if v in names]},
         "keras": evaluation.get("keras"), "versions": manifest.get("versions", {}),
         "environment": bench["environment"] if bench else None,
-        "benchmark": {k: bench.get(k) for k in ("xnnpack", "runs", "warmup", "interleaved", "macs_per_inference")}
+        "benchmark": {k: bench.get(k) for k in ("xnnpack", "runs", "warmup", "timing", "macs_per_inference")}
         if bench else None,
         "devices": _merge_devices(device_results or [], variants, _model_hashes(run_dir), run_dir),
         "analysis": _analysis(run_dir),
+        "learning": _learning(evaluation, manifest),
         "boards": _boards(run_dir),
         # {model file: {"present": bool, "reason": why not}}; None for runs built before it was recorded.
         "tflite_metadata": manifest.get("tflite_metadata", {}),
@@ -124,6 +126,16 @@ def _variant(run_dir: Path, v: str, evaluation: dict, bench: dict | None, thread
         entry.update({k: at[k] for k in ("p50_ms", "p90_ms", "p99_ms", "speedup", "gmac_per_s")})
         entry["memory"] = bench["variants"][v].get("fresh_process")
     return entry
+
+
+def _learning(evaluation: dict, manifest: dict) -> dict:
+    """What says whether the model learned: test images per class, recall per class, the training curves."""
+    confusion = np.asarray(evaluation["variants"]["fp32"].get("confusion") or [])
+    training = manifest.get("training") or {}
+    return {"labels": list((manifest.get("preprocess") or {}).get("labels") or []),
+            "test_counts": confusion.sum(axis=1).astype(int).tolist() if confusion.size else None,
+            "recall": {v: e.get("per_class") or {} for v, e in evaluation["variants"].items()},
+            "train_accuracy": training.get("accuracy"), "val_accuracy": training.get("val_accuracy")}
 
 
 def _fill_statistics(run_dir: Path, evaluation: dict) -> None:
@@ -432,14 +444,23 @@ def _context(report: dict) -> list[str]:
         b, env = report["benchmark"], report["environment"]
         lines.append(f"Latency per image at {threads_label(report['table_threads'])}, XNNPACK "
                      f"{'on' if b['xnnpack'] else 'off'}, {b['runs']} timed runs after {b['warmup']} warm-up, "
-                     f"variants interleaved, on {env['cpu']} ({env['cores']} cores, "
-                     f"{env['interpreter']['name']} {env['interpreter']['version']}).")
+                     f"{_timing_words(b.get('timing'))}, on {env['cpu']} ({env['cores']} cores, "
+                     f"{features_words(env.get('cpu_features'))}, "
+                     f"{env['interpreter']['name']} {env['interpreter']['version']}); speed-ups hold on this "
+                     "machine, not on a CPU with other features.")
     if report["keras"]:
         k = report["keras"]
         lines.append(f"Keras model accuracy {_pct(k['accuracy'])}; the fp32 .tflite agrees with it on "
                      f"{_pct(k['fp32_tflite_agreement'])} of images "
                      f"(max |prob diff| {k['fp32_tflite_max_abs_diff']:.1e}).")
     return lines
+
+
+def _timing_words(how: dict | None) -> str:
+    if how and how.get("method") == "blocked":
+        return (f"each variant timed in warm blocks of consecutive runs, the blocks alternating over "
+                f"{how['rounds']} rounds")
+    return "variants interleaved invoke by invoke"  # runs benchmarked before the blocked timing
 
 
 def _markdown(report: dict) -> str:
