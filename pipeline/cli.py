@@ -61,7 +61,7 @@ def exit_error(error: BaseException, command: str) -> click.ClickException | Non
     if what == failures.INPUT:
         return UserError(f"{error}{notes}")
     if what == failures.MACHINE:
-        return UserError(f"{failures.os_problem(error)}{notes}")
+        return UserError(f"{failures.machine_problem(error)}{notes}")
     if notes:
         return UserError(f"failed: {type(error).__name__}: {error}{notes}")
     return None

@@ -97,6 +97,7 @@ class Session:
                 self._log.write(text)
                 self._log.flush()
             except OSError as e:
+                e.filename = e.filename or str(self.log_path)
                 self.log_failed = e
 
     def _to_terminal(self, text: str) -> None:
@@ -245,7 +246,7 @@ def session(verbose: bool = False):
         s.close(failed)
         bug = failed is not None and failures.kind(failed) == failures.BUG
         if bug and s.log_failed:
-            failed.add_note(f"no log: {failures.os_problem(s.log_failed) or s.log_failed}")
+            failed.add_note(f"no log: {failures.machine_problem(s.log_failed) or s.log_failed}")
         elif bug:
             failed.add_note(f"the traceback and TensorFlow's own output are in {s.where()}")
         if (not bug or s.log_failed) and s.final is None:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 INTERRUPTED, INPUT, MACHINE, BUG = "interrupted", "input", "machine", "bug"
@@ -49,7 +52,7 @@ def kind(error: BaseException) -> str:
         return INTERRUPTED
     if isinstance(error, user_errors()):
         return INPUT
-    if os_problem(error):
+    if machine_problem(error):
         return MACHINE
     return BUG
 
@@ -74,8 +77,34 @@ def ctrl_c():
             signal.signal(signal.SIGINT, previous)
 
 
+def machine_problem(error: BaseException) -> str | None:
+    """One line for a problem of the machine the user can fix, else None: an OS error (`os_problem`), or
+    any error while a disk we write to is full. TensorFlow's converter swallows its own "no space left"
+    (it falls back to another path, which then fails with an unrelated TypeError)."""
+    explained = os_problem(error)
+    if explained or isinstance(error, OSError):
+        return explained
+    for folder in (tempfile.gettempdir(), os.getcwd()):
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(folder).free
+            if free < LOW_SPACE:
+                return (f"no space left on the disk that holds {folder} ({free // 1024} KiB free; what ran out of it "
+                        f"then failed with {type(error).__name__}: {error}); free some space there (`df -h {folder}`) "
+                        "or write somewhere else with --out")
+    return None
+
+
+LOW_SPACE = 1024 * 1024  # a disk with less free than this cannot take a model, a log or a report
+
+
 def os_problem(error: BaseException) -> str | None:
     """One line for an OS error the user can fix (naming the path and the fix), else None."""
+    if isinstance(error, shutil.Error):  # copytree gathers one (source, destination, reason) per file
+        for _, dst, why in error.args[0] if error.args and isinstance(error.args[0], list) else ():
+            code = re.match(r"\[Errno (\d+)\]", str(why))
+            if code:
+                return os_problem(OSError(int(code.group(1)), str(why), dst))
+        return None
     if not isinstance(error, OSError):
         return None
     path = error.filename or "a file"
