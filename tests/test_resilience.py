@@ -53,8 +53,9 @@ def _weights(model_keras: Path) -> list[np.ndarray]:
 SWALLOWS_CTRL_C = """
 import time
 import pipeline.convert as c
+from pipeline import console
 def convert_all(*a, **k):
-    print("converting now", flush=True)
+    console.say("converting now")
     try:
         time.sleep(120)
     except KeyboardInterrupt:
