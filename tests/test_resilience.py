@@ -32,12 +32,12 @@ def _errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 
 
-def _prelude_run(prelude: str, *args, cwd: Path, **popen) -> subprocess.Popen:
+def _prelude_run(prelude: str, *args, cwd: Path, env: dict = ENV) -> subprocess.Popen:
     """`pipeline ARGS` in a child whose prelude stands in for a part of TensorFlow or a stage."""
     code = (f"{prelude}\nimport sys\nfrom pipeline.cli import entry\n"
             f"sys.argv = ['pipeline', *{list(map(str, args))!r}]\nentry()")
-    return subprocess.Popen([sys.executable, "-c", code], cwd=cwd, env=ENV, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, **popen)
+    return subprocess.Popen([sys.executable, "-c", code], cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
 
 
 def _weights(model_keras: Path) -> list[np.ndarray]:
@@ -274,3 +274,35 @@ def test_export_verify_compare_report_show_only_edgepipe_lines(small_run, tmp_pa
         assert proc.returncode == 0, proc.stderr[-3000:]
         shown = proc.stdout + proc.stderr
         assert [n for n in NATIVE if n in shown] == [], (args[0], shown[-3000:])
+
+
+# TensorFlow writing a lot of its own lines (1 MB, far more than a pipe holds) while the log's disk is full.
+FLOODS_FD2 = """
+import os
+import pipeline.measure.benchmark as b
+original = b.benchmark_variants
+def benchmark_variants(*a, **k):
+    for _ in range(1024):
+        os.write(2, b"W0000 native line " + b"x" * 1000 + b"\\n")
+    return original(*a, **k)
+b.benchmark_variants = benchmark_variants
+"""
+
+
+@pytest.mark.slow
+def test_native_output_never_blocks_a_command_whose_log_disk_is_full(small_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    with _tmpfs(tmp_path / "disk", "1m") as disk:
+        _fill(disk, leave=16 * 1024)
+        proc = _prelude_run(FLOODS_FD2, "benchmark", run, "--runs", "5", "--warmup", "1", "--threads", "1",
+                            cwd=tmp_path, env={**ENV, "TMPDIR": str(disk)})
+        try:
+            out, err = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail("the command hung once its log could not be written")
+    assert proc.returncode == 0, err[-3000:]
+    assert "W0000" not in out + err and "latency" in out
+    assert verify_path(run) == []
