@@ -151,7 +151,7 @@ def _stages(run: RunDir, cfg: BuildConfig, until: str, log) -> Path:
     final = run.commit(manifest)
     if reused:
         log(f"reused from the interrupted build: {', '.join(reused)}")
-    elif run.resumed:
+    elif run.resumed and not history.get("resumed_after_epoch"):
         log("nothing from the interrupted build could be reused; every stage ran again")
     return final
 

@@ -120,6 +120,8 @@ def train(cfg: BuildConfig, data: Dataset, log=print, checkpoint: Path | None = 
     out["epoch_seconds"] = [round(s, 3) for s in seconds]
     out["images_per_second"] = [round(len(data.x_train) / s, 1) for s in seconds]
     out["recipe"] = recipe
+    if first:
+        out["resumed_after_epoch"] = first
     return model, out
 
 

@@ -139,6 +139,7 @@ def test_resumed_training_continues_from_its_checkpoint_and_ends_like_a_straight
     done = int(cont.split("epoch ")[1].split("/")[0])
     ran = [line for line in resumed.stdout.splitlines() if line.startswith("epoch ")]
     assert 1 <= done < 6 and len(ran) == 6 - done and ran[0].startswith(f"epoch {done + 1}/6"), resumed.stdout
+    assert "nothing from the interrupted build could be reused" not in resumed.stdout
 
     a, b = tmp_path / "artifacts" / "straight", tmp_path / "artifacts" / "cut"
     for wa, wb in zip(_weights(a / "model.keras"), _weights(b / "model.keras"), strict=True):
@@ -148,6 +149,7 @@ def test_resumed_training_continues_from_its_checkpoint_and_ends_like_a_straight
     assert acc[0] == acc[1]
     history = [json.loads((r / "manifest.json").read_text())["training"] for r in (a, b)]
     assert len(history[1]["accuracy"]) == 6 and history[0]["val_accuracy"] == history[1]["val_accuracy"]
+    assert history[1]["resumed_after_epoch"] == done and "resumed_after_epoch" not in history[0]
     assert verify_path(b) == [] and not list(b.rglob(".*"))  # the checkpoint did not end up in the run
 
 
