@@ -126,6 +126,7 @@ class Session:
             if self.log_path.parent == Path(tempfile.gettempdir()):
                 self.log_path.unlink(missing_ok=True)
             self._log = open(new, "a+", encoding="utf-8", errors="replace")
+            self.log_failed = None  # a new file, perhaps on another disk
             self.log_path, self.final = new, (Path(final) / LOG_NAME if final else None)
 
     def log_moved(self, path: Path | None) -> None:
