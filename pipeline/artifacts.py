@@ -385,8 +385,8 @@ def updating(run_dir: Path, doing: str, log=print):
     with RunLock(final, doing):
         recover(final, log)
         work = _sibling(final, "update")
-        shutil.copytree(final, work, symlinks=True)
         try:
+            shutil.copytree(final, work, symlinks=True)  # on a full disk too, the half copy goes
             changed: dict = {}
             yield work, changed
             update_manifest(work, changed)

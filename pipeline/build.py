@@ -23,7 +23,7 @@ import numpy as np
 import pipeline
 from device.core import METADATA_NAME, Model
 from device.integrity import sha256_file
-from pipeline import console
+from pipeline import console, failures, train
 from pipeline.artifacts import (
     CREATED_BY,
     MANIFEST,
@@ -76,18 +76,37 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
           log=print) -> Path:
     """Run the stages up to and including `until` (a resumed build: what it was first asked for)."""
     run = RunDir(cfg.run_dir, overwrite=overwrite, resume=resume, log=log)
-    console.keep_log(run.staging, run.final)  # build.log goes with the run (and stays with a failed one)
     try:
+        console.keep_log(run.staging, run.final)  # build.log goes with the run (and stays with a failed one)
         final = _stages(run, cfg, run.request(None if resume else until or "report"), log)
-    except Exception:
-        # Failed on its input (or a bug): there is nothing to resume. The log stays readable for a bug.
-        console.log_moved(run.discard())
-        raise
-    except BaseException:
-        run.abandon()  # interrupted: the staging folder stays for --resume
+    except BaseException as e:
+        _stop(run, e)
         raise
     log(f"wrote {final}")
     return final
+
+
+def _stop(run: RunDir, error: BaseException) -> None:
+    """Keep the staging folder for `--resume`, or throw it away: decided here, before anything is deleted.
+
+    Only the user's input makes it worthless (the same input fails the same way). An interruption, a
+    full disk or a bug keeps what the finished stages and the training checkpoint paid for, and the
+    error's line says how to continue; a failure before anything finished leaves nothing to continue.
+    """
+    what = failures.kind(error)
+    worth_keeping = bool(run.progress()) or run.path(train.CHECKPOINT).exists()
+    if what == failures.INPUT or (what != failures.INTERRUPTED and not worth_keeping):
+        console.log_moved(run.discard())  # the log stays beside the run as NAME.failed.log
+        return
+    run.abandon()
+    error.add_note(f"`pipeline build --resume {resume_target(run.final)}` continues from the last finished stage")
+
+
+def resume_target(final: Path) -> str:
+    """What `--resume` takes for this run: its name when it lives in artifacts/, else its path."""
+    if final.parent == Path("artifacts"):
+        return final.name
+    return str(final) if "/" in str(final) else f"./{final}"
 
 
 def _stages(run: RunDir, cfg: BuildConfig, until: str, log) -> Path:
@@ -133,7 +152,7 @@ def _stages(run: RunDir, cfg: BuildConfig, until: str, log) -> Path:
     final = run.commit(manifest)
     if reused:
         log(f"reused from the interrupted build: {', '.join(reused)}")
-    elif run.resumed:
+    elif run.resumed and not history.get("resumed_after_epoch"):
         log("nothing from the interrupted build could be reused; every stage ran again")
     return final
 
@@ -187,8 +206,6 @@ def train_stage(run: RunDir, cfg: BuildConfig, data: Dataset, user_model, reused
     """-> model.keras: trained, or the user's model as it is."""
     import keras
 
-    from pipeline import train
-
     inputs = {"data": data.source["sha256"], "preprocess": [data.spec.scale, data.spec.offset],
               "source_model": sha256_file(Path(cfg.keras_model)) if cfg.keras_model else None,
               "options": {k: getattr(cfg, k) for k in ("model", "epochs", "batch_size", "seed")}}
@@ -200,9 +217,10 @@ def train_stage(run: RunDir, cfg: BuildConfig, data: Dataset, user_model, reused
         model, history = user_model, {"source": cfg.keras_model}
         log(f"using your model {cfg.keras_model}; training skipped")
     else:
-        model, history = train.train(cfg, data, log=log)
+        model, history = train.train(cfg, data, log=log, checkpoint=run.path(train.CHECKPOINT), key=inputs)
     _save_keras(model, run.path("model.keras"))
     run.stage_done("train", ["model.keras"], history, inputs)
+    run.path(train.CHECKPOINT).unlink(missing_ok=True)  # model.keras holds what it kept
     return model, history
 
 

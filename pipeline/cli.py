@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 import pipeline
 from pipeline.config import FALLBACKS, INPUT_RANGES, INT8_IO, VARIANTS, BuildConfig, ConfigError
@@ -33,46 +34,55 @@ class Interrupted(click.ClickException):
     exit_code = 130
 
 
-def _user_errors():
-    """The exception types that mean 'your input', not 'our bug'; imported lazily to keep --help fast."""
-    from device.core import DeviceError
-    from pipeline.artifacts import RunDirError
-    from pipeline.boards.devices import BoardNameError
-    from pipeline.boards.payload import DeployError
-    from pipeline.convert import ConversionError
-    from pipeline.data import DataError
-    from pipeline.report.render import ReportError
-    from pipeline.ship.bundle import BundleError
-    from pipeline.train import ModelMismatchError
-
-    return (DeviceError, RunDirError, DataError, ModelMismatchError, ReportError, ConversionError, BundleError,
-            DeployError, BoardNameError)
-
-
-# What an interruption leaves, by command: a build's staging folder stays for --resume; a finished
-# run that was being changed stays as it was.
+# What an interruption leaves, by command (a build adds the `--resume` line naming its run); a
+# finished run that was being changed stays as it was.
 INTERRUPTED = {
-    **dict.fromkeys(("build", "train", "convert"),
-                    "interrupted; nothing half-written was left behind (continue with `pipeline build --resume NAME`)"),
-    **dict.fromkeys(("report", "benchmark", "analyze"), "interrupted; the run is unchanged"),
+    **dict.fromkeys(("build", "train", "convert"), "interrupted; nothing half-written was left behind"),
+    **dict.fromkeys(("report", "benchmark", "analyze", "export"), "interrupted; the run is unchanged"),
+    "deploy": "interrupted: every board was stopped and nothing was merged into the report",
 }
 
 
+def exit_error(error: BaseException, command: str) -> click.ClickException | None:
+    """The one line and exit code a command ends with after `error`: 2 for a wrong command line, 130 for
+    Ctrl-C, 1 for the user's input, the machine (a full disk) or a bug. None for a bug that ran outside a
+    console session: its traceback is the message. Notes the build or the session added (`--resume`, where
+    the log is) end the line."""
+    from pipeline import failures
+
+    notes = "".join(f"; {n}" for n in getattr(error, "__notes__", ()))
+    what = failures.kind(error)
+    if what == failures.INTERRUPTED:
+        return Interrupted(INTERRUPTED.get(command, "interrupted") + notes)
+    if isinstance(error, click.ClickException):
+        return error
+    if isinstance(error, ConfigError):
+        return click.UsageError(str(error))
+    if what == failures.INPUT:
+        return UserError(f"{error}{notes}")
+    if what == failures.MACHINE:
+        return UserError(f"{failures.machine_problem(error)}{notes}")
+    if notes:
+        return UserError(f"failed: {type(error).__name__}: {error}{notes}")
+    return None
+
+
 def handle_errors(fn):
+    """Every command: Ctrl-C remembered however it surfaces, every exception mapped by `exit_error`."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from pipeline import failures
+
         try:
-            return fn(*args, **kwargs)
-        except ConfigError as e:
-            raise click.UsageError(str(e))
-        except click.ClickException:
+            with failures.ctrl_c():
+                return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.Abort, SystemExit):
             raise
-        except Exception as e:
-            if isinstance(e, _user_errors()):
-                raise UserError(str(e))
-            raise
-        except KeyboardInterrupt:
-            raise Interrupted(INTERRUPTED.get(fn.__name__, "interrupted"))
+        except BaseException as e:
+            mapped = exit_error(e, fn.__name__)
+            if mapped is None or mapped is e:
+                raise
+            raise mapped from e
     return wrapper
 
 
@@ -83,39 +93,12 @@ def verbose_option(fn):
 
 
 def captured(verbose: bool, work):
-    """Run work(log) with native output kept in build.log; a bug ends in one line naming the log."""
+    """Run work(log) with TensorFlow's and LiteRT's own output kept in a log, off the terminal; a bug
+    keeps the log and names it (console.session)."""
     from pipeline import console
 
-    user_errors = (click.ClickException, ConfigError, KeyboardInterrupt, *_user_errors())
-    interrupted = []
-
-    def on_sigint(signum, frame):
-        interrupted.append(signum)
-        raise KeyboardInterrupt
-
-    # Ctrl-C inside TensorFlow's tracing can come back as an unrelated error (seen: "ValueError: None
-    # values not supported"); remembering the signal keeps it an interruption, exit code 130. A SIGINT
-    # ignored by whoever started us (`nohup`, a script's background job) stays ignored, and a handler
-    # set outside Python (None) stays too.
-    previous = signal.getsignal(signal.SIGINT)
-    ours = previous not in (signal.SIG_IGN, None)
-    if ours:
-        signal.signal(signal.SIGINT, on_sigint)
-    try:
-        with console.session(verbose, user_errors) as session:
-            try:
-                return work(session.say)
-            except Exception as e:
-                if interrupted:
-                    raise KeyboardInterrupt from e
-                if isinstance(e, user_errors):
-                    raise
-                session.keep = True
-                raise UserError(f"failed: {type(e).__name__}: {e}; the traceback and TensorFlow's own output are "
-                                f"in {session.where()}") from e
-    finally:
-        if ours:
-            signal.signal(signal.SIGINT, previous)
+    with console.session(verbose) as session:
+        return work(session.say)
 
 
 def _split_variants(ctx, param, values):
@@ -316,8 +299,8 @@ def main():
 @handle_errors
 def build(overwrite, resume, no_benchmark, verbose, min_accuracy, **kwargs):
     """Train, quantize, convert, evaluate, benchmark and report, into one run directory."""
-    from pipeline.build import AccuracyDropError, check_accuracy_drop
     from pipeline.build import build as run_build
+    from pipeline.build import check_accuracy_drop
 
     if resume:
         _refuse_options_with_resume(click.get_current_context())
@@ -328,10 +311,7 @@ def build(overwrite, resume, no_benchmark, verbose, min_accuracy, **kwargs):
     if min_accuracy is not None:
         _check_min_accuracy(run_dir, min_accuracy)
     if cfg.max_accuracy_drop is not None:
-        try:
-            check_accuracy_drop(run_dir, cfg.max_accuracy_drop)
-        except AccuracyDropError as e:
-            raise UserError(str(e))
+        check_accuracy_drop(run_dir, cfg.max_accuracy_drop)
 
 
 @main.command()
@@ -378,10 +358,14 @@ def benchmark(run_dir, verbose, **kwargs):
     _print_table(run_dir)
 
 
+# Options that do not change what is built, so a resumed build may take them.
+RESUME_KEEPS = ("resume", "verbose")
+
+
 def _refuse_options_with_resume(ctx) -> None:
     """--resume continues with the options the build was started with; others would be silently ignored."""
-    given = [f"--{name.replace('_', '-')}" for name in ctx.params
-             if name != "resume" and ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)]
+    given = [max(p.opts, key=len) for p in ctx.command.params
+             if p.name not in RESUME_KEEPS and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
     if given:
         raise click.UsageError(f"--resume continues with the options the build was started with; drop "
                                f"{', '.join(given)} (or start a new build with them and --overwrite)")
@@ -483,7 +467,7 @@ def verify(run_dir, as_json):
     """Check a run directory or bundle: every file against the manifest, every model loads and fits its metadata."""
     from pipeline.verify import verify_path
 
-    problems = verify_path(run_dir)
+    problems = captured(False, lambda log: verify_path(run_dir))
     if as_json:
         click.echo(json.dumps({"kind": "verify", "schema": 1, "path": str(run_dir), "ok": not problems,
                                "problems": problems}, indent=2))
@@ -514,8 +498,11 @@ def report(run_dir, more_results, device_results):
         raise click.UsageError(f"unexpected argument(s) {' '.join(map(str, more_results))}; device results go "
                                "after --device-results: pipeline report RUN_DIR --device-results FILE...")
     _converted_run(run_dir, "report")
-    with updating(run_dir, "report", log=click.echo) as (work, _):
-        report_stage.render(work, device_results=[*device_results, *more_results], log=click.echo)
+    def rerender(log):
+        with updating(run_dir, "report", log=log) as (work, _):
+            report_stage.render(work, device_results=[*device_results, *more_results], log=log)
+
+    captured(False, rerender)
     _print_table(run_dir)
 
 
@@ -530,10 +517,7 @@ def compare(runs, fmt, out):
     """Finished runs side by side: accuracy with its interval, size, latency; incomparable columns flagged."""
     from pipeline.report import compare as comparison
 
-    try:
-        result = comparison.compare(list(runs))
-    except comparison.CompareError as e:
-        raise UserError(str(e))
+    result = captured(False, lambda log: comparison.compare(list(runs)))
     if fmt == "json":
         click.echo(json.dumps(result, indent=2))
     elif fmt == "html":
@@ -688,10 +672,7 @@ def deploy(run_dir, targets, bundle_path, runs, warmup, threads, timeout, clean,
     from pipeline.boards import deploy as boards
 
     cfg = boards.DeployConfig(tuple(targets), bundle_path, runs, warmup, threads, timeout, clean, _ssh(**ssh))
-    try:
-        entries = boards.deploy(run_dir, cfg, log=lambda m: click.echo(m, err=True))
-    except (boards.DeployInterrupted, KeyboardInterrupt):
-        raise Interrupted("interrupted: every board was stopped and nothing was merged into the report")
+    entries = boards.deploy(run_dir, cfg, log=lambda m: click.echo(m, err=True))
     for line in boards.summary(entries):
         click.echo(line)
     _print_table(run_dir)
@@ -723,12 +704,9 @@ def deploy(run_dir, targets, bundle_path, runs, warmup, threads, timeout, clean,
 @handle_errors
 def export(run_dir, target, **kwargs):
     """Export a finished run for a microcontroller: C/C++ sources, measured arena, accuracy under TFLite Micro."""
-    from pipeline.micro.export import ExportError, export_tflm
+    from pipeline.micro.export import export_tflm
 
-    try:
-        export_tflm(run_dir, log=click.echo, **kwargs)
-    except ExportError as e:
-        raise UserError(str(e))
+    captured(False, lambda log: export_tflm(run_dir, log=log, **kwargs))
 
 
 def entry():

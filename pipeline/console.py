@@ -41,8 +41,8 @@ class Session:
         self.verbose = verbose
         self.log_path = Path(tempfile.gettempdir()) / f"edgepipe-{os.getpid()}-{int(time.time())}.log"
         self.final: Path | None = None
-        self.keep = False  # set for a bug: its one-line message points at this log
         self._lock = threading.Lock()
+        self.log_failed: OSError | None = None
         self._log = open(self.log_path, "w+", encoding="utf-8", errors="replace")
         sys.stdout.flush()
         sys.stderr.flush()
@@ -77,14 +77,28 @@ class Session:
             self._progress.start()
 
     def _copy_native(self, fd: int) -> None:
+        # Drains the pipe whatever happens to the log or the terminal: a full pipe would block TensorFlow
+        # in the middle of a write and hang the command, where a full disk must end it in one line.
         with os.fdopen(fd, "rb", buffering=0) as pipe:
             while chunk := pipe.read(65536):
                 text = chunk.decode("utf-8", "replace")
-                with self._lock:
-                    self._log.write(text)
-                    self._log.flush()
+                self._write_log(text)
                 if self.verbose:
-                    self._to_terminal(text.rstrip("\n"))
+                    with contextlib.suppress(OSError, ValueError):
+                        self._to_terminal(text.rstrip("\n"))
+
+    def _write_log(self, text: str) -> None:
+        """Append to the log; once the disk under it is full, the log stops and the command goes on (the
+        command's own writes meet the same disk and say so)."""
+        with self._lock:
+            if self._log.closed or self.log_failed:
+                return
+            try:
+                self._log.write(text)
+                self._log.flush()
+            except OSError as e:
+                e.filename = e.filename or str(self.log_path)
+                self.log_failed = e
 
     def _to_terminal(self, text: str) -> None:
         if self._progress is not None:
@@ -97,9 +111,7 @@ class Session:
         line = str(line)
         if self._log.closed:  # a straggler after the command ended (an interrupted stage's finalizer)
             return
-        with self._lock:
-            self._log.write(f"[edgepipe {_stamp()}] {line}\n")
-            self._log.flush()
+        self._write_log(f"[edgepipe {_stamp()}] {line}\n")
         self._to_terminal(line)
 
     def keep_log(self, folder: Path, final: Path | None = None) -> None:
@@ -114,6 +126,7 @@ class Session:
             if self.log_path.parent == Path(tempfile.gettempdir()):
                 self.log_path.unlink(missing_ok=True)
             self._log = open(new, "a+", encoding="utf-8", errors="replace")
+            self.log_failed = None  # a new file, perhaps on another disk
             self.log_path, self.final = new, (Path(final) / LOG_NAME if final else None)
 
     def log_moved(self, path: Path | None) -> None:
@@ -139,10 +152,10 @@ class Session:
         self._reader.join(timeout=5)  # a child still holding the pipe must not hang the exit
         for fd in self._saved:
             os.close(fd)
-        with self._lock:
-            if failed is not None:
-                self._log.write(f"[edgepipe {_stamp()}] failed:\n"
-                                + "".join(traceback.format_exception(type(failed), failed, failed.__traceback__)))
+        if failed is not None:
+            self._write_log(f"[edgepipe {_stamp()}] failed:\n"
+                            + "".join(traceback.format_exception(type(failed), failed, failed.__traceback__)))
+        with self._lock, contextlib.suppress(OSError):  # what a full disk kept in the buffer is lost
             self._log.close()
         if self.term is not sys.stdout:
             self.term.close()
@@ -210,12 +223,14 @@ def keep_log(folder: Path, final: Path | None = None) -> None:
 
 
 @contextlib.contextmanager
-def session(verbose: bool = False, user_errors: tuple = ()):
+def session(verbose: bool = False):
     """Capture native output for the duration of one command; yields the Session.
 
-    A log that never reached a run folder is deleted unless a bug (not one of `user_errors`, whose
-    one-line message says everything) needs it read.
+    A log that never reached a run folder is deleted unless a bug needs it read: then the exception
+    gets a note naming it, which ends the command's one line. Any other failure's line says everything.
     """
+    from pipeline import failures
+
     global _active
     if _active is not None:  # nested: the outer session already captures
         yield _active
@@ -230,11 +245,16 @@ def session(verbose: bool = False, user_errors: tuple = ()):
     finally:
         s, _active = _active, None
         s.close(failed)
-        if s.final is None and not s.keep and (failed is None or isinstance(failed, user_errors)):
+        bug = failed is not None and failures.kind(failed) == failures.BUG
+        if bug and s.log_failed:
+            failed.add_note(f"no log: {failures.machine_problem(s.log_failed) or s.log_failed}")
+        elif bug:
+            failed.add_note(f"the traceback and TensorFlow's own output are in {s.where()}")
+        if (not bug or s.log_failed) and s.final is None:
             s.log_path.unlink(missing_ok=True)
 
 
-def keras_callback(epochs: int, steps_per_epoch: int):
+def keras_callback(epochs: int, steps_per_epoch: int, first_epoch: int = 0):
     """Keras progress as a step bar with an ETA (train.py logs each epoch's line with its throughput)."""
     import keras
 
@@ -242,7 +262,8 @@ def keras_callback(epochs: int, steps_per_epoch: int):
         def on_train_begin(self, logs=None):
             # Not the context manager: Keras skips on_train_end when interrupted, and a generator left
             # open would report from its finalizer long after the session closed.
-            self.bar = Progress(_active, f"training epoch 1/{epochs}", total=epochs * steps_per_epoch, unit="steps")
+            self.bar = Progress(_active, f"training epoch {first_epoch + 1}/{epochs}",
+                                total=(epochs - first_epoch) * steps_per_epoch, unit="steps")
 
         def on_epoch_begin(self, epoch, logs=None):
             self.bar.advance(0, description=f"training epoch {epoch + 1}/{epochs}")

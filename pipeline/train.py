@@ -1,6 +1,7 @@
 """Training: each zoo model's recipe (optimizer, schedule, smoothing, augmentation), seeded, timed per epoch."""
 from __future__ import annotations
 
+import math
 import time
 import zipfile
 from pathlib import Path
@@ -74,8 +75,12 @@ class _Throughput:
         return Callback()
 
 
-def train(cfg: BuildConfig, data: Dataset, log=print):
-    """Build the configured model and fit it with its recipe; returns (model, history dict)."""
+def train(cfg: BuildConfig, data: Dataset, log=print, checkpoint: Path | None = None, key: dict | None = None):
+    """Build the configured model and fit it with its recipe; returns (model, history dict).
+
+    With `checkpoint`, the whole training state is saved there after every epoch, and a checkpoint made
+    with the same `key` and recipe is continued from: the result is the model a straight run gives.
+    """
     import keras
 
     from pipeline.data.augment import batches
@@ -85,27 +90,113 @@ def train(cfg: BuildConfig, data: Dataset, log=print):
     model = build_model(cfg.model, (spec.height, spec.width, spec.channels), len(spec.labels))
     check_input_shape(model, data, cfg.model)
     recipe, classes = recipe_of(cfg), len(spec.labels)
-    common = {"batch_size": cfg.batch_size, "classes": classes, "scale": spec.scale, "offset": spec.offset}
-    train_ds, steps = batches(data.x_train, data.y_train, epochs=cfg.epochs, shuffle=True, augment=cfg.augment,
-                              seed=cfg.seed, **common)
-    val_ds, _ = batches(data.x_val, data.y_val, **common)
+    steps = math.ceil(len(data.x_train) / cfg.batch_size)
     model.compile(optimizer=_optimizer(recipe, steps),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
-    throughput = _Throughput(len(data.x_train), cfg.epochs, log)
-    callbacks = [throughput, console.keras_callback(cfg.epochs, steps)]
-    callbacks += [keras.callbacks.TensorBoard(log_dir=cfg.tensorboard)] if cfg.tensorboard else []
     if cfg.folder_defaults:
         log(f"chosen for this folder: {cfg.folder_defaults} (--model, --image-size and --batch-size choose)")
     log(f"training {cfg.model} on {len(data.x_train)} {data.name} images ({len(data.x_val)} for validation), "
         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in recipe.items()))
-    history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, steps_per_epoch=steps,
-                        shuffle=False, verbose=0, callbacks=callbacks)  # the dataset shuffles itself
-    out = {k: [float(v) for v in vs] for k, vs in history.history.items() if k != "learning_rate"}
-    out["epoch_seconds"] = [round(s, 3) for s in throughput.seconds]
-    out["images_per_second"] = [round(len(data.x_train) / s, 1) for s in throughput.seconds]
+    key = {"key": key, "model": cfg.model, "recipe": recipe}
+    saved = _read_checkpoint(checkpoint, key) if checkpoint else None
+    if saved and _restore(model, saved):
+        log(f"training: continuing after epoch {saved['state']['epoch']}/{cfg.epochs} from the interrupted "
+            "build's checkpoint")
+    else:
+        saved = None
+    first = saved["state"]["epoch"] if saved else 0
+    common = {"batch_size": cfg.batch_size, "classes": classes, "scale": spec.scale, "offset": spec.offset}
+    train_ds, _ = batches(data.x_train, data.y_train, epochs=cfg.epochs, shuffle=True, augment=cfg.augment,
+                          seed=cfg.seed, first_epoch=first, **common)
+    val_ds, _ = batches(data.x_val, data.y_val, **common)
+    throughput = _Throughput(len(data.x_train), cfg.epochs, log)
+    record = _Checkpoint(checkpoint, key, saved["state"] if saved else None, throughput)
+    callbacks = [throughput, record, console.keras_callback(cfg.epochs, steps, first)]
+    callbacks += [keras.callbacks.TensorBoard(log_dir=cfg.tensorboard)] if cfg.tensorboard else []
+    if first < cfg.epochs:
+        model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, initial_epoch=first, steps_per_epoch=steps,
+                  shuffle=False, verbose=0, callbacks=callbacks)  # the dataset shuffles itself
+    seconds = record.state["epoch_seconds"]
+    out = {k: vs for k, vs in record.state["history"].items() if k != "learning_rate"}
+    out["epoch_seconds"] = [round(s, 3) for s in seconds]
+    out["images_per_second"] = [round(len(data.x_train) / s, 1) for s in seconds]
     out["recipe"] = recipe
+    if first:
+        out["resumed_after_epoch"] = first
     return model, out
+
+
+CHECKPOINT = ".train-checkpoint.npz"  # hidden: bookkeeping of the staging folder, never part of a run
+
+
+class _Checkpoint:
+    """Keras callback keeping every epoch's figures and, with a path, saving the whole training state after
+    each epoch in one file written atomically: weights and every other model variable (random generator
+    states included), the optimizer's variables (its step count drives the schedule), the epoch and the
+    figures so far. The data pipeline's order and augmentation are functions of the seed and the step."""
+
+    def __new__(cls, path: Path | None, key: dict, state: dict | None, throughput):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.state = state or {"epoch": 0, "history": {}, "epoch_seconds": []}
+
+            def on_epoch_end(self, epoch, logs=None):
+                for k, v in (logs or {}).items():
+                    self.state["history"].setdefault(k, []).append(float(v))
+                self.state["epoch"] = epoch + 1
+                self.state["epoch_seconds"].append(throughput.seconds[-1])
+                if path is not None:
+                    _write_checkpoint(path, key, self.state, self.model)
+
+        return Callback()
+
+
+def _write_checkpoint(path: Path, key: dict, state: dict, model) -> None:
+    import io
+    import json
+
+    import numpy as np
+
+    from pipeline.artifacts import atomic_write
+
+    arrays = {f"model_{i}": v.numpy() for i, v in enumerate(model.variables)}
+    arrays.update({f"optimizer_{i}": v.numpy() for i, v in enumerate(model.optimizer.variables)})
+    buf = io.BytesIO()
+    np.savez(buf, state=np.array(json.dumps({"key": key, "state": state})), **arrays)
+    atomic_write(path, buf.getvalue())
+
+
+def _read_checkpoint(path: Path, key: dict) -> dict | None:
+    """The checkpoint at `path` when it was made for the same key and recipe, else None."""
+    import json
+
+    import numpy as np
+
+    try:
+        with np.load(path) as f:
+            saved = {"arrays": {k: f[k] for k in f.files if k != "state"}, **json.loads(str(f["state"]))}
+    except (OSError, ValueError, KeyError):
+        return None
+    return saved if json.dumps(saved["key"], sort_keys=True) == json.dumps(key, sort_keys=True) else None
+
+
+def _restore(model, saved: dict) -> bool:
+    """Put a checkpoint's variables into the compiled model and its optimizer; False if they do not fit."""
+    model.optimizer.build(model.trainable_variables)
+    targets = [*(("model", i, v) for i, v in enumerate(model.variables)),
+               *(("optimizer", i, v) for i, v in enumerate(model.optimizer.variables))]
+    arrays = saved["arrays"]
+    if len(arrays) != len(targets) or any(arrays.get(f"{kind}_{i}", None) is None
+                                          or arrays[f"{kind}_{i}"].shape != tuple(v.shape)
+                                          for kind, i, v in targets):
+        return False
+    for kind, i, v in targets:
+        v.assign(arrays[f"{kind}_{i}"])
+    return True
 
 
 def load_user_model(path: str, data: Dataset | None, log=print):

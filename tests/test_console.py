@@ -107,8 +107,9 @@ def test_a_failure_ends_in_one_line_that_names_the_log(tmp_path):
     last = proc.stderr.strip().splitlines()
     assert len(last) == 1 and "converter exploded" in last[0], proc.stderr
     log = Path(re.search(r"are in (\S+\.log)", last[0]).group(1))
-    # The failed build's staging folder goes (nothing to resume); its log stays beside it.
-    assert log == tmp_path / "run.failed.log" and log.is_file() and not (tmp_path / ".run.partial").exists()
+    # Training had finished: the staging folder stays for --resume, with the log in it.
+    assert f"`pipeline build --resume {tmp_path}/run` continues from the last finished stage" in last[0]
+    assert log == tmp_path / ".run.partial" / "build.log" and log.is_file()
     text = log.read_text()
     assert "Traceback" in text and "RuntimeError: converter exploded" in text and "training epoch" in text
     assert [n for n in NATIVE if n in proc.stdout + proc.stderr] == []

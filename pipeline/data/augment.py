@@ -43,8 +43,9 @@ def augment_batch(images, seed):
 
 
 def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, classes: int, scale: float, offset: float,
-            epochs: int = 1, shuffle: bool = False, augment: bool = False, seed: int = 0):
-    """A tf.data pipeline of (scaled float32 images, one-hot labels) over `epochs` passes.
+            epochs: int = 1, shuffle: bool = False, augment: bool = False, seed: int = 0, first_epoch: int = 0):
+    """A tf.data pipeline of (scaled float32 images, one-hot labels) over `epochs` passes, starting at
+    `first_epoch` (a resumed training sees the same order and augmentation as a straight one).
 
     Returns (dataset, steps per epoch). One-hot labels let the loss apply label smoothing.
     """
@@ -55,7 +56,8 @@ def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, classes: int, scal
     if shuffle:
         order = order.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     # Batched before repeated, so every epoch is whole; enumerated after, so each step has its own seed.
-    stream = order.batch(batch_size).repeat(epochs).enumerate()
+    steps = math.ceil(len(x) / batch_size)
+    stream = order.batch(batch_size).repeat(epochs).enumerate().skip(first_epoch * steps)
 
     def load(step, index):
         batch = tf.gather(images, index)
@@ -65,4 +67,4 @@ def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, classes: int, scal
         return pixels, tf.one_hot(tf.gather(labels, index), classes)
 
     dataset = stream.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-    return dataset, math.ceil(len(x) / batch_size)
+    return dataset, steps
