@@ -27,8 +27,8 @@ def user_errors() -> tuple[type, ...]:
 
     from device.core import DeviceError
     from pipeline.artifacts import RunDirError
-    from pipeline.boards.payload import DeployError
     from pipeline.boards.devices import BoardNameError
+    from pipeline.boards.payload import DeployError
     from pipeline.build import AccuracyDropError
     from pipeline.config import ConfigError
     from pipeline.convert import ConversionError
