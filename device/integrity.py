@@ -1,6 +1,5 @@
-"""Integrity: a model's bytes against the sha256 its metadata records, a folder against its metadata,
-and safe extraction of a bundle. Nothing here runs a model except verify_folder, which loads each
-one through the core to compare its tensors with the metadata.
+"""Integrity: a model's bytes against the sha256 its metadata records, and safe extraction of a bundle.
+Nothing here runs a model (device/verify.py does, through the core), so the core can import this.
 """
 from __future__ import annotations
 
@@ -15,6 +14,30 @@ TFLITE_IDENTIFIER = b"TFL3"
 MIN_MODEL_BYTES = 16
 # A model for an edge board far beyond this is a mistake, and reading it whole would hurt the board.
 MAX_MODEL_BYTES = 512 * 1024 * 1024
+
+
+def _read_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc, since 4.7).
+
+    os.umask can only read by setting: between its two calls every file any thread creates gets
+    mode 0666. Elsewhere that happens once, here, at import, before the program starts threads.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once at start-up: mkstemp and mkdtemp make private files and folders, and what we publish
+# follows the user's umask like any other file. A program that changes its umask later (our tests
+# do, in the child they start) does so before importing this.
+UMASK = _read_umask()
 
 
 class DeviceError(Exception):
@@ -88,61 +111,6 @@ def expected_sha256(model_path: Path, metadata: dict | None) -> str | None:
     return sha if isinstance(sha, str) and sha else None
 
 
-
-def verify_folder(folder: Path) -> list[str]:
-    """Problems with the models a metadata file lists: missing, wrong size or hash, unloadable, or
-    tensors that differ from what the metadata says. An empty list means the folder is sound."""
-    from device.core import Model
-
-    folder = Path(folder)
-    meta_path = folder / METADATA_NAME
-    if not folder.is_dir():
-        return [f"{folder}: no such folder; pass an unpacked bundle or a run directory"]
-    if not meta_path.is_file():
-        return [f"{meta_path}: missing; expected the metadata file written by `pipeline build`"]
-    try:
-        meta = load_metadata(meta_path)
-    except DeviceError as e:
-        return [str(e)]
-    problems = []
-    models = meta.get("models")
-    if not isinstance(models, dict) or not models:
-        return [f"{meta_path}: lists no models"]
-    for name, entry in models.items():
-        path = folder / name
-        if not isinstance(entry, dict) or expected_sha256(path, meta) is None:
-            # Nothing to check the bytes against, so they are not handed to the interpreter either.
-            problems.append(f"{name}: the metadata records no sha256 for it; cannot verify")
-            continue
-        if Path(name).name != name:
-            problems.append(f"{name}: not a plain file name beside {METADATA_NAME}")
-            continue
-        if not path.is_file():
-            problems.append(f"{name}: missing")
-            continue
-        if path.stat().st_size != entry.get("bytes"):
-            problems.append(f"{name}: {path.stat().st_size} bytes, metadata says {entry.get('bytes')}")
-            continue
-        try:
-            model = Model(path, metadata=meta)
-        except DeviceError as e:
-            problems.append(str(e))
-            continue
-        for side, spec in (("input", model.input), ("output", model.output)):
-            want = entry.get(side)
-            if not isinstance(want, dict):
-                problems.append(f"{name}: the metadata does not describe its {side} tensor")
-                continue
-            got = spec.to_dict()
-            differs = [k for k in ("shape", "dtype", "scale", "zero_point") if k in want and want[k] != got[k]]
-            if differs:
-                problems.append(f"{name}: {side} tensor {', '.join(differs)} differ from the metadata")
-    for extra in sorted(folder.glob("*.tflite")):
-        if extra.name not in models:
-            problems.append(f"{extra.name}: not listed in {METADATA_NAME}, so nothing vouches for it")
-    return problems
-
-
 def extract_bundle(archive: Path, dest: Path) -> Path:
     """Unpack a bundle: regular files and folders only, every one inside dest; refuse anything else.
 
@@ -163,7 +131,7 @@ def extract_bundle(archive: Path, dest: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.unpack-"))
     try:
         _extract_checked(archive, tmp)
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the unpacked folder is the user's
+        tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes it 0700; the unpacked folder is the user's
         if dest.is_dir():
             dest.rmdir()
         os.rename(tmp, dest)
@@ -220,12 +188,6 @@ def check_replaceable(path: Path, flag: str = "--overwrite") -> None:
     what = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "a file"
     raise DeviceError(f"{path}: {what} that edgepipe did not write (no edgepipe manifest.json or metadata.json); "
                       f"{flag} replaces only edgepipe's own output; choose another path or move it away yourself")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _extract_checked(archive: Path, root: Path) -> None:

@@ -32,7 +32,7 @@ if __package__ in (None, ""):
     # folder that holds it, in a bundle and in the repository alike.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from device import board, core, integrity, timing  # noqa: E402
+from device import board, core, integrity, timing, verify  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parent.parent
 SCHEMA = 1
@@ -171,13 +171,13 @@ def cmd_info(args) -> dict:
 
 def cmd_unpack(args) -> dict:
     dest = integrity.extract_bundle(args.archive, args.dest)
-    problems = integrity.verify_folder(dest)
+    problems = verify.verify_folder(dest)
     return {**_header("unpack"), "path": str(args.dest), "ok": not problems, "problems": problems}
 
 
 def cmd_verify(args) -> dict:
     folder = args.folder if args.folder is not None else BUNDLE
-    problems = integrity.verify_folder(folder)
+    problems = verify.verify_folder(folder)
     return {**_header("verify"), "path": str(args.folder or "."), "ok": not problems, "problems": problems}
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pipeline
 
 # check_replaceable is re-exported: `bundle --out`, `runner.py unpack` and exports call it too.
-from device.integrity import check_replaceable, sha256_file, written_by_edgepipe  # noqa: F401
+from device.integrity import UMASK, check_replaceable, sha256_file, written_by_edgepipe  # noqa: F401
 
 MANIFEST = "manifest.json"
 LOG = "build.log"  # grows after the manifest is written (the last lines), so it is not hashed
@@ -36,10 +36,8 @@ PROGRESS = ".progress.json"
 REQUEST = ".request.json"
 CREATED_BY = f"edgepipe {pipeline.__version__}"
 
-# Read once: mkstemp makes 0600 files, and run folders follow the user's umask like any other file.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
+# mkstemp makes 0600 files; run folders follow the user's umask (read once, in device.integrity).
+FILE_MODE = 0o666 & ~UMASK
 
 
 class RunDirError(Exception):

@@ -2,7 +2,7 @@
 
 A run directory is checked against its manifest.json: every file it lists is present with its size
 and sha256, and no file is present that it does not list (hidden files excepted: those are never
-part of a run). Then `device.integrity.verify_folder`, the same check the runner makes on the device:
+part of a run). Then `device.verify.verify_folder`, the same check the runner makes on the device:
 every model metadata.json lists has its size and sha256, loads and allocates in the interpreter,
 and has the input and output tensors (shape, dtype, quantization) the metadata describes.
 
@@ -19,7 +19,8 @@ import json
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from device.integrity import METADATA_NAME, DeviceError, extract_bundle, sha256_file, verify_folder
+from device.integrity import METADATA_NAME, DeviceError, extract_bundle, sha256_file
+from device.verify import verify_folder
 from pipeline.artifacts import LOG, MANIFEST, is_staging
 from pipeline.ship.bundle import RUNNER_FILES
 

@@ -20,7 +20,7 @@ import numpy as np
 
 import pipeline
 from device.core import Model
-from device.integrity import METADATA_NAME, DeviceError, read_model_bytes, sha256_file
+from device.integrity import METADATA_NAME, UMASK, DeviceError, read_model_bytes, sha256_file
 from pipeline.artifacts import MANIFEST, updating, write_json
 from pipeline.micro import runtime
 from pipeline.micro import sources as c_sources
@@ -323,9 +323,7 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's private mode would carry over to the published folder
+    staging.chmod(0o777 & ~UMASK)  # mkdtemp's private mode would carry over to the published folder
     try:
         (staging / "model.tflite").write_bytes(model_bytes)
         try:
