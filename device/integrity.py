@@ -14,6 +14,12 @@ TFLITE_IDENTIFIER = b"TFL3"
 MIN_MODEL_BYTES = 16
 # A model for an edge board far beyond this is a mistake, and reading it whole would hurt the board.
 MAX_MODEL_BYTES = 512 * 1024 * 1024
+# What a bundle may unpack to, checked on each member's header before a byte of it is written, so a
+# decompression bomb or a sparse member claiming gigabytes is refused before it fills the disk. Far
+# above a real bundle: a few MB of models, some 100 MB with the wheels of every board platform.
+MAX_MEMBERS = 10_000
+MAX_MEMBER_BYTES = MAX_MODEL_BYTES
+MAX_TOTAL_BYTES = 2 * 1024 * 1024 * 1024
 
 
 def _read_umask() -> int:
@@ -111,13 +117,16 @@ def expected_sha256(model_path: Path, metadata: dict | None) -> str | None:
     return sha if isinstance(sha, str) and sha else None
 
 
-def extract_bundle(archive: Path, dest: Path) -> Path:
-    """Unpack a bundle: regular files and folders only, every one inside dest; refuse anything else.
+def extract_bundle(archive: Path, dest: Path, *, max_members: int = MAX_MEMBERS,
+                   max_member_bytes: int = MAX_MEMBER_BYTES, max_total_bytes: int = MAX_TOTAL_BYTES) -> Path:
+    """Unpack a bundle: regular files and folders only, every one inside dest, within the size limits;
+    refuse the whole archive for any member that is not, never skipping one.
 
-    The members are checked here rather than by tarfile's `data` filter, which Python before 3.12
-    may lack (Raspberry Pi OS bullseye has 3.9.2), so one code path runs on every board. It is
-    unpacked into a hidden folder beside dest and renamed into place only when complete, so a
-    failure leaves nothing behind; dest must not exist or be an empty folder.
+    The members are checked here, and by tarfile's `data` filter too where Python has it (3.12, and
+    3.8.17+ / 3.9.17+ / 3.11.4+): boards run Pythons without it (Raspberry Pi OS bullseye has 3.9.2),
+    and there our own checks stand alone. It is unpacked into a hidden folder beside dest and renamed
+    into place only when complete, so a failure leaves nothing behind; dest must not exist or be an
+    empty folder.
     """
     import shutil
     import tempfile
@@ -130,7 +139,7 @@ def extract_bundle(archive: Path, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.unpack-"))
     try:
-        _extract_checked(archive, tmp)
+        _extract_checked(archive, tmp, max_members, max_member_bytes, max_total_bytes)
         tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes it 0700; the unpacked folder is the user's
         if dest.is_dir():
             dest.rmdir()
@@ -190,12 +199,16 @@ def check_replaceable(path: Path, flag: str = "--overwrite") -> None:
                       f"{flag} replaces only edgepipe's own output; choose another path or move it away yourself")
 
 
-def _extract_checked(archive: Path, root: Path) -> None:
-    """Every member checked first (a file or folder, a relative path without '..'), then written."""
+def _extract_checked(archive: Path, root: Path, max_members: int, max_member_bytes: int,
+                     max_total_bytes: int) -> None:
+    """Every member checked first (a file or folder, a relative path without '..', once, within the
+    limits, passed by the data filter), each as its header is read; then written, streaming."""
     import shutil
     import tarfile
     import zlib
     from pathlib import PurePosixPath
+
+    data_filter = getattr(tarfile, "data_filter", None)
 
     def refuse(member, why: str) -> DeviceError:
         return DeviceError(f"{archive}: refused, member {member.name!r} {why}; "
@@ -203,13 +216,31 @@ def _extract_checked(archive: Path, root: Path) -> None:
 
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            members = tar.getmembers()
-            for m in members:
+            members, names, total = [], set(), 0
+            for m in tar:  # header by header: a refusal stops before the next member is read
                 path = PurePosixPath(m.name)
+                if len(members) == max_members:
+                    raise DeviceError(f"{archive}: refused, more than {max_members:,} members; the archive is not "
+                                      "a bundle written by `pipeline bundle`")
                 if not (m.isfile() or m.isdir()):
                     raise refuse(m, "is a link or a device, not a file or folder")
                 if not path.parts or path.is_absolute() or ".." in path.parts:
                     raise refuse(m, "points outside the target folder")
+                if path.as_posix() in names:
+                    raise refuse(m, "appears twice")
+                if m.size > max_member_bytes:
+                    raise refuse(m, f"would unpack to {m.size:,} bytes, above the {max_member_bytes:,} byte limit "
+                                    "for one file")
+                total += m.size
+                if total > max_total_bytes:
+                    raise refuse(m, f"takes the unpacked size above the {max_total_bytes:,} byte limit")
+                if data_filter is not None:
+                    try:
+                        data_filter(m, str(root))
+                    except tarfile.FilterError as e:
+                        raise refuse(m, f"is refused by tarfile's data filter ({e})") from None
+                members.append(m)
+                names.add(path.as_posix())
             for m in members:
                 target = root.joinpath(*PurePosixPath(m.name).parts)
                 if m.isdir():
@@ -217,7 +248,7 @@ def _extract_checked(archive: Path, root: Path) -> None:
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with tar.extractfile(m) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                    shutil.copyfileobj(src, dst, 1 << 20)
                 target.chmod(0o755 if m.mode & 0o111 else 0o644)
     except (OSError, tarfile.TarError, EOFError, zlib.error) as e:
         raise DeviceError(f"{archive}: not a readable .tar.gz bundle ({e})")

@@ -6,8 +6,10 @@ part of a run). Then `device.verify.verify_folder`, the same check the runner ma
 every model metadata.json lists has its size and sha256, loads and allocates in the interpreter,
 and has the input and output tensors (shape, dtype, quantization) the metadata describes.
 
-A bundle (.tar.gz) carries no manifest: it is unpacked with tarfile's `data` filter into a
-temporary folder, checked for the files the runner needs, and its models against its metadata.json.
+A bundle (.tar.gz) carries no manifest: it is unpacked into a temporary folder by the runner's own
+`device.integrity.extract_bundle` (files and folders only, inside the folder, within size and count
+limits, and through tarfile's `data` filter where this Python has it), checked for the files the
+runner needs, and its models against its metadata.json.
 
 Unlisted files count as problems because a verified run should be the one the build wrote: a stray
 `model_x.tflite` or a swapped report beside a matching manifest is exactly what this command is
