@@ -431,7 +431,9 @@ def _check_file(root: Path, rel: str, want) -> str | None:
 
 
 def _signature(path: Path) -> tuple:
-    """What any write changes: a new file (atomic_write) has a new inode, a write in place a new ctime."""
+    """What any write changes: a new file (atomic_write) has a new inode, a write in place a new ctime.
+    A write it misses (in place, same size, within one clock tick of the check) keeps the old hash,
+    so the run then fails `pipeline verify`: it errs closed, never blessing unchecked bytes."""
     st = path.stat()
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
