@@ -91,7 +91,7 @@ def time_benchmark(run_dir: Path, meta: dict, macs: int) -> dict:
 
 
 def mnist_part(data_dir: Path, out: Path, repeats: int) -> dict:
-    from pipeline.artifacts import update_manifest, write_json
+    from pipeline.artifacts import updating, write_json
     from pipeline.build import build
     from pipeline.config import BuildConfig
     from pipeline.data import load_dataset
@@ -119,9 +119,9 @@ def mnist_part(data_dir: Path, out: Path, repeats: int) -> dict:
         progress(f"default benchmark stage, run {i} of 2")
         benches.append(time_benchmark(run_dir, meta, manifest["macs_per_inference"]))
     # Leave a complete run behind for --out: the second measurement and the report that goes with it.
-    write_json(run_dir / "benchmark.json", benches[-1]["bench"])
-    report.render(run_dir, log=quiet)
-    update_manifest(run_dir)
+    with updating(run_dir, "benchmark", log=quiet) as (work, _):
+        write_json(work / "benchmark.json", benches[-1]["bench"])
+        report.render(work, log=quiet)
     drift = {v: abs(benches[1]["p50_ms_1_thread"][v] / benches[0]["p50_ms_1_thread"][v] - 1) for v in ("fp32", "int8")}
     ratios = [b["p50_ms_1_thread"]["int8"] / b["p50_ms_1_thread"]["fp32"] for b in benches]
     return {"run_dir": portable(run_dir), "build_s": build_s, "macs_per_inference": manifest["macs_per_inference"],

@@ -1,6 +1,5 @@
-"""Integrity: a model's bytes against the sha256 its metadata records, a folder against its metadata,
-and safe extraction of a bundle. Nothing here runs a model except verify_folder, which loads each
-one through the core to compare its tensors with the metadata.
+"""Integrity: a model's bytes against the sha256 its metadata records, and safe extraction of a bundle.
+Nothing here runs a model (device/verify.py does, through the core), so the core can import this.
 """
 from __future__ import annotations
 
@@ -15,6 +14,36 @@ TFLITE_IDENTIFIER = b"TFL3"
 MIN_MODEL_BYTES = 16
 # A model for an edge board far beyond this is a mistake, and reading it whole would hurt the board.
 MAX_MODEL_BYTES = 512 * 1024 * 1024
+# What a bundle may unpack to, checked on each member's header before a byte of it is written, so a
+# decompression bomb or a sparse member claiming gigabytes is refused before it fills the disk. Far
+# above a real bundle: a few MB of models, some 100 MB with the wheels of every board platform.
+MAX_MEMBERS = 10_000
+MAX_MEMBER_BYTES = MAX_MODEL_BYTES
+MAX_TOTAL_BYTES = 2 * 1024 * 1024 * 1024
+
+
+def _read_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc, since 4.7).
+
+    os.umask can only read by setting: between its two calls every file any thread creates gets
+    mode 0666. Elsewhere that happens once, here, at import, before the program starts threads.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once at start-up: mkstemp and mkdtemp make private files and folders, and what we publish
+# follows the user's umask like any other file. A program that changes its umask later (our tests
+# do, in the child they start) does so before importing this.
+UMASK = _read_umask()
 
 
 class DeviceError(Exception):
@@ -88,68 +117,16 @@ def expected_sha256(model_path: Path, metadata: dict | None) -> str | None:
     return sha if isinstance(sha, str) and sha else None
 
 
+def extract_bundle(archive: Path, dest: Path, *, max_members: int = MAX_MEMBERS,
+                   max_member_bytes: int = MAX_MEMBER_BYTES, max_total_bytes: int = MAX_TOTAL_BYTES) -> Path:
+    """Unpack a bundle: regular files and folders only, every one inside dest, within the size limits;
+    refuse the whole archive for any member that is not, never skipping one.
 
-def verify_folder(folder: Path) -> list[str]:
-    """Problems with the models a metadata file lists: missing, wrong size or hash, unloadable, or
-    tensors that differ from what the metadata says. An empty list means the folder is sound."""
-    from device.core import Model
-
-    folder = Path(folder)
-    meta_path = folder / METADATA_NAME
-    if not folder.is_dir():
-        return [f"{folder}: no such folder; pass an unpacked bundle or a run directory"]
-    if not meta_path.is_file():
-        return [f"{meta_path}: missing; expected the metadata file written by `pipeline build`"]
-    try:
-        meta = load_metadata(meta_path)
-    except DeviceError as e:
-        return [str(e)]
-    problems = []
-    models = meta.get("models")
-    if not isinstance(models, dict) or not models:
-        return [f"{meta_path}: lists no models"]
-    for name, entry in models.items():
-        path = folder / name
-        if not isinstance(entry, dict) or expected_sha256(path, meta) is None:
-            # Nothing to check the bytes against, so they are not handed to the interpreter either.
-            problems.append(f"{name}: the metadata records no sha256 for it; cannot verify")
-            continue
-        if Path(name).name != name:
-            problems.append(f"{name}: not a plain file name beside {METADATA_NAME}")
-            continue
-        if not path.is_file():
-            problems.append(f"{name}: missing")
-            continue
-        if path.stat().st_size != entry.get("bytes"):
-            problems.append(f"{name}: {path.stat().st_size} bytes, metadata says {entry.get('bytes')}")
-            continue
-        try:
-            model = Model(path, metadata=meta)
-        except DeviceError as e:
-            problems.append(str(e))
-            continue
-        for side, spec in (("input", model.input), ("output", model.output)):
-            want = entry.get(side)
-            if not isinstance(want, dict):
-                problems.append(f"{name}: the metadata does not describe its {side} tensor")
-                continue
-            got = spec.to_dict()
-            differs = [k for k in ("shape", "dtype", "scale", "zero_point") if k in want and want[k] != got[k]]
-            if differs:
-                problems.append(f"{name}: {side} tensor {', '.join(differs)} differ from the metadata")
-    for extra in sorted(folder.glob("*.tflite")):
-        if extra.name not in models:
-            problems.append(f"{extra.name}: not listed in {METADATA_NAME}, so nothing vouches for it")
-    return problems
-
-
-def extract_bundle(archive: Path, dest: Path) -> Path:
-    """Unpack a bundle: regular files and folders only, every one inside dest; refuse anything else.
-
-    The members are checked here rather than by tarfile's `data` filter, which Python before 3.12
-    may lack (Raspberry Pi OS bullseye has 3.9.2), so one code path runs on every board. It is
-    unpacked into a hidden folder beside dest and renamed into place only when complete, so a
-    failure leaves nothing behind; dest must not exist or be an empty folder.
+    The members are checked here, and by tarfile's `data` filter too where Python has it (3.12, and
+    3.8.17+ / 3.9.17+ / 3.11.4+): boards run Pythons without it (Raspberry Pi OS bullseye has 3.9.2),
+    and there our own checks stand alone. It is unpacked into a hidden folder beside dest and renamed
+    into place only when complete, so a failure leaves nothing behind; dest must not exist or be an
+    empty folder.
     """
     import shutil
     import tempfile
@@ -162,8 +139,8 @@ def extract_bundle(archive: Path, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.unpack-"))
     try:
-        _extract_checked(archive, tmp)
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the unpacked folder is the user's
+        _extract_checked(archive, tmp, max_members, max_member_bytes, max_total_bytes)
+        tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes it 0700; the unpacked folder is the user's
         if dest.is_dir():
             dest.rmdir()
         os.rename(tmp, dest)
@@ -222,18 +199,16 @@ def check_replaceable(path: Path, flag: str = "--overwrite") -> None:
                       f"{flag} replaces only edgepipe's own output; choose another path or move it away yourself")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _extract_checked(archive: Path, root: Path) -> None:
-    """Every member checked first (a file or folder, a relative path without '..'), then written."""
+def _extract_checked(archive: Path, root: Path, max_members: int, max_member_bytes: int,
+                     max_total_bytes: int) -> None:
+    """Every member checked first (a file or folder, a relative path without '..', once, within the
+    limits, passed by the data filter), each as its header is read; then written, streaming."""
     import shutil
     import tarfile
     import zlib
     from pathlib import PurePosixPath
+
+    data_filter = getattr(tarfile, "data_filter", None)
 
     def refuse(member, why: str) -> DeviceError:
         return DeviceError(f"{archive}: refused, member {member.name!r} {why}; "
@@ -241,13 +216,31 @@ def _extract_checked(archive: Path, root: Path) -> None:
 
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            members = tar.getmembers()
-            for m in members:
+            members, names, total = [], set(), 0
+            for m in tar:  # header by header: a refusal stops before the next member is read
                 path = PurePosixPath(m.name)
+                if len(members) == max_members:
+                    raise DeviceError(f"{archive}: refused, more than {max_members:,} members; the archive is not "
+                                      "a bundle written by `pipeline bundle`")
                 if not (m.isfile() or m.isdir()):
                     raise refuse(m, "is a link or a device, not a file or folder")
                 if not path.parts or path.is_absolute() or ".." in path.parts:
                     raise refuse(m, "points outside the target folder")
+                if path.as_posix() in names:
+                    raise refuse(m, "appears twice")
+                if m.size > max_member_bytes:
+                    raise refuse(m, f"would unpack to {m.size:,} bytes, above the {max_member_bytes:,} byte limit "
+                                    "for one file")
+                total += m.size
+                if total > max_total_bytes:
+                    raise refuse(m, f"takes the unpacked size above the {max_total_bytes:,} byte limit")
+                if data_filter is not None:
+                    try:
+                        data_filter(m, str(root))
+                    except tarfile.FilterError as e:
+                        raise refuse(m, f"is refused by tarfile's data filter ({e})") from None
+                members.append(m)
+                names.add(path.as_posix())
             for m in members:
                 target = root.joinpath(*PurePosixPath(m.name).parts)
                 if m.isdir():
@@ -255,7 +248,7 @@ def _extract_checked(archive: Path, root: Path) -> None:
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with tar.extractfile(m) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                    shutil.copyfileobj(src, dst, 1 << 20)
                 target.chmod(0o755 if m.mode & 0o111 else 0o644)
     except (OSError, tarfile.TarError, EOFError, zlib.error) as e:
         raise DeviceError(f"{archive}: not a readable .tar.gz bundle ({e})")

@@ -33,21 +33,26 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # device.board (platform, subprocess) is imported by bench alone: 40 ms of every other command's cold start.
-from device import core, foreign, images, integrity, timing  # noqa: E402
+from device import core, foreign, images, integrity, timing, verify  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parent.parent
 SCHEMA = 1
-FALLBACK_MODEL = "model_int8.tflite"  # bundles older than `default_model` in their metadata
 SAMPLES = BUNDLE / "samples"
 
 
 def default_model() -> Path:
-    """The model the bundle's metadata names as its default: the variant the run delivers."""
+    """The model the bundle's metadata names as its default: the variant the run delivers. Without
+    that name there is no guessing (a guess could be the model the accuracy guard rejected)."""
+    path = BUNDLE / core.METADATA_NAME
     try:
-        name = json.loads((BUNDLE / core.METADATA_NAME).read_text()).get("default_model")
+        name = json.loads(path.read_text()).get("default_model")
     except (OSError, ValueError, AttributeError):
         name = None
-    return BUNDLE / (name if isinstance(name, str) and name and Path(name).name == name else FALLBACK_MODEL)
+    if not (isinstance(name, str) and name and Path(name).name == name):
+        raise core.DeviceError(f"{path}: names no default_model (missing, unreadable or a bundle from before "
+                               "edgepipe recorded it); pass the model to run with --model, or make the bundle "
+                               "again with `pipeline bundle`")
+    return BUNDLE / name
 
 
 def _shown(path: Path) -> str:
@@ -183,13 +188,13 @@ def cmd_info(args) -> dict:
 
 def cmd_unpack(args) -> dict:
     dest = integrity.extract_bundle(args.archive, args.dest)
-    problems = integrity.verify_folder(dest)
+    problems = verify.verify_folder(dest)
     return {**_header("unpack"), "path": str(args.dest), "ok": not problems, "problems": problems}
 
 
 def cmd_verify(args) -> dict:
     folder = args.folder if args.folder is not None else BUNDLE
-    problems = integrity.verify_folder(folder)
+    problems = verify.verify_folder(folder)
     return {**_header("verify"), "path": str(args.folder or "."), "ok": not problems, "problems": problems}
 
 
@@ -322,7 +327,9 @@ def main(argv=None) -> int:
             print(f"error: {path}: {what}", file=sys.stderr)
             return 2
     if getattr(args, "fn", None) not in (cmd_verify, cmd_unpack) and args.model is None:
-        args.model = default_model()
+        args.model, code = _step(lambda _: default_model(), args)
+        if code:
+            return code
     for name in ("runs", "threads", "top_k", "loads", "preprocess_runs"):
         if getattr(args, name, 1) < 1:
             print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)

@@ -97,9 +97,10 @@ def peak_rss_mb() -> float | None:
     parent's size. ru_maxrss is the fallback elsewhere (KiB on Linux, bytes on macOS).
     """
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
     except OSError:
         pass
     try:

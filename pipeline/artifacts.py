@@ -23,12 +23,12 @@ import os
 import shutil
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pipeline
 
 # check_replaceable is re-exported: `bundle --out`, `runner.py unpack` and exports call it too.
-from device.integrity import check_replaceable, sha256_file, written_by_edgepipe  # noqa: F401
+from device.integrity import UMASK, check_replaceable, sha256_file, written_by_edgepipe  # noqa: F401
 
 MANIFEST = "manifest.json"
 LOG = "build.log"  # grows after the manifest is written (the last lines), so it is not hashed
@@ -36,14 +36,16 @@ PROGRESS = ".progress.json"
 REQUEST = ".request.json"
 CREATED_BY = f"edgepipe {pipeline.__version__}"
 
-# Read once: mkstemp makes 0600 files, and run folders follow the user's umask like any other file.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
+# mkstemp makes 0600 files; run folders follow the user's umask (read once, in device.integrity).
+FILE_MODE = 0o666 & ~UMASK
 
 
 class RunDirError(Exception):
     """The run directory cannot be used as asked (exists, locked, not ours); the message says what to do."""
+
+
+class RunChangedError(RunDirError):
+    """A finished run's files no longer match its manifest: no command builds on it or records it again."""
 
 
 # ---------------------------------------------------------------- names (the one place for them)
@@ -121,14 +123,16 @@ def file_entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def file_table(root: Path) -> dict:
-    """Size and sha256 of every file under root except the manifest and hidden (temporary) files."""
-    out = {}
+def file_table(root: Path, verified: dict | None = None) -> dict:
+    """Size and sha256 of every file under root except the manifest and hidden (temporary) files; a
+    file `verified` (see check_files) whose stat has not changed since keeps its entry unhashed."""
+    out, verified = {}, verified or {}
     for p in sorted(Path(root).rglob("*")):
         rel = p.relative_to(root).as_posix()
         hidden = any(part.startswith(".") for part in p.relative_to(root).parts)
         if p.is_file() and rel not in (MANIFEST, LOG) and not hidden:
-            out[rel] = file_entry(p)
+            known = verified.get(rel)
+            out[rel] = known[1] if known and known[0] == _signature(p) else file_entry(p)
     return out
 
 
@@ -362,14 +366,105 @@ class RunDir:
         return kept
 
 
+# ---------------------------------------------------------------- a finished run against its manifest
+
+# At most this many problems are named in the one-line refusal; `pipeline verify` lists them all.
+NAMED_PROBLEMS = 5
+
+
+def read_manifest(run_dir: Path) -> tuple[dict | None, str | None]:
+    """(the run's manifest, None), or (None, the one-line problem) when it has none with a file table."""
+    try:
+        manifest = json.loads((Path(run_dir) / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None, f"{MANIFEST}: missing; {run_dir} is not a run directory written by `pipeline build`"
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return None, f"{MANIFEST}: not readable JSON ({e})"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        return None, f"{MANIFEST}: has no file table; the build that wrote it did not finish"
+    return manifest, None
+
+
+def check_files(run_dir: Path) -> tuple[list[str], dict]:
+    """(problems, verified) for a run's files against its manifest: a line for each listed file that is
+    missing or differs in size or sha256 and for each file present but not listed (hidden files and
+    the build log excepted); `verified` maps each intact file to (its stat signature, its entry)."""
+    run_dir = Path(run_dir)
+    manifest, problem = read_manifest(run_dir)
+    if problem:
+        return [problem], {}
+    files = manifest["files"]
+    problems, verified = [], {}
+    for rel, want in files.items():
+        problem = _check_file(run_dir, rel, want)
+        if problem:
+            problems.append(problem)
+        else:
+            path = run_dir.joinpath(*PurePosixPath(rel).parts)
+            verified[rel] = (_signature(path), {"bytes": want["bytes"], "sha256": want["sha256"]})
+    for p in sorted(run_dir.rglob("*")):
+        parts = p.relative_to(run_dir).parts
+        if p.is_file() and not any(part.startswith(".") for part in parts):
+            rel = PurePosixPath(*parts).as_posix()
+            if rel not in (MANIFEST, LOG) and rel not in files:
+                problems.append(f"{rel}: present but not listed in {MANIFEST}")
+    return problems, verified
+
+
+def _check_file(root: Path, rel: str, want) -> str | None:
+    parts = PurePosixPath(rel).parts
+    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
+        return f"{rel}: listed in {MANIFEST} with a path outside the run directory"
+    if not isinstance(want, dict) or not isinstance(want.get("bytes"), int) or not isinstance(want.get("sha256"), str):
+        return f"{rel}: its {MANIFEST} entry has no size and sha256"
+    path = root.joinpath(*parts)
+    if not path.is_file():
+        return f"{rel}: missing"
+    size = path.stat().st_size
+    if size != want["bytes"]:
+        return f"{rel}: {size} bytes, {MANIFEST} says {want['bytes']}"
+    actual = sha256_file(path)
+    if actual != want["sha256"]:
+        return f"{rel}: sha256 {actual[:12]}... does not match {want['sha256'][:12]}... in {MANIFEST}"
+    return None
+
+
+def _signature(path: Path) -> tuple:
+    """What any write changes: a new file (atomic_write) has a new inode, a write in place a new ctime.
+    A write it misses (in place, same size, within one clock tick of the check) keeps the old hash,
+    so the run then fails `pipeline verify`: it errs closed, never blessing unchecked bytes."""
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def check_unchanged(run_dir: Path, doing: str, shown: Path | None = None) -> dict:
+    """Refuse, with RunChangedError, a run whose files differ from its manifest; else return the
+    verified files (see check_files). `shown` names the run when run_dir is its working copy."""
+    problems, verified = check_files(run_dir)
+    if problems:
+        shown = shown or run_dir
+        named = "; ".join(problems[:NAMED_PROBLEMS])
+        more = f"; and {len(problems) - NAMED_PROBLEMS} more" if len(problems) > NAMED_PROBLEMS else ""
+        raise RunChangedError(
+            f"{shown}: changed since it was written ({named}{more}); refusing to {doing} a run that no longer "
+            f"matches its {MANIFEST} (`pipeline verify {shown}` lists the same); restore the files or rebuild "
+            "the run with `pipeline build --overwrite`")
+    return verified
+
+
 # ---------------------------------------------------------------- changing a finished run
 
-def update_manifest(run_dir: Path, changed: dict | None = None) -> dict:
-    """Re-hash every file of a run after a stage rewrote some (benchmark, report)."""
+def update_manifest(run_dir: Path, changed: dict | None = None, verified: dict | None = None) -> dict:
+    """Record what a step wrote: a file whose stat is still the one `verified` recorded keeps its
+    manifest entry, and only the others (the step's own files) are hashed. Without `verified`, the
+    run is checked first, so a file changed outside a step is refused, never recorded as the run's."""
     run_dir = Path(run_dir)
+    if verified is None:
+        verified = check_unchanged(run_dir, "record the changes to")
     manifest = json.loads((run_dir / MANIFEST).read_text())
     manifest.update(changed or {})
-    manifest["files"] = file_table(run_dir)
+    manifest["files"] = file_table(run_dir, verified)
     write_json(run_dir / MANIFEST, manifest)
     return manifest
 
@@ -377,7 +472,11 @@ def update_manifest(run_dir: Path, changed: dict | None = None) -> dict:
 @contextlib.contextmanager
 def updating(run_dir: Path, doing: str, log=print):
     """Change a finished run as one step: yields a copy to change; on success the copy, its manifest
-    re-hashed last, replaces the run. Interrupted or failed at any moment, the run is the old one."""
+    updated last, replaces the run. Interrupted or failed at any moment, the run is the old one.
+
+    The copy is checked against the manifest before the step sees it: a run changed since it was
+    written is refused (RunChangedError), so no later command can record an edit as the run's own.
+    Afterwards only the files the step wrote are hashed again."""
     final = _named(run_dir)
     if not is_run(final):
         raise RunDirError(f"{final}: not a finished run (no edgepipe manifest.json); pass a run directory "
@@ -387,9 +486,10 @@ def updating(run_dir: Path, doing: str, log=print):
         work = _sibling(final, "update")
         try:
             shutil.copytree(final, work, symlinks=True)  # on a full disk too, the half copy goes
+            verified = check_unchanged(work, doing, shown=final)
             changed: dict = {}
             yield work, changed
-            update_manifest(work, changed)
+            update_manifest(work, changed, verified)
             swap_into_place(work, final)
         finally:
             shutil.rmtree(work, ignore_errors=True)

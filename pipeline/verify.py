@@ -2,12 +2,14 @@
 
 A run directory is checked against its manifest.json: every file it lists is present with its size
 and sha256, and no file is present that it does not list (hidden files excepted: those are never
-part of a run). Then `device.integrity.verify_folder`, the same check the runner makes on the device:
+part of a run). Then `device.verify.verify_folder`, the same check the runner makes on the device:
 every model metadata.json lists has its size and sha256, loads and allocates in the interpreter,
 and has the input and output tensors (shape, dtype, quantization) the metadata describes.
 
-A bundle (.tar.gz) carries no manifest: it is unpacked with tarfile's `data` filter into a
-temporary folder, checked for the files the runner needs, and its models against its metadata.json.
+A bundle (.tar.gz) carries no manifest: it is unpacked into a temporary folder by the runner's own
+`device.integrity.extract_bundle` (files and folders only, inside the folder, within size and count
+limits, and through tarfile's `data` filter where this Python has it), checked for the files the
+runner needs, and its models against its metadata.json.
 
 Unlisted files count as problems because a verified run should be the one the build wrote: a stray
 `model_x.tflite` or a swapped report beside a matching manifest is exactly what this command is
@@ -15,12 +17,12 @@ for. To keep notes beside a run, put them outside it (or in a hidden file).
 """
 from __future__ import annotations
 
-import json
 import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from device.integrity import METADATA_NAME, DeviceError, extract_bundle, sha256_file, verify_folder
-from pipeline.artifacts import LOG, MANIFEST, is_staging
+from device.integrity import METADATA_NAME, DeviceError, extract_bundle
+from device.verify import verify_folder
+from pipeline.artifacts import check_files, is_staging, read_manifest
 from pipeline.ship.bundle import RUNNER_FILES
 
 # What `pipeline bundle` always writes besides the models, and the runner cannot do without.
@@ -42,48 +44,16 @@ def verify_run_dir(run_dir: Path) -> list[str]:
     if is_staging(run_dir):
         return [f"{run_dir}: the staging folder of an interrupted build, not a run; finish it with "
                 "`pipeline build --resume`"]
-    try:
-        manifest = json.loads((run_dir / MANIFEST).read_text())
-    except FileNotFoundError:
-        return [f"{MANIFEST}: missing; {run_dir} is not a run directory written by `pipeline build`"]
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return [f"{MANIFEST}: not readable JSON ({e})"]
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not files:
-        return [f"{MANIFEST}: has no file table; the build that wrote it did not finish"]
-
-    problems = []
-    for rel, want in files.items():
-        problems += _check_file(run_dir, rel, want)
-    for p in sorted(run_dir.rglob("*")):
-        parts = p.relative_to(run_dir).parts
-        if p.is_file() and not any(part.startswith(".") for part in parts):
-            rel = PurePosixPath(*parts).as_posix()
-            if rel not in (MANIFEST, LOG) and rel not in files:
-                problems.append(f"{rel}: present but not listed in {MANIFEST}")
+    manifest, problem = read_manifest(run_dir)
+    if problem:
+        return [problem]
+    # The same check every command that changes a run makes first (artifacts.check_unchanged).
+    problems, _ = check_files(run_dir)
     # The models: size, sha256 (again, against metadata.json), load, tensors against the metadata.
     # A `pipeline train` run has none and no metadata.json: nothing more to check.
-    if manifest.get("models") or METADATA_NAME in files:
+    if manifest.get("models") or METADATA_NAME in manifest["files"]:
         problems += [_relative(p, run_dir) for p in verify_folder(run_dir)]
     return problems
-
-
-def _check_file(root: Path, rel: str, want) -> list[str]:
-    parts = PurePosixPath(rel).parts
-    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
-        return [f"{rel}: listed in {MANIFEST} with a path outside the run directory"]
-    if not isinstance(want, dict) or not isinstance(want.get("bytes"), int) or not isinstance(want.get("sha256"), str):
-        return [f"{rel}: its {MANIFEST} entry has no size and sha256"]
-    path = root.joinpath(*parts)
-    if not path.is_file():
-        return [f"{rel}: missing"]
-    size = path.stat().st_size
-    if size != want["bytes"]:
-        return [f"{rel}: {size} bytes, {MANIFEST} says {want['bytes']}"]
-    actual = sha256_file(path)
-    if actual != want["sha256"]:
-        return [f"{rel}: sha256 {actual[:12]}... does not match {want['sha256'][:12]}... in {MANIFEST}"]
-    return []
 
 
 def verify_bundle(archive: Path) -> list[str]:

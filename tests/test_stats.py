@@ -55,3 +55,30 @@ def test_significant_drop_is_said_so():
     t = {"n": 1000, "baseline_only_correct": 30, "variant_only_correct": 2, "p_value": 1e-7, "significant": True}
     assert "statistically significant" in stats.change_words("int8", -2.8, t)
     assert "not" not in stats.change_words("int8", -2.8, t)
+
+
+@pytest.mark.parametrize("p, adjusted", [
+    # R: p.adjust(c(0.01, 0.04, 0.03, 0.005), "holm") -> 0.03 0.06 0.06 0.02
+    ([0.01, 0.04, 0.03, 0.005], [0.03, 0.06, 0.06, 0.02]),
+    # Capped at 1, and one test alone is left as it is.
+    ([0.4, 0.9], [0.8, 0.9]),
+    ([0.2], [0.2]),
+    ([], []),
+])
+def test_holm_matches_r(p, adjusted):
+    assert stats.holm(p) == pytest.approx(adjusted)
+
+
+def test_a_runs_variants_are_judged_together():
+    # Two changes each "significant" at 5% on their own are not once the run's three tests are counted.
+    variants = {"fp32": {}, **{v: {"mcnemar_vs_fp32": {"n": 1000, "baseline_only_correct": b, "variant_only_correct": c,
+                                                       "p_value": p, "significant": p < 0.05}}
+                               for v, b, c, p in (("int8", 14, 4, 0.03), ("dynamic", 13, 4, 0.049),
+                                                  ("float16", 0, 0, 1.0))}}
+    stats.adjust_across_variants(variants)
+    stats.adjust_across_variants(variants)  # idempotent: it starts from the raw p-values
+    tests = {v: e["mcnemar_vs_fp32"] for v, e in variants.items() if e}
+    assert {v: t["p_holm"] for v, t in tests.items()} == pytest.approx({"int8": 0.09, "dynamic": 0.098, "float16": 1})
+    assert not any(t["significant"] for t in tests.values()) and {t["tests"] for t in tests.values()} == {3}
+    words = stats.change_words("int8", -1.0, tests["int8"])
+    assert "not statistically significant" in words and "0.09 after Holm's adjustment for the 3 variants" in words

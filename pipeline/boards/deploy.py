@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.artifacts import RunDirError, is_run, updating, write_json
+from pipeline.artifacts import RunChangedError, RunDirError, check_unchanged, is_run, updating, write_json
 from pipeline.boards.devices import Device, resolve
 from pipeline.boards.payload import EVAL_DATA, Bundle, Choice, DeployError, host_reference, open_bundle, runtime_for
 from pipeline.boards.ssh import BoardError, Cancelled, SshConnection, SshOptions
@@ -253,6 +253,7 @@ def deploy(run_dir: Path, cfg: DeployConfig, log=print) -> list[dict]:
         devices[device.name] = device
     if not devices:
         raise DeployError("no board given; pass --device NAME (see `pipeline device list`) or --device user@host")
+    check_unchanged(run_dir, "deploy")  # before any board: the merge at the end would refuse it anyway
     with tempfile.TemporaryDirectory(prefix="edgepipe-deploy-") as tmp:
         bundle = open_bundle(run_dir, Path(cfg.bundle) if cfg.bundle else None, Path(tmp), log)
         reference = host_reference(run_dir, bundle)
@@ -291,6 +292,8 @@ def _updating(run_dir: Path, log):
         try:
             work = stack.enter_context(updating(run_dir, "deploy (merging the boards' results)", log))
             break
+        except RunChangedError:
+            raise  # waiting does not mend it
         except RunDirError:
             if not is_run(run_dir) or time.monotonic() > deadline:
                 raise

@@ -38,6 +38,11 @@ ROOT = os.path.join(os.path.expanduser("~"), "edgepipe")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 READY = ".edgepipe-ready"
 EXIT_AGENT = 3
+# device/integrity.py's limits on what a bundle may unpack to (only board.py is loaded beside this
+# file on the board, so they are repeated here; a test keeps the two equal).
+MAX_MEMBERS = 10_000
+MAX_MEMBER_BYTES = 512 * 1024 * 1024
+MAX_TOTAL_BYTES = 2 * 1024 * 1024 * 1024
 
 
 class AgentError(Exception):
@@ -59,11 +64,36 @@ def _venv_dir(p: dict) -> str:
 
 
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+        return _sha256_stream(f)
+
+
+def _sha256_stream(f) -> str:
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
     return h.hexdigest()
+
+
+def _members(tar: tarfile.TarFile, archive: str):
+    """The archive's members, each refused (AgentError, never skipped) unless it is a file or folder
+    with a plain relative path, within the limits; checked on its header, before its data is read."""
+    count = total = 0
+    for m in tar:
+        parts = m.name.split("/")
+        problem = ("is not a file or folder" if not (m.isfile() or m.isdir())
+                   else "points outside the bundle" if m.name.startswith("/") or ".." in parts or "" in parts
+                   else f"would unpack to {m.size:,} bytes, above the {MAX_MEMBER_BYTES:,} byte limit"
+                   if m.size > MAX_MEMBER_BYTES else None)
+        count, total = count + 1, total + m.size
+        if problem is None and count > MAX_MEMBERS:
+            problem = f"is beyond the limit of {MAX_MEMBERS:,} members"
+        if problem is None and total > MAX_TOTAL_BYTES:
+            problem = f"takes the bundle above the {MAX_TOTAL_BYTES:,} byte limit"
+        if problem:
+            raise AgentError(f"{archive}: member {m.name!r} {problem}; it is not a bundle written by `pipeline "
+                             "bundle`; deploy again")
+        yield m
 
 
 def _watched(cmd: list, cwd=None, env=None, stdout=None, capture: bool = False):
@@ -174,9 +204,10 @@ def _compare_unpacked(archive: str, folder: str) -> str:
         return "missing"
     want = {}
     with tarfile.open(archive, "r:gz") as tar:
-        for m in tar:
+        for m in _members(tar, archive):
             if m.isfile():
-                want[m.name] = hashlib.sha256(tar.extractfile(m).read()).hexdigest()
+                with tar.extractfile(m) as f:
+                    want[m.name] = _sha256_stream(f)
     for name, digest in sorted(want.items()):
         path = os.path.join(folder, name)
         if not os.path.isfile(path) or _sha256(path) != digest:
@@ -218,17 +249,17 @@ def receive(p: dict) -> dict:
 
 
 def _extract(archive: str, dest: str, wanted) -> list:
-    """Regular files whose names `wanted` accepts, and nothing else, into dest (no links, no '..')."""
+    """The files whose names `wanted` accepts into dest; any member not a plain file or folder within
+    the limits refuses the whole archive (AgentError), whether wanted or not."""
     out = []
     with tarfile.open(archive, "r:gz") as tar:
-        for m in tar:
-            parts = m.name.split("/")
-            if not (m.isfile() and wanted(m.name)) or m.name.startswith("/") or ".." in parts or "" in parts:
+        for m in _members(tar, archive):
+            if not (m.isfile() and wanted(m.name)):
                 continue
-            target = os.path.join(dest, *parts)
+            target = os.path.join(dest, *m.name.split("/"))
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with tar.extractfile(m) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+                shutil.copyfileobj(src, dst, 1 << 20)
             out.append(m.name)
     return out
 

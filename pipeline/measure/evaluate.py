@@ -55,6 +55,7 @@ def evaluate_variants(run_dir: Path, variants, x_test: np.ndarray, y_test: np.nd
         paired = f", McNemar p {test['p_value']:.2g}" if test else ""
         log(f"accuracy {variant:>8}: {entry['accuracy']:.4f} [95% {ci['low']:.4f}-{ci['high']:.4f}] "
             f"({entry['change_pp_vs_fp32']:+.2f} pp{paired}), {seconds[variant]:.2f} s for {len(y)} images")
+    stats.adjust_across_variants(result["variants"])
     if keras_model is not None:
         keras_probs = keras_model.predict(normalize(x_test, metadata["preprocess"]), batch_size=256, verbose=0)
         if metadata.get("output") == "logits":

@@ -21,8 +21,8 @@ import numpy as np
 
 import pipeline
 from device.core import Model
-from device.integrity import METADATA_NAME, DeviceError, read_model_bytes, sha256_file
-from pipeline.artifacts import MANIFEST, updating, write_json
+from device.integrity import METADATA_NAME, UMASK, DeviceError, read_model_bytes, sha256_file
+from pipeline.artifacts import MANIFEST, check_unchanged, updating, write_json
 from pipeline.micro import runtime
 from pipeline.micro import sources as c_sources
 from pipeline.micro.runtime import KIB, MIB, ExportError
@@ -337,6 +337,7 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
     """Write the export folder and its .tar.gz; record the figures in the run. Returns the folder."""
     run_dir = Path(run_dir)
     meta, manifest = _read_run(run_dir)
+    check_unchanged(run_dir, "export")  # before writing anything: the run is updated at the end
     budget = choose_budget(board, flash, ram)
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}-tflm"
     archive = out.parent / f"{out.name}.tar.gz"
@@ -346,10 +347,10 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
     if not integer:
         raise ExportError(f"{run_dir}: no int8 model (it has {', '.join(files)}); build one with `pipeline build "
                           "--quantize int8`, or `pipeline convert RUN/model.keras --quantize int8` for a trained model")
-    if variant is None:  # what the run delivers: the guard's repair when it made one
-        from pipeline.delivery import guard_decision
+    from pipeline.delivery import guard_decision
 
-        delivered = guard_decision(run_dir)[0]
+    delivered = guard_decision(run_dir)[0]  # read even for --variant: an unreadable guard record refuses
+    if variant is None:  # what the run delivers: the guard's repair when it made one
         variant = delivered if delivered in integer else "int8"
         log(f"export: {variant}" + (" (the accuracy guard's repair)" if variant == delivered != "int8" else ""))
     if variant not in integer:
@@ -363,9 +364,7 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's private mode would carry over to the published folder
+    staging.chmod(0o777 & ~UMASK)  # mkdtemp's private mode would carry over to the published folder
     try:
         (staging / "model.tflite").write_bytes(model_bytes)
         try:

@@ -68,6 +68,9 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
     if missing:
         raise ReportError(f"{run_dir}: {', '.join(missing)} missing, though evaluation.json lists them; rebuild it")
     _fill_statistics(run_dir, evaluation)
+    from pipeline.measure.stats import adjust_across_variants
+
+    adjust_across_variants(evaluation["variants"])  # runs evaluated before the tests were adjusted, too
     names = [v for v in VARIANTS if v in evaluation["variants"]]
     names += [v for v in evaluation["variants"] if v not in VARIANTS]
     variants = [_variant(run_dir, v, evaluation, bench, threads) for v in names]
@@ -371,7 +374,7 @@ def _boards_md(report: dict) -> list[str]:
 
 def table(report: dict) -> tuple[list[str], list[list[str]]]:
     """(headers, rows of strings): one row per variant, host figures then each device's."""
-    headers = ["variant", "size", "size ratio", "accuracy", "95% interval", "change", "McNemar p", "agreement",
+    headers = ["variant", "size", "size ratio", "accuracy", "95% interval", "change", "McNemar p (Holm)", "agreement",
                "p50 ms", "p90 ms", "p99 ms", "speed-up vs fp32"]
     labels = [d["label"] for d in report["devices"]]
     for label in labels:
@@ -394,7 +397,7 @@ def table(report: dict) -> tuple[list[str], list[list[str]]]:
 def _p_value(test: dict | None) -> str:
     if not test:
         return "-"
-    return f"{test['p_value']:.2g}" + ("" if test["significant"] else " (n.s.)")
+    return f"{test.get('p_holm', test['p_value']):.2g}" + ("" if test["significant"] else " (n.s.)")
 
 
 def _pct(x) -> str:

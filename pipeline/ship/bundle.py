@@ -31,8 +31,8 @@ from pipeline.delivery import PREFERENCE, default_variant, guard_decision
 SUFFIXES = (".tar.gz", ".tgz")
 ZIP_EPOCH = 315532800  # 1980-01-01, the earliest time a zip (and so a wheel) can record
 
-RUNNER_FILES = ("__init__.py", "core.py", "images.py", "integrity.py", "timing.py", "runner.py", "board.py",
-                "foreign.py")
+RUNNER_FILES = ("__init__.py", "core.py", "images.py", "integrity.py", "timing.py", "verify.py", "runner.py",
+                "board.py", "foreign.py")
 WHEELS_DIR = "wheels"
 WHEELS_INDEX = f"{WHEELS_DIR}/wheels.json"
 
