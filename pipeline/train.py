@@ -74,16 +74,18 @@ class _Throughput:
         return Callback()
 
 
-def train(cfg: BuildConfig, data: Dataset, log=print):
-    """Build the configured model and fit it with its recipe; returns (model, history dict)."""
+def train(cfg: BuildConfig, data: Dataset, log=print, model=None, callbacks=()):
+    """Build the configured model (or take `model`, as the search does) and fit it with its recipe;
+    returns (model, history dict). `callbacks` are more Keras callbacks (the search reports each epoch)."""
     import keras
 
     from pipeline.data.augment import batches
 
     seed_everything(cfg.seed)
     spec = data.spec
-    model = build_model(cfg.model, (spec.height, spec.width, spec.channels), len(spec.labels))
-    check_input_shape(model, data, cfg.model)
+    if model is None:
+        model = build_model(cfg.model, (spec.height, spec.width, spec.channels), len(spec.labels))
+    check_input_shape(model, data, model.name)
     recipe, classes = recipe_of(cfg), len(spec.labels)
     common = {"batch_size": cfg.batch_size, "classes": classes, "scale": spec.scale, "offset": spec.offset}
     train_ds, steps = batches(data.x_train, data.y_train, epochs=cfg.epochs, shuffle=True, augment=cfg.augment,
@@ -93,7 +95,7 @@ def train(cfg: BuildConfig, data: Dataset, log=print):
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
     throughput = _Throughput(len(data.x_train), cfg.epochs, log)
-    callbacks = [throughput, console.keras_callback(cfg.epochs, steps)]
+    callbacks = [throughput, console.keras_callback(cfg.epochs, steps), *callbacks]
     callbacks += [keras.callbacks.TensorBoard(log_dir=cfg.tensorboard)] if cfg.tensorboard else []
     log(f"training {cfg.model} on {len(data.x_train)} {data.name} images ({len(data.x_val)} for validation), "
         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in recipe.items()))
