@@ -116,7 +116,8 @@ def measure(candidates: list[Candidate], cfg: BuildConfig, variants: tuple[str, 
         keras.utils.set_random_seed(cfg.seed)
         row = {"candidate": cand.to_dict(), "variants": {}}
         try:
-            row["variants"] = _costs(cand, cfg, variants, target, spec, classes)
+            model = cand.build(spec["channels"], classes)
+            row["variants"] = measure_model(model, cfg, variants, target, spec)
         except Exception as e:  # a candidate the converter or TFLM cannot take is dropped, not the search
             row.update(feasible=False, reason=f"not measurable: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             log(f"feasibility {i + 1}/{len(candidates)} {cand.id}: {row['reason']}")
@@ -145,13 +146,13 @@ def _cost_words(cost: dict) -> str:
     return "/".join(parts)
 
 
-def _costs(cand: Candidate, cfg: BuildConfig, variants, target: Target, spec: dict, classes: int) -> dict:
+def measure_model(model, cfg: BuildConfig, variants, target: Target, spec: dict) -> dict:
+    """{variant: cost} of an untrained Keras model; `spec` is the data's preprocessing (its size is the model's)."""
     import keras
 
     from pipeline.convert import convert
 
-    spec = {**spec, "height": cand.resolution, "width": cand.resolution}
-    model = cand.build(spec["channels"], classes)
+    spec = {**spec, "height": model.input_shape[1], "width": model.input_shape[2]}
     if target.kind == "tflm":  # as the TFLM export converts: batch 1 and int8 input and output
         inputs = keras.Input(model.input_shape[1:], batch_size=1)
         model = keras.Model(inputs, model(inputs), name=model.name)
