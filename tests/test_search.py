@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -75,30 +77,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray_node(args: list[str], temp: Path) -> subprocess.Popen:
+def _ray_node(args: list[str], temp: Path, auth: dict) -> subprocess.Popen:
     """One Ray node in the foreground (--block), in its own process group so that it is ended by its own PID."""
     return subprocess.Popen(["ray", "start", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
-                             f"--temp-dir={temp}", "--disable-usage-stats", *args], env=env(),
+                             f"--temp-dir={temp}", "--disable-usage-stats", *args], env={**env(), **auth},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _alive_nodes(address: str, auth: dict) -> int:
+    code = (f"import ray; ray.init(address='{address}', _node_ip_address='127.0.0.1', log_to_driver=False); "
+            "print(sum(n['Alive'] for n in ray.nodes()))")
+    proc = subprocess.run([sys.executable, "-c", code], env={**env(), **auth}, capture_output=True, text=True,
+                          timeout=120)
+    return int(proc.stdout.split()[-1]) if proc.returncode == 0 and proc.stdout.split() else 0
 
 
 @pytest.mark.slow
 def test_two_node_cluster_runs_the_same_search_with_the_same_front(local_search, tmp_path):
     from pipeline.search.report import pareto
 
-    port = _free_port()
+    # Ray 2.59+ asks for a token on a cluster: this test's own, passed as Ray reads it (never ~/.ray).
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    address = f"127.0.0.1:{_free_port()}"
     short = Path(f"/tmp/ep-ray-{os.getpid()}")  # Ray's socket paths must stay under 107 characters
-    nodes = [_ray_node(["--head", f"--port={port}", "--include-dashboard=false"], short / "head")]
+    nodes = [_ray_node(["--head", f"--port={address.split(':')[1]}", "--include-dashboard=false"], short / "head",
+                       auth)]
     try:
-        time.sleep(8)
-        nodes.append(_ray_node([f"--address=127.0.0.1:{port}"], short / "worker"))
-        time.sleep(8)
+        time.sleep(5)
+        nodes.append(_ray_node([f"--address={address}"], short / "worker", auth))
+        deadline = time.monotonic() + 180
+        while _alive_nodes(address, auth) < 2:
+            assert time.monotonic() < deadline, "the worker node did not join the head within 3 minutes"
+            time.sleep(5)
         out = tmp_path / "cluster"
-        ok(cli("search", *SEARCH, "--out", out, "--address", f"127.0.0.1:{port}", cwd=tmp_path))
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "search", *SEARCH, "--out", str(out),
+                               "--address", address], cwd=tmp_path, env={**env(), **auth}, capture_output=True,
+                              text=True, timeout=1500)
+        ok(proc)
     finally:
-        for node in reversed(nodes):  # SIGTERM to `ray start --block` ends the processes it started
+        for node in reversed(nodes):  # SIGTERM: `ray start --block` drains, then ends the processes it started
             os.killpg(node.pid, signal.SIGTERM)
-            node.wait(timeout=60)
+        for node in nodes:
+            node.wait(timeout=120)
+        shutil.rmtree(short, ignore_errors=True)
     local = json.loads((local_search / "search.json").read_text())
     cluster = json.loads((out / "search.json").read_text())
     assert len(cluster["summary"]["nodes"]) == 2, cluster["trials"]

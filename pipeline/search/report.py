@@ -71,7 +71,7 @@ def write_report(out: Path, cfg, feasibility: dict, trials: list[dict], pick: di
         "summary": {"candidates": len(rows), "dropped_before_training": sum(not r["feasible"] for r in rows),
                     "dropped_share": sum(not r["feasible"] for r in rows) / max(1, len(rows)),
                     "trials": len(trials), **{s: sum(t["status"] == s for t in trials)
-                                              for s in ("trained", "stopped", "failed")},
+                                              for s in ("trained", "stopped", "failed", "unfinished")},
                     "trials_per_hour_of_trial_time": len(trials) / hours if hours else None,
                     "nodes": sorted({t["node_id"] for t in trials if t.get("node_id")})},
         "candidates": rows, "trials": trials, "points": pts, "front": front, "pick": None,
@@ -136,7 +136,7 @@ def markdown(r: dict) -> str:
              f"arena {_fmt(b['ram_kb'], '.1f')} KB. Space: {r['space']['description']}.", "",
              f"{s['candidates']} candidates, {s['dropped_before_training']} dropped before training "
              f"({100 * s['dropped_share']:.0f}%); {s['trials']} trials: {s['trained']} trained, {s['stopped']} "
-             f"stopped early, {s['failed']} failed; on {len(s['nodes'])} Ray node(s)."
+             f"stopped early, {s['failed']} failed, {s['unfinished']} unfinished; on {len(s['nodes'])} Ray node(s)."
              + (" The search was interrupted: what finished is below; `--resume` continues it." if r["interrupted"]
                 else ""), ""]
     if r["pick"]:

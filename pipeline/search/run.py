@@ -163,7 +163,6 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
     temp = _ray_init(cfg, log)
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=cfg.settings()),
                                     {"cpu": cfg.cpus_per_trial})
-    interrupted = False
     try:
         path = str(out / EXPERIMENT)
         if resume:
@@ -184,12 +183,12 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
                                           failure_config=tune.FailureConfig(max_failures=0)))
             log(f"search: up to {cfg.trials} trials of {len(feasible)} feasible candidates, {cfg.cpus_per_trial} "
                 f"CPU(s) each, within {seconds / 60:.1f} minutes")
-        try:
-            grid = tuner.fit()
-        except KeyboardInterrupt:
-            interrupted = True
-            grid = tune.Tuner.restore(path, trainable).get_results()
-        trials = [_trial_row(r) for r in grid]
+        # Ctrl-C: Tune stops the trials, saves the experiment and returns what finished (a second Ctrl-C
+        # interrupts at once); the trials that did not end are what --resume continues.
+        grid = tuner.fit()
+        status = {t.trial_id: t.status for t in tune.ExperimentAnalysis(path).trials}
+        trials = [_trial_row(r, status) for r in grid]
+        interrupted = any(t["status"] == "unfinished" for t in trials)
     finally:
         ray.shutdown()
         if temp:
@@ -198,11 +197,13 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
     return trials, interrupted
 
 
-def _trial_row(result) -> dict:
+def _trial_row(result, status: dict) -> dict:
     metrics = result.metrics or {}
     config = result.config or {}
     # Tune names a trial's folder run_trial_<id>_<n>_...: n is the order the search algorithm proposed it in.
-    trial_id, number = Path(result.path).name.split("_")[2:4]
+    name = Path(result.path).name
+    trial_id = metrics.get("trial_id") or name.split("_")[2]
+    number = name.split(f"{trial_id}_", 1)[1].split("_")[0]
     row = {"trial_id": trial_id, "number": int(number), "candidate": config.get("candidate"),
            "learning_rate": config.get("learning_rate"), "epochs_trained": metrics.get("epoch"),
            "val_accuracy": metrics.get("val_accuracy"), "node_id": metrics.get("node_id"),
@@ -210,6 +211,9 @@ def _trial_row(result) -> dict:
     if result.error is not None:
         last = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else ""
         row.update(status="failed", why=f"{type(result.error).__name__}: {last}")
+    elif status.get(trial_id) != "TERMINATED":
+        row.update(status="unfinished", why=f"{status.get(trial_id, 'not started').lower()} when the search stopped; "
+                                            "--resume continues it")
     elif "test_json" in metrics:
         row.update(status="trained", test=json.loads(metrics["test_json"]),
                    checkpoint=result.checkpoint.path if result.checkpoint else None)
