@@ -99,11 +99,12 @@ def search(cfg: SearchConfig, *, resume: bool = False, log=print) -> Path:
     trials, interrupted = phase_b(cfg, out, feasible, max(remaining, 60.0), resume, log)
     from pipeline.search.report import choose, write_report
 
+    if interrupted:  # what finished is reported now; the pick waits for the search to end (--resume)
+        write_report(out, cfg, feasibility, trials, None, log, interrupted=True)
+        raise KeyboardInterrupt
     pick = choose(trials, feasibility)
     pick_dir = materialise(cfg, out, pick, log) if pick else None
-    write_report(out, cfg, feasibility, trials, pick, log, pick_dir=pick_dir, interrupted=interrupted)
-    if interrupted:
-        raise KeyboardInterrupt
+    write_report(out, cfg, feasibility, trials, pick, log, pick_dir=pick_dir)
     return out
 
 
