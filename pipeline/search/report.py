@@ -148,6 +148,8 @@ def markdown(r: dict) -> str:
                   f"[95% {acc['low']:.4f}-{acc['high']:.4f}]; its run: `{p['run_dir']}`"
                   + (f", measured again there: p50 {p['run_latency_p50_ms']:.3f} ms, {p['run_bytes']:,} bytes."
                      if p.get("run_latency_p50_ms") is not None else "."), ""]
+    elif r["interrupted"]:
+        lines += ["No pick yet: it is chosen and built when the search ends (`pipeline search --resume`).", ""]
     else:
         lines += ["No trial finished training, so there is no pick.", ""]
     lines += ["## Pareto front", "", "![front](front.png)", "",
