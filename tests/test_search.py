@@ -157,3 +157,73 @@ def test_refusals_are_one_line(tmp_path):
                cwd=tmp_path, timeout=120)
     assert proc.returncode == 1 and "not supported by the search yet" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_finished_trials_and_resume_continues(tmp_path):
+    out = tmp_path / "interrupted"
+    args = [a for a in SEARCH if a != "--max-latency-ms" and a != str(LATENCY_BUDGET_MS)]
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "search", *args, "--out", str(out)],
+                              cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 900
+    while not list((out / "tune").glob("*/checkpoint_*")):  # a trial has finished: its checkpoint is stored
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+        time.sleep(2)
+    driver.send_signal(signal.SIGINT)  # the driver only, as a terminal's Ctrl-C reaches it (Ray's processes block it)
+    stdout, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert f"--resume {out}" in stderr and "Traceback" not in stderr
+    first = json.loads((out / "search.json").read_text())
+    kept = {t["trial_id"]: t["val_accuracy"] for t in first["trials"] if t["status"] == "trained"}
+    assert first["interrupted"] and kept and first["pick"] is None
+    assert not (out / "pick").exists()
+    ok(cli("search", "--resume", out, cwd=tmp_path))
+    final = json.loads((out / "search.json").read_text())
+    assert not final["interrupted"] and len(final["trials"]) == 4
+    assert all(t["status"] == "trained" for t in final["trials"]), final["trials"]
+    # The trials finished before Ctrl-C are kept as they were, not trained again.
+    assert {t["trial_id"]: t["val_accuracy"] for t in final["trials"] if t["trial_id"] in kept} == kept
+    assert "verified" in ok(cli("verify", out / "pick", cwd=tmp_path)).stdout
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """{pid: command line} of every process below `pid`, from /proc (ours only: started by our search)."""
+    parents, commands = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in found:
+                found[child] = commands.get(child, "")
+                frontier.append(child)
+    return found
+
+
+@pytest.mark.slow
+def test_a_crashing_trial_costs_only_that_trial(tmp_path):
+    out = tmp_path / "crash"
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "search", *SEARCH, "--out", str(out)],
+                              cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 900
+    while True:  # the first trial's worker process, killed as a crash would end it
+        trials = [p for p, cmd in _descendants(driver.pid).items() if cmd.startswith("ray::ImplicitFunc.train")]
+        if trials:
+            os.kill(min(trials), signal.SIGKILL)
+            break
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+        time.sleep(1)
+    stdout, stderr = driver.communicate(timeout=1500)
+    assert driver.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    report = json.loads((out / "search.json").read_text())
+    failed = [t for t in report["trials"] if t["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["why"], report["trials"]
+    assert sum(t["status"] == "trained" for t in report["trials"]) == 3
+    assert "failed" in (out / "search.md").read_text()
+    assert "verified" in ok(cli("verify", out / "pick", cwd=tmp_path)).stdout

@@ -186,10 +186,14 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
                 f"CPU(s) each, within {seconds / 60:.1f} minutes")
         # Ctrl-C: Tune stops the trials, saves the experiment and returns what finished (a second Ctrl-C
         # interrupts at once); the trials that did not end are what --resume continues.
+        t0 = time.monotonic()
         grid = tuner.fit()
         status = {t.trial_id: t.status for t in tune.ExperimentAnalysis(path).trials}
         trials = [_trial_row(r, status) for r in grid]
-        interrupted = any(t["status"] == "unfinished" for t in trials)
+        # Tune returns normally after Ctrl-C: trials left unfinished, or fewer trials than asked for with time
+        # left (stopped between two trials), say it was interrupted.
+        interrupted = any(t["status"] == "unfinished" for t in trials) or (
+            len(trials) < cfg.trials and time.monotonic() - t0 < seconds - 5 and not resume)
     finally:
         ray.shutdown()
         if temp:
