@@ -78,16 +78,17 @@ class SearchConfig:
 def search(cfg: SearchConfig, *, resume: bool = False, log=print) -> Path:
     out = Path(cfg.out).resolve()
     started = time.time()
-    if resume:
+    if resume and (out / FEASIBILITY).is_file():
         feasibility = json.loads((out / FEASIBILITY).read_text())
-    else:
-        if out.exists() and any(out.iterdir()):
+    else:  # a new search, or one interrupted while measuring: that phase runs (again) from the start
+        if not resume and out.exists() and any(out.iterdir()):
             raise SearchError(f"--out {out}: exists and is not empty; pick another --name/--out, or continue an "
                               f"interrupted search with --resume {out}")
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG, cfg.to_dict())
         feasibility = phase_a(cfg, log)
         write_json(out / FEASIBILITY, feasibility)
+        resume = False  # no trials were started: Tune starts the experiment
     feasible = [r["candidate"]["id"] for r in feasibility["rows"] if r["feasible"]]
     if not feasible:
         from pipeline.search.report import write_report
