@@ -76,8 +76,10 @@ def run_trial(config: dict, settings: dict) -> None:
                 if epoch + 1 < epochs:  # the last epoch is reported with the test results below
                     tune.report({"epoch": epoch + 1, "val_accuracy": float(logs["val_accuracy"]), **where})
 
+        from pipeline.train import seed_everything, train
+
+        seed_everything(cfg.seed)  # the initial weights too: same seed, same trial, on any node
         model = cand.build(data.spec.channels, len(data.spec.labels))
-        from pipeline.train import train
 
         model, history = train(cfg, data, log=print, model=model, callbacks=[ReportEpoch()])
         train_seconds = time.perf_counter() - t0
