@@ -87,7 +87,7 @@ def write_report(out: Path, cfg, feasibility: dict, trials: list[dict], pick: di
             report["pick"]["run_bytes"] = bench["variants"][pick["variant"]]["bytes"]
     report["generated_unix"] = time.time()
     write_json(out / "search.json", report)
-    plot(out / "front.png", pts, front, report["pick"], feasibility["target"])
+    plot(out / "front.png", pts, front, report["pick"], feasibility["target"], feasibility["budgets"])
     md = markdown(report)
     atomic_write(out / "search.md", md)
     atomic_write(out / "search.html", _html(md))
@@ -95,7 +95,7 @@ def write_report(out: Path, cfg, feasibility: dict, trials: list[dict], pick: di
     return report
 
 
-def plot(path: Path, pts: list[dict], front: list[dict], pick: dict | None, target: str) -> None:
+def plot(path: Path, pts: list[dict], front: list[dict], pick: dict | None, target: str, budgets: dict) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -115,6 +115,10 @@ def plot(path: Path, pts: list[dict], front: list[dict], pick: dict | None, targ
             chosen = [p for p in pts if p["trial_id"] == pick["trial_id"] and p["variant"] == pick["variant"]]
             for p in chosen:
                 ax.plot(p[key], 100 * p["accuracy"], "*", color="C3", markersize=14, label="pick")
+        limit = budgets.get({"latency_ms": "latency_ms", "arena_kb": "ram_kb", "size_kb": "size_kb"}[key])
+        if limit is not None:
+            ax.axvline(limit, color="C3", linestyle="--", linewidth=1, label="budget")
+        if pick or limit is not None:
             ax.legend(loc="lower right")
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy (%), 95% interval")
