@@ -37,24 +37,28 @@ class Candidate:
         return FAMILIES[self.family][0](self, (self.resolution, self.resolution, channels), classes)
 
 
+def _keras_name(c: Candidate) -> str:
+    return c.id.replace("-", "_").replace(".", "p")
+
+
 def _cnn(c: Candidate, input_shape, classes):
     from pipeline.models import _conv_pool_net
 
     filters = [max(8, int(round(32 * c.width * 2 ** i))) for i in range(c.depth)]
-    return _conv_pool_net(input_shape, classes, max(16, int(round(64 * c.width))), c.id.replace("-", "_"), filters)
+    return _conv_pool_net(input_shape, classes, max(16, int(round(64 * c.width))), _keras_name(c), filters)
 
 
 def _dscnn(c: Candidate, input_shape, classes):
     from pipeline.models import cifar_dscnn
 
-    return cifar_dscnn(input_shape, classes, width=c.width, name=c.id.replace("-", "_").replace(".", "p"))
+    return cifar_dscnn(input_shape, classes, width=c.width, name=_keras_name(c))
 
 
 def _resnet8(c: Candidate, input_shape, classes):
     from pipeline.models import cifar_resnet8
 
     return cifar_resnet8(input_shape, classes, width=int(round(16 * c.width)),
-                         name=c.id.replace("-", "_").replace(".", "p"))
+                         name=_keras_name(c))
 
 
 # family: (builder, the zoo model it opens up, the smallest resolution it takes)
