@@ -225,9 +225,11 @@ def _trial_row(result, status: dict) -> dict:
     elif "test_json" in metrics:
         row.update(status="trained", test=json.loads(metrics["test_json"]),
                    checkpoint=result.checkpoint.path if result.checkpoint else None)
-    else:
-        row.update(status="stopped", why=f"stopped early by ASHA after {metrics.get('epoch')} epoch(s): validation "
-                                         f"accuracy {metrics.get('val_accuracy', float('nan')):.4f} was below its rung")
+    elif "epoch" not in metrics:
+        row.update(status="stopped", why="stopped by the time budget (--budget-minutes) before its first epoch ended")
+    else:  # ASHA stops a trial at a rung; the time budget stops every trial still running when it ends
+        row.update(status="stopped", why=f"stopped after {metrics['epoch']} epoch(s) (validation accuracy "
+                                         f"{metrics['val_accuracy']:.4f}) by ASHA or by the end of the time budget")
     return row
 
 
