@@ -719,5 +719,54 @@ def entry():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@main.command()
+@data_options
+@click.option("--target", default="host", show_default=True, metavar="host|tflm:BOARD",
+              help="Where candidates are measured: this host, or TFLite Micro's arena for a board "
+                   "(a named device or user@host is not supported yet).")
+@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True), help="Latency budget (host only).")
+@click.option("--max-size-kb", type=click.FloatRange(min=0, min_open=True), help="Budget for the .tflite size.")
+@click.option("--max-ram-kb", type=click.FloatRange(min=0, min_open=True), help="Budget for the TFLM arena.")
+@click.option("--quantize", multiple=True, callback=_split_variants, metavar="VARIANT[,VARIANT]",
+              help="The variants that compete (default int8).")
+@click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
+              help="Wall time for the whole search.")
+@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True, help="Trials to train at most.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs per trial at most.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Training batch size.")
+@click.option("--space", default="default", show_default=True, help="The search space preset: default, small, tiny.")
+@click.option("--cpus-per-trial", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--address", help="A Ray cluster's address (default: a local Ray of this machine's cores).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="The search folder to write.")
+@click.option("--name", help="Search name: writes artifacts/NAME (instead of --out).")
+@click.option("--resume", metavar="NAME|DIR", help="Continue an interrupted search (Ray Tune's restore).")
+@handle_errors
+def search(resume, out, name, image_size, quantize, **kwargs):
+    """Find the most accurate model within latency, size and RAM budgets, measured on the target."""
+    from pipeline.search.feasibility import SearchError
+    from pipeline.search.run import SearchConfig, load_config
+    from pipeline.search.run import search as run_search
+
+    try:
+        if image_size:
+            raise SearchError("--image-size: the search chooses the resolution itself; drop --image-size")
+        if resume:
+            folder = Path(resume) if Path(resume).is_dir() else Path("artifacts") / resume
+            cfg = load_config(folder)
+        else:
+            if out is not None and name is not None:
+                raise click.UsageError("--out and --name both name the search folder; pass only one")
+            folder = out or Path("artifacts") / (name or "search")
+            if kwargs.get("data_dir") is not None:
+                kwargs["data_dir"] = str(kwargs["data_dir"])
+            kwargs["dataset"] = kwargs.get("dataset") or "mnist"
+            cfg = SearchConfig(out=str(folder), quantize=quantize or ("int8",), **kwargs)
+        captured(False, lambda log: run_search(cfg, resume=bool(resume), log=log))
+    except SearchError as e:
+        raise UserError(str(e))
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; finished trials are kept: continue with `pipeline search --resume {folder}`")
+
+
 if __name__ == "__main__":
     entry()

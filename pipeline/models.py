@@ -20,16 +20,17 @@ def mnist_mlp(input_shape, classes):
     ], name="mnist_mlp")
 
 
-def _conv_pool_net(input_shape, classes, dense: int, name: str):
-    """Conv32-Pool-Conv64-Pool-Flatten-Dense-Dense: the classic small CNN of the Keras examples."""
+def _conv_pool_net(input_shape, classes, dense: int, name: str, filters=(32, 64)):
+    """Conv32-Pool-Conv64-Pool-Flatten-Dense-Dense: the classic small CNN of the Keras examples.
+
+    `filters` (one Conv-Pool stage each) makes it the search's parametric family (pipeline/search).
+    """
     from keras import Input, Sequential, layers
 
+    stages = [layer for f in filters for layer in (layers.Conv2D(f, 3, activation="relu"), layers.MaxPooling2D())]
     return Sequential([
         Input(input_shape),
-        layers.Conv2D(32, 3, activation="relu"),
-        layers.MaxPooling2D(),
-        layers.Conv2D(64, 3, activation="relu"),
-        layers.MaxPooling2D(),
+        *stages,
         layers.Flatten(),
         layers.Dense(dense, activation="relu"),
         layers.Dense(classes, activation="softmax"),
@@ -44,28 +45,31 @@ def cifar_cnn(input_shape, classes):
     return _conv_pool_net(input_shape, classes, 64, "cifar_cnn")
 
 
-def cifar_dscnn(input_shape, classes):
+def cifar_dscnn(input_shape, classes, width: float = 1.0, name: str = "cifar_dscnn"):
     """MobileNet-style: one full conv, then depthwise 3x3 + pointwise 1x1 blocks, global pooling.
 
     Depthwise-separable blocks cost about 1/8 of the multiply-accumulates of full 3x3 convs at these
     widths, which is what makes them the usual choice on phone and Pi CPUs. BatchNorm is folded
-    into the convolutions by the converter.
+    into the convolutions by the converter. `width` scales every layer's filters (MobileNet's alpha).
     """
     from keras import Input, Sequential, layers
+
+    def scaled(filters):
+        return max(8, int(round(filters * width)))
 
     def block(filters, stride):
         return [
             layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False),
             layers.BatchNormalization(),
             layers.ReLU(6.0),
-            layers.Conv2D(filters, 1, use_bias=False),
+            layers.Conv2D(scaled(filters), 1, use_bias=False),
             layers.BatchNormalization(),
             layers.ReLU(6.0),
         ]
 
     return Sequential([
         Input(input_shape),
-        layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False),
+        layers.Conv2D(scaled(32), 3, strides=2, padding="same", use_bias=False),
         layers.BatchNormalization(),
         layers.ReLU(6.0),
         *block(64, 1),
@@ -74,22 +78,22 @@ def cifar_dscnn(input_shape, classes):
         *block(256, 2),
         layers.GlobalAveragePooling2D(),
         layers.Dense(classes, activation="softmax"),
-    ], name="cifar_dscnn")
+    ], name=name)
 
 
-def cifar_resnet8(input_shape, classes):
+def cifar_resnet8(input_shape, classes, width: int = 16, name: str = "cifar_resnet8"):
     """MLPerf Tiny's image-classification reference (ResNet v1, 16 filters): 78,666 parameters at 32x32x3.
 
     A 3x3 stem, then three stacks of two 3x3 convs (16; 32 and 64 at stride 2, with a 1x1 stride-2
     shortcut), global average pooling, softmax. L2 1e-4 and he_normal as in the reference, so its
-    training figures are comparable with ours.
+    training figures are comparable with ours. `width` is the first stack's filters (the search varies it).
     """
     from keras import Input, Model, layers, regularizers
 
     conv = {"padding": "same", "kernel_initializer": "he_normal", "kernel_regularizer": regularizers.l2(1e-4)}
     inputs = Input(input_shape)
-    x = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(16, 3, **conv)(inputs)))
-    for filters, stride in ((16, 1), (32, 2), (64, 2)):
+    x = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(width, 3, **conv)(inputs)))
+    for filters, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
         y = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(filters, 3, strides=stride, **conv)(x)))
         y = layers.BatchNormalization()(layers.Conv2D(filters, 3, **conv)(y))
         if stride != 1:
@@ -98,7 +102,7 @@ def cifar_resnet8(input_shape, classes):
     # The reference pools the whole final map (8x8 at 32x32 input); sized from the map, it fits any input.
     x = layers.AveragePooling2D(pool_size=tuple(x.shape[1:3]))(x)
     outputs = layers.Dense(classes, activation="softmax", kernel_initializer="he_normal")(layers.Flatten()(x))
-    return Model(inputs, outputs, name="cifar_resnet8")
+    return Model(inputs, outputs, name=name)
 
 
 @dataclass(frozen=True)

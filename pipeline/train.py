@@ -75,8 +75,10 @@ class _Throughput:
         return Callback()
 
 
-def train(cfg: BuildConfig, data: Dataset, log=print, checkpoint: Path | None = None, key: dict | None = None):
-    """Build the configured model and fit it with its recipe; returns (model, history dict).
+def train(cfg: BuildConfig, data: Dataset, log=print, checkpoint: Path | None = None, key: dict | None = None,
+          model=None, callbacks=()):
+    """Build the configured model (or take `model`, as the search does) and fit it with its recipe;
+    returns (model, history dict). `callbacks` are more Keras callbacks (the search reports each epoch).
 
     With `checkpoint`, the whole training state is saved there after every epoch, and a checkpoint made
     with the same `key` and recipe is continued from: the result is the model a straight run gives.
@@ -87,8 +89,9 @@ def train(cfg: BuildConfig, data: Dataset, log=print, checkpoint: Path | None = 
 
     seed_everything(cfg.seed)
     spec = data.spec
-    model = build_model(cfg.model, (spec.height, spec.width, spec.channels), len(spec.labels))
-    check_input_shape(model, data, cfg.model)
+    if model is None:
+        model = build_model(cfg.model, (spec.height, spec.width, spec.channels), len(spec.labels))
+    check_input_shape(model, data, model.name)
     recipe, classes = recipe_of(cfg), len(spec.labels)
     steps = math.ceil(len(data.x_train) / cfg.batch_size)
     model.compile(optimizer=_optimizer(recipe, steps),
@@ -112,7 +115,7 @@ def train(cfg: BuildConfig, data: Dataset, log=print, checkpoint: Path | None = 
     val_ds, _ = batches(data.x_val, data.y_val, **common)
     throughput = _Throughput(len(data.x_train), cfg.epochs, log)
     record = _Checkpoint(checkpoint, key, saved["state"] if saved else None, throughput)
-    callbacks = [throughput, record, console.keras_callback(cfg.epochs, steps, first)]
+    callbacks = [throughput, record, console.keras_callback(cfg.epochs, steps, first), *callbacks]
     callbacks += [keras.callbacks.TensorBoard(log_dir=cfg.tensorboard)] if cfg.tensorboard else []
     if first < cfg.epochs:
         model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, initial_epoch=first, steps_per_epoch=steps,

@@ -1,0 +1,118 @@
+"""`pipeline search` against the best zoo model under the same budgets and the same training time (issue 22).
+
+On CIFAR-10 JPEGs, host target: the latency budget is ResNet-8 int8's p50 measured here first (the
+zoo's ResNet-8, untrained, converted and timed exactly as the search times its candidates), the size
+budget 100 KB. The search gets --budget-minutes; every zoo model that meets the budgets is then trained
+with `pipeline build` for as many epochs as fit the same minutes (one probe epoch measures its speed),
+so each zoo model gets the whole budget, not a share: the comparison favours the zoo.
+
+    python benchmarks/search.py [--data-dir ../shared/datasets/cifar10-jpg] [--budget-minutes 60]
+                                [--max-size-kb 100] [--trials 40] [--space default] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+ZOO = ("cifar-cnn", "cifar-dscnn", "cifar-resnet8")
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode != 0:
+        sys.exit(f"`pipeline {' '.join(map(str, args[:2]))}` failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return proc
+
+
+def zoo_costs(data_dir: Path) -> dict:
+    """Each zoo model's int8 latency and size, untrained, measured as the search measures candidates."""
+    import keras
+
+    from pipeline.config import BuildConfig
+    from pipeline.data import DATASETS
+    from pipeline.models import MODELS, build_model
+    from pipeline.search.feasibility import Target, measure_model
+
+    cfg = BuildConfig(dataset="cifar10", data_dir=str(data_dir), out="unused")
+    spec = DATASETS["cifar10"].spec.to_dict()
+    out = {}
+    for name in ZOO:
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(0)
+        model = build_model(name, MODELS[name].input_shape, len(spec["labels"]))
+        out[name] = measure_model(model, cfg, ("int8",), Target("host"), spec)["int8"]
+    return out
+
+
+def train_zoo(name: str, data_dir: Path, minutes: float, out: Path) -> dict:
+    probe = out / f"{name}-probe"
+    cli("build", "--dataset", "cifar10", "--data-dir", data_dir, "--model", name, "--epochs", 1, "--no-benchmark",
+        "--threads", 1, "--out", probe)
+    epoch_s = json.loads((probe / "manifest.json").read_text())["training"]["epoch_seconds"][0]
+    epochs = max(1, int(minutes * 60 // epoch_s))
+    run = out / name
+    t0 = time.perf_counter()
+    cli("build", "--dataset", "cifar10", "--data-dir", data_dir, "--model", name, "--epochs", epochs,
+        "--threads", 1, "--out", run)
+    evaluation = json.loads((run / "evaluation.json").read_text())["variants"]["int8"]
+    return {"epochs": epochs, "probe_epoch_s": epoch_s, "wall_s": time.perf_counter() - t0,
+            "int8_accuracy": evaluation["accuracy"], "interval_95": evaluation["interval_95"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "datasets" / "cifar10-jpg")
+    ap.add_argument("--budget-minutes", type=float, default=60)
+    ap.add_argument("--max-size-kb", type=float, default=100)
+    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=30, help="epochs per search trial at most (ASHA stops most sooner)")
+    ap.add_argument("--space", default="default")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    costs = zoo_costs(args.data_dir)
+    latency = costs["cifar-resnet8"]["latency_ms"]
+    print(f"ResNet-8 int8 p50 here: {latency:.3f} ms -> --max-latency-ms {latency:.3f}, --max-size-kb "
+          f"{args.max_size_kb:g}; load average {os.getloadavg()[0]:.2f}")
+    with tempfile.TemporaryDirectory(prefix="edgepipe-search-bench-") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        cli("search", "--dataset", "cifar10", "--data-dir", args.data_dir, "--max-latency-ms", f"{latency:.4f}",
+            "--max-size-kb", args.max_size_kb, "--budget-minutes", args.budget_minutes, "--trials", args.trials,
+            "--epochs", args.epochs, "--space", args.space, "--out", tmp / "search")
+        search_s = time.perf_counter() - t0
+        report = json.loads((tmp / "search" / "search.json").read_text())
+        fitting = [n for n, c in costs.items() if c["latency_ms"] <= latency and c["size_kb"] <= args.max_size_kb]
+        zoo = {n: train_zoo(n, args.data_dir, args.budget_minutes, tmp) for n in fitting}
+    pick = report["pick"]
+    acc = pick["test"][pick["variant"]] if pick else None
+    best = max(zoo.items(), key=lambda kv: kv[1]["int8_accuracy"]) if zoo else None
+    print(f"search: {search_s / 60:.1f} min, {report['summary']['trials']} trials "
+          f"({report['summary']['trials'] / (search_s / 3600):.1f} per hour), "
+          f"{100 * report['summary']['dropped_share']:.0f}% of {report['summary']['candidates']} candidates "
+          "dropped before training")
+    print("| model | int8 test accuracy [95%] | latency p50 ms | size KB |\n|---|---|---|---|")
+    if pick:
+        print(f"| search pick {pick['candidate']} | {acc['accuracy']:.4f} [{acc['low']:.4f}-{acc['high']:.4f}] | "
+              f"{pick.get('run_latency_p50_ms', float('nan')):.3f} | {pick.get('run_bytes', 0) / 1024:.1f} |")
+    for name, r in zoo.items():
+        ci = r["interval_95"]
+        print(f"| zoo {name}, {r['epochs']} epochs | {r['int8_accuracy']:.4f} [{ci['low']:.4f}-{ci['high']:.4f}] | "
+              f"{costs[name]['latency_ms']:.3f} | {costs[name]['size_kb']:.1f} |")
+    if not zoo:
+        print("no zoo model meets both budgets")
+    if args.json:
+        args.json.write_text(json.dumps({"zoo_costs": costs, "latency_budget_ms": latency, "search": report,
+                                         "search_seconds": search_s, "zoo": zoo, "best_zoo": best}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

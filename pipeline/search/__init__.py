@@ -1,0 +1,1 @@
+"""The budgeted search (`pipeline search`): space, feasibility before training, Ray Tune trials, report."""

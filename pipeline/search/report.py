@@ -1,0 +1,209 @@
+"""The search's report: every candidate and trial with what happened to it, the Pareto front of test
+accuracy (95% Wilson intervals) against measured latency (or arena) and size, a plot, and the pick.
+
+The pick is chosen on validation accuracy, never on the test split the front reports.
+"""
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+
+from pipeline.artifacts import CREATED_BY, atomic_write, write_json
+
+
+def points(trials: list[dict], feasibility: dict) -> list[dict]:
+    """One point per trained trial and variant within the budgets, with its measured cost."""
+    rows = {r["candidate"]["id"]: r for r in feasibility["rows"]}
+    out = []
+    for t in trials:
+        if t["status"] != "trained":
+            continue
+        row = rows[t["candidate"]]
+        for v in row.get("fitting_variants", []):
+            cost, test = row["variants"][v], t["test"][v]
+            out.append({"trial_id": t["trial_id"], "candidate": t["candidate"], "variant": v,
+                        "learning_rate": t["learning_rate"], "val_accuracy": t["val_accuracy"],
+                        "accuracy": test["accuracy"], "low": test["low"], "high": test["high"], "n": test["n"],
+                        "latency_ms": cost.get("latency_ms"), "size_kb": cost["size_kb"],
+                        "arena_kb": cost.get("arena_kb"), "node_id": t["node_id"]})
+    return out
+
+
+def _cost(p: dict) -> tuple:
+    return (p["latency_ms"] if p["latency_ms"] is not None else p["arena_kb"] or 0.0, p["size_kb"])
+
+
+def pareto(pts: list[dict]) -> list[dict]:
+    """The points no other point beats: at least as accurate, as fast (or small an arena) and as small, and
+    better in one."""
+    def dominated(p):
+        return any(q["accuracy"] >= p["accuracy"] and all(a <= b for a, b in zip(_cost(q), _cost(p)))
+                   and (q["accuracy"] > p["accuracy"] or _cost(q) != _cost(p)) for q in pts)
+    return sorted((p for p in pts if not dominated(p)), key=_cost)
+
+
+def choose(trials: list[dict], feasibility: dict) -> dict | None:
+    """The trained trial with the best validation accuracy; its smallest variant within the budgets."""
+    trained = [t for t in trials if t["status"] == "trained" and t.get("checkpoint")]
+    if not trained:
+        return None
+    best = sorted(trained, key=lambda t: (-t["val_accuracy"], t["number"]))[0]
+    row = next(r for r in feasibility["rows"] if r["candidate"]["id"] == best["candidate"])
+    variants = row["fitting_variants"]
+    return {**best, "variants": variants, "variant": min(variants, key=lambda v: row["variants"][v]["size_kb"])}
+
+
+def write_report(out: Path, cfg, feasibility: dict, trials: list[dict], pick: dict | None, log,
+                 pick_dir: Path | None = None, interrupted: bool = False) -> dict:
+    from pipeline.build import versions
+
+    pts = points(trials, feasibility)
+    front = pareto(pts)
+    rows = feasibility["rows"]
+    hours = sum(t.get("trial_seconds") or 0 for t in trials) / 3600
+    report = {
+        "kind": "search", "schema": 1, "created_by": CREATED_BY, "config": cfg.to_dict(), "versions": versions(),
+        "target": feasibility["target"], "latency_measured_on": feasibility["latency_measured_on"],
+        "budgets": feasibility["budgets"], "space": feasibility["space"], "data": feasibility["data"],
+        "environment": feasibility["environment"], "interrupted": interrupted,
+        "summary": {"candidates": len(rows), "dropped_before_training": sum(not r["feasible"] for r in rows),
+                    "dropped_share": sum(not r["feasible"] for r in rows) / max(1, len(rows)),
+                    "trials": len(trials), **{s: sum(t["status"] == s for t in trials)
+                                              for s in ("trained", "stopped", "failed", "unfinished")},
+                    "trials_per_hour_of_trial_time": len(trials) / hours if hours else None,
+                    "nodes": sorted({t["node_id"] for t in trials if t.get("node_id")})},
+        "candidates": rows, "trials": trials, "points": pts, "front": front, "pick": None,
+    }
+    if pick:
+        report["pick"] = {k: pick[k] for k in ("trial_id", "candidate", "variant", "variants", "learning_rate",
+                                               "val_accuracy", "test")}
+        report["pick"]["run_dir"] = str(pick_dir) if pick_dir else None
+        if pick_dir and (Path(pick_dir) / "benchmark.json").is_file():
+            bench = json.loads((Path(pick_dir) / "benchmark.json").read_text())
+            lat = next(iter(bench["threads"].values()))[pick["variant"]]["latency"]
+            report["pick"]["run_latency_p50_ms"] = lat["p50_ms"]
+            report["pick"]["run_bytes"] = bench["variants"][pick["variant"]]["bytes"]
+    report["generated_unix"] = time.time()
+    write_json(out / "search.json", report)
+    plot(out / "front.png", pts, front, report["pick"], feasibility["target"], feasibility["budgets"])
+    md = markdown(report)
+    atomic_write(out / "search.md", md)
+    atomic_write(out / "search.html", _html(md))
+    log(f"search: report in {out / 'search.md'}" + (f"; the pick is the run {pick_dir}" if pick_dir else ""))
+    return report
+
+
+def plot(path: Path, pts: list[dict], front: list[dict], pick: dict | None, target: str, budgets: dict) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    on_front = {(p["trial_id"], p["variant"]) for p in front}
+    x_name = "latency_ms" if not target.startswith("tflm") else "arena_kb"
+    x_label = "latency p50 (ms, measured untrained)" if x_name == "latency_ms" else "TFLite Micro arena (KB)"
+    for ax, key, label in ((fig.add_subplot(1, 2, 1), x_name, x_label), (fig.add_subplot(1, 2, 2), "size_kb",
+                                                                          ".tflite size (KB)")):
+        for p in pts:
+            front_point = (p["trial_id"], p["variant"]) in on_front
+            ax.errorbar(p[key], 100 * p["accuracy"], yerr=[[100 * (p["accuracy"] - p["low"])],
+                                                           [100 * (p["high"] - p["accuracy"])]],
+                        fmt="o" if front_point else ".", color="C1" if front_point else "C0", alpha=0.9)
+        if pick:
+            chosen = [p for p in pts if p["trial_id"] == pick["trial_id"] and p["variant"] == pick["variant"]]
+            for p in chosen:
+                ax.plot(p[key], 100 * p["accuracy"], "*", color="C3", markersize=14, label="pick")
+        limit = budgets.get({"latency_ms": "latency_ms", "arena_kb": "ram_kb", "size_kb": "size_kb"}[key])
+        if limit is not None:
+            ax.axvline(limit, color="C3", linestyle="--", linewidth=1, label="budget")
+        if pick or limit is not None:
+            ax.legend(loc="lower right")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (%), 95% interval")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Search: every trained trial (orange: the Pareto front)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(r: dict) -> str:
+    s, b = r["summary"], r["budgets"]
+    lines = [f"# Search on {r['config']['dataset']}, target {r['target']}", "",
+             f"Latency measured on: {r['latency_measured_on']}.", "",
+             f"Budgets: latency {_fmt(b['latency_ms'], 'g')} ms, size {_fmt(b['size_kb'], '.1f')} KB, "
+             f"arena {_fmt(b['ram_kb'], '.1f')} KB. Space: {r['space']['description']}.", "",
+             f"{s['candidates']} candidates, {s['dropped_before_training']} dropped before training "
+             f"({100 * s['dropped_share']:.0f}%); {s['trials']} trials: {s['trained']} trained, {s['stopped']} "
+             f"stopped early, {s['failed']} failed, {s['unfinished']} unfinished; on {len(s['nodes'])} Ray node(s)."
+             + (" The search was interrupted: what finished is below; `--resume` continues it." if r["interrupted"]
+                else ""), ""]
+    if r["pick"]:
+        p = r["pick"]
+        acc = p["test"][p["variant"]]
+        lines += ["## The pick", "",
+                  f"{p['candidate']} {p['variant']} (trial {p['trial_id']}, learning rate {p['learning_rate']:g}), "
+                  f"chosen on validation accuracy {p['val_accuracy']:.4f}: test accuracy {acc['accuracy']:.4f} "
+                  f"[95% {acc['low']:.4f}-{acc['high']:.4f}]; its run: `{p['run_dir']}`"
+                  + (f", measured again there: p50 {p['run_latency_p50_ms']:.3f} ms, {p['run_bytes']:,} bytes."
+                     if p.get("run_latency_p50_ms") is not None else "."), ""]
+    elif r["interrupted"]:
+        lines += ["No pick yet: it is chosen and built when the search ends (`pipeline search --resume`).", ""]
+    else:
+        lines += ["No trial finished training, so there is no pick.", ""]
+    lines += ["## Pareto front", "", "![front](front.png)", "",
+              "| candidate | variant | trial | test accuracy [95%] | latency ms | size KB | arena KB |",
+              "|---|---|---|---|---|---|---|"]
+    for p in r["front"]:
+        lines.append(f"| {p['candidate']} | {p['variant']} | {p['trial_id']} | {p['accuracy']:.4f} "
+                     f"[{p['low']:.4f}-{p['high']:.4f}] | {_fmt(p['latency_ms'], '.3f')} | {p['size_kb']:.1f} | "
+                     f"{_fmt(p['arena_kb'], '.1f')} |")
+    lines += ["", "## Every trial", "", "| # | trial | candidate | lr | status | epochs | val acc | node | why |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for t in r["trials"]:
+        lines.append(f"| {t['number']} | {t['trial_id']} | {t['candidate']} | {_fmt(t['learning_rate'], 'g')} | "
+                     f"{t['status']} | {_fmt(t['epochs_trained'], 'd')} | {_fmt(t['val_accuracy'], '.4f')} | "
+                     f"{(t.get('node_id') or '-')[:8]} | {t.get('why', '')} |")
+    lines += ["", "## Every candidate, measured before training", "",
+              "| candidate | variant | latency ms | size KB | arena KB | within budgets |", "|---|---|---|---|---|---|"]
+    for row in r["candidates"]:
+        if not row["variants"]:
+            lines.append(f"| {row['candidate']['id']} | - | - | - | - | no: {row['reason']} |")
+        for v, c in row["variants"].items():
+            lines.append(f"| {row['candidate']['id']} | {v} | {_fmt(c.get('latency_ms'), '.3f')} | "
+                         f"{c['size_kb']:.1f} | {_fmt(c.get('arena_kb'), '.1f')} | "
+                         f"{'yes' if not c['problems'] else 'no: ' + ', '.join(c['problems'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _html(md: str) -> str:
+    """The markdown's tables and paragraphs as a self-contained page."""
+    body, table = [], []
+    for line in md.splitlines():
+        if line.startswith("|"):
+            if not set(line) <= set("|-"):
+                cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+                tag = "th" if not table else "td"
+                table.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if table:
+            body.append("<table>" + "".join(table) + "</table>")
+            table = []
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line.startswith("!["):
+            body.append('<img src="front.png" alt="Pareto front" style="max-width:100%">')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    if table:
+        body.append("<table>" + "".join(table) + "</table>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em;font-size:.9em}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>edgepipe search</title><style>{style}</style>" \
+           f"</head><body>{''.join(body)}</body></html>\n"

@@ -1,0 +1,264 @@
+"""`pipeline search`: feasibility, Ray Tune trials, the Pareto report and the pick as an ordinary run.
+
+The search folder holds search_config.json (written first, so --resume knows what was asked),
+feasibility.json (phase a), tune/ (Ray Tune's experiment, restorable), search.json/.md/.html and
+front.png (the report), models/ (the pick's trained model) and pick/ (the pick, built by the ordinary
+`pipeline build` stages: verify, bundle, deploy, export and compare take it as any run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from pipeline.artifacts import write_json
+from pipeline.search.feasibility import Budgets, SearchError, Target, environment, measure, where_measured
+from pipeline.search.space import SPACES, Candidate
+from pipeline.search.trial import LEARNING_RATES, run_trial, trial_config
+
+CONFIG, FEASIBILITY, EXPERIMENT = "search_config.json", "feasibility.json", "tune"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Every choice a search makes; saved first as search_config.json and read back by --resume."""
+    out: str
+    dataset: str = "digits"
+    data_dir: str | None = None
+    seed: int = 0
+    target: str = "host"
+    max_latency_ms: float | None = None
+    max_size_kb: float | None = None
+    max_ram_kb: float | None = None
+    quantize: tuple[str, ...] = ("int8",)  # the variants that compete; fp32 is always built as the baseline
+    budget_minutes: float = 60.0
+    trials: int = 20
+    address: str | None = None  # a Ray cluster; None starts a local Ray sized to this machine's cores
+    space: str = "default"
+    epochs: int = 10
+    batch_size: int = 64
+    cpus_per_trial: int = 1
+
+    def __post_init__(self):
+        from pipeline.config import VARIANTS
+
+        if self.space not in SPACES:
+            raise SearchError(f"--space: unknown '{self.space}'; choose from {', '.join(SPACES)}")
+        unknown = [v for v in self.quantize if v not in VARIANTS]
+        if unknown or not self.quantize:
+            raise SearchError(f"--quantize: got {list(self.quantize)}; choose from {', '.join(VARIANTS)}")
+        target = Target.parse(self.target)
+        if target.kind == "tflm" and set(self.quantize) - {"int8", "int16x8"}:
+            raise SearchError(f"--quantize {','.join(self.quantize)}: a microcontroller runs integer models; "
+                              "use int8 (or int16x8) with --target tflm:BOARD")
+        Budgets(self.max_latency_ms, self.max_size_kb, self.max_ram_kb).check(target)
+        for name, low in (("trials", 1), ("epochs", 1), ("batch_size", 1), ("cpus_per_trial", 1)):
+            if getattr(self, name) < low:
+                raise SearchError(f"--{name.replace('_', '-')}: got {getattr(self, name)}, expected >= {low}")
+        if not self.budget_minutes > 0:
+            raise SearchError(f"--budget-minutes: got {self.budget_minutes}, expected minutes > 0")
+
+    @property
+    def budgets(self) -> Budgets:
+        return Budgets(self.max_latency_ms, self.max_size_kb, self.max_ram_kb).check(Target.parse(self.target))
+
+    def settings(self) -> dict:
+        """What a trial needs, as plain data (it may run on another machine)."""
+        return {"dataset": self.dataset, "data_dir": self.data_dir, "seed": self.seed, "epochs": self.epochs,
+                "batch_size": self.batch_size, "quantize": list(self.quantize)}
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "quantize": list(self.quantize)}
+
+
+def search(cfg: SearchConfig, *, resume: bool = False, log=print) -> Path:
+    out = Path(cfg.out).resolve()
+    started = time.time()
+    if resume and (out / FEASIBILITY).is_file():
+        feasibility = json.loads((out / FEASIBILITY).read_text())
+    else:  # a new search, or one interrupted while measuring: that phase runs (again) from the start
+        if not resume and out.exists() and any(out.iterdir()):
+            raise SearchError(f"--out {out}: exists and is not empty; pick another --name/--out, or continue an "
+                              f"interrupted search with --resume {out}")
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / CONFIG, cfg.to_dict())
+        feasibility = phase_a(cfg, log)
+        write_json(out / FEASIBILITY, feasibility)
+        resume = False  # no trials were started: Tune starts the experiment
+    feasible = [r["candidate"]["id"] for r in feasibility["rows"] if r["feasible"]]
+    if not feasible:
+        from pipeline.search.report import write_report
+
+        write_report(out, cfg, feasibility, [], None, log)
+        raise SearchError(f"no candidate meets the budgets ({_budget_words(cfg)}) even untrained; every one is "
+                          f"listed with its measured cost in {out / 'search.md'}: relax a budget or widen --space")
+    remaining = cfg.budget_minutes * 60 - (time.time() - started if not resume else 0)
+    trials, interrupted = phase_b(cfg, out, feasible, max(remaining, 60.0), resume, log)
+    from pipeline.search.report import choose, write_report
+
+    if interrupted:  # what finished is reported now; the pick waits for the search to end (--resume)
+        write_report(out, cfg, feasibility, trials, None, log, interrupted=True)
+        raise KeyboardInterrupt
+    pick = choose(trials, feasibility)
+    pick_dir = materialise(cfg, out, pick, log) if pick else None
+    write_report(out, cfg, feasibility, trials, pick, log, pick_dir=pick_dir)
+    return out
+
+
+def phase_a(cfg: SearchConfig, log) -> dict:
+    from pipeline import build as stages
+    from pipeline.data import DATASETS
+
+    side = DATASETS[cfg.dataset].input_shape[0]  # the standard size; the space's resolutions are fractions of it
+    base = trial_config(cfg.settings(), Candidate("cnn", 1.0, 1, side), LEARNING_RATES[0],
+                        out=str(Path(cfg.out) / "unused"))
+    data, _ = stages.load_inputs(base, stages.STAGES, log)
+    candidates = SPACES[cfg.space].candidates(cfg.dataset, side)
+    target = Target.parse(cfg.target)
+    log(f"search: {len(candidates)} candidates in space '{cfg.space}'; measuring each untrained on {target} "
+        f"({where_measured(target)})")
+    t0 = time.perf_counter()
+    spec = data.spec.to_dict()
+    rows = measure(candidates, base, cfg.quantize, target, cfg.budgets, spec, len(data.spec.labels), log=log)
+    dropped = sum(not r["feasible"] for r in rows)
+    log(f"search: {dropped} of {len(rows)} candidates dropped before training, {len(rows) - dropped} to train")
+    return {"target": str(target), "latency_measured_on": where_measured(target), "budgets": asdict(cfg.budgets),
+            "space": SPACES[cfg.space].to_dict(cfg.dataset, side), "data": data.source, "environment": environment(),
+            "seconds": time.perf_counter() - t0, "rows": rows}
+
+
+def _budget_words(cfg: SearchConfig) -> str:
+    b = cfg.budgets
+    parts = [f"{name} {value:g} {unit}" for name, value, unit in (("latency", b.latency_ms, "ms"),
+                                                                  ("size", b.size_kb, "KB"), ("arena", b.ram_kb, "KB"))
+             if value is not None]
+    return ", ".join(parts) or "no budgets"
+
+
+def _ray_init(cfg: SearchConfig, log) -> str | None:
+    """Ray for the trials: the cluster at --address, or a local one of this machine's cores (its own temp dir,
+    ended by ray.shutdown(); never `ray stop`, which ends every Ray on the machine)."""
+    import ray
+
+    if cfg.address:
+        host = cfg.address.split(":")[0]
+        local = {"_node_ip_address": host} if host in ("127.0.0.1", "localhost") else {}
+        ray.init(address=cfg.address, log_to_driver=False, **local)
+        cpus = ray.cluster_resources().get("CPU", 0)
+        log(f"ray: connected to {cfg.address} ({len(ray.nodes())} node(s), {cpus:g} CPUs)")
+        return None
+    temp = tempfile.mkdtemp(prefix="edgepipe-ray-")  # short: Ray's socket paths must fit 107 characters
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, _temp_dir=temp,
+             configure_logging=False)
+    log(f"ray: local, {os.cpu_count()} CPUs")
+    return temp
+
+
+def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, resume: bool, log):
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    temp = _ray_init(cfg, log)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=cfg.settings()),
+                                    {"cpu": cfg.cpus_per_trial})
+    try:
+        path = str(out / EXPERIMENT)
+        if resume:
+            if not tune.Tuner.can_restore(path):
+                raise SearchError(f"--resume {out}: no Ray Tune experiment to continue in {path}; start a new search")
+            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
+            log(f"search: continuing the trials in {path}")
+        else:
+            # ASHA's rungs at 1, 2, 4 ... epochs; only budgets that hold decide feasibility, not the scheduler.
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"candidate": tune.choice(feasible), "learning_rate": tune.choice(list(LEARNING_RATES))},
+                tune_config=tune.TuneConfig(
+                    metric="val_accuracy", mode="max", search_alg=OptunaSearch(seed=cfg.seed),
+                    scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=1, reduction_factor=2),
+                    num_samples=cfg.trials, time_budget_s=seconds),
+                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=0)))
+            log(f"search: up to {cfg.trials} trials of {len(feasible)} feasible candidates, {cfg.cpus_per_trial} "
+                f"CPU(s) each, within {seconds / 60:.1f} minutes")
+        # Ctrl-C: Tune stops the trials, saves the experiment and returns what finished (a second Ctrl-C
+        # interrupts at once); the trials that did not end are what --resume continues.
+        t0 = time.monotonic()
+        grid = tuner.fit()
+        status = {t.trial_id: t.status for t in tune.ExperimentAnalysis(path).trials}
+        trials = [_trial_row(r, status) for r in grid]
+        # Tune returns normally after Ctrl-C: trials left unfinished, or fewer trials than asked for with time
+        # left (stopped between two trials), say it was interrupted.
+        interrupted = any(t["status"] == "unfinished" for t in trials) or (
+            len(trials) < cfg.trials and time.monotonic() - t0 < seconds - 5 and not resume)
+    finally:
+        ray.shutdown()
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
+    trials.sort(key=lambda t: t["number"])
+    return trials, interrupted
+
+
+def _trial_row(result, status: dict) -> dict:
+    metrics = result.metrics or {}
+    config = result.config or {}
+    # Tune names a trial's folder run_trial_<id>_<n>_...: n is the order the search algorithm proposed it in.
+    name = Path(result.path).name
+    trial_id = metrics.get("trial_id") or name.split("_")[2]
+    number = name.split(f"{trial_id}_", 1)[1].split("_")[0]
+    row = {"trial_id": trial_id, "number": int(number), "candidate": config.get("candidate"),
+           "learning_rate": config.get("learning_rate"), "epochs_trained": metrics.get("epoch"),
+           "val_accuracy": metrics.get("val_accuracy"), "node_id": metrics.get("node_id"),
+           "hostname": metrics.get("hostname"), "trial_seconds": metrics.get("trial_seconds")}
+    if result.error is not None:
+        last = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else ""
+        row.update(status="failed", why=f"{type(result.error).__name__}: {last}")
+    elif status.get(trial_id) != "TERMINATED":
+        row.update(status="unfinished", why=f"{status.get(trial_id, 'not started').lower()} when the search stopped; "
+                                            "--resume continues it")
+    elif "test_json" in metrics:
+        row.update(status="trained", test=json.loads(metrics["test_json"]),
+                   checkpoint=result.checkpoint.path if result.checkpoint else None)
+    elif "epoch" not in metrics:
+        row.update(status="stopped", why="stopped by the time budget (--budget-minutes) before its first epoch ended")
+    else:  # ASHA stops a trial at a rung; the time budget stops every trial still running when it ends
+        row.update(status="stopped", why=f"stopped after {metrics['epoch']} epoch(s) (validation accuracy "
+                                         f"{metrics['val_accuracy']:.4f}) by ASHA or by the end of the time budget")
+    return row
+
+
+def materialise(cfg: SearchConfig, out: Path, pick: dict, log) -> Path:
+    """The pick as an ordinary run: its trained model through every `pipeline build` stage, into pick/."""
+    from pipeline.artifacts import updating
+    from pipeline.build import build
+
+    models = out / "models"
+    models.mkdir(exist_ok=True)
+    keras_file = models / f"{pick['candidate']}-{pick['trial_id']}.keras"
+    shutil.copyfile(Path(pick["checkpoint"]) / "model.keras", keras_file)
+    cand = Candidate.parse(pick["candidate"])
+    run_cfg = trial_config({**cfg.settings(), "quantize": pick["variants"]}, cand, pick["learning_rate"],
+                           keras_model=str(keras_file), out=str(out / "pick"), threads=(1,))
+    log(f"search: building the pick {pick['candidate']} (trial {pick['trial_id']}) into {out / 'pick'}")
+    run = build(run_cfg, overwrite=True, log=log)
+    with updating(run, "search", log=log) as (_, changed):
+        changed["search"] = {"search_dir": str(out), "candidate": cand.to_dict(), "trial_id": pick["trial_id"],
+                             "learning_rate": pick["learning_rate"], "variant": pick["variant"],
+                             "note": "config.model names the dataset's zoo model only because a config needs one; "
+                                     "the model is the searched candidate, trained by the search (config.keras_model)"}
+    return run
+
+
+def load_config(folder: Path) -> SearchConfig:
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise SearchError(f"--resume {folder}: no {CONFIG} there, so it is not a search folder; pass the folder a "
+                          "`pipeline search` wrote")
+    d = json.loads(path.read_text())
+    return replace(SearchConfig(out=d["out"]), **{**d, "quantize": tuple(d["quantize"])})

@@ -1,0 +1,115 @@
+"""The search space: the zoo's families made parametric, as named presets.
+
+A candidate is one architecture at one input resolution; the quantization variants that compete are
+chosen on the command line. The builders are the zoo's own (pipeline/models.py) with their width and
+depth opened up, so a searched model is a zoo model with other numbers, not a copy of one.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from pipeline.config import FIXED_SIZE
+
+
+@dataclass(frozen=True)
+class Candidate:
+    family: str  # a key of FAMILIES
+    width: float  # multiplier of the zoo model's filters (resnet8: of its 16 first-stack filters)
+    depth: int  # Conv-Pool stages (cnn); the other families have a fixed depth, recorded as 0
+    resolution: int  # input height and width in pixels
+
+    @property
+    def id(self) -> str:
+        depth = f"-d{self.depth}" if self.depth else ""
+        return f"{self.family}-w{self.width:g}{depth}-r{self.resolution}"
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, **asdict(self)}
+
+    @classmethod
+    def parse(cls, text: str) -> Candidate:
+        family, *parts = text.split("-")
+        values = {p[0]: p[1:] for p in parts}
+        return cls(family, float(values["w"]), int(values.get("d", 0)), int(values["r"]))
+
+    def build(self, channels: int, classes: int):
+        """The untrained Keras model of this candidate."""
+        return FAMILIES[self.family][0](self, (self.resolution, self.resolution, channels), classes)
+
+
+def _keras_name(c: Candidate) -> str:
+    return c.id.replace("-", "_").replace(".", "p")
+
+
+def _cnn(c: Candidate, input_shape, classes):
+    from pipeline.models import _conv_pool_net
+
+    filters = [max(8, int(round(32 * c.width * 2 ** i))) for i in range(c.depth)]
+    return _conv_pool_net(input_shape, classes, max(16, int(round(64 * c.width))), _keras_name(c), filters)
+
+
+def _dscnn(c: Candidate, input_shape, classes):
+    from pipeline.models import cifar_dscnn
+
+    return cifar_dscnn(input_shape, classes, width=c.width, name=_keras_name(c))
+
+
+def _resnet8(c: Candidate, input_shape, classes):
+    from pipeline.models import cifar_resnet8
+
+    return cifar_resnet8(input_shape, classes, width=int(round(16 * c.width)),
+                         name=_keras_name(c))
+
+
+# family: (builder, the zoo model it opens up, the smallest resolution it takes)
+FAMILIES = {
+    "cnn": (_cnn, "mnist-cnn / cifar-cnn (Conv-Pool stages, then Dense)", 10),
+    "dscnn": (_dscnn, "cifar-dscnn (MobileNet-style depthwise-separable blocks)", 8),
+    "resnet8": (_resnet8, "cifar-resnet8 (MLPerf Tiny's ResNet-8)", 8),
+}
+
+
+@dataclass(frozen=True)
+class Space:
+    """Per family: the widths, depths and resolutions (as fractions of the dataset's size) to combine."""
+    description: str
+    families: dict  # family -> {"width": [...], "depth": [...]}
+    resolutions: tuple[float, ...]  # fractions of the dataset's standard side; fixed-size datasets keep 1.0
+
+    def candidates(self, dataset: str, side: int) -> list[Candidate]:
+        """Every candidate, in a stable order (the search's seed then means the same sequence of trials)."""
+        fractions = (1.0,) if dataset in FIXED_SIZE else self.resolutions
+        sides = sorted({max(8, int(round(side * f))) for f in fractions}, reverse=True)
+        out = []
+        for family, axes in self.families.items():
+            for width in axes["width"]:
+                for depth in axes.get("depth", [0]):
+                    for r in sides:
+                        if r >= FAMILIES[family][2]:
+                            out.append(Candidate(family, float(width), int(depth), r))
+        return out
+
+    def to_dict(self, dataset: str, side: int) -> dict:
+        return {"description": self.description, "families": {f: {**axes, "opens_up": FAMILIES[f][1]}
+                                                               for f, axes in self.families.items()},
+                "resolution_fractions": list(self.resolutions),
+                "resolutions_note": (f"{dataset} images have one size and are not resized" if dataset in FIXED_SIZE
+                                     else "images are resized to each resolution before training"),
+                "candidates": [c.id for c in self.candidates(dataset, side)]}
+
+
+SPACES = {
+    "default": Space("the zoo's three families: widths 0.25-1, CNN depth 1-3, two resolutions",
+                     {"cnn": {"width": [0.25, 0.5, 1.0], "depth": [1, 2, 3]},
+                      "dscnn": {"width": [0.25, 0.5, 1.0]},
+                      "resnet8": {"width": [0.5, 1.0]}},
+                     (1.0, 0.75)),
+    "small": Space("a quick look: narrow CNNs and depthwise nets",
+                   {"cnn": {"width": [0.25, 0.5], "depth": [1, 2]}, "dscnn": {"width": [0.25, 0.5]}},
+                   (1.0, 0.75)),
+    # Seconds per trial on the digits: for tests and for trying the command out.
+    "tiny": Space("four candidates of very different cost, for trying the search out",
+                  {"cnn": {"width": [0.25, 0.5], "depth": [1]}, "dscnn": {"width": [0.25]},
+                   "resnet8": {"width": [1.0]}},
+                  (1.0,)),
+}

@@ -1,0 +1,104 @@
+"""Phase (b), one Ray Tune trial: a real edgepipe training of one candidate, then its variants converted
+and evaluated on the test split by the ordinary build stages.
+
+Runs in a Ray worker process, which may be on another machine: everything it needs comes in `settings`
+(plain data), and what it leaves is its reported metrics and a checkpoint (model.keras and the
+evaluation) that Ray copies to the search's storage.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.config import FIXED_SIZE, BuildConfig
+from pipeline.search.space import Candidate
+
+# The search trains every candidate with one recipe, so that the architectures are what it compares.
+RECIPE = {"optimizer": "adam", "lr_schedule": "cosine", "warmup_epochs": 0, "weight_decay": 0.0,
+          "label_smoothing": 0.1}
+LEARNING_RATES = (1e-3, 3e-3)
+
+
+def trial_config(settings: dict, cand: Candidate, learning_rate: float, **more) -> BuildConfig:
+    """The BuildConfig a candidate trains, converts and is evaluated with (the pick's build uses it too)."""
+    from pipeline.data import DATASETS
+
+    image_size = None if settings["dataset"] in FIXED_SIZE else f"{cand.resolution}x{cand.resolution}"
+    return BuildConfig(dataset=settings["dataset"], data_dir=settings["data_dir"], image_size=image_size,
+                       seed=settings["seed"], quantize=tuple(settings["quantize"]), epochs=settings["epochs"],
+                       batch_size=settings["batch_size"], learning_rate=learning_rate,
+                       model=_zoo_model(settings["dataset"], DATASETS), **RECIPE, **more)
+
+
+def _zoo_model(dataset: str, datasets) -> str:
+    """The dataset's default zoo model: BuildConfig wants one; the candidate replaces it in training."""
+    return datasets[dataset].default_model
+
+
+def _use_cpus() -> int:
+    """TensorFlow's threads set to the CPUs Ray gave this trial (Ray sets only OMP_NUM_THREADS)."""
+    import ray
+    import tensorflow as tf
+
+    cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_inter_op_parallelism_threads(cpus)
+    except RuntimeError:  # TensorFlow already started in this worker: it keeps the threads it has
+        pass
+    return cpus
+
+
+def run_trial(config: dict, settings: dict) -> None:
+    """The function trainable: reports validation accuracy after each epoch (ASHA stops the weak), and
+    after the last one the test accuracy of every variant with its checkpoint."""
+    import keras
+    import ray
+    from ray import tune
+
+    from pipeline import build as stages
+
+    cpus = _use_cpus()
+    keras.backend.clear_session()  # Keras keeps graph state across models in one process
+    cand = Candidate.parse(config["candidate"])
+    where = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(), "cpus": cpus}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edgepipe-trial-") as tmp:
+        cfg = trial_config(settings, cand, config["learning_rate"], out=str(Path(tmp) / "run"), benchmark=False)
+        data, _ = stages.load_inputs(cfg, stages.STAGES, print)
+        epochs = cfg.epochs
+
+        class ReportEpoch(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if epoch + 1 < epochs:  # the last epoch is reported with the test results below
+                    tune.report({"epoch": epoch + 1, "val_accuracy": float(logs["val_accuracy"]), **where})
+
+        from pipeline.train import seed_everything, train
+
+        seed_everything(cfg.seed)  # the initial weights too: same seed, same trial, on any node
+        model = cand.build(data.spec.channels, len(data.spec.labels))
+
+        model, history = train(cfg, data, log=print, model=model, callbacks=[ReportEpoch()])
+        train_seconds = time.perf_counter() - t0
+        checkpoint = Path(tmp) / "checkpoint"
+        checkpoint.mkdir()
+        model.save(checkpoint / "model.keras")
+        keras.backend.clear_session()
+        # The trained model through the ordinary stages: convert with real calibration, evaluate on test.
+        import dataclasses
+
+        run = stages.build(dataclasses.replace(cfg, keras_model=str(checkpoint / "model.keras")), until="evaluate",
+                           log=print)
+        evaluation = json.loads((run / "evaluation.json").read_text())
+        test = {v: {"accuracy": e["accuracy"], "low": e["interval_95"]["low"], "high": e["interval_95"]["high"],
+                    "n": e["interval_95"]["n"]} for v, e in evaluation["variants"].items()}
+        (checkpoint / "evaluation.json").write_text(json.dumps(evaluation))
+        (checkpoint / "history.json").write_text(json.dumps(history))
+        tune.report({"epoch": epochs, "val_accuracy": float(history["val_accuracy"][-1]), **where,
+                     "test_json": json.dumps(test), "train_seconds": train_seconds,
+                     "trial_seconds": time.perf_counter() - t0},
+                    checkpoint=tune.Checkpoint.from_directory(str(checkpoint)))
+    keras.backend.clear_session()
