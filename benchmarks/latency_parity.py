@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from portable import portable_tree
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -128,12 +129,13 @@ def main() -> None:
             progress(f"{name}: converting")
             meta = build_variants(name, Path(tmp) / name)
             result["models"][name] = measure(name, Path(tmp) / name, meta, args.runs, args.warmup, args.rounds)
+            # written after each model, in case a later one fails
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2) + "\n")  # so far, in case a later model fails
+            args.json.write_text(json.dumps(portable_tree(result), indent=2) + "\n")
     result["load_average_after"] = os.getloadavg()
     result["met"] = all(m[v][k]["within"] for m in result["models"].values() for v in PAIR for k in ("pair", "all"))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    args.json.write_text(json.dumps(portable_tree(result), indent=2) + "\n")
     print(f"{'model':<14} {'variant':<6} {'litert':>8} {'ours, pair':>11} {'ours, all':>10}  within")
     for name, m in result["models"].items():
         for v, row in ((v, m[v]) for v in PAIR):

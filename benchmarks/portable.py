@@ -7,6 +7,7 @@ else by its name alone, since its absolute place belongs to one machine.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -26,3 +27,17 @@ def portable(path: str | os.PathLike) -> str:
 def portable_command(args: list[str]) -> str:
     """A command line with each absolute path argument made portable."""
     return " ".join(portable(a) if os.path.isabs(a) else a for a in args)
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.$])/[^\s'\",;:()\[\]]+")
+
+
+def portable_tree(value):
+    """A result structure with every absolute path inside its strings made portable (commands, log lines)."""
+    if isinstance(value, dict):
+        return {k: portable_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable_tree(v) for v in value]
+    if isinstance(value, str):
+        return _ABSOLUTE.sub(lambda m: portable(m.group(0)), value)
+    return value

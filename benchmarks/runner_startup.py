@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from portable import portable_tree
+
 REPO = Path(__file__).resolve().parent.parent
 CHILD = """
 import sys, time
@@ -138,7 +140,7 @@ def main() -> None:
            "classify_against_bare_imports": c, "cold_start": {}}
     if args.only_classify:
         if args.json:
-            args.json.write_text(json.dumps(out, indent=2))
+            args.json.write_text(json.dumps(portable_tree(out), indent=2))
         return
     routes = ("ai_edge_litert", "tensorflow.lite")
     samples = {r: [] for r in routes}
@@ -158,7 +160,7 @@ def main() -> None:
     print(f"steady state: core invoke {s['core_us']:.2f} us vs bare invoke {s['bare_invoke_us']:.2f} us "
           f"= {s['ratio_median']:.3f}x (target <= 1.15)")
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+        args.json.write_text(json.dumps(portable_tree(out), indent=2))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from portable import portable_tree
 
 REPO = Path(__file__).resolve().parent.parent
 GOALS = {"digits": {"int8": 0.90, "seconds": 180}, "digits_epochs5": {"int8": 0.85},
@@ -89,7 +90,7 @@ def main() -> None:
               f"{100 * min(r for r in b['int8_recall'].values() if r is not None):.0f}%, {b['seconds']:.0f} s; "
               f"goal met: {b['met']}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    args.json.write_text(json.dumps(portable_tree(result), indent=2) + "\n")
 
 
 if __name__ == "__main__":
