@@ -3,7 +3,8 @@ report names first. One place for that fact, read from the run directory.
 
 The rule: the variant the accuracy guard delivered (analysis.json's `guard.delivered`, e.g.
 int8-cle) when the run has it; otherwise the first present of PREFERENCE. The variants the guard
-replaced (`guard.superseded`, e.g. the int8 it repaired) are never the default.
+replaced (`guard.superseded`, e.g. the int8 it repaired) are never the default. When the guard
+rejected int8 and no remedy met the budget, it delivers fp32 and int8 and its remedies are superseded.
 
 It fails closed: a guard record that cannot be read (damaged, truncated, or listed in the manifest
 but gone) is an error, never "no decision", because no decision means int8, which may be exactly
@@ -29,7 +30,8 @@ class GuardRecordError(RunDirError):
 
 
 def guard_decision(run_dir: Path) -> tuple[str | None, list[str]]:
-    """(the variant the guard delivered or None, the variants it superseded) from analysis.json.
+    """(the variant the guard delivered or None, the variants it superseded) from analysis.json; fp32 when the
+    guard rejected int8 and no remedy met the budget.
 
     (None, []) only when the guard did not run (no analysis.json, and the manifest lists none) or ran
     and changed nothing (`guard` is null); anything else unreadable raises GuardRecordError."""
@@ -54,6 +56,10 @@ def guard_decision(run_dir: Path) -> tuple[str | None, list[str]]:
     if not (delivered is None or isinstance(delivered, str)) or not isinstance(superseded, list) \
             or not all(isinstance(v, str) for v in superseded):
         raise _damaged(run_dir, "its 'guard' entry lacks the delivered and superseded variants")
+    if delivered is None and guard.get("needed"):
+        # The guard rejected int8 and no remedy met the budget: its record names nothing superseded, and
+        # "no decision" would mean int8. fp32, the reference every drop is measured from, is what meets it.
+        return "fp32", list(dict.fromkeys(["int8", *superseded, *guard.get("written", [])]))
     return delivered, list(superseded)
 
 

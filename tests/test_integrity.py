@@ -158,6 +158,53 @@ def test_runner_refuses_to_guess_a_default_model(run, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory) -> Path:
+    """A run whose guard judged int8 against a 0 pp budget and tried every remedy, by the real command."""
+    out = tmp_path_factory.mktemp("guarded") / "run"
+    proc = _run(*PIPELINE, "build", "--dataset", "digits", "--epochs", "1", "--fallback", "auto",
+                "--max-accuracy-drop", "0", "--no-benchmark", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_a_guard_that_rejected_int8_without_a_remedy_delivers_fp32(guarded, tmp_path):
+    from pipeline.guard import _verdict
+
+    run = tmp_path / "runs" / "run"
+    shutil.copytree(guarded, run)
+    # The record the guard writes when no remedy met the budget (here QAT usually meets it, so its remedies
+    # are marked over budget), recorded through the manifest as a step would: the run stays verifiable.
+    with updating(run, "test", log=lambda *a: None) as (work, _):
+        analysis = json.loads((work / "analysis.json").read_text())
+        guard = analysis["guard"]
+        assert guard["needed"] and guard["remedies"], guard
+        tried = [{**r, "status": "over_budget"} if "accuracy" in r else r for r in guard["remedies"]]
+        analysis["guard"] = _verdict(0.0, True, tried, False, guard["seconds"])
+        assert analysis["guard"]["delivered"] is None and analysis["guard"]["superseded"] == []
+        (work / "analysis.json").write_text(json.dumps(analysis))
+    assert "verified" in _run(*PIPELINE, "verify", run).stdout
+    written = analysis["guard"]["written"]
+
+    proc = _run(*PIPELINE, "bundle", run, "--out", tmp_path / "b.tar.gz")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _run(sys.executable, RUNNER, "unpack", tmp_path / "b.tar.gz", tmp_path / "pi").returncode == 0
+    meta = json.loads((tmp_path / "pi" / "metadata.json").read_text())
+    assert meta["default_model"] == "model_fp32.tflite", meta["default_model"]
+    assert not {"model_int8.tflite", *(f"model_{v}.tflite" for v in written)} & set(meta["models"])
+    proc = _run(sys.executable, "device/runner.py", "eval", "samples/eval.npz", "--json", cwd=tmp_path / "pi")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["model"] == "model_fp32.tflite", proc.stderr[-2000:]
+
+    assert _run(*PIPELINE, "report", run).returncode == 0
+    assert json.loads((run / "report.json").read_text())["delivered"]["variant"] == "fp32"
+
+    proc = _run(*PIPELINE, "export", run, "--out", tmp_path / "tflm")
+    errors = _errors(proc.stderr)
+    assert proc.returncode == 1 and len(errors) == 1 and "rejected int8" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "tflm").exists()
+
+
 # ---------------------------------------------------------------- 11: Holm across a run's tests, said in the report
 
 def test_report_adjusts_the_runs_mcnemar_tests_together_and_says_so(run):

@@ -349,7 +349,12 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
                           "--quantize int8`, or `pipeline convert RUN/model.keras --quantize int8` for a trained model")
     from pipeline.delivery import guard_decision
 
-    delivered = guard_decision(run_dir)[0]  # read even for --variant: an unreadable guard record refuses
+    delivered, superseded = guard_decision(run_dir)  # read even for --variant: an unreadable guard record refuses
+    if variant is None and "int8" in superseded and delivered not in integer:
+        raise ExportError(f"{run_dir}: the accuracy guard rejected int8 and no integer remedy met the "
+                          f"--max-accuracy-drop budget (it delivers {delivered}, which a microcontroller cannot "
+                          "run); rebuild with a larger --max-accuracy-drop or --qat, or pass --variant to "
+                          "export a rejected model knowingly")
     if variant is None:  # what the run delivers: the guard's repair when it made one
         variant = delivered if delivered in integer else "int8"
         log(f"export: {variant}" + (" (the accuracy guard's repair)" if variant == delivered != "int8" else ""))

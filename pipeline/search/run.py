@@ -116,7 +116,7 @@ def phase_a(cfg: SearchConfig, log) -> dict:
     side = DATASETS[cfg.dataset].input_shape[0]  # the standard size; the space's resolutions are fractions of it
     base = trial_config(cfg.settings(), Candidate("cnn", 1.0, 1, side), LEARNING_RATES[0],
                         out=str(Path(cfg.out) / "unused"))
-    data, _ = stages.load_inputs(base, stages.STAGES, log)
+    data, _, _ = stages.load_inputs(base, stages.STAGES, log)
     candidates = SPACES[cfg.space].candidates(cfg.dataset, side)
     target = Target.parse(cfg.target)
     log(f"search: {len(candidates)} candidates in space '{cfg.space}'; measuring each untrained on {target} "

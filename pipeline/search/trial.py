@@ -68,7 +68,7 @@ def run_trial(config: dict, settings: dict) -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgepipe-trial-") as tmp:
         cfg = trial_config(settings, cand, config["learning_rate"], out=str(Path(tmp) / "run"), benchmark=False)
-        data, _ = stages.load_inputs(cfg, stages.STAGES, print)
+        data, _, _ = stages.load_inputs(cfg, stages.STAGES, print)
         epochs = cfg.epochs
 
         class ReportEpoch(keras.callbacks.Callback):
