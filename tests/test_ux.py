@@ -160,10 +160,12 @@ def test_report_merges_several_device_files_after_one_option(breaker, board, tmp
     assert cle["accuracy"] == json.loads((board / "eval.json").read_text())["accuracy"] and cle["p50_ms"] > 0
     assert sorted(f["kind"] for f in device["files"]) == ["bench", "eval"]
     assert not any(Path(f["file"]).is_absolute() for f in device["files"])
-    # The same, repeating the option.
-    shutil.rmtree(run / "device_results")
-    result = cli("report", run, "--device-results", board / "eval.json", "--device-results", board / "bench.json")
+    # The same, repeating the option, on a fresh copy (deleting files of a run is an edit it would refuse).
+    again = tmp_path / "again"
+    shutil.copytree(breaker, again)
+    result = cli("report", again, "--device-results", board / "eval.json", "--device-results", board / "bench.json")
     assert result.exit_code == 0, result.output
+    assert json.loads((again / "report.json").read_text())["devices"][0]["files"] == device["files"]
 
 
 def test_report_refuses_results_of_a_model_the_run_does_not_contain(breaker, board, tmp_path):
