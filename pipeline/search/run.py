@@ -15,7 +15,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ray.tune import Callback
+
 from pipeline.artifacts import write_json
+from pipeline.console import say
 from pipeline.search.feasibility import Budgets, SearchError, Target, environment, measure, where_measured
 from pipeline.search.space import SPACES, Candidate
 from pipeline.search.trial import LEARNING_RATES, run_trial, trial_config
@@ -183,7 +186,7 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
                     metric="val_accuracy", mode="max", search_alg=OptunaSearch(seed=cfg.seed),
                     scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=1, reduction_factor=2),
                     num_samples=cfg.trials, time_budget_s=seconds),
-                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
+                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=[TrialLines()],
                                           failure_config=tune.FailureConfig(max_failures=0)))
             log(f"search: up to {cfg.trials} trials of {len(feasible)} feasible candidates, {cfg.cpus_per_trial} "
                 f"CPU(s) each, within {seconds / 60:.1f} minutes")
@@ -203,6 +206,20 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
             shutil.rmtree(temp, ignore_errors=True)
     trials.sort(key=lambda t: t["number"])
     return trials, interrupted
+
+
+class TrialLines(Callback):
+    """One console line per trial that ends (Tune's own progress table is off: verbose=0). It says through
+    console.say, a module function, because Tune pickles its callbacks with the experiment for --resume."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        say(f"search: trial {trial.trial_id} ({trial.config.get('candidate')}, learning rate "
+            f"{trial.config.get('learning_rate'):g}) ended after {result.get('epoch', 0)} epoch(s), validation "
+            f"accuracy {result.get('val_accuracy', float('nan')):.4f}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        say(f"search: trial {trial.trial_id} ({trial.config.get('candidate')}) failed; the search goes on")
 
 
 def _trial_row(result, status: dict) -> dict:
