@@ -88,6 +88,9 @@ def test_local_search_drops_over_budget_before_training_and_picks_a_verified_run
     assert report["front"] and all(p["latency_ms"] <= latency_budget_ms for p in report["front"])
     for name in ("search.md", "search.html", "front.png", "search_config.json", "feasibility.json"):
         assert (local_search / name).is_file(), name
+    page = (local_search / "search.html").read_text()  # the run report's look, the plot inline
+    assert '<table id="trials-table">' in page and "data:image/png;base64," in page
+    assert all(f"<td>{t['trial_id']}</td>" in page for t in report["trials"])
     assert "verified" in ok(cli("verify", local_search / "pick", cwd=local_search)).stdout
     manifest = json.loads((local_search / "pick" / "manifest.json").read_text())
     assert manifest["search"]["candidate"]["id"] == pick["candidate"]

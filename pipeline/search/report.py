@@ -5,7 +5,6 @@ The pick is chosen on validation accuracy, never on the test split the front rep
 """
 from __future__ import annotations
 
-import html
 import json
 import time
 from pathlib import Path
@@ -88,9 +87,8 @@ def write_report(out: Path, cfg, feasibility: dict, trials: list[dict], pick: di
     report["generated_unix"] = time.time()
     write_json(out / "search.json", report)
     plot(out / "front.png", pts, front, report["pick"], feasibility["target"], feasibility["budgets"])
-    md = markdown(report)
-    atomic_write(out / "search.md", md)
-    atomic_write(out / "search.html", _html(md))
+    atomic_write(out / "search.md", markdown(report))
+    atomic_write(out / "search.html", html(report, (out / "front.png").read_bytes()))
     log(f"search: report in {out / 'search.md'}" + (f"; the pick is the run {pick_dir}" if pick_dir else ""))
     return report
 
@@ -132,78 +130,92 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def markdown(r: dict) -> str:
+def _summary(r: dict) -> list[str]:
     s, b = r["summary"], r["budgets"]
-    lines = [f"# Search on {r['config']['dataset']}, target {r['target']}", "",
-             f"Latency measured on: {r['latency_measured_on']}.", "",
-             f"Budgets: latency {_fmt(b['latency_ms'], 'g')} ms, size {_fmt(b['size_kb'], '.1f')} KB, "
-             f"arena {_fmt(b['ram_kb'], '.1f')} KB. Space: {r['space']['description']}.", "",
-             f"{s['candidates']} candidates, {s['dropped_before_training']} dropped before training "
-             f"({100 * s['dropped_share']:.0f}%); {s['trials']} trials: {s['trained']} trained, {s['stopped']} "
-             f"stopped early, {s['failed']} failed, {s['unfinished']} unfinished; on {len(s['nodes'])} Ray node(s)."
-             + (" The search was interrupted: what finished is below; `--resume` continues it." if r["interrupted"]
-                else ""), ""]
-    if r["pick"]:
-        p = r["pick"]
-        acc = p["test"][p["variant"]]
-        lines += ["## The pick", "",
-                  f"{p['candidate']} {p['variant']} (trial {p['trial_id']}, learning rate {p['learning_rate']:g}), "
-                  f"chosen on validation accuracy {p['val_accuracy']:.4f}: test accuracy {acc['accuracy']:.4f} "
-                  f"[95% {acc['low']:.4f}-{acc['high']:.4f}]; its run: `{p['run_dir']}`"
-                  + (f", measured again there: p50 {p['run_latency_p50_ms']:.3f} ms, {p['run_bytes']:,} bytes."
-                     if p.get("run_latency_p50_ms") is not None else "."), ""]
-    elif r["interrupted"]:
-        lines += ["No pick yet: it is chosen and built when the search ends (`pipeline search --resume`).", ""]
-    else:
-        lines += ["No trial finished training, so there is no pick.", ""]
-    lines += ["## Pareto front", "", "![front](front.png)", "",
-              "| candidate | variant | trial | test accuracy [95%] | latency ms | size KB | arena KB |",
-              "|---|---|---|---|---|---|---|"]
-    for p in r["front"]:
-        lines.append(f"| {p['candidate']} | {p['variant']} | {p['trial_id']} | {p['accuracy']:.4f} "
-                     f"[{p['low']:.4f}-{p['high']:.4f}] | {_fmt(p['latency_ms'], '.3f')} | {p['size_kb']:.1f} | "
-                     f"{_fmt(p['arena_kb'], '.1f')} |")
-    lines += ["", "## Every trial", "", "| # | trial | candidate | lr | status | epochs | val acc | node | why |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for t in r["trials"]:
-        lines.append(f"| {t['number']} | {t['trial_id']} | {t['candidate']} | {_fmt(t['learning_rate'], 'g')} | "
-                     f"{t['status']} | {_fmt(t['epochs_trained'], 'd')} | {_fmt(t['val_accuracy'], '.4f')} | "
-                     f"{(t.get('node_id') or '-')[:8]} | {t.get('why', '')} |")
-    lines += ["", "## Every candidate, measured before training", "",
-              "| candidate | variant | latency ms | size KB | arena KB | within budgets |", "|---|---|---|---|---|---|"]
+    return [f"Latency measured on: {r['latency_measured_on']}.",
+            f"Budgets: latency {_fmt(b['latency_ms'], 'g')} ms, size {_fmt(b['size_kb'], '.1f')} KB, "
+            f"arena {_fmt(b['ram_kb'], '.1f')} KB. Space: {r['space']['description']}.",
+            f"{s['candidates']} candidates, {s['dropped_before_training']} dropped before training "
+            f"({100 * s['dropped_share']:.0f}%); {s['trials']} trials: {s['trained']} trained, {s['stopped']} "
+            f"stopped early, {s['failed']} failed, {s['unfinished']} unfinished; on {len(s['nodes'])} Ray node(s)."
+            + (" The search was interrupted: what finished is below; `--resume` continues it." if r["interrupted"]
+               else "")]
+
+
+def _pick(r: dict) -> str:
+    if not r["pick"]:
+        return ("No pick yet: it is chosen and built when the search ends (`pipeline search --resume`)."
+                if r["interrupted"] else "No trial finished training, so there is no pick.")
+    p = r["pick"]
+    acc = p["test"][p["variant"]]
+    return (f"{p['candidate']} {p['variant']} (trial {p['trial_id']}, learning rate {p['learning_rate']:g}), "
+            f"chosen on validation accuracy {p['val_accuracy']:.4f}: test accuracy {acc['accuracy']:.4f} "
+            f"[95% {acc['low']:.4f}-{acc['high']:.4f}]; its run: `{p['run_dir']}`"
+            + (f", measured again there: p50 {p['run_latency_p50_ms']:.3f} ms, {p['run_bytes']:,} bytes."
+               if p.get("run_latency_p50_ms") is not None else "."))
+
+
+def sections(r: dict) -> list[dict]:
+    """The report as data (heading, paragraphs, figure, table), rendered to Markdown and to HTML alike."""
+    front = [[p["candidate"], p["variant"], p["trial_id"],
+              f"{p['accuracy']:.4f} [{p['low']:.4f}-{p['high']:.4f}]", _fmt(p["latency_ms"], ".3f"),
+              f"{p['size_kb']:.1f}", _fmt(p["arena_kb"], ".1f")] for p in r["front"]]
+    trials = [[str(t["number"]), t["trial_id"], t["candidate"], _fmt(t["learning_rate"], "g"), t["status"],
+               _fmt(t["epochs_trained"], "d"), _fmt(t["val_accuracy"], ".4f"), (t.get("node_id") or "-")[:8],
+               t.get("why", "")] for t in r["trials"]]
+    candidates = []
     for row in r["candidates"]:
         if not row["variants"]:
-            lines.append(f"| {row['candidate']['id']} | - | - | - | - | no: {row['reason']} |")
+            candidates.append([row["candidate"]["id"], "-", "-", "-", "-", f"no: {row['reason']}"])
         for v, c in row["variants"].items():
-            lines.append(f"| {row['candidate']['id']} | {v} | {_fmt(c.get('latency_ms'), '.3f')} | "
-                         f"{c['size_kb']:.1f} | {_fmt(c.get('arena_kb'), '.1f')} | "
-                         f"{'yes' if not c['problems'] else 'no: ' + ', '.join(c['problems'])} |")
-    return "\n".join(lines) + "\n"
+            candidates.append([row["candidate"]["id"], v, _fmt(c.get("latency_ms"), ".3f"), f"{c['size_kb']:.1f}",
+                               _fmt(c.get("arena_kb"), ".1f"),
+                               "yes" if not c["problems"] else "no: " + ", ".join(c["problems"])])
+    return [
+        {"id": "pick", "heading": "The pick", "paragraphs": [_pick(r)]},
+        {"id": "front", "heading": "Pareto front", "figure": ("front.png", "Test accuracy (95% intervals) of every "
+                                                                            "trained trial against its measured cost"),
+         "headers": ["candidate", "variant", "trial", "test accuracy [95%]", "latency ms", "size KB", "arena KB"],
+         "rows": front},
+        {"id": "trials", "heading": "Every trial",
+         "headers": ["#", "trial", "candidate", "lr", "status", "epochs", "val acc", "node", "why"], "rows": trials},
+        {"id": "candidates", "heading": "Every candidate, measured before training",
+         "headers": ["candidate", "variant", "latency ms", "size KB", "arena KB", "within budgets"],
+         "rows": candidates},
+    ]
 
 
-def _html(md: str) -> str:
-    """The markdown's tables and paragraphs as a self-contained page."""
-    body, table = [], []
-    for line in md.splitlines():
-        if line.startswith("|"):
-            if not set(line) <= set("|-"):
-                cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-                tag = "th" if not table else "td"
-                table.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
-            continue
-        if table:
-            body.append("<table>" + "".join(table) + "</table>")
-            table = []
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
-        elif line.startswith("!["):
-            body.append('<img src="front.png" alt="Pareto front" style="max-width:100%">')
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    if table:
-        body.append("<table>" + "".join(table) + "</table>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em;font-size:.9em}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>edgepipe search</title><style>{style}</style>" \
-           f"</head><body>{''.join(body)}</body></html>\n"
+def _title(r: dict) -> str:
+    return f"Search on {r['config']['dataset']}, target {r['target']}"
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# {_title(r)}", ""]
+    for paragraph in _summary(r):
+        lines += [paragraph, ""]
+    for part in sections(r):
+        lines += [f"## {part['heading']}", ""]
+        for paragraph in part.get("paragraphs", []):
+            lines += [paragraph, ""]
+        if "figure" in part:
+            lines += [f"![{part['figure'][1]}]({part['figure'][0]})", ""]
+        if "rows" in part:
+            lines += ["| " + " | ".join(part["headers"]) + " |", "|" + "---|" * len(part["headers"])]
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in part["rows"]]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def html(r: dict, png: bytes | None) -> str:
+    """The same sections through the report's look (templates/search.html), self-contained: the plot inline."""
+    import base64
+
+    import jinja2
+
+    from pipeline.report.render import TEMPLATES
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    figure = "data:image/png;base64," + base64.b64encode(png).decode() if png else None
+    return env.get_template("search.html").render(title=_title(r), summary=_summary(r), sections=sections(r),
+                                                  figure=figure)
