@@ -21,6 +21,7 @@ from pipeline.config import FALLBACKS, INPUT_RANGES, INT8_IO, VARIANTS, BuildCon
 from pipeline.data import DATASETS
 from pipeline.micro.export import BOARDS, TARGETS
 from pipeline.models import MODELS, OPTIMIZERS, SCHEDULES
+from pipeline.search.space import SPACES
 from pipeline.ship.bundle import WHEEL_PLATFORMS
 
 
@@ -729,12 +730,16 @@ def entry():
 @click.option("--max-ram-kb", type=click.FloatRange(min=0, min_open=True), help="Budget for the TFLM arena.")
 @click.option("--quantize", multiple=True, callback=_split_variants, metavar="VARIANT[,VARIANT]",
               help="The variants that compete (default int8).")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), metavar="PP",
+              help="Guarded int8: int8 competes as the accuracy guard delivers it (repaired when it loses more than "
+                   "PP points on validation; out of a trial when no remedy with int8's graph holds).")
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
               help="Wall time for the whole search.")
 @click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True, help="Trials to train at most.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs per trial at most.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Training batch size.")
-@click.option("--space", default="default", show_default=True, help="The search space preset: default, small, tiny.")
+@click.option("--space", type=click.Choice(list(SPACES)), default="default", show_default=True,
+              help="The search space preset.")
 @click.option("--cpus-per-trial", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--address", help="A Ray cluster's address (default: a local Ray of this machine's cores).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="The search folder to write.")

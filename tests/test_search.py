@@ -65,9 +65,15 @@ def budgeted(latency_budget_ms) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def local_search(tmp_path_factory, budgeted) -> Path:
+def guarded(budgeted) -> list[str]:
+    """Guarded int8 at a zero budget: any int8 that loses on validation goes to the guard's remedies."""
+    return [*budgeted, "--max-accuracy-drop", "0"]
+
+
+@pytest.fixture(scope="module")
+def local_search(tmp_path_factory, guarded) -> Path:
     out = tmp_path_factory.mktemp("search") / "local"
-    ok(cli("search", *budgeted, "--out", out, cwd=out.parent))
+    ok(cli("search", *guarded, "--out", out, cwd=out.parent))
     return out
 
 
@@ -94,7 +100,24 @@ def test_local_search_drops_over_budget_before_training_and_picks_a_verified_run
     assert "verified" in ok(cli("verify", local_search / "pick", cwd=local_search)).stdout
     manifest = json.loads((local_search / "pick" / "manifest.json").read_text())
     assert manifest["search"]["candidate"]["id"] == pick["candidate"]
-    assert pick["variant"] in manifest["config"]["quantize"]
+    # What the search picked is what its run delivers: the guard decides the same there as in the trial.
+    assert json.loads((local_search / "pick" / "report.json").read_text())["delivered"]["variant"] == pick["variant"]
+
+
+@pytest.mark.slow
+def test_guarded_int8_competes_as_the_guard_delivers_it(local_search):
+    report = json.loads((local_search / "search.json").read_text())
+    trained = {t["trial_id"]: t for t in report["trials"] if t["status"] == "trained"}
+    assert trained and all(t["guard"] and "int8_drop_pp" in t["guard"] for t in trained.values())
+    for trial_id, t in trained.items():
+        mine = {p["variant"] for p in report["points"] if p["trial_id"] == trial_id}
+        guard = t["guard"]
+        if guard["int8_is"] == "int8":  # within the budget: int8 itself
+            assert mine == {"int8"} and guard["int8_drop_pp"] <= 1e-6, (mine, guard)
+        elif guard["same_graph_as_int8"]:  # repaired without changing the graph: the remedy, at int8's cost
+            assert mine == {guard["int8_is"]} and guard["int8_is"] in t["test"], (mine, guard)
+        else:  # rejected, or repaired into another graph whose cost was never measured: out
+            assert not mine and "does not compete" in t["why"], (mine, guard)
 
 
 def _free_port() -> int:
@@ -119,7 +142,7 @@ def _alive_nodes(address: str, auth: dict) -> int:
 
 
 @pytest.mark.slow
-def test_two_node_cluster_runs_the_same_search_with_the_same_front(local_search, budgeted, tmp_path):
+def test_two_node_cluster_runs_the_same_search_with_the_same_front(local_search, guarded, tmp_path):
     from pipeline.search.report import pareto
 
     # Ray 2.59+ asks for a token on a cluster: this test's own, passed as Ray reads it (never ~/.ray).
@@ -136,7 +159,7 @@ def test_two_node_cluster_runs_the_same_search_with_the_same_front(local_search,
             assert time.monotonic() < deadline, "the worker node did not join the head within 3 minutes"
             time.sleep(5)
         out = tmp_path / "cluster"
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "search", *budgeted, "--out", str(out),
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "search", *guarded, "--out", str(out),
                                "--address", address], cwd=tmp_path, env={**env(), **auth}, capture_output=True,
                               text=True, timeout=1500)
         ok(proc)
@@ -172,6 +195,59 @@ def test_tflm_target_pick_arena_fits_the_board(tmp_path):
     assert summary["arena"]["measured"] <= 30 * 1024, summary["arena"]
     pick = next(r for r in report["candidates"] if r["candidate"]["id"] == report["pick"]["candidate"])
     assert pick["variants"]["int8"]["arena_kb"] <= 30
+
+
+def test_a_remedy_competes_at_int8s_cost_only_when_it_runs_int8s_graph(tmp_path):
+    """Read from real flatbuffers: equalization (the guard's first remedy) keeps int8's graph, so the cost measured
+    for int8 before training holds for it; a model with other operators is another graph."""
+    import numpy as np
+
+    from pipeline.config import BuildConfig
+    from pipeline.convert import convert
+    from pipeline.guard.equalize import equalize
+    from pipeline.search.space import Candidate
+    from pipeline.search.trial import _graph
+    from pipeline.train import seed_everything
+
+    seed_everything(0)
+    model = Candidate("cnn", 0.5, 1, 28).build(1, 10)
+    images = np.random.default_rng(0).uniform(0, 1, (32, 28, 28, 1)).astype("float32")
+    cfg = BuildConfig(dataset="digits", out=str(tmp_path / "unused"))
+    equalized, record = equalize(model, images)
+    assert equalized is not None, record
+    files = {}
+    for name, m, variant in (("int8", model, "int8"), ("int8-cle", equalized, "int8"), ("fp32", model, "fp32")):
+        files[name] = tmp_path / f"{name}.tflite"
+        files[name].write_bytes(convert(m, variant, cfg, images))
+    assert files["int8"].read_bytes() != files["int8-cle"].read_bytes()  # other weights ...
+    assert _graph(files["int8"]) == _graph(files["int8-cle"])  # ... on the same graph
+    assert _graph(files["int8"]) != _graph(files["fp32"])
+
+
+def test_the_front_takes_int8_as_the_guard_delivers_it():
+    from pipeline.search.report import choose, points
+
+    cost = {"int8": {"latency_ms": 0.1, "size_kb": 20.0}, "fp32": {"latency_ms": 0.1, "size_kb": 80.0}}
+    feasibility = {"rows": [{"candidate": {"id": "c"}, "fitting_variants": ["int8", "fp32"], "variants": cost}]}
+    test = {v: {"accuracy": 0.9, "low": 0.8, "high": 0.95, "n": 100} for v in ("int8", "int8-cle", "int8-mixed",
+                                                                                "fp32")}
+
+    def trial(n, val, int8_is, same):
+        return {"trial_id": f"t{n}", "number": n, "candidate": "c", "learning_rate": 1e-3, "status": "trained",
+                "val_accuracy": val, "node_id": "n", "checkpoint": "ckpt", "test": test,
+                "guard": {"int8_drop_pp": 0.0 if int8_is == "int8" else 2.0, "int8_is": int8_is,
+                          "same_graph_as_int8": same}}
+
+    trials = [trial(1, 0.7, "int8", True), trial(2, 0.8, "int8-cle", True), trial(3, 0.95, "int8-mixed", False),
+              trial(4, 0.9, "fp32", False)]
+    got = {(p["trial_id"], p["variant"]) for p in points(trials, feasibility)}
+    assert got == {("t1", "int8"), ("t1", "fp32"), ("t2", "int8-cle"), ("t2", "fp32"), ("t3", "fp32"),
+                   ("t4", "fp32")}
+    # The best validation accuracy (t3) has no int8 that competes: its smallest competing variant is fp32.
+    pick = choose(trials, feasibility)
+    assert (pick["trial_id"], pick["variant"], pick["variants"]) == ("t3", "fp32", ["fp32"])
+    pick = choose(trials[:2], feasibility)
+    assert (pick["trial_id"], pick["variant"], pick["variants"]) == ("t2", "int8-cle", ["int8", "fp32"])
 
 
 def test_refusals_are_one_line(tmp_path):

@@ -12,6 +12,17 @@ from pathlib import Path
 from pipeline.artifacts import CREATED_BY, atomic_write, write_json
 
 
+def competing(trial: dict, variant: str) -> str | None:
+    """The variant that competes for `variant` in a trained trial: itself, or for int8 under the accuracy guard
+    (--max-accuracy-drop) the variant the guard delivers in its place when that runs int8's graph, so that the
+    cost measured before training holds; None when the guard rejected int8 and nothing with a measured cost
+    replaces it."""
+    guard = trial.get("guard")
+    if variant != "int8" or not guard:
+        return variant
+    return guard["int8_is"] if guard["same_graph_as_int8"] else None
+
+
 def points(trials: list[dict], feasibility: dict) -> list[dict]:
     """One point per trained trial and variant within the budgets, with its measured cost."""
     rows = {r["candidate"]["id"]: r for r in feasibility["rows"]}
@@ -20,9 +31,12 @@ def points(trials: list[dict], feasibility: dict) -> list[dict]:
         if t["status"] != "trained":
             continue
         row = rows[t["candidate"]]
-        for v in row.get("fitting_variants", []):
-            cost, test = row["variants"][v], t["test"][v]
-            out.append({"trial_id": t["trial_id"], "candidate": t["candidate"], "variant": v,
+        for base in row.get("fitting_variants", []):
+            v = competing(t, base)
+            if v is None:
+                continue
+            cost, test = row["variants"][base], t["test"][v]
+            out.append({"trial_id": t["trial_id"], "candidate": t["candidate"], "variant": v, "base": base,
                         "learning_rate": t["learning_rate"], "val_accuracy": t["val_accuracy"],
                         "accuracy": test["accuracy"], "low": test["low"], "high": test["high"], "n": test["n"],
                         "latency_ms": cost.get("latency_ms"), "size_kb": cost["size_kb"],
@@ -44,14 +58,16 @@ def pareto(pts: list[dict]) -> list[dict]:
 
 
 def choose(trials: list[dict], feasibility: dict) -> dict | None:
-    """The trained trial with the best validation accuracy; its smallest variant within the budgets."""
-    trained = [t for t in trials if t["status"] == "trained" and t.get("checkpoint")]
-    if not trained:
+    """The trained trial with the best validation accuracy that has a variant within the budgets (the guard may
+    have rejected its int8); its smallest such variant. `variants` are the ones its run is built with."""
+    pts = points([t for t in trials if t.get("checkpoint")], feasibility)
+    if not pts:
         return None
-    best = sorted(trained, key=lambda t: (-t["val_accuracy"], t["number"]))[0]
-    row = next(r for r in feasibility["rows"] if r["candidate"]["id"] == best["candidate"])
-    variants = row["fitting_variants"]
-    return {**best, "variants": variants, "variant": min(variants, key=lambda v: row["variants"][v]["size_kb"])}
+    best = min(pts, key=lambda p: (-p["val_accuracy"], next(t["number"] for t in trials
+                                                            if t["trial_id"] == p["trial_id"])))
+    mine = [p for p in pts if p["trial_id"] == best["trial_id"]]
+    trial = next(t for t in trials if t["trial_id"] == best["trial_id"])
+    return {**trial, "variants": [p["base"] for p in mine], "variant": min(mine, key=lambda p: p["size_kb"])["variant"]}
 
 
 def write_report(out: Path, cfg, feasibility: dict, trials: list[dict], pick: dict | None, log,

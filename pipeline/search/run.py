@@ -38,6 +38,7 @@ class SearchConfig:
     max_size_kb: float | None = None
     max_ram_kb: float | None = None
     quantize: tuple[str, ...] = ("int8",)  # the variants that compete; fp32 is always built as the baseline
+    max_accuracy_drop: float | None = None  # int8 competes as the accuracy guard delivers it (--fallback auto)
     budget_minutes: float = 60.0
     trials: int = 20
     address: str | None = None  # a Ray cluster; None starts a local Ray sized to this machine's cores
@@ -62,6 +63,11 @@ class SearchConfig:
         for name, low in (("trials", 1), ("epochs", 1), ("batch_size", 1), ("cpus_per_trial", 1)):
             if getattr(self, name) < low:
                 raise SearchError(f"--{name.replace('_', '-')}: got {getattr(self, name)}, expected >= {low}")
+        if self.max_accuracy_drop is not None and not self.max_accuracy_drop >= 0:
+            raise SearchError(f"--max-accuracy-drop: got {self.max_accuracy_drop}, expected percentage points >= 0")
+        if self.max_accuracy_drop is not None and "int8" not in self.quantize:
+            raise SearchError("--max-accuracy-drop guards int8, which does not compete here: add int8 to --quantize "
+                              "or drop --max-accuracy-drop")
         if not self.budget_minutes > 0:
             raise SearchError(f"--budget-minutes: got {self.budget_minutes}, expected minutes > 0")
 
@@ -72,7 +78,8 @@ class SearchConfig:
     def settings(self) -> dict:
         """What a trial needs, as plain data (it may run on another machine)."""
         return {"dataset": self.dataset, "data_dir": self.data_dir, "seed": self.seed, "epochs": self.epochs,
-                "batch_size": self.batch_size, "quantize": list(self.quantize)}
+                "batch_size": self.batch_size, "quantize": list(self.quantize),
+                "max_accuracy_drop": self.max_accuracy_drop}
 
     def to_dict(self) -> dict:
         return {**asdict(self), "quantize": list(self.quantize)}
@@ -240,7 +247,10 @@ def _trial_row(result, status: dict) -> dict:
         row.update(status="unfinished", why=f"{status.get(trial_id, 'not started').lower()} when the search stopped; "
                                             "--resume continues it")
     elif "test_json" in metrics:
-        row.update(status="trained", test=json.loads(metrics["test_json"]),
+        guard = json.loads(metrics.get("guard_json", "null"))
+        if guard:
+            row["why"] = _guard_words(guard)
+        row.update(status="trained", test=json.loads(metrics["test_json"]), guard=guard,
                    checkpoint=result.checkpoint.path if result.checkpoint else None)
     elif "epoch" not in metrics:
         row.update(status="stopped", why="stopped by the time budget (--budget-minutes) before its first epoch ended")
@@ -248,6 +258,18 @@ def _trial_row(result, status: dict) -> dict:
         row.update(status="stopped", why=f"stopped after {metrics['epoch']} epoch(s) (validation accuracy "
                                          f"{metrics['val_accuracy']:.4f}) by ASHA or by the end of the time budget")
     return row
+
+
+def _guard_words(guard: dict) -> str:
+    words = f"int8 {0.0 - guard['int8_drop_pp']:+.2f} pp vs fp32 on validation"
+    if guard["int8_is"] == "int8":
+        return words + ", within --max-accuracy-drop"
+    if not guard["int8_is"].startswith("int8"):
+        return words + "; the guard rejected int8 and no remedy met the budget: int8 does not compete for this trial"
+    if guard["same_graph_as_int8"]:
+        return words + f"; the guard delivers {guard['int8_is']} (int8's graph, so int8's measured cost) in its place"
+    return words + (f"; the guard delivers {guard['int8_is']}, whose graph differs from int8's and was not measured "
+                    "before training: int8 does not compete for this trial")
 
 
 def materialise(cfg: SearchConfig, out: Path, pick: dict, log) -> Path:

@@ -27,6 +27,8 @@ def trial_config(settings: dict, cand: Candidate, learning_rate: float, **more) 
     from pipeline.data import DATASETS
 
     image_size = None if settings["dataset"] in FIXED_SIZE else f"{cand.resolution}x{cand.resolution}"
+    if settings.get("max_accuracy_drop") is not None:  # int8 competes as the accuracy guard delivers it
+        more = {"max_accuracy_drop": settings["max_accuracy_drop"], "fallback": "auto", **more}
     return BuildConfig(dataset=settings["dataset"], data_dir=settings["data_dir"], image_size=image_size,
                        seed=settings["seed"], quantize=tuple(settings["quantize"]), epochs=settings["epochs"],
                        batch_size=settings["batch_size"], learning_rate=learning_rate,
@@ -95,10 +97,41 @@ def run_trial(config: dict, settings: dict) -> None:
         evaluation = json.loads((run / "evaluation.json").read_text())
         test = {v: {"accuracy": e["accuracy"], "low": e["interval_95"]["low"], "high": e["interval_95"]["high"],
                     "n": e["interval_95"]["n"]} for v, e in evaluation["variants"].items()}
+        guarded = _guarded(run) if cfg.max_accuracy_drop is not None else None
         (checkpoint / "evaluation.json").write_text(json.dumps(evaluation))
         (checkpoint / "history.json").write_text(json.dumps(history))
         tune.report({"epoch": epochs, "val_accuracy": float(history["val_accuracy"][-1]), **where,
-                     "test_json": json.dumps(test), "train_seconds": train_seconds,
+                     "test_json": json.dumps(test), "guard_json": json.dumps(guarded), "train_seconds": train_seconds,
                      "trial_seconds": time.perf_counter() - t0},
                     checkpoint=tune.Checkpoint.from_directory(str(checkpoint)))
     keras.backend.clear_session()
+
+
+def _guarded(run: Path) -> dict:
+    """What the accuracy guard made of this trial's int8: the variant it delivers in int8's place, and whether
+    that variant runs int8's graph (the same ops on the same tensor shapes and types), so that the cost measured
+    for int8 before training is its cost too; a remedy that leaves ops in float is another graph."""
+    from pipeline.delivery import ANALYSIS, guard_decision
+
+    delivered, superseded = guard_decision(run)
+    analysis = json.loads((run / ANALYSIS).read_text())
+    replacement = delivered if "int8" in superseded else "int8"
+    same = replacement.startswith("int8") and (
+        replacement == "int8" or _graph(run / f"model_{replacement}.tflite") == _graph(run / "model_int8.tflite"))
+    return {"int8_drop_pp": analysis["validation"]["int8_drop_pp"], "delivered": delivered, "superseded": superseded,
+            "int8_is": replacement, "same_graph_as_int8": same,
+            "summary": (analysis.get("guard") or {}).get("summary", "int8 is within the accuracy budget")}
+
+
+def _graph(path: Path) -> list:
+    """The model's operators in order with their tensors' shapes and types, read from the flatbuffer."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(path.read_bytes()))
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+    graph = []
+    for sub in model.subgraphs:
+        shape = [([int(d) for d in t.shape] if t.shape is not None else [], t.type) for t in sub.tensors]
+        graph += [(codes[op.opcodeIndex], [shape[i] for i in op.inputs if i >= 0], [shape[i] for i in op.outputs])
+                  for op in sub.operators]
+    return graph
