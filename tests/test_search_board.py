@@ -56,6 +56,11 @@ def test_emulated_board_refuses_latency_and_measures_size_budgets_over_ssh(lab, 
         # The payload went to the board and its own runner unpacked and verified it there.
         unpacked = lab.roots["pi64"] / "root" / "edgepipe" / "search-size" / "bundle"
         assert sorted(p.name for p in unpacked.glob("*.tflite")), list(unpacked.parent.glob("*"))
+        # The pick is an ordinary run: deploy takes it to the board it was searched for, in the environment
+        # the search made there (the same requirements), so nothing is installed again.
+        lab.deploy(out / "pick", "--device", "pi64", "--runs", "3", "--warmup", "1")
+        deployed = json.loads((out / "pick" / "deploy.json").read_text())["boards"]["pi64"]
+        assert deployed["ok"] and not deployed["installed"], deployed
     finally:
         lab.forget_deploys("pi64")  # as the deploy tests expect to find it, whichever order the tests run in
 

@@ -210,6 +210,8 @@ def _cost_words(cost: dict) -> str:
     parts = [f"{cost['size_kb']:.1f} KB"]
     if cost.get("latency_ms") is not None:
         parts.append(f"{cost['latency_ms']:.3f} ms")
+    if cost.get("emulator_latency_ms") is not None:
+        parts.append(f"{cost['emulator_latency_ms']:.3f} ms under qemu (not a latency)")
     if cost.get("arena_kb") is not None:
         parts.append(f"arena {cost['arena_kb']:.1f} KB")
     return "/".join(parts)
