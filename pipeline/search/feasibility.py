@@ -184,6 +184,8 @@ def _measure_on_board(rows: list[dict], kept: Path, spec: dict, board, log) -> N
     models = [(row["candidate"]["id"], v, kept / row["candidate"]["id"] / f"model_{v}.tflite",
                {**spec, "height": row["candidate"]["resolution"], "width": row["candidate"]["resolution"]})
               for row in rows if "reason" not in row for v in row["variants"]]
+    if not models:  # every candidate failed to convert: nothing to send
+        return
     payload = kept / "payload.tar.gz"
     where = write_payload(payload, models)
     log(f"feasibility: {len(models)} model(s) in one payload ({payload.stat().st_size / 1e6:.1f} MB) for board "
