@@ -87,3 +87,45 @@ def test_emulated_board_refuses_latency_and_measures_size_budgets_over_ssh(lab, 
     assert trained and trained <= {r["candidate"]["id"] for r in kept}  # nothing over budget was trained
     assert report["pick"]["candidate"] in trained
     assert cli("verify", str(out / "pick"), env=env).returncode == 0
+
+
+@pytest.mark.slow
+def test_one_payload_holds_every_resolution_and_its_runner_benchmarks_each(tmp_path):
+    """The payload a board receives, run here: candidates of two input sizes in one archive, which the
+    bundle's own runner unpacks and verifies, then benchmarks model by model at each model's own size."""
+    import subprocess
+    import sys
+
+    from pipeline.config import BuildConfig
+    from pipeline.data import PreprocessSpec
+    from pipeline.search.board import write_payload
+    from pipeline.search.feasibility import Target, measure_model
+    from pipeline.search.space import Candidate
+
+    spec = PreprocessSpec(28, 28, 1, tuple("0123456789")).to_dict()
+    models = []
+    for side in (28, 20):
+        cand = Candidate("cnn", 0.25, 1, side)
+        measure_model(cand.build(1, 10), BuildConfig(dataset="digits"), ("int8",), Target("board", "x"), spec,
+                      keep=tmp_path / cand.id)
+        models.append((cand.id, "int8", tmp_path / cand.id / "model_int8.tflite", {**spec, "height": side,
+                                                                                      "width": side}))
+    payload = tmp_path / "payload.tar.gz"
+    where = write_payload(payload, models)
+    again = write_payload(tmp_path / "again.tar.gz", models)
+    assert again == where and payload.read_bytes() == (tmp_path / "again.tar.gz").read_bytes()  # reproducible
+    assert where[("cnn-w0.25-d1-r28", "int8")] == "cnn-w0.25-d1-r28_int8.tflite"
+    assert where[("cnn-w0.25-d1-r20", "int8")] == "r20x20/cnn-w0.25-d1-r20_int8.tflite"
+
+    folder = tmp_path / "unpacked"
+    unpack = subprocess.run([sys.executable, "device/runner.py", "unpack", str(payload), str(folder), "--json"],
+                            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert json.loads(unpack.stdout)["ok"], unpack.stdout + unpack.stderr
+    for name in where.values():
+        proc = subprocess.run([sys.executable, "device/runner.py", "bench", "--json", "--model", name, "--runs", "5",
+                               "--warmup", "1", "--loads", "1"], cwd=folder, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["latency"]["n"] == 5 and out["latency"]["p50_ms"] > 0
+        assert "warning" not in proc.stderr  # the metadata beside each model vouched for it
