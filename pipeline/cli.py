@@ -722,10 +722,11 @@ def entry():
 
 @main.command()
 @data_options
-@click.option("--target", default="host", show_default=True, metavar="host|tflm:BOARD",
-              help="Where candidates are measured: this host, or TFLite Micro's arena for a board "
-                   "(a named device or user@host is not supported yet).")
-@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True), help="Latency budget (host only).")
+@click.option("--target", default="host", show_default=True, metavar="host|DEVICE|tflm:BOARD",
+              help="Where candidates are measured: this host, a board over SSH (a name from `pipeline device "
+                   "list` or [user@]host[:port]), or TFLite Micro's arena for a microcontroller.")
+@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True),
+              help="Latency budget (host, or a board that is not emulated).")
 @click.option("--max-size-kb", type=click.FloatRange(min=0, min_open=True), help="Budget for the .tflite size.")
 @click.option("--max-ram-kb", type=click.FloatRange(min=0, min_open=True), help="Budget for the TFLM arena.")
 @click.option("--quantize", multiple=True, callback=_split_variants, metavar="VARIANT[,VARIANT]",
@@ -745,6 +746,7 @@ def entry():
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="The search folder to write.")
 @click.option("--name", help="Search name: writes artifacts/NAME (instead of --out).")
 @click.option("--resume", metavar="NAME|DIR", help="Continue an interrupted search (Ray Tune's restore).")
+@ssh_options
 @handle_errors
 def search(resume, out, name, image_size, quantize, **kwargs):
     """Find the most accurate model within latency, size and RAM budgets, measured on the target."""
@@ -764,6 +766,8 @@ def search(resume, out, name, image_size, quantize, **kwargs):
             folder = out or Path("artifacts") / (name or "search")
             if kwargs.get("data_dir") is not None:
                 kwargs["data_dir"] = str(kwargs["data_dir"])
+            if kwargs.get("ssh_config") is not None:  # --resume may run from another folder
+                kwargs["ssh_config"] = str(Path(kwargs["ssh_config"]).resolve())
             kwargs["dataset"] = kwargs.get("dataset") or "mnist"
             cfg = SearchConfig(out=str(folder), quantize=quantize or ("int8",), **kwargs)
         captured(False, lambda log: run_search(cfg, resume=bool(resume), log=log))

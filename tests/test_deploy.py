@@ -13,7 +13,6 @@ helper run locally, extraction, the reproducible bundle and the runner's bench o
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -28,24 +27,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import real_digits
+from tests.conftest import Lab, base_env, cli, real_digits
+from tests.conftest import arm_emulate as _arm_emulate
 
 REPO = Path(__file__).resolve().parent.parent
 TFLITE_RUNTIME = "2.14.0"
 RUNNER_PATTERN = "edgepipe/venvs/.*device/runner.py"  # a runner started by deploy, as seen from the host
-
-
-def cli(*args: str, env=None, timeout: int = 1800, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, (f"pipeline {' '.join(args)}: exit {proc.returncode}\n"
-                                      f"{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def base_env(tmp: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "XDG_CONFIG_HOME": str(tmp / "config")}
 
 
 # ---------------------------------------------------------------- names, destinations, the device list
@@ -355,69 +342,6 @@ def test_runner_bench_profile_on_this_host(run, tmp_path):
 
 
 # ---------------------------------------------------------------- emulated boards over SSH
-
-
-def _arm_emulate():
-    spec = importlib.util.spec_from_file_location("arm_emulate", REPO / "scripts" / "arm_emulate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["arm_emulate"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-class Lab:
-    """The emulated boards (pi64: arm64 + ai-edge-litert, pi32: armhf + tflite-runtime, py39: a native
-    Debian bullseye with Python 3.9), each behind its own sshd, and an ssh_config naming them."""
-
-    def __init__(self, tmp: Path, roots: dict, boards: dict, env: dict, ssh_config: Path):
-        self.tmp, self.roots, self.boards, self.env, self.ssh_config = tmp, roots, boards, env, ssh_config
-
-    def deploy(self, run: Path, *args: str, check: bool = True, timeout: int = 2400):
-        return cli("deploy", str(run), "--ssh-config", str(self.ssh_config), *args, env=self.env, timeout=timeout,
-                   check=check)
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    if sys.platform != "linux" or os.geteuid() != 0:
-        pytest.skip("emulated boards need root on Linux: binfmt_misc, chroot and a second sshd")
-    arm = _arm_emulate()
-    tmp = tmp_path_factory.mktemp("lab")
-    names = {"pi64": "arm64", "pi32": "armhf", "py39": "amd64-bullseye"}
-    try:
-        # Each test session starts from boards no deploy has touched (pip's download cache stays).
-        started, config = arm.start_boards(names, tmp, fresh=True)
-    except arm.SetupError as e:
-        if "binfmt_misc" in str(e) or "ChrootDirectory" in str(e) or "not root" in str(e):
-            pytest.skip(f"cannot emulate a board here: {e}")
-        raise
-    boards = dict(zip(names, started))
-    try:
-        other = tmp / "other_key"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
-        other_pub = " ".join(other.with_suffix(".pub").read_text().split()[:2])
-        p64 = boards["pi64"].port
-        (tmp / "wrong_known_hosts").write_text(f"[127.0.0.1]:{p64} {other_pub}\n")
-        (tmp / "new_known_hosts").write_text("")
-        # pi64 again under two more names: once with a different key on record, once with none.
-        config.write_text(f"""Host pi64-wrongkey
-  HostName 127.0.0.1
-  Port {p64}
-  User root
-  UserKnownHostsFile {tmp / 'wrong_known_hosts'}
-Host pi64-newkey
-  HostName 127.0.0.1
-  Port {p64}
-  User root
-  UserKnownHostsFile {tmp / 'new_known_hosts'}
-""" + config.read_text())
-        env = base_env(tmp)
-        cli("device", "add", "pi64", "pi64", env=env)  # by ~/.ssh/config alias
-        cli("device", "add", "pi32", f"root@127.0.0.1:{boards['pi32'].port}", env=env)  # by address
-        yield Lab(tmp, {n: b.root for n, b in boards.items()}, boards, env, config)
-    finally:
-        for board in boards.values():
-            board.stop()
 
 
 @pytest.fixture(scope="module")

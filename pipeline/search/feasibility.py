@@ -2,10 +2,12 @@
 
 Latency, size and the TFLite Micro arena do not depend on the trained weights, so each candidate is
 built untrained, converted with random calibration images and measured where the search's target
-says: on this host through device/core.py (the benchmark's interleaved timing), or under TFLite
-Micro for a microcontroller (its arena; a host build of TFLM says nothing about a board's speed, so
-no latency is taken there). A candidate none of whose variants meets the budgets is dropped with
-the reason before any training.
+says: on this host through device/core.py (the benchmark's interleaved timing), on a board over SSH
+(all candidates in one payload, benchmarked by the board's runner in one session: search/board.py),
+or under TFLite Micro for a microcontroller (its arena; a host build of TFLM says nothing about a
+board's speed, so no latency is taken there). An emulated board's timings are qemu's, so none is
+used as a latency either. A candidate none of whose variants meets the budgets is dropped with the
+reason before any training.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class SearchError(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # "host" | "tflm"
+    kind: str  # "host" | "tflm" | "board" (a named device or [user@]host[:port], over SSH)
     board: str | None = None
 
     @classmethod
@@ -47,11 +49,16 @@ class Target:
                 raise SearchError(f"--target {text}: unknown board '{board}'; choose tflm:BOARD with BOARD one of "
                                   f"{', '.join(BOARDS)}")
             return cls("tflm", board)
-        raise SearchError(f"--target {text}: measuring on a board over SSH (a named device or user@host) is not "
-                          "supported by the search yet; use --target host or tflm:BOARD")
+        from pipeline.boards.devices import BoardNameError, resolve
+
+        try:
+            resolve(text)
+        except BoardNameError as e:
+            raise SearchError(f"--target {text}: {e}; or use --target host or tflm:BOARD")
+        return cls("board", text)
 
     def __str__(self) -> str:
-        return "host" if self.kind == "host" else f"tflm:{self.board}"
+        return {"host": "host", "tflm": f"tflm:{self.board}"}.get(self.kind, self.board)
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,13 @@ class Budgets:
             raise SearchError("--max-ram-kb: the arena is a TFLite Micro figure; use it with --target tflm:BOARD")
         return self
 
+    def check_board(self, board) -> None:
+        """Refuse a latency budget on an emulated board (search/board.py's BoardSession), before anything runs."""
+        if board.emulated and self.latency_ms is not None:
+            raise SearchError(f"--max-latency-ms: board {board.device.name} is emulated ({board.probe.get('model')}): "
+                              "qemu's timings say nothing about a board's speed; drop --max-latency-ms (sizes are "
+                              "measured exactly) or search on a real board")
+
     def problems(self, cost: dict) -> list[str]:
         out = []
         if self.latency_ms is not None and cost["latency_ms"] > self.latency_ms:
@@ -87,10 +101,16 @@ class Budgets:
         return out
 
 
-def where_measured(target: Target) -> str:
-    """The words every latency of the search carries: which machine and how."""
+def where_measured(target: Target, board=None) -> str:
+    """The words every latency of the search carries: which machine and how (`board`: the BoardSession)."""
     if target.kind == "tflm":
         return f"no latency: TFLite Micro's host build (arena and size only) for board {target.board}"
+    if target.kind == "board":
+        b = board.describe()
+        where = (f"board {b['board']} ({b['target']}): {b['cpu']}, {b['machine']}, {b['cores']} cores, {b['os']}, "
+                 "1 thread, XNNPACK, the board's runner.py bench over SSH")
+        return (f"no latency: {where}; EMULATED under qemu, whose timings say nothing about a board's speed (kept "
+                "as emulator_latency_ms, never used); sizes from the .tflite files") if b["emulated"] else where
     cpu = _cpu_model()
     return f"this host ({platform.node()}, {cpu}), 1 thread, XNNPACK, device/core.py"
 
@@ -106,48 +126,102 @@ def _cpu_model() -> str:
 
 
 def measure(candidates: list[Candidate], cfg: BuildConfig, variants: tuple[str, ...], target: Target,
-            budgets: Budgets, spec: dict, classes: int, log=print) -> list[dict]:
-    """One row per candidate: every variant's measured cost and, when none fits, why it was dropped."""
+            budgets: Budgets, spec: dict, classes: int, log=print, board=None) -> list[dict]:
+    """One row per candidate: every variant's measured cost and, when none fits, why it was dropped.
+    `board`: the BoardSession of a board target, where all candidates are benchmarked at once."""
     import keras
 
     rows = []
-    for i, cand in enumerate(candidates):
-        keras.backend.clear_session()
-        keras.utils.set_random_seed(cfg.seed)
-        row = {"candidate": cand.to_dict(), "variants": {}}
-        try:
-            model = cand.build(spec["channels"], classes)
-            row["variants"] = measure_model(model, cfg, variants, target, spec)
-        except Exception as e:  # a candidate the converter or TFLM cannot take is dropped, not the search
-            row.update(feasible=False, reason=f"not measurable: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            log(f"feasibility {i + 1}/{len(candidates)} {cand.id}: {row['reason']}")
+    with tempfile.TemporaryDirectory(prefix="edgepipe-candidates-") as kept:
+        for i, cand in enumerate(candidates):
+            keras.backend.clear_session()
+            keras.utils.set_random_seed(cfg.seed)
+            row = {"candidate": cand.to_dict(), "variants": {}}
+            keep = Path(kept) / cand.id if board is not None else None
+            try:
+                model = cand.build(spec["channels"], classes)
+                row["variants"] = measure_model(model, cfg, variants, target, spec, keep=keep)
+            except Exception as e:  # a candidate the converter or TFLM cannot take is dropped, not the search
+                row.update(feasible=False,
+                           reason=f"not measurable: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             rows.append(row)
-            continue
-        for cost in row["variants"].values():
-            cost["problems"] = budgets.problems(cost)
-        fitting = [v for v, c in row["variants"].items() if not c["problems"]]
-        row["feasible"], row["fitting_variants"] = bool(fitting), fitting
-        if not fitting:
-            row["reason"] = "over budget before training: " + "; ".join(
-                f"{v}: {', '.join(c['problems'])}" for v, c in row["variants"].items())
-        costs = ", ".join(f"{v} {_cost_words(c)}" for v, c in row["variants"].items())
-        log(f"feasibility {i + 1}/{len(candidates)} {cand.id}: {costs}"
-            + ("" if fitting else " -> dropped"))
-        rows.append(row)
+            if board is None or "reason" in row:
+                _judge(row, budgets, f"feasibility {i + 1}/{len(candidates)}", log)
+            else:
+                log(f"feasibility {i + 1}/{len(candidates)} {cand.id}: converted, "
+                    + ", ".join(f"{v} {c['size_kb']:.1f} KB" for v, c in row["variants"].items()))
+        if board is not None:
+            _measure_on_board(rows, Path(kept), spec, board, log)
+            for i, row in enumerate(rows):
+                if row["variants"]:  # the ones not converted were judged above
+                    _judge(row, budgets, f"feasibility {i + 1}/{len(rows)}", log)
     return rows
+
+
+def _judge(row: dict, budgets: Budgets, prefix: str, log) -> None:
+    """The row's verdict against the budgets, logged; a row already dropped (not measurable) keeps its reason."""
+    cand = row["candidate"]["id"]
+    if "reason" in row:
+        row["feasible"] = False
+        log(f"{prefix} {cand}: {row['reason']}")
+        return
+    for cost in row["variants"].values():
+        cost["problems"] = budgets.problems(cost)
+    fitting = [v for v, c in row["variants"].items() if not c["problems"]]
+    row["feasible"], row["fitting_variants"] = bool(fitting), fitting
+    if not fitting:
+        row["reason"] = "over budget before training: " + "; ".join(
+            f"{v}: {', '.join(c['problems'])}" for v, c in row["variants"].items())
+    costs = ", ".join(f"{v} {_cost_words(c)}" for v, c in row["variants"].items())
+    log(f"{prefix} {cand}: {costs}" + ("" if fitting else " -> dropped"))
+
+
+def _measure_on_board(rows: list[dict], kept: Path, spec: dict, board, log) -> None:
+    """Every converted candidate in one payload, benchmarked on the board in its one session; the latencies
+    (or, emulated, the emulator's timings kept apart) and where they were measured go into the rows."""
+    from pipeline.search.board import bench, write_payload
+
+    models = [(row["candidate"]["id"], v, kept / row["candidate"]["id"] / f"model_{v}.tflite",
+               {**spec, "height": row["candidate"]["resolution"], "width": row["candidate"]["resolution"]})
+              for row in rows if "reason" not in row for v in row["variants"]]
+    if not models:  # every candidate failed to convert: nothing to send
+        return
+    payload = kept / "payload.tar.gz"
+    where = write_payload(payload, models)
+    log(f"feasibility: {len(models)} model(s) in one payload ({payload.stat().st_size / 1e6:.1f} MB) for board "
+        f"{board.device.name}")
+    results = bench(board, payload, list(where.values()), log)
+    measured_on = board.describe()
+    for row in rows:
+        if "reason" in row:
+            continue
+        row["measured_on"] = measured_on
+        for v, cost in row["variants"].items():
+            result = results[where[(row["candidate"]["id"], v)]]
+            if "error" in result:
+                row["reason"] = f"not measurable on the board: {v}: {result['error']}"
+                continue
+            latency = {k: result["latency"][k] for k in ("p25_ms", "p50_ms", "p75_ms", "n")}
+            if board.emulated:
+                cost["emulator_latency_ms"] = latency["p50_ms"]
+            else:
+                cost["latency_ms"], cost["latency"] = latency["p50_ms"], latency
 
 
 def _cost_words(cost: dict) -> str:
     parts = [f"{cost['size_kb']:.1f} KB"]
     if cost.get("latency_ms") is not None:
         parts.append(f"{cost['latency_ms']:.3f} ms")
+    if cost.get("emulator_latency_ms") is not None:
+        parts.append(f"{cost['emulator_latency_ms']:.3f} ms under qemu (not a latency)")
     if cost.get("arena_kb") is not None:
         parts.append(f"arena {cost['arena_kb']:.1f} KB")
     return "/".join(parts)
 
 
-def measure_model(model, cfg: BuildConfig, variants, target: Target, spec: dict) -> dict:
-    """{variant: cost} of an untrained Keras model; `spec` is the data's preprocessing (its size is the model's)."""
+def measure_model(model, cfg: BuildConfig, variants, target: Target, spec: dict, keep: Path | None = None) -> dict:
+    """{variant: cost} of an untrained Keras model; `spec` is the data's preprocessing (its size is the model's).
+    `keep`: a folder to leave the converted model_<variant>.tflite files in (a board measures them later)."""
     import keras
 
     from pipeline.convert import convert
@@ -171,6 +245,9 @@ def measure_model(model, cfg: BuildConfig, variants, target: Target, spec: dict)
             out[v] = {"bytes": len(flatbuffer), "size_kb": len(flatbuffer) / KIB, "latency_ms": None}
             if target.kind == "tflm":
                 out[v]["arena_kb"] = _arena(Path(tmp) / f"model_{v}.tflite", flatbuffer, spec) / KIB
+            if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
+                (keep / f"model_{v}.tflite").write_bytes(flatbuffer)
         if target.kind == "host":
             from pipeline.measure.benchmark import measure_latency
 

@@ -120,13 +120,14 @@ def plot(path: Path, pts: list[dict], front: list[dict], pick: dict | None, targ
     x_label = "latency p50 (ms, measured untrained)" if x_name == "latency_ms" else "TFLite Micro arena (KB)"
     for ax, key, label in ((fig.add_subplot(1, 2, 1), x_name, x_label), (fig.add_subplot(1, 2, 2), "size_kb",
                                                                           ".tflite size (KB)")):
-        for p in pts:
+        for p in (p for p in pts if p[key] is not None):  # an emulated board's latencies are not taken
             front_point = (p["trial_id"], p["variant"]) in on_front
             ax.errorbar(p[key], 100 * p["accuracy"], yerr=[[100 * (p["accuracy"] - p["low"])],
                                                            [100 * (p["high"] - p["accuracy"])]],
                         fmt="o" if front_point else ".", color="C1" if front_point else "C0", alpha=0.9)
         if pick:
-            chosen = [p for p in pts if p["trial_id"] == pick["trial_id"] and p["variant"] == pick["variant"]]
+            chosen = [p for p in pts if p["trial_id"] == pick["trial_id"] and p["variant"] == pick["variant"]
+                      and p[key] is not None]
             for p in chosen:
                 ax.plot(p[key], 100 * p["accuracy"], "*", color="C3", markersize=14, label="pick")
         limit = budgets.get({"latency_ms": "latency_ms", "arena_kb": "ram_kb", "size_kb": "size_kb"}[key])

@@ -7,6 +7,7 @@ front.png (the report), models/ (the pick's trained model) and pick/ (the pick, 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -46,6 +47,10 @@ class SearchConfig:
     epochs: int = 10
     batch_size: int = 64
     cpus_per_trial: int = 1
+    # A board target is reached with the user's OpenSSH, as `pipeline deploy` reaches it.
+    ssh_config: str | None = None
+    accept_new_host_key: bool = False
+    connect_timeout: int = 10
 
     def __post_init__(self):
         from pipeline.config import VARIANTS
@@ -94,9 +99,10 @@ def search(cfg: SearchConfig, *, resume: bool = False, log=print) -> Path:
         if not resume and out.exists() and any(out.iterdir()):
             raise SearchError(f"--out {out}: exists and is not empty; pick another --name/--out, or continue an "
                               f"interrupted search with --resume {out}")
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / CONFIG, cfg.to_dict())
-        feasibility = phase_a(cfg, log)
+        with _board(cfg, out, log) as board:  # a board refuses (unreachable, emulated) before anything is written
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / CONFIG, cfg.to_dict())
+            feasibility = phase_a(cfg, log, board)
         write_json(out / FEASIBILITY, feasibility)
         resume = False  # no trials were started: Tune starts the experiment
     feasible = [r["candidate"]["id"] for r in feasibility["rows"] if r["feasible"]]
@@ -119,7 +125,22 @@ def search(cfg: SearchConfig, *, resume: bool = False, log=print) -> Path:
     return out
 
 
-def phase_a(cfg: SearchConfig, log) -> dict:
+@contextlib.contextmanager
+def _board(cfg: SearchConfig, out: Path, log):
+    """The board of a board target, held (connected, locked, probed) while phase (a) runs; None otherwise."""
+    if Target.parse(cfg.target).kind != "board":
+        yield None
+        return
+    from pipeline.boards.ssh import SshOptions
+    from pipeline.search.board import board_session
+
+    options = SshOptions(cfg.ssh_config, cfg.accept_new_host_key, cfg.connect_timeout)
+    with board_session(cfg.target, options, out.name, log) as board:
+        cfg.budgets.check_board(board)
+        yield board
+
+
+def phase_a(cfg: SearchConfig, log, board=None) -> dict:
     from pipeline import build as stages
     from pipeline.data import DATASETS
 
@@ -130,13 +151,15 @@ def phase_a(cfg: SearchConfig, log) -> dict:
     candidates = SPACES[cfg.space].candidates(cfg.dataset, side)
     target = Target.parse(cfg.target)
     log(f"search: {len(candidates)} candidates in space '{cfg.space}'; measuring each untrained on {target} "
-        f"({where_measured(target)})")
+        f"({where_measured(target, board)})")
     t0 = time.perf_counter()
     spec = data.spec.to_dict()
-    rows = measure(candidates, base, cfg.quantize, target, cfg.budgets, spec, len(data.spec.labels), log=log)
+    rows = measure(candidates, base, cfg.quantize, target, cfg.budgets, spec, len(data.spec.labels), log=log,
+                   board=board)
     dropped = sum(not r["feasible"] for r in rows)
     log(f"search: {dropped} of {len(rows)} candidates dropped before training, {len(rows) - dropped} to train")
-    return {"target": str(target), "latency_measured_on": where_measured(target), "budgets": asdict(cfg.budgets),
+    return {"target": str(target), "latency_measured_on": where_measured(target, board),
+            **({"board": board.describe()} if board is not None else {}), "budgets": asdict(cfg.budgets),
             "space": SPACES[cfg.space].to_dict(cfg.dataset, side), "data": data.source, "environment": environment(),
             "seconds": time.perf_counter() - t0, "rows": rows}
 
