@@ -1,0 +1,66 @@
+"""One role per room (issue 21): the CLI parses and calls; run-layout knowledge lives in pipeline/rundir.py."""
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from pipeline import rundir
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _strings(path: Path) -> set[str]:
+    return {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)
+            and isinstance(n.value, str)}
+
+
+def test_the_cli_names_no_file_of_a_run():
+    """Which files make a run, and where a name lives, are said once, in rundir/artifacts, not in the CLI."""
+    strings = _strings(REPO / "pipeline" / "cli.py")
+    assert not {"manifest.json", "config.json", "model_fp32.tflite"} & strings
+    defined = {n.name for n in ast.walk(ast.parse((REPO / "pipeline" / "cli.py").read_text()))
+               if isinstance(n, ast.FunctionDef)}
+    assert not {"_resume_config", "_converted_run", "_run_config", "_next_free"} & defined
+
+
+def test_next_free_skips_every_taken_number(tmp_path):
+    for taken in ("run", "run-2", "run-3"):
+        (tmp_path / taken).mkdir()
+    assert rundir.next_free(tmp_path / "run") == tmp_path / "run-4"
+
+
+def test_a_name_is_under_artifacts_and_a_path_is_itself(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert rundir.locate("mine") == Path("artifacts/mine")
+    assert rundir.locate("runs/mine") == Path("runs/mine")
+    (tmp_path / "here").mkdir()
+    assert rundir.locate("here") == Path("here")
+    assert rundir.resume_target(Path("artifacts/mine")) == "mine"
+    assert rundir.resume_target(Path("here")) == "./here"
+
+
+def test_commands_refuse_a_folder_that_is_not_a_converted_run(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": {}, "files": {"model.keras": {}}}))
+    for command in ("benchmark", "analyze", "report"):
+        result = invoke(command, tmp_path)
+        assert result.exit_code == 1, result.output
+        assert f"a `pipeline train` run (model.keras, no .tflite models); `pipeline {command}`" in result.output
+    result = invoke("report", tmp_path / "nowhere")
+    assert result.exit_code == 2
+
+
+def test_resume_of_nothing_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("build", "--resume", "gone")
+    assert result.exit_code == 1, result.output
+    assert "--resume gone: no interrupted build found at artifacts/.gone.partial" in result.output
+    assert "Traceback" not in result.output
+
