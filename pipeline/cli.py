@@ -367,12 +367,10 @@ def _refuse_options_with_resume(ctx) -> None:
 
 def _warn_learning(run_dir: Path) -> None:
     """The report's notes that say the model did not learn, on the console too (they are in the report)."""
-    from pipeline.report.notes import LEARNING_KINDS
+    from pipeline.report.render import learning_warnings
 
-    path = Path(run_dir) / "report.json"
-    for note in json.loads(path.read_text())["notes"] if path.exists() else []:
-        if note["kind"] in LEARNING_KINDS:
-            click.echo(f"warning: {note['text']}", err=True)
+    for text in learning_warnings(run_dir):
+        click.echo(f"warning: {text}", err=True)
 
 
 def _print_table(run_dir: Path) -> None:

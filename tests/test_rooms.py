@@ -64,3 +64,31 @@ def test_resume_of_nothing_says_where_it_looked(tmp_path, monkeypatch):
     assert "--resume gone: no interrupted build found at artifacts/.gone.partial" in result.output
     assert "Traceback" not in result.output
 
+
+def test_render_only_renders():
+    """Device-result checks, back-filled statistics and file copying live where they belong, not in render."""
+    source = (REPO / "pipeline" / "report" / "render.py").read_text()
+    defined = {n.name for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)}
+    assert not {"_merge_devices", "_device_figures", "_device_files", "_fill_statistics"} & defined
+    for act in (".unlink(", "hashlib", ".mkdir(", "DEVICE_DIR"):
+        assert act not in source, act
+    assert "_tflm_md(report" not in source.split("def _html")[1]  # the page is not cut from the Markdown
+
+
+def test_statistics_of_an_old_run_are_filled_from_its_predictions(tmp_path):
+    """A run evaluated before intervals were recorded gets the ones its predictions give."""
+    import numpy as np
+
+    from pipeline.measure import stats
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200)
+    probs = {v: np.eye(3)[np.where(rng.random(200) < p, y, (y + 1) % 3)] for v, p in (("fp32", 0.9), ("int8", 0.8))}
+    np.savez(tmp_path / "predictions.npz", y=y, **{f"probs_{v}": p for v, p in probs.items()})
+    variants = {"fp32": {"accuracy": 0.9}, "int8": {"accuracy": 0.8}}
+    stats.fill_missing(variants, tmp_path / "predictions.npz")
+    for v, p in probs.items():
+        assert variants[v]["interval_95"] == stats.accuracy_with_interval(y, p.argmax(1))
+    base, int8 = probs["fp32"].argmax(1), probs["int8"].argmax(1)
+    assert variants["int8"]["mcnemar_vs_fp32"] == stats.paired_change(y, base, int8)
+    assert "mcnemar_vs_fp32" not in variants["fp32"]
