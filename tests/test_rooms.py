@@ -92,3 +92,22 @@ def test_statistics_of_an_old_run_are_filled_from_its_predictions(tmp_path):
     base, int8 = probs["fp32"].argmax(1), probs["int8"].argmax(1)
     assert variants["int8"]["mcnemar_vs_fp32"] == stats.paired_change(y, base, int8)
     assert "mcnemar_vs_fp32" not in variants["fp32"]
+
+
+def test_the_config_is_frozen_from_birth():
+    """Defaults are derived before the instance exists; nothing writes to a BuildConfig after __init__."""
+    import dataclasses
+
+    import pytest
+
+    from pipeline.config import BuildConfig
+
+    assert "object.__setattr__" not in (REPO / "pipeline" / "config.py").read_text()
+    cfg = BuildConfig(dataset="digits")
+    assert (cfg.model, cfg.quantize, cfg.out) == ("mnist-cnn", ("fp32", "int8"), "artifacts/mnist-cnn-digits")
+    assert cfg.epochs is not None and cfg.augment is False and cfg.threads
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 3
+    saved = json.loads(json.dumps(cfg.to_dict()))  # as config.json and the manifest keep it
+    assert BuildConfig.from_dict(saved) == cfg
+    assert dataclasses.replace(cfg, out="elsewhere") == BuildConfig.from_dict({**saved, "out": "elsewhere"})
