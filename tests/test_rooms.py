@@ -65,6 +65,22 @@ def test_resume_of_nothing_says_where_it_looked(tmp_path, monkeypatch):
     assert "Traceback" not in result.output
 
 
+def test_a_class_folder_is_read_with_the_runners_list_of_image_files(tmp_path):
+    """.jpe and .dib images (the runner reads them) count as training images too: one list of extensions."""
+    from PIL import Image
+
+    from device.images import IMAGE_EXTENSIONS
+    from pipeline.data.folders import discover
+
+    for label, suffix, fmt in (("cat", ".jpe", "JPEG"), ("dog", ".dib", "BMP")):
+        (tmp_path / label).mkdir()
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / label / f"a{suffix}", format=fmt)
+    classes, files = discover(tmp_path)
+    assert classes == ("cat", "dog")
+    assert [(rel, label) for rel, label, _ in files["train"]] == [("cat/a.jpe", 0), ("dog/a.dib", 1)]
+    assert {".jpe", ".dib"} <= IMAGE_EXTENSIONS
+
+
 def test_render_only_renders():
     """Device-result checks, back-filled statistics and file copying live where they belong, not in render."""
     source = (REPO / "pipeline" / "report" / "render.py").read_text()

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from device.images import IMAGE_EXTENSIONS
 from pipeline import console
 from pipeline.data import DataError
 
-SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-_SUFFIX_TUPLE = tuple(SUFFIXES)
+# The runner's list: a folder trains on exactly the files `runner.py eval` would read from it.
+_SUFFIX_TUPLE = tuple(IMAGE_EXTENSIONS)
 SPLITS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
 RESIZE = "bilinear"  # Pillow's, antialiased when shrinking; recorded in the preprocessing the runner reads
 MAX_UNREADABLE = 0.25  # above this share of unreadable files the folder is wrong, not a few files
@@ -73,7 +74,7 @@ def discover(root: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[str, int
             images = _images(root, f"{sub}/{c}" if sub else c)
             if not images:
                 raise DataError(f"{root / sub / c}: class folder holds no image files; add images "
-                                f"({', '.join(sorted(SUFFIXES))}) or remove the folder")
+                                f"({', '.join(sorted(IMAGE_EXTENSIONS))}) or remove the folder")
             files[split] += [(rel, label, stamp) for rel, stamp in images]
     return classes, files
 
