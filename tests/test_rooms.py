@@ -127,3 +127,12 @@ def test_the_config_is_frozen_from_birth():
     saved = json.loads(json.dumps(cfg.to_dict()))  # as config.json and the manifest keep it
     assert BuildConfig.from_dict(saved) == cfg
     assert dataclasses.replace(cfg, out="elsewhere") == BuildConfig.from_dict({**saved, "out": "elsewhere"})
+
+
+def test_the_long_functions_read_as_named_steps():
+    """make_bundle, load_folder_dataset and export_tflm hand their steps to named functions."""
+    for module, name in (("ship/bundle.py", "make_bundle"), ("data/folders.py", "load_folder_dataset"),
+                         ("micro/export.py", "export_tflm")):
+        tree = ast.parse((REPO / "pipeline" / module).read_text())
+        fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
+        assert fn.end_lineno - fn.lineno < 50, (name, fn.end_lineno - fn.lineno)
