@@ -36,6 +36,7 @@ from pipeline.artifacts import (
 from pipeline.config import INPUT_RANGES, BuildConfig
 from pipeline.data import Dataset, load_dataset
 from pipeline.metadata import status as tflite_metadata_status
+from pipeline.rundir import resume_target
 
 STAGES = ("train", "convert", "guard", "metadata", "evaluate", "benchmark", "report")
 SAMPLES = "samples"
@@ -100,13 +101,6 @@ def _stop(run: RunDir, error: BaseException) -> None:
         return
     run.abandon()
     error.add_note(f"`pipeline build --resume {resume_target(run.final)}` continues from the last finished stage")
-
-
-def resume_target(final: Path) -> str:
-    """What `--resume` takes for this run: its name when it lives in artifacts/, else its path."""
-    if final.parent == Path("artifacts"):
-        return final.name
-    return str(final) if "/" in str(final) else f"./{final}"
 
 
 def _stages(run: RunDir, cfg: BuildConfig, until: str, log) -> Path:
@@ -419,6 +413,19 @@ def check_accuracy_drop(run_dir: Path, max_drop_pp: float) -> None:
     if over:
         raise AccuracyDropError(f"accuracy drop above --max-accuracy-drop {max_drop_pp} pp: {', '.join(over)}; "
                                 f"the full report is in {run_dir}")
+
+
+def check_min_accuracy(run_dir: Path, floor_pct: float) -> None:
+    path = Path(run_dir) / "report.json"
+    if not path.exists():
+        raise AccuracyDropError(f"--min-accuracy {floor_pct:g}: {run_dir} has no report (built with evaluation off?), "
+                                "so there is no test accuracy to check; drop --min-accuracy or evaluate")
+    report = json.loads(path.read_text())
+    delivered = report["delivered"]["variant"]
+    accuracy = next(v["accuracy"] for v in report["variants"] if v["variant"] == delivered)
+    if 100 * accuracy < floor_pct:
+        raise AccuracyDropError(f"{delivered} test accuracy {100 * accuracy:.2f}% is below --min-accuracy "
+                                f"{floor_pct:g}%; the full report is in {run_dir}")
 
 
 def rebenchmark(run_dir: Path, cfg: BuildConfig, log=print) -> dict:

@@ -17,6 +17,7 @@ import click
 from click.core import ParameterSource
 
 import pipeline
+from pipeline import rundir
 from pipeline.config import FALLBACKS, INPUT_RANGES, INT8_IO, VARIANTS, BuildConfig, ConfigError
 from pipeline.data import DATASETS
 from pipeline.micro.export import BOARDS, TARGETS
@@ -214,24 +215,17 @@ def _config(out, name, overwrite=False, **kwargs) -> BuildConfig:
     if name is not None:
         if not name.strip() or "/" in name or name in (".", ".."):
             raise click.BadParameter(f"'{name}' is not a plain name; use --out for a path", param_hint="--name")
-        out = Path("artifacts") / name
+        out = rundir.RUNS / name
     if out is not None and str(out).strip() in ("", "."):  # click turns an empty --out into "."
         raise click.BadParameter("empty or the current folder; pass the name of a new run directory",
                                  param_hint="--out")
     cfg = _make_config(out, **kwargs)
     if out is None and not overwrite and cfg.run_dir.exists():
-        final = _next_free(cfg.run_dir)
+        final = rundir.next_free(cfg.run_dir)
         click.echo(f"{cfg.run_dir} exists; writing {final} (--name or --out choose the folder, "
                    "--overwrite replaces it)")
         cfg = dataclasses.replace(cfg, out=str(final))
     return cfg
-
-
-def _next_free(path: Path) -> Path:
-    n = 2
-    while path.with_name(f"{path.name}-{n}").exists():
-        n += 1
-    return path.with_name(f"{path.name}-{n}")
 
 
 def _make_config(out, **kwargs) -> BuildConfig:
@@ -301,16 +295,16 @@ def main():
 def build(overwrite, resume, no_benchmark, verbose, min_accuracy, **kwargs):
     """Train, quantize, convert, evaluate, benchmark and report, into one run directory."""
     from pipeline.build import build as run_build
-    from pipeline.build import check_accuracy_drop
+    from pipeline.build import check_accuracy_drop, check_min_accuracy
 
     if resume:
         _refuse_options_with_resume(click.get_current_context())
-    cfg = _resume_config(resume) if resume else _config(benchmark=not no_benchmark, overwrite=overwrite, **kwargs)
+    cfg = rundir.resume_config(resume) if resume else _config(benchmark=not no_benchmark, overwrite=overwrite, **kwargs)
     run_dir = captured(verbose, lambda log: run_build(cfg, overwrite=overwrite, resume=bool(resume), log=log))
     _print_table(run_dir)
     _warn_learning(run_dir)
     if min_accuracy is not None:
-        _check_min_accuracy(run_dir, min_accuracy)
+        check_min_accuracy(run_dir, min_accuracy)
     if cfg.max_accuracy_drop is not None:
         check_accuracy_drop(run_dir, cfg.max_accuracy_drop)
 
@@ -349,12 +343,12 @@ def convert(keras_model, overwrite, verbose, **kwargs):
 @measure_options
 @verbose_option
 @handle_errors
-def benchmark(run_dir, verbose, **kwargs):
+def benchmark(run_dir, verbose, no_xnnpack, **kwargs):
     """Measure latency, memory and size of every variant of a finished run again."""
     from pipeline.build import rebenchmark
 
-    _converted_run(run_dir, "benchmark")
-    cfg = _run_config(run_dir, **kwargs)
+    rundir.require_converted(run_dir, "benchmark")
+    cfg = rundir.saved_config(run_dir, xnnpack=not no_xnnpack, **kwargs)
     captured(verbose, lambda log: rebenchmark(run_dir, cfg, log=log))
     _print_table(run_dir)
 
@@ -372,71 +366,12 @@ def _refuse_options_with_resume(ctx) -> None:
                                f"{', '.join(given)} (or start a new build with them and --overwrite)")
 
 
-def _resume_config(target: str) -> BuildConfig:
-    """The configuration an interrupted build saved in its staging folder."""
-    from pipeline.artifacts import is_run, staging_dir
-
-    final = Path(target) if ("/" in target or Path(target).is_dir()) else Path("artifacts") / target
-    staging = staging_dir(final)
-    try:
-        saved = json.loads((staging / "config.json").read_text())
-    except (OSError, ValueError):
-        if is_run(final):
-            raise UserError(f"--resume {target}: the run {final} is already complete; nothing to resume")
-        if final.exists():
-            raise UserError(f"--resume {target}: {final} is not a run (no manifest.json) and no interrupted build "
-                            f"of it was found at {staging}; start one with `pipeline build --out {final}`")
-        raise UserError(f"--resume {target}: no interrupted build found at {staging}; start it with "
-                        "`pipeline build --name NAME` first")
-    saved["out"] = str(final)
-    return BuildConfig.from_dict(saved)
-
-
-def _converted_run(run_dir: Path, command: str) -> None:
-    """A finished run with .tflite models, or one line saying what RUN_DIR is and what makes one."""
-    from device.core import METADATA_NAME
-
-    if not (run_dir / "manifest.json").is_file():
-        raise UserError(f"{run_dir}: not a run directory (no manifest.json); `pipeline {command}` needs a run "
-                        "written by `pipeline build`")
-    if not (run_dir / METADATA_NAME).is_file() or not (run_dir / "model_fp32.tflite").is_file():
-        raise UserError(f"{run_dir}: a `pipeline train` run (model.keras, no .tflite models); `pipeline {command}` "
-                        f"needs converted models: make them with `pipeline build --keras-model {run_dir}/model.keras "
-                        "--name NAME` (with the run's --dataset)")
-
-
-def _run_config(run_dir: Path, **overrides) -> BuildConfig:
-    try:
-        saved = json.loads((run_dir / "manifest.json").read_text())["config"]
-    except (OSError, ValueError, KeyError):
-        raise UserError(f"{run_dir}: no readable manifest.json; pass a run directory written by `pipeline build`")
-    saved.update({k: v for k, v in overrides.items() if k != "no_xnnpack"})
-    saved["xnnpack"] = not overrides.get("no_xnnpack", False)
-    saved["threads"] = tuple(overrides.get("threads") or ())
-    return BuildConfig.from_dict(saved)
-
-
 def _warn_learning(run_dir: Path) -> None:
     """The report's notes that say the model did not learn, on the console too (they are in the report)."""
-    from pipeline.report.notes import LEARNING_KINDS
+    from pipeline.report.render import learning_warnings
 
-    path = Path(run_dir) / "report.json"
-    for note in json.loads(path.read_text())["notes"] if path.exists() else []:
-        if note["kind"] in LEARNING_KINDS:
-            click.echo(f"warning: {note['text']}", err=True)
-
-
-def _check_min_accuracy(run_dir: Path, floor_pct: float) -> None:
-    path = Path(run_dir) / "report.json"
-    if not path.exists():
-        raise UserError(f"--min-accuracy {floor_pct:g}: {run_dir} has no report (built with evaluation off?), so "
-                        "there is no test accuracy to check; drop --min-accuracy or evaluate")
-    report = json.loads(path.read_text())
-    delivered = report["delivered"]["variant"]
-    accuracy = next(v["accuracy"] for v in report["variants"] if v["variant"] == delivered)
-    if 100 * accuracy < floor_pct:
-        raise UserError(f"{delivered} test accuracy {100 * accuracy:.2f}% is below --min-accuracy {floor_pct:g}%; "
-                        f"the full report is in {run_dir}")
+    for text in learning_warnings(run_dir):
+        click.echo(f"warning: {text}", err=True)
 
 
 def _print_table(run_dir: Path) -> None:
@@ -456,7 +391,7 @@ def analyze(run_dir, verbose):
     """Per-layer quantization error of a finished run's int8 model, added to its report."""
     from pipeline.guard import analyze_run
 
-    _converted_run(run_dir, "analyze")
+    rundir.require_converted(run_dir, "analyze")
     captured(verbose, lambda log: analyze_run(run_dir, log=log))
 
 
@@ -498,7 +433,7 @@ def report(run_dir, more_results, device_results):
     if more_results and not device_results:
         raise click.UsageError(f"unexpected argument(s) {' '.join(map(str, more_results))}; device results go "
                                "after --device-results: pipeline report RUN_DIR --device-results FILE...")
-    _converted_run(run_dir, "report")
+    rundir.require_converted(run_dir, "report")
     def rerender(log):
         with updating(run_dir, "report", log=log) as (work, _):
             report_stage.render(work, device_results=[*device_results, *more_results], log=log)

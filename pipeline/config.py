@@ -39,8 +39,17 @@ def resolve_variants(requested) -> tuple[str, ...]:
     return tuple(v for v in VARIANTS if v in wanted)
 
 
+class _Derived(type):
+    """`BuildConfig(...)` works out what was left to the defaults (the dataset's model, the model's recipe,
+    the folder's fit, the run directory) before the frozen instance exists, so no field is ever changed
+    after it: construction takes what it is given, derives the rest, then validates the whole."""
+
+    def __call__(cls, **given):
+        return super().__call__(**derive(given))
+
+
 @dataclass(frozen=True)
-class BuildConfig:
+class BuildConfig(metaclass=_Derived):
     dataset: str = "mnist"
     model: str | None = None  # None: the dataset's default model
     data_dir: str | None = None
@@ -81,29 +90,12 @@ class BuildConfig:
     qat: bool = False
 
     def __post_init__(self):
+        """Checks only: every default was derived before the instance was made (see derive)."""
         from pipeline.data import DATASETS
-        from pipeline.models import MODELS
+        from pipeline.models import MODELS, OPTIMIZERS, SCHEDULES
 
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"--dataset: unknown '{self.dataset}'; choose from {', '.join(DATASETS)}")
-        self._fit_folder()
-        model = self.model or DATASETS[self.dataset].default_model
-        if model not in MODELS:
-            raise ConfigError(f"--model: unknown '{model}'; choose from {', '.join(MODELS)}")
-        _set(self, "model", model)
-        height, width = self._image_size(DATASETS[self.dataset].input_shape)
+        height, width = self.input_shape[:2]
         self._check_model_fits(MODELS, DATASETS[self.dataset].input_shape[-1], height, width)
-        recipe = MODELS[model].recipe
-        for name in ("epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule", "warmup_epochs",
-                     "weight_decay", "label_smoothing"):
-            if getattr(self, name) is None:
-                _set(self, name, getattr(recipe, name if name != "lr_schedule" else "schedule"))
-        if self.augment is None:
-            from pipeline.data.augment import default_augment
-
-            _set(self, "augment", default_augment(self.dataset))
-        _set(self, "quantize", resolve_variants(self.quantize))
-        _set(self, "threads", tuple(self.threads) or default_threads())
         for name, low in (("epochs", 1), ("batch_size", 1), ("calibration_samples", 1), ("bench_runs", 1),
                           ("bench_warmup", 0), ("warmup_epochs", 0)):
             value = getattr(self, name)
@@ -113,8 +105,6 @@ class BuildConfig:
             raise ConfigError(f"--threads: got {list(self.threads)}, expected integers >= 1")
         if not 0.0 < self.validation_fraction < 0.5:
             raise ConfigError(f"validation_fraction: got {self.validation_fraction}, expected between 0 and 0.5")
-        from pipeline.models import OPTIMIZERS, SCHEDULES
-
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer: got '{self.optimizer}', expected one of {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in SCHEDULES:
@@ -134,38 +124,6 @@ class BuildConfig:
             raise ConfigError(f"--max-accuracy-drop: got {self.max_accuracy_drop}, expected percentage points >= 0")
         if self.fallback == "auto" and self.max_accuracy_drop is None:
             raise ConfigError("--fallback auto needs --max-accuracy-drop PP: the accuracy the guard may lose")
-        if not self.out:  # a user's own model is named after its file, not after a zoo model it may not be
-            base = Path(self.keras_model).stem if self.keras_model else model
-            _set(self, "out", str(Path("artifacts") / f"{base}-{self.dataset}"))
-
-    def _fit_folder(self) -> None:
-        """An own-image folder's model, image size, batch size and augmentation, where not given, chosen to fit it."""
-        if self.dataset != "folder" or not self.data_dir or self.keras_model or self.folder_defaults or \
-                (self.model and self.image_size and self.batch_size and self.augment is not None):
-            return
-        from pipeline.data.folders import survey
-        from pipeline.models import folder_defaults
-
-        found = survey(Path(self.data_dir).expanduser())
-        if found is None:
-            return
-        chosen = folder_defaults(found, self.model)
-        applied = [name for name in chosen if getattr(self, name) is None]
-        for name in applied:
-            _set(self, name, chosen[name][0])
-        if applied:
-            _set(self, "folder_defaults", ", ".join(chosen[name][1] for name in applied))
-
-    def _image_size(self, standard: tuple[int, int, int]) -> tuple[int, int]:
-        if self.image_size is None:
-            return standard[:2]
-        height, width = parse_image_size(self.image_size)
-        if self.dataset in FIXED_SIZE and (height, width) != standard[:2]:
-            raise ConfigError(f"--image-size: {self.dataset} images are {standard[0]}x{standard[1]} and are not "
-                              f"resized; --image-size applies to image folders (--dataset folder or cifar10 "
-                              f"JPEGs), drop it")
-        _set(self, "image_size", f"{height}x{width}")
-        return height, width
 
     def _check_model_fits(self, models, channels: int, height: int, width: int) -> None:
         """Said before any data is read or training starts: which zoo models take these images."""
@@ -220,6 +178,68 @@ class BuildConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+def derive(given: dict) -> dict:
+    """The constructor's arguments with every default worked out: the dataset's model, the image size as
+    HxW, the folder's fit, the model's recipe, augmentation, the variants with fp32, threads, the run
+    directory. Deriving an already derived configuration (a saved one) changes nothing."""
+    from pipeline.data import DATASETS
+    from pipeline.models import MODELS
+
+    cfg = {f.name: f.default for f in fields(BuildConfig)} | given
+    if cfg["dataset"] not in DATASETS:
+        raise ConfigError(f"--dataset: unknown '{cfg['dataset']}'; choose from {', '.join(DATASETS)}")
+    cfg |= _fit_folder(cfg)
+    model = cfg["model"] or DATASETS[cfg["dataset"]].default_model
+    if model not in MODELS:
+        raise ConfigError(f"--model: unknown '{model}'; choose from {', '.join(MODELS)}")
+    cfg["model"] = model
+    cfg["image_size"] = _image_size(cfg["image_size"], cfg["dataset"], DATASETS[cfg["dataset"]].input_shape)
+    recipe = MODELS[model].recipe
+    for name in ("epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule", "warmup_epochs",
+                 "weight_decay", "label_smoothing"):
+        if cfg[name] is None:
+            cfg[name] = getattr(recipe, name if name != "lr_schedule" else "schedule")
+    if cfg["augment"] is None:
+        from pipeline.data.augment import default_augment
+
+        cfg["augment"] = default_augment(cfg["dataset"])
+    cfg["quantize"] = resolve_variants(cfg["quantize"])
+    cfg["threads"] = tuple(cfg["threads"]) or default_threads()
+    if not cfg["out"]:  # a user's own model is named after its file, not after a zoo model it may not be
+        base = Path(cfg["keras_model"]).stem if cfg["keras_model"] else model
+        cfg["out"] = str(Path("artifacts") / f"{base}-{cfg['dataset']}")
+    return cfg
+
+
+def _fit_folder(cfg: dict) -> dict:
+    """An own-image folder's model, image size, batch size and augmentation, where not given, chosen to fit it."""
+    if cfg["dataset"] != "folder" or not cfg["data_dir"] or cfg["keras_model"] or cfg["folder_defaults"] or \
+            (cfg["model"] and cfg["image_size"] and cfg["batch_size"] and cfg["augment"] is not None):
+        return {}
+    from pipeline.data.folders import survey
+    from pipeline.models import folder_defaults
+
+    found = survey(Path(cfg["data_dir"]).expanduser())
+    if found is None:
+        return {}
+    chosen = folder_defaults(found, cfg["model"])
+    applied = {name: chosen[name][0] for name in chosen if cfg[name] is None}
+    if applied:
+        applied["folder_defaults"] = ", ".join(chosen[name][1] for name in applied)
+    return applied
+
+
+def _image_size(text: str | None, dataset: str, standard: tuple[int, int, int]) -> str | None:
+    if text is None:
+        return None
+    height, width = parse_image_size(text)
+    if dataset in FIXED_SIZE and (height, width) != standard[:2]:
+        raise ConfigError(f"--image-size: {dataset} images are {standard[0]}x{standard[1]} and are not "
+                          f"resized; --image-size applies to image folders (--dataset folder or cifar10 "
+                          f"JPEGs), drop it")
+    return f"{height}x{width}"
+
+
 FIXED_SIZE = ("mnist", "digits")  # array formats with one image size; only image files are resized
 IMAGE_SIZE_RANGE = (8, 512)
 
@@ -237,9 +257,4 @@ def parse_image_size(text: str) -> tuple[int, int]:
         raise ConfigError(f"--image-size: got {height}x{width}, expected each side between {low} and {high} pixels "
                           f"(small models for edge devices train on 28x28 to 96x96)")
     return height, width
-
-
-def _set(cfg, name, value):
-    # Resolving defaults inside a frozen dataclass: the one place mutation is allowed.
-    object.__setattr__(cfg, name, value)
 

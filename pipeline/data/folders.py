@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from device.images import IMAGE_EXTENSIONS
 from pipeline import console
 from pipeline.data import DataError
 
-SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-_SUFFIX_TUPLE = tuple(SUFFIXES)
+# The runner's list: a folder trains on exactly the files `runner.py eval` would read from it.
+_SUFFIX_TUPLE = tuple(IMAGE_EXTENSIONS)
 SPLITS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
 RESIZE = "bilinear"  # Pillow's, antialiased when shrinking; recorded in the preprocessing the runner reads
 MAX_UNREADABLE = 0.25  # above this share of unreadable files the folder is wrong, not a few files
@@ -73,7 +74,7 @@ def discover(root: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[str, int
             images = _images(root, f"{sub}/{c}" if sub else c)
             if not images:
                 raise DataError(f"{root / sub / c}: class folder holds no image files; add images "
-                                f"({', '.join(sorted(SUFFIXES))}) or remove the folder")
+                                f"({', '.join(sorted(IMAGE_EXTENSIONS))}) or remove the folder")
             files[split] += [(rel, label, stamp) for rel, stamp in images]
     return classes, files
 
@@ -257,7 +258,7 @@ def load_images(root: Path, files: list[tuple[str, int, str]], preprocess: dict,
 def load_folder_dataset(name: str, root: Path, size: tuple[int, int, int], *, seed: int, validation_fraction: float,
                         expected_labels: tuple[str, ...] | None = None, log=print):
     """A Dataset from class folders: decoded (or cached), unreadable files skipped, split stratified by class."""
-    from pipeline.data import Dataset, PreprocessSpec, _arrays_sha256
+    from pipeline.data import Dataset, PreprocessSpec
 
     classes, files = discover(root)
     if expected_labels is not None and classes != tuple(expected_labels):
@@ -265,8 +266,24 @@ def load_folder_dataset(name: str, root: Path, size: tuple[int, int, int], *, se
                         f"{', '.join(expected_labels)}; for classes of your own use --dataset folder")
     height, width, channels = size
     spec = PreprocessSpec(height, width, channels, labels=classes, resize=RESIZE)
-    pre = spec.to_dict()
     everything = [f for split in files.values() for f in split]
+    x, ok, errors, sizes, x_sha256, cache = _decode(root, everything, spec.to_dict(), log)
+    labels = np.array([label for _, label, _ in everything], np.int64)[ok]
+    rows = _split_rows(files, ok, labels, classes, root, seed, validation_fraction)
+    parts = {split: (x[r], labels[r]) for split, r in rows.items()}
+    empty = [c for i, c in enumerate(classes) if not (parts["train"][1] == i).any()]
+    if empty:
+        raise DataError(f"{root}: class '{empty[0]}' has no readable training image; add images or remove the "
+                        f"folder")
+
+    counts = {split: {c: int((y == i).sum()) for i, c in enumerate(classes)} for split, (_, y) in parts.items()}
+    _warn_imbalance(counts["train"], log)
+    source = _source(root, files, labels, rows, counts, x_sha256, size, seed, sizes, errors, cache)
+    return Dataset(name, *parts["train"], *parts["val"], *parts["test"], spec, source)
+
+
+def _decode(root: Path, everything: list, pre: dict, log):
+    """load_images, refusing a folder that is mostly unreadable and saying what was skipped or resized."""
     x, ok, errors, sizes, x_sha256, cache = load_images(root, everything, pre, log)
     if not ok.any():
         raise DataError(f"--data-dir {root}: none of the {len(everything)} image files could be read "
@@ -277,42 +294,45 @@ def load_folder_dataset(name: str, root: Path, size: tuple[int, int, int], *, se
     if errors:
         more = "; ..." if len(errors) > 5 else ""
         log(f"skipped {len(errors)} unreadable image(s): " + "; ".join(errors[:5]) + more)
-    target = f"{height}x{width}"
+    target = f"{pre['height']}x{pre['width']}"
     if set(sizes) != {target}:
         common = ", ".join(f"{s} ({n})" for s, n in sizes.most_common(3))
-        log(f"resized images of {len(sizes)} size(s) (most common: {common}) to {height}x{width} ({RESIZE})")
+        log(f"resized images of {len(sizes)} size(s) (most common: {common}) to {target} ({RESIZE})")
+    return x, ok, errors, sizes, x_sha256, cache
 
-    # Rows of x are the readable files in `everything` order: index arrays per split, then one copy each.
-    labels = np.array([label for _, label, _ in everything], np.int64)[ok]
+
+def _split_rows(files: dict, ok, labels, classes, root: Path, seed: int, validation_fraction: float) -> dict:
+    """Rows of x per split. Rows of x are the readable files in `files` order; a split without a folder
+    of its own is drawn from train, per class."""
     ends = np.cumsum([len(f) for f in files.values()])
     bounds = [0] + [int(ok[:end].sum()) for end in ends]
     rows = {split: np.arange(lo, hi) for split, lo, hi in zip(files, bounds[:-1], bounds[1:])}
     rng = np.random.default_rng(seed)
-    for split in ("test", "val"):  # what has no folder of its own is drawn from train, per class
+    for split in ("test", "val"):
         if split not in rows:
             rows["train"], rows[split] = _stratified_split(rows["train"], labels, validation_fraction, rng,
                                                            classes, root)
-    parts = {split: (x[r], labels[r]) for split, r in rows.items()}
-    empty = [c for i, c in enumerate(classes) if not (parts["train"][1] == i).any()]
-    if empty:
-        raise DataError(f"{root}: class '{empty[0]}' has no readable training image; add images or remove the "
-                        f"folder")
+    return rows
 
-    counts = {split: {c: int((y == i).sum()) for i, c in enumerate(classes)} for split, (_, y) in parts.items()}
-    _warn_imbalance(counts["train"], log)
-    source = {
+
+def _source(root: Path, files: dict, labels, rows: dict, counts: dict, x_sha256: str, size, seed: int, sizes,
+            errors: list, cache) -> dict:
+    """What the manifest says about where the images came from and how they were split."""
+    from pipeline.data import _arrays_sha256
+
+    height, width, channels = size
+    return {
         "kind": "image-folders", "folder": str(root), "files": [],
         # The decoded pixels' hash (kept with the cache) with the labels and the split: hashing 180 MB again costs.
         "sha256": _arrays_sha256(np.frombuffer(bytes.fromhex(x_sha256), np.uint8), labels,
                                  *(rows[s] for s in ("train", "val", "test"))),
-        "counts": {split: len(parts[split][1]) for split in ("train", "val", "test")},
+        "counts": {split: len(rows[split]) for split in ("train", "val", "test")},
         "per_class": counts, "image_size": f"{height}x{width}", "channels": channels, "resize": RESIZE,
         "split": {s: ("folder" if s in files else f"stratified from train, seed {seed}") for s in ("val", "test")},
         "original_sizes": dict(sizes.most_common(5)),
         "skipped": {"count": len(errors), "first": errors[:10]},
         "decode_cache": cache,
     }
-    return Dataset(name, *parts["train"], *parts["val"], *parts["test"], spec, source)
 
 
 # A class with this many times the images of another: a model can score well by favouring it.

@@ -15,6 +15,7 @@ keeps the chance of any false "significant" among them at most 5%.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -93,3 +94,19 @@ def change_words(variant: str, change_pp: float, test: dict) -> str:
                 "on this test set it cannot be told apart from no change")
     direction = "drop" if change_pp < 0 else "gain"
     return f"{variant}: the {change_pp:+.2f} pp {direction} against fp32 is statistically significant: {where}"
+
+
+def fill_missing(variants: dict, predictions: Path) -> None:
+    """Intervals and paired tests for a run evaluated before they were recorded ({variant: evaluation entry}),
+    from its saved predictions; a run without them keeps its entries as they are."""
+    lacking = [v for v, e in variants.items() if "interval_95" not in e]
+    if not lacking or not predictions.is_file():
+        return
+    with np.load(predictions) as saved:
+        y, base = saved["y"], saved["probs_fp32"].argmax(1)
+        for v in lacking:
+            if f"probs_{v}" in saved.files:
+                pred = saved[f"probs_{v}"].argmax(1)
+                variants[v]["interval_95"] = accuracy_with_interval(y, pred)
+                if v != "fp32":
+                    variants[v]["mcnemar_vs_fp32"] = paired_change(y, base, pred)

@@ -14,7 +14,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,9 @@ from device.integrity import METADATA_NAME, UMASK, DeviceError, read_model_bytes
 from pipeline.artifacts import MANIFEST, check_unchanged, updating, write_json
 from pipeline.micro import runtime
 from pipeline.micro import sources as c_sources
-from pipeline.micro.runtime import KIB, MIB, ExportError
+from pipeline.micro.fit import BOARDS, FLASH_ALLOWANCE, RAM_ALLOWANCE, Budget, choose_budget, fits
+from pipeline.micro.fit import board_budget as board_budget  # re-exported: `pipeline search` reads it here
+from pipeline.micro.runtime import ExportError
 
 TARGETS = ("tflm",)
 MARKER = "tflm_export.json"  # an export's own manifest; --overwrite replaces only folders that hold one
@@ -33,66 +35,6 @@ KIND = "edgepipe TensorFlow Lite Micro export"
 RUN_SUMMARY = "tflm.json"
 MAX_DIFFERING = 50  # differing images listed by index; the count is always complete
 AGREEMENT_PP = 2.0  # TFLM vs the run's int8 accuracy, see agreement_tolerance()
-
-
-@dataclass(frozen=True)
-class Board:
-    title: str
-    flash: int  # bytes
-    ram: int  # bytes
-    core: str
-
-
-# Common TinyML boards and their on-chip memory (datasheet totals).
-BOARDS: dict[str, Board] = {
-    "nano33ble": Board("Arduino Nano 33 BLE Sense", 1 * MIB, 256 * KIB, "nRF52840, Cortex-M4F 64 MHz"),
-    "nucleo-l4r5zi": Board("STM32 Nucleo-L4R5ZI", 2 * MIB, 640 * KIB, "STM32L4R5, Cortex-M4F 120 MHz"),
-    "pico": Board("Raspberry Pi Pico", 2 * MIB, 264 * KIB, "RP2040, Cortex-M0+ 133 MHz"),
-    "pico2": Board("Raspberry Pi Pico 2", 4 * MIB, 520 * KIB, "RP2350, Cortex-M33 150 MHz"),
-    "disco-f746ng": Board("STM32F746G-DISCO", 1 * MIB, 320 * KIB, "STM32F746, Cortex-M7 216 MHz"),
-    "esp32-s3": Board("ESP32-S3-DevKitC-1 (N8)", 8 * MIB, 512 * KIB, "ESP32-S3, Xtensa LX7 240 MHz"),
-}
-# A board's memory is not all the model's: the interpreter, the used kernels, the board support and the
-# application take flash; the stack, the board support's buffers and globals take RAM. These are rough
-# allowances, not measurements (the board's own build reports the exact figures); --flash/--ram instead
-# give the budget left for the model and the arena, with no allowance taken off.
-FLASH_ALLOWANCE = 128 * KIB
-RAM_ALLOWANCE = 32 * KIB
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Flash and RAM a model and its arena may use; None is unchecked."""
-    name: str
-    flash: int | None
-    ram: int | None
-
-    def problems(self, flash: int, arena: int) -> list[str]:
-        out = []
-        if self.flash is not None and flash > self.flash:
-            out.append(f"the model needs {flash:,} bytes of flash, {self.flash:,} are free")
-        if self.ram is not None and arena > self.ram:
-            out.append(f"the arena needs {arena:,} bytes of RAM, {self.ram:,} are free")
-        return out
-
-
-def board_budget(name: str) -> Budget:
-    b = BOARDS[name]
-    return Budget(name, b.flash - FLASH_ALLOWANCE, b.ram - RAM_ALLOWANCE)
-
-
-def choose_budget(board: str | None, flash: int | None, ram: int | None) -> Budget | None:
-    if board and (flash is not None or ram is not None):
-        raise ExportError("--board and --flash/--ram both set the budget; pass a board or your own figures")
-    if board:
-        return board_budget(board)
-    if flash is not None or ram is not None:
-        return Budget("--flash/--ram", flash, ram)
-    return None
-
-
-def fits(flash: int, arena: int) -> dict[str, bool]:
-    return {name: not board_budget(name).problems(flash, arena) for name in BOARDS}
 
 
 # ---------------------------------------------------------------- the run and its model
@@ -343,6 +285,45 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
     archive = out.parent / f"{out.name}.tar.gz"
     _check_target(out, archive, run_dir, overwrite)
     files = {m["variant"]: name for name, m in meta["models"].items()}
+    variant = _export_variant(run_dir, files, variant, log)
+    cfg, data = _run_data(manifest, data_dir, run_dir)
+    layers = _layer_names(run_dir)
+    model_bytes, conversion = lean_model(run_dir, variant, files[variant], meta, cfg, data, layers, log)
+    source = f"{run_dir.name}/{files[variant]}"
+    ops = runtime.check_ops(runtime.read_graph(model_bytes), layers, source)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    staging.chmod(0o777 & ~UMASK)  # mkdtemp's private mode would carry over to the published folder
+    try:
+        (staging / "model.tflite").write_bytes(model_bytes)
+        litert, arena = _arena(staging / "model.tflite", model_bytes, meta, data, budget, source, ops, log)
+        n = len(data.x_test) if test_images is None else min(test_images, len(data.x_test))
+        accuracy = _accuracy(run_dir, staging / "model.tflite", model_bytes, arena, meta, data, variant,
+                             files[variant], n, log)
+        summary = {
+            "kind": KIND, "schema": 1, "run": run_dir.name, "variant": variant, "source": source,
+            "conversion": conversion, "flash_bytes": len(model_bytes), "sha256": sha256_file(staging / "model.tflite"),
+            "arena": arena, "ops": ops, "input": litert.input.to_dict(), "output": litert.output.to_dict(),
+            "accuracy": accuracy, "variants": _variant_rows(run_dir, meta, variant, len(model_bytes), arena),
+            "boards": {name: {"title": b.title, "flash": b.flash, "ram": b.ram, "core": b.core}
+                       for name, b in BOARDS.items()},
+            "allowance": {"flash": FLASH_ALLOWANCE, "ram": RAM_ALLOWANCE},
+            "budget": {"name": budget.name, "flash": budget.flash, "ram": budget.ram} if budget else None,
+            "export": {"folder": str(out), "archive": str(archive)}, "versions": _versions(),
+        }
+        _write_sources(staging, summary, model_bytes, meta, litert, data, out.name)
+        _publish(staging, out, archive)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _record(run_dir, summary, log)
+    log(f"tflm: wrote {out} and {archive}")
+    return out
+
+
+def _export_variant(run_dir: Path, files: dict[str, str], variant: str | None, log) -> str:
+    """The integer variant to export: the one asked for, else what the run delivers (the guard's repair
+    when it made one); a guard that rejected int8 with no integer remedy refuses instead."""
     integer = [v for v in files if v.startswith("int8")]
     if not integer:
         raise ExportError(f"{run_dir}: no int8 model (it has {', '.join(files)}); build one with `pipeline build "
@@ -355,85 +336,72 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
                           f"--max-accuracy-drop budget (it delivers {delivered}, which a microcontroller cannot "
                           "run); rebuild with a larger --max-accuracy-drop or --qat, or pass --variant to "
                           "export a rejected model knowingly")
-    if variant is None:  # what the run delivers: the guard's repair when it made one
+    if variant is None:
         variant = delivered if delivered in integer else "int8"
         log(f"export: {variant}" + (" (the accuracy guard's repair)" if variant == delivered != "int8" else ""))
     if variant not in integer:
         raise ExportError(f"--variant {variant}: not an int8 model of {run_dir}; a microcontroller export takes "
                           f"one of {', '.join(integer)}")
-    cfg, data = _run_data(manifest, data_dir, run_dir)
-    layers = _layer_names(run_dir)
-    model_bytes, conversion = lean_model(run_dir, variant, files[variant], meta, cfg, data, layers, log)
-    source = f"{run_dir.name}/{files[variant]}"
-    ops = runtime.check_ops(runtime.read_graph(model_bytes), layers, source)
+    return variant
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    staging.chmod(0o777 & ~UMASK)  # mkdtemp's private mode would carry over to the published folder
+
+def _arena(path: Path, model_bytes: bytes, meta: dict, data, budget: Budget | None, source: str, ops, log):
+    """(the model under LiteRT, its measured arena), refusing a model that does not fit the budget."""
     try:
-        (staging / "model.tflite").write_bytes(model_bytes)
-        try:
-            litert = Model(staging / "model.tflite", metadata=meta, verify=False)
-        except DeviceError as e:
-            raise ExportError(str(e))
-        sample = litert.prepare(data.x_test[:1])
-        arena = runtime.measure_arena(model_bytes, sample)
-        log(f"tflm: {len(model_bytes):,} bytes of flash, arena {arena['measured']:,} bytes measured, "
-            f"{arena['recommended']:,} with the margin; ops {', '.join(ops)}")
-        if budget and budget.problems(len(model_bytes), arena["recommended"]):
-            fitting = [n for n, ok in fits(len(model_bytes), arena["recommended"]).items() if ok]
-            raise ExportError(f"{source} does not fit {budget.name}: "
-                              f"{'; '.join(budget.problems(len(model_bytes), arena['recommended']))}"
-                              f"; it fits {', '.join(fitting) or 'none of the listed boards'}; choose a smaller "
-                              "model or another board")
-        n = len(data.x_test) if test_images is None else min(test_images, len(data.x_test))
-        log(f"tflm: running {n:,} test images through TFLite Micro and LiteRT")
-        probs_path = run_dir / "predictions.npz"
-        run_probs = None
-        if probs_path.is_file():
-            with np.load(probs_path) as p:
-                run_probs = p[f"probs_{variant}"][:n] if f"probs_{variant}" in p.files else None
-        labels = list(meta["preprocess"]["labels"])
-        accuracy = compare(model_bytes, staging / "model.tflite", arena["recommended"], meta["preprocess"],
-                           data.x_test[:n], data.y_test[:n], labels, run_probs)
-        evaluation = (json.loads((run_dir / "evaluation.json").read_text())
-                      if (run_dir / "evaluation.json").is_file() else {})
-        reported = evaluation.get("variants", {}).get(variant, {}).get("accuracy")
-        accuracy["report_accuracy"] = reported if n == evaluation.get("n") else None
-        accuracy["run_accuracy"] = _run_accuracy(run_dir / files[variant], meta, data.x_test[:n], data.y_test[:n])
-        _check_agreement(accuracy, variant, n, log)
-        rows = _variant_rows(run_dir, meta, variant, len(model_bytes), arena)
-        k = accuracy["example_index"]
-        summary = {
-            "kind": KIND, "schema": 1, "run": run_dir.name, "variant": variant, "source": source,
-            "conversion": conversion, "flash_bytes": len(model_bytes), "sha256": sha256_file(staging / "model.tflite"),
-            "arena": arena, "ops": ops, "input": litert.input.to_dict(), "output": litert.output.to_dict(),
-            "accuracy": accuracy, "variants": rows,
-            "boards": {name: {"title": b.title, "flash": b.flash, "ram": b.ram, "core": b.core}
-                       for name, b in BOARDS.items()},
-            "allowance": {"flash": FLASH_ALLOWANCE, "ram": RAM_ALLOWANCE},
-            "budget": {"name": budget.name, "flash": budget.flash, "ram": budget.ram} if budget else None,
-            "export": {"folder": str(out), "archive": str(archive)}, "versions": _versions(),
-        }
-        sources = c_sources.render(
-            model_bytes=model_bytes, source=source, sha256=summary["sha256"],
-            generator=f"edgepipe {pipeline.__version__}",
-            preprocess=meta["preprocess"], input_spec=summary["input"], output_spec=summary["output"], labels=labels,
-            arena=arena, ops=ops, resolver_methods=runtime.MICRO_OPS,
-            pixel_table=runtime.pixel_table(meta["preprocess"], litert.input),
-            test_image=data.x_test[k], test_label=int(data.y_test[k]), test_index=k)
-        sources["README.md"] = c_sources.readme(summary, out.name)
-        for name, text in sources.items():
-            (staging / name).write_text(text, encoding="utf-8")
-        summary["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                            for p in sorted(staging.iterdir())}
-        (staging / MARKER).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        _publish(staging, out, archive)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    _record(run_dir, summary, log)
-    log(f"tflm: wrote {out} and {archive}")
-    return out
+        litert = Model(path, metadata=meta, verify=False)
+    except DeviceError as e:
+        raise ExportError(str(e))
+    sample = litert.prepare(data.x_test[:1])
+    arena = runtime.measure_arena(model_bytes, sample)
+    log(f"tflm: {len(model_bytes):,} bytes of flash, arena {arena['measured']:,} bytes measured, "
+        f"{arena['recommended']:,} with the margin; ops {', '.join(ops)}")
+    if budget and budget.problems(len(model_bytes), arena["recommended"]):
+        fitting = [n for n, ok in fits(len(model_bytes), arena["recommended"]).items() if ok]
+        raise ExportError(f"{source} does not fit {budget.name}: "
+                          f"{'; '.join(budget.problems(len(model_bytes), arena['recommended']))}"
+                          f"; it fits {', '.join(fitting) or 'none of the listed boards'}; choose a smaller "
+                          "model or another board")
+    return litert, arena
+
+
+def _accuracy(run_dir: Path, path: Path, model_bytes: bytes, arena: dict, meta: dict, data, variant: str,
+              file: str, n: int, log) -> dict:
+    """TFLM against LiteRT and against the run's own figures on the first n test images; refused when
+    they disagree (see _check_agreement)."""
+    log(f"tflm: running {n:,} test images through TFLite Micro and LiteRT")
+    probs_path = run_dir / "predictions.npz"
+    run_probs = None
+    if probs_path.is_file():
+        with np.load(probs_path) as p:
+            run_probs = p[f"probs_{variant}"][:n] if f"probs_{variant}" in p.files else None
+    labels = list(meta["preprocess"]["labels"])
+    accuracy = compare(model_bytes, path, arena["recommended"], meta["preprocess"],
+                       data.x_test[:n], data.y_test[:n], labels, run_probs)
+    evaluation = (json.loads((run_dir / "evaluation.json").read_text())
+                  if (run_dir / "evaluation.json").is_file() else {})
+    reported = evaluation.get("variants", {}).get(variant, {}).get("accuracy")
+    accuracy["report_accuracy"] = reported if n == evaluation.get("n") else None
+    accuracy["run_accuracy"] = _run_accuracy(run_dir / file, meta, data.x_test[:n], data.y_test[:n])
+    _check_agreement(accuracy, variant, n, log)
+    return accuracy
+
+
+def _write_sources(staging: Path, summary: dict, model_bytes: bytes, meta: dict, litert, data, name: str) -> None:
+    """The C/C++ sources, README and the export's own manifest (MARKER, with every file's hash)."""
+    k = summary["accuracy"]["example_index"]
+    sources = c_sources.render(
+        model_bytes=model_bytes, source=summary["source"], sha256=summary["sha256"],
+        generator=f"edgepipe {pipeline.__version__}",
+        preprocess=meta["preprocess"], input_spec=summary["input"], output_spec=summary["output"],
+        labels=list(meta["preprocess"]["labels"]), arena=summary["arena"], ops=summary["ops"],
+        resolver_methods=runtime.MICRO_OPS, pixel_table=runtime.pixel_table(meta["preprocess"], litert.input),
+        test_image=data.x_test[k], test_label=int(data.y_test[k]), test_index=k)
+    sources["README.md"] = c_sources.readme(summary, name)
+    for file, text in sources.items():
+        (staging / file).write_text(text, encoding="utf-8")
+    summary["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                        for p in sorted(staging.iterdir())}
+    (staging / MARKER).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
 def _record(run_dir: Path, summary: dict, log) -> None:

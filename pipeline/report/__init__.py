@@ -1,1 +1,18 @@
 """What a person and a machine read: report.json / .md / .html, notes, plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class ReportError(Exception):
+    """A run directory or device result the report cannot use; the message names the file and what was expected."""
+
+
+def read_json(path: Path, expected: str):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: not readable ({getattr(e, 'strerror', None) or e}); expected {expected}")
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: not JSON ({e.msg} at line {e.lineno}); expected {expected}")

@@ -17,18 +17,13 @@ from device.timing import features_words
 from pipeline.artifacts import MANIFEST
 from pipeline.measure.stats import wilson
 from pipeline.report.render import SCHEMA, TEMPLATES, _ms, _pct, _text, input_range_of
+from pipeline.rundir import locate
 
 FORMATS = ("text", "markdown", "html", "json")
 
 
 class CompareError(Exception):
     """A run that cannot be compared (missing, unfinished, another schema); the message says which and why."""
-
-
-def resolve(target: str) -> Path:
-    """A run name (artifacts/NAME) or a path, as `--resume` takes them."""
-    path = Path(target)
-    return path if ("/" in target or path.is_dir()) else Path("artifacts") / target
 
 
 def _load_run(path: Path) -> dict:
@@ -93,7 +88,7 @@ def compare(targets: list[str]) -> dict:
     if len(targets) < 2:
         raise CompareError(f"compare needs at least two runs, got {len(targets)}; "
                            "pass them as `pipeline compare RUN_A RUN_B [...]`")
-    runs = [_summary(_load_run(resolve(t))) for t in targets]
+    runs = [_summary(_load_run(locate(t))) for t in targets]
     names = [r["run"] for r in runs]
     if len(set(names)) < len(names):  # two folders of one name: label by path instead
         for r in runs:

@@ -7,10 +7,13 @@ Each function returns PNG bytes, or None when the run lacks the data the figure 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from pipeline.artifacts import atomic_write
 
 # One colour per variant in every figure, so a reader matches them at a glance.
 COLORS = {"fp32": "#1f77b4", "dynamic": "#ff7f0e", "float16": "#2ca02c", "int8": "#d62728", "int16x8": "#9467bd"}
@@ -134,3 +137,13 @@ def layer_errors(layers: list[dict], ideal: float, suspect: float) -> bytes:
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return _png(fig)
+
+
+def save(run_dir: Path, pngs: dict[str, bytes], names) -> None:
+    """Write the drawn figures among `names`; one this run no longer has data for must not linger from an
+    earlier render, so it goes."""
+    for name in names:
+        if name in pngs:
+            atomic_write(run_dir / name, pngs[name])
+        else:
+            (run_dir / name).unlink(missing_ok=True)

@@ -7,9 +7,6 @@ Nothing is measured here. Every figure is copied or derived from the files the e
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -18,33 +15,20 @@ from device.timing import features_words
 from pipeline.artifacts import MANIFEST, atomic_write, run_name, write_json
 from pipeline.config import VARIANTS
 from pipeline.delivery import default_variant, guard_decision
-from pipeline.report import plots
+from pipeline.report import ReportError, plots
+from pipeline.report import device_results as on_device
+from pipeline.report import read_json as _read_json
 from pipeline.report.notes import notes, threads_label
 
 SCHEMA = 1
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-DEVICE_DIR = "device_results"
 ANALYSIS_PLOT = "analysis_layers.png"
-DEVICE_SOURCE = "the output of `runner.py bench --json` or `runner.py eval --json`"
 PLOTS = {"accuracy_vs_latency.png": "Accuracy against p50 latency; marker area is the file size",
          "latency.png": "Latency distribution of every variant (raw timed samples)",
          "confusion_fp32_int8.png": "Confusion matrices of fp32 and int8 on the test split"}
 
 CAPTIONS = {**PLOTS,
             ANALYSIS_PLOT: "Per-layer RMSE/scale of the int8 model (0.29 is ideal rounding, above 0.7 suspect)"}
-
-
-class ReportError(Exception):
-    """A run directory or device result the report cannot use; the message names the file and what was expected."""
-
-
-def _read_json(path: Path, expected: str):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path}: not readable ({getattr(e, 'strerror', None) or e}); expected {expected}")
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path}: not JSON ({e.msg} at line {e.lineno}); expected {expected}")
 
 
 # ---------------------------------------------------------------- collecting the figures
@@ -61,15 +45,15 @@ def _load(run_dir: Path) -> tuple[dict, dict, dict | None, list[str]]:
 
 
 def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
-            device_results: list[Path] | None = None) -> dict:
+            devices: list[Path] | None = None) -> dict:
     """The report as a dict, from the run directory's files; writes nothing."""
     threads = min(map(int, bench["threads"])) if bench and bench.get("threads") else None
     missing = [f"model_{v}.tflite" for v in evaluation["variants"] if not (run_dir / f"model_{v}.tflite").is_file()]
     if missing:
         raise ReportError(f"{run_dir}: {', '.join(missing)} missing, though evaluation.json lists them; rebuild it")
-    _fill_statistics(run_dir, evaluation)
-    from pipeline.measure.stats import adjust_across_variants
+    from pipeline.measure.stats import adjust_across_variants, fill_missing
 
+    fill_missing(evaluation["variants"], run_dir / "predictions.npz")
     adjust_across_variants(evaluation["variants"])  # runs evaluated before the tests were adjusted, too
     names = [v for v in VARIANTS if v in evaluation["variants"]]
     names += [v for v in evaluation["variants"] if v not in VARIANTS]
@@ -86,7 +70,7 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
         "environment": bench["environment"] if bench else None,
         "benchmark": {k: bench.get(k) for k in ("xnnpack", "runs", "warmup", "timing", "macs_per_inference")}
         if bench else None,
-        "devices": _merge_devices(device_results or [], variants, _model_hashes(run_dir), run_dir),
+        "devices": on_device.merge(devices or [], variants, run_dir),
         "analysis": _analysis(run_dir),
         "learning": _learning(evaluation, manifest),
         "boards": _boards(run_dir),
@@ -141,23 +125,6 @@ def _learning(evaluation: dict, manifest: dict) -> dict:
             "train_accuracy": training.get("accuracy"), "val_accuracy": training.get("val_accuracy")}
 
 
-def _fill_statistics(run_dir: Path, evaluation: dict) -> None:
-    """Intervals and paired tests for runs evaluated before they were recorded, from predictions.npz."""
-    from pipeline.measure import stats
-
-    lacking = [v for v, e in evaluation["variants"].items() if "interval_95" not in e]
-    if not lacking or not (run_dir / "predictions.npz").is_file():
-        return
-    with np.load(run_dir / "predictions.npz") as saved:
-        y, base = saved["y"], saved["probs_fp32"].argmax(1)
-        for v in lacking:
-            if f"probs_{v}" in saved.files:
-                pred = saved[f"probs_{v}"].argmax(1)
-                evaluation["variants"][v]["interval_95"] = stats.accuracy_with_interval(y, pred)
-                if v != "fp32":
-                    evaluation["variants"][v]["mcnemar_vs_fp32"] = stats.paired_change(y, base, pred)
-
-
 # ---------------------------------------------------------------- accuracy guard (analysis.json)
 
 def _analysis(run_dir: Path) -> dict | None:
@@ -203,109 +170,27 @@ def _analysis_md(analysis: dict | None) -> list[str]:
     return out
 
 
-def _tflm_md(t: dict | None) -> list[str]:
-    """The microcontroller export's figures, as `pipeline export --target tflm` measured them."""
-    if not t:
-        return []
+def _tflm_sentences(t: dict, code=str) -> list[str]:
+    """The microcontroller export's figures, as `pipeline export --target tflm` measured them; `code` marks
+    the folder name up (Markdown's backticks)."""
     a, arena = t["accuracy"], t["arena"]
     fits = [b for b, ok in next(r for r in t["variants"] if r.get("exported"))["fits"].items() if ok]
     shown = ", ".join(f"#{d['index']} ({d['label']}: TFLM {d['tflm']}, LiteRT {d['litert']})"
                       for d in a["differing"][:10])
-    return ["", "## Microcontroller (TensorFlow Lite Micro)", "",
-            (f"{t['variant']} for `{t['export']['folder']}`: {t['flash_bytes']:,} bytes of flash, tensor arena "
+    return [(f"{t['variant']} for {code(t['export']['folder'])}: {t['flash_bytes']:,} bytes of flash, tensor arena "
              f"{arena['recommended']:,} bytes ({arena['measured']:,} measured under tflite-micro "
              f"{t['versions']['tflite-micro']}, plus margin); "
-             f"fits {', '.join(fits) or 'none of the listed boards'}.  "),
+             f"fits {', '.join(fits) or 'none of the listed boards'}."),
             (f"Accuracy under TFLite Micro's kernels {_pct(a['accuracy_tflm'])} on {a['images']:,} test images; "
              f"top-1 agreement with LiteRT {_pct(a['agreement'])}"
              + (f", {a['differing_count']} image(s) differ: {shown}." if a["differing_count"] else "."))]
 
 
-# ---------------------------------------------------------------- device results
-
-def _model_hashes(run_dir: Path) -> dict[str, str]:
-    """sha256 -> model file, for every model this run's metadata lists."""
-    meta = _read_json(run_dir / "metadata.json", "the metadata written by `pipeline build`")
-    return {entry["sha256"]: name for name, entry in meta.get("models", {}).items() if entry.get("sha256")}
-
-
-def _as_given(path: Path, run_dir: Path) -> str:
-    """A file inside the run relative to it, any other as the user gave it (never made absolute)."""
-    try:
-        return path.relative_to(run_dir).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def _merge_devices(paths, variants: list[dict], hashes: dict[str, str], run_dir: Path) -> list[dict]:
-    """Add each device file's figures to its variant's `device` dict; returns the devices seen.
-
-    A result counts only for a model this run contains byte for byte: the runner names the sha256
-    of the model it ran, and a file name alone (model_int8.tflite) fits every run.
-    """
-    by_name = {v["file"]: v for v in variants}
-    devices, seen = {}, {}  # label -> device; (label, model, kind) -> the file that gave it
-    for path in map(Path, paths):
-        data = _read_json(path, DEVICE_SOURCE)
-        if not isinstance(data, dict):
-            raise ReportError(f"{path}: a JSON {type(data).__name__}; expected {DEVICE_SOURCE}")
-        if data.get("schema") != SCHEMA:
-            raise ReportError(f"{path}: schema {data.get('schema')!r}; expected schema {SCHEMA}, {DEVICE_SOURCE}")
-        kind = data.get("kind")
-        if kind not in ("bench", "eval"):
-            raise ReportError(f"{path}: kind {kind!r}; expected 'bench' or 'eval', {DEVICE_SOURCE}")
-        name = re.split(r"[\\/]", str(data.get("model", "")))[-1]
-        if name not in by_name:
-            raise ReportError(f"{path}: model '{name}' is not in this run; expected one of {', '.join(by_name)}")
-        env = data.get("environment")
-        if not isinstance(env, dict) or not env.get("cpu") and not env.get("machine"):
-            raise ReportError(f"{path}: no 'environment' with 'cpu' or 'machine'; expected {DEVICE_SOURCE}")
-        figures = _device_figures(path, kind, data)
-        sha = data.get("model_sha256")
-        if not isinstance(sha, str):
-            raise ReportError(f"{path}: names no 'model_sha256', so nothing shows it ran this run's {name}; "
-                              "measure again with the runner of this run's bundle")
-        if hashes.get(sha) != name:
-            found = f"this run's {hashes[sha]}" if sha in hashes else "a model this run does not contain"
-            raise ReportError(f"{path}: measured {found} (sha256 {sha[:12]}...), not this run's {name}; "
-                              "pass results measured on this run's own bundle")
-        # `pipeline deploy` names the board; a file brought back by hand is labelled by its CPU.
-        label = (data.get("board") or {}).get("name") or _device_label(env)
-        if (label, name, kind) in seen:
-            raise ReportError(f"{path}: a second {kind} result for {name} on {label} (the first is "
-                              f"{seen[label, name, kind]}); pass one per model, kind and device")
-        seen[label, name, kind] = path
-        by_name[name]["device"].setdefault(label, {}).update(figures)
-        device = devices.setdefault(label, {"label": label, "environment": env,
-                                            "interpreter": data.get("interpreter"), "files": []})
-        device["files"].append({"file": _as_given(path, run_dir), "kind": kind, "variant": by_name[name]["variant"],
-                                **figures})
-    return list(devices.values())
-
-
-def _device_label(env: dict) -> str:
-    cpu, machine = env.get("cpu") or "", env.get("machine") or ""
-    return cpu if not machine or machine in cpu else f"{cpu} ({machine})" if cpu else machine
-
-
-def _device_figures(path: Path, kind: str, data: dict) -> dict:
-    def number(*keys):
-        value = data
-        for key in keys:
-            value = value.get(key) if isinstance(value, dict) else None
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ReportError(f"{path}: no number at '{'.'.join(keys)}'; expected {DEVICE_SOURCE}")
-        return value
-
-    emulated = bool((data.get("board") or {}).get("emulated"))
-    if kind == "eval":
-        return {"accuracy": number("accuracy"), "n": number("n"), "data": data.get("data"), "emulated": emulated}
-    latency = {f"{k}_ms": number("latency", f"{k}_ms") for k in ("p50", "p90", "p99")}
-    return {**latency, "runs": number("latency", "n"), "warning": data["latency"].get("warning"), "emulated": emulated,
-            **{k: data.get(k) for k in ("threads", "xnnpack", "peak_rss_mb", "first_inference_ms", "load",
-                                        "preprocess", "memory", "board_state")},
-            "mean_ms": data["latency"].get("mean_ms"), "std_ms": data["latency"].get("std_ms"),
-            "min_ms": data["latency"].get("min_ms")}
+def _tflm_md(t: dict | None) -> list[str]:
+    if not t:
+        return []
+    first, second = _tflm_sentences(t, code=lambda name: f"`{name}`")
+    return ["", "## Microcontroller (TensorFlow Lite Micro)", "", f"{first}  ", second]
 
 
 # ---------------------------------------------------------------- boards (deploy.json)
@@ -323,33 +208,32 @@ SOURCES = {"bundle": "installed from the bundle's wheels", "index": "installed f
            "existing": "in the environment an earlier deploy installed"}
 
 
-def _boards_md(report: dict) -> list[str]:
+def _boards_items(report: dict) -> list[tuple[int, str]]:
+    """(nesting level, text): a line per board, below it a line per model it measured."""
     boards = (report.get("boards") or {}).get("boards")
-    if not boards:
-        return []
-    out = ["", "## Boards", ""]
+    out = []
     devices = {d["label"]: d for d in report["devices"]}
-    for name, b in boards.items():
+    for name, b in (boards or {}).items():
         if not b["ok"]:
-            out.append(f"- {name} ({b['target']}): deploy FAILED on {b['finished']}: {b['reason']}")
+            out.append((0, f"{name} ({b['target']}): deploy FAILED on {b['finished']}: {b['reason']}"))
             continue
         info, interp = b["board"], b["interpreter"]
-        out.append(f"- {name} ({b['target']}): {info.get('model') or 'unknown board'}, {info.get('os')}, Python "
+        out.append((0, f"{name} ({b['target']}): {info.get('model') or 'unknown board'}, {info.get('os')}, Python "
                    f"{info.get('python')} {info.get('machine')} ({info.get('bits')}-bit), {info.get('cores')} cores"
                    + (f", {info['memory_mb']} MB" if info.get("memory_mb") else "")
                    + f"; {interp['name']} {interp['version']} {SOURCES.get(b['runtime']['source'], '')}; "
                    f"deployed in {b['seconds']:.1f} s on {b['finished']} ("
                    + (", ".join(x for x, f in (("bundle copied", b["copied"]), ("runtime installed", b["installed"]))
                                 if f)
-                      or "nothing copied or installed") + ")")
+                      or "nothing copied or installed") + ")"))
         for f in devices.get(name, {}).get("files", []):
             if f["kind"] != "bench":
                 continue
             if f["emulated"]:
-                out.append(f"  - {f['variant']}: timings not shown: measured under emulation, they are the emulator's")
+                out.append((1, f"{f['variant']}: timings not shown: measured under emulation, they are the emulator's"))
                 continue
             load, pre, mem = f.get("load") or {}, f.get("preprocess"), f.get("memory") or {}
-            line = (f"  - {f['variant']}: load cold {load.get('cold_ms', 0):.1f} ms, warm p50 "
+            line = (f"{f['variant']}: load cold {load.get('cold_ms', 0):.1f} ms, warm p50 "
                     f"{(load.get('warm') or {}).get('p50_ms', 0):.2f} ms; "
                     f"first inference {f.get('first_inference_ms') or 0:.3f} ms; "
                     f"invoke p50 {_ms(f['p50_ms'])}, p90 {_ms(f['p90_ms'])}, p99 {_ms(f['p99_ms'])}, mean "
@@ -366,8 +250,15 @@ def _boards_md(report: dict) -> list[str]:
             shown = [f"{when}: " + ", ".join(f"{k} {v}" for k, v in st.items()
                                              if v is not None and k != "throttled_flags")
                      for when, st in states.items() if any(v is not None for v in st.values())]
-            out.append(line + (f"; board {'; '.join(shown)}" if shown else ""))
+            out.append((1, line + (f"; board {'; '.join(shown)}" if shown else "")))
     return out
+
+
+def _boards_md(report: dict) -> list[str]:
+    items = _boards_items(report)
+    if not items:
+        return []
+    return ["", "## Boards", "", *[f"{'  ' * level}- {text}" for level, text in items]]
 
 
 # ---------------------------------------------------------------- the table, in three formats
@@ -490,59 +381,30 @@ def _html(report: dict, pngs: dict[str, bytes]) -> str:
     analysis = report.get("analysis") or {}
     figures = [{"caption": CAPTIONS.get(name, name), "src": "data:image/png;base64," + base64.b64encode(png).decode()}
                for name, png in pngs.items()]
-    micro = [line.strip().replace("`", "") for line in _tflm_md(report.get("tflm"))[3:]]
-    # (nesting level, text) of the Markdown list of boards, without its heading.
-    boards = [(1 if line.startswith("  ") else 0, line.strip()[2:]) for line in _boards_md(report)[3:]]
+    micro = _tflm_sentences(report["tflm"]) if report.get("tflm") else []
     return env.get_template("report.html").render(
         report=report, context=_context(report), headers=headers, rows=rows, figures=figures,
         guard=analysis.get("guard"), guard_sentence=_guard_sentence(analysis) if analysis.get("guard") else None,
-        layers=analysis.get("layers"), micro=micro, boards=boards)
+        layers=analysis.get("layers"), micro=micro, boards=_boards_items(report))
 
 
 # ---------------------------------------------------------------- entry points
-
-def _device_files(run_dir: Path, given: list[Path]) -> tuple[list[Path], list[tuple[str, Path]]]:
-    """Device results merged before (kept in the run) and new ones, each file once by content."""
-    folder = run_dir / DEVICE_DIR
-    kept = sorted(folder.glob("*.json")) if folder.is_dir() else []
-    seen = {p.name.split("-", 1)[0] for p in kept}
-    new = []
-    for path in map(Path, given):
-        try:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        except OSError as e:
-            raise ReportError(f"{path}: cannot read device results ({e.strerror})")
-        if digest not in seen:
-            seen.add(digest)
-            new.append((f"{digest}-{path.name}", path))
-    return kept, new
-
 
 def render(run_dir: Path, device_results: list[Path] | None = None, log=print) -> dict:
     """Write report.json, report.md, report.html and the plots into run_dir; returns the report."""
     run_dir = Path(run_dir)
     manifest, evaluation, bench, labels = _load(run_dir)
-    kept, new = _device_files(run_dir, device_results or [])
+    kept, new = on_device.gather(run_dir, device_results or [])
     report = collect(run_dir, manifest, evaluation, bench, kept + [p for _, p in new])
-    kept_as = {str(path): f"{DEVICE_DIR}/{name}" for name, path in new}  # where the run keeps each new file
-    for device in report["devices"]:
-        for f in device["files"]:
-            f["file"] = kept_as.get(f["file"], f["file"])
     drawn = {"accuracy_vs_latency.png": plots.accuracy_vs_latency(report["variants"], report["table_threads"] or 1),
              "latency.png": plots.latency_distributions(bench, [v["variant"] for v in report["variants"]]),
              "confusion_fp32_int8.png": plots.confusion_pair(evaluation, labels)}
     pngs = {name: png for name, png in drawn.items() if png is not None}
-    for name in PLOTS:  # a plot this run no longer has data for must not linger from an earlier render
-        if name in pngs:
-            atomic_write(run_dir / name, pngs[name])
-        else:
-            (run_dir / name).unlink(missing_ok=True)
+    plots.save(run_dir, pngs, PLOTS)
     if report["analysis"] and (run_dir / ANALYSIS_PLOT).is_file():  # drawn by pipeline analyze
         pngs[ANALYSIS_PLOT] = (run_dir / ANALYSIS_PLOT).read_bytes()
     report["plots"] = list(pngs)
-    for name, path in new:  # merged results stay with the run, so later renders keep the device columns
-        (run_dir / DEVICE_DIR).mkdir(exist_ok=True)
-        atomic_write(run_dir / DEVICE_DIR / name, path.read_bytes())
+    on_device.keep(run_dir, new, report["devices"])
     write_json(run_dir / "report.json", report)
     atomic_write(run_dir / "report.md", _markdown(report))
     atomic_write(run_dir / "report.html", _html(report, pngs))
@@ -558,3 +420,12 @@ def summary_table(run_dir: Path) -> str:
 def delivery_line(run_dir: Path) -> str:
     """The headline for the terminal: which model the run delivers."""
     return headline(_read_json(Path(run_dir) / "report.json", "the report written by `pipeline report`"))
+
+
+def learning_warnings(run_dir: Path) -> list[str]:
+    """The report's notes that say the model did not learn (none for a run without a report)."""
+    from pipeline.report.notes import LEARNING_KINDS
+
+    path = Path(run_dir) / "report.json"
+    report = _read_json(path, "the report written by `pipeline report`") if path.exists() else {"notes": []}
+    return [note["text"] for note in report["notes"] if note["kind"] in LEARNING_KINDS]

@@ -249,37 +249,59 @@ def choose(run_dir: Path, available: dict[str, str], variants=None) -> tuple[lis
 def make_bundle(run_dir: Path, out: Path | None = None, variants=None, overwrite: bool = False,
                 log=lambda line: None, wheels=()) -> Path:
     """Write `<run>.tar.gz` (or `out`); returns its path. `wheels`: WHEEL_PLATFORMS names to carry wheels for."""
-    from importlib import metadata as importlib_metadata
-
-    import pipeline
-
     run_dir = Path(run_dir)
+    meta = _run_metadata(run_dir)
+    available = {m["variant"]: name for name, m in meta["models"].items()}
+    chosen, default, why = choose(run_dir, available, variants)
+    out = _out_path(run_dir, out, overwrite)
+    models = _models(run_dir, meta, [available[v] for v in chosen])
+    bundle_meta = {**meta, "default_model": available[default], "default_reason": why, "models": models}
+    unknown = [w for w in wheels if w not in WHEEL_PLATFORMS]
+    if unknown:
+        raise BundleError(f"no wheel platform {', '.join(unknown)}; choose from {', '.join(WHEEL_PLATFORMS)}")
+    members = _members(run_dir, bundle_meta, _readme(run_dir, meta, models, out, available[default], why))
+    _add_wheels(members, wheels, log)
+    _write_atomically(out, members)
+    log(f"bundle: {', '.join(models)}; the runner's default is {available[default]} ({why})")
+    return out
+
+
+def _run_metadata(run_dir: Path) -> dict:
     meta_path = run_dir / METADATA_NAME
     if not meta_path.is_file():
         raise BundleError(f"{run_dir}: no {METADATA_NAME}; pass a run directory written by `pipeline build` "
                           "or `pipeline convert`")
-    meta = json.loads(meta_path.read_text())
-    available = {m["variant"]: name for name, m in meta["models"].items()}
-    chosen, default, why = choose(run_dir, available, variants)
-    out = _out_path(run_dir, out, overwrite)
+    return json.loads(meta_path.read_text())
+
+
+def _models(run_dir: Path, meta: dict, files: list[str]) -> dict:
+    """The metadata entries of the chosen model files; one the guard replaced names its replacement."""
     delivered, superseded = guard_decision(run_dir)
     models = {}
-    for v in chosen:
-        models[available[v]] = dict(meta["models"][available[v]])
-        if v in superseded and delivered:
-            models[available[v]]["superseded_by"] = delivered
-    bundle_meta = {**meta, "default_model": available[default], "default_reason": why, "models": models}
+    for name in files:
+        models[name] = dict(meta["models"][name])
+        if models[name]["variant"] in superseded and delivered:
+            models[name]["superseded_by"] = delivered
+    return models
+
+
+def _readme(run_dir: Path, meta: dict, models: dict, out: Path, default: str, why: str) -> str:
+    import pipeline
+
     pre = meta["preprocess"]
-    readme = README.format(name=run_dir.name, model=meta["model"], dataset=meta["dataset"],
-                           version=pipeline.__version__, models=", ".join(models), h=pre["height"],
-                           w=pre["width"], color=pre.get("color", f"{pre['channels']}-channel"),
-                           scale=pre["scale"], archive=out.name, default=available[default], why=why)
-    unknown = [w for w in wheels if w not in WHEEL_PLATFORMS]
-    if unknown:
-        raise BundleError(f"no wheel platform {', '.join(unknown)}; choose from {', '.join(WHEEL_PLATFORMS)}")
+    return README.format(name=run_dir.name, model=meta["model"], dataset=meta["dataset"],
+                         version=pipeline.__version__, models=", ".join(models), h=pre["height"],
+                         w=pre["width"], color=pre.get("color", f"{pre['channels']}-channel"),
+                         scale=pre["scale"], archive=out.name, default=default, why=why)
+
+
+def _members(run_dir: Path, bundle_meta: dict, readme: str) -> dict[str, bytes]:
+    """Archive path -> bytes: the models, metadata, labels, the runner, samples, requirements and README."""
+    from importlib import metadata as importlib_metadata
+
     litert = importlib_metadata.version("ai-edge-litert")
     device_dir = Path(device.__file__).resolve().parent
-    members = {f: (run_dir / f).read_bytes() for f in models}
+    members = {f: (run_dir / f).read_bytes() for f in bundle_meta["models"]}
     members[METADATA_NAME] = json.dumps(bundle_meta, indent=2).encode()
     members["labels.txt"] = (run_dir / "labels.txt").read_bytes()
     members.update({f"device/{name}": (device_dir / name).read_bytes() for name in RUNNER_FILES})
@@ -288,6 +310,11 @@ def make_bundle(run_dir: Path, out: Path | None = None, variants=None, overwrite
         members.update({f"samples/{p.name}": p.read_bytes() for p in samples.iterdir() if p.is_file()})
     members["requirements.txt"] = REQUIREMENTS.format(litert=litert).encode()
     members["README.md"] = readme.encode()
+    return members
+
+
+def _add_wheels(members: dict[str, bytes], wheels, log) -> None:
+    """The runtime's wheels for each board platform asked for, and the index `pipeline deploy` installs from."""
     index = {}
     with tempfile.TemporaryDirectory(prefix="edgepipe-wheels-") as wheel_dir:
         for name in wheels:
@@ -297,6 +324,9 @@ def make_bundle(run_dir: Path, out: Path | None = None, variants=None, overwrite
             members.update({f"{WHEELS_DIR}/{name}/{whl.name}": whl.read_bytes() for whl in folder.glob("*.whl")})
     if index:
         members[WHEELS_INDEX] = json.dumps(index, indent=2).encode()
+
+
+def _write_atomically(out: Path, members: dict[str, bytes]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
@@ -305,6 +335,4 @@ def make_bundle(run_dir: Path, out: Path | None = None, variants=None, overwrite
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    log(f"bundle: {', '.join(models)}; the runner's default is {available[default]} ({why})")
-    return out
 

@@ -1,0 +1,132 @@
+"""Device results merged into a run: the JSON `device/runner.py bench --json` or `eval --json` printed on a
+board, checked file by file and added to the variant it measured.
+
+A result counts only for a model this run contains byte for byte, and merged files are kept in the run
+(device_results/, named by content) so every later render shows them again.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from device.runner import SCHEMA
+from pipeline.artifacts import atomic_write
+from pipeline.report import ReportError, read_json
+
+DEVICE_DIR = "device_results"
+DEVICE_SOURCE = "the output of `runner.py bench --json` or `runner.py eval --json`"
+
+
+def gather(run_dir: Path, given: list[Path]) -> tuple[list[Path], list[tuple[str, Path]]]:
+    """Device results merged before (kept in the run) and new ones, each file once by content."""
+    folder = run_dir / DEVICE_DIR
+    kept = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    seen = {p.name.split("-", 1)[0] for p in kept}
+    new = []
+    for path in map(Path, given):
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        except OSError as e:
+            raise ReportError(f"{path}: cannot read device results ({e.strerror})")
+        if digest not in seen:
+            seen.add(digest)
+            new.append((f"{digest}-{path.name}", path))
+    return kept, new
+
+
+def keep(run_dir: Path, new: list[tuple[str, Path]], devices: list[dict]) -> None:
+    """Copy the new files into the run, so later renders keep the device columns, and name them there."""
+    kept_as = {str(path): f"{DEVICE_DIR}/{name}" for name, path in new}
+    for device in devices:
+        for f in device["files"]:
+            f["file"] = kept_as.get(f["file"], f["file"])
+    for name, path in new:
+        (run_dir / DEVICE_DIR).mkdir(exist_ok=True)
+        atomic_write(run_dir / DEVICE_DIR / name, path.read_bytes())
+
+
+def _model_hashes(run_dir: Path) -> dict[str, str]:
+    """sha256 -> model file, for every model this run's metadata lists."""
+    meta = read_json(run_dir / "metadata.json", "the metadata written by `pipeline build`")
+    return {entry["sha256"]: name for name, entry in meta.get("models", {}).items() if entry.get("sha256")}
+
+
+def _as_given(path: Path, run_dir: Path) -> str:
+    """A file inside the run relative to it, any other as the user gave it (never made absolute)."""
+    try:
+        return path.relative_to(run_dir).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def merge(paths, variants: list[dict], run_dir: Path) -> list[dict]:
+    """Add each device file's figures to its variant's `device` dict; returns the devices seen.
+
+    A result counts only for a model this run contains byte for byte: the runner names the sha256
+    of the model it ran, and a file name alone (model_int8.tflite) fits every run.
+    """
+    hashes = _model_hashes(run_dir)
+    by_name = {v["file"]: v for v in variants}
+    devices, seen = {}, {}  # label -> device; (label, model, kind) -> the file that gave it
+    for path in map(Path, paths):
+        data = read_json(path, DEVICE_SOURCE)
+        if not isinstance(data, dict):
+            raise ReportError(f"{path}: a JSON {type(data).__name__}; expected {DEVICE_SOURCE}")
+        if data.get("schema") != SCHEMA:
+            raise ReportError(f"{path}: schema {data.get('schema')!r}; expected schema {SCHEMA}, {DEVICE_SOURCE}")
+        kind = data.get("kind")
+        if kind not in ("bench", "eval"):
+            raise ReportError(f"{path}: kind {kind!r}; expected 'bench' or 'eval', {DEVICE_SOURCE}")
+        name = re.split(r"[\\/]", str(data.get("model", "")))[-1]
+        if name not in by_name:
+            raise ReportError(f"{path}: model '{name}' is not in this run; expected one of {', '.join(by_name)}")
+        env = data.get("environment")
+        if not isinstance(env, dict) or not env.get("cpu") and not env.get("machine"):
+            raise ReportError(f"{path}: no 'environment' with 'cpu' or 'machine'; expected {DEVICE_SOURCE}")
+        figures = _device_figures(path, kind, data)
+        sha = data.get("model_sha256")
+        if not isinstance(sha, str):
+            raise ReportError(f"{path}: names no 'model_sha256', so nothing shows it ran this run's {name}; "
+                              "measure again with the runner of this run's bundle")
+        if hashes.get(sha) != name:
+            found = f"this run's {hashes[sha]}" if sha in hashes else "a model this run does not contain"
+            raise ReportError(f"{path}: measured {found} (sha256 {sha[:12]}...), not this run's {name}; "
+                              "pass results measured on this run's own bundle")
+        # `pipeline deploy` names the board; a file brought back by hand is labelled by its CPU.
+        label = (data.get("board") or {}).get("name") or _device_label(env)
+        if (label, name, kind) in seen:
+            raise ReportError(f"{path}: a second {kind} result for {name} on {label} (the first is "
+                              f"{seen[label, name, kind]}); pass one per model, kind and device")
+        seen[label, name, kind] = path
+        by_name[name]["device"].setdefault(label, {}).update(figures)
+        device = devices.setdefault(label, {"label": label, "environment": env,
+                                            "interpreter": data.get("interpreter"), "files": []})
+        device["files"].append({"file": _as_given(path, run_dir), "kind": kind, "variant": by_name[name]["variant"],
+                                **figures})
+    return list(devices.values())
+
+
+def _device_label(env: dict) -> str:
+    cpu, machine = env.get("cpu") or "", env.get("machine") or ""
+    return cpu if not machine or machine in cpu else f"{cpu} ({machine})" if cpu else machine
+
+
+def _device_figures(path: Path, kind: str, data: dict) -> dict:
+    def number(*keys):
+        value = data
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ReportError(f"{path}: no number at '{'.'.join(keys)}'; expected {DEVICE_SOURCE}")
+        return value
+
+    emulated = bool((data.get("board") or {}).get("emulated"))
+    if kind == "eval":
+        return {"accuracy": number("accuracy"), "n": number("n"), "data": data.get("data"), "emulated": emulated}
+    latency = {f"{k}_ms": number("latency", f"{k}_ms") for k in ("p50", "p90", "p99")}
+    return {**latency, "runs": number("latency", "n"), "warning": data["latency"].get("warning"), "emulated": emulated,
+            **{k: data.get(k) for k in ("threads", "xnnpack", "peak_rss_mb", "first_inference_ms", "load",
+                                        "preprocess", "memory", "board_state")},
+            "mean_ms": data["latency"].get("mean_ms"), "std_ms": data["latency"].get("std_ms"),
+            "min_ms": data["latency"].get("min_ms")}
