@@ -84,7 +84,7 @@ def board_session(spec: str, options: SshOptions, search_name: str, log):
 def write_payload(path: Path, models: list[tuple[str, str, Path, dict]]) -> dict[tuple[str, str], str]:
     """The payload .tar.gz of (candidate id, variant, .tflite, preprocessing) models; returns each model's
     path inside it. Reproducible, as a bundle is: the same models make the same bytes."""
-    from pipeline.ship.bundle import RUNNER_FILES, _write_archive
+    from pipeline.ship.bundle import RUNNER_FILES, write_archive
 
     groups: dict[tuple, tuple[dict, list]] = {}
     for cand, variant, file, spec in models:
@@ -106,7 +106,7 @@ def write_payload(path: Path, models: list[tuple[str, str, Path, dict]]) -> dict
     device_dir = Path(device.__file__).resolve().parent
     members.update({f"device/{name}": (device_dir / name).read_bytes() for name in RUNNER_FILES})
     members["requirements.txt"] = requirements().encode()
-    _write_archive(path, members)
+    write_archive(path, members)
     return where
 
 

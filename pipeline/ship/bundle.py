@@ -186,7 +186,7 @@ def _member(name: str, size: int = 0, directory: bool = False) -> tarfile.TarInf
     return info
 
 
-def _write_archive(path: Path, members: dict[str, bytes]) -> None:
+def write_archive(path: Path, members: dict[str, bytes]) -> None:
     """A .tar.gz of `members` (name -> bytes) that depends on nothing but their names and contents."""
     folders = sorted({str(Path(n).parent) for n in members} - {"."})
     with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
@@ -330,7 +330,7 @@ def _write_atomically(out: Path, members: dict[str, bytes]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        _write_archive(tmp, members)
+        write_archive(tmp, members)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
