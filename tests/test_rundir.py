@@ -270,7 +270,7 @@ UPDATES = {"report": [], "benchmark": ["--runs", "300", "--warmup", "5", "--thre
 
 @pytest.mark.slow
 def test_interrupting_report_benchmark_analyze_leaves_a_run_that_verifies(run_copy):
-    """SIGINT and SIGKILL at spread moments of each command that changes a finished run.
+    """SIGINT and SIGKILL at an early and a late moment of each command that changes a finished run.
 
     The moments are fractions of each command's own duration, timed alone first, so the signals land
     mid-command on a quiet machine as on a loaded one (two commands run at once below: slower, never
@@ -287,8 +287,10 @@ def test_interrupting_report_benchmark_analyze_leaves_a_run_that_verifies(run_co
         return time.perf_counter() - t0
 
     durations = {cmd: timed(cmd) for cmd in UPDATES}
+    # Each signal once per command, one early and one late in it (every interruption costs a command and a
+    # follow-up report, each a TensorFlow start).
     plans = [(cmd, max(0.6, fraction * durations[cmd]), sig) for cmd in UPDATES for fraction, sig in
-             ((0.2, signal.SIGINT), (0.4, signal.SIGKILL), (0.6, signal.SIGINT), (0.8, signal.SIGKILL))]
+             ((0.3, signal.SIGINT), (0.7, signal.SIGKILL))]
 
     def one(i_plan):
         i, (cmd, delay, sig) = i_plan
@@ -314,9 +316,9 @@ def test_interrupting_report_benchmark_analyze_leaves_a_run_that_verifies(run_co
     print(durations, *results, sep="\n")
     for cmd, sig, _delay, _hit, _rc, problems, follow_rc, beside in results:
         assert problems == [] and follow_rc == 0 and beside == [], (cmd, sig, problems, beside)
-    # Timed alone, so nearly every signal reaches a running command; one or two may still miss when the
+    # Timed alone, so nearly every signal reaches a running command; one may still miss when the
     # machine's load drops between the timing and the signal.
-    assert sum(hit for _, _, _, hit, *_ in results) >= 10, results
+    assert sum(hit for _, _, _, hit, *_ in results) >= len(plans) - 1, results
 
 
 def test_a_command_started_with_sigint_ignored_keeps_ignoring_it(run_copy):
@@ -372,7 +374,8 @@ def test_resume_notices_a_changed_keras_model(tmp_path):
 @pytest.mark.slow
 def test_resumed_train_finishes_what_was_asked(tmp_path):
     env = {**ENV}
-    proc = subprocess.Popen([*PIPELINE, "train", "--dataset", "digits", "--epochs", "30", "--name", "t"], cwd=tmp_path,
+    # Four epochs: the signal, sent as epoch 1 ends, lands in epoch 2, and the resume has epochs left to train.
+    proc = subprocess.Popen([*PIPELINE, "train", "--dataset", "digits", "--epochs", "4", "--name", "t"], cwd=tmp_path,
                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for line in proc.stdout:
         if line.startswith("epoch 1/"):  # epoch 2 is running: interrupt the training itself
@@ -386,6 +389,8 @@ def test_resumed_train_finishes_what_was_asked(tmp_path):
     final = tmp_path / "artifacts" / "t"
     assert (final / "model.keras").is_file() and not list(final.glob("*.tflite")) and not (final / "report.md").exists()
     assert verify_path(final) == []
+    training = json.loads((final / "manifest.json").read_text())["training"]
+    assert len(training["accuracy"]) == 4 and training.get("resumed_after_epoch", 0) >= 1, training
 
 
 @pytest.mark.slow
