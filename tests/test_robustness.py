@@ -326,7 +326,8 @@ class Build:
     def _read_stderr(self):
         self.stderr = self.proc.stderr.read()
 
-    def wait_for(self, pattern: str, timeout: float = 180) -> bool:
+    # Limits, not waits (both poll): a late marker can take minutes on a machine shared with other jobs.
+    def wait_for(self, pattern: str, timeout: float = 600) -> bool:
         """True once a stdout line matches; False if the build ended (or timed out) first."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
@@ -340,7 +341,7 @@ class Build:
                     if time.monotonic() > deadline:
                         return False
 
-    def finish(self, timeout: float = 300) -> int:
+    def finish(self, timeout: float = 600) -> int:
         rc = self.proc.wait(timeout=timeout)
         for t in self._threads:
             t.join(timeout=10)
@@ -394,7 +395,7 @@ def _kill_at(build: Build, marker: str, delay: float, sig: int, staging: Path) -
     return running, build.finish()
 
 
-def _wait_for_stage(build: Build, progress: Path, stage: str, timeout: float = 180) -> bool:
+def _wait_for_stage(build: Build, progress: Path, stage: str, timeout: float = 600) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and build.proc.poll() is None:
         try:
