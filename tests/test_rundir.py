@@ -78,14 +78,15 @@ def test_overwrite_replaces_a_run_and_modes_follow_the_umask(tmp_path):
                               cwd=tmp_path, preexec_fn=lambda: os.umask(0o027))
 
     out = tmp_path / "run"
-    proc = run("build", *FAST, "--quantize", "int8", "--runs", "5", "--warmup", "1", "--threads", "1", "--out", out)
+    proc = run("build", *FAST, "--model", "mnist-mlp", "--quantize", "int8", "--runs", "5", "--warmup", "1",
+               "--threads", "1", "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
     wrong = {k: oct(m) for k, m in modes.items() if m != (0o750 if (out / k).is_dir() else 0o640)}
     assert wrong == {}, wrong
     assert verify_path(out) == []
 
-    proc = run("train", *FAST, "--seed", "1", "--out", out, "--overwrite")
+    proc = run("train", *FAST, "--model", "mnist-mlp", "--seed", "1", "--out", out, "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "manifest.json").read_text())["config"]["seed"] == 1
     assert not (out / "model_int8.tflite").exists() and verify_path(out) == []
