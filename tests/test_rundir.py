@@ -381,6 +381,11 @@ def test_resumed_train_finishes_what_was_asked(tmp_path):
     for line in proc.stdout:
         if line.startswith("epoch 1/"):  # epoch 2 is running: interrupt the training itself
             break
+    # ... once epoch 1's checkpoint is on disk (written just after that line), so the resume can continue from it.
+    checkpoint = tmp_path / "artifacts" / ".t.partial" / ".train-checkpoint.npz"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "pipeline build --resume" in err, err[-2000:]
