@@ -154,7 +154,8 @@ def _offline_pip(env: dict) -> dict:
 
 def _digits_build(out: Path, side: Path, env: dict) -> subprocess.CompletedProcess:
     code = ("from pipeline.cli import main\n"
-            f"main(['build', '--dataset', 'digits', '--epochs', '1', '--no-benchmark', '--out', '{out}'])")
+            f"main(['build', '--dataset', 'digits', '--model', 'mnist-mlp', '--epochs', '1', '--no-benchmark', "
+            f"'--out', '{out}'])")
     env = {**env, "PYTHONPATH": str(REPO), "EDGEPIPE_TFLITE_SUPPORT": str(side)}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
 

@@ -27,8 +27,11 @@ from pipeline.verify import verify_path
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = REPO / "device" / "runner.py"
 PIPELINE = [sys.executable, "-m", "pipeline.cli"]
-# Tiny but complete: training, two conversions, evaluation, a short benchmark, the report.
-TINY = ["--dataset", "digits", "--epochs", "2", "--runs", "20", "--warmup", "2", "--threads", "1"]
+# Tiny but complete: training, two conversions, evaluation, a short benchmark, the report. The MLP: every
+# stage and file of a build as with the CNN, at a fraction of its training and conversion time.
+TINY = ["--dataset", "digits", "--model", "mnist-mlp", "--epochs", "2", "--runs", "20", "--warmup", "2",
+        "--threads", "1"]
+TINY_CNN = ["--dataset", "digits", "--epochs", "2", "--runs", "20", "--warmup", "2", "--threads", "1"]
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -324,7 +327,8 @@ class Build:
     def _read_stderr(self):
         self.stderr = self.proc.stderr.read()
 
-    def wait_for(self, pattern: str, timeout: float = 180) -> bool:
+    # Limits, not waits (both poll): a late marker can take minutes on a machine shared with other jobs.
+    def wait_for(self, pattern: str, timeout: float = 600) -> bool:
         """True once a stdout line matches; False if the build ended (or timed out) first."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
@@ -338,7 +342,7 @@ class Build:
                     if time.monotonic() > deadline:
                         return False
 
-    def finish(self, timeout: float = 300) -> int:
+    def finish(self, timeout: float = 600) -> int:
         rc = self.proc.wait(timeout=timeout)
         for t in self._threads:
             t.join(timeout=10)
@@ -392,7 +396,7 @@ def _kill_at(build: Build, marker: str, delay: float, sig: int, staging: Path) -
     return running, build.finish()
 
 
-def _wait_for_stage(build: Build, progress: Path, stage: str, timeout: float = 180) -> bool:
+def _wait_for_stage(build: Build, progress: Path, stage: str, timeout: float = 600) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and build.proc.poll() is None:
         try:
@@ -425,8 +429,10 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("interrupt")
 
 
-@pytest.mark.slow
-def test_interrupted_builds_leave_nothing_that_verifies_wrongly(workdir):
+@pytest.fixture(scope="module")
+def interrupted(workdir) -> dict:
+    """Every KILL_POINT, two builds at a time: {run name: (stage, signal, was it signalled, exit code, run
+    state, stages its staging folder records as done)}. The resume tests carry on from these builds."""
     def one(i_point):
         i, (stage, marker, delay, sig) = i_point
         name = f"k{i:02d}-{stage}"
@@ -443,34 +449,43 @@ def test_interrupted_builds_leave_nothing_that_verifies_wrongly(workdir):
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if (staging / ".progress.json").exists():
                 done = list(json.loads((staging / ".progress.json").read_text()))
-        return stage, sig.name, running, rc, state, done
+        return name, (stage, sig.name, running, rc, state, done)
 
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(one, enumerate(KILL_POINTS)))
+        return dict(pool.map(one, enumerate(KILL_POINTS)))
+
+
+@pytest.mark.slow
+def test_interrupted_builds_leave_nothing_that_verifies_wrongly(interrupted):
+    results = list(interrupted.values())
     print("\ninterruption points:")
     for r in results:
         print(f"  {r[0]:<11} {r[1]:<8} {'signalled' if r[2] else 'finished first'}, exit {r[3]}, run {r[4]}, "
               f"stages done: {', '.join(r[5]) or '-'}")
-    interrupted = [r for r in results if r[2] and r[3] != 0]
-    assert len(interrupted) >= 10, results
-    assert {r[0] for r in interrupted} >= {"training", "conversion", "evaluation", "benchmark", "report"}
+    stopped = [r for r in results if r[2] and r[3] != 0]
+    assert len(stopped) >= 10, results
+    assert {r[0] for r in stopped} >= {"training", "conversion", "evaluation", "benchmark", "report"}
     assert sum(r[4] == "absent" for r in results) >= 8  # most kills land before the commit
 
 
 @pytest.mark.slow
 def test_resume_after_repeated_interruptions(workdir):
-    final = workdir / "artifacts" / "chain"
-    build = Build([*TINY, "--name", "chain"], workdir)
+    # On the CNN it was written for: with the MLP, one run's SIGINT 0.2 s into the report of a resumed
+    # build ended in exit 0 instead of a stop (not yet understood; see the branch's report).
+    name = "chain"
+    final = workdir / "artifacts" / name
+    staging = workdir / "artifacts" / f".{name}.partial"
+    build = Build([*TINY_CNN, "--name", name], workdir)
     for n, (stage, marker, delay, sig) in enumerate(CHAIN):
-        running, rc = _kill_at(build, marker, delay, sig, workdir / "artifacts" / ".chain.partial")
+        running, rc = _kill_at(build, marker, delay, sig, staging)
         assert running and rc != 0, (stage, rc, build.stdout)
         assert _check_after_kill(build, sig, rc, final, f"chain {stage}") == "absent"
-        assert (workdir / "artifacts" / ".chain.partial" / "config.json").is_file()
+        assert (staging / "config.json").is_file()
         if n:
             assert "resuming the interrupted build" in build.stdout
             assert "training " not in build.stdout  # the trained model was reused, not trained again
         # by name the first times, by directory the last
-        target = "chain" if n < len(CHAIN) - 1 else str(Path("artifacts") / "chain")
+        target = name if n < len(CHAIN) - 1 else str(Path("artifacts") / name)
         build = Build(["--resume", target], workdir)
     rc = build.finish()
     assert rc == 0, build.stdout + build.stderr[-3000:]
@@ -478,51 +493,50 @@ def test_resume_after_repeated_interruptions(workdir):
     assert "reused from the interrupted build: train, convert, evaluate, benchmark" in build.stdout, build.stdout
     assert "training " not in build.stdout and "converted" not in build.stdout and "latency" not in build.stdout
     assert verify_path(final) == []
-    assert not (workdir / "artifacts" / ".chain.partial").exists()
+    assert not staging.exists()
     assert not list(final.rglob(".*"))  # no lock, progress or temporary file made it into the run
     manifest = json.loads((final / "manifest.json").read_text())
     assert manifest["reused_stages"] == ["train", "convert", "evaluate", "benchmark"]
     assert manifest["config"]["epochs"] == 2 and manifest["config"]["bench_runs"] == 20  # the saved options
 
-    proc = subprocess.run([*PIPELINE, "build", "--resume", "chain"], cwd=workdir, capture_output=True, text=True,
+    proc = subprocess.run([*PIPELINE, "build", "--resume", name], cwd=workdir, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 1 and "already complete" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
-def test_resume_rejects_a_damaged_stage(workdir):
+def test_resume_rejects_a_damaged_stage(workdir, interrupted):
     """A finished stage whose file changed on disk is done again, and so is every stage built on it:
     a model trained again means converting again, even though the old .tflite files are intact."""
-    build = Build([*TINY, "--name", "damaged"], workdir)
-    staging = workdir / "artifacts" / ".damaged.partial"
-    running, rc = _kill_at(build, r"^accuracy +fp32", 0.0, signal.SIGKILL, staging)
-    assert running and rc == -signal.SIGKILL
-    assert set(json.loads((staging / ".progress.json").read_text())) == {"train", "convert"}
-    _flip(staging / "model.keras", 100)
-    build = Build(["--resume", "damaged"], workdir)
+    # The build KILL_POINTS interrupted as it began evaluating: training and conversion were done.
+    name = "k06-evaluation"
+    assert KILL_POINTS[6][1] == r"^accuracy +fp32"
+    stage, _, running, rc, state, done = interrupted[name]
+    assert running and rc != 0 and state == "absent", interrupted[name]
+    assert set(done) == {"train", "convert"}, done
+    _flip(workdir / "artifacts" / f".{name}.partial" / "model.keras", 100)
+    build = Build(["--resume", name], workdir)
     assert build.finish() == 0, build.stderr[-3000:]
     assert "nothing from the interrupted build could be reused" in build.stdout
     assert "training " in build.stdout and "converted int8" in build.stdout
-    assert verify_path(workdir / "artifacts" / "damaged") == []
+    assert verify_path(workdir / "artifacts" / name) == []
 
 
 # ---------------------------------------------------------------- concurrency
 
 @pytest.mark.slow
 def test_concurrent_builds(tmp_path):
-    # Different names into one artifacts folder: both finish and verify.
+    # Different names into one artifacts folder at once: both finish and verify.
     a, b = Build([*TINY, "--name", "one"], tmp_path), Build([*TINY, "--name", "two"], tmp_path)
+
+    # Meanwhile the same name again: it sees the first's lock and refuses in one line; the first is unharmed.
+    assert a.wait_for(r"^data: ")  # printed once the first holds the run directory
+    same = Build([*TINY, "--name", "one"], tmp_path)
+    assert same.finish() == 1
+    errors = _error_lines(same.stderr)
+    assert len(errors) == 1 and "another build" in errors[0] and "is writing" in errors[0], same.stderr
+    assert "Traceback" not in same.stderr
+
     assert a.finish() == 0, a.stderr[-3000:]
     assert b.finish() == 0, b.stderr[-3000:]
     assert verify_path(tmp_path / "artifacts" / "one") == [] and verify_path(tmp_path / "artifacts" / "two") == []
-
-    # The same name: the second sees the first's lock and refuses in one line; the first is unharmed.
-    first = Build([*TINY, "--name", "same"], tmp_path)
-    assert first.wait_for(r"^data: ")  # printed once the first holds the run directory
-    second = Build([*TINY, "--name", "same"], tmp_path)
-    assert second.finish() == 1
-    errors = _error_lines(second.stderr)
-    assert len(errors) == 1 and "another build" in errors[0] and "is writing" in errors[0], second.stderr
-    assert "Traceback" not in second.stderr
-    assert first.finish() == 0, first.stderr[-3000:]
-    assert verify_path(tmp_path / "artifacts" / "same") == []

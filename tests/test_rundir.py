@@ -78,14 +78,15 @@ def test_overwrite_replaces_a_run_and_modes_follow_the_umask(tmp_path):
                               cwd=tmp_path, preexec_fn=lambda: os.umask(0o027))
 
     out = tmp_path / "run"
-    proc = run("build", *FAST, "--quantize", "int8", "--runs", "5", "--warmup", "1", "--threads", "1", "--out", out)
+    proc = run("build", *FAST, "--model", "mnist-mlp", "--quantize", "int8", "--runs", "5", "--warmup", "1",
+               "--threads", "1", "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
     wrong = {k: oct(m) for k, m in modes.items() if m != (0o750 if (out / k).is_dir() else 0o640)}
     assert wrong == {}, wrong
     assert verify_path(out) == []
 
-    proc = run("train", *FAST, "--seed", "1", "--out", out, "--overwrite")
+    proc = run("train", *FAST, "--model", "mnist-mlp", "--seed", "1", "--out", out, "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "manifest.json").read_text())["config"]["seed"] == 1
     assert not (out / "model_int8.tflite").exists() and verify_path(out) == []
@@ -270,7 +271,7 @@ UPDATES = {"report": [], "benchmark": ["--runs", "300", "--warmup", "5", "--thre
 
 @pytest.mark.slow
 def test_interrupting_report_benchmark_analyze_leaves_a_run_that_verifies(run_copy):
-    """SIGINT and SIGKILL at spread moments of each command that changes a finished run.
+    """SIGINT and SIGKILL at an early and a late moment of each command that changes a finished run.
 
     The moments are fractions of each command's own duration, timed alone first, so the signals land
     mid-command on a quiet machine as on a loaded one (two commands run at once below: slower, never
@@ -287,8 +288,10 @@ def test_interrupting_report_benchmark_analyze_leaves_a_run_that_verifies(run_co
         return time.perf_counter() - t0
 
     durations = {cmd: timed(cmd) for cmd in UPDATES}
+    # Each signal once per command, one early and one late in it (every interruption costs a command and a
+    # follow-up report, each a TensorFlow start).
     plans = [(cmd, max(0.6, fraction * durations[cmd]), sig) for cmd in UPDATES for fraction, sig in
-             ((0.2, signal.SIGINT), (0.4, signal.SIGKILL), (0.6, signal.SIGINT), (0.8, signal.SIGKILL))]
+             ((0.3, signal.SIGINT), (0.7, signal.SIGKILL))]
 
     def one(i_plan):
         i, (cmd, delay, sig) = i_plan
@@ -314,9 +317,9 @@ def test_interrupting_report_benchmark_analyze_leaves_a_run_that_verifies(run_co
     print(durations, *results, sep="\n")
     for cmd, sig, _delay, _hit, _rc, problems, follow_rc, beside in results:
         assert problems == [] and follow_rc == 0 and beside == [], (cmd, sig, problems, beside)
-    # Timed alone, so nearly every signal reaches a running command; one or two may still miss when the
+    # Timed alone, so nearly every signal reaches a running command; one may still miss when the
     # machine's load drops between the timing and the signal.
-    assert sum(hit for _, _, _, hit, *_ in results) >= 10, results
+    assert sum(hit for _, _, _, hit, *_ in results) >= len(plans) - 1, results
 
 
 def test_a_command_started_with_sigint_ignored_keeps_ignoring_it(run_copy):
@@ -372,11 +375,17 @@ def test_resume_notices_a_changed_keras_model(tmp_path):
 @pytest.mark.slow
 def test_resumed_train_finishes_what_was_asked(tmp_path):
     env = {**ENV}
-    proc = subprocess.Popen([*PIPELINE, "train", "--dataset", "digits", "--epochs", "30", "--name", "t"], cwd=tmp_path,
+    # Four epochs: the signal, sent as epoch 1 ends, lands in epoch 2, and the resume has epochs left to train.
+    proc = subprocess.Popen([*PIPELINE, "train", "--dataset", "digits", "--epochs", "4", "--name", "t"], cwd=tmp_path,
                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for line in proc.stdout:
         if line.startswith("epoch 1/"):  # epoch 2 is running: interrupt the training itself
             break
+    # ... once epoch 1's checkpoint is on disk (written just after that line), so the resume can continue from it.
+    checkpoint = tmp_path / "artifacts" / ".t.partial" / ".train-checkpoint.npz"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "pipeline build --resume" in err, err[-2000:]
@@ -386,6 +395,8 @@ def test_resumed_train_finishes_what_was_asked(tmp_path):
     final = tmp_path / "artifacts" / "t"
     assert (final / "model.keras").is_file() and not list(final.glob("*.tflite")) and not (final / "report.md").exists()
     assert verify_path(final) == []
+    training = json.loads((final / "manifest.json").read_text())["training"]
+    assert len(training["accuracy"]) == 4 and training.get("resumed_after_epoch", 0) >= 1, training
 
 
 @pytest.mark.slow
