@@ -305,13 +305,14 @@ def _updating(run_dir: Path, log):
 def merge(run_dir: Path, entries: list[dict], reference: dict, log) -> None:
     """One atomic update of the run: device results, deploy.json, the report and the manifest."""
     from pipeline.report import render as report
+    from pipeline.report.device_results import DEVICE_DIR
 
     with _updating(run_dir, log) as (stage, _), tempfile.TemporaryDirectory(prefix="edgepipe-results-") as tmp:
         try:
             record = json.loads((stage / DEPLOY_JSON).read_text())
         except (OSError, ValueError):
             record = {"schema": 1, "boards": {}}
-        folder, new = stage / report.DEVICE_DIR, []
+        folder, new = stage / DEVICE_DIR, []
         for entry in entries:
             results = entry.pop("results", None)
             if results:
