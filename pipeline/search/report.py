@@ -188,6 +188,9 @@ def sections(r: dict) -> list[dict]:
             candidates.append([row["candidate"]["id"], v, _fmt(c.get("latency_ms"), ".3f"), f"{c['size_kb']:.1f}",
                                _fmt(c.get("arena_kb"), ".1f"),
                                "yes" if not c["problems"] else "no: " + ", ".join(c["problems"])])
+    # A trial stopped before it started has no candidate or epochs yet: every cell is text, "-" for nothing.
+    front, trials, candidates = ([["-" if c is None else str(c) for c in row] for row in rows]
+                                 for rows in (front, trials, candidates))
     return [
         {"id": "pick", "heading": "The pick", "paragraphs": [_pick(r)]},
         {"id": "front", "heading": "Pareto front", "figure": ("front.png", "Test accuracy (95% intervals) of every "
