@@ -226,11 +226,16 @@ def convert_stage(run: RunDir, cfg: BuildConfig, data: Dataset, model, reused: l
     inputs = {**_hashes(run, ["model.keras"]), "data": data.source["sha256"],
               "options": {k: getattr(cfg, k) for k in ("quantize", "calibration_samples", "int8_io", "seed")}}
     inputs["options"]["quantize"] = list(cfg.quantize)
+    if any(v in convert.CALIBRATED for v in cfg.quantize) and len(data.x_train):
+        files.append(convert.CALIBRATION)
     if run.reusable("convert", inputs, files):
         reused.append("convert")
     else:
         for v, (flatbuffer, _) in convert.convert_all(model, cfg, data, log=log).items():
             run.write(f"model_{v}.tflite", flatbuffer)
+        if convert.CALIBRATION in files:  # the export converts int8 again from model.keras on these
+            _save_npz(run.path(convert.CALIBRATION),
+                      x=convert.calibration_pixels(data, cfg.calibration_samples, cfg.seed))
         _tflite_metadata(cfg, data, run.staging, cfg.quantize, log)
         run.stage_done("convert", files, None, inputs)
     return list(cfg.quantize)
@@ -388,14 +393,16 @@ def _write_samples(folder: Path, data: Dataset, images: int = 8, labelled: int =
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         atomic_write(folder / sample_name(n, data.spec.labels[int(data.y_test[i])]), buf.getvalue())
-    buf = io.BytesIO()
-    np.savez_compressed(buf, x=data.x_test[:labelled], y=data.y_test[:labelled])
-    atomic_write(folder / "eval.npz", buf.getvalue())
+    _save_npz(folder / "eval.npz", x=data.x_test[:labelled], y=data.y_test[:labelled])
 
 
 def _save_predictions(path: Path, probs: dict[str, np.ndarray], y: np.ndarray) -> None:
+    _save_npz(path, y=np.asarray(y), **{f"probs_{k}": v for k, v in probs.items()})
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     buf = io.BytesIO()
-    np.savez_compressed(buf, y=np.asarray(y), **{f"probs_{k}": v for k, v in probs.items()})
+    np.savez_compressed(buf, **arrays)
     atomic_write(path, buf.getvalue())
 
 

@@ -634,9 +634,8 @@ def deploy(run_dir, targets, bundle_path, runs, warmup, threads, timeout, clean,
               help="Refuse to export unless the model and its arena fit this board.")
 @click.option("--flash", type=ByteSize(), help="Flash free for the model, for a board not in --board's list.")
 @click.option("--ram", type=ByteSize(), help="RAM free for the tensor arena, for a board not in --board's list.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where the run's dataset is now, if not where it was built from.")
-@click.option("--test-images", type=click.IntRange(min=1), help="Check accuracy on the first N test images only.")
+@click.option("--test-images", type=click.IntRange(min=1),
+              help="Check accuracy on the first N of the run's labelled test images (samples/eval.npz) only.")
 @handle_errors
 def export(run_dir, target, **kwargs):
     """Export a finished run for a microcontroller: C/C++ sources, measured arena, accuracy under TFLite Micro."""

@@ -66,18 +66,25 @@ PRESETS = {
     "int16x8": int16_activations_int8_weights,
 }
 CALIBRATED = ("int8", "int16x8")  # the presets that read calibration images
+CALIBRATION = "calibration.npz"  # in the run (not the bundle): the pixels int8 was calibrated on, as array x
 
 
 def calibration_images(data: Dataset, count: int, seed: int) -> np.ndarray:
     """A seeded sample of the training split (never validation or test, never augmented), normalized like
     training, stratified: each class gets its share, so a rare class still sets the activation ranges."""
+    return normalize(calibration_pixels(data, count, seed), data.spec.to_dict())
+
+
+def calibration_pixels(data: Dataset, count: int, seed: int) -> np.ndarray:
+    """The images calibration_images normalizes, as the dataset holds them (uint8): what the run keeps in
+    CALIBRATION, so the TFLM export converts again on exactly these without the dataset."""
     rng = np.random.default_rng(seed)
     classes = np.unique(data.y_train)
     members = [rng.permutation(np.flatnonzero(data.y_train == c)) for c in classes]
     # Round-robin over the shuffled classes: equal shares, and the rest from classes that have more.
     order = [m[i] for i in range(max(map(len, members), default=0)) for m in members if i < len(m)]
     take = np.sort(np.array(order[:count], dtype=np.int64))
-    return normalize(data.x_train[take], data.spec.to_dict())
+    return data.x_train[take]
 
 
 def convert(model, variant: str, cfg: BuildConfig, calibration: np.ndarray) -> bytes:

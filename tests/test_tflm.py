@@ -123,10 +123,13 @@ def test_micro_model_is_lean_and_predicts_as_the_runs_int8(mnist_export):
     assert summary["ops"] == list(dict.fromkeys(ops))
     assert (out / "model.tflite").stat().st_size < (run / "model_int8.tflite").stat().st_size
     assert "batch 1" in summary["conversion"]
-    # Calibrated on the same images as the run's int8 model: the same predictions on the whole test split.
+    # Calibrated on the same images as the run's int8 model (calibration.npz): the same predictions on the
+    # run's labelled test samples as the run's int8 made in its evaluation.
     assert summary["accuracy"]["agreement_with_run"] == 1.0
-    evaluation = json.loads((run / "evaluation.json").read_text())
-    assert summary["accuracy"]["accuracy_litert"] == evaluation["variants"]["int8"]["accuracy"]
+    n = summary["accuracy"]["images"]
+    with np.load(run / "samples" / "eval.npz") as samples, np.load(run / "predictions.npz") as p:
+        assert n == len(samples["y"]) and np.array_equal(samples["y"], p["y"][:n])
+        assert summary["accuracy"]["accuracy_litert"] == float((p["probs_int8"][:n].argmax(1) == p["y"][:n]).mean())
 
 
 def test_variants_fit_table(mnist_export):
@@ -310,7 +313,11 @@ def check_predictions(out: Path, run: Path, x: np.ndarray, y: np.ndarray) -> dic
 
 
 def test_mnist_tflm_predictions_equal_litert(mnist_export, mnist_test):
-    acc = check_predictions(mnist_export[1], mnist_export[0], *mnist_test)
+    run, out = mnist_export
+    with np.load(run / "samples" / "eval.npz") as samples:  # what the export checks: the first test images
+        x, y = samples["x"], samples["y"]
+    assert np.array_equal(x, mnist_test[0][:len(x)]) and np.array_equal(y, mnist_test[1][:len(y)])
+    acc = check_predictions(out, run, x, y)
     assert acc["agreement"] >= 0.99  # a trained model: its top-1 labels survive XNNPACK's rounding
 
 
@@ -431,9 +438,47 @@ def test_overwrite_replaces_an_export(mnist_export):
     assert not list(out.parent.glob(f".{out.name}*"))
 
 
-def test_missing_data(mnist_export, tmp_path):
-    run, _ = mnist_export
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    one_line_error(invoke("export", run, "--out", tmp_path / "x", "--data-dir", empty), "--data-dir")
+def test_run_without_calibration_images(mnist_export, tmp_path):
+    """A run built before runs kept calibration.npz: one line naming the file and the fix, nothing written."""
+    run = tmp_path / "old"
+    shutil.copytree(mnist_export[0], run)
+    (run / "calibration.npz").unlink()
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest["files"]["calibration.npz"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    one_line_error(invoke("export", run, "--out", tmp_path / "x"), "no calibration.npz", "`pipeline build`")
+    assert not (tmp_path / "x").exists()
     one_line_error(invoke("export", tmp_path, "--out", tmp_path / "y"), "pipeline build")
+
+
+def test_export_reads_the_run_not_the_dataset(tmp_path):
+    """Built from an mnist.npz that is gone by export time: the export needs only the run's own files
+    (calibration.npz, hashed in the manifest like the rest, and never in the bundle)."""
+    from pipeline.data import load_dataset
+
+    digits = load_dataset("digits", seed=0)
+    data_dir = tmp_path / "mnist"
+    data_dir.mkdir()
+    np.savez(data_dir / "mnist.npz", x_train=digits.x_train[..., 0], y_train=digits.y_train,
+             x_test=digits.x_test[..., 0], y_test=digits.y_test)
+    run = tmp_path / "run"
+    result = invoke("build", "--dataset", "mnist", "--data-dir", data_dir, "--epochs", "1", "--quantize", "int8",
+                    "--calibration-samples", "40", "--no-benchmark", "--out", run)
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(data_dir)
+    with np.load(run / "calibration.npz") as f:
+        assert f["x"].dtype == np.uint8 and f["x"].shape == (40, 28, 28, 1)
+    result = invoke("export", run, "--out", tmp_path / "x")
+    assert result.exit_code == 0, result.output
+    assert "calibrated on the run's 40 training images" in result.output
+    assert json.loads((tmp_path / "x" / MARKER).read_text())["accuracy"]["images"] == 200
+    assert invoke("verify", run).exit_code == 0
+    assert invoke("bundle", run, "--out", tmp_path / "b.tar.gz").exit_code == 0
+    with tarfile.open(tmp_path / "b.tar.gz") as tar:
+        assert not [n for n in tar.getnames() if "calibration" in n]
+    with np.load(run / "calibration.npz") as f:
+        x = f["x"].copy()
+    x[0, 0, 0, 0] ^= 1
+    np.savez_compressed(run / "calibration.npz", x=x)
+    result = invoke("verify", run)
+    assert result.exit_code != 0 and "calibration.npz" in result.output

@@ -4,11 +4,11 @@ From a finished run: the int8 model made lean for a microcontroller (batch fixed
 its arena measured and its accuracy checked under TFLM's kernels (micro/runtime.py), which boards it fits,
 and a folder plus .tar.gz of C/C++ sources and a README (micro/sources.py). The run's manifest and
 report gain the flash and RAM figures (tflm.json). Nothing is half-written: the folder is built in a
-staging folder beside its target and renamed into place when every figure is in.
+staging folder beside its target and renamed into place when every figure is in. It reads only the run
+(model.keras, calibration.npz, samples/eval.npz), never the dataset: it does not build anything again.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 
 import pipeline
-from device.core import Model
+from device.core import Model, normalize
 from device.integrity import METADATA_NAME, UMASK, DeviceError, read_model_bytes, sha256_file
 from pipeline.artifacts import MANIFEST, check_unchanged, updating, write_json
+from pipeline.build import SAMPLES
+from pipeline.convert import CALIBRATION
 from pipeline.micro import runtime
 from pipeline.micro import sources as c_sources
 from pipeline.micro.fit import BOARDS, FLASH_ALLOWANCE, RAM_ALLOWANCE, Budget, choose_budget, fits
@@ -50,30 +52,29 @@ def _read_run(run_dir: Path) -> tuple[dict, dict]:
     return meta, manifest
 
 
-def _run_data(manifest: dict, data_dir: Path | None, run_dir: Path):
-    """The data the run was built from, checked against the manifest's hash: the lean model is
-    calibrated on its training split as the run was, and judged on its test split."""
-    from pipeline.config import BuildConfig
-    from pipeline.data import DataError, load_dataset
-
-    cfg = BuildConfig.from_dict(manifest["config"])
-    where = str(data_dir) if data_dir else cfg.data_dir
+def _test_samples(run_dir: Path, count: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The run's labelled test images (samples/eval.npz, the first of its test split): what the export is
+    judged on, against the run's own variant on the same images."""
     try:
-        data = load_dataset(cfg.dataset, where, seed=cfg.seed, validation_fraction=cfg.validation_fraction,
-                            input_shape=cfg.input_shape)
-    except DataError as e:
-        raise ExportError(f"{e}; the export evaluates {run_dir} on its test split: pass --data-dir DIR with "
-                          f"the {cfg.dataset} files it was built from")
-    want = manifest.get("data", {}).get("sha256")
-    if want and data.source["sha256"] != want:
-        raise ExportError(f"the {cfg.dataset} data at {where or 'the download cache'} is not what {run_dir} was "
-                          f"built from (sha256 {data.source['sha256'][:12]}..., the manifest says {want[:12]}...); "
-                          "pass --data-dir DIR with the run's data")
-    # The images as the run fed them (--input-range, a Rescaling layer, a detected range), not the
-    # dataset's default 0..1: calibrating on other values would make another model.
-    pre = meta_preprocess(manifest)
-    return cfg, dataclasses.replace(data, spec=dataclasses.replace(data.spec, scale=pre["scale"],
-                                                                   offset=pre["offset"]))
+        with np.load(run_dir / SAMPLES / "eval.npz") as f:
+            x, y = f["x"], f["y"]
+    except (OSError, KeyError, ValueError):
+        raise ExportError(f"{run_dir}: no readable {SAMPLES}/eval.npz, the test images the export is checked on "
+                          "(a run built without test images); rebuild it with `pipeline build`")
+    return (x, y) if count is None else (x[:count], y[:count])
+
+
+def _calibration(run_dir: Path, manifest: dict) -> np.ndarray:
+    """The training images the run's int8 model was calibrated on, normalized as the run fed them (its
+    --input-range, a Rescaling layer, a detected range): calibrating on other values makes another model."""
+    try:
+        with np.load(run_dir / CALIBRATION) as f:
+            pixels = f["x"]
+    except (OSError, KeyError, ValueError):
+        raise ExportError(f"{run_dir}: no {CALIBRATION}, the training images its int8 model was calibrated on "
+                          "(runs built before edgepipe kept them have none), so it cannot be converted again with "
+                          "batch 1 and int8 input/output; rebuild the run with `pipeline build`")
+    return normalize(pixels, meta_preprocess(manifest))
 
 
 def meta_preprocess(manifest: dict) -> dict:
@@ -84,7 +85,7 @@ def meta_preprocess(manifest: dict) -> dict:
     return pre
 
 
-def lean_model(run_dir: Path, variant: str, file: str, meta: dict, cfg, data, layers: set[str],
+def lean_model(run_dir: Path, variant: str, file: str, meta: dict, manifest: dict, layers: set[str],
                log) -> tuple[bytes, str]:
     """The model for the microcontroller and how it was made. A model with int8 input and output and no
     run-time shape ops goes as it is; the int8 variant otherwise is converted again from model.keras
@@ -106,21 +107,23 @@ def lean_model(run_dir: Path, variant: str, file: str, meta: dict, cfg, data, la
     if not (run_dir / "model.keras").is_file():
         raise ExportError(f"{run_dir}: no model.keras to convert again with batch 1 and int8 input/output; "
                           "rebuild the run with `pipeline build`")
+    calibration = _calibration(run_dir, manifest)
     import keras
 
-    from pipeline.convert import calibration_images, convert
+    from pipeline.config import BuildConfig
+    from pipeline.convert import convert
 
+    cfg = BuildConfig.from_dict(manifest["config"])
     why = [f"its batch is dynamic ({', '.join(dynamic)})"] if dynamic else []
     why += [f"it has {' and '.join(float_io)} (--int8-io float)"] if float_io else []
     log(f"tflm: converting model.keras again for a microcontroller because {'; '.join(why)}: batch 1, int8 "
-        f"input/output, calibrated on the run's {min(cfg.calibration_samples, len(data.x_train))} training images")
+        f"input/output, calibrated on the run's {len(calibration)} training images ({CALIBRATION})")
     model = keras.models.load_model(run_dir / "model.keras")
     inputs = keras.Input(model.input_shape[1:], batch_size=1)
     fixed = keras.Model(inputs, model(inputs), name=model.name)
-    calibration = calibration_images(data, cfg.calibration_samples, cfg.seed)
     flatbuffer = convert(fixed, "int8", replace(cfg, int8_io="int8"), calibration)
     return flatbuffer, (f"model.keras converted again with batch 1 and int8 input/output, calibrated as {file} "
-                        f"was ({cfg.calibration_samples} training images, seed {cfg.seed})")
+                        f"was ({len(calibration)} training images, seed {cfg.seed})")
 
 
 def _layer_names(run_dir: Path) -> set[str]:
@@ -275,7 +278,7 @@ def _versions() -> dict:
 
 def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None = None, board: str | None = None,
                 flash: int | None = None, ram: int | None = None, overwrite: bool = False,
-                data_dir: Path | None = None, test_images: int | None = None, log=print) -> Path:
+                test_images: int | None = None, log=print) -> Path:
     """Write the export folder and its .tar.gz; record the figures in the run. Returns the folder."""
     run_dir = Path(run_dir)
     meta, manifest = _read_run(run_dir)
@@ -286,9 +289,9 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
     _check_target(out, archive, run_dir, overwrite)
     files = {m["variant"]: name for name, m in meta["models"].items()}
     variant = _export_variant(run_dir, files, variant, log)
-    cfg, data = _run_data(manifest, data_dir, run_dir)
+    x, y = _test_samples(run_dir, test_images)
     layers = _layer_names(run_dir)
-    model_bytes, conversion = lean_model(run_dir, variant, files[variant], meta, cfg, data, layers, log)
+    model_bytes, conversion = lean_model(run_dir, variant, files[variant], meta, manifest, layers, log)
     source = f"{run_dir.name}/{files[variant]}"
     ops = runtime.check_ops(runtime.read_graph(model_bytes), layers, source)
 
@@ -297,10 +300,9 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
     staging.chmod(0o777 & ~UMASK)  # mkdtemp's private mode would carry over to the published folder
     try:
         (staging / "model.tflite").write_bytes(model_bytes)
-        litert, arena = _arena(staging / "model.tflite", model_bytes, meta, data, budget, source, ops, log)
-        n = len(data.x_test) if test_images is None else min(test_images, len(data.x_test))
-        accuracy = _accuracy(run_dir, staging / "model.tflite", model_bytes, arena, meta, data, variant,
-                             files[variant], n, log)
+        litert, arena = _arena(staging / "model.tflite", model_bytes, meta, x[:1], budget, source, ops, log)
+        accuracy = _accuracy(run_dir, staging / "model.tflite", model_bytes, arena, meta, x, y, variant,
+                             files[variant], log)
         summary = {
             "kind": KIND, "schema": 1, "run": run_dir.name, "variant": variant, "source": source,
             "conversion": conversion, "flash_bytes": len(model_bytes), "sha256": sha256_file(staging / "model.tflite"),
@@ -312,7 +314,7 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
             "budget": {"name": budget.name, "flash": budget.flash, "ram": budget.ram} if budget else None,
             "export": {"folder": str(out), "archive": str(archive)}, "versions": _versions(),
         }
-        _write_sources(staging, summary, model_bytes, meta, litert, data, out.name)
+        _write_sources(staging, summary, model_bytes, meta, litert, x, y, out.name)
         _publish(staging, out, archive)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -345,13 +347,13 @@ def _export_variant(run_dir: Path, files: dict[str, str], variant: str | None, l
     return variant
 
 
-def _arena(path: Path, model_bytes: bytes, meta: dict, data, budget: Budget | None, source: str, ops, log):
+def _arena(path: Path, model_bytes: bytes, meta: dict, image, budget: Budget | None, source: str, ops, log):
     """(the model under LiteRT, its measured arena), refusing a model that does not fit the budget."""
     try:
         litert = Model(path, metadata=meta, verify=False)
     except DeviceError as e:
         raise ExportError(str(e))
-    sample = litert.prepare(data.x_test[:1])
+    sample = litert.prepare(image)
     arena = runtime.measure_arena(model_bytes, sample)
     log(f"tflm: {len(model_bytes):,} bytes of flash, arena {arena['measured']:,} bytes measured, "
         f"{arena['recommended']:,} with the margin; ops {', '.join(ops)}")
@@ -364,10 +366,11 @@ def _arena(path: Path, model_bytes: bytes, meta: dict, data, budget: Budget | No
     return litert, arena
 
 
-def _accuracy(run_dir: Path, path: Path, model_bytes: bytes, arena: dict, meta: dict, data, variant: str,
-              file: str, n: int, log) -> dict:
-    """TFLM against LiteRT and against the run's own figures on the first n test images; refused when
+def _accuracy(run_dir: Path, path: Path, model_bytes: bytes, arena: dict, meta: dict, x, y, variant: str,
+              file: str, log) -> dict:
+    """TFLM against LiteRT and against the run's own figures on the run's first test images; refused when
     they disagree (see _check_agreement)."""
+    n = len(y)
     log(f"tflm: running {n:,} test images through TFLite Micro and LiteRT")
     probs_path = run_dir / "predictions.npz"
     run_probs = None
@@ -376,17 +379,17 @@ def _accuracy(run_dir: Path, path: Path, model_bytes: bytes, arena: dict, meta: 
             run_probs = p[f"probs_{variant}"][:n] if f"probs_{variant}" in p.files else None
     labels = list(meta["preprocess"]["labels"])
     accuracy = compare(model_bytes, path, arena["recommended"], meta["preprocess"],
-                       data.x_test[:n], data.y_test[:n], labels, run_probs)
+                       x, y, labels, run_probs)
     evaluation = (json.loads((run_dir / "evaluation.json").read_text())
                   if (run_dir / "evaluation.json").is_file() else {})
     reported = evaluation.get("variants", {}).get(variant, {}).get("accuracy")
     accuracy["report_accuracy"] = reported if n == evaluation.get("n") else None
-    accuracy["run_accuracy"] = _run_accuracy(run_dir / file, meta, data.x_test[:n], data.y_test[:n])
+    accuracy["run_accuracy"] = _run_accuracy(run_dir / file, meta, x, y)
     _check_agreement(accuracy, variant, n, log)
     return accuracy
 
 
-def _write_sources(staging: Path, summary: dict, model_bytes: bytes, meta: dict, litert, data, name: str) -> None:
+def _write_sources(staging: Path, summary: dict, model_bytes: bytes, meta: dict, litert, x, y, name: str) -> None:
     """The C/C++ sources, README and the export's own manifest (MARKER, with every file's hash)."""
     k = summary["accuracy"]["example_index"]
     sources = c_sources.render(
@@ -395,7 +398,7 @@ def _write_sources(staging: Path, summary: dict, model_bytes: bytes, meta: dict,
         preprocess=meta["preprocess"], input_spec=summary["input"], output_spec=summary["output"],
         labels=list(meta["preprocess"]["labels"]), arena=summary["arena"], ops=summary["ops"],
         resolver_methods=runtime.MICRO_OPS, pixel_table=runtime.pixel_table(meta["preprocess"], litert.input),
-        test_image=data.x_test[k], test_label=int(data.y_test[k]), test_index=k)
+        test_image=x[k], test_label=int(y[k]), test_index=k)
     sources["README.md"] = c_sources.readme(summary, name)
     for file, text in sources.items():
         (staging / file).write_text(text, encoding="utf-8")
