@@ -1,9 +1,8 @@
 """What went wrong, decided in one place: an interruption, the user's input, the machine, or a bug.
 
-build.py asks before it deletes anything (only the user's input throws a staging folder away); cli.py
-asks to choose the exit code and the one line. Ctrl-C inside TensorFlow can come back as an unrelated
-error (seen: "ValueError: None values not supported"), so while a command runs under `ctrl_c()` the
-signal itself is remembered and wins over whatever exception it turned into.
+build.py asks before it deletes anything (only the user's input throws a staging folder away); the CLI
+asks to choose the exit code and the one line (cli_run.exit_error). A Ctrl-C remembered while a
+command runs (interrupts.ctrl_c) wins over whatever exception it turned into.
 """
 from __future__ import annotations
 
@@ -12,14 +11,12 @@ import errno
 import os
 import re
 import shutil
-import signal
 import tempfile
 from pathlib import Path
 
+from pipeline import interrupts
+
 INTERRUPTED, INPUT, MACHINE, BUG = "interrupted", "input", "machine", "bug"
-
-_signalled: list[int] = []
-
 
 def user_errors() -> tuple[type, ...]:
     """The exception types that mean 'your input', not 'our bug'; imported lazily to keep --help fast."""
@@ -36,11 +33,13 @@ def user_errors() -> tuple[type, ...]:
     from pipeline.micro.export import ExportError
     from pipeline.report.compare import CompareError
     from pipeline.report.render import ReportError
+    from pipeline.search.feasibility import SearchError
     from pipeline.ship.bundle import BundleError
     from pipeline.train import ModelMismatchError
 
     return (click.ClickException, ConfigError, DeviceError, RunDirError, DataError, ModelMismatchError, ReportError,
-            ConversionError, BundleError, DeployError, BoardNameError, ExportError, CompareError, AccuracyDropError)
+            ConversionError, BundleError, DeployError, BoardNameError, ExportError, CompareError, AccuracyDropError,
+            SearchError)
 
 
 def kind(error: BaseException) -> str:
@@ -48,33 +47,13 @@ def kind(error: BaseException) -> str:
     loop: `os_problem` says which) or BUG."""
     from pipeline.boards.deploy import DeployInterrupted  # boards stopped after a Ctrl-C
 
-    if _signalled or isinstance(error, (KeyboardInterrupt, DeployInterrupted)):
+    if interrupts.signalled() or isinstance(error, (KeyboardInterrupt, DeployInterrupted)):
         return INTERRUPTED
     if isinstance(error, user_errors()):
         return INPUT
     if machine_problem(error):
         return MACHINE
     return BUG
-
-
-@contextlib.contextmanager
-def ctrl_c():
-    """Remember a Ctrl-C while the body runs. A SIGINT ignored by whoever started us (`nohup`, a script's
-    background job) stays ignored, and a handler set outside Python (None) stays too."""
-    def on_sigint(signum, frame):
-        _signalled.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.getsignal(signal.SIGINT)
-    ours = previous not in (signal.SIG_IGN, None)
-    _signalled.clear()
-    if ours:
-        signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    finally:
-        if ours:
-            signal.signal(signal.SIGINT, previous)
 
 
 def machine_problem(error: BaseException) -> str | None:

@@ -27,6 +27,7 @@ from pipeline.build import SAMPLES
 from pipeline.convert import CALIBRATION
 from pipeline.micro import runtime
 from pipeline.micro import sources as c_sources
+from pipeline.micro.accuracy import check_accuracy
 from pipeline.micro.fit import BOARDS, FLASH_ALLOWANCE, RAM_ALLOWANCE, Budget, choose_budget, fits
 from pipeline.micro.fit import board_budget as board_budget  # re-exported: `pipeline search` reads it here
 from pipeline.micro.runtime import ExportError
@@ -35,8 +36,6 @@ TARGETS = ("tflm",)
 MARKER = "tflm_export.json"  # an export's own manifest; --overwrite replaces only folders that hold one
 KIND = "edgepipe TensorFlow Lite Micro export"
 RUN_SUMMARY = "tflm.json"
-MAX_DIFFERING = 50  # differing images listed by index; the count is always complete
-AGREEMENT_PP = 2.0  # TFLM vs the run's int8 accuracy, see agreement_tolerance()
 
 
 # ---------------------------------------------------------------- the run and its model
@@ -144,66 +143,6 @@ def _layer_names(run_dir: Path) -> set[str]:
     return names
 
 
-# ---------------------------------------------------------------- accuracy under TFLM's kernels
-
-def compare(model_bytes: bytes, model_path: Path, arena: int, pre: dict, x, y, labels, run_probs=None) -> dict:
-    """TFLM and LiteRT on the same model and images: accuracy of each, agreement, the images that differ.
-
-    LiteRT runs twice: as the report measured it (XNNPACK, whose int8 kernels round differently) and with
-    its built-in kernels, which TFLM's reference kernels should match output for output."""
-    litert = Model(model_path, metadata={"preprocess": pre}, verify=False)
-    builtin = Model(model_path, metadata={"preprocess": pre}, verify=False, xnnpack=False)
-    prepared = litert.prepare(x)
-    tflm_raw = runtime.micro_outputs(model_bytes, arena, prepared)
-    litert_raw = runtime.litert_outputs(litert, prepared)
-    builtin_raw = runtime.litert_outputs(builtin, prepared)
-    p_tflm, p_litert, y = tflm_raw.argmax(1), litert_raw.argmax(1), np.asarray(y)
-    differ = np.flatnonzero(p_tflm != p_litert)
-
-    def steps(a, b) -> int:
-        return int(np.abs(a.astype(np.int64) - b).max()) if len(a) else 0
-
-    out = {"images": len(y), "accuracy_tflm": float((p_tflm == y).mean()),
-           "accuracy_litert": float((p_litert == y).mean()), "agreement": float((p_tflm == p_litert).mean()),
-           "max_output_difference": steps(tflm_raw, litert_raw), "differing_count": len(differ),
-           "differing": [{"index": int(i), "label": labels[y[i]], "tflm": labels[p_tflm[i]],
-                          "litert": labels[p_litert[i]]} for i in differ[:MAX_DIFFERING]],
-           "builtin_agreement": float((p_tflm == builtin_raw.argmax(1)).mean()),
-           "builtin_identical": bool((tflm_raw == builtin_raw).all()),
-           "builtin_max_output_difference": steps(tflm_raw, builtin_raw),
-           "litert": f"{litert.runtime.name} {litert.runtime.version}"}
-    if run_probs is not None and len(run_probs) == len(y):
-        out["agreement_with_run"] = float((run_probs.argmax(1) == p_litert).mean())
-    correct = np.flatnonzero((p_tflm == y) & (p_litert == y))
-    out["example_index"] = int(correct[0]) if len(correct) else 0
-    return out
-
-
-def _run_accuracy(path: Path, meta: dict, x, y) -> float:
-    """The run's own variant on the same images, as the run's evaluation ran it."""
-    from device.core import evaluate
-
-    return evaluate(Model(path, metadata=meta, verify=False), x, y)["accuracy"]
-
-
-def agreement_tolerance(n: int) -> float:
-    """Percentage points TFLM may differ from the run's int8: 2 pp, or 3 images on a small test set
-    (the export is converted again with batch 1, so a few borderline images may flip)."""
-    return max(AGREEMENT_PP, 100 * 3 / max(n, 1))
-
-
-def _check_agreement(accuracy: dict, variant: str, n: int, log) -> None:
-    """Both figures always; a refusal when they differ by more than the tolerance."""
-    tflm, run = accuracy["accuracy_tflm"], accuracy["run_accuracy"]
-    log(f"tflm: accuracy under TFLite Micro {100 * tflm:.2f}%, the run's {variant} {100 * run:.2f}% on the same "
-        f"{n:,} test images")
-    tolerance = agreement_tolerance(n)
-    if abs(tflm - run) * 100 > tolerance:
-        raise ExportError(f"the TFLite Micro model scores {100 * tflm:.2f}% but the run's {variant} {100 * run:.2f}% "
-                          f"on the same {n:,} test images (more than {tolerance:.1f} pp apart), so the export is not "
-                          "the run's model; nothing was written: check the run's preprocessing in its manifest")
-
-
 def _variant_rows(run_dir: Path, meta: dict, exported: str, flash: int, arena: dict) -> list[dict]:
     """Flash, arena and fit of every variant of the run under TFLM, the exported one as exported."""
     rows = []
@@ -301,7 +240,7 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
     try:
         (staging / "model.tflite").write_bytes(model_bytes)
         litert, arena = _arena(staging / "model.tflite", model_bytes, meta, x[:1], budget, source, ops, log)
-        accuracy = _accuracy(run_dir, staging / "model.tflite", model_bytes, arena, meta, x, y, variant,
+        accuracy = check_accuracy(run_dir, staging / "model.tflite", model_bytes, arena, meta, x, y, variant,
                              files[variant], log)
         summary = {
             "kind": KIND, "schema": 1, "run": run_dir.name, "variant": variant, "source": source,
@@ -364,29 +303,6 @@ def _arena(path: Path, model_bytes: bytes, meta: dict, image, budget: Budget | N
                           f"; it fits {', '.join(fitting) or 'none of the listed boards'}; choose a smaller "
                           "model or another board")
     return litert, arena
-
-
-def _accuracy(run_dir: Path, path: Path, model_bytes: bytes, arena: dict, meta: dict, x, y, variant: str,
-              file: str, log) -> dict:
-    """TFLM against LiteRT and against the run's own figures on the run's first test images; refused when
-    they disagree (see _check_agreement)."""
-    n = len(y)
-    log(f"tflm: running {n:,} test images through TFLite Micro and LiteRT")
-    probs_path = run_dir / "predictions.npz"
-    run_probs = None
-    if probs_path.is_file():
-        with np.load(probs_path) as p:
-            run_probs = p[f"probs_{variant}"][:n] if f"probs_{variant}" in p.files else None
-    labels = list(meta["preprocess"]["labels"])
-    accuracy = compare(model_bytes, path, arena["recommended"], meta["preprocess"],
-                       x, y, labels, run_probs)
-    evaluation = (json.loads((run_dir / "evaluation.json").read_text())
-                  if (run_dir / "evaluation.json").is_file() else {})
-    reported = evaluation.get("variants", {}).get(variant, {}).get("accuracy")
-    accuracy["report_accuracy"] = reported if n == evaluation.get("n") else None
-    accuracy["run_accuracy"] = _run_accuracy(run_dir / file, meta, x, y)
-    _check_agreement(accuracy, variant, n, log)
-    return accuracy
 
 
 def _write_sources(staging: Path, summary: dict, model_bytes: bytes, meta: dict, litert, x, y, name: str) -> None:

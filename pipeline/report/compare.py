@@ -16,7 +16,8 @@ from pathlib import Path
 from device.timing import features_words
 from pipeline.artifacts import MANIFEST
 from pipeline.measure.stats import wilson
-from pipeline.report.render import SCHEMA, TEMPLATES, _ms, _pct, _text, input_range_of
+from pipeline.report import ms, pct
+from pipeline.report.render import SCHEMA, TEMPLATES, _text, input_range_of
 from pipeline.rundir import locate
 
 FORMATS = ("text", "markdown", "html", "json")
@@ -126,12 +127,12 @@ def table(result: dict) -> tuple[list[str], list[list[str]], list[str]]:
         for v in r["variants"]:
             low, high = v["interval_95"]
             row = [r["run"], r["model"], r["dataset"], (r["input_range"] or "?").replace(",", ".."), recipe,
-                   v["variant"], _pct(v["accuracy"]),
+                   v["variant"], pct(v["accuracy"]),
                    f"{100 * low:.1f}-{100 * high:.1f}%", f"{v['change_pp']:+.2f} pp", f"{v['bytes'] / 1024:.1f} KiB"]
-            row += [_ms(v["p50_ms"].get(t)) for t in result["threads"]]
+            row += [ms(v["p50_ms"].get(t)) for t in result["threads"]]
             for label in result["devices"]:
                 d = v["device"].get(label, {})
-                row += [_pct(d.get("accuracy")), _ms(d.get("p50_ms"))]
+                row += [pct(d.get("accuracy")), ms(d.get("p50_ms"))]
             rows.append(row)
     notes = []
     if flags["accuracy"]:

@@ -15,7 +15,7 @@ from device.timing import features_words
 from pipeline.artifacts import MANIFEST, atomic_write, run_name, write_json
 from pipeline.config import VARIANTS
 from pipeline.delivery import default_variant, guard_decision
-from pipeline.report import ReportError, plots
+from pipeline.report import ReportError, ms, pct, plots, sections
 from pipeline.report import device_results as on_device
 from pipeline.report import read_json as _read_json
 from pipeline.report.notes import notes, threads_label
@@ -71,9 +71,9 @@ def collect(run_dir: Path, manifest: dict, evaluation: dict, bench: dict | None,
         "benchmark": {k: bench.get(k) for k in ("xnnpack", "runs", "warmup", "timing", "macs_per_inference")}
         if bench else None,
         "devices": on_device.merge(devices or [], variants, run_dir),
-        "analysis": _analysis(run_dir),
+        "analysis": sections.analysis(run_dir),
         "learning": _learning(evaluation, manifest),
-        "boards": _boards(run_dir),
+        "boards": sections.boards(run_dir),
         # {model file: {"present": bool, "reason": why not}}; None for runs built before it was recorded.
         "tflite_metadata": manifest.get("tflite_metadata", {}),
         "tflm": _read_json(run_dir / "tflm.json", "the figures of `pipeline export --target tflm`")
@@ -125,142 +125,6 @@ def _learning(evaluation: dict, manifest: dict) -> dict:
             "train_accuracy": training.get("accuracy"), "val_accuracy": training.get("val_accuracy")}
 
 
-# ---------------------------------------------------------------- accuracy guard (analysis.json)
-
-def _analysis(run_dir: Path) -> dict | None:
-    """The per-layer table and the guard's decisions, as `pipeline analyze` / the guard wrote them."""
-    path = run_dir / "analysis.json"
-    if not path.is_file():
-        return None
-    a = _read_json(path, "the analysis written by `pipeline analyze`")
-    return {"layers": a.get("layers"), "guard": a.get("guard"), "validation": a.get("validation")}
-
-
-def _guard_sentence(analysis: dict) -> str:
-    """The guard's decision and what it rests on: how many validation images, so what one image is worth."""
-    g, images = analysis["guard"], (analysis.get("validation") or {}).get("images")
-    rests = (f"{images:,} {g['split']} images (one image is {100 / images:.2f} pp)" if images
-             else f"the {g['split']} split")
-    return (f"Budget {g['max_accuracy_drop_pp']} pp, decided on {rests} in {g['seconds']:.1f} s: "
-            f"{g['summary']}")
-
-
-def _analysis_md(analysis: dict | None) -> list[str]:
-    if not analysis:
-        return []
-    out = []
-    if analysis.get("guard"):
-        g = analysis["guard"]
-        out += ["", "## Accuracy guard", "", f"{_guard_sentence(analysis)}.", ""]
-        for r in g.get("remedies", []):
-            line = f"- {r['name']} -> {r.get('variant') or '-'}: {r['status']}"
-            if r.get("accuracy") is not None:
-                line += (f", validation accuracy {_pct(r['accuracy'])} ({0.0 - r['drop_pp']:+.2f} pp), "
-                         f"{r['bytes']:,} bytes")
-            if r.get("reason"):
-                line += f"; {r['reason']}"
-            out.append(line)
-            out += [f"  - kept float: {f['layer']} ({f['op']}): {f['why']}" for f in r.get("float_layers", [])]
-    if analysis.get("layers"):
-        out += ["", "## Per-layer quantization error (int8)", "",
-                "RMSE/scale about 0.29 is ideal rounding; above 0.7 a layer is suspect.", "",
-                "| layer | op | scale | RMSE/scale | range | MSE | suspect |", "|---|---|---:|---:|---:|---:|---|"]
-        out += [f"| {r['layer']} | {r['op']} | {r['scale']:.3g} | {r['rmse_over_scale']:.3f} | {r['range']:.3g} | "
-                f"{r['mse']:.3g} | {'yes' if r['suspect'] else ''} |" for r in analysis["layers"]]
-    return out
-
-
-def _tflm_sentences(t: dict, code=str) -> list[str]:
-    """The microcontroller export's figures, as `pipeline export --target tflm` measured them; `code` marks
-    the folder name up (Markdown's backticks)."""
-    a, arena = t["accuracy"], t["arena"]
-    fits = [b for b, ok in next(r for r in t["variants"] if r.get("exported"))["fits"].items() if ok]
-    shown = ", ".join(f"#{d['index']} ({d['label']}: TFLM {d['tflm']}, LiteRT {d['litert']})"
-                      for d in a["differing"][:10])
-    return [(f"{t['variant']} for {code(t['export']['folder'])}: {t['flash_bytes']:,} bytes of flash, tensor arena "
-             f"{arena['recommended']:,} bytes ({arena['measured']:,} measured under tflite-micro "
-             f"{t['versions']['tflite-micro']}, plus margin); "
-             f"fits {', '.join(fits) or 'none of the listed boards'}."),
-            (f"Accuracy under TFLite Micro's kernels {_pct(a['accuracy_tflm'])} on {a['images']:,} test images; "
-             f"top-1 agreement with LiteRT {_pct(a['agreement'])}"
-             + (f", {a['differing_count']} image(s) differ: {shown}." if a["differing_count"] else "."))]
-
-
-def _tflm_md(t: dict | None) -> list[str]:
-    if not t:
-        return []
-    first, second = _tflm_sentences(t, code=lambda name: f"`{name}`")
-    return ["", "## Microcontroller (TensorFlow Lite Micro)", "", f"{first}  ", second]
-
-
-# ---------------------------------------------------------------- boards (deploy.json)
-
-def _boards(run_dir: Path) -> dict | None:
-    """What `pipeline deploy` recorded: each board's description and last deploy, and the host's reference."""
-    path = run_dir / "deploy.json"
-    if not path.is_file():
-        return None
-    d = _read_json(path, "the record written by `pipeline deploy`")
-    return {"boards": d.get("boards", {}), "reference": d.get("reference")}
-
-
-SOURCES = {"bundle": "installed from the bundle's wheels", "index": "installed from the package index",
-           "existing": "in the environment an earlier deploy installed"}
-
-
-def _boards_items(report: dict) -> list[tuple[int, str]]:
-    """(nesting level, text): a line per board, below it a line per model it measured."""
-    boards = (report.get("boards") or {}).get("boards")
-    out = []
-    devices = {d["label"]: d for d in report["devices"]}
-    for name, b in (boards or {}).items():
-        if not b["ok"]:
-            out.append((0, f"{name} ({b['target']}): deploy FAILED on {b['finished']}: {b['reason']}"))
-            continue
-        info, interp = b["board"], b["interpreter"]
-        out.append((0, f"{name} ({b['target']}): {info.get('model') or 'unknown board'}, {info.get('os')}, Python "
-                   f"{info.get('python')} {info.get('machine')} ({info.get('bits')}-bit), {info.get('cores')} cores"
-                   + (f", {info['memory_mb']} MB" if info.get("memory_mb") else "")
-                   + f"; {interp['name']} {interp['version']} {SOURCES.get(b['runtime']['source'], '')}; "
-                   f"deployed in {b['seconds']:.1f} s on {b['finished']} ("
-                   + (", ".join(x for x, f in (("bundle copied", b["copied"]), ("runtime installed", b["installed"]))
-                                if f)
-                      or "nothing copied or installed") + ")"))
-        for f in devices.get(name, {}).get("files", []):
-            if f["kind"] != "bench":
-                continue
-            if f["emulated"]:
-                out.append((1, f"{f['variant']}: timings not shown: measured under emulation, they are the emulator's"))
-                continue
-            load, pre, mem = f.get("load") or {}, f.get("preprocess"), f.get("memory") or {}
-            line = (f"{f['variant']}: load cold {load.get('cold_ms', 0):.1f} ms, warm p50 "
-                    f"{(load.get('warm') or {}).get('p50_ms', 0):.2f} ms; "
-                    f"first inference {f.get('first_inference_ms') or 0:.3f} ms; "
-                    f"invoke p50 {_ms(f['p50_ms'])}, p90 {_ms(f['p90_ms'])}, p99 {_ms(f['p99_ms'])}, mean "
-                    f"{_ms(f.get('mean_ms'))} ± {_ms(f.get('std_ms'))}, min {_ms(f.get('min_ms'))} ms (n={f['runs']}, "
-                    f"{threads_label(f['threads'])})")
-            if pre:
-                line += ("; per image "
-                         + ", ".join(f"{k} {_ms(pre[k].get('p50_ms'))}" for k in ("decode", "resize", "quantize"))
-                         + " ms")
-            if mem.get("peak_rss_mb_after_inference") is not None:
-                line += (f"; peak memory {mem['peak_rss_mb_after_load']:.1f} MB after load, "
-                         f"{mem['peak_rss_mb_after_inference']:.1f} MB after inference")
-            states = f.get("board_state") or {}
-            shown = [f"{when}: " + ", ".join(f"{k} {v}" for k, v in st.items()
-                                             if v is not None and k != "throttled_flags")
-                     for when, st in states.items() if any(v is not None for v in st.values())]
-            out.append((1, line + (f"; board {'; '.join(shown)}" if shown else "")))
-    return out
-
-
-def _boards_md(report: dict) -> list[str]:
-    items = _boards_items(report)
-    if not items:
-        return []
-    return ["", "## Boards", "", *[f"{'  ' * level}- {text}" for level, text in items]]
-
-
 # ---------------------------------------------------------------- the table, in three formats
 
 def table(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -273,14 +137,14 @@ def table(report: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for v in report["variants"]:
         ci, test = v.get("interval_95"), v.get("mcnemar_vs_fp32")
-        row = [v["variant"], f"{v['bytes'] / 1024:.1f} KiB", f"{v['size_ratio']:.2f}x", _pct(v["accuracy"]),
+        row = [v["variant"], f"{v['bytes'] / 1024:.1f} KiB", f"{v['size_ratio']:.2f}x", pct(v["accuracy"]),
                f"{100 * ci['low']:.1f}-{100 * ci['high']:.1f}%" if ci else "-", f"{v['change_pp']:+.2f} pp",
-               _p_value(test), _pct(v["agreement"]), _ms(v["p50_ms"]), _ms(v["p90_ms"]),
-               _ms(v["p99_ms"]), "-" if v["speedup"] is None else f"{v['speedup']:.2f}x"]
+               _p_value(test), pct(v["agreement"]), ms(v["p50_ms"]), ms(v["p90_ms"]),
+               ms(v["p99_ms"]), "-" if v["speedup"] is None else f"{v['speedup']:.2f}x"]
         for label in labels:
             dev = v["device"].get(label, {})
             # A latency measured under emulation is the emulator's speed, never shown as the board's.
-            row += [_pct(dev.get("accuracy")), "emulated" if dev.get("emulated") else _ms(dev.get("p50_ms"))]
+            row += [pct(dev.get("accuracy")), "emulated" if dev.get("emulated") else ms(dev.get("p50_ms"))]
         rows.append(row)
     return headers, rows
 
@@ -289,14 +153,6 @@ def _p_value(test: dict | None) -> str:
     if not test:
         return "-"
     return f"{test.get('p_holm', test['p_value']):.2g}" + ("" if test["significant"] else " (n.s.)")
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def _ms(x) -> str:
-    return "-" if x is None else f"{x:.4f}" if x < 1 else f"{x:.3f}" if x < 100 else f"{x:.1f}"
 
 
 def _text(headers: list[str], rows: list[list[str]]) -> str:
@@ -314,7 +170,7 @@ def headline(report: dict) -> str:
         return ""
     v = next(x for x in report["variants"] if x["variant"] == d["variant"])
     why = "the accuracy guard's repair" if d["by_guard"] else "the best variant present"
-    line = f"Delivers {d['variant']} ({why}): {_pct(v['accuracy'])} on the test split, {v['bytes'] / 1024:.1f} KiB"
+    line = f"Delivers {d['variant']} ({why}): {pct(v['accuracy'])} on the test split, {v['bytes'] / 1024:.1f} KiB"
     if d["superseded"]:
         line += f"; it replaces {', '.join(d['superseded'])}, which ships only on request"
     return line + "."
@@ -344,8 +200,8 @@ def _context(report: dict) -> list[str]:
                      "machine, not on a CPU with other features.")
     if report["keras"]:
         k = report["keras"]
-        lines.append(f"Keras model accuracy {_pct(k['accuracy'])}; the fp32 .tflite agrees with it on "
-                     f"{_pct(k['fp32_tflite_agreement'])} of images "
+        lines.append(f"Keras model accuracy {pct(k['accuracy'])}; the fp32 .tflite agrees with it on "
+                     f"{pct(k['fp32_tflite_agreement'])} of images "
                      f"(max |prob diff| {k['fp32_tflite_max_abs_diff']:.1e}).")
     return lines
 
@@ -363,9 +219,9 @@ def _markdown(report: dict) -> str:
            "| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|",
            *["| " + " | ".join(r) + " |" for r in rows], "", "## Notes", ""]
     out += [f"- {n['text']}" for n in report["notes"]] or ["- none"]
-    out += _analysis_md(report.get("analysis"))
-    out += _tflm_md(report.get("tflm"))
-    out += _boards_md(report)
+    out += sections.analysis_md(report.get("analysis"))
+    out += sections.tflm_md(report.get("tflm"))
+    out += sections.boards_md(report)
     out += ["", "## Plots", ""] + [f"![{CAPTIONS.get(p, p)}]({p})" for p in report["plots"]]
     return "\n".join(out) + "\n"
 
@@ -376,16 +232,17 @@ def _html(report: dict, pngs: dict[str, bytes]) -> str:
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(pct=_pct, ms=_ms)
+    env.filters.update(pct=pct, ms=ms)
     headers, rows = table(report)
     analysis = report.get("analysis") or {}
     figures = [{"caption": CAPTIONS.get(name, name), "src": "data:image/png;base64," + base64.b64encode(png).decode()}
                for name, png in pngs.items()]
-    micro = _tflm_sentences(report["tflm"]) if report.get("tflm") else []
+    micro = sections.tflm_sentences(report["tflm"]) if report.get("tflm") else []
     return env.get_template("report.html").render(
         report=report, context=_context(report), headers=headers, rows=rows, figures=figures,
-        guard=analysis.get("guard"), guard_sentence=_guard_sentence(analysis) if analysis.get("guard") else None,
-        layers=analysis.get("layers"), micro=micro, boards=_boards_items(report))
+        guard=analysis.get("guard"),
+        guard_sentence=sections.guard_sentence(analysis) if analysis.get("guard") else None,
+        layers=analysis.get("layers"), micro=micro, boards=sections.boards_items(report))
 
 
 # ---------------------------------------------------------------- entry points
