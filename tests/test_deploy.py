@@ -246,6 +246,25 @@ def test_a_failed_install_says_what_pip_could_not_find(tmp_path):
     assert not (tmp_path / "edgepipe" / "venvs" / "k1" / ".edgepipe-ready").exists()  # never taken for ready
 
 
+def test_a_new_environment_installs_with_the_boards_own_pip(tmp_path):
+    """A board whose python3 has pip gets no second pip in each environment (venv's ensurepip: a minute under
+    qemu); its own pip, seen through the system site packages, installs into the environment."""
+    here = subprocess.run(["python3", "-c", "import pip, sys; print(sys.prefix == sys.base_prefix)"],
+                          capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+    if here.stdout.strip() != "True":
+        pytest.skip("python3 on this PATH has no pip of its own outside a virtual environment")
+    # What this python3 already has: pip finds every requirement satisfied and needs no index.
+    proc = _helper(tmp_path, {"cmd": "venv", "run": "r1", "venv": "k1", "module": "json",
+                              "requirements": ["numpy", "pillow"], "wheels": None})
+    assert proc.returncode == 0, proc.stderr.decode()
+    env = tmp_path / "edgepipe" / "venvs" / "k1"
+    assert (env / ".edgepipe-ready").is_file()
+    assert not list(env.glob("lib/python*/site-packages/pip")), "venv installed a pip of its own"
+    used = subprocess.run([str(env / "bin" / "python"), "-c", "import sys, pip; print(sys.prefix)"],
+                          capture_output=True, text=True)
+    assert used.returncode == 0 and Path(used.stdout.strip()) == env, used.stderr
+
+
 # ---------------------------------------------------------------- extraction and the bundle
 
 

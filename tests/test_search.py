@@ -327,3 +327,21 @@ def test_a_crash_and_a_ctrl_c_cost_only_what_they_stop(budgeted, tmp_path):
     assert {t["trial_id"]: t["val_accuracy"] for t in final["trials"] if t["trial_id"] in kept} == kept
     assert "failed" in (out / "search.md").read_text()
     assert "verified" in ok(cli("verify", out / "pick", cwd=tmp_path)).stdout
+
+
+@pytest.mark.slow
+def test_a_space_no_larger_than_the_trials_trains_each_configuration_once(tmp_path):
+    """One candidate under the size budget and two learning rates are two configurations: three trials
+    would train one of them twice (Optuna repeats in a space this small); the search trains each once."""
+    out = tmp_path / "small"
+    proc = ok(cli("search", "--dataset", "digits", "--space", "tiny", "--trials", "3", "--epochs", "1",
+                  "--batch-size", "16", "--seed", "0", "--budget-minutes", "20", "--max-size-kb", "20", "--out", out,
+                  cwd=REPO))
+    feasibility = json.loads((out / "feasibility.json").read_text())
+    feasible = [r["candidate"]["id"] for r in feasibility["rows"] if r["feasible"]]
+    assert len(feasible) == 1, feasibility["rows"]  # int8 sizes are the converter's: dscnn-w0.25 alone fits 20 KB
+    report = json.loads((out / "search.json").read_text())
+    trained = [(t["candidate"], t["learning_rate"]) for t in report["trials"]]
+    assert sorted(trained) == sorted({(feasible[0], lr) for lr in (1e-3, 3e-3)}), trained
+    assert "only 2 configurations (candidate, learning rate) for 3 trials" in proc.stdout + proc.stderr
+    assert not report["interrupted"] and report["pick"]

@@ -51,6 +51,7 @@ def test_emulated_board_refuses_latency_and_measures_size_budgets_over_ssh(lab, 
     assert not (tmp_path / "latency").exists()
 
     out = tmp_path / "size"
+    lab.forget_deploys("pi64")  # a board the runtime was never installed on, whichever tests ran before
     try:
         cli("search", *SEARCH, *board, "--max-size-kb", str(size_budget_kb), "--out", str(out), env=env)
         # The payload went to the board and its own runner unpacked and verified it there.
@@ -68,6 +69,11 @@ def test_emulated_board_refuses_latency_and_measures_size_budgets_over_ssh(lab, 
     where = feasibility["latency_measured_on"]
     assert feasibility["target"] == "pi64" and feasibility["board"]["board"] == "pi64"
     assert feasibility["board"]["emulated"] and "QEMU" in feasibility["board"]["cpu"]  # what the board reports
+    # The fresh board's environment came from the wheels the payload carried (pip resolving against the index
+    # under qemu costs a minute), with the requirements a deploy installs, so the deploy above reused it.
+    runtime = feasibility["board"]["runtime"]
+    assert runtime["source"] == "bundle" and "ai-edge-litert==2.3.0" in runtime["requirements"], runtime
+    assert runtime["venv"] == deployed["runtime"]["venv"] and deployed["runtime"]["source"] == "existing"
     assert "board pi64" in where and "EMULATED" in where and _host_cpu() not in where
     rows = feasibility["rows"]
     dropped = [r for r in rows if not r["feasible"]]
@@ -129,3 +135,19 @@ def test_one_payload_holds_every_resolution_and_its_runner_benchmarks_each(tmp_p
         out = json.loads(proc.stdout)
         assert out["latency"]["n"] == 5 and out["latency"]["p50_ms"] > 0
         assert "warning" not in proc.stderr  # the metadata beside each model vouched for it
+
+
+def test_a_board_with_the_runtimes_environment_is_sent_no_wheels(tmp_path):
+    """The payload carries the runtime's wheels only to a board without its environment: this host, probed by
+    the board-side helper, already has the environment the search's requirements make, so nothing is fetched."""
+    from pipeline.boards import remote
+    from pipeline.boards.devices import parse_target
+    from pipeline.boards.payload import Bundle, runtime_for
+    from pipeline.search.board import BoardSession, carried_wheels, requirements
+
+    probe = remote.probe({})
+    venv = runtime_for(probe, Bundle(Path(), "search-x", "", 0, requirements(), {}, {})).venv
+    board = BoardSession("local", parse_target("127.0.0.1"), None, probe, {"venvs": [venv]}, "search-x")
+    lines = []
+    assert carried_wheels(board, tmp_path / "wheels", lines.append) == {}
+    assert not (tmp_path / "wheels").exists() and not lines  # nothing downloaded, nothing said

@@ -273,7 +273,11 @@ def venv(p: dict) -> dict:
     t0 = time.monotonic()
     shutil.rmtree(path, ignore_errors=True)  # an install that never finished
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    if _watched([sys.executable, "-m", "venv", "--system-site-packages", path], stdout=sys.stderr) != 0:
+    # A board whose python3 has pip (Raspberry Pi OS and Debian: python3-pip) lends it to the environment
+    # through the system site packages; otherwise venv's ensurepip installs one, running pip from a zip whose
+    # every module is compiled afresh: a minute under qemu, seconds on a Pi, for a pip the board already has.
+    own_pip = ["--without-pip"] if _system_pip() >= (20, 3) else []  # 20.3: the manylinux_2_x wheel tags
+    if _watched([sys.executable, "-m", "venv", "--system-site-packages", *own_pip, path], stdout=sys.stderr) != 0:
         shutil.rmtree(path, ignore_errors=True)
         raise AgentError(f"`{sys.executable} -m venv` failed; install the venv module: sudo apt install python3-venv")
     env = dict(os.environ, PIP_CACHE_DIR=os.path.join(ROOT, "cache", "pip"), PIP_NO_INPUT="1",
@@ -302,6 +306,22 @@ def venv(p: dict) -> dict:
     with open(os.path.join(path, READY), "w") as f:
         json.dump({"requirements": p["requirements"], "seconds": time.monotonic() - t0}, f)
     return {"created": True, "source": source}
+
+
+def _system_pip() -> tuple:
+    """The version of the pip in python3's system site packages (what an environment made with
+    --system-site-packages sees; a pip in the user's ~/.local is not), or () when there is none."""
+    import site
+
+    try:
+        import pip
+    except ImportError:
+        return ()
+    where = os.path.realpath(pip.__file__)
+    system = site.getsitepackages([sys.base_prefix, sys.base_exec_prefix])  # also when python3 is itself a venv's
+    if not any(where.startswith(os.path.realpath(f) + os.sep) for f in system):
+        return ()
+    return tuple(int(n) for n in re.findall(r"[0-9]+", pip.__version__)[:2])
 
 
 def unpack(p: dict) -> dict:

@@ -10,7 +10,10 @@ emulated board given a latency budget, is refused before the search writes anyth
 The payload is a bundle of the untrained candidates: the runner, requirements.txt, and for each input
 resolution a metadata.json (that resolution's preprocessing, each model's sha256 and tensors) beside
 its models. The first resolution sits at the root, where the runner's unpack verifies it; the others
-in folders r<H>x<W>/, which the runner checks model by model against the metadata beside them.
+in folders r<H>x<W>/, which the runner checks model by model against the metadata beside them. A
+board that has no environment for the runtime yet also gets the runtime's wheels for its platform in
+wheels/, as `pipeline bundle --wheels` carries them, so its pip installs from them (--no-index)
+instead of resolving against the package index: under qemu that resolution alone costs a minute.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from device.integrity import sha256_file
 from pipeline.artifacts import CREATED_BY, file_entry
 from pipeline.boards.deploy import BoardDeploy, DeployConfig
 from pipeline.boards.devices import BoardNameError, Device, resolve
-from pipeline.boards.payload import Bundle, board_folder
+from pipeline.boards.payload import Bundle, board_folder, runtime_for
 from pipeline.boards.ssh import BoardError, Cancelled, SshConnection, SshOptions
 from pipeline.search.feasibility import FEASIBILITY_RUNS, FEASIBILITY_WARMUP, SearchError
 
@@ -45,6 +48,7 @@ class BoardSession:
     status: dict
     folder: str  # the payload's folder below ~/edgepipe on the board
     cpu: str | None = None  # as the board's runner reports it (its /proc/cpuinfo), once it has run
+    runtime: dict | None = None  # the deploy's record of the environment used: requirements, key, source
 
     @property
     def emulated(self) -> bool:
@@ -55,7 +59,7 @@ class BoardSession:
         p = self.probe
         return {"board": self.device.name, "target": self.device.target, "cpu": self.cpu or p.get("model"),
                 "model": p.get("model"), "machine": p.get("machine"), "cores": p.get("cores"), "os": p.get("os"),
-                "python": p.get("python"), "emulated": self.emulated}
+                "python": p.get("python"), "emulated": self.emulated, "runtime": self.runtime}
 
 
 @contextlib.contextmanager
@@ -81,10 +85,31 @@ def board_session(spec: str, options: SshOptions, search_name: str, log):
         connection.close()
 
 
-def write_payload(path: Path, models: list[tuple[str, str, Path, dict]]) -> dict[tuple[str, str], str]:
-    """The payload .tar.gz of (candidate id, variant, .tflite, preprocessing) models; returns each model's
-    path inside it. Reproducible, as a bundle is: the same models make the same bytes."""
-    from pipeline.ship.bundle import RUNNER_FILES, write_archive
+def carried_wheels(board: BoardSession, folder: Path, log) -> dict:
+    """What the payload carries of the runtime for this board: wheels.json's {platform: entry}, the wheels
+    downloaded here into folder/<platform>/; {} when the board already has the environment, or this host
+    cannot fetch every wheel it needs (the board's pip then reads the index, as a deploy's does)."""
+    from pipeline.ship.bundle import WHEEL_PLATFORMS, download_wheels, wheel_key
+
+    choice = runtime_for(board.probe, Bundle(Path(), board.folder, "", 0, requirements(), {}, {}))
+    key = wheel_key(choice.machine, board.probe["markers"]["python_version"])
+    if choice.venv in board.status["venvs"] or key not in WHEEL_PLATFORMS:
+        return {}
+    (folder / key).mkdir(parents=True)
+    entry = download_wheels(requirements(), key, folder / key, log=log)
+    if entry["missing"] or entry["without_dependencies"] or not entry["files"]:
+        log(f"feasibility: this host could not fetch every wheel for {key}; board {board.device.name} installs "
+            "the runtime from the package index")
+        return {}
+    return {key: entry}
+
+
+def write_payload(path: Path, models: list[tuple[str, str, Path, dict]], wheels: dict | None = None,
+                  wheel_dir: Path | None = None) -> dict[tuple[str, str], str]:
+    """The payload .tar.gz of (candidate id, variant, .tflite, preprocessing) models, and the `wheels` that
+    carried_wheels put in wheel_dir; returns each model's path inside it. Reproducible, as a bundle is: the
+    same models make the same bytes."""
+    from pipeline.ship.bundle import RUNNER_FILES, WHEELS_DIR, WHEELS_INDEX, write_archive
 
     groups: dict[tuple, tuple[dict, list]] = {}
     for cand, variant, file, spec in models:
@@ -106,6 +131,10 @@ def write_payload(path: Path, models: list[tuple[str, str, Path, dict]]) -> dict
     device_dir = Path(device.__file__).resolve().parent
     members.update({f"device/{name}": (device_dir / name).read_bytes() for name in RUNNER_FILES})
     members["requirements.txt"] = requirements().encode()
+    for key, entry in (wheels or {}).items():
+        members.update({f"{WHEELS_DIR}/{key}/{name}": (wheel_dir / key / name).read_bytes() for name in entry["files"]})
+    if wheels:
+        members[WHEELS_INDEX] = json.dumps(wheels, indent=2).encode()
     write_archive(path, members)
     return where
 
@@ -117,15 +146,17 @@ def requirements() -> str:
     return REQUIREMENTS.format(litert=importlib_metadata.version("ai-edge-litert"))
 
 
-def bench(board: BoardSession, payload: Path, models: list[str], log) -> dict[str, dict]:
-    """{model path in the payload: the runner's bench JSON, or {"error": why}}, all in this board's session."""
-    bundle = Bundle(payload, board.folder, sha256_file(payload), payload.stat().st_size, requirements(), {}, {})
+def bench(board: BoardSession, payload: Path, models: list[str], wheels: dict, log) -> dict[str, dict]:
+    """{model path in the payload: the runner's bench JSON, or {"error": why}}, all in this board's session;
+    `wheels`: what the payload carries (carried_wheels)."""
+    bundle = Bundle(payload, board.folder, sha256_file(payload), payload.stat().st_size, requirements(), {}, wheels)
     steps = BoardDeploy(board.device, bundle, DeployConfig(devices=(board.spec,)), log)
     steps.connection = board.connection
     choice = steps.choose_runtime(board.probe, board.status)
     steps.check_board(board.probe, board.status, choice)
     steps.copy(board.status)
     steps.install(choice, board.status)
+    board.runtime = steps.entry["runtime"]  # "existing", or installed from the payload's "bundle" or the "index"
     steps.unpack(choice, board.status)
     runs = [["bench", "--json", "--model", m, "--runs", str(FEASIBILITY_RUNS), "--warmup", str(FEASIBILITY_WARMUP),
              "--threads", "1", "--loads", "1"] for m in models]

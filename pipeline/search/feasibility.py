@@ -182,7 +182,7 @@ def _judge(row: dict, budgets: Budgets, prefix: str, log) -> None:
 def _measure_on_board(rows: list[dict], kept: Path, spec: dict, board, log) -> None:
     """Every converted candidate in one payload, benchmarked on the board in its one session; the latencies
     (or, emulated, the emulator's timings kept apart) and where they were measured go into the rows."""
-    from pipeline.search.board import bench, write_payload
+    from pipeline.search.board import bench, carried_wheels, write_payload
 
     models = [(row["candidate"]["id"], v, kept / row["candidate"]["id"] / f"model_{v}.tflite",
                {**spec, "height": row["candidate"]["resolution"], "width": row["candidate"]["resolution"]})
@@ -190,10 +190,12 @@ def _measure_on_board(rows: list[dict], kept: Path, spec: dict, board, log) -> N
     if not models:  # every candidate failed to convert: nothing to send
         return
     payload = kept / "payload.tar.gz"
-    where = write_payload(payload, models)
-    log(f"feasibility: {len(models)} model(s) in one payload ({payload.stat().st_size / 1e6:.1f} MB) for board "
+    wheels = carried_wheels(board, kept / "wheels", log)
+    where = write_payload(payload, models, wheels, kept / "wheels")
+    log(f"feasibility: {len(models)} model(s) in one payload ({payload.stat().st_size / 1e6:.1f} MB"
+        + (f", with the runtime's wheels for {', '.join(wheels)}" if wheels else "") + f") for board "
         f"{board.device.name}")
-    results = bench(board, payload, list(where.values()), log)
+    results = bench(board, payload, list(where.values()), wheels, log)
     measured_on = board.describe()
     for row in rows:
         if "reason" in row:

@@ -208,14 +208,26 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
             log(f"search: continuing the trials in {path}")
         else:
+            configurations = len(feasible) * len(LEARNING_RATES)
+            if configurations <= cfg.trials:
+                # Optuna samples a small space with repeats (the same candidate and rate trained twice, another
+                # never): a space no larger than --trials is trained whole, each configuration once, in order.
+                space = {"candidate": tune.grid_search(feasible),
+                         "learning_rate": tune.grid_search(list(LEARNING_RATES))}
+                search_alg, samples = None, 1
+                log(f"search: only {configurations} configurations (candidate, learning rate) for {cfg.trials} trials: "
+                    f"each is trained once, so {configurations} trials")
+            else:
+                space = {"candidate": tune.choice(feasible), "learning_rate": tune.choice(list(LEARNING_RATES))}
+                search_alg, samples = OptunaSearch(seed=cfg.seed), cfg.trials
             # ASHA's rungs at 1, 2, 4 ... epochs; only budgets that hold decide feasibility, not the scheduler.
             tuner = tune.Tuner(
                 trainable,
-                param_space={"candidate": tune.choice(feasible), "learning_rate": tune.choice(list(LEARNING_RATES))},
+                param_space=space,
                 tune_config=tune.TuneConfig(
-                    metric="val_accuracy", mode="max", search_alg=OptunaSearch(seed=cfg.seed),
+                    metric="val_accuracy", mode="max", search_alg=search_alg,
                     scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=1, reduction_factor=2),
-                    num_samples=cfg.trials, time_budget_s=seconds),
+                    num_samples=samples, time_budget_s=seconds),
                 run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=[TrialLines()],
                                           failure_config=tune.FailureConfig(max_failures=0)))
             log(f"search: up to {cfg.trials} trials of {len(feasible)} feasible candidates, {cfg.cpus_per_trial} "
@@ -228,8 +240,9 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
         trials = [_trial_row(r, status) for r in grid]
         # Tune returns normally after Ctrl-C: trials left unfinished, or fewer trials than asked for with time
         # left (stopped between two trials), say it was interrupted.
+        planned = min(cfg.trials, len(feasible) * len(LEARNING_RATES))
         interrupted = any(t["status"] == "unfinished" for t in trials) or (
-            len(trials) < cfg.trials and time.monotonic() - t0 < seconds - 5 and not resume)
+            len(trials) < planned and time.monotonic() - t0 < seconds - 5 and not resume)
     finally:
         ray.shutdown()
         if temp:
@@ -257,7 +270,8 @@ def _trial_row(result, status: dict) -> dict:
     config = result.config or {}
     # Tune names a trial's folder run_trial_<id>_<n>_...: n is the order the search algorithm proposed it in.
     name = Path(result.path).name
-    trial_id = metrics.get("trial_id") or name.split("_")[2]
+    # A grid's trial ids hold an underscore (abc12_00003): the id is the one in the folder's name.
+    trial_id = metrics.get("trial_id") or next((t for t in status if f"_{t}_" in name), name.split("_")[2])
     number = name.split(f"{trial_id}_", 1)[1].split("_")[0]
     row = {"trial_id": trial_id, "number": int(number), "candidate": config.get("candidate"),
            "learning_rate": config.get("learning_rate"), "epochs_trained": metrics.get("epoch"),
