@@ -29,6 +29,7 @@ import pipeline
 
 # check_replaceable is re-exported: `bundle --out`, `runner.py unpack` and exports call it too.
 from device.integrity import UMASK, check_replaceable, sha256_file, written_by_edgepipe  # noqa: F401
+from pipeline.failures import InputError
 
 MANIFEST = "manifest.json"
 LOG = "build.log"  # grows after the manifest is written (the last lines), so it is not hashed
@@ -40,7 +41,7 @@ CREATED_BY = f"edgepipe {pipeline.__version__}"
 FILE_MODE = 0o666 & ~UMASK
 
 
-class RunDirError(Exception):
+class RunDirError(InputError):
     """The run directory cannot be used as asked (exists, locked, not ours); the message says what to do."""
 
 

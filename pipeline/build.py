@@ -35,6 +35,7 @@ from pipeline.artifacts import (
 )
 from pipeline.config import INPUT_RANGES, BuildConfig
 from pipeline.data import Dataset, load_dataset
+from pipeline.failures import InputError
 from pipeline.metadata import status as tflite_metadata_status
 from pipeline.rundir import resume_target
 
@@ -42,7 +43,7 @@ STAGES = ("train", "convert", "guard", "metadata", "evaluate", "benchmark", "rep
 SAMPLES = "samples"
 
 
-class AccuracyDropError(Exception):
+class AccuracyDropError(InputError):
     """Variants lost more accuracy than --max-accuracy-drop allows (the report is still written)."""
 
 

@@ -314,7 +314,7 @@ def entry():
 @handle_errors
 def search(resume, out, name, image_size, quantize, **kwargs):
     """Find the most accurate model within latency, size and RAM budgets, measured on the target."""
-    from pipeline.search.feasibility import SearchError
+    from pipeline.search import SearchError
     from pipeline.search.run import SearchConfig, load_config
     from pipeline.search.run import search as run_search
 

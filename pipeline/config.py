@@ -10,6 +10,7 @@ from pathlib import Path
 # with a Rescaling or Normalization layer takes raw pixels ("0,255"); the zoo trains on "0,1". One table
 # for the build and the device runner's --input-range.
 from device.foreign import INPUT_RANGES
+from pipeline.failures import InputError
 
 # Order matters: reports list variants in this order, smallest change from the baseline first.
 VARIANTS = ("fp32", "dynamic", "float16", "int8", "int16x8")
@@ -23,7 +24,7 @@ def default_threads() -> tuple[int, ...]:
     return tuple(sorted({1, min(4, os.cpu_count() or 1)}))
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """An invalid option value; the message names the option and what would be valid."""
 
 

@@ -17,6 +17,7 @@ from device.core import normalize
 from pipeline import console
 from pipeline.config import BuildConfig
 from pipeline.data import Dataset
+from pipeline.failures import InputError
 
 NOTES = {
     "int16x8": "int16 activations with int8 weights: XNNPACK does not run them, so this variant uses "
@@ -108,7 +109,7 @@ def convert(model, variant: str, cfg: BuildConfig, calibration: np.ndarray) -> b
             raise ConversionError(_conversion_problem(variant, str(e))) from None
 
 
-class ConversionError(Exception):
+class ConversionError(InputError):
     """The converter cannot make this variant of the user's model; the message names the ops."""
 
 

@@ -18,36 +18,24 @@ from pipeline import interrupts
 
 INTERRUPTED, INPUT, MACHINE, BUG = "interrupted", "input", "machine", "bug"
 
+class InputError(Exception):
+    """Base of every error that means "your input" (data, files, options, boards), not "our bug". Each
+    stage's own error type derives from it, so this module, which every stage reaches, names none of them."""
+
+
 def user_errors() -> tuple[type, ...]:
-    """The exception types that mean 'your input', not 'our bug'; imported lazily to keep --help fast."""
+    """The exception types that mean 'your input', not 'our bug'."""
     import click
 
-    from device.core import DeviceError
-    from pipeline.artifacts import RunDirError
-    from pipeline.boards.devices import BoardNameError
-    from pipeline.boards.payload import DeployError
-    from pipeline.build import AccuracyDropError
-    from pipeline.config import ConfigError
-    from pipeline.convert import ConversionError
-    from pipeline.data import DataError
-    from pipeline.micro.export import ExportError
-    from pipeline.report.compare import CompareError
-    from pipeline.report.render import ReportError
-    from pipeline.search.feasibility import SearchError
-    from pipeline.ship.bundle import BundleError
-    from pipeline.train import ModelMismatchError
+    from device.integrity import DeviceError
 
-    return (click.ClickException, ConfigError, DeviceError, RunDirError, DataError, ModelMismatchError, ReportError,
-            ConversionError, BundleError, DeployError, BoardNameError, ExportError, CompareError, AccuracyDropError,
-            SearchError)
+    return (click.ClickException, InputError, DeviceError)
 
 
 def kind(error: BaseException) -> str:
     """INTERRUPTED, INPUT (the user's data, files or options), MACHINE (a full or read-only disk, a link
     loop: `os_problem` says which) or BUG."""
-    from pipeline.boards.deploy import DeployInterrupted  # boards stopped after a Ctrl-C
-
-    if interrupts.signalled() or isinstance(error, (KeyboardInterrupt, DeployInterrupted)):
+    if interrupts.signalled() or isinstance(error, (KeyboardInterrupt, interrupts.DeployInterrupted)):
         return INTERRUPTED
     if isinstance(error, user_errors()):
         return INPUT

@@ -19,6 +19,10 @@ class Interrupted(click.ClickException):
     exit_code = 130
 
 
+class DeployInterrupted(Exception):
+    """Ctrl-C during a deploy: every board was stopped and nothing was merged."""
+
+
 # What an interruption leaves, by command (a build adds the `--resume` line naming its run; a command
 # whose line depends on its arguments says it with `leaves`); a finished run being changed stays as it was.
 INTERRUPTED = {

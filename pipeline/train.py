@@ -9,10 +9,11 @@ from pathlib import Path
 from pipeline import console
 from pipeline.config import INPUT_RANGES, BuildConfig
 from pipeline.data import Dataset
+from pipeline.failures import InputError
 from pipeline.models import build_model
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(InputError, ValueError):
     """A user-supplied model does not fit the dataset."""
 
 

@@ -156,3 +156,60 @@ def test_the_split_modules_stay_readable():
     """Issue 21: a module much bigger than its neighbours does two jobs (the guide: 100-400 lines)."""
     for rel in ("cli.py", "micro/export.py", "report/render.py"):
         assert len((REPO / "pipeline" / rel).read_text().splitlines()) <= 400, rel
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports, at the top or inside a function (a lazy import is still a
+    dependency: it only moves the cost to the first call)."""
+    files = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+             for folder in ("pipeline", "device") for p in (REPO / folder).rglob("*.py")}
+
+    def owner(name: str) -> str | None:  # `from pipeline.data import Dataset` depends on pipeline.data
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {owner(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base
+                                                                                                    else []))
+                found |= {owner(f"{base}.{a.name}") or owner(base) for a in node.names}
+        graph[name] = found - {None, name}
+    return graph
+
+
+def test_no_module_imports_its_way_back_to_itself():
+    """No import cycle among pipeline/ and device/ modules, lazy imports included: a stage reaches only what
+    sits below it (failures.py used to import every stage's error type, and every stage reaches failures)."""
+    graph = _import_graph()
+    assert {"pipeline.failures", "pipeline.console", "pipeline.build"} <= set(graph)
+    assert "pipeline.failures" in graph["pipeline.console"]  # the graph sees lazy imports
+
+    def cycle_from(start: str) -> list[str] | None:
+        path, seen = [start], set()
+
+        def visit(node: str) -> list[str] | None:
+            for nxt in sorted(graph.get(node, ())):
+                if nxt == start:
+                    return [*path, start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    path.append(nxt)
+                    found = visit(nxt)
+                    if found:
+                        return found
+                    path.pop()
+            return None
+        return visit(start)
+
+    cycles = [c for c in map(cycle_from, sorted(graph)) if c]
+    assert not cycles, " -> ".join(cycles[0])
+    assert not any(m.startswith("pipeline") for m in set().union(*(graph[m] for m in graph if m.startswith("device"))))

@@ -27,15 +27,12 @@ from pipeline.artifacts import RunChangedError, RunDirError, check_unchanged, is
 from pipeline.boards.devices import Device, resolve
 from pipeline.boards.payload import EVAL_DATA, Bundle, Choice, DeployError, host_reference, open_bundle, runtime_for
 from pipeline.boards.ssh import BoardError, Cancelled, SshConnection, SshOptions
+from pipeline.interrupts import DeployInterrupted  # noqa: F401 (raised here; failures and the CLI know it)
 from pipeline.ship.bundle import RUNNER_FILES
 
 DEPLOY_JSON = "deploy.json"
 # A runtime and its numpy need about this much room on the board beside the bundle.
 INSTALL_MB = 300
-
-
-class DeployInterrupted(Exception):
-    """Ctrl-C: every board was stopped and nothing was merged."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.artifacts import atomic_write
+from pipeline.failures import InputError
 
 # Names become report columns and file names; hosts and users reach the ssh command line. Anything a
 # shell or ssh could read as more than a name (spaces, quotes, ;|&$`, a leading '-') is refused.
@@ -22,7 +23,7 @@ HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})|\[[0-9A-Fa-f:.]+\])
 TARGET = re.compile(r"^(?:(?P<user>[^@]+)@)?(?P<host>\[[^\]]*\]|[^:@]+)(?::(?P<port>[^:]+))?$")
 
 
-class BoardNameError(Exception):
+class BoardNameError(InputError):
     """A board's name or destination, given or stored in devices.json, that cannot be used; the message
     says what was expected."""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from device import core
 from device.integrity import METADATA_NAME, sha256_file
 from pipeline.boards.ssh import BoardError
+from pipeline.failures import InputError
 from pipeline.ship.bundle import WHEELS_INDEX, make_bundle, select_requirements, wheel_key
 
 EVAL_DATA = "samples/eval.npz"
@@ -22,7 +23,7 @@ RUNTIMES = {"ai-edge-litert": ("ai_edge_litert.interpreter", ("aarch64", "x86_64
             "tflite-runtime": ("tflite_runtime.interpreter", ("armv7l", "aarch64", "x86_64"))}
 
 
-class DeployError(Exception):
+class DeployError(InputError):
     """The run or bundle cannot be deployed as asked; the message says what to do."""
 
 

@@ -7,83 +7,15 @@ records where its pixels came from, so a manifest can say what a model was train
 """
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
-
-class DataError(Exception):
-    """A user's data problem. str(e) is ONE line: what happened, what was expected, how to fix it."""
-
-    def __init__(self, message: str):
-        # Reasons quoted from gzip, pickle or Keras can span lines; the CLI prints exactly one.
-        super().__init__(" ".join(str(message).split()))
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    height: int
-    width: int
-    channels: int
-    labels: tuple[str, ...]
-    scale: float = 1 / 255  # model_input = uint8_pixel * scale + offset
-    offset: float = 0.0
-    layout: str = "NHWC"
-    color: str | None = None  # "grayscale" or "rgb"; None derives it from channels
-    resize: str = "bilinear"  # Pillow filter that brings any photo to height x width, as in training
-
-    def __post_init__(self):
-        # Frozen, so normalise through object.__setattr__: labels may arrive as a JSON list.
-        object.__setattr__(self, "labels", tuple(self.labels))
-        implied = {1: "grayscale", 3: "rgb"}.get(self.channels)
-        if self.color is None:
-            object.__setattr__(self, "color", implied)
-        if self.layout != "NHWC" or implied is None or self.color != implied:
-            raise ValueError(f"inconsistent preprocessing: {self.layout} with {self.channels} channel(s) "
-                             f"and color {self.color!r}; expected NHWC, 1 channel grayscale or 3 channels rgb")
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "labels": list(self.labels)}
-
-    @classmethod
-    def from_dict(cls, d) -> PreprocessSpec:
-        # Unknown keys are skipped so that metadata written by a newer edgepipe still loads.
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: comparing arrays with == is ambiguous
-class Dataset:
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    spec: PreprocessSpec
-    source: dict
-
-
-# What every loader returns: source kind, checked (images, labels) for train and for test, files read.
-Loaded = tuple[str, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], list]
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    description: str
-    input_shape: tuple[int, int, int]
-    labels: tuple[str, ...]
-    default_model: str
-    loader: Callable[[DatasetInfo, Path | None, Callable], Loaded]  # (info, data_dir, log)
-    offline: str = ""  # the files --data-dir may hold, as error messages quote it
-
-    @property
-    def spec(self) -> PreprocessSpec:
-        return PreprocessSpec(*self.input_shape, labels=self.labels)
+# The package's API: the shared types (dataset.py) and the loaders (folders.py, sources.py).
+from pipeline.data.dataset import DataError, Dataset, DatasetInfo, Loaded, PreprocessSpec, _arrays_sha256  # noqa: F401
+from pipeline.data.folders import FOLDER_LAYOUT, is_image_folder, load_folder_dataset
+from pipeline.data.sources import CIFAR_LABELS, DIGIT_LABELS, IDX_FILES, load_cifar10, load_digits, load_mnist
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, seed: int = 0,
@@ -128,18 +60,6 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, seed: 
     return Dataset(name, x_train[train], y_train[train], x_train[val], y_train[val], x_test, y_test, info.spec, source)
 
 
-def _arrays_sha256(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        # dtype and shape go in too, so that differently shaped arrays with equal bytes differ.
-        h.update(f"{a.dtype.str}{a.shape};".encode())
-        h.update(np.ascontiguousarray(a))
-    return h.hexdigest()
-
-
-# The registry sits below the types the loaders import from this package.
-from pipeline.data.folders import FOLDER_LAYOUT, is_image_folder, load_folder_dataset  # noqa: E402
-from pipeline.data.sources import CIFAR_LABELS, DIGIT_LABELS, IDX_FILES, load_cifar10, load_digits, load_mnist  # noqa: E402
 
 DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo(

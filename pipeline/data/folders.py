@@ -21,7 +21,7 @@ import numpy as np
 
 from device.images import IMAGE_EXTENSIONS
 from pipeline import console
-from pipeline.data import DataError
+from pipeline.data.dataset import DataError
 
 # The runner's list: a folder trains on exactly the files `runner.py eval` would read from it.
 _SUFFIX_TUPLE = tuple(IMAGE_EXTENSIONS)
@@ -258,7 +258,7 @@ def load_images(root: Path, files: list[tuple[str, int, str]], preprocess: dict,
 def load_folder_dataset(name: str, root: Path, size: tuple[int, int, int], *, seed: int, validation_fraction: float,
                         expected_labels: tuple[str, ...] | None = None, log=print):
     """A Dataset from class folders: decoded (or cached), unreadable files skipped, split stratified by class."""
-    from pipeline.data import Dataset, PreprocessSpec
+    from pipeline.data.dataset import Dataset, PreprocessSpec
 
     classes, files = discover(root)
     if expected_labels is not None and classes != tuple(expected_labels):
@@ -318,7 +318,7 @@ def _split_rows(files: dict, ok, labels, classes, root: Path, seed: int, validat
 def _source(root: Path, files: dict, labels, rows: dict, counts: dict, x_sha256: str, size, seed: int, sizes,
             errors: list, cache) -> dict:
     """What the manifest says about where the images came from and how they were split."""
-    from pipeline.data import _arrays_sha256
+    from pipeline.data.dataset import _arrays_sha256
 
     height, width, channels = size
     return {

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import DataError, DatasetInfo, Loaded
+from pipeline.data.dataset import DataError, DatasetInfo, Loaded
 
 
 class DownloadError(DataError):

@@ -16,9 +16,10 @@ import tempfile
 import numpy as np
 
 from device.core import Model, TensorSpec, normalize, quantize
+from pipeline.failures import InputError
 
 
-class ExportError(Exception):
+class ExportError(InputError):
     """The run cannot be exported as asked; the message says what to change."""
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.failures import InputError
 
-class ReportError(Exception):
+
+class ReportError(InputError):
     """A run directory or device result the report cannot use; the message names the file and what was expected."""
 
 

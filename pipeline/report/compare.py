@@ -15,6 +15,7 @@ from pathlib import Path
 
 from device.timing import features_words
 from pipeline.artifacts import MANIFEST
+from pipeline.failures import InputError
 from pipeline.measure.stats import wilson
 from pipeline.report import ms, pct
 from pipeline.report.render import SCHEMA, TEMPLATES, _text, input_range_of
@@ -23,7 +24,7 @@ from pipeline.rundir import locate
 FORMATS = ("text", "markdown", "html", "json")
 
 
-class CompareError(Exception):
+class CompareError(InputError):
     """A run that cannot be compared (missing, unfinished, another schema); the message says which and why."""
 
 

@@ -32,10 +32,12 @@ from pipeline.boards.deploy import BoardDeploy, DeployConfig
 from pipeline.boards.devices import BoardNameError, Device, resolve
 from pipeline.boards.payload import Bundle, board_folder, runtime_for
 from pipeline.boards.ssh import BoardError, Cancelled, SshConnection, SshOptions
-from pipeline.search.feasibility import FEASIBILITY_RUNS, FEASIBILITY_WARMUP, SearchError
+from pipeline.search import SearchError
 
 # Connect to the last benchmark: a board seen for the first time installs its runtime from the index.
 BOARD_TIMEOUT_S = 3600
+# On a board (and under qemu) each invoke is dear; the pick is measured again by its own build.
+FEASIBILITY_RUNS, FEASIBILITY_WARMUP = 50, 10
 
 
 @dataclass

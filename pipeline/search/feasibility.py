@@ -21,18 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import BuildConfig
+from pipeline.search import SearchError
 from pipeline.search.space import Candidate
 
 KIB = 1024
-# On a board (and under qemu) each invoke is dear; the pick is measured again by its own build.
-FEASIBILITY_RUNS, FEASIBILITY_WARMUP = 50, 10
 # On the host, 50 invokes of a 0.05 ms model are a 2.5 ms window that one burst of another process can fill
 # (one CI run measured a 0.045 ms candidate at 0.274 ms): 400 keep the median steady for what costs 20-400 ms.
 HOST_RUNS, HOST_WARMUP = 400, 40
-
-
-class SearchError(Exception):
-    """The search cannot run as asked; the message names the option and the fix."""
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from ray.tune import Callback
 
 from pipeline.artifacts import write_json
 from pipeline.console import say
-from pipeline.search.feasibility import Budgets, SearchError, Target, environment, measure, where_measured
+from pipeline.search import SearchError
+from pipeline.search.feasibility import Budgets, Target, environment, measure, where_measured
 from pipeline.search.space import SPACES, Candidate
 from pipeline.search.trial import LEARNING_RATES, run_trial, trial_config
 

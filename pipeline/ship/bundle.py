@@ -27,6 +27,7 @@ from pathlib import Path
 import device
 from device.core import METADATA_NAME
 from pipeline.delivery import PREFERENCE, default_variant, guard_decision
+from pipeline.failures import InputError
 
 SUFFIXES = (".tar.gz", ".tgz")
 ZIP_EPOCH = 315532800  # 1980-01-01, the earliest time a zip (and so a wheel) can record
@@ -73,7 +74,7 @@ Every command takes --model model_<variant>.tflite; the default is {default} ({w
 """
 
 
-class BundleError(Exception):
+class BundleError(InputError):
     """The run directory cannot be bundled as asked."""
 
 
