@@ -477,6 +477,12 @@ def prepare_board(root: Path, userland: Userland) -> None:
             (root / inside).parent.mkdir(parents=True, exist_ok=True)
             (root / inside).unlink(missing_ok=True)  # may be a dangling symlink in the userland
             shutil.copyfile(host_file, root / inside)
+    if userland.qemu is None and Path("/proc/cpuinfo").is_file():
+        # A native board runs on this CPU, and a real one always has /proc. Without /proc/cpuinfo the
+        # interpreter's CPU detection (the cpuinfo library) fails, and tflite-runtime's int8 kernels take
+        # gemmlowp instead of ruy's AVX2 path: outputs 1 LSB apart from this host's on some images.
+        (root / "proc").mkdir(exist_ok=True)
+        shutil.copyfile("/proc/cpuinfo", root / "proc" / "cpuinfo")
     check = subprocess.run(["chroot", str(root), "/usr/bin/python3", "-c",
                             "import platform; print(platform.machine())"],
                            capture_output=True, text=True, timeout=300, env={"QEMU_CPU": userland.qemu_cpu or "",
