@@ -17,7 +17,10 @@ REPO = Path(__file__).resolve().parent.parent
 def portable(path: str | os.PathLike) -> str:
     p = Path(os.path.abspath(path))
     tmp = Path(os.path.abspath(tempfile.gettempdir()))
-    if p.is_relative_to(tmp):
+    # The deeper root wins: a checkout inside $TMPDIR (CI's `mktemp -d` clone) still records its own files,
+    # and ../shared beside it, relative to the repository.
+    inside_repo = p.is_relative_to(REPO.parent) and len(REPO.parent.parts) > len(tmp.parts)
+    if p.is_relative_to(tmp) and not inside_repo:
         return f"$TMPDIR/{p.relative_to(tmp).as_posix()}"
     if p.is_relative_to(REPO.parent):
         return Path(os.path.relpath(p, REPO)).as_posix()
