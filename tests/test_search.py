@@ -345,3 +345,39 @@ def test_a_space_no_larger_than_the_trials_trains_each_configuration_once(tmp_pa
     assert sorted(trained) == sorted({(feasible[0], lr) for lr in (1e-3, 3e-3)}), trained
     assert "only 2 configurations (candidate, learning rate) for 3 trials" in proc.stdout + proc.stderr
     assert not report["interrupted"] and report["pick"]
+
+
+def _drive(searcher, space, trials: int, first: int = 0) -> list[tuple]:
+    """Tune's calls to a searcher, without Ray: suggest, then complete with a score that favours one
+    candidate and the higher rate, so Optuna's sampler has something to exploit (and to repeat)."""
+    searcher.set_search_properties("val_accuracy", "max", space)
+    seen = []
+    for i in range(first, first + trials):
+        config = searcher.suggest(f"t{i}")
+        seen.append((config["candidate"], config["learning_rate"]))
+        score = 0.9 - 0.1 * int(config["candidate"][1:]) + (0.05 if config["learning_rate"] > 2e-3 else 0)
+        searcher.on_trial_complete(f"t{i}", result={"val_accuracy": score, "config": config})
+    return seen
+
+
+def test_a_space_larger_than_the_trials_never_trains_a_configuration_twice(tmp_path):
+    """Twelve configurations, ten trials: Optuna (seed 0) proposes two repeats here; the search's sampler
+    passes its proposals through, asks again on a repeat, and keeps that across --resume (save, restore)."""
+    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.search.search_generator import SearchGenerator
+
+    from pipeline.search.sampling import plan
+
+    feasible = [f"c{i}" for i in range(6)]
+    space, searcher, samples = plan(feasible, 10, seed=0)
+    assert samples == 10
+    bare = _drive(OptunaSearch(seed=0), plan(feasible, 10, seed=0)[0], 10)
+    assert len(set(bare)) < len(bare), "Optuna no longer repeats here: the test would not show the fix"
+    first = _drive(searcher, space, 5)
+    # Saved and restored the way Tune's experiment checkpoint does it (wrappers' state, then Optuna's file).
+    SearchGenerator(searcher).save_to_dir(str(tmp_path), "s")
+    space, restored, _ = plan(feasible, 10, seed=0)
+    SearchGenerator(restored).restore_from_dir(str(tmp_path))
+    seen = first + _drive(restored, space, 5, first=5)
+    assert len(set(seen)) == 10, seen
+    assert seen[:4] == bare[:4]  # Optuna's proposals pass through until it repeats

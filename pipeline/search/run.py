@@ -22,6 +22,7 @@ from pipeline.artifacts import write_json
 from pipeline.console import say
 from pipeline.search import SearchError
 from pipeline.search.feasibility import Budgets, Target, environment, measure, where_measured
+from pipeline.search.sampling import configurations, plan
 from pipeline.search.space import SPACES, Candidate
 from pipeline.search.trial import LEARNING_RATES, run_trial, trial_config
 
@@ -196,7 +197,6 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     temp = _ray_init(cfg, log)
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=cfg.settings()),
@@ -209,18 +209,10 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
             log(f"search: continuing the trials in {path}")
         else:
-            configurations = len(feasible) * len(LEARNING_RATES)
-            if configurations <= cfg.trials:
-                # Optuna samples a small space with repeats (the same candidate and rate trained twice, another
-                # never): a space no larger than --trials is trained whole, each configuration once, in order.
-                space = {"candidate": tune.grid_search(feasible),
-                         "learning_rate": tune.grid_search(list(LEARNING_RATES))}
-                search_alg, samples = None, 1
-                log(f"search: only {configurations} configurations (candidate, learning rate) for {cfg.trials} trials: "
-                    f"each is trained once, so {configurations} trials")
-            else:
-                space = {"candidate": tune.choice(feasible), "learning_rate": tune.choice(list(LEARNING_RATES))}
-                search_alg, samples = OptunaSearch(seed=cfg.seed), cfg.trials
+            space, search_alg, samples = plan(feasible, cfg.trials, cfg.seed)
+            if search_alg is None:
+                log(f"search: only {len(configurations(feasible))} configurations (candidate, learning rate) for "
+                    f"{cfg.trials} trials: each is trained once, so {len(configurations(feasible))} trials")
             # ASHA's rungs at 1, 2, 4 ... epochs; only budgets that hold decide feasibility, not the scheduler.
             tuner = tune.Tuner(
                 trainable,
@@ -241,7 +233,7 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
         trials = [_trial_row(r, status) for r in grid]
         # Tune returns normally after Ctrl-C: trials left unfinished, or fewer trials than asked for with time
         # left (stopped between two trials), say it was interrupted.
-        planned = min(cfg.trials, len(feasible) * len(LEARNING_RATES))
+        planned = min(cfg.trials, len(configurations(feasible)))
         interrupted = any(t["status"] == "unfinished" for t in trials) or (
             len(trials) < planned and time.monotonic() - t0 < seconds - 5 and not resume)
     finally:
