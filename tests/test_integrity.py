@@ -162,7 +162,8 @@ def test_runner_refuses_to_guess_a_default_model(run, tmp_path):
 def guarded(tmp_path_factory) -> Path:
     """A run whose guard judged int8 against a 0 pp budget and tried every remedy, by the real command."""
     out = tmp_path_factory.mktemp("guarded") / "run"
-    proc = _run(*PIPELINE, "build", "--dataset", "digits", "--epochs", "1", "--fallback", "auto",
+    # Two epochs: one leaves mnist-cnn (with its dropout) near 60%, where no remedy holds 0 pp on the test split.
+    proc = _run(*PIPELINE, "build", "--dataset", "digits", "--epochs", "2", "--fallback", "auto",
                 "--max-accuracy-drop", "0", "--no-benchmark", "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
