@@ -198,22 +198,30 @@ def test_resnet8_is_the_mlperf_tiny_reference_size():
     assert 12_000_000 < count_macs(model) < 13_000_000  # MLPerf Tiny quotes about 12.5 M
 
 
-def test_augmentation_shifts_and_flips_only_and_repeats_with_its_seed():
+@pytest.mark.parametrize("side", [12, 64])
+def test_augmentation_shifts_and_flips_only_and_repeats_with_its_seed(side):
+    """Shifts of up to an eighth of the side (CIFAR's 4 pixels at least): a 64-pixel photo moves up to 8."""
     import tensorflow as tf
 
-    from pipeline.data.augment import PAD, augment_batch
+    from pipeline.data.augment import PAD, augment_batch, pad_for
 
+    pad = pad_for(side)
+    assert pad == max(PAD, side // 8)
     rng = np.random.default_rng(0)
-    images = rng.integers(1, 256, (16, 12, 12, 3), dtype=np.uint8)  # no zeros: padding is recognisable
+    images = rng.integers(1, 256, (16, side, side, 3), dtype=np.uint8)  # no zeros: padding is recognisable
     out = augment_batch(tf.constant(images), tf.constant([7, 1], tf.int64)).numpy()
     again = augment_batch(tf.constant(images), tf.constant([7, 1], tf.int64)).numpy()
     assert np.array_equal(out, again) and out.shape == images.shape and out.dtype == np.uint8
     assert not np.array_equal(out, images)
+    shifts = []
     for src, aug in zip(images, out):
-        padded = np.pad(src, ((PAD, PAD), (PAD, PAD), (0, 0)))
-        crops = [c for dy in range(2 * PAD + 1) for dx in range(2 * PAD + 1)
-                 for c in (padded[dy:dy + 12, dx:dx + 12], padded[dy:dy + 12, dx:dx + 12][:, ::-1])]
-        assert any(np.array_equal(aug, c) for c in crops)
+        padded = np.pad(src, ((pad, pad), (pad, pad), (0, 0)))
+        shifts += [max(abs(dy - pad), abs(dx - pad)) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                   for c in (padded[dy:dy + side, dx:dx + side], padded[dy:dy + side, dx:dx + side][:, ::-1])
+                   if np.array_equal(aug, c)][:1]
+    assert len(shifts) == len(images)  # every image is one of its crops, flipped or not
+    if pad > PAD:
+        assert max(shifts) > PAD  # crops a 4-pixel pad could not have made
 
 
 def test_calibration_is_stratified_by_class():
@@ -388,7 +396,7 @@ def test_validation_that_stalls_while_training_climbs_is_overfitting():
 
 
 def test_the_default_recipe_fits_the_folder(tmp_path):
-    """Grayscale -> mnist-cnn, small -> cifar-cnn (no BatchNorm), >= 50 steps an epoch, photos at 64x64;
+    """Grayscale -> mnist-cnn, small -> cifar-cnn (no BatchNorm), photos -> photo-cnn at 64x64, >= 50 steps an epoch;
     what the user chose stays, and the config says why the rest was chosen."""
     from pipeline.models import MIN_STEPS_PER_EPOCH
 
@@ -405,9 +413,12 @@ def test_the_default_recipe_fits_the_folder(tmp_path):
     assert gray.batch_size == 16 and 96 // gray.batch_size < MIN_STEPS_PER_EPOCH  # the floor: batch 16
     photos = folder("photos", "RGB", (300, 200), per_class=1500)
     rgb = BuildConfig(dataset="folder", data_dir=photos)
-    assert (rgb.model, rgb.image_size, rgb.augment) == ("cifar-cnn", "64x64", True)
-    assert "photos of 200 px" in rgb.folder_defaults
-    assert rgb.batch_size == 2400 // MIN_STEPS_PER_EPOCH  # 80% of 3,000 images for training, 50 steps
+    assert (rgb.model, rgb.image_size, rgb.augment) == ("photo-cnn", "64x64", True)
+    assert "photo-cnn for fewer than 5,000 photos" in rgb.folder_defaults and "photos of 200 px" in rgb.folder_defaults
+    assert rgb.batch_size == 32  # the recipe's: 80% of 3,000 images for training are 75 steps an epoch
+    small = BuildConfig(dataset="folder", data_dir=folder("small", "RGB", (32, 32), per_class=500))
+    assert (small.model, small.image_size) == ("cifar-cnn", None)
+    assert small.batch_size == 800 // MIN_STEPS_PER_EPOCH  # cut from the recipe's 64 for 50 steps an epoch
     mine = BuildConfig(dataset="folder", data_dir=photos, model="cifar-resnet8", image_size="32x32", batch_size=8)
     assert (mine.model, mine.image_size, mine.batch_size, mine.folder_defaults) == ("cifar-resnet8", "32x32", 8, None)
     assert BuildConfig.from_dict(rgb.to_dict()) == rgb

@@ -13,6 +13,11 @@ import numpy as np
 
 PAD = 4  # pixels of zero padding around a CIFAR-sized image before the random crop (the usual recipe)
 
+
+def pad_for(side: int) -> int:
+    """The crop's largest shift: CIFAR's 4 pixels is an eighth of its 32; a 64-pixel photo gets 8, not 4."""
+    return max(PAD, side // 8)
+
 # Digits are not mirror-symmetric (a flipped 2 is not a 2) and are centred by construction.
 DEFAULT_ON = {"cifar10": True, "folder": True, "mnist": False, "digits": False}
 
@@ -22,7 +27,7 @@ def default_augment(dataset: str) -> bool:
 
 
 def augment_batch(images, seed):
-    """Pad-and-crop (a random shift of up to PAD pixels) and a random horizontal flip, per image.
+    """Pad-and-crop (a random shift of up to `pad_for` the side) and a random horizontal flip, per image.
 
     `images` is a uint8 (B, H, W, C) tensor; `seed` a shape-[2] int tensor. Stateless random ops make
     each batch's augmentation a function of (seed, step) only, so a seeded build repeats exactly.
@@ -32,9 +37,10 @@ def augment_batch(images, seed):
     shape = tf.shape(images)
     b, h, w = shape[0], shape[1], shape[2]
     s_row, s_col, s_flip = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    padded = tf.pad(images, [[0, 0], [PAD, PAD], [PAD, PAD], [0, 0]])
-    dy = tf.random.stateless_uniform([b], s_row, 0, 2 * PAD + 1, dtype=tf.int32)
-    dx = tf.random.stateless_uniform([b], s_col, 0, 2 * PAD + 1, dtype=tf.int32)
+    py, px = pad_for(images.shape[1]), pad_for(images.shape[2])
+    padded = tf.pad(images, [[0, 0], [py, py], [px, px], [0, 0]])
+    dy = tf.random.stateless_uniform([b], s_row, 0, 2 * py + 1, dtype=tf.int32)
+    dx = tf.random.stateless_uniform([b], s_col, 0, 2 * px + 1, dtype=tf.int32)
     # A crop per image as two batched gathers: rows, then columns, each offset by that image's shift.
     out = tf.gather(padded, dy[:, None] + tf.range(h)[None], axis=1, batch_dims=1)
     out = tf.gather(out, dx[:, None] + tf.range(w)[None], axis=2, batch_dims=1)
