@@ -211,8 +211,9 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
         else:
             space, search_alg, samples = plan(feasible, cfg.trials, cfg.seed)
             if search_alg is None:
-                log(f"search: only {len(configurations(feasible))} configurations (candidate, learning rate) for "
-                    f"{cfg.trials} trials: each is trained once, so {len(configurations(feasible))} trials")
+                n = len(configurations(feasible))
+                log(f"search: only {n} configurations (candidate, learning rate) for {cfg.trials} trials: "
+                    f"each is trained once, so {n} trials")
             # ASHA's rungs at 1, 2, 4 ... epochs; only budgets that hold decide feasibility, not the scheduler.
             tuner = tune.Tuner(
                 trainable,

@@ -12,7 +12,6 @@ import copy
 
 from ray import tune
 from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
 from pipeline.search.trial import LEARNING_RATES
 
@@ -26,11 +25,15 @@ def configurations(feasible: list[str]) -> list[dict]:
 
 def plan(feasible: list[str], trials: int, seed: int) -> tuple[dict, Searcher | None, int]:
     """(Tune's param_space, search algorithm, num_samples) for up to `trials` trials."""
-    if len(configurations(feasible)) <= trials:
+    every = configurations(feasible)
+    if len(every) <= trials:
         return ({"candidate": tune.grid_search(feasible), "learning_rate": tune.grid_search(list(LEARNING_RATES))},
                 None, 1)
+    # Imported here: a search trained whole (a grid) never loads Optuna.
+    from ray.tune.search.optuna import OptunaSearch
+
     space = {"candidate": tune.choice(feasible), "learning_rate": tune.choice(list(LEARNING_RATES))}
-    return space, Unrepeated(OptunaSearch(seed=seed), configurations(feasible)), trials
+    return space, Unrepeated(OptunaSearch(seed=seed), every), trials
 
 
 class Unrepeated(Searcher):
