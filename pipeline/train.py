@@ -32,6 +32,9 @@ def recipe_of(cfg: BuildConfig) -> dict:
                                          "warmup_epochs", "weight_decay", "label_smoothing", "augment")}
 
 
+NO_DECAY = ["gamma", "beta", "bias"]  # Keras names of BatchNorm's scale and shift and of every bias
+
+
 def _optimizer(recipe: dict, steps_per_epoch: int):
     import keras
 
@@ -44,10 +47,16 @@ def _optimizer(recipe: dict, steps_per_epoch: int):
                                                     warmup_target=lr if warmup else None, warmup_steps=warmup)
     wd = recipe["weight_decay"] or None
     if recipe["optimizer"] == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd)
-    if recipe["optimizer"] == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=recipe["weight_decay"])
-    return keras.optimizers.Adam(lr, weight_decay=wd)
+        optimizer = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    elif recipe["optimizer"] == "adamw":
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=recipe["weight_decay"])
+    else:
+        optimizer = keras.optimizers.Adam(lr, weight_decay=wd)
+    if wd:
+        # Decay is for kernels: on BatchNorm's scale and shift, or on a bias, it only pulls a layer's output
+        # towards zero, which a network of a few thousand channels cannot spare.
+        optimizer.exclude_from_weight_decay(var_names=NO_DECAY)
+    return optimizer
 
 
 class _Throughput:

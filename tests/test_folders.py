@@ -190,6 +190,26 @@ def test_recipes_defaults_and_overrides():
     assert BuildConfig(dataset="mnist").augment is False and BuildConfig(dataset="digits").augment is False
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_weight_decay_shrinks_kernels_only(optimizer):
+    """A step with zero gradients moves a variable by its decay alone: kernels shrink, while BatchNorm's scale
+    and shift and the biases keep their values."""
+    import keras
+
+    from pipeline.train import _optimizer
+
+    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(2, 3), keras.layers.BatchNormalization(),
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    for v in model.trainable_variables:
+        v.assign(keras.ops.ones(v.shape))
+    recipe = {"learning_rate": 0.1, "lr_schedule": "constant", "weight_decay": 0.01, "optimizer": optimizer}
+    _optimizer(recipe, steps_per_epoch=1).apply([keras.ops.zeros(v.shape) for v in model.trainable_variables],
+                                                model.trainable_variables)
+    after = {v.path: float(keras.ops.convert_to_numpy(v).max()) for v in model.trainable_variables}
+    assert {p for p, x in after.items() if x < 1} == {p for p in after if p.endswith("kernel")}
+    assert len(after) == 6  # two kernels, two biases, gamma and beta
+
+
 def test_resnet8_is_the_mlperf_tiny_reference_size():
     from pipeline.models import build_model, count_macs
 
