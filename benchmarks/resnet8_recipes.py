@@ -68,9 +68,11 @@ def run(name: str, epochs: int, runs: Path) -> dict:
     manifest = json.loads((out / "manifest.json").read_text())
     evaluation = json.loads((out / "evaluation.json").read_text())
     training = manifest["training"]
-    if training["recipe"]["epochs"] != epochs:
-        sys.exit(f"{name}: the run in {out} trained {training['recipe']['epochs']} epochs, not {epochs}; "
-                 "remove it or pass another --runs folder")
+    # A kept run is read only if it trained this recipe: the table's options against the config it recorded.
+    wanted = {"epochs": epochs, **{o[2:].replace("-", "_"): float(v) for o, v in zip(RECIPES[name][::2],
+                                                                                    RECIPES[name][1::2])}}
+    if any(manifest["config"][k] != v for k, v in wanted.items()):
+        sys.exit(f"{name}: the run in {out} did not train {wanted}; remove it or pass another --runs folder")
     ips = sorted(training["images_per_second"])
     return {
         "command": portable_command(cmd), "reused_finished_run": reused,
