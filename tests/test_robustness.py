@@ -377,7 +377,9 @@ CHAIN = [
     ("conversion", r"^converted fp32", 0.1, signal.SIGKILL),
     ("evaluation", r"^accuracy +int8", 0.0, signal.SIGINT),
     ("benchmark", r"^latency +fp32", 0.0, signal.SIGKILL),
-    ("report", "done:benchmark", 0.2, signal.SIGINT),
+    # At once: on a fast CPU (AVX-512) the tiny CNN's whole report took less than 0.2 s, and the SIGINT came
+    # after the build had finished (exit 0).
+    ("report", "done:benchmark", 0.0, signal.SIGINT),
 ]
 
 
