@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -27,7 +26,8 @@ from portable import portable, portable_command
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from device.timing import cpu_features, features_words  # noqa: E402
+from device.core import environment  # noqa: E402
+from device.timing import features_words  # noqa: E402
 
 DATA = REPO.parent / "shared" / "datasets" / "cifar10-jpg"
 GOAL = 0.85
@@ -43,14 +43,6 @@ RECIPES = {
     # Twice batch 64's steps per epoch, the rate scaled down with the batch.
     "batch32": ["--batch-size", "32", "--learning-rate", "0.05"],
 }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
 
 
 def run(name: str, epochs: int, runs: Path) -> dict:
@@ -124,10 +116,9 @@ def main() -> None:
     if not DATA.is_dir():
         sys.exit(f"{DATA} not found: this benchmark reads the CIFAR-10 JPEG folders there")
     args.runs.mkdir(parents=True, exist_ok=True)
-    features = cpu_features()
-    env = {"python": platform.python_version(), "cpu": cpu_model(), "cpus": os.cpu_count(),
-           "cpu_features": features, "cpu_words": features_words(features),
-           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": portable(args.runs)}
+    env = environment()  # the runner's: CPU name, cores, Python, CPU features
+    env.update(cpu_words=features_words(env["cpu_features"]), started=time.strftime("%Y-%m-%d %H:%M:%S"),
+               runs=portable(args.runs))
     results = {}
     for name in args.recipes or list(RECIPES):
         results[name] = run(name, args.epochs, args.runs)
