@@ -20,6 +20,11 @@ from device import foreign, timing
 from device.images import MAX_IMAGE_PIXELS, image_warnings, load_image, read_image  # noqa: F401 (the core's API)
 from device.integrity import METADATA_NAME, DeviceError, expected_sha256, find_metadata, load_metadata, read_model_bytes
 
+# What the interpreter's C++ layer raises for a model it cannot take: pybind11 turns std::out_of_range into
+# IndexError (a damaged model's tensor index missing from an internal map reads "_Map_base::at"), the other
+# std exceptions into RuntimeError or ValueError. All of them are the model's fault, not the runner's.
+INTERPRETER_ERRORS = (ValueError, RuntimeError, IndexError)
+
 # Resolution order: LiteRT is the maintained runtime; tflite-runtime still has 32-bit ARM wheels;
 # full TensorFlow works anywhere but costs seconds and hundreds of MB to import.
 _INTERPRETERS = (
@@ -167,9 +172,9 @@ class Model:
         try:
             self.interpreter = self.runtime.interpreter(self.model_bytes, threads, xnnpack)
             self.interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as e:
+            inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+        except INTERPRETER_ERRORS as e:
             raise DeviceError(f"{self.path}: the interpreter rejected the model ({str(e).splitlines()[0]})")
-        inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
             raise DeviceError(f"{self.path}: expected one input and one output tensor, "
                               f"found {len(inputs)} and {len(outputs)}; this runner serves classifiers")
@@ -219,7 +224,7 @@ class Model:
         try:
             self.interpreter.resize_tensor_input(self.input.index, [batch, *self.input.shape[1:]])
             self.interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as e:
+        except INTERPRETER_ERRORS as e:
             raise self._failed(e)
         self._batch = batch
 
@@ -249,7 +254,7 @@ class Model:
             self._set_tensor(self._input_index, prepared)
             self._invoke()
             return self._get_tensor(self._output_index)
-        except (ValueError, RuntimeError) as e:
+        except INTERPRETER_ERRORS as e:
             raise self._failed(e) from None
 
     def predict(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -87,26 +87,28 @@ def test_device_runs_with_tensorflow_unimportable(mnist_run, tmp_path):
     assert check.returncode == 0 and check.stdout.strip() == "[]", check.stdout + check.stderr
 
 
-def _confident_example(run, x, y, label: int) -> int:
-    """A test image of `label` that the int8 model gets right with a clear margin, so these tests
-    check the image handling, not the model's accuracy."""
+def _confident_example(run, x, y, prefer: int) -> int:
+    """A test image that the int8 model gets right with a clear margin, of class `prefer` when there is one,
+    so these tests check the image handling, not the model's accuracy (a 2-epoch model on the 8x8 fallback
+    digits is sure of some classes only)."""
     probs = core.Model(run / "model_int8.tflite").predict(x)
-    for i in np.flatnonzero(y == label):
-        top2 = np.sort(probs[i])[-2:]
-        if probs[i].argmax() == label and top2[1] - top2[0] > 0.5:
-            return int(i)
-    pytest.fail(f"no confidently classified {label} in the test split")
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    confident = np.flatnonzero((probs.argmax(axis=1) == y) & (top2[:, 1] - top2[:, 0] > 0.5))
+    if not len(confident):
+        pytest.fail("no confidently classified image in the test split")
+    preferred = confident[y[confident] == prefer]
+    return int(preferred[0] if len(preferred) else confident[0])
 
 
 def test_classify_real_digit_any_size_and_mode(mnist_run, mnist_test, tmp_path):
     x, y = mnist_test
     idx = _confident_example(mnist_run, x, y, 7)
     big = Image.fromarray(x[idx, ..., 0]).resize((56, 56)).convert("RGB")
-    big.save(tmp_path / "seven.jpg", quality=95)
-    proc = run_runner("classify", "--model", mnist_run / "model_int8.tflite", tmp_path / "seven.jpg", "--json")
+    big.save(tmp_path / "digit.jpg", quality=95)
+    proc = run_runner("classify", "--model", mnist_run / "model_int8.tflite", tmp_path / "digit.jpg", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)["results"][0]
-    assert result["image"].endswith("seven.jpg") and result["top"][0]["label"] == "7"
+    assert result["image"].endswith("digit.jpg") and result["top"][0]["label"] == str(y[idx])
 
 
 @pytest.mark.parametrize("mode", ["P", "RGBA", "LA", "I;16"])
@@ -121,7 +123,7 @@ def test_unusual_image_modes_are_converted(mnist_run, mnist_test, tmp_path, mode
     path = tmp_path / f"digit_{mode.replace(';', '')}.png"
     img.save(path)
     model = core.Model(mnist_run / "model_int8.tflite")
-    assert model.classify([path])[0]["top"][0]["label"] == "3"
+    assert model.classify([path])[0]["top"][0]["label"] == str(y[idx])
 
 
 def _bad_image_cases(tmp_path: Path, good_png: bytes) -> dict[str, Path]:

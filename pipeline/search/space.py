@@ -110,6 +110,6 @@ SPACES = {
     # Seconds per trial on the digits: for tests and for trying the command out.
     "tiny": Space("four candidates of very different cost, for trying the search out",
                   {"cnn": {"width": [0.25, 0.5], "depth": [1]}, "dscnn": {"width": [0.25]},
-                   "resnet8": {"width": [1.0]}},
+                   "resnet8": {"width": [2.0]}},
                   (1.0,)),
 }
