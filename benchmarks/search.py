@@ -8,10 +8,12 @@ so each zoo model gets the whole budget, not a share: the comparison favours the
 
     python benchmarks/search.py [--data-dir ../shared/datasets/cifar10-jpg] [--budget-minutes 60]
                                 [--max-size-kb 100] [--trials 40] [--space default] [--json FILE]
+                                [--keep DIR]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -77,12 +79,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30, help="epochs per search trial at most (ASHA stops most sooner)")
     ap.add_argument("--space", default="default")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--keep", type=Path, help="keep the search folder and the zoo runs here (default: removed)")
     args = ap.parse_args()
     costs = zoo_costs(args.data_dir)
     latency = costs["cifar-resnet8"]["latency_ms"]
     print(f"ResNet-8 int8 p50 here: {latency:.3f} ms -> --max-latency-ms {latency:.3f}, --max-size-kb "
           f"{args.max_size_kb:g}; load average {os.getloadavg()[0]:.2f}")
-    with tempfile.TemporaryDirectory(prefix="edgepipe-search-bench-") as tmp:
+    with contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(
+            prefix="edgepipe-search-bench-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         cli("search", "--dataset", "cifar10", "--data-dir", args.data_dir, "--max-latency-ms", f"{latency:.4f}",
@@ -93,7 +97,7 @@ def main() -> None:
         fitting = [n for n, c in costs.items() if c["latency_ms"] <= latency and c["size_kb"] <= args.max_size_kb]
         zoo = {n: train_zoo(n, args.data_dir, args.budget_minutes, tmp) for n in fitting}
     pick = report["pick"]
-    acc = pick["test"][pick["variant"]] if pick else None
+    acc = pick["run_test"] if pick else None  # the pick's run: after its final training
     best = max(zoo.items(), key=lambda kv: kv[1]["int8_accuracy"]) if zoo else None
     print(f"search: {search_s / 60:.1f} min, {report['summary']['trials']} trials "
           f"({report['summary']['trials'] / (search_s / 3600):.1f} per hour), "

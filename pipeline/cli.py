@@ -302,6 +302,9 @@ def entry():
               help="Wall time for the whole search.")
 @click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True, help="Trials to train at most.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs per trial at most.")
+@click.option("--final-epochs", type=click.IntRange(min=0),
+              help="Epochs to train the pick again for (default: as many as the rest of the budget holds, at most "
+                   "10x --epochs; 0 keeps its trial's model).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Training batch size.")
 @click.option("--space", type=click.Choice(list(SPACES)), default="default", show_default=True,
               help="The search space preset.")

@@ -101,7 +101,33 @@ def test_local_search_drops_over_budget_before_training_and_picks_a_verified_run
     manifest = json.loads((local_search / "pick" / "manifest.json").read_text())
     assert manifest["search"]["candidate"]["id"] == pick["candidate"]
     # What the search picked is what its run delivers: the guard decides the same there as in the trial.
-    assert json.loads((local_search / "pick" / "report.json").read_text())["delivered"]["variant"] == pick["variant"]
+    # The pick's run holds a longer-trained model (below), on which the guard decides again: the run delivers
+    # what the report says, at the cost measured for int8.
+    delivered = json.loads((local_search / "pick" / "report.json").read_text())["delivered"]["variant"]
+    assert delivered == pick["run_variant"] == manifest["search"]["variant"] and delivered.startswith("int8")
+    # Phase (c): the pick trained again for the budget's rest, at most 10x a trial's one epoch; the digits gain
+    # from ten epochs over one, so its run holds the longer model, trained as its config says.
+    final = pick["final"]
+    assert final["epochs"] == 10 and final["used"] and final["val_accuracy"] >= pick["val_accuracy"], final
+    assert manifest["config"]["epochs"] == 10 and manifest["config"]["keras_model"] == final["keras_model"]
+    assert manifest["search"]["final_training"]["epochs"] == 10
+    run_eval = json.loads((local_search / "pick" / "evaluation.json").read_text())["variants"][delivered]
+    assert pick["run_test"]["accuracy"] == run_eval["accuracy"]
+    assert "Trained again for 10 epochs" in (local_search / "search.md").read_text()
+
+
+def test_the_final_training_fits_the_time_left_and_never_shortens_a_trial():
+    from pipeline.search.final import MAX_FACTOR, plan_epochs
+    from pipeline.search.run import SearchConfig
+
+    cfg = SearchConfig(out="unused", epochs=5)
+    pick = {"train_seconds": 50.0, "epochs_trained": 5}  # 10 s an epoch in its trial
+    assert plan_epochs(cfg, pick, 300)[0] == 30
+    assert plan_epochs(cfg, pick, 10_000)[0] == MAX_FACTOR * 5
+    epochs, why = plan_epochs(cfg, pick, 40)  # 4 epochs fit: fewer than its trial had
+    assert epochs == 0 and "trial's model is kept" in why
+    assert plan_epochs(SearchConfig(out="unused", final_epochs=3), pick, 0)[0] == 3  # asked for: no time check
+    assert plan_epochs(SearchConfig(out="unused", final_epochs=0), pick, 10_000)[0] == 0
 
 
 @pytest.mark.slow

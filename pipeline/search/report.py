@@ -67,7 +67,8 @@ def choose(trials: list[dict], feasibility: dict) -> dict | None:
                                                             if t["trial_id"] == p["trial_id"])))
     mine = [p for p in pts if p["trial_id"] == best["trial_id"]]
     trial = next(t for t in trials if t["trial_id"] == best["trial_id"])
-    return {**trial, "variants": [p["base"] for p in mine], "variant": min(mine, key=lambda p: p["size_kb"])["variant"]}
+    smallest = min(mine, key=lambda p: p["size_kb"])
+    return {**trial, "variants": [p["base"] for p in mine], "variant": smallest["variant"], "base": smallest["base"]}
 
 
 def write_report(out: Path, cfg, feasibility: dict, trials: list[dict], pick: dict | None, log,
@@ -92,14 +93,18 @@ def write_report(out: Path, cfg, feasibility: dict, trials: list[dict], pick: di
         "candidates": rows, "trials": trials, "points": pts, "front": front, "pick": None,
     }
     if pick:
-        report["pick"] = {k: pick[k] for k in ("trial_id", "candidate", "variant", "variants", "learning_rate",
-                                               "val_accuracy", "test")}
+        report["pick"] = {k: pick.get(k) for k in ("trial_id", "candidate", "variant", "variants", "learning_rate",
+                                                   "val_accuracy", "test", "final", "run_variant")}
         report["pick"]["run_dir"] = str(pick_dir) if pick_dir else None
+        variant = pick.get("run_variant") or pick["variant"]  # the guard may deliver the longer model otherwise
+        if pick_dir and (Path(pick_dir) / "evaluation.json").is_file():
+            run_eval = json.loads((Path(pick_dir) / "evaluation.json").read_text())["variants"][variant]
+            report["pick"]["run_test"] = {"accuracy": run_eval["accuracy"], **run_eval["interval_95"]}
         if pick_dir and (Path(pick_dir) / "benchmark.json").is_file():
             bench = json.loads((Path(pick_dir) / "benchmark.json").read_text())
-            lat = next(iter(bench["threads"].values()))[pick["variant"]]["latency"]
+            lat = next(iter(bench["threads"].values()))[variant]["latency"]
             report["pick"]["run_latency_p50_ms"] = lat["p50_ms"]
-            report["pick"]["run_bytes"] = bench["variants"][pick["variant"]]["bytes"]
+            report["pick"]["run_bytes"] = bench["variants"][variant]["bytes"]
     report["generated_unix"] = time.time()
     write_json(out / "search.json", report)
     plot(out / "front.png", pts, front, report["pick"], feasibility["target"], feasibility["budgets"])
@@ -165,11 +170,23 @@ def _pick(r: dict) -> str:
                 if r["interrupted"] else "No trial finished training, so there is no pick.")
     p = r["pick"]
     acc = p["test"][p["variant"]]
-    return (f"{p['candidate']} {p['variant']} (trial {p['trial_id']}, learning rate {p['learning_rate']:g}), "
-            f"chosen on validation accuracy {p['val_accuracy']:.4f}: test accuracy {acc['accuracy']:.4f} "
-            f"[95% {acc['low']:.4f}-{acc['high']:.4f}]; its run: `{p['run_dir']}`"
-            + (f", measured again there: p50 {p['run_latency_p50_ms']:.3f} ms, {p['run_bytes']:,} bytes."
-               if p.get("run_latency_p50_ms") is not None else "."))
+    text = (f"{p['candidate']} {p['variant']} (trial {p['trial_id']}, learning rate {p['learning_rate']:g}), "
+            f"chosen on validation accuracy {p['val_accuracy']:.4f}; its trial's test accuracy {acc['accuracy']:.4f} "
+            f"[95% {acc['low']:.4f}-{acc['high']:.4f}].")
+    final = p.get("final") or {}
+    if final.get("epochs"):
+        text += (f" Trained again for {final['epochs']} epochs ({final['planned']}) in {final['seconds']:.0f} s: "
+                 f"validation accuracy {final['val_accuracy']:.4f}, {final['why']}.")
+    elif final:
+        text += f" Not trained again: {final['planned']}."
+    run_test = p.get("run_test")
+    text += f" Its run: `{p['run_dir']}`"
+    if run_test:
+        text += (f", {p.get('run_variant') or p['variant']} test accuracy {run_test['accuracy']:.4f} "
+                 f"[95% {run_test['low']:.4f}-{run_test['high']:.4f}]")
+    if p.get("run_latency_p50_ms") is not None:
+        text += f", measured again there: p50 {p['run_latency_p50_ms']:.3f} ms, {p['run_bytes']:,} bytes"
+    return text + "."
 
 
 def sections(r: dict) -> list[dict]:

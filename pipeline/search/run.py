@@ -22,6 +22,7 @@ from pipeline.artifacts import write_json
 from pipeline.console import say
 from pipeline.search import SearchError
 from pipeline.search.feasibility import Budgets, Target, environment, measure, where_measured
+from pipeline.search.final import FINAL_SHARE, materialise, plan_epochs, train_final
 from pipeline.search.sampling import configurations, plan
 from pipeline.search.space import SPACES, Candidate
 from pipeline.search.trial import LEARNING_RATES, run_trial, trial_config
@@ -47,6 +48,7 @@ class SearchConfig:
     address: str | None = None  # a Ray cluster; None starts a local Ray sized to this machine's cores
     space: str = "default"
     epochs: int = 10
+    final_epochs: int | None = None  # the pick trained again (phase c); None: as many as the budget's rest holds
     batch_size: int = 64
     cpus_per_trial: int = 1
     # A board target is reached with the user's OpenSSH, as `pipeline deploy` reaches it.
@@ -67,8 +69,8 @@ class SearchConfig:
             raise SearchError(f"--quantize {','.join(self.quantize)}: a microcontroller runs integer models; "
                               "use int8 (or int16x8) with --target tflm:BOARD")
         Budgets(self.max_latency_ms, self.max_size_kb, self.max_ram_kb).check(target)
-        for name, low in (("trials", 1), ("epochs", 1), ("batch_size", 1), ("cpus_per_trial", 1)):
-            if getattr(self, name) < low:
+        for name, low in (("trials", 1), ("epochs", 1), ("final_epochs", 0), ("batch_size", 1), ("cpus_per_trial", 1)):
+            if getattr(self, name) is not None and getattr(self, name) < low:
                 raise SearchError(f"--{name.replace('_', '-')}: got {getattr(self, name)}, expected >= {low}")
         if self.max_accuracy_drop is not None and not self.max_accuracy_drop >= 0:
             raise SearchError(f"--max-accuracy-drop: got {self.max_accuracy_drop}, expected percentage points >= 0")
@@ -114,15 +116,23 @@ def search(cfg: SearchConfig, *, resume: bool = False, log=print) -> Path:
         write_report(out, cfg, feasibility, [], None, log)
         raise SearchError(f"no candidate meets the budgets ({_budget_words(cfg)}) even untrained; every one is "
                           f"listed with its measured cost in {out / 'search.md'}: relax a budget or widen --space")
-    remaining = cfg.budget_minutes * 60 - (time.time() - started if not resume else 0)
-    trials, interrupted = phase_b(cfg, out, feasible, max(remaining, 60.0), resume, log)
+    budget = cfg.budget_minutes * 60
+    remaining = budget - (time.time() - started if not resume else 0)
+    reserve = budget * FINAL_SHARE if cfg.final_epochs != 0 else 0.0
+    trials, interrupted = phase_b(cfg, out, feasible, max(remaining - reserve, 60.0), resume, log)
     from pipeline.search.report import choose, write_report
 
     if interrupted:  # what finished is reported now; the pick waits for the search to end (--resume)
         write_report(out, cfg, feasibility, trials, None, log, interrupted=True)
         raise KeyboardInterrupt
     pick = choose(trials, feasibility)
-    pick_dir = materialise(cfg, out, pick, log) if pick else None
+    pick_dir = None
+    if pick:
+        # A resumed search does not know how long it ran before: its final training gets the reserved share.
+        epochs, why = plan_epochs(cfg, pick, reserve if resume else budget - (time.time() - started))
+        pick["final"] = {**(train_final(cfg, out, pick, epochs, log) if epochs else {"epochs": 0, "used": False}),
+                         "planned": why}
+        pick_dir = materialise(cfg, out, pick, log)
     write_report(out, cfg, feasibility, trials, pick, log, pick_dir=pick_dir)
     return out
 
@@ -270,7 +280,8 @@ def _trial_row(result, status: dict) -> dict:
     row = {"trial_id": trial_id, "number": int(number), "candidate": config.get("candidate"),
            "learning_rate": config.get("learning_rate"), "epochs_trained": metrics.get("epoch"),
            "val_accuracy": metrics.get("val_accuracy"), "node_id": metrics.get("node_id"),
-           "hostname": metrics.get("hostname"), "trial_seconds": metrics.get("trial_seconds")}
+           "hostname": metrics.get("hostname"), "trial_seconds": metrics.get("trial_seconds"),
+           "train_seconds": metrics.get("train_seconds")}
     if result.error is not None:
         last = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else ""
         row.update(status="failed", why=f"{type(result.error).__name__}: {last}")
@@ -301,28 +312,6 @@ def _guard_words(guard: dict) -> str:
         return words + f"; the guard delivers {guard['int8_is']} (int8's graph, so int8's measured cost) in its place"
     return words + (f"; the guard delivers {guard['int8_is']}, whose graph differs from int8's and was not measured "
                     "before training: int8 does not compete for this trial")
-
-
-def materialise(cfg: SearchConfig, out: Path, pick: dict, log) -> Path:
-    """The pick as an ordinary run: its trained model through every `pipeline build` stage, into pick/."""
-    from pipeline.artifacts import updating
-    from pipeline.build import build
-
-    models = out / "models"
-    models.mkdir(exist_ok=True)
-    keras_file = models / f"{pick['candidate']}-{pick['trial_id']}.keras"
-    shutil.copyfile(Path(pick["checkpoint"]) / "model.keras", keras_file)
-    cand = Candidate.parse(pick["candidate"])
-    run_cfg = trial_config({**cfg.settings(), "quantize": pick["variants"]}, cand, pick["learning_rate"],
-                           keras_model=str(keras_file), out=str(out / "pick"), threads=(1,))
-    log(f"search: building the pick {pick['candidate']} (trial {pick['trial_id']}) into {out / 'pick'}")
-    run = build(run_cfg, overwrite=True, log=log)
-    with updating(run, "search", log=log) as (_, changed):
-        changed["search"] = {"search_dir": str(out), "candidate": cand.to_dict(), "trial_id": pick["trial_id"],
-                             "learning_rate": pick["learning_rate"], "variant": pick["variant"],
-                             "note": "config.model names the dataset's zoo model only because a config needs one; "
-                                     "the model is the searched candidate, trained by the search (config.keras_model)"}
-    return run
 
 
 def load_config(folder: Path) -> SearchConfig:

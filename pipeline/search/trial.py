@@ -97,7 +97,7 @@ def run_trial(config: dict, settings: dict) -> None:
         evaluation = json.loads((run / "evaluation.json").read_text())
         test = {v: {"accuracy": e["accuracy"], "low": e["interval_95"]["low"], "high": e["interval_95"]["high"],
                     "n": e["interval_95"]["n"]} for v, e in evaluation["variants"].items()}
-        guarded = _guarded(run) if cfg.max_accuracy_drop is not None else None
+        guarded = guard_of(run) if cfg.max_accuracy_drop is not None else None
         (checkpoint / "evaluation.json").write_text(json.dumps(evaluation))
         (checkpoint / "history.json").write_text(json.dumps(history))
         tune.report({"epoch": epochs, "val_accuracy": float(history["val_accuracy"][-1]), **where,
@@ -107,7 +107,7 @@ def run_trial(config: dict, settings: dict) -> None:
     keras.backend.clear_session()
 
 
-def _guarded(run: Path) -> dict:
+def guard_of(run: Path) -> dict:
     """What the accuracy guard made of this trial's int8: the variant it delivers in int8's place, and whether
     that variant runs int8's graph (the same ops on the same tensor shapes and types), so that the cost measured
     for int8 before training is its cost too; a remedy that leaves ops in float is another graph."""

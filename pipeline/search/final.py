@@ -1,0 +1,119 @@
+"""Phase (c): the pick trained again, for as many epochs as the rest of the budget holds, and built as a run.
+
+A trial trains for a few epochs only, so that many candidates fit the budget; the architecture it finds is
+then worth a full schedule. The pick's configuration (candidate, learning rate, seed) is trained once more,
+from scratch, in this process with every CPU, with a cosine schedule over the longer run. The epochs are fixed
+before training (the schedule needs them) from the speed its own trial measured, which ran on fewer CPUs: the
+estimate errs on the short side. The longer model replaces the trial's only if it is at least as accurate on
+the validation split, and, under the accuracy guard, only if what the guard delivers for it still runs the graph
+whose cost was measured before training; either way the report says which model the pick's run holds and why.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.search.report import competing
+from pipeline.search.space import Candidate
+from pipeline.search.trial import guard_of, trial_config
+
+# Phase (b) leaves this share of --budget-minutes to the final training (more when the trials end early).
+FINAL_SHARE = 1 / 3
+# At most this many times a trial's epochs: past it, a longer cosine schedule buys little on these small models.
+MAX_FACTOR = 10
+
+
+def plan_epochs(cfg, pick: dict, seconds_left: float) -> tuple[int, str]:
+    """The final training's epochs (0: keep the trial's model) and why, from --final-epochs or the time left."""
+    if cfg.final_epochs is not None:
+        return cfg.final_epochs, "--final-epochs" if cfg.final_epochs else "--final-epochs 0 keeps the trial's model"
+    per_epoch = (pick.get("train_seconds") or 0) / max(1, pick.get("epochs_trained") or 1)
+    fit = int(seconds_left // per_epoch) if per_epoch > 0 else 0
+    epochs = min(fit, MAX_FACTOR * cfg.epochs)
+    why = (f"{seconds_left / 60:.1f} minutes of the budget left at {per_epoch:.1f} s an epoch (its trial's speed), "
+           f"at most {MAX_FACTOR}x --epochs")
+    if epochs <= (pick.get("epochs_trained") or 0):
+        return 0, f"{why}: no longer than its trial, so the trial's model is kept"
+    return epochs, why
+
+
+def train_final(cfg, out: Path, pick: dict, epochs: int, log) -> dict:
+    """Train the pick's configuration for `epochs`; returns what the report says about it, with the model's
+    path under `keras_model` when it is the one to build."""
+    import keras
+
+    from pipeline import build as stages
+    from pipeline.train import seed_everything, train
+
+    cand = Candidate.parse(pick["candidate"])
+    log(f"search: training the pick {cand.id} again for {epochs} epochs (its trial: {pick['epochs_trained']})")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edgepipe-final-") as tmp:
+        run_cfg = trial_config({**cfg.settings(), "epochs": epochs}, cand, pick["learning_rate"],
+                               out=str(Path(tmp) / "run"), benchmark=False)
+        data, _, _ = stages.load_inputs(run_cfg, stages.STAGES, log)
+        keras.backend.clear_session()
+        seed_everything(cfg.seed)
+        model, history = train(run_cfg, data, log=log, model=cand.build(data.spec.channels, len(data.spec.labels)))
+    path = out / "models" / f"{cand.id}-final-{epochs}-epochs.keras"
+    path.parent.mkdir(exist_ok=True)
+    model.save(path)
+    keras.backend.clear_session()
+    val = float(history["val_accuracy"][-1])
+    better = val >= pick["val_accuracy"]
+    log(f"search: the longer training reached validation accuracy {val:.4f} (its trial: "
+        f"{pick['val_accuracy']:.4f}); the pick's run holds the " + ("longer one" if better else "trial's model"))
+    return {"epochs": epochs, "seconds": time.perf_counter() - t0, "val_accuracy": val, "used": better,
+            **({"keras_model": str(path)} if better else {}),
+            "why": "at least as accurate on validation as its trial" if better else
+                   "less accurate on validation than its trial, whose model is kept"}
+
+
+
+def materialise(cfg, out: Path, pick: dict, log) -> Path:
+    """The pick as an ordinary run in pick/: the final training's model through every `pipeline build` stage
+    when it is used, else (or when the guard cannot keep it at the measured cost) its trial's model."""
+    final = pick.get("final") or {}
+    if final.get("used"):
+        run = _build(cfg, out, pick, Path(final["keras_model"]), final["epochs"], log)
+        # The guard decides again on the longer model: what it delivers for the base variant is the run's.
+        variant = competing({"guard": guard_of(run)}, pick["base"]) if cfg.max_accuracy_drop is not None else None
+        if cfg.max_accuracy_drop is None or variant is not None:
+            pick["run_variant"] = variant or pick["variant"]
+            return _record(run, out, pick, log)
+        final.update(used=False, why="the accuracy guard delivers it only in another graph than the one measured "
+                                     "before training, so its trial's model is kept")
+        log(f"search: {final['why']}")
+    models = out / "models"
+    models.mkdir(exist_ok=True)
+    keras_file = models / f"{pick['candidate']}-{pick['trial_id']}.keras"
+    shutil.copyfile(Path(pick["checkpoint"]) / "model.keras", keras_file)
+    pick["run_variant"] = pick["variant"]
+    return _record(_build(cfg, out, pick, keras_file, cfg.epochs, log), out, pick, log)
+
+
+def _build(cfg, out: Path, pick: dict, keras_file: Path, epochs: int, log) -> Path:
+    from pipeline.build import build
+
+    settings = {**cfg.settings(), "quantize": pick["variants"], "epochs": epochs}
+    run_cfg = trial_config(settings, Candidate.parse(pick["candidate"]), pick["learning_rate"],
+                           keras_model=str(keras_file), out=str(out / "pick"), threads=(1,))
+    log(f"search: building the pick {pick['candidate']} (trial {pick['trial_id']}, {keras_file.name}) into "
+        f"{out / 'pick'}")
+    return build(run_cfg, overwrite=True, log=log)
+
+
+def _record(run: Path, out: Path, pick: dict, log) -> Path:
+    from pipeline.artifacts import updating
+
+    final = pick.get("final") or {}
+    with updating(run, "search", log=log) as (_, changed):
+        changed["search"] = {"search_dir": str(out), "candidate": Candidate.parse(pick["candidate"]).to_dict(),
+                             "trial_id": pick["trial_id"], "learning_rate": pick["learning_rate"],
+                             "variant": pick["run_variant"],
+                             "final_training": {k: v for k, v in final.items() if k != "keras_model"},
+                             "note": "config.model names the dataset's zoo model only because a config needs one; "
+                                     "the model is the searched candidate, trained by the search (config.keras_model)"}
+    return run
