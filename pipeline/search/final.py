@@ -71,7 +71,6 @@ def train_final(cfg, out: Path, pick: dict, epochs: int, log) -> dict:
                    "less accurate on validation than its trial, whose model is kept"}
 
 
-
 def materialise(cfg, out: Path, pick: dict, log) -> Path:
     """The pick as an ordinary run in pick/: the final training's model through every `pipeline build` stage
     when it is used, else (or when the guard cannot keep it at the measured cost) its trial's model."""
