@@ -104,6 +104,8 @@ def test_local_search_drops_over_budget_before_training_and_picks_a_verified_run
     assert "verified" in ok(cli("verify", local_search / "pick", cwd=local_search)).stdout
     manifest = json.loads((local_search / "pick" / "manifest.json").read_text())
     assert manifest["search"]["candidate"]["id"] == pick["candidate"]
+    # Built from its saved model with the range it trained with, never a guess from the model.
+    assert manifest["input_range"]["range"] == "0,1" and manifest["input_range"]["source"] == "given"
     # What the search picked is what its run delivers: the guard decides the same there as in the trial.
     # The pick's run holds a longer-trained model (below), on which the guard decides again: the run delivers
     # what the report says, at the cost measured for int8.

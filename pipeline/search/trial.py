@@ -19,6 +19,9 @@ from pipeline.search.space import Candidate
 # The search trains every candidate with one recipe, so that the architectures are what it compares.
 RECIPE = {"optimizer": "adam", "lr_schedule": "cosine", "warmup_epochs": 0, "weight_decay": 0.0,
           "label_smoothing": 0.1}
+# The input range every candidate trains with, given again when its saved model is converted and evaluated:
+# guessing it from the model scored a ResNet that saturates to one class at its best under 0-255.
+TRAINED_RANGE = "0,1"
 LEARNING_RATES = (1e-3, 3e-3)
 
 
@@ -32,7 +35,7 @@ def trial_config(settings: dict, cand: Candidate, learning_rate: float, **more) 
     return BuildConfig(dataset=settings["dataset"], data_dir=settings["data_dir"], image_size=image_size,
                        seed=settings["seed"], quantize=tuple(settings["quantize"]), epochs=settings["epochs"],
                        batch_size=settings["batch_size"], learning_rate=learning_rate,
-                       model=_zoo_model(settings["dataset"], DATASETS), **RECIPE, **more)
+                       model=_zoo_model(settings["dataset"], DATASETS), input_range=TRAINED_RANGE, **RECIPE, **more)
 
 
 def _zoo_model(dataset: str, datasets) -> str:
