@@ -54,7 +54,12 @@ def _examine(run_dir: Path, cfg, data, model, log, remedies) -> tuple[dict, dict
     """Measure, analyse, repair if needed: (analysis, {variant: flatbuffer to write})."""
     t_start, pre = time.perf_counter(), data.spec.to_dict()
     calibration = calibration_images(data, cfg.calibration_samples, cfg.seed)
-    x_val, y_val = data.x_val[:DECISION_IMAGES], data.y_val[:DECISION_IMAGES]
+    # Across classes, not the split's first images: a split read from class folders is in class order, and
+    # CIFAR-10's first 2,000 validation images held four of its ten classes.
+    from pipeline.build import sample_indices
+
+    rows = sample_indices(data.y_val, DECISION_IMAGES)
+    x_val, y_val = data.x_val[rows], data.y_val[rows]
     with tempfile.TemporaryDirectory() as tmp:
         judge = Judge(x_val, y_val, pre, Path(tmp))
         fp32 = judge((run_dir / "model_fp32.tflite").read_bytes())
