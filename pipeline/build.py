@@ -35,6 +35,7 @@ from pipeline.artifacts import (
 )
 from pipeline.config import INPUT_RANGES, BuildConfig
 from pipeline.data import Dataset, load_dataset
+from pipeline.data.dataset import sample_indices
 from pipeline.failures import InputError
 from pipeline.metadata import status as tflite_metadata_status
 from pipeline.rundir import resume_target
@@ -368,17 +369,6 @@ def sample_name(index: int, label: str) -> str:
     """A file name for a sample image; a label such as `T-shirt/top` must not make a folder."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label).strip("_") or "class"
     return f"{index:02d}_{safe}.png"
-
-
-def sample_indices(y: np.ndarray, count: int) -> list[int]:
-    """Test images across classes: the first of each class, then the second, and so on, classes in the
-    order they first appear (a test split sorted by class, as image folders are, would otherwise give
-    eight of the first class; the first test image stays the first sample)."""
-    y = np.asarray(y).reshape(-1)
-    classes, first = np.unique(y, return_index=True)
-    members = [np.flatnonzero(y == c) for c in classes[np.argsort(first)]]
-    order = [int(m[k]) for k in range(max(map(len, members), default=0)) for m in members if k < len(m)]
-    return order[:count]
 
 
 def _write_samples(folder: Path, data: Dataset, images: int = 8, labelled: int = 200) -> None:

@@ -82,6 +82,17 @@ class DatasetInfo:
         return PreprocessSpec(*self.input_shape, labels=self.labels)
 
 
+def sample_indices(y: np.ndarray, count: int) -> list[int]:
+    """Test images across classes: the first of each class, then the second, and so on, classes in the
+    order they first appear (a test split sorted by class, as image folders are, would otherwise give
+    eight of the first class; the first test image stays the first sample)."""
+    y = np.asarray(y).reshape(-1)
+    classes, first = np.unique(y, return_index=True)
+    members = [np.flatnonzero(y == c) for c in classes[np.argsort(first)]]
+    order = [int(m[k]) for k in range(max(map(len, members), default=0)) for m in members if k < len(m)]
+    return order[:count]
+
+
 def _arrays_sha256(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in arrays:

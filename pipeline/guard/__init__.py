@@ -22,6 +22,7 @@ import pipeline
 from device.core import normalize
 from pipeline.artifacts import atomic_write, updating, write_json
 from pipeline.convert import calibration_images, convert
+from pipeline.data.dataset import sample_indices
 from pipeline.guard.analyze import IDEAL, SUSPECT, Judge, Quantizer, quiet
 from pipeline.guard.equalize import equalize
 from pipeline.guard.search import search_float_ops
@@ -56,8 +57,6 @@ def _examine(run_dir: Path, cfg, data, model, log, remedies) -> tuple[dict, dict
     calibration = calibration_images(data, cfg.calibration_samples, cfg.seed)
     # Across classes, not the split's first images: a split read from class folders is in class order, and
     # CIFAR-10's first 2,000 validation images held four of its ten classes.
-    from pipeline.build import sample_indices
-
     rows = sample_indices(data.y_val, DECISION_IMAGES)
     x_val, y_val = data.x_val[rows], data.y_val[rows]
     with tempfile.TemporaryDirectory() as tmp:
