@@ -114,7 +114,9 @@ def main() -> None:
     if not zoo:
         print("no zoo model meets both budgets")
     if args.json:
-        args.json.write_text(json.dumps({"zoo_costs": costs, "latency_budget_ms": latency, "search": report,
+        from pipeline.search.feasibility import environment
+
+        args.json.write_text(json.dumps({"environment": environment(), "zoo_costs": costs, "latency_budget_ms": latency, "search": report,
                                          "search_seconds": search_s, "zoo": zoo, "best_zoo": best}, indent=2))
 
 

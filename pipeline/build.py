@@ -384,7 +384,10 @@ def _write_samples(folder: Path, data: Dataset, images: int = 8, labelled: int =
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         atomic_write(folder / sample_name(n, data.spec.labels[int(data.y_test[i])]), buf.getvalue())
-    _save_npz(folder / "eval.npz", x=data.x_test[:labelled], y=data.y_test[:labelled])
+    # Across classes, as the PNGs: an image folder's test split is read class by class, and its first 200
+    # images were one class. `index` says which test images they are (predictions.npz holds the whole split).
+    index = np.asarray(sample_indices(data.y_test, labelled), dtype=np.int64)
+    _save_npz(folder / "eval.npz", x=data.x_test[index], y=data.y_test[index], index=index)
 
 
 def _save_predictions(path: Path, probs: dict[str, np.ndarray], y: np.ndarray) -> None:

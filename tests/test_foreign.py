@@ -358,6 +358,11 @@ def test_samples_across_classes_and_classify_on_class_folders(tmp_path):
     assert result.exit_code == 0, result.output
     samples = sorted(p.stem.split("_", 1)[1] for p in (tmp_path / "run" / "samples").glob("*.png"))
     assert set(samples) == {"circle", "square", "triangle"} and len(samples) == 8, samples
+    # The labelled set a board evaluates on is across classes too (its first images were all circles), and
+    # says which of the test split's images (read class by class) it holds.
+    with np.load(tmp_path / "run" / "samples" / "eval.npz") as ev:
+        assert ev["y"][:3].tolist() == [0, 1, 2] and sorted(ev["index"].tolist()) == list(range(30))
+        assert np.array_equal(ev["y"], np.repeat([0, 1, 2], 10)[ev["index"]])
 
     proc = runner("classify", "--model", tmp_path / "run" / "model_fp32.tflite", data / "test")
     assert proc.returncode == 1

@@ -87,7 +87,11 @@ def test_local_search_drops_over_budget_before_training_and_picks_a_verified_run
     dropped_ids = {r["candidate"]["id"] for r in dropped}
     assert len(report["trials"]) == 4 and not dropped_ids & {t["candidate"] for t in report["trials"]}
     assert all(t["node_id"] for t in report["trials"])
+    from device.timing import cpu_features, features_words
+
+    # Where every latency was taken, with the CPU features that decide int8's speed there.
     assert "this host" in report["latency_measured_on"]
+    assert features_words(cpu_features()) in report["latency_measured_on"]
     pick = report["pick"]
     row = next(r for r in report["candidates"] if r["candidate"]["id"] == pick["candidate"])
     assert row["variants"][pick["variant"]]["latency_ms"] <= latency_budget_ms
@@ -115,6 +119,7 @@ def test_local_search_drops_over_budget_before_training_and_picks_a_verified_run
     # from ten epochs over one, so its run holds the longer model, trained as its config says.
     final = pick["final"]
     assert final["epochs"] == 10 and final["used"] and final["val_accuracy"] >= pick["val_accuracy"], final
+    assert "one epoch measured in this process" in final["planned"], final
     assert manifest["config"]["epochs"] == 10 and manifest["config"]["keras_model"] == final["keras_model"]
     assert manifest["search"]["final_training"]["epochs"] == 10
     run_eval = json.loads((local_search / "pick" / "evaluation.json").read_text())["variants"][delivered]
@@ -123,7 +128,7 @@ def test_local_search_drops_over_budget_before_training_and_picks_a_verified_run
 
 
 def test_the_final_training_fits_the_time_left_and_never_shortens_a_trial():
-    from pipeline.search.final import MAX_FACTOR, plan_epochs
+    from pipeline.search.final import MAX_FACTOR, plan_epochs, probe_epoch
     from pipeline.search.run import SearchConfig
 
     cfg = SearchConfig(out="unused", epochs=5)
@@ -134,6 +139,13 @@ def test_the_final_training_fits_the_time_left_and_never_shortens_a_trial():
     assert epochs == 0 and "trial's model is kept" in why
     assert plan_epochs(SearchConfig(out="unused", final_epochs=3), pick, 0)[0] == 3  # asked for: no time check
     assert plan_epochs(SearchConfig(out="unused", final_epochs=0), pick, 10_000)[0] == 0
+    # One epoch measured with every CPU, faster than its trial beside others, plans from its own speed.
+    epochs, why = plan_epochs(cfg, pick, 200, epoch_seconds=5.0)
+    assert epochs == 40 and "measured in this process" in why
+    # No epoch is measured where even twice the trial's speed would hold no longer training, or where
+    # --final-epochs says how long.
+    assert probe_epoch(cfg, pick, 20, log=print) is None
+    assert probe_epoch(SearchConfig(out="unused", final_epochs=3), pick, 10_000, log=print) is None
 
 
 @pytest.mark.slow

@@ -18,17 +18,17 @@ MAX_DIFFERING = 50  # differing images listed by index; the count is always comp
 AGREEMENT_PP = 2.0  # TFLM vs the run's int8 accuracy, see agreement_tolerance()
 
 
-def check_accuracy(run_dir: Path, path: Path, model_bytes: bytes, arena: dict, meta: dict, x, y, variant: str,
-                   file: str, log) -> dict:
-    """TFLM against LiteRT and against the run's own figures on the run's first test images; refused when
-    they disagree (see _check_agreement)."""
+def check_accuracy(run_dir: Path, path: Path, model_bytes: bytes, arena: dict, meta: dict, x, y, index,
+                   variant: str, file: str, log) -> dict:
+    """TFLM against LiteRT and against the run's own figures on the run's labelled test images (`index`: where
+    they are in its test split, and so in predictions.npz); refused when they disagree (see _check_agreement)."""
     n = len(y)
     log(f"tflm: running {n:,} test images through TFLite Micro and LiteRT")
     probs_path = run_dir / "predictions.npz"
     run_probs = None
     if probs_path.is_file():
         with np.load(probs_path) as p:
-            run_probs = p[f"probs_{variant}"][:n] if f"probs_{variant}" in p.files else None
+            run_probs = p[f"probs_{variant}"][index] if f"probs_{variant}" in p.files else None
     labels = list(meta["preprocess"]["labels"])
     accuracy = compare(model_bytes, path, arena["recommended"], meta["preprocess"],
                        x, y, labels, run_probs)

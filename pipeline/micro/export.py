@@ -51,16 +51,17 @@ def _read_run(run_dir: Path) -> tuple[dict, dict]:
     return meta, manifest
 
 
-def _test_samples(run_dir: Path, count: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """The run's labelled test images (samples/eval.npz, the first of its test split): what the export is
-    judged on, against the run's own variant on the same images."""
+def _test_samples(run_dir: Path, count: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The run's labelled test images (samples/eval.npz, taken across classes), the first `count` of them, and
+    their indices in the run's test split (older runs kept its first images, without indices)."""
     try:
         with np.load(run_dir / SAMPLES / "eval.npz") as f:
             x, y = f["x"], f["y"]
+            index = f["index"] if "index" in f.files else np.arange(len(y))
     except (OSError, KeyError, ValueError):
         raise ExportError(f"{run_dir}: no readable {SAMPLES}/eval.npz, the test images the export is checked on "
                           "(a run built without test images); rebuild it with `pipeline build`")
-    return (x, y) if count is None else (x[:count], y[:count])
+    return (x, y, index) if count is None else (x[:count], y[:count], index[:count])
 
 
 def _calibration(run_dir: Path, manifest: dict) -> np.ndarray:
@@ -228,7 +229,7 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
     _check_target(out, archive, run_dir, overwrite)
     files = {m["variant"]: name for name, m in meta["models"].items()}
     variant = _export_variant(run_dir, files, variant, log)
-    x, y = _test_samples(run_dir, test_images)
+    x, y, index = _test_samples(run_dir, test_images)
     layers = _layer_names(run_dir)
     model_bytes, conversion = lean_model(run_dir, variant, files[variant], meta, manifest, layers, log)
     source = f"{run_dir.name}/{files[variant]}"
@@ -240,8 +241,8 @@ def export_tflm(run_dir: Path, *, out: Path | None = None, variant: str | None =
     try:
         (staging / "model.tflite").write_bytes(model_bytes)
         litert, arena = _arena(staging / "model.tflite", model_bytes, meta, x[:1], budget, source, ops, log)
-        accuracy = check_accuracy(run_dir, staging / "model.tflite", model_bytes, arena, meta, x, y, variant,
-                             files[variant], log)
+        accuracy = check_accuracy(run_dir, staging / "model.tflite", model_bytes, arena, meta, x, y, index,
+                                  variant, files[variant], log)
         summary = {
             "kind": KIND, "schema": 1, "run": run_dir.name, "variant": variant, "source": source,
             "conversion": conversion, "flash_bytes": len(model_bytes), "sha256": sha256_file(staging / "model.tflite"),

@@ -109,8 +109,10 @@ def where_measured(target: Target, board=None) -> str:
                  "1 thread, XNNPACK, the board's runner.py bench over SSH")
         return (f"no latency: {where}; EMULATED under qemu, whose timings say nothing about a board's speed (kept "
                 "as emulator_latency_ms, never used); sizes from the .tflite files") if b["emulated"] else where
-    cpu = _cpu_model()
-    return f"this host ({platform.node()}, {cpu}), 1 thread, XNNPACK, device/core.py"
+    from device.timing import cpu_features, features_words
+
+    return (f"this host ({platform.node()}, {_cpu_model()}: {features_words(cpu_features())}), 1 thread, XNNPACK, "
+            "device/core.py")
 
 
 def _cpu_model() -> str:
@@ -300,4 +302,7 @@ def _arena(path: Path, flatbuffer: bytes, spec: dict) -> int:
 
 
 def environment() -> dict:
-    return {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0]}
+    from device.timing import cpu_features
+
+    return {"cpu": _cpu_model(), "cpu_features": cpu_features(), "cpu_count": os.cpu_count(),
+            "load_average_1m": os.getloadavg()[0]}

@@ -3,10 +3,11 @@
 A trial trains for a few epochs only, so that many candidates fit the budget; the architecture it finds is
 then worth a full schedule. The pick's configuration (candidate, learning rate, seed) is trained once more,
 from scratch, in this process with every CPU, with a cosine schedule over the longer run. The epochs are fixed
-before training (the schedule needs them) from the speed its own trial measured, which ran on fewer CPUs: the
-estimate errs on the short side. The longer model replaces the trial's only if it is at least as accurate on
-the validation split, and, under the accuracy guard, only if what the guard delivers for it still runs the graph
-whose cost was measured before training; either way the report says which model the pick's run holds and why.
+before training (the schedule needs them) from one epoch trained first and timed (probe_epoch): its trial's
+speed, on fewer CPUs beside other trials, left a fifth or more of the time unused. The longer model replaces
+the trial's only if it is at least as accurate on the validation split, and, under the accuracy guard, only if
+what the guard delivers for it still runs the graph whose cost was measured before training; either way the
+report says which model the pick's run holds and why.
 """
 from __future__ import annotations
 
@@ -25,30 +26,43 @@ FINAL_SHARE = 1 / 3
 MAX_FACTOR = 10
 
 
-def plan_epochs(cfg, pick: dict, seconds_left: float) -> tuple[int, str]:
-    """The final training's epochs (0: keep the trial's model) and why, from --final-epochs or the time left."""
+def plan_epochs(cfg, pick: dict, seconds_left: float, epoch_seconds: float | None = None) -> tuple[int, str]:
+    """The final training's epochs (0: keep the trial's model) and why, from --final-epochs or the time left at
+    `epoch_seconds` an epoch (measured by probe_epoch; else its trial's speed, on fewer CPUs)."""
     if cfg.final_epochs is not None:
         return cfg.final_epochs, "--final-epochs" if cfg.final_epochs else "--final-epochs 0 keeps the trial's model"
-    per_epoch = (pick.get("train_seconds") or 0) / max(1, pick.get("epochs_trained") or 1)
+    measured = bool(epoch_seconds)
+    per_epoch = epoch_seconds or (pick.get("train_seconds") or 0) / max(1, pick.get("epochs_trained") or 1)
     fit = int(seconds_left // per_epoch) if per_epoch > 0 else 0
     epochs = min(fit, MAX_FACTOR * cfg.epochs)
-    why = (f"{seconds_left / 60:.1f} minutes of the budget left at {per_epoch:.1f} s an epoch (its trial's speed), "
-           f"at most {MAX_FACTOR}x --epochs")
+    why = (f"{seconds_left / 60:.1f} minutes of the budget left at {per_epoch:.1f} s an epoch ("
+           + ("one epoch measured in this process with every CPU" if measured else "its trial's speed")
+           + f"), at most {MAX_FACTOR}x --epochs")
     if epochs <= (pick.get("epochs_trained") or 0):
         return 0, f"{why}: no longer than its trial, so the trial's model is kept"
     return epochs, why
 
 
-def train_final(cfg, out: Path, pick: dict, epochs: int, log) -> dict:
-    """Train the pick's configuration for `epochs`; returns what the report says about it, with the model's
-    path under `keras_model` when it is the one to build."""
+def probe_epoch(cfg, pick: dict, seconds_left: float, log) -> float | None:
+    """Seconds of one epoch of the final training, measured by training one: its trial ran on fewer CPUs
+    beside other trials, and planning from that speed left 20-40% of the reserved time unused. None (and no
+    probe) when even the trial's speed twice over holds no training longer than the trial's."""
+    if cfg.final_epochs is not None or not plan_epochs(cfg, pick, 2 * seconds_left)[0]:
+        return None
+    _, history, _ = _train(cfg, pick, 1, log)
+    seconds = history["epoch_seconds"][0]  # tracing included: the plan errs on the short side
+    log(f"search: one epoch of the pick in this process took {seconds:.1f} s")
+    return seconds
+
+
+def _train(cfg, pick: dict, epochs: int, log):
+    """(model, history, seconds): the pick's configuration trained from scratch for `epochs` in this process."""
     import keras
 
     from pipeline import build as stages
     from pipeline.train import seed_everything, train
 
     cand = Candidate.parse(pick["candidate"])
-    log(f"search: training the pick {cand.id} again for {epochs} epochs (its trial: {pick['epochs_trained']})")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgepipe-final-") as tmp:
         run_cfg = trial_config({**cfg.settings(), "epochs": epochs}, cand, pick["learning_rate"],
@@ -57,6 +71,17 @@ def train_final(cfg, out: Path, pick: dict, epochs: int, log) -> dict:
         keras.backend.clear_session()
         seed_everything(cfg.seed)
         model, history = train(run_cfg, data, log=log, model=cand.build(data.spec.channels, len(data.spec.labels)))
+    return model, history, time.perf_counter() - t0
+
+
+def train_final(cfg, out: Path, pick: dict, epochs: int, log) -> dict:
+    """Train the pick's configuration for `epochs`; returns what the report says about it, with the model's
+    path under `keras_model` when it is the one to build."""
+    import keras
+
+    cand = Candidate.parse(pick["candidate"])
+    log(f"search: training the pick {cand.id} again for {epochs} epochs (its trial: {pick['epochs_trained']})")
+    model, history, seconds = _train(cfg, pick, epochs, log)
     path = out / "models" / f"{cand.id}-final-{epochs}-epochs.keras"
     path.parent.mkdir(exist_ok=True)
     model.save(path)
@@ -65,7 +90,7 @@ def train_final(cfg, out: Path, pick: dict, epochs: int, log) -> dict:
     better = val >= pick["val_accuracy"]
     log(f"search: the longer training reached validation accuracy {val:.4f} (its trial: "
         f"{pick['val_accuracy']:.4f}); the pick's run holds the " + ("longer one" if better else "trial's model"))
-    return {"epochs": epochs, "seconds": time.perf_counter() - t0, "val_accuracy": val, "used": better,
+    return {"epochs": epochs, "seconds": seconds, "val_accuracy": val, "used": better,
             **({"keras_model": str(path)} if better else {}),
             "why": "at least as accurate on validation as its trial" if better else
                    "less accurate on validation than its trial, whose model is kept"}

@@ -22,7 +22,7 @@ from pipeline.artifacts import write_json
 from pipeline.console import say
 from pipeline.search import SearchError
 from pipeline.search.feasibility import Budgets, Target, environment, measure, where_measured
-from pipeline.search.final import FINAL_SHARE, materialise, plan_epochs, train_final
+from pipeline.search.final import FINAL_SHARE, materialise, plan_epochs, probe_epoch, train_final
 from pipeline.search.sampling import configurations, plan
 from pipeline.search.space import SPACES, Candidate
 from pipeline.search.trial import LEARNING_RATES, run_trial, trial_config
@@ -129,7 +129,9 @@ def search(cfg: SearchConfig, *, resume: bool = False, log=print) -> Path:
     pick_dir = None
     if pick:
         # A resumed search does not know how long it ran before: its final training gets the reserved share.
-        epochs, why = plan_epochs(cfg, pick, reserve if resume else budget - (time.time() - started))
+        deadline = time.time() + reserve if resume else started + budget
+        per_epoch = probe_epoch(cfg, pick, deadline - time.time(), log)
+        epochs, why = plan_epochs(cfg, pick, deadline - time.time(), per_epoch)
         pick["final"] = {**(train_final(cfg, out, pick, epochs, log) if epochs else {"epochs": 0, "used": False}),
                          "planned": why}
         pick_dir = materialise(cfg, out, pick, log)
