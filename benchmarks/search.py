@@ -116,8 +116,9 @@ def main() -> None:
     if args.json:
         from pipeline.search.feasibility import environment
 
-        args.json.write_text(json.dumps({"environment": environment(), "zoo_costs": costs, "latency_budget_ms": latency, "search": report,
-                                         "search_seconds": search_s, "zoo": zoo, "best_zoo": best}, indent=2))
+        args.json.write_text(json.dumps({"environment": environment(), "zoo_costs": costs,
+                                         "latency_budget_ms": latency, "search": report, "search_seconds": search_s,
+                                         "zoo": zoo, "best_zoo": best}, indent=2))
 
 
 if __name__ == "__main__":
