@@ -115,16 +115,16 @@ def test_local_search_drops_over_budget_before_training_and_picks_a_verified_run
     # what the report says, at the cost measured for int8.
     delivered = json.loads((local_search / "pick" / "report.json").read_text())["delivered"]["variant"]
     assert delivered == pick["run_variant"] == manifest["search"]["variant"] and delivered.startswith("int8")
-    # Phase (c): the pick trained again for the budget's rest, at most 10x a trial's one epoch; the digits gain
-    # from ten epochs over one, so its run holds the longer model, trained as its config says.
+    # Phase (c): the pick trained again for the budget's rest, at most 20x a trial's one epoch; the digits gain
+    # from twenty epochs over one, so its run holds the longer model, trained as its config says.
     final = pick["final"]
-    assert final["epochs"] == 10 and final["used"] and final["val_accuracy"] >= pick["val_accuracy"], final
+    assert final["epochs"] == 20 and final["used"] and final["val_accuracy"] >= pick["val_accuracy"], final
     assert "one epoch measured in this process" in final["planned"], final
-    assert manifest["config"]["epochs"] == 10 and manifest["config"]["keras_model"] == final["keras_model"]
-    assert manifest["search"]["final_training"]["epochs"] == 10
+    assert manifest["config"]["epochs"] == 20 and manifest["config"]["keras_model"] == final["keras_model"]
+    assert manifest["search"]["final_training"]["epochs"] == 20
     run_eval = json.loads((local_search / "pick" / "evaluation.json").read_text())["variants"][delivered]
     assert pick["run_test"]["accuracy"] == run_eval["accuracy"]
-    assert "Trained again for 10 epochs" in (local_search / "search.md").read_text()
+    assert "Trained again for 20 epochs" in (local_search / "search.md").read_text()
 
 
 def test_the_final_training_fits_the_time_left_and_never_shortens_a_trial():

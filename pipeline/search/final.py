@@ -22,8 +22,10 @@ from pipeline.search.trial import guard_of, trial_config
 
 # Phase (b) leaves this share of --budget-minutes to the final training (more when the trials end early).
 FINAL_SHARE = 1 / 3
-# At most this many times a trial's epochs: past it, a longer cosine schedule buys little on these small models.
-MAX_FACTOR = 10
+# At most this many times a trial's epochs, so that a small model on a small dataset does not train for the whole
+# budget. At 10x a 60-minute CIFAR-10 search stopped ResNet-8 at 80 epochs with 13 minutes unused, where its
+# curve still climbs (83.4% int8 at 45 epochs, 84.2% at 90).
+MAX_FACTOR = 20
 
 
 def plan_epochs(cfg, pick: dict, seconds_left: float, epoch_seconds: float | None = None) -> tuple[int, str]:
