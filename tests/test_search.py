@@ -148,6 +148,12 @@ def test_the_final_training_fits_the_time_left_and_never_shortens_a_trial():
     assert probe_epoch(SearchConfig(out="unused", final_epochs=3), pick, 10_000, log=print) is None
 
 
+def test_asha_stops_no_trial_before_half_its_epochs():
+    from pipeline.search.run import grace_period
+
+    assert [grace_period(e) for e in (1, 2, 3, 8, 30)] == [1, 1, 1, 4, 15]
+
+
 @pytest.mark.slow
 def test_guarded_int8_competes_as_the_guard_delivers_it(local_search):
     report = json.loads((local_search / "search.json").read_text())

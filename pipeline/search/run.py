@@ -226,13 +226,14 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
                 n = len(configurations(feasible))
                 log(f"search: only {n} configurations (candidate, learning rate) for {cfg.trials} trials: "
                     f"each is trained once, so {n} trials")
-            # ASHA's rungs at 1, 2, 4 ... epochs; only budgets that hold decide feasibility, not the scheduler.
+            # ASHA's rungs at grace_period(), twice that ... epochs; only budgets that hold decide feasibility.
             tuner = tune.Tuner(
                 trainable,
                 param_space=space,
                 tune_config=tune.TuneConfig(
                     metric="val_accuracy", mode="max", search_alg=search_alg,
-                    scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=1, reduction_factor=2),
+                    scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=grace_period(cfg.epochs),
+                                            reduction_factor=2),
                     num_samples=samples, time_budget_s=seconds),
                 run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=[TrialLines()],
                                           failure_config=tune.FailureConfig(max_failures=0)))
@@ -255,6 +256,14 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
             shutil.rmtree(temp, ignore_errors=True)
     trials.sort(key=lambda t: t["number"])
     return trials, interrupted
+
+
+def grace_period(epochs: int) -> int:
+    """Epochs every trial trains before ASHA may stop it: half of them. After one epoch BatchNorm nets read
+    33-46% on CIFAR-10's validation split whatever they end at: in a 60-minute search ASHA stopped
+    resnet8-w1-r32 (learning rate 3e-3) at 33% after one epoch, while the same net at 24 px, 39% after one,
+    ended first at 73% after eight. After four of the eight, both ResNet-8s that trained on already led."""
+    return max(1, epochs // 2)
 
 
 class TrialLines(Callback):
