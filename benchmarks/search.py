@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from portable import portable_tree
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 ZOO = ("cifar-cnn", "cifar-dscnn", "cifar-resnet8")
@@ -116,9 +118,9 @@ def main() -> None:
     if args.json:
         from pipeline.search.feasibility import environment
 
-        args.json.write_text(json.dumps({"environment": environment(), "zoo_costs": costs,
-                                         "latency_budget_ms": latency, "search": report, "search_seconds": search_s,
-                                         "zoo": zoo, "best_zoo": best}, indent=2))
+        result = {"environment": environment(), "zoo_costs": costs, "latency_budget_ms": latency, "search": report,
+                  "search_seconds": search_s, "zoo": zoo, "best_zoo": best}
+        args.json.write_text(json.dumps(portable_tree(result), indent=2) + "\n")
 
 
 if __name__ == "__main__":
