@@ -223,7 +223,7 @@ def test_device_results_add_labelled_columns(copy, predictions, tmp_path):
     from pipeline.report.render import render
 
     with np.load(copy / "samples" / "eval.npz") as d:
-        x, y = d["x"][:40], d["y"][:40]
+        x, y, index = d["x"][:40], d["y"][:40], d["index"][:40]
     np.savez(tmp_path / "few.npz", x=x, y=y)
     model = copy / "model_int8.tflite"
     outputs = {"bench": runner_json("bench", "--model", model, "--runs", 20, "--warmup", 2),
@@ -243,8 +243,8 @@ def test_device_results_add_labelled_columns(copy, predictions, tmp_path):
     [note] = [n["text"] for n in merged["notes"] if n["kind"] == "device"]
     assert env["cpu_features"]["family"] and features_words(env["cpu_features"]) in note
     int8 = by_variant(merged)["int8"]["device"][device["label"]]
-    # The eval images are the first 40 test images, whose int8 predictions the build saved.
-    expected = (predictions["probs_int8"][:40].argmax(1) == y).mean()
+    # The eval images are 40 test images (`index` says which), whose int8 predictions the build saved.
+    expected = (predictions["probs_int8"][index].argmax(1) == y).mean()
     assert int8["accuracy"] == pytest.approx(expected) and int8["n"] == 40
     assert int8["p50_ms"] == pytest.approx(np.median(outputs["bench"]["samples_ms"]))
     table = md_table((copy / "report.md").read_text())
