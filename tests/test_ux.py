@@ -57,8 +57,11 @@ def _unpack(archive: Path, dest: Path) -> Path:
 
 
 def _host_accuracy(run: Path, variant: str, n: int) -> float:
-    with np.load(run / "predictions.npz") as p:
-        return float((p[f"probs_{variant}"][:n].argmax(1) == p["y"][:n]).mean())
+    """The build's own accuracy on the bundle's first n labelled images (samples/eval.npz: `index` places them
+    in the test split, whose predictions the build saved)."""
+    with np.load(run / "samples" / "eval.npz") as ev, np.load(run / "predictions.npz") as p:
+        index = ev["index"][:n]
+        return float((p[f"probs_{variant}"][index].argmax(1) == p["y"][index]).mean())
 
 
 # ---------------------------------------------------------------- 2, 3: what a run delivers ships
