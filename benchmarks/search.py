@@ -6,9 +6,14 @@ budget 100 KB. The search gets --budget-minutes; every zoo model that meets the 
 with `pipeline build` for as many epochs as fit the same minutes (one probe epoch measures its speed),
 so each zoo model gets the whole budget, not a share: the comparison favours the zoo.
 
+--zoo-from FILE takes a zoo model's result from an earlier result file instead of training it for the hour
+again, when it is a fair stand-in: its probe epoch is measured here, and the epochs the budget holds here must be
+within ZOO_REUSE_TOLERANCE of the epochs it was trained for (its accuracy depends only on those). The result
+file records the reuse, both probe epochs and where the reused run came from.
+
     python benchmarks/search.py [--data-dir ../shared/datasets/cifar10-jpg] [--budget-minutes 60]
                                 [--max-size-kb 100] [--trials 40] [--space default] [--json FILE]
-                                [--keep DIR]
+                                [--keep DIR] [--zoo-from FILE]
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from portable import portable_tree
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 ZOO = ("cifar-cnn", "cifar-dscnn", "cifar-resnet8")
+ZOO_REUSE_TOLERANCE = 0.10
 
 
 def cli(*args) -> subprocess.CompletedProcess:
@@ -57,12 +63,19 @@ def zoo_costs(data_dir: Path) -> dict:
     return out
 
 
-def train_zoo(name: str, data_dir: Path, minutes: float, out: Path) -> dict:
+def train_zoo(name: str, data_dir: Path, minutes: float, out: Path, earlier: dict | None) -> dict:
     probe = out / f"{name}-probe"
     cli("build", "--dataset", "cifar10", "--data-dir", data_dir, "--model", name, "--epochs", 1, "--no-benchmark",
         "--threads", 1, "--out", probe)
     epoch_s = json.loads((probe / "manifest.json").read_text())["training"]["epoch_seconds"][0]
     epochs = max(1, int(minutes * 60 // epoch_s))
+    if earlier and name in earlier["zoo"]:
+        kept = earlier["zoo"][name]
+        if abs(kept["epochs"] - epochs) <= ZOO_REUSE_TOLERANCE * epochs:
+            print(f"{name}: {epochs} epochs fit {minutes:g} minutes here (probe epoch {epoch_s:.1f} s); reusing its "
+                  f"{kept['epochs']}-epoch run from {earlier['file']}")
+            return {**kept, "reused_from": earlier["file"], "probe_epoch_s_here": epoch_s, "epochs_here": epochs}
+        print(f"{name}: {epochs} epochs fit here, {kept['epochs']} in {earlier['file']}: training it again")
     run = out / name
     t0 = time.perf_counter()
     cli("build", "--dataset", "cifar10", "--data-dir", data_dir, "--model", name, "--epochs", epochs,
@@ -82,7 +95,10 @@ def main() -> None:
     ap.add_argument("--space", default="default")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", type=Path, help="keep the search folder and the zoo runs here (default: removed)")
+    ap.add_argument("--zoo-from", type=Path, help="an earlier result file whose zoo runs stand in when the "
+                                                  "budget holds as many epochs here (see above)")
     args = ap.parse_args()
+    earlier = ({**json.loads(args.zoo_from.read_text()), "file": args.zoo_from.name} if args.zoo_from else None)
     costs = zoo_costs(args.data_dir)
     latency = costs["cifar-resnet8"]["latency_ms"]
     print(f"ResNet-8 int8 p50 here: {latency:.3f} ms -> --max-latency-ms {latency:.3f}, --max-size-kb "
@@ -97,7 +113,7 @@ def main() -> None:
         search_s = time.perf_counter() - t0
         report = json.loads((tmp / "search" / "search.json").read_text())
         fitting = [n for n, c in costs.items() if c["latency_ms"] <= latency and c["size_kb"] <= args.max_size_kb]
-        zoo = {n: train_zoo(n, args.data_dir, args.budget_minutes, tmp) for n in fitting}
+        zoo = {n: train_zoo(n, args.data_dir, args.budget_minutes, tmp, earlier) for n in fitting}
     pick = report["pick"]
     acc = pick["run_test"] if pick else None  # the pick's run: after its final training
     best = max(zoo.items(), key=lambda kv: kv[1]["int8_accuracy"]) if zoo else None

@@ -122,6 +122,16 @@ def test_local_search_drops_over_budget_before_training_and_picks_a_verified_run
     assert "one epoch measured in this process" in final["planned"], final
     assert manifest["config"]["epochs"] == 20 and manifest["config"]["keras_model"] == final["keras_model"]
     assert manifest["search"]["final_training"]["epochs"] == 20
+    # ... with the default recipe of the zoo model its family opens up, which its run's config records.
+    from pipeline.models import MODELS
+    from pipeline.search.space import FAMILIES
+
+    recipe = final["recipe"]
+    zoo = MODELS[recipe["zoo_model"]].recipe
+    assert recipe["zoo_model"] == manifest["config"]["model"]
+    assert recipe["zoo_model"] in FAMILIES[pick["candidate"].split("-")[0]][3]
+    assert (manifest["config"]["optimizer"], manifest["config"]["learning_rate"]) == (zoo.optimizer, zoo.learning_rate)
+    assert (recipe["optimizer"], recipe["warmup_epochs"]) == (zoo.optimizer, zoo.warmup_epochs)
     run_eval = json.loads((local_search / "pick" / "evaluation.json").read_text())["variants"][delivered]
     assert pick["run_test"]["accuracy"] == run_eval["accuracy"]
     assert "Trained again for 20 epochs" in (local_search / "search.md").read_text()

@@ -1,8 +1,10 @@
 """Phase (c): the pick trained again, for as many epochs as the rest of the budget holds, and built as a run.
 
 A trial trains for a few epochs only, so that many candidates fit the budget; the architecture it finds is
-then worth a full schedule. The pick's configuration (candidate, learning rate, seed) is trained once more,
-from scratch, in this process with every CPU, with a cosine schedule over the longer run. The epochs are fixed
+then worth a full schedule. The pick's candidate is trained once more, from scratch, in this process with every
+CPU, with the default recipe of the zoo model its family opens up (ResNet-8: SGD at 0.1 after 3 warm-up epochs)
+rather than the search's shared Adam recipe at the trial's learning rate: that recipe compares architectures in a
+few epochs; the zoo's is tuned for a full schedule. The epochs are fixed
 before training (the schedule needs them) from one epoch trained first and timed (probe_epoch): its trial's
 speed, on fewer CPUs beside other trials, left a fifth or more of the time unused. The longer model replaces
 the trial's only if it is at least as accurate on the validation split, and, under the accuracy guard, only if
@@ -51,29 +53,30 @@ def probe_epoch(cfg, pick: dict, seconds_left: float, log) -> float | None:
     probe) when even the trial's speed twice over holds no training longer than the trial's."""
     if cfg.final_epochs is not None or not plan_epochs(cfg, pick, 2 * seconds_left)[0]:
         return None
-    _, history, _ = _train(cfg, pick, 1, log)
+    _, history, _, _ = _train(cfg, pick, 1, log)
     seconds = history["epoch_seconds"][0]  # tracing included: the plan errs on the short side
     log(f"search: one epoch of the pick in this process took {seconds:.1f} s")
     return seconds
 
 
 def _train(cfg, pick: dict, epochs: int, log):
-    """(model, history, seconds): the pick's configuration trained from scratch for `epochs` in this process."""
+    """(model, history, seconds, recipe): the pick's candidate trained from scratch for `epochs` in this process
+    with its family's zoo recipe."""
     import keras
 
     from pipeline import build as stages
-    from pipeline.train import seed_everything, train
+    from pipeline.train import recipe_of, seed_everything, train
 
     cand = Candidate.parse(pick["candidate"])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgepipe-final-") as tmp:
-        run_cfg = trial_config({**cfg.settings(), "epochs": epochs}, cand, pick["learning_rate"],
-                               out=str(Path(tmp) / "run"), benchmark=False)
+        run_cfg = trial_config({**cfg.settings(), "epochs": epochs}, cand, None, out=str(Path(tmp) / "run"),
+                               benchmark=False)
         data, _, _ = stages.load_inputs(run_cfg, stages.STAGES, log)
         keras.backend.clear_session()
         seed_everything(cfg.seed)
         model, history = train(run_cfg, data, log=log, model=cand.build(data.spec.channels, len(data.spec.labels)))
-    return model, history, time.perf_counter() - t0
+    return model, history, time.perf_counter() - t0, {"zoo_model": run_cfg.model, **recipe_of(run_cfg)}
 
 
 def train_final(cfg, out: Path, pick: dict, epochs: int, log) -> dict:
@@ -83,7 +86,7 @@ def train_final(cfg, out: Path, pick: dict, epochs: int, log) -> dict:
 
     cand = Candidate.parse(pick["candidate"])
     log(f"search: training the pick {cand.id} again for {epochs} epochs (its trial: {pick['epochs_trained']})")
-    model, history, seconds = _train(cfg, pick, epochs, log)
+    model, history, seconds, recipe = _train(cfg, pick, epochs, log)
     path = out / "models" / f"{cand.id}-final-{epochs}-epochs.keras"
     path.parent.mkdir(exist_ok=True)
     model.save(path)
@@ -92,7 +95,7 @@ def train_final(cfg, out: Path, pick: dict, epochs: int, log) -> dict:
     better = val >= pick["val_accuracy"]
     log(f"search: the longer training reached validation accuracy {val:.4f} (its trial: "
         f"{pick['val_accuracy']:.4f}); the pick's run holds the " + ("longer one" if better else "trial's model"))
-    return {"epochs": epochs, "seconds": seconds, "val_accuracy": val, "used": better,
+    return {"epochs": epochs, "seconds": seconds, "val_accuracy": val, "used": better, "recipe": recipe,
             **({"keras_model": str(path)} if better else {}),
             "why": "at least as accurate on validation as its trial" if better else
                    "less accurate on validation than its trial, whose model is kept"}
@@ -103,7 +106,7 @@ def materialise(cfg, out: Path, pick: dict, log) -> Path:
     when it is used, else (or when the guard cannot keep it at the measured cost) its trial's model."""
     final = pick.get("final") or {}
     if final.get("used"):
-        run = _build(cfg, out, pick, Path(final["keras_model"]), final["epochs"], log)
+        run = _build(cfg, out, pick, Path(final["keras_model"]), final["epochs"], log, final=True)
         # The guard decides again on the longer model: what it delivers for the base variant is the run's.
         variant = competing({"guard": guard_of(run)}, pick["base"]) if cfg.max_accuracy_drop is not None else None
         if cfg.max_accuracy_drop is None or variant is not None:
@@ -120,11 +123,13 @@ def materialise(cfg, out: Path, pick: dict, log) -> Path:
     return _record(_build(cfg, out, pick, keras_file, cfg.epochs, log), out, pick, log)
 
 
-def _build(cfg, out: Path, pick: dict, keras_file: Path, epochs: int, log) -> Path:
+def _build(cfg, out: Path, pick: dict, keras_file: Path, epochs: int, log, final: bool = False) -> Path:
+    """The run of `keras_file`, its config saying how the model was trained (the final training's recipe or the
+    trial's)."""
     from pipeline.build import build
 
     settings = {**cfg.settings(), "quantize": pick["variants"], "epochs": epochs}
-    run_cfg = trial_config(settings, Candidate.parse(pick["candidate"]), pick["learning_rate"],
+    run_cfg = trial_config(settings, Candidate.parse(pick["candidate"]), None if final else pick["learning_rate"],
                            keras_model=str(keras_file), out=str(out / "pick"), threads=(1,))
     log(f"search: building the pick {pick['candidate']} (trial {pick['trial_id']}, {keras_file.name}) into "
         f"{out / 'pick'}")
@@ -140,6 +145,7 @@ def _record(run: Path, out: Path, pick: dict, log) -> Path:
                              "trial_id": pick["trial_id"], "learning_rate": pick["learning_rate"],
                              "variant": pick["run_variant"],
                              "final_training": {k: v for k, v in final.items() if k != "keras_model"},
-                             "note": "config.model names the dataset's zoo model only because a config needs one; "
-                                     "the model is the searched candidate, trained by the search (config.keras_model)"}
+                             "note": "the model is the searched candidate, trained by the search (config.keras_model) "
+                                     "with the recipe config gives; config.model names a zoo model only because a "
+                                     "config needs one (the one whose recipe trained the final model)"}
     return run

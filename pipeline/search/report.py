@@ -181,7 +181,11 @@ def _pick(r: dict) -> str:
             f"[95% {acc['low']:.4f}-{acc['high']:.4f}].")
     final = p.get("final") or {}
     if final.get("epochs"):
-        text += (f" Trained again for {final['epochs']} epochs ({final['planned']}) in {final['seconds']:.0f} s: "
+        recipe = final.get("recipe")
+        how = (f" with {recipe['zoo_model']}'s recipe ({recipe['optimizer']}, learning rate "
+               f"{recipe['learning_rate']:g}, {recipe['warmup_epochs']} warm-up epochs, batch {recipe['batch_size']})"
+               if recipe else "")
+        text += (f" Trained again for {final['epochs']} epochs{how} ({final['planned']}) in {final['seconds']:.0f} s: "
                  f"validation accuracy {final['val_accuracy']:.4f}, {final['why']}.")
     elif final:
         text += f" Not trained again: {final['planned']}."

@@ -36,6 +36,14 @@ class Candidate:
         """The untrained Keras model of this candidate."""
         return FAMILIES[self.family][0](self, (self.resolution, self.resolution, channels), classes)
 
+    def zoo_model(self, channels: int) -> str:
+        """The zoo model this candidate opens up (of its family's, the one for `channels`), whose default recipe
+        trains the pick for the rest of the budget."""
+        from pipeline.models import MODELS
+
+        names = FAMILIES[self.family][3]
+        return next((n for n in names if MODELS[n].channels == channels), names[-1])
+
 
 def _keras_name(c: Candidate) -> str:
     return c.id.replace("-", "_").replace(".", "p")
@@ -61,11 +69,11 @@ def _resnet8(c: Candidate, input_shape, classes):
                          name=_keras_name(c))
 
 
-# family: (builder, the zoo model it opens up, the smallest resolution it takes)
+# family: (builder, the zoo model it opens up, the smallest resolution it takes, those zoo models' names)
 FAMILIES = {
-    "cnn": (_cnn, "mnist-cnn / cifar-cnn (Conv-Pool stages, then Dense)", 10),
-    "dscnn": (_dscnn, "cifar-dscnn (MobileNet-style depthwise-separable blocks)", 8),
-    "resnet8": (_resnet8, "cifar-resnet8 (MLPerf Tiny's ResNet-8)", 8),
+    "cnn": (_cnn, "mnist-cnn / cifar-cnn (Conv-Pool stages, then Dense)", 10, ("mnist-cnn", "cifar-cnn")),
+    "dscnn": (_dscnn, "cifar-dscnn (MobileNet-style depthwise-separable blocks)", 8, ("cifar-dscnn",)),
+    "resnet8": (_resnet8, "cifar-resnet8 (MLPerf Tiny's ResNet-8)", 8, ("cifar-resnet8",)),
 }
 
 

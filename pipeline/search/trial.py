@@ -25,22 +25,23 @@ TRAINED_RANGE = "0,1"
 LEARNING_RATES = (1e-3, 3e-3)
 
 
-def trial_config(settings: dict, cand: Candidate, learning_rate: float, **more) -> BuildConfig:
-    """The BuildConfig a candidate trains, converts and is evaluated with (the pick's build uses it too)."""
+def trial_config(settings: dict, cand: Candidate, learning_rate: float | None, **more) -> BuildConfig:
+    """The BuildConfig a candidate trains, converts and is evaluated with (the pick's build uses it too): the
+    search's RECIPE at `learning_rate`, or with None the default recipe of the zoo model the candidate opens up
+    (the final training's: a trial's few epochs compare architectures, a full schedule wants the family's tuned
+    recipe). config.model names that zoo model; the candidate replaces it in training."""
     from pipeline.data import DATASETS
 
     image_size = None if settings["dataset"] in FIXED_SIZE else f"{cand.resolution}x{cand.resolution}"
     if settings.get("max_accuracy_drop") is not None:  # int8 competes as the accuracy guard delivers it
         more = {"max_accuracy_drop": settings["max_accuracy_drop"], "fallback": "auto", **more}
+    if learning_rate is None:
+        recipe = {"model": cand.zoo_model(DATASETS[settings["dataset"]].input_shape[-1])}
+    else:
+        recipe = {"model": DATASETS[settings["dataset"]].default_model, "learning_rate": learning_rate, **RECIPE}
     return BuildConfig(dataset=settings["dataset"], data_dir=settings["data_dir"], image_size=image_size,
                        seed=settings["seed"], quantize=tuple(settings["quantize"]), epochs=settings["epochs"],
-                       batch_size=settings["batch_size"], learning_rate=learning_rate,
-                       model=_zoo_model(settings["dataset"], DATASETS), input_range=TRAINED_RANGE, **RECIPE, **more)
-
-
-def _zoo_model(dataset: str, datasets) -> str:
-    """The dataset's default zoo model: BuildConfig wants one; the candidate replaces it in training."""
-    return datasets[dataset].default_model
+                       batch_size=settings["batch_size"], input_range=TRAINED_RANGE, **recipe, **more)
 
 
 def _use_cpus() -> int:
