@@ -310,6 +310,23 @@ def test_the_front_takes_int8_as_the_guard_delivers_it():
     assert (pick["trial_id"], pick["variant"], pick["variants"]) == ("t2", "int8-cle", ["int8", "fp32"])
 
 
+def test_the_pick_run_over_a_budget_is_said():
+    from pipeline.search.report import run_over_budget
+
+    measured = {"latency_ms": 0.0380, "bytes": 100_000}
+    budgets = {"latency_ms": 0.039, "size_kb": 100.0, "ram_kb": None}
+    within = {"run_bytes": 100_000, "run_latency_p50_ms": 0.0389}
+    assert run_over_budget(within, "int8", measured, budgets, "host") == {}
+    over = run_over_budget({"run_bytes": 102_401, "run_latency_p50_ms": 0.0429}, "int8", measured, budgets, "host")
+    assert "102,401 bytes, over the 100 KB size budget" in over["over_budget"]
+    assert "p50 0.0429 ms, over the 0.039 ms latency budget by 10% (before training: 0.0380 ms)" in \
+        over["latency_over_budget"]
+    # A board's latency budget was checked on the board: the run's host figure says nothing about it.
+    slow = {"run_bytes": 1_000, "run_latency_p50_ms": 0.5}
+    assert run_over_budget(slow, "int8", measured, budgets, "pi@192.0.2.7") == {}
+    assert run_over_budget(slow, "int8", measured, {"latency_ms": None, "size_kb": None}, "host") == {}
+
+
 def test_refusals_are_one_line(tmp_path):
     proc = cli("search", "--dataset", "digits", "--target", "tflm:nano33ble", "--max-latency-ms", "5",
                "--out", tmp_path / "s", cwd=tmp_path, timeout=120)

@@ -105,12 +105,12 @@ def write_report(out: Path, cfg, feasibility: dict, trials: list[dict], pick: di
             lat = next(iter(bench["threads"].values()))[variant]["latency"]
             report["pick"]["run_latency_p50_ms"] = lat["p50_ms"]
             report["pick"]["run_bytes"] = bench["variants"][variant]["bytes"]
-            size_kb = feasibility["budgets"].get("size_kb")
-            if size_kb is not None and report["pick"]["run_bytes"] > size_kb * 1024:
-                # Measured before training on a model converted as delivered; a run over it is a defect to see.
-                report["pick"]["over_budget"] = (f"its run's {variant} file is {report['pick']['run_bytes']:,} bytes, "
-                                                 f"over the {size_kb:g} KB size budget")
-                log(f"search: warning: the pick's {report['pick']['over_budget']}")
+            row = next(r for r in rows if r["candidate"]["id"] == pick["candidate"])
+            report["pick"].update(run_over_budget(report["pick"], variant, row["variants"][pick["base"]],
+                                                  feasibility["budgets"], feasibility["target"]))
+            for key in ("over_budget", "latency_over_budget"):
+                if key in report["pick"]:
+                    log(f"search: warning: the pick's {report['pick'][key]}")
     report["generated_unix"] = time.time()
     write_json(out / "search.json", report)
     plot(out / "front.png", pts, front, report["pick"], feasibility["target"], feasibility["budgets"])
@@ -118,6 +118,24 @@ def write_report(out: Path, cfg, feasibility: dict, trials: list[dict], pick: di
     atomic_write(out / "search.html", html(report, (out / "front.png").read_bytes()))
     log(f"search: report in {out / 'search.md'}" + (f"; the pick is the run {pick_dir}" if pick_dir else ""))
     return report
+
+
+def run_over_budget(pick: dict, variant: str, measured: dict, budgets: dict, target: str) -> dict:
+    """What the pick's run measured over a budget. Its file over the size budget is a defect (sizes are measured
+    before training on the model as a build delivers it). Its host latency over the latency budget, on the host
+    target, may be this host's noise between processes, or a candidate kept by noise in the first place: either way
+    the user reads both figures."""
+    out = {}
+    if budgets.get("size_kb") is not None and pick["run_bytes"] > budgets["size_kb"] * 1024:
+        out["over_budget"] = (f"its run's {variant} file is {pick['run_bytes']:,} bytes, over the "
+                              f"{budgets['size_kb']:g} KB size budget")
+    limit = budgets.get("latency_ms")
+    if target == "host" and limit is not None and pick["run_latency_p50_ms"] > limit:
+        out["latency_over_budget"] = (
+            f"its run measured {variant} at p50 {pick['run_latency_p50_ms']:.4f} ms, over the {limit:g} ms latency "
+            f"budget by {100 * (pick['run_latency_p50_ms'] / limit - 1):.0f}% (before training: "
+            f"{measured['latency_ms']:.4f} ms); time it again (`pipeline benchmark RUN`) before relying on the budget")
+    return out
 
 
 def plot(path: Path, pts: list[dict], front: list[dict], pick: dict | None, target: str, budgets: dict) -> None:
@@ -196,7 +214,7 @@ def _pick(r: dict) -> str:
                  f"[95% {run_test['low']:.4f}-{run_test['high']:.4f}]")
     if p.get("run_latency_p50_ms") is not None:
         text += f", measured again there: p50 {p['run_latency_p50_ms']:.3f} ms, {p['run_bytes']:,} bytes"
-    return text + "." + (f" **Warning: {p['over_budget']}.**" if p.get("over_budget") else "")
+    return text + "." + "".join(f" **Warning: {p[k]}.**" for k in ("over_budget", "latency_over_budget") if p.get(k))
 
 
 def sections(r: dict) -> list[dict]:
