@@ -82,24 +82,26 @@ def cifar_dscnn(input_shape, classes, width: float = 1.0, name: str = "cifar_dsc
     ], name=name)
 
 
-def cifar_resnet8(input_shape, classes, width: int = 16, name: str = "cifar_resnet8"):
+def cifar_resnet8(input_shape, classes, width: int = 16, name: str = "cifar_resnet8", blocks: int = 1):
     """MLPerf Tiny's image-classification reference (ResNet v1, 16 filters): 78,666 parameters at 32x32x3.
 
     A 3x3 stem, then three stacks of two 3x3 convs (16; 32 and 64 at stride 2, with a 1x1 stride-2
     shortcut), global average pooling, softmax. L2 1e-4 and he_normal as in the reference, so its
-    training figures are comparable with ours. `width` is the first stack's filters (the search varies it).
+    training figures are comparable with ours. The search varies `width` (the first stack's filters) and
+    `blocks` (residual blocks per stack: 2 and 3 make the CIFAR ResNet-14 and ResNet-20).
     """
     from keras import Input, Model, layers, regularizers
 
     conv = {"padding": "same", "kernel_initializer": "he_normal", "kernel_regularizer": regularizers.l2(1e-4)}
     inputs = Input(input_shape)
     x = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(width, 3, **conv)(inputs)))
-    for filters, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
-        y = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(filters, 3, strides=stride, **conv)(x)))
-        y = layers.BatchNormalization()(layers.Conv2D(filters, 3, **conv)(y))
-        if stride != 1:
-            x = layers.Conv2D(filters, 1, strides=stride, **conv)(x)
-        x = layers.ReLU()(layers.Add()([x, y]))
+    for filters, first_stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
+        for stride in (first_stride, *[1] * (blocks - 1)):
+            y = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(filters, 3, strides=stride, **conv)(x)))
+            y = layers.BatchNormalization()(layers.Conv2D(filters, 3, **conv)(y))
+            if stride != 1:
+                x = layers.Conv2D(filters, 1, strides=stride, **conv)(x)
+            x = layers.ReLU()(layers.Add()([x, y]))
     # The reference pools the whole final map (8x8 at 32x32 input); sized from the map, it fits any input.
     x = layers.AveragePooling2D(pool_size=tuple(x.shape[1:3]))(x)
     outputs = layers.Dense(classes, activation="softmax", kernel_initializer="he_normal")(layers.Flatten()(x))

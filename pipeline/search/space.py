@@ -14,8 +14,8 @@ from pipeline.config import FIXED_SIZE
 @dataclass(frozen=True)
 class Candidate:
     family: str  # a key of FAMILIES
-    width: float  # multiplier of the zoo model's filters (resnet8: of its 16 first-stack filters)
-    depth: int  # Conv-Pool stages (cnn); the other families have a fixed depth, recorded as 0
+    width: float  # multiplier of the zoo model's filters (resnet: of its 16 first-stack filters)
+    depth: int  # Conv-Pool stages (cnn), residual blocks per stack (resnet); dscnn has a fixed depth, recorded as 0
     resolution: int  # input height and width in pixels
 
     @property
@@ -62,18 +62,18 @@ def _dscnn(c: Candidate, input_shape, classes):
     return cifar_dscnn(input_shape, classes, width=c.width, name=_keras_name(c))
 
 
-def _resnet8(c: Candidate, input_shape, classes):
+def _resnet(c: Candidate, input_shape, classes):
     from pipeline.models import cifar_resnet8
 
-    return cifar_resnet8(input_shape, classes, width=int(round(16 * c.width)),
-                         name=_keras_name(c))
+    return cifar_resnet8(input_shape, classes, width=int(round(16 * c.width)), blocks=c.depth, name=_keras_name(c))
 
 
 # family: (builder, the zoo model it opens up, the smallest resolution it takes, those zoo models' names)
 FAMILIES = {
     "cnn": (_cnn, "mnist-cnn / cifar-cnn (Conv-Pool stages, then Dense)", 10, ("mnist-cnn", "cifar-cnn")),
     "dscnn": (_dscnn, "cifar-dscnn (MobileNet-style depthwise-separable blocks)", 8, ("cifar-dscnn",)),
-    "resnet8": (_resnet8, "cifar-resnet8 (MLPerf Tiny's ResNet-8)", 8, ("cifar-resnet8",)),
+    "resnet": (_resnet, "cifar-resnet8 (MLPerf Tiny's ResNet-8; 2 and 3 blocks per stack: ResNet-14 and -20)", 8,
+               ("cifar-resnet8",)),
 }
 
 
@@ -110,7 +110,7 @@ SPACES = {
     "default": Space("the zoo's three families: widths 0.25-1, CNN depth 1-3, two resolutions",
                      {"cnn": {"width": [0.25, 0.5, 1.0], "depth": [1, 2, 3]},
                       "dscnn": {"width": [0.25, 0.5, 1.0]},
-                      "resnet8": {"width": [0.5, 1.0]}},
+                      "resnet": {"width": [0.5, 1.0], "depth": [1]}},
                      (1.0, 0.75)),
     "small": Space("a quick look: narrow CNNs and depthwise nets",
                    {"cnn": {"width": [0.25, 0.5], "depth": [1, 2]}, "dscnn": {"width": [0.25, 0.5]}},
@@ -118,6 +118,6 @@ SPACES = {
     # Seconds per trial on the digits: for tests and for trying the command out.
     "tiny": Space("four candidates of very different cost, for trying the search out",
                   {"cnn": {"width": [0.25, 0.5], "depth": [1]}, "dscnn": {"width": [0.25]},
-                   "resnet8": {"width": [2.0]}},
+                   "resnet": {"width": [2.0], "depth": [1]}},
                   (1.0,)),
 }
