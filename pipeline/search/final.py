@@ -4,9 +4,9 @@ A trial trains for a few epochs only, so that many candidates fit the budget; th
 then worth a full schedule. The pick's candidate is trained once more, from scratch, in this process with every
 CPU, with the default recipe of the zoo model its family opens up (ResNet-8: SGD at 0.1 after 3 warm-up epochs)
 rather than the search's shared Adam recipe at the trial's learning rate: that recipe compares architectures in a
-few epochs; the zoo's is tuned for a full schedule. The epochs are fixed
-before training (the schedule needs them) from one epoch trained first and timed (probe_epoch): its trial's
-speed, on fewer CPUs beside other trials, left a fifth or more of the time unused. The longer model replaces
+few epochs; the zoo's is tuned for a full schedule. The epochs are fixed before training (the schedule needs
+them) from one epoch trained first and timed (probe_epoch): its trial's speed, on fewer CPUs beside other trials,
+left a fifth or more of the time unused. The longer model replaces
 the trial's only if it is at least as accurate on the validation split, and, under the accuracy guard, only if
 what the guard delivers for it still runs the graph whose cost was measured before training; either way the
 report says which model the pick's run holds and why.
