@@ -6,10 +6,9 @@ CPU, with the default recipe of the zoo model its family opens up (ResNet-8: SGD
 rather than the search's shared Adam recipe at the trial's learning rate: that recipe compares architectures in a
 few epochs; the zoo's is tuned for a full schedule. The epochs are fixed before training (the schedule needs
 them) from one epoch trained first and timed (probe_epoch): its trial's speed, on fewer CPUs beside other trials,
-left a fifth or more of the time unused. The longer model replaces
-the trial's only if it is at least as accurate on the validation split, and, under the accuracy guard, only if
-what the guard delivers for it still runs the graph whose cost was measured before training; either way the
-report says which model the pick's run holds and why.
+left a fifth or more of the time unused. The longer model replaces the trial's only if it is at least as accurate
+on the validation split, and, under the accuracy guard, only if what the guard delivers for it still runs the graph
+whose cost was measured before training; either way the report says which model the pick's run holds and why.
 """
 from __future__ import annotations
 
