@@ -75,7 +75,8 @@ def _train(cfg, pick: dict, epochs: int, log):
         keras.backend.clear_session()
         seed_everything(cfg.seed)
         model, history = train(run_cfg, data, log=log, model=cand.build(data.spec.channels, len(data.spec.labels)))
-    return model, history, time.perf_counter() - t0, {"zoo_model": run_cfg.model, **recipe_of(run_cfg)}
+    recipe = {"zoo_model": cand.zoo_model(data.spec.channels), **recipe_of(run_cfg)}
+    return model, history, time.perf_counter() - t0, recipe
 
 
 def train_final(cfg, out: Path, pick: dict, epochs: int, log) -> dict:
@@ -144,7 +145,7 @@ def _record(run: Path, out: Path, pick: dict, log) -> Path:
                              "trial_id": pick["trial_id"], "learning_rate": pick["learning_rate"],
                              "variant": pick["run_variant"],
                              "final_training": {k: v for k, v in final.items() if k != "keras_model"},
-                             "note": "the model is the searched candidate, trained by the search (config.keras_model) "
-                                     "with the recipe config gives; config.model names a zoo model only because a "
-                                     "config needs one (the one whose recipe trained the final model)"}
+                             "note": "config.model names the dataset's zoo model only because a config needs one; "
+                                     "the model is the searched candidate, trained by the search (config.keras_model) "
+                                     "with the recipe config gives (final_training.recipe.zoo_model: whose it is)"}
     return run

@@ -29,19 +29,26 @@ def trial_config(settings: dict, cand: Candidate, learning_rate: float | None, *
     """The BuildConfig a candidate trains, converts and is evaluated with (the pick's build uses it too): the
     search's RECIPE at `learning_rate`, or with None the default recipe of the zoo model the candidate opens up
     (the final training's: a trial's few epochs compare architectures, a full schedule wants the family's tuned
-    recipe). config.model names that zoo model; the candidate replaces it in training."""
+    recipe). config.model is the dataset's default zoo model only because a config needs one that takes the
+    data's channels (cifar-dscnn's recipe may train a depthwise net on grayscale digits); the candidate replaces
+    it in training."""
     from pipeline.data import DATASETS
+    from pipeline.models import MODELS
 
     image_size = None if settings["dataset"] in FIXED_SIZE else f"{cand.resolution}x{cand.resolution}"
     if settings.get("max_accuracy_drop") is not None:  # int8 competes as the accuracy guard delivers it
         more = {"max_accuracy_drop": settings["max_accuracy_drop"], "fallback": "auto", **more}
     if learning_rate is None:
-        recipe = {"model": cand.zoo_model(DATASETS[settings["dataset"]].input_shape[-1])}
+        zoo = MODELS[cand.zoo_model(DATASETS[settings["dataset"]].input_shape[-1])].recipe
+        recipe = {"optimizer": zoo.optimizer, "learning_rate": zoo.learning_rate, "lr_schedule": zoo.schedule,
+                  "warmup_epochs": zoo.warmup_epochs, "weight_decay": zoo.weight_decay,
+                  "label_smoothing": zoo.label_smoothing}
     else:
-        recipe = {"model": DATASETS[settings["dataset"]].default_model, "learning_rate": learning_rate, **RECIPE}
+        recipe = {"learning_rate": learning_rate, **RECIPE}
     return BuildConfig(dataset=settings["dataset"], data_dir=settings["data_dir"], image_size=image_size,
                        seed=settings["seed"], quantize=tuple(settings["quantize"]), epochs=settings["epochs"],
-                       batch_size=settings["batch_size"], input_range=TRAINED_RANGE, **recipe, **more)
+                       batch_size=settings["batch_size"], model=DATASETS[settings["dataset"]].default_model,
+                       input_range=TRAINED_RANGE, **recipe, **more)
 
 
 def _use_cpus() -> int:
