@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline.search.report import competing
 from pipeline.search.space import Candidate
-from pipeline.search.trial import guard_of, trial_config
+from pipeline.search.trial import guard_of, recipe_model, trial_config
 
 # Phase (b) leaves this share of --budget-minutes to the final training (more when the trials end early).
 FINAL_SHARE = 1 / 3
@@ -75,7 +75,7 @@ def _train(cfg, pick: dict, epochs: int, log):
         keras.backend.clear_session()
         seed_everything(cfg.seed)
         model, history = train(run_cfg, data, log=log, model=cand.build(data.spec.channels, len(data.spec.labels)))
-    recipe = {"zoo_model": cand.zoo_model(data.spec.channels), **recipe_of(run_cfg)}
+    recipe = {"zoo_model": recipe_model(cfg.dataset, cand), **recipe_of(run_cfg)}
     return model, history, time.perf_counter() - t0, recipe
 
 

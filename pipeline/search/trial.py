@@ -39,16 +39,21 @@ def trial_config(settings: dict, cand: Candidate, learning_rate: float | None, *
     if settings.get("max_accuracy_drop") is not None:  # int8 competes as the accuracy guard delivers it
         more = {"max_accuracy_drop": settings["max_accuracy_drop"], "fallback": "auto", **more}
     if learning_rate is None:
-        zoo = MODELS[cand.zoo_model(DATASETS[settings["dataset"]].input_shape[-1])].recipe
-        recipe = {"optimizer": zoo.optimizer, "learning_rate": zoo.learning_rate, "lr_schedule": zoo.schedule,
-                  "warmup_epochs": zoo.warmup_epochs, "weight_decay": zoo.weight_decay,
-                  "label_smoothing": zoo.label_smoothing}
+        zoo = MODELS[recipe_model(settings["dataset"], cand)].recipe
+        recipe = {k: getattr(zoo, "schedule" if k == "lr_schedule" else k) for k in ("learning_rate", *RECIPE)}
     else:
         recipe = {"learning_rate": learning_rate, **RECIPE}
     return BuildConfig(dataset=settings["dataset"], data_dir=settings["data_dir"], image_size=image_size,
                        seed=settings["seed"], quantize=tuple(settings["quantize"]), epochs=settings["epochs"],
                        batch_size=settings["batch_size"], model=DATASETS[settings["dataset"]].default_model,
                        input_range=TRAINED_RANGE, **recipe, **more)
+
+
+def recipe_model(dataset: str, cand: Candidate) -> str:
+    """The zoo model whose default recipe trains `cand` in the final training."""
+    from pipeline.data import DATASETS
+
+    return cand.zoo_model(DATASETS[dataset].input_shape[-1])
 
 
 def _use_cpus() -> int:
