@@ -42,6 +42,11 @@ RECIPES = {
     "batch64-wd": ["--batch-size", "64", "--weight-decay", "2e-3"],
     # Twice batch 64's steps per epoch, the rate scaled down with the batch.
     "batch32": ["--batch-size", "32", "--learning-rate", "0.05"],
+    # One-cycle as Smith's: a warm-up over 30% of the run to twice the usual peak, then down to zero.
+    "onecycle": ["--warmup-epochs", "18", "--learning-rate", "0.2"],
+    # The weights' moving average over about the last 14 epochs (5,000 steps at 352 a epoch), BatchNorm
+    # statistics recomputed for it.
+    "ema": ["--ema", "0.9998"],
 }
 
 

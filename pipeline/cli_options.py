@@ -91,6 +91,9 @@ def train_options(fn):
                       help="Decoupled weight decay (default: recipe).")(fn)
     fn = click.option("--label-smoothing", type=click.FloatRange(min=0, max=1, max_open=True),
                       help="Label smoothing of the loss (default: recipe).")(fn)
+    fn = click.option("--ema", type=click.FloatRange(min=0, max=1, max_open=True),
+                      help="Decay of a moving average of the weights that the model ends with, e.g. 0.999 "
+                           "(BatchNorm statistics recomputed for it); 0: none (default: recipe).")(fn)
     fn = click.option("--augment/--no-augment", default=None,
                       help="Random shift and horizontal flip of training images only (default: on for cifar10 "
                            "and folders, off for digits).")(fn)

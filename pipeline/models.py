@@ -137,6 +137,7 @@ class Recipe:
     warmup_epochs: int = 0
     weight_decay: float = 0.0  # decoupled (AdamW-style), on top of any L2 in the architecture
     label_smoothing: float = 0.0
+    ema: float = 0.0  # decay of a moving average of the weights that replaces them at the end; 0: none
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")

@@ -29,7 +29,7 @@ def seed_everything(seed: int) -> None:
 def recipe_of(cfg: BuildConfig) -> dict:
     """The training recipe this build uses: the model's defaults with the command line's overrides."""
     return {k: getattr(cfg, k) for k in ("epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule",
-                                         "warmup_epochs", "weight_decay", "label_smoothing", "augment")}
+                                         "warmup_epochs", "weight_decay", "label_smoothing", "ema", "augment")}
 
 
 NO_DECAY = ["gamma", "beta", "bias"]  # Keras names of BatchNorm's scale and shift and of every bias
@@ -46,12 +46,13 @@ def _optimizer(recipe: dict, steps_per_epoch: int):
         lr = keras.optimizers.schedules.CosineDecay(lr / 100 if warmup else lr, total - warmup,
                                                     warmup_target=lr if warmup else None, warmup_steps=warmup)
     wd = recipe["weight_decay"] or None
+    ema = {"use_ema": bool(recipe["ema"]), "ema_momentum": recipe["ema"] or 0.99}
     if recipe["optimizer"] == "sgd":
-        optimizer = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd)
+        optimizer = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd, **ema)
     elif recipe["optimizer"] == "adamw":
-        optimizer = keras.optimizers.AdamW(lr, weight_decay=recipe["weight_decay"])
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=recipe["weight_decay"], **ema)
     else:
-        optimizer = keras.optimizers.Adam(lr, weight_decay=wd)
+        optimizer = keras.optimizers.Adam(lr, weight_decay=wd, **ema)
     if wd:
         # Decay is for kernels: on BatchNorm's scale and shift, or on a bias, it only pulls a layer's output
         # towards zero, which a network of a few thousand channels cannot spare.
@@ -130,6 +131,9 @@ def train(cfg: BuildConfig, data: Dataset, log=print, checkpoint: Path | None = 
     if first < cfg.epochs:
         model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, initial_epoch=first, steps_per_epoch=steps,
                   shuffle=False, verbose=0, callbacks=callbacks)  # the dataset shuffles itself
+    if cfg.ema:
+        _take_average(model, batches(data.x_train, data.y_train, shuffle=True, augment=cfg.augment, seed=cfg.seed,
+                                     **common)[0], log)
     seconds = record.state["epoch_seconds"]
     out = {k: vs for k, vs in record.state["history"].items() if k != "learning_rate"}
     out["epoch_seconds"] = [round(s, 3) for s in seconds]
@@ -138,6 +142,33 @@ def train(cfg: BuildConfig, data: Dataset, log=print, checkpoint: Path | None = 
     if first:
         out["resumed_after_epoch"] = first
     return model, out
+
+
+BN_BATCHES = 100  # batches that recompute BatchNorm's statistics for the averaged weights (12,800 images at 128)
+
+
+def _take_average(model, train_ds, log) -> None:
+    """Give the model the moving average of its weights and BatchNorm statistics that match them.
+
+    `fit` swaps the average in at its end, but not when a resumed training had no epoch left, so it is done
+    here (a second swap changes nothing). The running statistics were gathered for the trained weights, not
+    for their average: they are recomputed as a plain mean over training batches, as torch's `update_bn` does.
+    """
+    import keras
+
+    model.optimizer.finalize_variable_values(model.trainable_variables)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not norms:
+        return
+    momenta = [layer.momentum for layer in norms]
+    for step, (x, _) in enumerate(train_ds.take(BN_BATCHES)):
+        for layer in norms:
+            layer.momentum = step / (step + 1)  # the first batch replaces the statistics, then a running mean
+        model(x, training=True)
+    for layer, momentum in zip(norms, momenta):
+        layer.momentum = momentum
+    log(f"weights: their moving average (decay {model.optimizer.ema_momentum}), BatchNorm statistics "
+        f"recomputed over {min(BN_BATCHES, step + 1)} training batches")
 
 
 CHECKPOINT = ".train-checkpoint.npz"  # hidden: bookkeeping of the staging folder, never part of a run

@@ -90,3 +90,42 @@ def test_same_seed_same_weights(tmp_path):
     for a, b in zip(first.get_weights(), second.get_weights()):
         np.testing.assert_array_equal(a, b)
     keras.backend.clear_session()
+
+
+def test_ema_ends_with_the_weights_average_and_batchnorm_statistics_for_it(tmp_path):
+    """With --ema the model ends with the moving average of its weights over the training steps, and each
+    BatchNorm's running mean is recomputed for the averaged weights: the mean of its input over training batches."""
+    import keras
+
+    from pipeline.config import BuildConfig
+    from pipeline.data import load_dataset
+    from pipeline.data.augment import batches
+    from pipeline.train import BN_BATCHES, train
+
+    data = load_dataset("digits", seed=0)
+    spec = data.spec
+    net = keras.Sequential([keras.Input((spec.height, spec.width, spec.channels)), keras.layers.Conv2D(4, 3),
+                            keras.layers.BatchNormalization(), keras.layers.ReLU(), keras.layers.Flatten(),
+                            keras.layers.Dense(10, "softmax")])
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(self.model.layers[-1].kernel.numpy().copy())
+
+    decay = 0.9
+    cfg = BuildConfig(dataset="digits", model="mnist-mlp", epochs=2, ema=decay, out=str(tmp_path))
+    model, history = train(cfg, data, log=lambda *a: None, model=net, callbacks=[Record()])
+    assert history["recipe"]["ema"] == decay
+    average = seen[0]
+    for w in seen[1:]:
+        average = decay * average + (1 - decay) * w
+    np.testing.assert_allclose(model.layers[-1].kernel.numpy(), average, atol=1e-5)
+    assert not np.allclose(average, seen[-1], atol=1e-3)  # the average is not the last step's weights
+
+    stream, _ = batches(data.x_train, data.y_train, batch_size=cfg.batch_size, classes=10, scale=spec.scale,
+                        offset=spec.offset, shuffle=True, augment=cfg.augment, seed=cfg.seed)
+    conv = keras.Model(model.inputs, model.layers[0].output)
+    means = [conv(x).numpy().mean(axis=(0, 1, 2)) for x, _ in stream.take(BN_BATCHES)]
+    np.testing.assert_allclose(model.layers[1].moving_mean.numpy(), np.mean(means, axis=0), atol=1e-4)
+    keras.backend.clear_session()
