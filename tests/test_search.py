@@ -163,6 +163,35 @@ def test_asha_stops_no_trial_before_half_its_epochs():
     assert [grace_period(e) for e in (1, 2, 3, 8, 30)] == [1, 1, 1, 4, 15]
 
 
+
+@pytest.mark.slow
+def test_the_trials_model_is_built_when_the_guard_delivers_the_final_one_in_another_graph(local_search, tmp_path,
+                                                                                          monkeypatch):
+    """The longer-trained model replaces the trial's only if the guard delivers it in the graph measured before
+    training. The guard's verdict is forced here (a remedy that changes the graph cannot be made to happen on
+    demand); what follows from it runs for real: the trial's checkpoint is built, and its run says why."""
+    from pipeline.search import final
+    from pipeline.search.run import load_config
+
+    pick = json.loads((local_search / "search.json").read_text())["pick"]
+    assert pick["final"]["used"]
+    trial_dir = next((local_search / "tune").glob(f"run_trial_{pick['trial_id']}_*"))
+    pick["checkpoint"] = str(max(trial_dir.glob("checkpoint_*")))
+    out = tmp_path / "search"
+    out.mkdir()
+    cfg = load_config(local_search)
+    monkeypatch.setattr(final, "competing", lambda trial, base: None)
+    run = final.materialise(cfg, out, pick, log=lambda *a: None)
+
+    assert run == out / "pick" and not pick["final"]["used"] and "another graph" in pick["final"]["why"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    kept = out / "models" / f"{pick['candidate']}-{pick['trial_id']}.keras"
+    assert manifest["config"]["keras_model"] == str(kept) and kept.is_file()
+    assert manifest["config"]["epochs"] == cfg.epochs  # the trial's training, not the final one's
+    assert manifest["search"]["final_training"]["used"] is False
+    assert manifest["search"]["variant"] == pick["run_variant"] == pick["variant"]
+    assert "verified" in ok(cli("verify", run, cwd=out)).stdout
+
 @pytest.mark.slow
 def test_guarded_int8_competes_as_the_guard_delivers_it(local_search):
     report = json.loads((local_search / "search.json").read_text())
@@ -320,6 +349,8 @@ def test_the_resnet_family_opens_up_resnet8s_width_and_depth():
     assert same.count_params() == zoo.count_params() == 78_666
     assert [tuple(w.shape) for w in same.weights] == [tuple(w.shape) for w in zoo.weights]
     assert Candidate.parse("resnet-w1-d1-r32").zoo_model(3) == "cifar-resnet8"
+    # A search folder written before the family opened up its depth names it resnet8: its trials still build.
+    assert Candidate.parse("resnet8-w0.5-r24") == Candidate.parse("resnet-w0.5-d1-r24")
     # Three blocks per stack at half the width: the CIFAR ResNet-20 (a stem, 18 convs, 2 shortcut convs).
     deep = Candidate.parse("resnet-w0.5-d3-r32").build(3, 10)
     convs = [layer for layer in deep.layers if isinstance(layer, keras.layers.Conv2D)]

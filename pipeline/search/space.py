@@ -30,7 +30,8 @@ class Candidate:
     def parse(cls, text: str) -> Candidate:
         family, *parts = text.split("-")
         values = {p[0]: p[1:] for p in parts}
-        return cls(family, float(values["w"]), int(values.get("d", 0)), int(values["r"]))
+        family, depth = RENAMED.get(family, (family, int(values.get("d", 0))))
+        return cls(family, float(values["w"]), depth, int(values["r"]))
 
     def build(self, channels: int, classes: int):
         """The untrained Keras model of this candidate."""
@@ -43,6 +44,11 @@ class Candidate:
 
         names = FAMILIES[self.family][3]
         return next((n for n in names if MODELS[n].channels == channels), names[-1])
+
+
+# Families an older search folder names, as they are called now: a search started before the ResNet family
+# opened up its depth still resumes (its ids stay as written; each builds the same network).
+RENAMED = {"resnet8": ("resnet", 1)}
 
 
 def _keras_name(c: Candidate) -> str:
