@@ -73,6 +73,8 @@ def run(name: str, epochs: int, runs: Path) -> dict:
     ips = sorted(training["images_per_second"])
     return {
         "command": portable_command(cmd), "reused_finished_run": reused,
+        # A series may read runs finished in earlier sessions, on another machine of the kind `environment` names.
+        "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime((out / "evaluation.json").stat().st_mtime)),
         "wall_s": None if reused else round(time.perf_counter() - t0, 1),
         "recipe": training["recipe"], "train_seconds": round(manifest["stage_seconds"]["train"], 1),
         "images_per_second_median": ips[len(ips) // 2],

@@ -29,6 +29,7 @@ from pipeline.cli_options import (
 from pipeline.cli_run import captured, handle_errors, print_table, warn_learning
 from pipeline.config import FALLBACKS
 from pipeline.micro.export import BOARDS, TARGETS
+from pipeline.search.final import MAX_FACTOR
 from pipeline.search.space import SPACES
 from pipeline.ship.bundle import WHEEL_PLATFORMS
 
@@ -304,7 +305,7 @@ def entry():
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs per trial at most.")
 @click.option("--final-epochs", type=click.IntRange(min=0),
               help="Epochs to train the pick again for (default: as many as the rest of the budget holds, at most "
-                   "10x --epochs; 0 keeps its trial's model).")
+                   f"{MAX_FACTOR}x --epochs; 0 keeps its trial's model).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Training batch size.")
 @click.option("--space", type=click.Choice(list(SPACES)), default="default", show_default=True,
               help="The search space preset.")
