@@ -314,6 +314,9 @@ def entry():
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="The search folder to write.")
 @click.option("--name", help="Search name: writes artifacts/NAME (instead of --out).")
 @click.option("--resume", metavar="NAME|DIR", help="Continue an interrupted search (Ray Tune's restore).")
+@click.option("--measure-only", is_flag=True,
+              help="Measure every candidate of the space against the budgets on the target and report them; train "
+                   "none (minutes, where a search takes --budget-minutes).")
 @ssh_options
 @handle_errors
 def search(resume, out, name, image_size, quantize, **kwargs):

@@ -526,3 +526,19 @@ def test_a_space_larger_than_the_trials_never_trains_a_configuration_twice(tmp_p
     seen = first + _drive(restored, space, 5, first=5)
     assert len(set(seen)) == 10, seen
     assert seen[:4] == bare[:4]  # Optuna's proposals pass through until it repeats
+
+
+def test_measure_only_measures_every_candidate_against_the_budgets_and_trains_none(budgeted, tmp_path):
+    out = tmp_path / "costs"
+    proc = ok(cli("search", *budgeted, "--measure-only", "--out", out, cwd=tmp_path))
+    report = json.loads((out / "search.json").read_text())
+    rows = report["candidates"]
+    assert len(rows) == len(report["space"]["candidates"]) == 4
+    assert all(c["latency_ms"] > 0 and c["size_kb"] > 0 for r in rows for c in r["variants"].values())
+    dropped = [r for r in rows if not r["feasible"]]
+    assert dropped and len(dropped) < len(rows) and all("latency" in r["reason"] for r in dropped)
+    assert report["trials"] == [] and report["pick"] is None and not (out / "tune").exists()
+    assert not (out / "pick").exists()
+    page = (out / "search.md").read_text()
+    assert "`--measure-only` trains nothing" in page and all(r["candidate"]["id"] in page for r in rows)
+    assert "report in" in proc.stdout + proc.stderr

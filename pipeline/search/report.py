@@ -185,11 +185,15 @@ def _summary(r: dict) -> list[str]:
             f"({100 * s['dropped_share']:.0f}%); {s['trials']} trials: {s['trained']} trained, {s['stopped']} "
             f"stopped early, {s['failed']} failed, {s['unfinished']} unfinished; on {len(s['nodes'])} Ray node(s)."
             + (" The search was interrupted: what finished is below; `--resume` continues it." if r["interrupted"]
+               else "")
+            + (" Measured only (`--measure-only`): no candidate was trained." if r["config"].get("measure_only")
                else "")]
 
 
 def _pick(r: dict) -> str:
     if not r["pick"]:
+        if r["config"].get("measure_only"):
+            return "No pick: `--measure-only` trains nothing; the same command without it searches these candidates."
         return ("No pick yet: it is chosen and built when the search ends (`pipeline search --resume`)."
                 if r["interrupted"] else "No trial finished training, so there is no pick.")
     p = r["pick"]

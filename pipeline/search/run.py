@@ -55,6 +55,7 @@ class SearchConfig:
     ssh_config: str | None = None
     accept_new_host_key: bool = False
     connect_timeout: int = 10
+    measure_only: bool = False  # phase (a) alone: every candidate measured and judged, none trained
 
     def __post_init__(self):
         from pipeline.config import VARIANTS
@@ -116,6 +117,11 @@ def search(cfg: SearchConfig, *, resume: bool = False, log=print) -> Path:
         write_report(out, cfg, feasibility, [], None, log)
         raise SearchError(f"no candidate meets the budgets ({_budget_words(cfg)}) even untrained; every one is "
                           f"listed with its measured cost in {out / 'search.md'}: relax a budget or widen --space")
+    if cfg.measure_only:
+        from pipeline.search.report import write_report
+
+        write_report(out, cfg, feasibility, [], None, log)
+        return out
     budget = cfg.budget_minutes * 60
     remaining = budget - (time.time() - started if not resume else 0)
     reserve = budget * FINAL_SHARE if cfg.final_epochs != 0 else 0.0
