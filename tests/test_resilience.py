@@ -117,7 +117,8 @@ def test_a_bug_after_training_keeps_the_staging_folder_for_resume(tmp_path):
 
 @pytest.mark.slow
 def test_resumed_training_continues_from_its_checkpoint_and_ends_like_a_straight_run(tmp_path):
-    opts = ["--dataset", "digits", "--epochs", "6", "--no-benchmark"]
+    # With a moving average of the weights: it too must continue where it stopped, not restart.
+    opts = ["--dataset", "digits", "--epochs", "6", "--ema", "0.9", "--no-benchmark"]
     straight = subprocess.run([*PIPELINE, "build", *opts, "--name", "straight"], cwd=tmp_path, env=ENV,
                               capture_output=True, text=True, timeout=900)
     assert straight.returncode == 0, straight.stderr[-3000:]
