@@ -90,15 +90,16 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.6))
     for i, (name, r) in enumerate(results.items()):
         colour = f"C{i}"
         epochs = range(1, len(r["curve"]["val_accuracy"]) + 1)
-        ax.plot(epochs, r["curve"]["val_accuracy"], color=colour, label=f"{name}: validation")
-        ax.plot(epochs, r["curve"]["accuracy"], color=colour, linestyle=":", label=f"{name}: training (augmented)")
-        ax.plot([len(epochs)], [r["accuracy"]["int8"]], "o", color=colour,
+        ax.plot(epochs, r["curve"]["val_accuracy"], color=colour, linewidth=1,
                 label=f"{name}: int8 test {r['accuracy']['int8']:.1%}")
+        ax.plot(epochs, r["curve"]["accuracy"], color=colour, linewidth=1, linestyle=":")
+        ax.plot([len(epochs)], [r["accuracy"]["int8"]], "o", color=colour)
     # The default recipe's earlier full runs (issue 9's result files): one point per run, each a whole schedule.
     points = sorted((r["recipe"]["epochs"], r["accuracy"]["int8"]) for f in ISSUE9.glob("accuracy-cifar-resnet8*.json")
                     for r in json.loads(f.read_text())["results"].values())
@@ -107,7 +108,11 @@ def plot(results: dict, path: Path) -> None:
     ax.axhline(GOAL, color="grey", linewidth=0.8, linestyle="--")
     ax.set(xlim=(0, 92), xlabel="epoch (45,000 images each)", ylabel="accuracy", ylim=(0.5, 0.95),
            title="ResNet-8 on CIFAR-10: accuracy against epochs, by recipe")
-    ax.legend(fontsize=7, loc="lower right")
+    # One entry a recipe (its colour; the dot at the end is its int8 test accuracy), and what the line styles are.
+    styles = [Line2D([], [], color="black", linewidth=1, label="validation"),
+              Line2D([], [], color="black", linewidth=1, linestyle=":", label="training (augmented)")]
+    ax.legend(handles=[*ax.get_legend_handles_labels()[0], *styles], fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
