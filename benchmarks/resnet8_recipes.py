@@ -36,6 +36,9 @@ ISSUE9 = REPO / "benchmarks" / "results" / "issue9"
 # cosine decay, batch 128, label smoothing 0.1, the reference's L2 1e-4 on kernels, crop and flip).
 RECIPES = {
     "default": [],
+    # The same recipe from another seed (weights, order, augmentation, validation split): how far two runs of one
+    # recipe land apart, the yardstick for the differences between recipes.
+    "default-seed1": ["--seed", "1"],
     "batch64": ["--batch-size", "64"],
     # Keras's SGD decays decoupled (w -= rate * decay * w, outside the momentum): 2e-3 doubles the kernels'
     # effective decay, since the architecture's L2 1e-4 acts through momentum 0.9 as 2e-3 would.
