@@ -50,6 +50,9 @@ RECIPES = {
     # The weights' moving average over about the last 14 epochs (5,000 steps at 352 a epoch), BatchNorm
     # statistics recomputed for it.
     "ema": ["--ema", "0.9998"],
+    # Each 3x3 conv trained as three branches (3x3, 1x1, identity; RepVGG) folded back into it: the same
+    # ResNet-8 is delivered, the same images are seen.
+    "reparam": ["--reparam"],
 }
 
 
@@ -69,8 +72,7 @@ def run(name: str, epochs: int, runs: Path) -> dict:
     evaluation = json.loads((out / "evaluation.json").read_text())
     training = manifest["training"]
     # A kept run is read only if it trained this recipe: the table's options against the config it recorded.
-    wanted = {"epochs": epochs, **{o[2:].replace("-", "_"): float(v) for o, v in zip(RECIPES[name][::2],
-                                                                                    RECIPES[name][1::2])}}
+    wanted = {"epochs": epochs, **_options(RECIPES[name])}
     if any(manifest["config"][k] != v for k, v in wanted.items()):
         sys.exit(f"{name}: the run in {out} did not train {wanted}; remove it or pass another --runs folder")
     ips = sorted(training["images_per_second"])
@@ -86,6 +88,16 @@ def run(name: str, epochs: int, runs: Path) -> dict:
         "test_images": evaluation["n"], "meets_goal": evaluation["variants"]["int8"]["accuracy"] >= GOAL,
         "curve": {"accuracy": training["accuracy"], "val_accuracy": training["val_accuracy"]},
     }
+
+
+def _options(options: list[str]) -> dict:
+    """The config fields a recipe's options set: `--name VALUE` a number, a bare `--flag` True."""
+    out, i = {}, 0
+    while i < len(options):
+        valued = i + 1 < len(options) and not options[i + 1].startswith("--")
+        out[options[i][2:].replace("-", "_")] = float(options[i + 1]) if valued else True
+        i += 2 if valued else 1
+    return out
 
 
 def plot(results: dict, path: Path) -> None:

@@ -94,6 +94,9 @@ def train_options(fn):
     fn = click.option("--ema", type=click.FloatRange(min=0, max=1, max_open=True),
                       help="Decay of a moving average of the weights that the model ends with, e.g. 0.999 "
                            "(BatchNorm statistics recomputed for it); 0: none (default: recipe).")(fn)
+    fn = click.option("--reparam/--no-reparam", default=None,
+                      help="Train each 3x3 conv as three branches (3x3, 1x1, identity) folded back into it at the "
+                           "end: the model delivered is the same; cifar-resnet8 only (default: recipe).")(fn)
     fn = click.option("--augment/--no-augment", default=None,
                       help="Random shift and horizontal flip of training images only (default: on for cifar10 "
                            "and folders, off for digits).")(fn)

@@ -82,29 +82,35 @@ def cifar_dscnn(input_shape, classes, width: float = 1.0, name: str = "cifar_dsc
     ], name=name)
 
 
-def cifar_resnet8(input_shape, classes, width: int = 16, name: str = "cifar_resnet8", blocks: int = 1):
+def cifar_resnet8(input_shape, classes, width: int = 16, name: str = "cifar_resnet8", blocks: int = 1,
+                  expand: bool = False):
     """MLPerf Tiny's image-classification reference (ResNet v1, 16 filters): 78,666 parameters at 32x32x3.
 
     A 3x3 stem, then three stacks of two 3x3 convs (16; 32 and 64 at stride 2, with a 1x1 stride-2
     shortcut), global average pooling, softmax. L2 1e-4 and he_normal as in the reference, so its
     training figures are comparable with ours. The search varies `width` (the first stack's filters) and
-    `blocks` (residual blocks per stack: 2 and 3 make the CIFAR ResNet-14 and ResNet-20).
+    `blocks` (residual blocks per stack: 2 and 3 make the CIFAR ResNet-14 and ResNet-20). `expand` builds
+    it for training with branches that fold back into each 3x3 conv (pipeline/reparam.py, --reparam).
     """
     from keras import Input, Model, layers, regularizers
 
+    from pipeline.reparam import conv_bn
+
     conv = {"padding": "same", "kernel_initializer": "he_normal", "kernel_regularizer": regularizers.l2(1e-4)}
     inputs = Input(input_shape)
-    x = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(width, 3, **conv)(inputs)))
-    for filters, first_stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
-        for stride in (first_stride, *[1] * (blocks - 1)):
-            y = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(filters, 3, strides=stride, **conv)(x)))
-            y = layers.BatchNormalization()(layers.Conv2D(filters, 3, **conv)(y))
+    x = layers.ReLU()(conv_bn(inputs, width, 1, "stem", expand, **conv))
+    for stack, (filters, first_stride) in enumerate(((width, 1), (2 * width, 2), (4 * width, 2)), 1):
+        for block, stride in enumerate((first_stride, *[1] * (blocks - 1)), 1):
+            unit = f"stack{stack}_block{block}"
+            y = layers.ReLU()(conv_bn(x, filters, stride, f"{unit}_conv1", expand, **conv))
+            y = conv_bn(y, filters, 1, f"{unit}_conv2", expand, **conv)
             if stride != 1:
-                x = layers.Conv2D(filters, 1, strides=stride, **conv)(x)
+                x = layers.Conv2D(filters, 1, strides=stride, name=f"{unit}_shortcut", **conv)(x)
             x = layers.ReLU()(layers.Add()([x, y]))
     # The reference pools the whole final map (8x8 at 32x32 input); sized from the map, it fits any input.
     x = layers.AveragePooling2D(pool_size=tuple(x.shape[1:3]))(x)
-    outputs = layers.Dense(classes, activation="softmax", kernel_initializer="he_normal")(layers.Flatten()(x))
+    outputs = layers.Dense(classes, activation="softmax", kernel_initializer="he_normal",
+                           name="classifier")(layers.Flatten()(x))
     return Model(inputs, outputs, name=name)
 
 
@@ -138,6 +144,7 @@ class Recipe:
     weight_decay: float = 0.0  # decoupled (AdamW-style), on top of any L2 in the architecture
     label_smoothing: float = 0.0
     ema: float = 0.0  # decay of a moving average of the weights that replaces them at the end; 0: none
+    reparam: bool = False  # train each 3x3 conv with branches folded into it at the end (pipeline/reparam.py)
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -151,6 +158,7 @@ class ModelInfo:
     description: str
     recipe: Recipe
     min_size: int = 8  # smallest height/width the architecture can take
+    reparam: bool = False  # the builder takes `expand` (branches for --reparam)
 
     @property
     def channels(self) -> int:
@@ -172,7 +180,7 @@ MODELS: dict[str, ModelInfo] = {
     "cifar-resnet8": ModelInfo(cifar_resnet8, (32, 32, 3),
                                "ResNet-8, the MLPerf Tiny image-classification reference (78,666 parameters)",
                                Recipe(45, 128, "sgd", 0.1, "cosine", warmup_epochs=3, label_smoothing=0.1),
-                               min_size=8),
+                               min_size=8, reparam=True),
     "photo-cnn": ModelInfo(photo_cnn, (64, 64, 3), "Conv-BN-ReLU-Pool 32-64-128-256, global pooling, dropout "
                            "(own photos)", Recipe(30, 32, "adamw", 2e-3, "cosine", warmup_epochs=2,
                                                   weight_decay=5e-4, label_smoothing=0.1), min_size=16),
@@ -218,8 +226,9 @@ def folder_defaults(survey: dict, model: str | None = None) -> dict:
     return out
 
 
-def build_model(name: str, input_shape, classes: int):
-    return MODELS[name].build(tuple(input_shape), classes)
+def build_model(name: str, input_shape, classes: int, expand: bool = False):
+    """The zoo model `name`; with `expand`, built for training with --reparam's branches."""
+    return MODELS[name].build(tuple(input_shape), classes, **({"expand": True} if expand else {}))
 
 
 def count_macs(model) -> int:

@@ -11,6 +11,7 @@ from pipeline.config import INPUT_RANGES, BuildConfig
 from pipeline.data import Dataset
 from pipeline.failures import InputError
 from pipeline.models import build_model
+from pipeline.reparam import fold
 
 
 class ModelMismatchError(InputError, ValueError):
@@ -29,7 +30,8 @@ def seed_everything(seed: int) -> None:
 def recipe_of(cfg: BuildConfig) -> dict:
     """The training recipe this build uses: the model's defaults with the command line's overrides."""
     return {k: getattr(cfg, k) for k in ("epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule",
-                                         "warmup_epochs", "weight_decay", "label_smoothing", "ema", "augment")}
+                                         "warmup_epochs", "weight_decay", "label_smoothing", "ema", "reparam",
+                                         "augment")}
 
 
 NO_DECAY = ["gamma", "beta", "bias"]  # Keras names of BatchNorm's scale and shift and of every bias
@@ -100,8 +102,11 @@ def train(cfg: BuildConfig, data: Dataset, log=print, checkpoint: Path | None = 
 
     seed_everything(cfg.seed)
     spec = data.spec
+    shape = (spec.height, spec.width, spec.channels)
     if model is None:
-        model = build_model(cfg.model, (spec.height, spec.width, spec.channels), len(spec.labels))
+        model = build_model(cfg.model, shape, len(spec.labels), expand=cfg.reparam)
+    elif cfg.reparam:
+        raise ValueError("--reparam builds its own model: a model given to train() has no branches to fold")
     check_input_shape(model, data, model.name)
     recipe, classes = recipe_of(cfg), len(spec.labels)
     steps = math.ceil(len(data.x_train) / cfg.batch_size)
@@ -134,6 +139,10 @@ def train(cfg: BuildConfig, data: Dataset, log=print, checkpoint: Path | None = 
     if cfg.ema:
         _take_average(model, batches(data.x_train, data.y_train, shuffle=True, augment=cfg.augment, seed=cfg.seed,
                                      **common)[0], log)
+    if cfg.reparam:
+        model = fold(model, build_model(cfg.model, shape, len(spec.labels)))
+        log(f"weights: the branches of each 3x3 conv folded into it ({model.count_params():,} parameters, the "
+            f"model {cfg.model} as built without them)")
     seconds = record.state["epoch_seconds"]
     out = {k: vs for k, vs in record.state["history"].items() if k != "learning_rate"}
     out["epoch_seconds"] = [round(s, 3) for s in seconds]
