@@ -53,6 +53,7 @@ RECIPES = {
     # Each 3x3 conv trained as three branches (3x3, 1x1, identity; RepVGG) folded back into it: the same
     # ResNet-8 is delivered, the same images are seen.
     "reparam": ["--reparam"],
+    "reparam-batch64": ["--batch-size", "64", "--reparam"],
 }
 
 
