@@ -89,7 +89,7 @@ class SearchConfig:
         """What a trial needs, as plain data (it may run on another machine)."""
         return {"dataset": self.dataset, "data_dir": self.data_dir, "seed": self.seed, "epochs": self.epochs,
                 "batch_size": self.batch_size, "quantize": list(self.quantize),
-                "max_accuracy_drop": self.max_accuracy_drop}
+                "max_accuracy_drop": self.max_accuracy_drop, "experiment": str(Path(self.out).resolve() / EXPERIMENT)}
 
     def to_dict(self) -> dict:
         return {**asdict(self), "quantize": list(self.quantize)}

@@ -70,6 +70,10 @@ def _use_cpus() -> int:
     return cpus
 
 
+class TrialCrashedBefore(RuntimeError):
+    """A resumed search was about to train again a trial that had crashed."""
+
+
 def run_trial(config: dict, settings: dict) -> None:
     """The function trainable: reports validation accuracy after each epoch (ASHA stops the weak), and
     after the last one the test accuracy of every variant with its checkpoint."""
@@ -79,6 +83,13 @@ def run_trial(config: dict, settings: dict) -> None:
 
     from pipeline import build as stages
 
+    crashed = sorted(Path(settings["experiment"]).glob(f"run_trial_{tune.get_context().get_trial_id()}_*/error.txt"))
+    if crashed:
+        # Ray may save the experiment before it records a crash (seen under load); resumed, Tune would train
+        # the trial again. The crash's own file says what happened: it costs this trial, once.
+        lines = [line for line in crashed[0].read_text().splitlines() if line.strip()]
+        raise TrialCrashedBefore(f"crashed before the search was interrupted ({lines[-1] if lines else crashed[0]}); "
+                                 "not trained again")
     cpus = _use_cpus()
     keras.backend.clear_session()  # Keras keeps graph state across models in one process
     cand = Candidate.parse(config["candidate"])
