@@ -120,7 +120,7 @@ def plot(results: dict, path: Path) -> None:
     points = sorted((r["recipe"]["epochs"], r["accuracy"]["int8"]) for f in ISSUE9.glob("accuracy-cifar-resnet8*.json")
                     for r in json.loads(f.read_text())["results"].values())
     if points:
-        ax.plot(*zip(*points), "s--", color="grey", label="default (batch 128), int8 test of separate runs")
+        ax.plot(*zip(*points), "s--", color="black", label="default (batch 128), int8 test of separate runs")
     ax.axhline(GOAL, color="grey", linewidth=0.8, linestyle="--")
     ax.set(xlim=(0, 92), xlabel="epoch (45,000 images each)", ylabel="accuracy", ylim=(0.5, 0.95),
            title="ResNet-8 on CIFAR-10: accuracy against epochs, by recipe")

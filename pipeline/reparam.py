@@ -5,8 +5,9 @@ the 3x3 conv + BatchNorm itself, a 1x1 conv + BatchNorm, and a BatchNorm of the 
 shapes allow (stride 1, as many channels out as in). Every branch is linear at inference, so after
 training their sum is folded into the one 3x3 kernel and bias of the model as it is built without them:
 the delivered model has the same layers, parameters, size and latency, while the optimizer worked on a
-richer parameterization, which is what helps a network of a few thousand channels learn. Training costs
-more time per image (about 1.6x for ResNet-8 on a CPU); the images seen are the same.
+richer parameterization (RepVGG's gain on ImageNet-sized networks). Training costs about twice the time per
+image for ResNet-8 on a CPU; the images seen are the same. Measured on CIFAR-10 at 60 epochs it did not help
+ResNet-8 (docs/results.md), so no recipe uses it by default.
 
 Layer names carry the pairing: the trained model's `{name}`, `{name}_bn`, `{name}_1x1`, `{name}_1x1_bn` and
 `{name}_id_bn` fold into the plain model's `{name}` and `{name}_bn`; every other layer is copied by name.
