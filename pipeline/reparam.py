@@ -77,11 +77,10 @@ def _folded(trained, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _scaled(norm, kernel: np.ndarray, bias) -> tuple[np.ndarray, np.ndarray]:
-    """BatchNorm at inference after a conv, folded into the conv's kernel and bias."""
-    gamma = norm.gamma.numpy() if norm.scale else 1.0
-    beta = norm.beta.numpy() if norm.center else 0.0
-    scale = gamma / np.sqrt(norm.moving_variance.numpy() + norm.epsilon)
-    return kernel * scale, beta + (bias - norm.moving_mean.numpy()) * scale
+    """BatchNorm at inference after a conv, folded into the conv's kernel and bias (conv_bn's BatchNorms all
+    have a scale and a shift)."""
+    scale = norm.gamma.numpy() / np.sqrt(norm.moving_variance.numpy() + norm.epsilon)
+    return kernel * scale, norm.beta.numpy() + (bias - norm.moving_mean.numpy()) * scale
 
 
 def _offset(one) -> tuple[int, int]:
