@@ -10,7 +10,8 @@ depends on them. `--plot` draws the curves for the README.
     python benchmarks/resnet8_recipes.py [RECIPE...] [--epochs 60] [--runs DIR] [--json FILE] [--plot PNG]
 
 Run folders are kept under --runs: a recipe whose finished run is there is read, not trained again, so an
-interrupted series continues where it stopped.
+interrupted series continues where it stopped. The recipes of an existing --json file that are not named again are
+kept in it as they were (marked so): a series adds to the runs of earlier sessions, whose folders may be gone.
 """
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ RECIPES = {
     # ResNet-8 is delivered, the same images are seen.
     "reparam": ["--reparam"],
     "reparam-batch64": ["--batch-size", "64", "--reparam"],
+    # Sharpness-aware minimization at Foret et al.'s CIFAR radius: each step's gradient taken at the worst point
+    # within 0.05 of the weights (twice the compute per image, the same images).
+    "sam": ["--sam", "0.05"],
 }
 
 
@@ -149,7 +153,8 @@ def main() -> None:
     env = environment()  # the runner's: CPU name, cores, Python, CPU features
     env.update(cpu_words=features_words(env["cpu_features"]), started=time.strftime("%Y-%m-%d %H:%M:%S"),
                runs=portable(args.runs))
-    results = {}
+    earlier = json.loads(args.json.read_text())["results"] if args.json and args.json.exists() else {}
+    results = {name: {**r, "kept_from_result_file": True} for name, r in earlier.items()}
     for name in args.recipes or list(RECIPES):
         results[name] = run(name, args.epochs, args.runs)
         r = results[name]
@@ -157,9 +162,10 @@ def main() -> None:
               f"epochs ({r['images_per_second_median']:,.0f} images/s); goal {GOAL:.0%}: "
               f"{'met' if r['meets_goal'] else 'not met'}", flush=True)
         if args.json:  # after each recipe, so a long series leaves its finished figures behind
-            args.json.write_text(json.dumps({"environment": env, "goal_int8": GOAL, "results": results}, indent=2))
+            ordered = {k: results[k] for k in RECIPES if k in results}
+            args.json.write_text(json.dumps({"environment": env, "goal_int8": GOAL, "results": ordered}, indent=2))
     if args.plot:
-        plot(results, args.plot)
+        plot({k: results[k] for k in RECIPES if k in results}, args.plot)
 
 
 if __name__ == "__main__":

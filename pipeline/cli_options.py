@@ -97,6 +97,10 @@ def train_options(fn):
     fn = click.option("--reparam/--no-reparam", default=None,
                       help="Train each 3x3 conv as three branches (3x3, 1x1, identity) folded back into it at the "
                            "end: the model delivered is the same; cifar-resnet8 only (default: recipe).")(fn)
+    fn = click.option("--sam", type=click.FloatRange(min=0, max=1, max_open=True), metavar="RHO",
+                      help="Sharpness-aware minimization of radius RHO, e.g. 0.05: each step takes the gradient at "
+                           "the worst point that near the weights (twice the compute per image); 0: plain steps "
+                           "(default: recipe).")(fn)
     fn = click.option("--augment/--no-augment", default=None,
                       help="Random shift and horizontal flip of training images only (default: on for cifar10 "
                            "and folders, off for digits).")(fn)

@@ -67,6 +67,7 @@ class BuildConfig(metaclass=_Derived):
     label_smoothing: float | None = None
     ema: float | None = None
     reparam: bool | None = None
+    sam: float | None = None
     augment: bool | None = None  # None: on for CIFAR and image folders, off for digits
     calibration_samples: int = 300
     validation_fraction: float = 0.1
@@ -117,6 +118,8 @@ class BuildConfig(metaclass=_Derived):
         if not 0 <= self.weight_decay < 1 or not 0 <= self.label_smoothing < 1 or not 0 <= self.ema < 1:
             raise ConfigError(f"--weight-decay / --label-smoothing / --ema: got {self.weight_decay} / "
                               f"{self.label_smoothing} / {self.ema}, expected numbers in [0, 1)")
+        if not 0 <= self.sam < 1:
+            raise ConfigError(f"--sam: got {self.sam}, expected a radius in [0, 1), e.g. 0.05; 0 for plain steps")
         if self.reparam and (self.keras_model or not MODELS[self.model].reparam):
             able = [name for name, info in MODELS.items() if info.reparam]
             raise ConfigError(f"--reparam: {self.keras_model or self.model} is not built with folding branches; "
@@ -203,7 +206,7 @@ def derive(given: dict) -> dict:
     cfg["image_size"] = _image_size(cfg["image_size"], cfg["dataset"], DATASETS[cfg["dataset"]].input_shape)
     recipe = MODELS[model].recipe
     for name in ("epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule", "warmup_epochs",
-                 "weight_decay", "label_smoothing", "ema", "reparam"):
+                 "weight_decay", "label_smoothing", "ema", "reparam", "sam"):
         if cfg[name] is None:
             cfg[name] = getattr(recipe, name if name != "lr_schedule" else "schedule")
     if cfg["augment"] is None:

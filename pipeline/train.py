@@ -12,6 +12,7 @@ from pipeline.data import Dataset
 from pipeline.failures import InputError
 from pipeline.models import build_model
 from pipeline.reparam import fold
+from pipeline.sam import sharpness_aware
 
 
 class ModelMismatchError(InputError, ValueError):
@@ -31,7 +32,7 @@ def recipe_of(cfg: BuildConfig) -> dict:
     """The training recipe this build uses: the model's defaults with the command line's overrides."""
     return {k: getattr(cfg, k) for k in ("epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule",
                                          "warmup_epochs", "weight_decay", "label_smoothing", "ema", "reparam",
-                                         "augment")}
+                                         "sam", "augment")}
 
 
 NO_DECAY = ["gamma", "beta", "bias"]  # Keras names of BatchNorm's scale and shift and of every bias
@@ -113,6 +114,8 @@ def train(cfg: BuildConfig, data: Dataset, log=print, checkpoint: Path | None = 
     model.compile(optimizer=_optimizer(recipe, steps),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    if cfg.sam:
+        sharpness_aware(model, cfg.sam)
     if cfg.folder_defaults:
         log(f"chosen for this folder: {cfg.folder_defaults} (--model, --image-size and --batch-size choose)")
     log(f"training {cfg.model} on {len(data.x_train)} {data.name} images ({len(data.x_val)} for validation), "
