@@ -35,6 +35,7 @@ from pathlib import Path
 WRITER = "tflite-support==0.4.4"
 SIDE = Path(os.environ.get("EDGEPIPE_TFLITE_SUPPORT") or Path(sys.prefix) / "share" / "edgepipe" / "tflite-support")
 INSTALL = "python -m pipeline.metadata --install"
+LIBUSB = "libusb-1.0-0"  # the Debian/Ubuntu package of the library its compiled modules link
 _failed: list[str] = []  # why this process's install failed: one attempt per process, not one per model
 
 
@@ -51,10 +52,13 @@ def _writer(log=print):
             metadata_info,
             writer_utils,
         )
-    except ImportError:
+    except ImportError as e:
         if str(SIDE) in sys.path:
-            raise MetadataError(f"the TFLite metadata writer ({WRITER}) in {SIDE} does not import; "
-                                f"delete that folder and run `{INSTALL}`")
+            # Its compiled modules link the system's libusb, which a minimal machine may lack: installing the
+            # writer again would not help.
+            fix = (f"install the system library libusb-1.0 (Debian/Ubuntu: `apt-get install {LIBUSB}`)"
+                   if "libusb" in str(e) else f"delete that folder and run `{INSTALL}`")
+            raise MetadataError(f"the TFLite metadata writer ({WRITER}) in {SIDE} does not import ({e}); {fix}")
         if not SIDE.is_dir():
             if _failed:
                 raise MetadataError(_failed[0])

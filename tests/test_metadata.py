@@ -178,6 +178,25 @@ def test_no_writer_and_no_network_means_no_metadata_and_the_report_says_why(tmp_
     assert "carries no TFLite metadata" in (tmp_path / "run" / "report.html").read_text()
 
 
+def test_a_writer_missing_its_system_library_names_the_package_to_install(tmp_path):
+    """A minimal machine without libusb: the installed writer's compiled module fails to load, as the dynamic
+    loader reports it. Installing the writer again would not help, so the reason names the system package."""
+    package = tmp_path / "side" / "tensorflow_lite_support" / "metadata"
+    package.mkdir(parents=True)
+    for folder in (package.parent, package):
+        (folder / "__init__.py").write_text("")
+    (package / "metadata_schema_py_generated.py").write_text(
+        'raise ImportError("libusb-1.0.so.0: cannot open shared object file: No such file or directory")\n')
+    proc = _digits_build(tmp_path / "run", tmp_path / "side", os.environ)
+    assert proc.returncode == 0, proc.stderr
+    assert "installing" not in proc.stdout + proc.stderr  # the folder is there: nothing to install
+    for entry in json.loads((tmp_path / "run" / "metadata.json").read_text())["models"].values():
+        reason = entry["tflite_metadata"]["reason"]
+        assert entry["tflite_metadata"]["present"] is False
+        assert "libusb-1.0.so.0: cannot open shared object file" in reason, reason
+        assert "apt-get install libusb-1.0-0" in reason and "--install" not in reason, reason
+
+
 def test_install_ahead_of_time_offline_is_one_line_and_leaves_nothing(tmp_path):
     env = {**_offline_pip(os.environ), "PYTHONPATH": str(REPO), "EDGEPIPE_TFLITE_SUPPORT": str(tmp_path / "side")}
     proc = subprocess.run([sys.executable, "-m", "pipeline.metadata", "--install"], capture_output=True, text=True,
