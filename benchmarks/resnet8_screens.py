@@ -1,0 +1,130 @@
+"""Short screens of ResNet-8 training ideas the pipeline has no option for (issue 20.6), against the default recipe
+trained for the same epochs from the same seed: an idea worth a 60-epoch `pipeline build` must gain here first.
+
+The 85% goal needs about +0.8 pp over the best 60-epoch recipe (84.16% int8), more than one seed's spread (0.49 pp),
+so a screen that does not gain that much at 15 epochs is not run at 60. Each screen trains through
+`pipeline.train.train` (the build's data, augmentation, recipe and seed) and scores fp32 on the 8,000 test JPEGs.
+
+- `default`: the model's recipe as `pipeline build` trains it.
+- `pca-stem`: the stem's 16 filters set to the 8 principal components of the training images' 3x3 patches and their
+  negatives, and frozen (the patch whitening of Jordan's airbench, ReLU keeping both signs); BatchNorm follows the
+  stem, so the components' scale does not matter.
+- `distill`: a ResNet-14 teacher trained beside the student on the same batches (online distillation: the images
+  seen stay 60 epochs' worth, the compute per image is about 2.5 times), the student's loss half the labels' and half
+  the teacher's softened outputs (temperature 4).
+
+    python benchmarks/resnet8_screens.py [SCREEN...] [--epochs 15] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from device.core import environment  # noqa: E402
+from device.timing import features_words  # noqa: E402
+
+DATA = REPO.parent / "shared" / "datasets" / "cifar10-jpg"
+ALPHA, TEMPERATURE = 0.5, 4.0
+
+
+def pca_stem(model, data) -> None:
+    rng = np.random.default_rng(0)
+    x = data.x_train[rng.choice(len(data.x_train), 5000, replace=False)].astype(np.float32)
+    x = x * data.spec.scale + data.spec.offset
+    # Every 3x3 patch as a row in Keras's kernel order (row, column, channel).
+    patches = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3)
+    patches = patches.reshape(-1, 27)
+    values, vectors = np.linalg.eigh(patches.T @ patches / len(patches))
+    top = vectors[:, np.argsort(values)[::-1][:8]]
+    stem = model.get_layer("stem")
+    stem.set_weights([np.concatenate([top, -top], axis=1).reshape(3, 3, 3, 16).astype(np.float32),
+                      np.zeros(16, np.float32)])
+    stem.trainable = False
+
+
+def distill(model, label_smoothing: float) -> dict:
+    """Make `model.fit` train a ResNet-14 teacher beside `model` and distil it into `model` at every step."""
+    import keras
+    import tensorflow as tf
+
+    from pipeline.models import cifar_resnet8
+
+    teacher = cifar_resnet8(model.input_shape[1:], model.output_shape[-1], blocks=2, name="teacher")
+    labels = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+
+    def soft(probabilities):  # the models end in softmax: log-probabilities are logits up to a constant
+        return tf.math.log(probabilities + 1e-8) / TEMPERATURE
+
+    def train_step(data):
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        weights = model.trainable_weights + teacher.trainable_weights
+        with tf.GradientTape() as tape:
+            s, t = model(x, training=True), teacher(x, training=True)
+            targets = tf.stop_gradient(tf.nn.softmax(soft(t)))
+            kd = -tf.reduce_mean(tf.reduce_sum(targets * tf.nn.log_softmax(soft(s)), -1)) * TEMPERATURE ** 2
+            student = (1 - ALPHA) * labels(y, s) + ALPHA * kd + tf.add_n(model.losses)
+            loss = student + labels(y, t) + tf.add_n(teacher.losses)
+        model.optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights))
+        for metric in model.metrics:
+            if metric.name == "loss":
+                metric.update_state(student, sample_weight=tf.shape(x)[0])
+        return model.compute_metrics(x, y, s, sample_weight=None)
+
+    model.train_step = train_step
+    return {"teacher": teacher}
+
+
+def screen(name: str, epochs: int) -> dict:
+    from pipeline.build import load_inputs
+    from pipeline.config import BuildConfig
+    from pipeline.models import build_model
+    from pipeline.train import seed_everything, train
+
+    cfg = BuildConfig(dataset="cifar10", data_dir=str(DATA), model="cifar-resnet8", epochs=epochs)
+    data, _, _ = load_inputs(cfg, {"train", "evaluate"}, lambda *a: None)
+    seed_everything(cfg.seed)
+    model, extra = build_model(cfg.model, data.x_train.shape[1:], len(data.spec.labels)), {}
+    if name == "pca-stem":
+        pca_stem(model, data)
+    elif name == "distill":
+        extra = distill(model, cfg.label_smoothing)
+    t0 = time.perf_counter()
+    model, history = train(cfg, data, log=lambda *a: None, model=model)
+    x = data.x_test.astype(np.float32) * data.spec.scale + data.spec.offset
+    scored = {"fp32": model, **extra}
+    accuracy = {k: float(np.mean(m.predict(x, batch_size=500, verbose=0).argmax(1) == data.y_test))
+                for k, m in scored.items()}
+    return {"epochs": epochs, "test_accuracy": accuracy, "test_images": len(x), "train_s": round(time.perf_counter() - t0),
+            "val_accuracy": [round(v, 4) for v in history["val_accuracy"]],
+            "train_accuracy_end": round(history["accuracy"][-1], 4),
+            "epoch_s_median": float(np.median(history["epoch_seconds"]))}
+
+
+def main() -> None:
+    names = ["default", "pca-stem", "distill"]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("screens", nargs="*", choices=names, help="Default: all.")
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"{DATA} not found: this benchmark reads the CIFAR-10 JPEG folders there")
+    env = environment()
+    env.update(cpu_words=features_words(env["cpu_features"]), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    results = {}
+    for name in args.screens or names:
+        results[name] = screen(name, args.epochs)
+        print(f"{name}: fp32 {results[name]['test_accuracy']['fp32']:.2%} after {args.epochs} epochs", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"environment": env, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
