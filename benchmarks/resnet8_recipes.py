@@ -145,12 +145,15 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("recipes", nargs="*", choices=list(RECIPES), help="Default: every recipe.")
+    ap.add_argument("recipes", nargs="*", metavar="RECIPE", help=f"{', '.join(RECIPES)} (default: every recipe)")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--runs", type=Path, default=REPO / "artifacts" / "resnet8-recipes")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
+    # Checked here: argparse refuses an empty list against `choices`, so no names would not mean every recipe.
+    if unknown := set(args.recipes) - set(RECIPES):
+        ap.error(f"unknown recipe {', '.join(sorted(unknown))}; choose from {', '.join(RECIPES)}")
     if not DATA.is_dir():
         sys.exit(f"{DATA} not found: this benchmark reads the CIFAR-10 JPEG folders there")
     args.runs.mkdir(parents=True, exist_ok=True)

@@ -110,10 +110,13 @@ def screen(name: str, epochs: int) -> dict:
 def main() -> None:
     names = ["default", "pca-stem", "distill"]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("screens", nargs="*", choices=names, help="Default: all.")
+    ap.add_argument("screens", nargs="*", metavar="SCREEN", help=f"{', '.join(names)} (default: all)")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    # Checked here: argparse refuses an empty list against `choices`, so no names would not mean all.
+    if unknown := set(args.screens) - set(names):
+        ap.error(f"unknown screen {', '.join(sorted(unknown))}; choose from {', '.join(names)}")
     if not DATA.is_dir():
         sys.exit(f"{DATA} not found: this benchmark reads the CIFAR-10 JPEG folders there")
     env = environment()
