@@ -101,7 +101,8 @@ def screen(name: str, epochs: int) -> dict:
     scored = {"fp32": model, **extra}
     accuracy = {k: float(np.mean(m.predict(x, batch_size=500, verbose=0).argmax(1) == data.y_test))
                 for k, m in scored.items()}
-    return {"epochs": epochs, "test_accuracy": accuracy, "test_images": len(x), "train_s": round(time.perf_counter() - t0),
+    return {"epochs": epochs, "test_accuracy": accuracy, "test_images": len(x),
+            "train_s": round(time.perf_counter() - t0),
             "val_accuracy": [round(v, 4) for v in history["val_accuracy"]],
             "train_accuracy_end": round(history["accuracy"][-1], 4),
             "epoch_s_median": float(np.median(history["epoch_seconds"]))}
