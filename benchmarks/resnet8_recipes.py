@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from portable import portable, portable_command
+from series import chosen, kept
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -156,18 +157,15 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
-    # Checked here: argparse refuses an empty list against `choices`, so no names would not mean every recipe.
-    if unknown := set(args.recipes) - set(RECIPES):
-        ap.error(f"unknown recipe {', '.join(sorted(unknown))}; choose from {', '.join(RECIPES)}")
+    wanted = chosen(ap, args.recipes, RECIPES, "recipe")
     if not DATA.is_dir():
         sys.exit(f"{DATA} not found: this benchmark reads the CIFAR-10 JPEG folders there")
     args.runs.mkdir(parents=True, exist_ok=True)
     env = environment()  # the runner's: CPU name, cores, Python, CPU features
     env.update(cpu_words=features_words(env["cpu_features"]), started=time.strftime("%Y-%m-%d %H:%M:%S"),
                runs=portable(args.runs))
-    earlier = json.loads(args.json.read_text())["results"] if args.json and args.json.exists() else {}
-    results = {name: {**r, "kept_from_result_file": True} for name, r in earlier.items()}
-    for name in args.recipes or list(RECIPES):
+    results = kept(args.json)
+    for name in wanted:
         results[name] = run(name, args.epochs, args.runs)
         r = results[name]
         print(f"{name}: int8 {r['accuracy']['int8']:.2%} fp32 {r['accuracy']['fp32']:.2%} after {args.epochs} "

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from series import chosen, kept
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -139,16 +140,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    # Checked here: argparse refuses an empty list against `choices`, so no names would not mean all.
-    if unknown := set(args.screens) - set(names):
-        ap.error(f"unknown screen {', '.join(sorted(unknown))}; choose from {', '.join(names)}")
+    wanted = chosen(ap, args.screens, names, "screen")
     if not DATA.is_dir():
         sys.exit(f"{DATA} not found: this benchmark reads the CIFAR-10 JPEG folders there")
     env = environment()
     env.update(cpu_words=features_words(env["cpu_features"]), started=time.strftime("%Y-%m-%d %H:%M:%S"))
-    earlier = json.loads(args.json.read_text())["results"] if args.json and args.json.exists() else {}
-    results = {name: {**r, "kept_from_result_file": True} for name, r in earlier.items()}
-    for name in args.screens or names:
+    results = kept(args.json)
+    for name in wanted:
         results[name] = screen(name, args.epochs)
         print(f"{name}: fp32 {results[name]['test_accuracy']['fp32']:.2%} after {args.epochs} epochs", flush=True)
         if args.json:

@@ -1,4 +1,5 @@
-"""Result files under benchmarks/results read the same on any machine: no absolute paths in them."""
+"""Result files under benchmarks/results read the same on any machine (no absolute paths in them); the helpers the
+benchmark scripts share."""
 from __future__ import annotations
 
 import json
@@ -45,3 +46,26 @@ def test_the_scripts_record_paths_relative_to_the_repository_or_tmpdir(monkeypat
     command = portable_command(["pipeline", "build", "--data-dir", str(REPO.parent / "shared" / "mnist"),
                                 "--epochs", "5", "--out", str(tmp / "t" / "mnist")])
     assert command == "pipeline build --data-dir ../shared/mnist --epochs 5 --out $TMPDIR/t/mnist"
+
+
+def test_a_series_runs_every_name_for_none_refuses_an_unknown_one_and_keeps_earlier_results(monkeypatch, tmp_path,
+                                                                                          capsys):
+    import argparse
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    sys.modules.pop("series", None)
+    from series import chosen, kept
+
+    ap = argparse.ArgumentParser(prog="series")
+    ap.add_argument("names", nargs="*")
+    table = {"default": [], "batch64": ["--batch-size", "64"]}
+    assert chosen(ap, ap.parse_args([]).names, table, "recipe") == ["default", "batch64"]
+    assert chosen(ap, ap.parse_args(["batch64"]).names, table, "recipe") == ["batch64"]
+    with pytest.raises(SystemExit) as stopped:
+        chosen(ap, ap.parse_args(["default", "nosuch"]).names, table, "recipe")
+    assert stopped.value.code == 2
+    assert "unknown recipe nosuch; choose from default, batch64" in capsys.readouterr().err
+
+    assert kept(None) == {} and kept(tmp_path / "none.json") == {}
+    (tmp_path / "r.json").write_text(json.dumps({"results": {"default": {"accuracy": 0.8}}}))
+    assert kept(tmp_path / "r.json") == {"default": {"accuracy": 0.8, "kept_from_result_file": True}}
