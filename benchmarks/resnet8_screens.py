@@ -2,7 +2,7 @@
 trained for the same epochs from the same seed: an idea worth a 60-epoch `pipeline build` must gain here first.
 
 The 85% goal needs about +0.8 pp over the best 60-epoch recipe (84.16% int8), more than one seed's spread (0.49 pp),
-so a screen that does not gain that much at 15 epochs is not run at 60. Each screen trains through
+so an idea that does not gain that much at 15 epochs is not run at 60. Each screen trains through
 `pipeline.train.train` (the build's data, augmentation, recipe and seed) and scores fp32 on the 8,000 test JPEGs.
 
 - `default`: the model's recipe as `pipeline build` trains it.
@@ -10,11 +10,11 @@ so a screen that does not gain that much at 15 epochs is not run at 60. Each scr
   negatives, and frozen (the patch whitening of Jordan's airbench, ReLU keeping both signs); BatchNorm follows the
   stem, so the components' scale does not matter.
 - `distill`: a ResNet-14 teacher trained beside the student on the same batches (online distillation: the images
-  seen stay 60 epochs' worth, the compute per image is about 2.5 times), the student's loss half the labels' and half
+  seen stay the epochs' worth, the time an epoch is about 2.5 times), the student's loss half the labels' and half
   the teacher's softened outputs (temperature 4).
 - `jpeg-again`: every image (training, validation and test) stored once more as the folder's JPEGs are (quality 75,
   4:2:0 chroma), on a grid shifted by 3 pixels so that it loses detail again: what one more generation of the
-  folder's compression costs, a lower bound of what the first cost against MLPerf Tiny's lossless images.
+  folder's compression costs, most likely a lower bound of what the first cost against MLPerf Tiny's lossless images.
 
 The screens of an existing --json file that are not run again are kept in it (marked so).
 
