@@ -128,8 +128,8 @@ def plot(results: dict, path: Path) -> None:
                 label=f"{name}: int8 test {r['accuracy']['int8']:.1%}")
         ax.plot(epochs, r["curve"]["accuracy"], color=colour, linewidth=1, linestyle=":")
         ax.plot([len(epochs)], [r["accuracy"]["int8"]], "o", color=colour)
-    # The default recipe's other full runs, one point per run, each a whole schedule: issue 9's at 45 and 90 epochs
-    # and the zoo arms of issue 22's searches, which trained it for as many epochs as fit an hour.
+    # The default recipe's other full runs, one point per run, each a whole schedule: issue 9's at 20, 45 and 90
+    # epochs and the zoo arms of issue 22's searches, which trained it for as many epochs as fit an hour.
     points = sorted([(r["recipe"]["epochs"], r["accuracy"]["int8"]) for f in ISSUE9.glob("accuracy-cifar-resnet8*.json")
                      for r in json.loads(f.read_text())["results"].values()]
                     + [(z["epochs"], z["int8_accuracy"]) for f in ISSUE22.glob("search-60min*.json")
