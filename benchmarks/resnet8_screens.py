@@ -35,7 +35,7 @@ from series import chosen, kept
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from device.core import environment  # noqa: E402
+from device.core import environment, normalize  # noqa: E402
 from device.timing import features_words  # noqa: E402
 
 DATA = REPO.parent / "shared" / "datasets" / "cifar10-jpg"
@@ -44,8 +44,7 @@ ALPHA, TEMPERATURE = 0.5, 4.0
 
 def pca_stem(model, data) -> None:
     rng = np.random.default_rng(0)
-    x = data.x_train[rng.choice(len(data.x_train), 5000, replace=False)].astype(np.float32)
-    x = x * data.spec.scale + data.spec.offset
+    x = normalize(data.x_train[rng.choice(len(data.x_train), 5000, replace=False)], data.spec.to_dict())
     # Every 3x3 patch as a row in Keras's kernel order (row, column, channel).
     patches = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3)
     patches = patches.reshape(-1, 27)
@@ -122,7 +121,7 @@ def screen(name: str, epochs: int) -> dict:
         extra = distill(model, cfg.label_smoothing)
     t0 = time.perf_counter()
     model, history = train(cfg, data, log=lambda *a: None, model=model)
-    x = data.x_test.astype(np.float32) * data.spec.scale + data.spec.offset
+    x = normalize(data.x_test, data.spec.to_dict())
     scored = {"fp32": model, **extra}
     accuracy = {k: float(np.mean(m.predict(x, batch_size=500, verbose=0).argmax(1) == data.y_test))
                 for k, m in scored.items()}
