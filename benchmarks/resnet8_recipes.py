@@ -84,7 +84,7 @@ def run(name: str, epochs: int, runs: Path) -> dict:
     evaluation = json.loads((out / "evaluation.json").read_text())
     training = manifest["training"]
     # A kept run is read only if it trained this recipe: the table's options against the config it recorded.
-    wanted = {"epochs": epochs, **_options(RECIPES[name])}
+    wanted = {"epochs": epochs, **options_of(RECIPES[name])}
     if any(manifest["config"][k] != v for k, v in wanted.items()):
         sys.exit(f"{name}: the run in {out} did not train {wanted}; remove it or pass another --runs folder")
     ips = sorted(training["images_per_second"])
@@ -102,12 +102,15 @@ def run(name: str, epochs: int, runs: Path) -> dict:
     }
 
 
-def _options(options: list[str]) -> dict:
-    """The config fields a recipe's options set: `--name VALUE` a number, a bare `--flag` True."""
+def options_of(options: list[str]) -> dict:
+    """The config fields a recipe's options set: `--name VALUE` a number (whole numbers as int), a bare `--flag`
+    True."""
     out, i = {}, 0
     while i < len(options):
         valued = i + 1 < len(options) and not options[i + 1].startswith("--")
-        out[options[i][2:].replace("-", "_")] = float(options[i + 1]) if valued else True
+        value = options[i + 1] if valued else None
+        out[options[i][2:].replace("-", "_")] = (True if value is None else int(value) if value.isdigit()
+                                                 else float(value))
         i += 2 if valued else 1
     return out
 
