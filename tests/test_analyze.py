@@ -58,6 +58,26 @@ def trained(data):
     return model
 
 
+@pytest.fixture(scope="module")
+def residual(data):
+    """A functional model with a skip connection and BatchNorm (ResNet-8's building block), trained as `trained`."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    x = inputs = keras.Input((28, 28, 1))
+    x = layers.MaxPooling2D()(layers.ReLU()(layers.Conv2D(8, 3, padding="same")(x)))
+    # Momentum 0.9: the moving statistics settle within one epoch's 57 steps.
+    y = layers.ReLU()(layers.BatchNormalization(momentum=0.9)(layers.Conv2D(8, 3, padding="same")(x)))
+    y = layers.BatchNormalization(momentum=0.9)(layers.Conv2D(8, 3, padding="same")(y))
+    x = layers.MaxPooling2D()(layers.ReLU()(layers.Add()([x, y])))
+    model = keras.Model(inputs, layers.Dense(10, activation="softmax")(layers.Flatten()(x)))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    epochs = 1 if data.name == "mnist" else 4
+    model.fit(normalize(data.x_train, data.spec.to_dict()), data.y_train, epochs=epochs, batch_size=64, verbose=0)
+    return model
+
+
 def _copy(model):
     import keras
 
@@ -265,9 +285,10 @@ def test_analyze_command_adds_the_table_to_a_finished_run(tmp_path, breaker_run)
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow_model_optimization") is None
                     or importlib.util.find_spec("tf_keras") is None,
                     reason="QAT needs tensorflow-model-optimization and tf_keras")
-def test_qat_on_request_is_reported_against_ptq_with_the_same_budget(tmp_path, source, data, trained):
-    run, added, analysis = _guard(tmp_path, source, data, trained, remedies=("qat",), qat=True,
-                                  max_accuracy_drop=100.0)
+@pytest.mark.parametrize("model", ["trained", "residual"])
+def test_qat_on_request_is_reported_against_ptq_with_the_same_budget(tmp_path, source, data, model, request):
+    run, added, analysis = _guard(tmp_path, source, data, request.getfixturevalue(model), remedies=("qat",),
+                                  qat=True, max_accuracy_drop=100.0)
     (qat,) = analysis["guard"]["remedies"]
     assert added == ["int8-qat"] and (run / "model_int8-qat.tflite").is_file()
     assert qat["budget"]["epochs"] >= 1 and qat["budget"]["images"] == len(data.x_train)

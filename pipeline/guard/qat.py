@@ -3,9 +3,10 @@
 tfmot 0.8.1 rejects Keras 3 models and needs legacy Keras (`tf_keras`), which TensorFlow only uses
 when TF_USE_LEGACY_KERAS=1 is set before it is first imported: hence a child process
 (`python -m pipeline.guard.qat WORKDIR`). Loading the Keras 3 `.keras` file into tf_keras fails, so the
-parent sends each layer's class and config and the weights; the child rebuilds the same Sequential
-model in tf_keras, copies the weights with set_weights, fine-tunes with fake quantization and
-converts to int8 with the int8 preset's settings.
+parent sends the graph (each layer's class, config and the layers it is called on) and each layer's
+weights; the child rebuilds the same model in tf_keras, Sequential or functional (ResNet-8's skip
+connections), copies the weights layer by layer, fine-tunes with fake quantization and converts to
+int8 with the int8 preset's settings.
 
 For a fair comparison the parent also fine-tunes the float model with the same budget (epochs,
 images, batch size, learning rate) and quantizes it post-training: QAT must beat that, not only
@@ -48,19 +49,20 @@ def fine_tune(model, cfg, data, calibration: np.ndarray, judge, workdir: Path, l
               "learning_rate": LEARNING_RATE}
     record = {"budget": budget}
     missing = available()
-    if missing or not isinstance(model, keras.Sequential):
+    graph = None if missing else graph_of(model)
+    if missing or isinstance(graph, str):
         record.update(status="unavailable" if missing else "not_applicable",
-                      reason=f"needs {missing}" if missing else "QAT rebuilds Sequential models only")
+                      reason=f"needs {missing}" if missing else graph)
         return record, None
     t0 = time.perf_counter()
     pre = data.spec.to_dict()
-    spec = {"input_shape": list(model.inputs[0].shape[1:]), "scale": pre["scale"], "offset": pre["offset"],
-            "layers": [{"class_name": type(layer).__name__, "config": layer.get_config()} for layer in model.layers],
-            "int8_io": cfg.int8_io, "seed": cfg.seed, **budget}
+    spec = {**graph, "scale": pre["scale"], "offset": pre["offset"], "int8_io": cfg.int8_io, "seed": cfg.seed,
+            **budget}
     weights = model.get_weights()
     (workdir / "qat.json").write_text(json.dumps(spec))
     np.savez(workdir / "qat.npz", x=data.x_train, y=data.y_train, calibration=calibration,
-             **{f"w{i}": w for i, w in enumerate(weights)})
+             **{f"{i}_{j}": w for i, entry in enumerate(graph["layers"])
+                for j, w in enumerate(model.get_layer(entry["config"]["name"]).get_weights())})
     log(f"guard: quantization-aware fine-tuning, {EPOCHS} epoch(s) on {len(data.x_train)} images (tf_keras process)")
     try:
         proc = subprocess.run([sys.executable, "-m", "pipeline.guard.qat", str(workdir)], capture_output=True,
@@ -89,6 +91,44 @@ def fine_tune(model, cfg, data, calibration: np.ndarray, judge, workdir: Path, l
     return record, flatbuffer
 
 
+def graph_of(model) -> dict | str:
+    """The model as data the child can rebuild: {"input_shape", "layers": [{"class_name", "config", "inbound",
+    "as_list"}], "output"}, each layer called on the outputs of the layers `inbound` names, in an order where
+    those come first; or why this model cannot be rebuilt."""
+    import keras
+
+    if isinstance(model, keras.Sequential):
+        names = ["input"] + [layer.name for layer in model.layers]
+        layers = [{"class_name": type(layer).__name__, "config": layer.get_config(), "inbound": [before],
+                   "as_list": False} for layer, before in zip(model.layers, names)]
+        return {"input_shape": list(model.inputs[0].shape[1:]), "input": "input", "layers": layers,
+                "output": names[-1]}
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        return "QAT rebuilds models with one input and one output"
+    config = model.get_config()
+
+    def history(node) -> list[str]:  # the layers whose outputs a call's arguments hold
+        if isinstance(node, dict):
+            if node.get("class_name") == "__keras_tensor__":
+                return [node["config"]["keras_history"][0]]
+            return [n for v in node.values() for n in history(v)]
+        return [n for v in node for n in history(v)] if isinstance(node, (list, tuple)) else []
+
+    layers, source = [], None
+    for entry, layer in zip(config["layers"], model.layers):
+        if entry["class_name"] == "InputLayer":
+            source = entry["name"]
+            continue
+        if len(entry["inbound_nodes"]) != 1:
+            return f"QAT rebuilds layers called once; {entry['name']} is called {len(entry['inbound_nodes'])} times"
+        args = entry["inbound_nodes"][0]["args"]
+        layers.append({"class_name": type(layer).__name__, "config": layer.get_config(), "inbound": history(args),
+                       "as_list": bool(args) and isinstance(args[0], (list, tuple))})
+    output = config["output_layers"]  # [name, node, index], or a list of those
+    return {"input_shape": list(model.inputs[0].shape[1:]), "input": source, "layers": layers,
+            "output": output[0] if isinstance(output[0], str) else output[0][0]}
+
+
 def _child(workdir: Path) -> None:
     """Runs with TF_USE_LEGACY_KERAS=1: rebuild in tf_keras, fine-tune with fake quantization, convert."""
     import inspect
@@ -106,11 +146,19 @@ def _child(workdir: Path) -> None:
         # they do not matter here because every weight is copied afterwards.
         cls = getattr(tf_keras.layers, entry["class_name"])
         accepted = inspect.signature(cls.__init__).parameters
-        return cls(**{k: v for k, v in entry["config"].items() if k in accepted and not isinstance(v, dict)})
+        # `name` travels in **kwargs, not the signature; the graph refers to layers by it.
+        return cls(name=entry["config"]["name"],
+                   **{k: v for k, v in entry["config"].items() if k in accepted and not isinstance(v, dict)})
 
     tf_keras.utils.set_random_seed(spec["seed"])
-    model = tf_keras.Sequential([tf_keras.Input(spec["input_shape"])] + [rebuild(e) for e in spec["layers"]])
-    model.set_weights([arrays[f"w{i}"] for i in range(len(model.get_weights()))])
+    outputs = {spec["input"]: tf_keras.Input(spec["input_shape"])}
+    inputs = outputs[spec["input"]]
+    for i, entry in enumerate(spec["layers"]):
+        layer = rebuild(entry)
+        given = [outputs[name] for name in entry["inbound"]]
+        outputs[layer.name] = layer(given if entry["as_list"] else given[0])
+        layer.set_weights([arrays[f"{i}_{j}"] for j in range(len(layer.get_weights()))])
+    model = tf_keras.Model(inputs, outputs[spec["output"]])
     qat = tfmot.quantization.keras.quantize_model(model)
     qat.compile(optimizer=tf_keras.optimizers.Adam(spec["learning_rate"]), loss="sparse_categorical_crossentropy")
     x = arrays["x"].astype(np.float32) * np.float32(spec["scale"]) + np.float32(spec["offset"])
