@@ -295,3 +295,25 @@ def test_qat_on_request_is_reported_against_ptq_with_the_same_budget(tmp_path, s
     assert qat["accuracy"] > 0.8 and qat["ptq_same_budget"]["accuracy"] > 0.8
     assert qat["bytes"] < 0.5 * (run / "model_fp32.tflite").stat().st_size  # integer-only model
 
+
+
+def test_qat_reads_a_residual_graph_and_refuses_a_layer_called_twice():
+    import keras
+    from keras import layers
+
+    from pipeline.guard.qat import graph_of
+    from pipeline.models import build_model
+
+    graph = graph_of(build_model("cifar-resnet8", (32, 32, 3), 10))
+    adds = [e for e in graph["layers"] if e["class_name"] == "Add"]
+    assert len(adds) == 3 and all(e["as_list"] and len(e["inbound"]) == 2 for e in adds)
+    known = {graph["input"]}
+    for entry in graph["layers"]:  # each layer after the layers it is called on
+        assert set(entry["inbound"]) <= known
+        known.add(entry["config"]["name"])
+    assert graph["output"] == graph["layers"][-1]["config"]["name"]
+
+    inputs = keras.Input((4,))
+    shared = layers.Dense(4, name="shared")
+    twice = graph_of(keras.Model(inputs, shared(shared(inputs))))
+    assert isinstance(twice, str) and "shared is called 2 times" in twice
