@@ -92,9 +92,10 @@ def fine_tune(model, cfg, data, calibration: np.ndarray, judge, workdir: Path, l
 
 
 def graph_of(model) -> dict | str:
-    """The model as data the child can rebuild: {"input_shape", "layers": [{"class_name", "config", "inbound",
-    "as_list"}], "output"}, each layer called on the outputs of the layers `inbound` names, in an order where
-    those come first; or why this model cannot be rebuilt."""
+    """The model as data the child can rebuild: {"input", "input_shape", "layers": [{"class_name", "config",
+    "inbound", "as_list"}], "output"}, each layer called on the outputs of the layers (or the input) `inbound`
+    names, as a list where `as_list` (Add, Concatenate), in an order where those come first; or why this model
+    cannot be rebuilt."""
     import keras
 
     if isinstance(model, keras.Sequential):
