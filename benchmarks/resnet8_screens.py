@@ -20,6 +20,10 @@ run by design, is screened at 60 (`--epochs 60`) against a recipe's 60-epoch bui
   centre (DeVries and Taylor's Cutout, scaled down from their 16 for a model with a twelfth of the weights): a
   regulariser for the 5-6 pp by which the 60-epoch recipes fit the training images better than the validation ones.
 
+- `plain-end`: the last tenth of the epochs without augmentation: at the lowest learning rates the model fits the
+  images as the test split has them, never shifted against a black border or mirrored (YOLO's last epochs without
+  mosaic, FixRes's fine-tuning at the test-time input).
+
 `--recipe NAME` trains a screen with a recipe of `resnet8_recipes.py` instead of the default (results named
 `SCREEN+RECIPE`), to ask whether an idea adds to the best recipe.
 
@@ -49,6 +53,7 @@ from device.timing import features_words  # noqa: E402
 DATA = REPO.parent / "shared" / "datasets" / "cifar10-jpg"
 ALPHA, TEMPERATURE = 0.5, 4.0
 CUTOUT = 8
+PLAIN_END = 0.1
 
 
 def pca_stem(model, data) -> None:
@@ -128,6 +133,16 @@ def with_cutout(augment_batch):
     return augmented
 
 
+def until_step(augment_batch, last: int):
+    """`augment_batch` for the batches up to step `last`, the images as they are after it."""
+    import tensorflow as tf
+
+    def augmented(images, seed):  # seed is (build seed, step): the pipeline's stateless seed per batch
+        return tf.cond(seed[1] < last, lambda: augment_batch(images, seed), lambda: images)
+
+    return augmented
+
+
 def screen(name: str, epochs: int, recipe: str) -> dict:
     from pipeline.build import load_inputs
     from pipeline.config import BuildConfig
@@ -150,6 +165,9 @@ def screen(name: str, epochs: int, recipe: str) -> dict:
     plain = augment.augment_batch
     if name == "cutout":
         augment.augment_batch = with_cutout(plain)
+    elif name == "plain-end":
+        steps = -(-len(data.x_train) // cfg.batch_size)
+        augment.augment_batch = until_step(plain, round(epochs * (1 - PLAIN_END)) * steps)
     t0 = time.perf_counter()
     try:
         model, history = train(cfg, data, log=lambda *a: None, model=model)
@@ -167,7 +185,7 @@ def screen(name: str, epochs: int, recipe: str) -> dict:
 
 
 def main() -> None:
-    names = ["default", "pca-stem", "distill", "jpeg-again", "cutout"]
+    names = ["default", "pca-stem", "distill", "jpeg-again", "cutout", "plain-end"]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("screens", nargs="*", metavar="SCREEN", help=f"{', '.join(names)} (default: all)")
     ap.add_argument("--epochs", type=int, default=15)
