@@ -18,8 +18,7 @@ run by design, is screened at 60 (`--epochs 60`) against a recipe's 60-epoch bui
   folder's compression costs, most likely a lower bound of what the first cost against MLPerf Tiny's lossless images.
 - `cutout`: after the build's pad-crop and flip, an 8x8 square of each training image set to mid-grey at a random
   centre (DeVries and Taylor's Cutout, scaled down from their 16 for a model with a twelfth of the weights): a
-  regulariser for the 5-6 pp by which the 60-epoch recipes fit the training images better than the validation ones.
-
+  regulariser for the 3-6 pp by which the 60-epoch recipes fit the training images better than the validation ones.
 - `plain-end`: the last tenth of the epochs without augmentation: at the lowest learning rates the model fits the
   images as the test split has them, never shifted against a black border or mirrored (YOLO's last epochs without
   mosaic, FixRes's fine-tuning at the test-time input).
