@@ -101,6 +101,9 @@ def train_options(fn):
                       help="Sharpness-aware minimization of radius RHO, e.g. 0.05: each step takes the gradient at "
                            "the worst point that near the weights (twice the compute per image); 0: plain steps "
                            "(default: recipe).")(fn)
+    fn = click.option("--plain-epochs", type=click.IntRange(min=0), metavar="N",
+                      help="Train the last N epochs without augmentation, on the images as the test split has "
+                           "them (default: recipe).")(fn)
     fn = click.option("--augment/--no-augment", default=None,
                       help="Random shift and horizontal flip of training images only (default: on for cifar10 "
                            "and folders, off for digits).")(fn)

@@ -68,6 +68,7 @@ class BuildConfig(metaclass=_Derived):
     ema: float | None = None
     reparam: bool | None = None
     sam: float | None = None
+    plain_epochs: int | None = None
     augment: bool | None = None  # None: on for CIFAR and image folders, off for digits
     calibration_samples: int = 300
     validation_fraction: float = 0.1
@@ -101,7 +102,7 @@ class BuildConfig(metaclass=_Derived):
         height, width = self.input_shape[:2]
         self._check_model_fits(MODELS, DATASETS[self.dataset].input_shape[-1], height, width)
         for name, low in (("epochs", 1), ("batch_size", 1), ("calibration_samples", 1), ("bench_runs", 1),
-                          ("bench_warmup", 0), ("warmup_epochs", 0)):
+                          ("bench_warmup", 0), ("warmup_epochs", 0), ("plain_epochs", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}, expected an integer >= {low}")
@@ -118,6 +119,8 @@ class BuildConfig(metaclass=_Derived):
         if not 0 <= self.weight_decay < 1 or not 0 <= self.label_smoothing < 1 or not 0 <= self.ema < 1:
             raise ConfigError(f"--weight-decay / --label-smoothing / --ema: got {self.weight_decay} / "
                               f"{self.label_smoothing} / {self.ema}, expected numbers in [0, 1)")
+        if self.plain_epochs > self.epochs:
+            raise ConfigError(f"--plain-epochs: got {self.plain_epochs}, expected at most --epochs ({self.epochs})")
         if not 0 <= self.sam < 1:
             raise ConfigError(f"--sam: got {self.sam}, expected a radius in [0, 1), e.g. 0.05; 0 for plain steps")
         if self.reparam and (self.keras_model or not MODELS[self.model].reparam):
@@ -206,7 +209,7 @@ def derive(given: dict) -> dict:
     cfg["image_size"] = _image_size(cfg["image_size"], cfg["dataset"], DATASETS[cfg["dataset"]].input_shape)
     recipe = MODELS[model].recipe
     for name in ("epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule", "warmup_epochs",
-                 "weight_decay", "label_smoothing", "ema", "reparam", "sam"):
+                 "weight_decay", "label_smoothing", "ema", "reparam", "sam", "plain_epochs"):
         if cfg[name] is None:
             cfg[name] = getattr(recipe, name if name != "lr_schedule" else "schedule")
     if cfg["augment"] is None:

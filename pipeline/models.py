@@ -146,6 +146,7 @@ class Recipe:
     ema: float = 0.0  # decay of a moving average of the weights that replaces them at the end; 0: none
     reparam: bool = False  # train each 3x3 conv with branches folded into it at the end (pipeline/reparam.py)
     sam: float = 0.0  # radius of sharpness-aware minimization's climb (pipeline/sam.py); 0: plain steps
+    plain_epochs: int = 0  # the last epochs train without augmentation (on the images as the test split has them)
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")

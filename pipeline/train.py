@@ -32,7 +32,7 @@ def recipe_of(cfg: BuildConfig) -> dict:
     """The training recipe this build uses: the model's defaults with the command line's overrides."""
     return {k: getattr(cfg, k) for k in ("epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule",
                                          "warmup_epochs", "weight_decay", "label_smoothing", "ema", "reparam",
-                                         "sam", "augment")}
+                                         "sam", "augment", "plain_epochs")}
 
 
 NO_DECAY = ["gamma", "beta", "bias"]  # Keras names of BatchNorm's scale and shift and of every bias
@@ -130,7 +130,7 @@ def train(cfg: BuildConfig, data: Dataset, log=print, checkpoint: Path | None = 
     first = saved["state"]["epoch"] if saved else 0
     common = {"batch_size": cfg.batch_size, "classes": classes, "scale": spec.scale, "offset": spec.offset}
     train_ds, _ = batches(data.x_train, data.y_train, epochs=cfg.epochs, shuffle=True, augment=cfg.augment,
-                          seed=cfg.seed, first_epoch=first, **common)
+                          seed=cfg.seed, first_epoch=first, plain_from=cfg.epochs - cfg.plain_epochs, **common)
     val_ds, _ = batches(data.x_val, data.y_val, **common)
     throughput = _Throughput(len(data.x_train), cfg.epochs, log)
     record = _Checkpoint(checkpoint, key, saved["state"] if saved else None, throughput)

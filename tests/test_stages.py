@@ -129,3 +129,28 @@ def test_ema_ends_with_the_weights_average_and_batchnorm_statistics_for_it(tmp_p
     means = [conv(x).numpy().mean(axis=(0, 1, 2)) for x, _ in stream.take(BN_BATCHES)]
     np.testing.assert_allclose(model.layers[1].moving_mean.numpy(), np.mean(means, axis=0), atol=1e-4)
     keras.backend.clear_session()
+
+
+def test_plain_epochs_end_the_training_on_the_images_as_they_are(tmp_path):
+    import pytest
+
+    from pipeline.config import BuildConfig, ConfigError
+    from pipeline.data.augment import batches
+
+    x = np.random.default_rng(0).integers(1, 255, (20, 8, 8, 3), dtype=np.uint8)
+    y = np.arange(20) % 10
+    stream, steps = batches(x, y, batch_size=10, classes=10, scale=1.0, offset=0.0, epochs=3, augment=True,
+                            plain_from=2)
+    seen = [images.numpy() for images, _ in stream]
+    assert steps == 2 and len(seen) == 6
+    plain = x.astype(np.float32)
+    assert all(not np.array_equal(s, plain[i % 2 * 10:][:10]) for i, s in enumerate(seen[:4]))
+    assert all(np.array_equal(s, plain[i % 2 * 10:][:10]) for i, s in enumerate(seen[4:]))
+    # A resumed training (first_epoch) reaches the plain epochs at the same step.
+    resumed, _ = batches(x, y, batch_size=10, classes=10, scale=1.0, offset=0.0, epochs=3, augment=True,
+                         plain_from=2, first_epoch=1)
+    assert all(np.array_equal(a, b.numpy()) for a, (b, _) in zip(seen[2:], resumed))
+
+    assert BuildConfig(dataset="digits", model="mnist-mlp", epochs=4, plain_epochs=1, out=str(tmp_path)).plain_epochs == 1
+    with pytest.raises(ConfigError, match="--plain-epochs: got 5, expected at most --epochs"):
+        BuildConfig(dataset="digits", model="mnist-mlp", epochs=4, plain_epochs=5, out=str(tmp_path))

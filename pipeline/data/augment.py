@@ -49,9 +49,11 @@ def augment_batch(images, seed):
 
 
 def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, classes: int, scale: float, offset: float,
-            epochs: int = 1, shuffle: bool = False, augment: bool = False, seed: int = 0, first_epoch: int = 0):
+            epochs: int = 1, shuffle: bool = False, augment: bool = False, seed: int = 0, first_epoch: int = 0,
+            plain_from: int | None = None):
     """A tf.data pipeline of (scaled float32 images, one-hot labels) over `epochs` passes, starting at
-    `first_epoch` (a resumed training sees the same order and augmentation as a straight one).
+    `first_epoch` (a resumed training sees the same order and augmentation as a straight one); with
+    `augment`, epochs from `plain_from` on see the images unaugmented.
 
     Returns (dataset, steps per epoch). One-hot labels let the loss apply label smoothing.
     """
@@ -68,7 +70,11 @@ def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, classes: int, scal
     def load(step, index):
         batch = tf.gather(images, index)
         if augment:
-            batch = augment_batch(batch, tf.stack([tf.cast(seed, tf.int64), step]))
+            def augmented():
+                return augment_batch(batch, tf.stack([tf.cast(seed, tf.int64), step]))
+
+            plain = plain_from is not None and plain_from < epochs
+            batch = tf.cond(step < plain_from * steps, augmented, lambda: batch) if plain else augmented()
         pixels = tf.cast(batch, tf.float32) * np.float32(scale) + np.float32(offset)
         return pixels, tf.one_hot(tf.gather(labels, index), classes)
 
