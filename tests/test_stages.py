@@ -151,6 +151,7 @@ def test_plain_epochs_end_the_training_on_the_images_as_they_are(tmp_path):
                          plain_from=2, first_epoch=1)
     assert all(np.array_equal(a, b.numpy()) for a, (b, _) in zip(seen[2:], resumed))
 
-    assert BuildConfig(dataset="digits", model="mnist-mlp", epochs=4, plain_epochs=1, out=str(tmp_path)).plain_epochs == 1
+    cfg = BuildConfig(dataset="digits", model="mnist-mlp", epochs=4, plain_epochs=1, out=str(tmp_path))
+    assert cfg.plain_epochs == 1
     with pytest.raises(ConfigError, match="--plain-epochs: got 5, expected at most --epochs"):
         BuildConfig(dataset="digits", model="mnist-mlp", epochs=4, plain_epochs=5, out=str(tmp_path))
