@@ -1,7 +1,7 @@
 """Short screens of ResNet-8 training ideas the pipeline has no option for (issue 20.6), against the default recipe
 trained for the same epochs from the same seed: an idea worth a 60-epoch `pipeline build` must gain here first.
 
-The 85% goal needs about +0.8 pp over the best 60-epoch recipe (84.16% int8), more than one seed's spread (0.49 pp),
+The 85% goal needed about +0.8 pp over the best 60-epoch recipe (84.16% int8), more than one seed's spread (0.49 pp),
 so an idea that does not gain that much at 15 epochs is not run at 60; a regulariser, which costs fit in a short
 run by design, is screened at 60 (`--epochs 60`) against a recipe's 60-epoch build. Each screen trains through
 `pipeline.train.train` (the build's data, augmentation, recipe and seed) and scores fp32 on the 8,000 test JPEGs.
