@@ -132,16 +132,6 @@ def with_cutout(augment_batch):
     return augmented
 
 
-def until_step(augment_batch, last: int):
-    """`augment_batch` for the batches up to step `last`, the images as they are after it."""
-    import tensorflow as tf
-
-    def augmented(images, seed):  # seed is (build seed, step): the pipeline's stateless seed per batch
-        return tf.cond(seed[1] < last, lambda: augment_batch(images, seed), lambda: images)
-
-    return augmented
-
-
 def screen(name: str, epochs: int, recipe: str) -> dict:
     from pipeline.build import load_inputs
     from pipeline.config import BuildConfig
@@ -149,8 +139,10 @@ def screen(name: str, epochs: int, recipe: str) -> dict:
     from pipeline.models import build_model
     from pipeline.train import seed_everything, train
 
+    # plain-end became `--plain-epochs` after its screen: the build's own switch, the same steps.
+    tail = {"plain_epochs": round(epochs * PLAIN_END)} if name == "plain-end" else {}
     cfg = BuildConfig(dataset="cifar10", data_dir=str(DATA), model="cifar-resnet8", epochs=epochs,
-                      **options_of(RECIPES[recipe]))
+                      **options_of(RECIPES[recipe]), **tail)
     data, _, _ = load_inputs(cfg, {"train", "evaluate"}, lambda *a: None)
     if name == "jpeg-again":
         data = dataclasses.replace(data, x_train=jpeg_again(data.x_train), x_val=jpeg_again(data.x_val),
@@ -164,9 +156,6 @@ def screen(name: str, epochs: int, recipe: str) -> dict:
     plain = augment.augment_batch
     if name == "cutout":
         augment.augment_batch = with_cutout(plain)
-    elif name == "plain-end":
-        steps = -(-len(data.x_train) // cfg.batch_size)
-        augment.augment_batch = until_step(plain, round(epochs * (1 - PLAIN_END)) * steps)
     t0 = time.perf_counter()
     try:
         model, history = train(cfg, data, log=lambda *a: None, model=model)
