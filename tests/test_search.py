@@ -358,6 +358,32 @@ def test_the_resnet_family_opens_up_resnet8s_width_and_depth():
     assert sum(isinstance(layer, keras.layers.Add) for layer in deep.layers) == 9
 
 
+def test_the_mbconv_family_builds_inverted_residuals_and_trains_finally_with_the_depthwise_recipe():
+    import keras
+
+    from pipeline.models import MODELS
+    from pipeline.search.space import SPACES, Candidate
+    from pipeline.search.trial import trial_config
+
+    model = Candidate.parse("mbconv-w1-d2-r32").build(3, 10)
+    depthwise = [layer for layer in model.layers if isinstance(layer, keras.layers.DepthwiseConv2D)]
+    assert len(depthwise) == 6  # blocks: 1 + 2 + 2 + 1
+    # Each expanding block widens its input four times before the depthwise conv; the first block does not expand.
+    assert [d.input.shape[-1] for d in depthwise] == [16, 64, 96, 96, 192, 192]
+    assert [d.strides for d in depthwise] == [(1, 1), (2, 2), (1, 1), (2, 2), (1, 1), (1, 1)]
+    # A skip wherever a block keeps its input's shape: the first block and the second of each middle stage.
+    assert sum(isinstance(layer, keras.layers.Add) for layer in model.layers) == 3
+    assert model.output_shape == (None, 10)
+    # The smallest width and resolution build on one channel too (the digits).
+    assert Candidate.parse("mbconv-w0.5-d1-r8").build(1, 10).count_params() > 0
+    assert any(c.family == "mbconv" for c in SPACES["default"].candidates("cifar10", 32))
+    settings = {"dataset": "digits", "data_dir": None, "seed": 0, "quantize": ["int8"], "epochs": 3,
+                "batch_size": 16}
+    cfg = trial_config(settings, Candidate.parse("mbconv-w0.5-d1-r8"), None, out="unused")
+    zoo = MODELS["cifar-dscnn"].recipe
+    assert (cfg.optimizer, cfg.learning_rate) == (zoo.optimizer, zoo.learning_rate)
+
+
 def test_the_final_training_takes_its_familys_zoo_recipe_whatever_the_channels():
     from pipeline.models import MODELS
     from pipeline.search.space import Candidate
