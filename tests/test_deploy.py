@@ -360,6 +360,57 @@ def test_runner_bench_profile_on_this_host(run, tmp_path):
     assert human.returncode == 0 and "load: import" in human.stdout and "preprocess per image" in human.stdout
 
 
+def _bundle(*args) -> tuple[int, str]:
+    """`pipeline bundle ARGS` in this process: (exit code, the last line of its output)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["bundle", *map(str, args)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output  # no traceback
+    return result.exit_code, result.output.strip().splitlines()[-1]
+
+
+def _changed_runs(run: Path, tmp: Path) -> dict[str, Path]:
+    """Copies of the run, each changed after it was written in one way a bundle must not ship."""
+    def copy(name: str) -> Path:
+        shutil.copytree(run, tmp / name)
+        return tmp / name
+
+    labels = copy("labels")
+    meta = json.loads((labels / "metadata.json").read_text())
+    meta["preprocess"]["labels"] = list(reversed(meta["preprocess"]["labels"]))
+    (labels / "metadata.json").write_text(json.dumps(meta))
+    guard = copy("guard")  # a guard record nobody wrote: it would switch the shipped default to fp32
+    (guard / "analysis.json").write_text(json.dumps({"guard": {"delivered": "fp32", "superseded": ["int8"]}}))
+    truncated = copy("truncated")
+    (truncated / "manifest.json").write_bytes((truncated / "manifest.json").read_bytes()[:300])
+    (copy("no-labels") / "labels.txt").unlink()
+    (copy("empty-meta") / "metadata.json").write_text("{")
+    (copy("list-meta") / "metadata.json").write_text("[]")
+    return {p.name: p for p in tmp.iterdir()}
+
+
+def test_a_run_changed_since_it_was_written_is_not_bundled(run, tmp_path):
+    from pipeline.delivery import GuardRecordError, guard_decision
+
+    for name, changed in _changed_runs(run, tmp_path / "runs").items():
+        code, line = _bundle(changed, "--out", tmp_path / f"{name}.tar.gz")
+        assert code == 1 and "changed since it was written" in line and "pipeline verify" in line, (name, line)
+        assert not list(tmp_path.glob("*.tar.gz")) and not list(tmp_path.glob(".*")), name
+    # Whatever reads the guard's decision: a manifest it cannot read is no decision to deliver from.
+    with pytest.raises(GuardRecordError, match="whether the accuracy guard ran cannot be told"):
+        guard_decision(tmp_path / "runs" / "truncated")
+
+
+def test_a_staging_folder_is_not_bundled(run, tmp_path):
+    staging = tmp_path / ".mnist-int8.partial"
+    shutil.copytree(run, staging)  # even one that holds every file of a finished run
+    code, line = _bundle(staging, "--out", tmp_path / "s.tar.gz")
+    assert code == 1 and "staging folder of an interrupted build" in line and "--resume" in line, line
+    assert not (tmp_path / "s.tar.gz").exists()
+
+
 # ---------------------------------------------------------------- emulated boards over SSH
 
 

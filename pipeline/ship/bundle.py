@@ -26,8 +26,10 @@ from pathlib import Path
 
 import device
 from device.core import METADATA_NAME
+from pipeline.artifacts import MANIFEST, check_unchanged, is_staging, run_name
 from pipeline.delivery import PREFERENCE, default_variant, guard_decision
 from pipeline.failures import InputError
+from pipeline.rundir import resume_target
 
 SUFFIXES = (".tar.gz", ".tgz")
 ZIP_EPOCH = 315532800  # 1980-01-01, the earliest time a zip (and so a wheel) can record
@@ -251,6 +253,7 @@ def make_bundle(run_dir: Path, out: Path | None = None, variants=None, overwrite
                 log=lambda line: None, wheels=()) -> Path:
     """Write `<run>.tar.gz` (or `out`); returns its path. `wheels`: WHEEL_PLATFORMS names to carry wheels for."""
     run_dir = Path(run_dir)
+    _check_run(run_dir)
     meta = _run_metadata(run_dir)
     available = {m["variant"]: name for name, m in meta["models"].items()}
     chosen, default, why = choose(run_dir, available, variants)
@@ -265,6 +268,19 @@ def make_bundle(run_dir: Path, out: Path | None = None, variants=None, overwrite
     _write_atomically(out, members)
     log(f"bundle: {', '.join(models)}; the runner's default is {available[default]} ({why})")
     return out
+
+
+def _check_run(run_dir: Path) -> None:
+    """A bundle ships only what the build wrote: never an edited label, a guard record added later, or a
+    half-built staging folder."""
+    if is_staging(run_dir):
+        final = resume_target(run_dir.parent / run_name(run_dir))
+        raise BundleError(f"{run_dir}: the staging folder of an interrupted build, not a run; finish it with "
+                          f"`pipeline build --resume {final}`, then bundle the run")
+    if not (run_dir / MANIFEST).is_file():
+        raise BundleError(f"{run_dir}: no {MANIFEST}; pass a run directory written by `pipeline build` "
+                          "or `pipeline convert`")
+    check_unchanged(run_dir, "bundle")
 
 
 def _run_metadata(run_dir: Path) -> dict:
