@@ -411,6 +411,18 @@ def test_a_staging_folder_is_not_bundled(run, tmp_path):
     assert not (tmp_path / "s.tar.gz").exists()
 
 
+def test_a_bundle_carries_only_the_samples_the_manifest_lists(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "samples" / ".env").write_text("API_KEY=secret\n")
+    (copy / "samples" / ".00_7.png.x1y2.tmp").write_bytes(b"half a png")
+    code, line = _bundle(copy, "--out", tmp_path / "b.tar.gz")
+    assert code == 0, line
+    listed = sorted(f for f in json.loads((copy / "manifest.json").read_text())["files"] if f.startswith("samples/"))
+    with tarfile.open(tmp_path / "b.tar.gz") as tar:
+        assert sorted(m.name for m in tar.getmembers() if m.name.startswith("samples/") and m.isfile()) == listed
+
+
 # ---------------------------------------------------------------- emulated boards over SSH
 
 

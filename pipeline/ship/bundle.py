@@ -253,7 +253,7 @@ def make_bundle(run_dir: Path, out: Path | None = None, variants=None, overwrite
                 log=lambda line: None, wheels=()) -> Path:
     """Write `<run>.tar.gz` (or `out`); returns its path. `wheels`: WHEEL_PLATFORMS names to carry wheels for."""
     run_dir = Path(run_dir)
-    _check_run(run_dir)
+    listed = _check_run(run_dir)
     meta = _run_metadata(run_dir)
     available = {m["variant"]: name for name, m in meta["models"].items()}
     chosen, default, why = choose(run_dir, available, variants)
@@ -263,16 +263,16 @@ def make_bundle(run_dir: Path, out: Path | None = None, variants=None, overwrite
     unknown = [w for w in wheels if w not in WHEEL_PLATFORMS]
     if unknown:
         raise BundleError(f"no wheel platform {', '.join(unknown)}; choose from {', '.join(WHEEL_PLATFORMS)}")
-    members = _members(run_dir, bundle_meta, _readme(run_dir, meta, models, out, available[default], why))
+    members = _members(run_dir, listed, bundle_meta, _readme(run_dir, meta, models, out, available[default], why))
     _add_wheels(members, wheels, log)
     _write_atomically(out, members)
     log(f"bundle: {', '.join(models)}; the runner's default is {available[default]} ({why})")
     return out
 
 
-def _check_run(run_dir: Path) -> None:
-    """A bundle ships only what the build wrote: never an edited label, a guard record added later, or a
-    half-built staging folder."""
+def _check_run(run_dir: Path) -> list[str]:
+    """The files the run's manifest lists, once every one matches it. A bundle ships only what the build
+    wrote: never an edited label, a guard record added later, or a half-built staging folder."""
     if is_staging(run_dir):
         final = resume_target(run_dir.parent / run_name(run_dir))
         raise BundleError(f"{run_dir}: the staging folder of an interrupted build, not a run; finish it with "
@@ -280,7 +280,7 @@ def _check_run(run_dir: Path) -> None:
     if not (run_dir / MANIFEST).is_file():
         raise BundleError(f"{run_dir}: no {MANIFEST}; pass a run directory written by `pipeline build` "
                           "or `pipeline convert`")
-    check_unchanged(run_dir, "bundle")
+    return list(check_unchanged(run_dir, "bundle"))
 
 
 def _run_metadata(run_dir: Path) -> dict:
@@ -312,8 +312,11 @@ def _readme(run_dir: Path, meta: dict, models: dict, out: Path, default: str, wh
                          scale=pre["scale"], archive=out.name, default=default, why=why)
 
 
-def _members(run_dir: Path, bundle_meta: dict, readme: str) -> dict[str, bytes]:
-    """Archive path -> bytes: the models, metadata, labels, the runner, samples, requirements and README."""
+def _members(run_dir: Path, listed: list[str], bundle_meta: dict, readme: str) -> dict[str, bytes]:
+    """Archive path -> bytes: the models, metadata, labels, the runner, samples, requirements and README.
+
+    Samples are the ones the manifest lists: whatever else lies in samples/ (a hidden .env, a leftover
+    temporary) is not the run's, and a bundle is copied to boards."""
     from importlib import metadata as importlib_metadata
 
     litert = importlib_metadata.version("ai-edge-litert")
@@ -322,9 +325,7 @@ def _members(run_dir: Path, bundle_meta: dict, readme: str) -> dict[str, bytes]:
     members[METADATA_NAME] = json.dumps(bundle_meta, indent=2).encode()
     members["labels.txt"] = (run_dir / "labels.txt").read_bytes()
     members.update({f"device/{name}": (device_dir / name).read_bytes() for name in RUNNER_FILES})
-    samples = run_dir / "samples"
-    if samples.is_dir():
-        members.update({f"samples/{p.name}": p.read_bytes() for p in samples.iterdir() if p.is_file()})
+    members.update({rel: (run_dir / rel).read_bytes() for rel in listed if rel.startswith("samples/")})
     members["requirements.txt"] = REQUIREMENTS.format(litert=litert).encode()
     members["README.md"] = readme.encode()
     return members
