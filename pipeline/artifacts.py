@@ -287,6 +287,12 @@ class RunDir:
             check_replaceable(self.final, "--overwrite")
         except Exception as e:
             raise RunDirError(str(e)) from None
+        # check_replaceable also passes a bundle and an unpacked bundle (where a board's eval.json may
+        # lie): edgepipe wrote them, but a build replaces only a run.
+        if not is_run(self.final):
+            raise RunDirError(f"{self.final}: a {written_by_edgepipe(self.final)} written by `pipeline bundle`, not a "
+                              "run directory; --overwrite replaces only a run (a folder with edgepipe's "
+                              "manifest.json); choose another --out or move it away yourself")
 
     def path(self, name: str) -> Path:
         return self.staging / name

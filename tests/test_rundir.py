@@ -72,6 +72,26 @@ def test_overwrite_refuses_what_is_not_a_run(tmp_path, content):
         assert _beside(precious) == []
 
 
+@pytest.mark.parametrize("kind", ["bundle folder", "bundle"])
+def test_overwrite_refuses_a_bundle_edgepipe_wrote(mnist_run, tmp_path, monkeypatch, kind):
+    """A bundle is edgepipe's, but not a run: an unpacked one holds what the board wrote (its eval.json)."""
+    from device.integrity import extract_bundle
+    from pipeline.ship.bundle import make_bundle
+
+    monkeypatch.chdir(tmp_path)
+    target = make_bundle(mnist_run, tmp_path / "artifacts" / "pi.tar.gz")  # --name NAME names artifacts/NAME
+    if kind == "bundle folder":
+        target = extract_bundle(target, tmp_path / "artifacts" / "unpacked")
+        (target / "eval.json").write_text('{"accuracy": 0.97}')
+    before = _snapshot(target) if target.is_dir() else target.read_bytes()
+    result = invoke("build", *FAST, "--name", target.name, "--overwrite")
+    assert result.exit_code == 1, result.output
+    line = one_line_error(result.output)
+    assert f"a {kind} written by `pipeline bundle`, not a run directory" in line and "--overwrite" in line, line
+    assert (_snapshot(target) if target.is_dir() else target.read_bytes()) == before
+    assert _beside(target) == []
+
+
 def test_overwrite_replaces_a_run_and_modes_follow_the_umask(tmp_path):
     def run(*args):
         return subprocess.run([*PIPELINE, *map(str, args)], capture_output=True, text=True, timeout=300, env=ENV,
