@@ -269,6 +269,7 @@ class RunDir:
                     self.resumed = True
                     log(f"resuming the interrupted build in {self.staging}")
                 else:
+                    self._check_abandonable(overwrite)
                     log(f"removing the leftovers of an interrupted build in {self.staging} "
                         "(pass --resume to continue it instead)")
                     shutil.rmtree(self.staging)
@@ -293,6 +294,20 @@ class RunDir:
             raise RunDirError(f"{self.final}: a {written_by_edgepipe(self.final)} written by `pipeline bundle`, not a "
                               "run directory; --overwrite replaces only a run (a folder with edgepipe's "
                               "manifest.json); choose another --out or move it away yourself")
+
+    def _check_abandonable(self, overwrite: bool) -> None:
+        """Refuse to throw away what `--resume` continues from (finished stages, a training checkpoint)
+        unless --overwrite asks to start over; a build killed before either left nothing worth keeping."""
+        from pipeline.rundir import resume_target
+        from pipeline.train import CHECKPOINT
+
+        kept = [f"finished stages: {', '.join(self.progress())}"] if self.progress() else []
+        kept += ["a training checkpoint"] if self.path(CHECKPOINT).exists() else []
+        if overwrite or not kept:
+            return
+        raise RunDirError(f"{self.final}: an interrupted build of it is in {self.staging} ({'; '.join(kept)}); "
+                          f"continue it with `pipeline build --resume {resume_target(self.final)}`, or pass "
+                          "--overwrite to start over and discard it")
 
     def path(self, name: str) -> Path:
         return self.staging / name

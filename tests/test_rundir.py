@@ -123,6 +123,35 @@ def test_input_error_leaves_no_staging_folder(tmp_path, monkeypatch):
     assert "leftovers" not in result.output
 
 
+def test_a_new_build_keeps_what_an_interrupted_one_would_resume_from(tmp_path):
+    """Finished stages or a training checkpoint are kept unless --overwrite; a build killed before either
+    left only its config and log, which a new build clears."""
+    from pipeline.artifacts import RunDir
+    from pipeline.train import CHECKPOINT
+
+    final, staging = tmp_path / "run", tmp_path / ".run.partial"
+    for kept, expected in (("stage", "finished stages: train"), ("checkpoint", "a training checkpoint")):
+        run = RunDir(final, log=lambda *a: None)
+        run.write_json("config.json", {"out": str(final)})
+        if kept == "stage":
+            run.write("model.keras", b"weights")
+            run.stage_done("train", ["model.keras"])
+        else:
+            run.write(CHECKPOINT, b"epoch 7 of 45")
+        run.abandon()
+        before = _snapshot(staging)
+        result = invoke("build", *FAST, "--out", final)
+        assert result.exit_code == 1, result.output
+        line = one_line_error(result.output)
+        assert expected in line and f"pipeline build --resume {final}" in line and "--overwrite" in line, line
+        assert _snapshot(staging) == before and _beside(final) == [".run.partial"] and not final.exists()
+        RunDir(final, overwrite=True, log=lambda *a: None).abandon()  # --overwrite starts over
+        assert not (staging / "config.json").exists()
+    logged = []
+    RunDir(final, log=logged.append).abandon()  # nothing but a fresh staging folder: cleared without asking
+    assert any("removing the leftovers" in m for m in logged), logged
+
+
 def test_resume_refuses_other_options(tmp_path):
     result = invoke("build", "--resume", "x", "--epochs", "3", "--seed", "2")
     assert result.exit_code == 2
