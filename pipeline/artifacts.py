@@ -143,7 +143,8 @@ class RunLock:
     """`flock` on .NAME.lock: one writer per run, released by the kernel when its holder dies."""
 
     def __init__(self, final: Path, doing: str):
-        self.final, self.doing = _named(final), doing
+        # Every name of a run (a symbolic link to it, a path through one) takes the one lock beside it.
+        self.final, self.doing = Path(os.path.realpath(final)), doing
         self.path = _sibling(self.final, "lock")
         self.fd: int | None = None
 
@@ -498,8 +499,9 @@ def updating(run_dir: Path, doing: str, log=print):
 
     The copy is checked against the manifest before the step sees it: a run changed since it was
     written is refused (RunChangedError), so no later command can record an edit as the run's own.
-    Afterwards only the files the step wrote are hashed again."""
-    final = _named(run_dir)
+    Afterwards only the files the step wrote are hashed again. A symbolic link to a run changes the run
+    it points to: the copy and the swap happen beside the real folder, never in place of the link."""
+    final = Path(os.path.realpath(run_dir))
     if not is_run(final):
         raise RunDirError(f"{final}: not a finished run (no edgepipe manifest.json); pass a run directory "
                           "written by `pipeline build`")

@@ -315,6 +315,21 @@ def test_benchmark_and_device_results_through_the_cli(run_copy, tmp_path):
     assert verify_path(run_copy) == [] and _beside(run_copy) == []
 
 
+def test_a_symlink_to_a_run_changes_the_run_it_points_to(run_copy, tmp_path):
+    from pipeline.artifacts import RunDirError, RunLock
+
+    link = tmp_path / "latest"
+    link.symlink_to(run_copy)
+    result = invoke("benchmark", link, "--runs", "3", "--warmup", "0", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and link.resolve() == run_copy.resolve()
+    assert json.loads((run_copy / "benchmark.json").read_text())["runs"] == 3
+    assert verify_path(run_copy) == [] and _beside(run_copy) == [] and _beside(link) == []
+    with RunLock(run_copy, "report"):  # one lock whichever name the run is reached by
+        with pytest.raises(RunDirError, match="another report"):
+            RunLock(link, "benchmark").__enter__()
+
+
 UPDATES = {"report": [], "benchmark": ["--runs", "300", "--warmup", "5", "--threads", "1"], "analyze": []}
 
 
