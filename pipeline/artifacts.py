@@ -428,10 +428,15 @@ def check_files(run_dir: Path) -> tuple[list[str], dict]:
             verified[rel] = (_signature(path), {"bytes": want["bytes"], "sha256": want["sha256"]})
     for p in sorted(run_dir.rglob("*")):
         parts = p.relative_to(run_dir).parts
-        if p.is_file() and not any(part.startswith(".") for part in parts):
-            rel = PurePosixPath(*parts).as_posix()
-            if rel not in (MANIFEST, LOG) and rel not in files:
-                problems.append(f"{rel}: present but not listed in {MANIFEST}")
+        if any(part.startswith(".") for part in parts):
+            continue
+        rel = PurePosixPath(*parts).as_posix()
+        # A build writes no links; one to a folder would hide its files from this walk, while the
+        # listed files are read through it.
+        if p.is_symlink():
+            problems.append(f"{rel}: a symbolic link; a run holds only the files and folders its build wrote")
+        elif p.is_file() and rel not in (MANIFEST, LOG) and rel not in files:
+            problems.append(f"{rel}: present but not listed in {MANIFEST}")
     return problems, verified
 
 

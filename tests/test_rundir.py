@@ -330,6 +330,20 @@ def test_a_symlink_to_a_run_changes_the_run_it_points_to(run_copy, tmp_path):
             RunLock(link, "benchmark").__enter__()
 
 
+def test_a_symlink_inside_a_run_is_a_problem(run_copy, tmp_path):
+    """A linked folder hides its files from the walk for unlisted ones, though listed files are read through it."""
+    from pipeline.artifacts import RunChangedError, check_unchanged
+
+    outside = tmp_path / "outside"
+    shutil.move(run_copy / "samples", outside)
+    (outside / "planted.png").write_bytes(b"not the build's")
+    (run_copy / "samples").symlink_to(outside)
+    problems = verify_path(run_copy)
+    assert problems == ["samples: a symbolic link; a run holds only the files and folders its build wrote"], problems
+    with pytest.raises(RunChangedError, match="samples: a symbolic link"):
+        check_unchanged(run_copy, "bundle")
+
+
 UPDATES = {"report": [], "benchmark": ["--runs", "300", "--warmup", "5", "--threads", "1"], "analyze": []}
 
 
