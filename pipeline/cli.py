@@ -24,6 +24,7 @@ from pipeline.cli_options import (
     split_variants,
     ssh_options,
     train_options,
+    under_folders,
     verbose_option,
 )
 from pipeline.cli_run import captured, handle_errors, print_table, warn_learning
@@ -210,7 +211,7 @@ def report(run_dir, more_results, device_results):
 @click.argument("runs", nargs=-1, metavar="RUN_A RUN_B [...]")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "html", "json"]), default="text",
               show_default=True, help="What to print: a terminal table, Markdown, an HTML page or JSON.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), callback=under_folders,
               help="Also write compare.json, compare.md, compare.html and compare.png into DIR.")
 @handle_errors
 def compare(runs, fmt, out):
@@ -233,7 +234,7 @@ def compare(runs, fmt, out):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=under_folders,
               help="Archive to write (default: RUN_DIR.tar.gz beside the run directory).")
 @click.option("--variants", callback=lambda ctx, param, values: tuple(
                   v.strip() for value in values for v in value.split(",") if v.strip()),
@@ -260,7 +261,7 @@ def bundle(run_dir, out, variants, overwrite, wheels):
               help="tflm: C/C++ sources for TensorFlow Lite Micro on a microcontroller.")
 @click.option("--variant", help="The run's integer model to export (default: what the run delivers, the "
                                 "accuracy guard's repair such as int8-cle where it made one, else int8).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), callback=under_folders,
               help="Folder to write, plus FOLDER.tar.gz beside it (default: RUN_DIR-tflm beside the run).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out.")
 @click.option("--board", type=click.Choice(list(BOARDS)),
