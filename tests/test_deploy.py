@@ -423,6 +423,28 @@ def test_a_bundle_carries_only_the_samples_the_manifest_lists(run, tmp_path):
         assert sorted(m.name for m in tar.getmembers() if m.name.startswith("samples/") and m.isfile()) == listed
 
 
+def test_bundle_out_that_cannot_be_written_is_one_line(run, tmp_path):
+    code, line = _bundle(run, "--out", run / "labels.txt" / "b.tar.gz")
+    assert code == 2 and "labels.txt is a file, not a folder" in line, line
+    code, line = _bundle(run, "--out", "/proc/b.tar.gz")
+    assert code == 1 and line.startswith("Error: --out /proc/b.tar.gz: cannot write there"), line
+
+
+def test_metadata_that_is_not_the_builds_is_one_line_even_when_rehashed(run, tmp_path):
+    """The manifest edited to match: the run verifies by its hashes, but its metadata is no build's."""
+    from pipeline.artifacts import file_table
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for text in ("[]", "{", '{"models": {"model_int8.tflite": {}}}'):
+        (copy / "metadata.json").write_text(text)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        (copy / "manifest.json").write_text(json.dumps({**manifest, "files": file_table(copy)}))
+        code, line = _bundle(copy, "--out", tmp_path / "b.tar.gz")
+        assert code == 1 and "not the metadata `pipeline build` writes" in line, (text, line)
+    assert not (tmp_path / "b.tar.gz").exists()
+
+
 # ---------------------------------------------------------------- emulated boards over SSH
 
 

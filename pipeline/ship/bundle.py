@@ -28,7 +28,7 @@ import device
 from device.core import METADATA_NAME
 from pipeline.artifacts import MANIFEST, check_unchanged, is_staging, run_name
 from pipeline.delivery import PREFERENCE, default_variant, guard_decision
-from pipeline.failures import InputError
+from pipeline.failures import InputError, os_problem
 from pipeline.rundir import resume_target
 
 SUFFIXES = (".tar.gz", ".tgz")
@@ -288,7 +288,17 @@ def _run_metadata(run_dir: Path) -> dict:
     if not meta_path.is_file():
         raise BundleError(f"{run_dir}: no {METADATA_NAME}; pass a run directory written by `pipeline build` "
                           "or `pipeline convert`")
-    return json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        meta = f"not readable JSON ({e})"
+    models = meta.get("models") if isinstance(meta, dict) else None
+    if not isinstance(models, dict) or not all(isinstance(m, dict) and "variant" in m for m in models.values()) \
+            or not isinstance(meta.get("preprocess"), dict):
+        why = meta if isinstance(meta, str) else "no models with their variants and preprocessing"
+        raise BundleError(f"{meta_path}: {why}; it is not the metadata `pipeline build` writes; rebuild the run "
+                          "with `pipeline build --overwrite`")
+    return meta
 
 
 def _models(run_dir: Path, meta: dict, files: list[str]) -> dict:
@@ -345,12 +355,16 @@ def _add_wheels(members: dict[str, bytes], wheels, log) -> None:
 
 
 def _write_atomically(out: Path, members: dict[str, bytes]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         write_archive(tmp, members)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        # A full or read-only disk and a denied folder have their own line (failures.os_problem).
+        if isinstance(e, OSError) and not os_problem(e):
+            raise BundleError(f"--out {out}: cannot write there ({e.strerror or e}); pass --out in a folder "
+                              "you can write") from None
         raise
 
