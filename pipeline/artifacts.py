@@ -84,6 +84,14 @@ def is_run(folder: Path) -> bool:
     return written_by_edgepipe(folder) == "run"
 
 
+def run_holding(path: Path) -> Path | None:
+    """The finished run that path is (or would be) inside, if any: what is written there is not the run's."""
+    for folder in [Path(os.path.realpath(path)), *Path(os.path.realpath(path)).parents]:
+        if is_run(folder):
+            return folder
+    return None
+
+
 # ---------------------------------------------------------------- files
 
 def atomic_write(path: Path, data: bytes | str) -> None:

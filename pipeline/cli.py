@@ -218,6 +218,8 @@ def compare(runs, fmt, out):
     """Finished runs side by side: accuracy with its interval, size, latency; incomparable columns flagged."""
     from pipeline.report import compare as comparison
 
+    if out:
+        comparison.check_out(out)
     result = captured(False, lambda log: comparison.compare(list(runs)))
     if fmt == "json":
         click.echo(json.dumps(result, indent=2))
@@ -232,13 +234,19 @@ def compare(runs, fmt, out):
             click.echo(f"wrote {path}", err=True)
 
 
+def _bundle_variants(ctx, param, values):
+    names = tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+    if values and not names:
+        raise click.BadParameter("empty; name the run's variants to pack (e.g. int8,fp32), or leave the option out "
+                                 "for the variant the run delivers and fp32")
+    return names
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=under_folders,
               help="Archive to write (default: RUN_DIR.tar.gz beside the run directory).")
-@click.option("--variants", callback=lambda ctx, param, values: tuple(
-                  v.strip() for value in values for v in value.split(",") if v.strip()),
-              multiple=True, metavar="VARIANT[,VARIANT]",
+@click.option("--variants", callback=_bundle_variants, multiple=True, metavar="VARIANT[,VARIANT]",
               help="Models to include, including guard variants such as int8-cle (default: the variant the run "
                    "delivers, and fp32 as the reference).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle written by `pipeline bundle`.")

@@ -445,6 +445,24 @@ def test_metadata_that_is_not_the_builds_is_one_line_even_when_rehashed(run, tmp
     assert not (tmp_path / "b.tar.gz").exists()
 
 
+def test_bundle_command_line_mistakes_and_where_it_writes(run, tmp_path, monkeypatch):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    code, line = _bundle(copy, "--out", tmp_path / "run.zip")
+    assert code == 2 and "name it run.zip.tar.gz" in line, line
+    code, line = _bundle(copy, "--variants", "")
+    assert code == 2 and "'--variants': empty" in line, line
+    code, line = _bundle(copy, "--out", copy / "run.tar.gz")  # the archive would make the run fail verify
+    assert code == 1 and "inside the run directory" in line, line
+    assert not list(tmp_path.glob("*.tar.gz")) and not (copy / "run.tar.gz").exists()
+    monkeypatch.chdir(copy)
+    code, line = _bundle(".")  # named after the folder, beside it, as `bundle run` from its parent does
+    assert code == 0 and line.startswith(f"wrote {tmp_path / 'run.tar.gz'}"), line
+    with tarfile.open(tmp_path / "run.tar.gz") as tar:
+        readme = tar.extractfile("README.md").read().decode()
+    assert readme.startswith("# run: ") and "tar xzf run.tar.gz -C run" in readme, readme[:300]
+
+
 # ---------------------------------------------------------------- emulated boards over SSH
 
 

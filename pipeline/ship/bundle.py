@@ -26,7 +26,8 @@ from pathlib import Path
 
 import device
 from device.core import METADATA_NAME
-from pipeline.artifacts import MANIFEST, check_unchanged, is_staging, run_name
+from pipeline.artifacts import MANIFEST, check_unchanged, is_staging, run_holding, run_name
+from pipeline.config import ConfigError
 from pipeline.delivery import PREFERENCE, default_variant, guard_decision
 from pipeline.failures import InputError, os_problem
 from pipeline.rundir import resume_target
@@ -214,7 +215,11 @@ def _out_path(run_dir: Path, out, overwrite: bool) -> Path:
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}.tar.gz"
     if not out.name.endswith(SUFFIXES):
         fix = out.name + (".gz" if out.name.endswith(".tar") else ".tar.gz")
-        raise BundleError(f"--out {out}: a bundle is a gzip-compressed tar; name it {fix} (or .tgz)")
+        raise ConfigError(f"--out {out}: a bundle is a gzip-compressed tar; name it {fix} (or .tgz)")
+    holder = run_holding(out.parent)
+    if holder:
+        raise BundleError(f"--out {out}: inside the run directory {holder}, which would then fail `pipeline "
+                          "verify`; write the bundle outside it (the default is beside the run)")
     if out.is_dir():
         raise BundleError(f"--out {out}: is a folder; pass a file name such as {out / run_dir.name}.tar.gz")
     if out.exists():
@@ -252,7 +257,8 @@ def choose(run_dir: Path, available: dict[str, str], variants=None) -> tuple[lis
 def make_bundle(run_dir: Path, out: Path | None = None, variants=None, overwrite: bool = False,
                 log=lambda line: None, wheels=()) -> Path:
     """Write `<run>.tar.gz` (or `out`); returns its path. `wheels`: WHEEL_PLATFORMS names to carry wheels for."""
-    run_dir = Path(run_dir)
+    # `bundle .` names the archive and its README after the folder's own name, not "".
+    run_dir = Path(os.path.abspath(run_dir)) if Path(run_dir).name in ("", "..") else Path(run_dir)
     listed = _check_run(run_dir)
     meta = _run_metadata(run_dir)
     available = {m["variant"]: name for name, m in meta["models"].items()}
