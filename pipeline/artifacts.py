@@ -84,6 +84,14 @@ def is_run(folder: Path) -> bool:
     return written_by_edgepipe(folder) == "run"
 
 
+def run_holding(path: Path) -> Path | None:
+    """The finished run that path is (or would be) inside, if any: what is written there is not the run's."""
+    for folder in [Path(os.path.realpath(path)), *Path(os.path.realpath(path)).parents]:
+        if is_run(folder):
+            return folder
+    return None
+
+
 # ---------------------------------------------------------------- files
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -143,7 +151,8 @@ class RunLock:
     """`flock` on .NAME.lock: one writer per run, released by the kernel when its holder dies."""
 
     def __init__(self, final: Path, doing: str):
-        self.final, self.doing = _named(final), doing
+        # Every name of a run (a symbolic link to it, a path through one) takes the one lock beside it.
+        self.final, self.doing = Path(os.path.realpath(final)), doing
         self.path = _sibling(self.final, "lock")
         self.fd: int | None = None
 
@@ -269,6 +278,7 @@ class RunDir:
                     self.resumed = True
                     log(f"resuming the interrupted build in {self.staging}")
                 else:
+                    self._check_abandonable(overwrite)
                     log(f"removing the leftovers of an interrupted build in {self.staging} "
                         "(pass --resume to continue it instead)")
                     shutil.rmtree(self.staging)
@@ -287,6 +297,26 @@ class RunDir:
             check_replaceable(self.final, "--overwrite")
         except Exception as e:
             raise RunDirError(str(e)) from None
+        # check_replaceable also passes a bundle and an unpacked bundle (where a board's eval.json may
+        # lie): edgepipe wrote them, but a build replaces only a run.
+        if not is_run(self.final):
+            raise RunDirError(f"{self.final}: a {written_by_edgepipe(self.final)} written by `pipeline bundle`, not a "
+                              "run directory; --overwrite replaces only a run (a folder with edgepipe's "
+                              "manifest.json); choose another --out or move it away yourself")
+
+    def _check_abandonable(self, overwrite: bool) -> None:
+        """Refuse to throw away what `--resume` continues from (finished stages, a training checkpoint)
+        unless --overwrite asks to start over; a build killed before either left nothing worth keeping."""
+        from pipeline.rundir import resume_target
+        from pipeline.train import CHECKPOINT
+
+        kept = [f"finished stages: {', '.join(self.progress())}"] if self.progress() else []
+        kept += ["a training checkpoint"] if self.path(CHECKPOINT).exists() else []
+        if overwrite or not kept:
+            return
+        raise RunDirError(f"{self.final}: an interrupted build of it is in {self.staging} ({'; '.join(kept)}); "
+                          f"continue it with `pipeline build --resume {resume_target(self.final)}`, or pass "
+                          "--overwrite to start over and discard it")
 
     def path(self, name: str) -> Path:
         return self.staging / name
@@ -406,10 +436,15 @@ def check_files(run_dir: Path) -> tuple[list[str], dict]:
             verified[rel] = (_signature(path), {"bytes": want["bytes"], "sha256": want["sha256"]})
     for p in sorted(run_dir.rglob("*")):
         parts = p.relative_to(run_dir).parts
-        if p.is_file() and not any(part.startswith(".") for part in parts):
-            rel = PurePosixPath(*parts).as_posix()
-            if rel not in (MANIFEST, LOG) and rel not in files:
-                problems.append(f"{rel}: present but not listed in {MANIFEST}")
+        if any(part.startswith(".") for part in parts):
+            continue
+        rel = PurePosixPath(*parts).as_posix()
+        # A build writes no links; one to a folder would hide its files from this walk, while the
+        # listed files are read through it.
+        if p.is_symlink():
+            problems.append(f"{rel}: a symbolic link; a run holds only the files and folders its build wrote")
+        elif p.is_file() and rel not in (MANIFEST, LOG) and rel not in files:
+            problems.append(f"{rel}: present but not listed in {MANIFEST}")
     return problems, verified
 
 
@@ -477,8 +512,9 @@ def updating(run_dir: Path, doing: str, log=print):
 
     The copy is checked against the manifest before the step sees it: a run changed since it was
     written is refused (RunChangedError), so no later command can record an edit as the run's own.
-    Afterwards only the files the step wrote are hashed again."""
-    final = _named(run_dir)
+    Afterwards only the files the step wrote are hashed again. A symbolic link to a run changes the run
+    it points to: the copy and the swap happen beside the real folder, never in place of the link."""
+    final = Path(os.path.realpath(run_dir))
     if not is_run(final):
         raise RunDirError(f"{final}: not a finished run (no edgepipe manifest.json); pass a run directory "
                           "written by `pipeline build`")

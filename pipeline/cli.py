@@ -24,6 +24,7 @@ from pipeline.cli_options import (
     split_variants,
     ssh_options,
     train_options,
+    under_folders,
     verbose_option,
 )
 from pipeline.cli_run import captured, handle_errors, print_table, warn_learning
@@ -210,13 +211,15 @@ def report(run_dir, more_results, device_results):
 @click.argument("runs", nargs=-1, metavar="RUN_A RUN_B [...]")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "html", "json"]), default="text",
               show_default=True, help="What to print: a terminal table, Markdown, an HTML page or JSON.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), callback=under_folders,
               help="Also write compare.json, compare.md, compare.html and compare.png into DIR.")
 @handle_errors
 def compare(runs, fmt, out):
     """Finished runs side by side: accuracy with its interval, size, latency; incomparable columns flagged."""
     from pipeline.report import compare as comparison
 
+    if out:
+        comparison.check_out(out)
     result = captured(False, lambda log: comparison.compare(list(runs)))
     if fmt == "json":
         click.echo(json.dumps(result, indent=2))
@@ -231,13 +234,19 @@ def compare(runs, fmt, out):
             click.echo(f"wrote {path}", err=True)
 
 
+def _bundle_variants(ctx, param, values):
+    names = tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+    if values and not names:
+        raise click.BadParameter("empty; name the run's variants to pack (e.g. int8,fp32), or leave the option out "
+                                 "for the variant the run delivers and fp32")
+    return names
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=under_folders,
               help="Archive to write (default: RUN_DIR.tar.gz beside the run directory).")
-@click.option("--variants", callback=lambda ctx, param, values: tuple(
-                  v.strip() for value in values for v in value.split(",") if v.strip()),
-              multiple=True, metavar="VARIANT[,VARIANT]",
+@click.option("--variants", callback=_bundle_variants, multiple=True, metavar="VARIANT[,VARIANT]",
               help="Models to include, including guard variants such as int8-cle (default: the variant the run "
                    "delivers, and fp32 as the reference).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle written by `pipeline bundle`.")
@@ -260,7 +269,7 @@ def bundle(run_dir, out, variants, overwrite, wheels):
               help="tflm: C/C++ sources for TensorFlow Lite Micro on a microcontroller.")
 @click.option("--variant", help="The run's integer model to export (default: what the run delivers, the "
                                 "accuracy guard's repair such as int8-cle where it made one, else int8).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), callback=under_folders,
               help="Folder to write, plus FOLDER.tar.gz beside it (default: RUN_DIR-tflm beside the run).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out.")
 @click.option("--board", type=click.Choice(list(BOARDS)),

@@ -66,8 +66,20 @@ def data_options(fn):
     return fn
 
 
+def under_folders(ctx, param, value):
+    """An --out whose nearest existing ancestor is a file can never be written: a usage error (exit 2)."""
+    if value is None:
+        return None
+    for parent in Path(value).parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise click.BadParameter(f"{value}: {parent} is a file, not a folder; choose a path in a folder")
+            break
+    return value
+
+
 def output_options(fn):
-    fn = click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+    fn = click.option("--out", type=click.Path(file_okay=False, path_type=Path), callback=under_folders,
                       help="Run directory to write (default: artifacts/<model>-<dataset>).")(fn)
     fn = click.option("--name", help="Run name: writes artifacts/NAME (instead of --out).")(fn)
     fn = click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")(fn)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.artifacts import RunDirError, read_manifest
+from pipeline.artifacts import MANIFEST, RunDirError, is_staging, read_manifest
 
 ANALYSIS = "analysis.json"
 
@@ -33,12 +33,21 @@ def guard_decision(run_dir: Path) -> tuple[str | None, list[str]]:
     """(the variant the guard delivered or None, the variants it superseded) from analysis.json; fp32 when the
     guard rejected int8 and no remedy met the budget.
 
-    (None, []) only when the guard did not run (no analysis.json, and the manifest lists none) or ran
-    and changed nothing (`guard` is null); anything else unreadable raises GuardRecordError."""
+    (None, []) only when the guard did not run (no analysis.json, and the manifest lists none; in a build's
+    staging folder, whose manifest has no file table yet, no analysis.json) or ran and changed nothing
+    (`guard` is null); anything else unreadable raises GuardRecordError."""
     run_dir = Path(run_dir)
     path = run_dir / ANALYSIS
     if not path.is_file():
-        manifest, _ = read_manifest(run_dir)
+        if is_staging(run_dir):
+            return None, []
+        manifest, problem = read_manifest(run_dir)
+        if problem and (run_dir / MANIFEST).exists():
+            # A damaged manifest cannot say whether the guard ran and its record was lost.
+            raise GuardRecordError(
+                f"{run_dir}: {problem}, so whether the accuracy guard ran cannot be told; no model is delivered "
+                f"from it (it may be the int8 the guard rejected); restore {MANIFEST} from a copy of the run, or "
+                "rebuild the run with `pipeline build --overwrite`")
         if manifest and ANALYSIS in manifest["files"]:
             raise _damaged(run_dir, "missing, though the run's manifest.json lists it")
         return None, []

@@ -18,9 +18,9 @@ RUNS = Path("artifacts")
 
 
 def locate(target: str) -> Path:
-    """A run name (artifacts/NAME) or a path: anything with a slash, or an existing folder, is a path."""
+    """A run name (artifacts/NAME) or a path: anything with a slash, or anything that exists, is a path."""
     path = Path(target)
-    return path if ("/" in target or path.is_dir()) else RUNS / target
+    return path if ("/" in target or path.exists()) else RUNS / target
 
 
 def resume_target(final: Path) -> str:

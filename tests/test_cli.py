@@ -115,6 +115,16 @@ def test_out_and_name_are_exclusive(tmp_path):
     assert result.exit_code == 2 and "--name" in one_line_error(result)
 
 
+@pytest.mark.parametrize("command", ["build", "train", "compare", "export"])
+def test_out_under_a_file_is_a_usage_error(tmp_path, command):
+    (tmp_path / "notes.txt").write_text("mine")
+    runs = [tmp_path, tmp_path] if command == "compare" else [tmp_path] if command == "export" else []
+    options = ["--dataset", "digits"] if command in ("build", "train") else []
+    result = invoke(command, *runs, *options, "--out", tmp_path / "notes.txt" / "run")
+    assert result.exit_code == 2 and "notes.txt is a file, not a folder" in one_line_error(result), result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_existing_run_needs_overwrite(tmp_path):
     (tmp_path / "run").mkdir()
     result = invoke("build", "--dataset", "digits", "--out", tmp_path / "run")

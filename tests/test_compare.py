@@ -98,14 +98,17 @@ def test_machines_with_other_cpu_features_are_flagged(runs, tmp_path):
     assert "avx2: " in latency and "no int8 dot-product instructions" in latency.split("vnni:")[0]
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("one", "needs at least two runs"),
-    ("missing", "no such run directory"),
-    ("old", "report schema 0, this edgepipe reads schema 1"),
-    ("unfinished", "no report.json"),
+@pytest.mark.parametrize("case, expected, code", [
+    ("one", "needs at least two runs", 2),
+    ("missing", "no such run directory", 2),
+    ("file", "a file, not a run directory", 2),
+    ("old", "report schema 0, this edgepipe reads schema 1", 1),
+    ("unfinished", "no report.json", 1),
 ])
-def test_bad_input_is_one_line(runs, tmp_path, case, expected):
-    args = {"one": [runs[0]], "missing": [runs[0], tmp_path / "nope"]}.get(case)
+def test_bad_input_is_one_line(runs, tmp_path, monkeypatch, case, expected, code):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results.json").write_text("{}")  # named as a run is (no slash): it is still this file
+    args = {"one": [runs[0]], "missing": [runs[0], "nope"], "file": [runs[0], "results.json"]}.get(case)
     if case == "old":
         old = shutil.copytree(runs[1], tmp_path / "old")
         report = json.loads((old / "report.json").read_text())
@@ -115,5 +118,26 @@ def test_bad_input_is_one_line(runs, tmp_path, case, expected):
         (tmp_path / "half").mkdir()
         (tmp_path / "half" / "manifest.json").write_text("{}")
         args = [runs[0], tmp_path / "half"]
-    code, out = _cli(*args)
-    assert code == 1 and expected in out and len(out.strip().splitlines()) == 1, out
+    exit_code, out = _cli(*args)
+    errors = [line for line in out.splitlines() if line.startswith("Error")]
+    assert exit_code == code and len(errors) == 1 and expected in errors[0], out
+    assert code == 2 or len(out.strip().splitlines()) == 1, out  # a usage error adds click's usage lines
+
+
+def test_out_is_never_inside_a_run_and_holds_only_this_comparison(runs, tmp_path):
+    code, out = _cli(*runs, "--out", runs[0] / "cmp")
+    assert code == 1 and "inside the run directory" in out and len(out.strip().splitlines()) == 1, out
+    assert not (runs[0] / "cmp").exists()
+    assert _cli(*runs, "--out", tmp_path / "cmp")[0] == 0 and (tmp_path / "cmp" / "compare.png").is_file()
+    # Runs without latency figures have no plot: the earlier comparison's plot must not stay beside them.
+    unmeasured = []
+    for run in runs:
+        copy = shutil.copytree(run, tmp_path / "unmeasured" / run.name)
+        report = json.loads((copy / "report.json").read_text())
+        for v in report["variants"]:
+            v.pop("latency", None)
+        (copy / "report.json").write_text(json.dumps(report))
+        unmeasured.append(copy)
+    code, out = _cli(*unmeasured, "--out", tmp_path / "cmp")
+    assert code == 0, out
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.html", "compare.json", "compare.md"]

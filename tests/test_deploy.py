@@ -360,6 +360,109 @@ def test_runner_bench_profile_on_this_host(run, tmp_path):
     assert human.returncode == 0 and "load: import" in human.stdout and "preprocess per image" in human.stdout
 
 
+def _bundle(*args) -> tuple[int, str]:
+    """`pipeline bundle ARGS` in this process: (exit code, the last line of its output)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["bundle", *map(str, args)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output  # no traceback
+    return result.exit_code, result.output.strip().splitlines()[-1]
+
+
+def _changed_runs(run: Path, tmp: Path) -> dict[str, Path]:
+    """Copies of the run, each changed after it was written in one way a bundle must not ship."""
+    def copy(name: str) -> Path:
+        shutil.copytree(run, tmp / name)
+        return tmp / name
+
+    labels = copy("labels")
+    meta = json.loads((labels / "metadata.json").read_text())
+    meta["preprocess"]["labels"] = list(reversed(meta["preprocess"]["labels"]))
+    (labels / "metadata.json").write_text(json.dumps(meta))
+    guard = copy("guard")  # a guard record nobody wrote: it would switch the shipped default to fp32
+    (guard / "analysis.json").write_text(json.dumps({"guard": {"delivered": "fp32", "superseded": ["int8"]}}))
+    truncated = copy("truncated")
+    (truncated / "manifest.json").write_bytes((truncated / "manifest.json").read_bytes()[:300])
+    (copy("no-labels") / "labels.txt").unlink()
+    (copy("empty-meta") / "metadata.json").write_text("{")
+    (copy("list-meta") / "metadata.json").write_text("[]")
+    return {p.name: p for p in tmp.iterdir()}
+
+
+def test_a_run_changed_since_it_was_written_is_not_bundled(run, tmp_path):
+    from pipeline.delivery import GuardRecordError, guard_decision
+
+    for name, changed in _changed_runs(run, tmp_path / "runs").items():
+        code, line = _bundle(changed, "--out", tmp_path / f"{name}.tar.gz")
+        assert code == 1 and "changed since it was written" in line and "pipeline verify" in line, (name, line)
+        assert not list(tmp_path.glob("*.tar.gz")) and not list(tmp_path.glob(".*")), name
+    # Whatever reads the guard's decision: a manifest it cannot read is no decision to deliver from.
+    with pytest.raises(GuardRecordError, match="whether the accuracy guard ran cannot be told"):
+        guard_decision(tmp_path / "runs" / "truncated")
+
+
+def test_a_staging_folder_is_not_bundled(run, tmp_path):
+    staging = tmp_path / ".mnist-int8.partial"
+    shutil.copytree(run, staging)  # even one that holds every file of a finished run
+    code, line = _bundle(staging, "--out", tmp_path / "s.tar.gz")
+    assert code == 1 and "staging folder of an interrupted build" in line and "--resume" in line, line
+    assert not (tmp_path / "s.tar.gz").exists()
+
+
+def test_a_bundle_carries_only_the_samples_the_manifest_lists(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "samples" / ".env").write_text("API_KEY=secret\n")
+    (copy / "samples" / ".00_7.png.x1y2.tmp").write_bytes(b"half a png")
+    code, line = _bundle(copy, "--out", tmp_path / "b.tar.gz")
+    assert code == 0, line
+    listed = sorted(f for f in json.loads((copy / "manifest.json").read_text())["files"] if f.startswith("samples/"))
+    with tarfile.open(tmp_path / "b.tar.gz") as tar:
+        assert sorted(m.name for m in tar.getmembers() if m.name.startswith("samples/") and m.isfile()) == listed
+
+
+def test_bundle_out_that_cannot_be_written_is_one_line(run, tmp_path):
+    code, line = _bundle(run, "--out", run / "labels.txt" / "b.tar.gz")
+    assert code == 2 and "labels.txt is a file, not a folder" in line, line
+    code, line = _bundle(run, "--out", "/proc/b.tar.gz")
+    assert code == 1 and line.startswith("Error: --out /proc/b.tar.gz: cannot write there"), line
+
+
+def test_metadata_that_is_not_the_builds_is_one_line_even_when_rehashed(run, tmp_path):
+    """The manifest edited to match: the run verifies by its hashes, but its metadata is no build's."""
+    from pipeline.artifacts import file_table
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for text in ("[]", "{", '{"models": {"model_int8.tflite": {}}}'):
+        (copy / "metadata.json").write_text(text)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        (copy / "manifest.json").write_text(json.dumps({**manifest, "files": file_table(copy)}))
+        code, line = _bundle(copy, "--out", tmp_path / "b.tar.gz")
+        assert code == 1 and "not the metadata `pipeline build` writes" in line, (text, line)
+    assert not (tmp_path / "b.tar.gz").exists()
+
+
+def test_bundle_command_line_mistakes_and_where_it_writes(run, tmp_path, monkeypatch):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    code, line = _bundle(copy, "--out", tmp_path / "run.zip")
+    assert code == 2 and "name it run.zip.tar.gz" in line, line
+    code, line = _bundle(copy, "--variants", "")
+    assert code == 2 and "'--variants': empty" in line, line
+    code, line = _bundle(copy, "--out", copy / "run.tar.gz")  # the archive would make the run fail verify
+    assert code == 1 and "inside the run directory" in line, line
+    assert not list(tmp_path.glob("*.tar.gz")) and not (copy / "run.tar.gz").exists()
+    monkeypatch.chdir(copy)
+    code, line = _bundle(".")  # named after the folder, beside it, as `bundle run` from its parent does
+    assert code == 0 and line.startswith(f"wrote {tmp_path / 'run.tar.gz'}"), line
+    with tarfile.open(tmp_path / "run.tar.gz") as tar:
+        readme = tar.extractfile("README.md").read().decode()
+    assert readme.startswith("# run: ") and "tar xzf run.tar.gz -C run" in readme, readme[:300]
+
+
 # ---------------------------------------------------------------- emulated boards over SSH
 
 

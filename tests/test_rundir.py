@@ -72,6 +72,26 @@ def test_overwrite_refuses_what_is_not_a_run(tmp_path, content):
         assert _beside(precious) == []
 
 
+@pytest.mark.parametrize("kind", ["bundle folder", "bundle"])
+def test_overwrite_refuses_a_bundle_edgepipe_wrote(mnist_run, tmp_path, monkeypatch, kind):
+    """A bundle is edgepipe's, but not a run: an unpacked one holds what the board wrote (its eval.json)."""
+    from device.integrity import extract_bundle
+    from pipeline.ship.bundle import make_bundle
+
+    monkeypatch.chdir(tmp_path)
+    target = make_bundle(mnist_run, tmp_path / "artifacts" / "pi.tar.gz")  # --name NAME names artifacts/NAME
+    if kind == "bundle folder":
+        target = extract_bundle(target, tmp_path / "artifacts" / "unpacked")
+        (target / "eval.json").write_text('{"accuracy": 0.97}')
+    before = _snapshot(target) if target.is_dir() else target.read_bytes()
+    result = invoke("build", *FAST, "--name", target.name, "--overwrite")
+    assert result.exit_code == 1, result.output
+    line = one_line_error(result.output)
+    assert f"a {kind} written by `pipeline bundle`, not a run directory" in line and "--overwrite" in line, line
+    assert (_snapshot(target) if target.is_dir() else target.read_bytes()) == before
+    assert _beside(target) == []
+
+
 def test_overwrite_replaces_a_run_and_modes_follow_the_umask(tmp_path):
     def run(*args):
         return subprocess.run([*PIPELINE, *map(str, args)], capture_output=True, text=True, timeout=300, env=ENV,
@@ -101,6 +121,35 @@ def test_input_error_leaves_no_staging_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "artifacts" / ".x.partial").exists() and _beside(tmp_path / "artifacts" / "x") == []
     result = invoke("build", "--data-dir", tmp_path / "EMPTY", "--name", "x")
     assert "leftovers" not in result.output
+
+
+def test_a_new_build_keeps_what_an_interrupted_one_would_resume_from(tmp_path):
+    """Finished stages or a training checkpoint are kept unless --overwrite; a build killed before either
+    left only its config and log, which a new build clears."""
+    from pipeline.artifacts import RunDir
+    from pipeline.train import CHECKPOINT
+
+    final, staging = tmp_path / "run", tmp_path / ".run.partial"
+    for kept, expected in (("stage", "finished stages: train"), ("checkpoint", "a training checkpoint")):
+        run = RunDir(final, log=lambda *a: None)
+        run.write_json("config.json", {"out": str(final)})
+        if kept == "stage":
+            run.write("model.keras", b"weights")
+            run.stage_done("train", ["model.keras"])
+        else:
+            run.write(CHECKPOINT, b"epoch 7 of 45")
+        run.abandon()
+        before = _snapshot(staging)
+        result = invoke("build", *FAST, "--out", final)
+        assert result.exit_code == 1, result.output
+        line = one_line_error(result.output)
+        assert expected in line and f"pipeline build --resume {final}" in line and "--overwrite" in line, line
+        assert _snapshot(staging) == before and _beside(final) == [".run.partial"] and not final.exists()
+        RunDir(final, overwrite=True, log=lambda *a: None).abandon()  # --overwrite starts over
+        assert not (staging / "config.json").exists()
+    logged = []
+    RunDir(final, log=logged.append).abandon()  # nothing but a fresh staging folder: cleared without asking
+    assert any("removing the leftovers" in m for m in logged), logged
 
 
 def test_resume_refuses_other_options(tmp_path):
@@ -264,6 +313,35 @@ def test_benchmark_and_device_results_through_the_cli(run_copy, tmp_path):
     assert next(iter(int8["device"].values()))["accuracy"] == json.loads((tmp_path / "pi-eval.json").read_text())[
         "accuracy"]
     assert verify_path(run_copy) == [] and _beside(run_copy) == []
+
+
+def test_a_symlink_to_a_run_changes_the_run_it_points_to(run_copy, tmp_path):
+    from pipeline.artifacts import RunDirError, RunLock
+
+    link = tmp_path / "latest"
+    link.symlink_to(run_copy)
+    result = invoke("benchmark", link, "--runs", "3", "--warmup", "0", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and link.resolve() == run_copy.resolve()
+    assert json.loads((run_copy / "benchmark.json").read_text())["runs"] == 3
+    assert verify_path(run_copy) == [] and _beside(run_copy) == [] and _beside(link) == []
+    with RunLock(run_copy, "report"):  # one lock whichever name the run is reached by
+        with pytest.raises(RunDirError, match="another report"):
+            RunLock(link, "benchmark").__enter__()
+
+
+def test_a_symlink_inside_a_run_is_a_problem(run_copy, tmp_path):
+    """A linked folder hides its files from the walk for unlisted ones, though listed files are read through it."""
+    from pipeline.artifacts import RunChangedError, check_unchanged
+
+    outside = tmp_path / "outside"
+    shutil.move(run_copy / "samples", outside)
+    (outside / "planted.png").write_bytes(b"not the build's")
+    (run_copy / "samples").symlink_to(outside)
+    problems = verify_path(run_copy)
+    assert problems == ["samples: a symbolic link; a run holds only the files and folders its build wrote"], problems
+    with pytest.raises(RunChangedError, match="samples: a symbolic link"):
+        check_unchanged(run_copy, "bundle")
 
 
 UPDATES = {"report": [], "benchmark": ["--runs", "300", "--warmup", "5", "--threads", "1"], "analyze": []}

@@ -430,6 +430,21 @@ def test_existing_folders(mnist_export, tmp_path):
     assert not (run / "inside").exists()
 
 
+def test_overwrite_replaces_only_an_exports_own_archive(mnist_export, tmp_path):
+    """--overwrite replaces FOLDER.tar.gz only when it is what an export packed: FOLDER/ holding its marker."""
+    from pipeline.ship.bundle import make_bundle
+
+    run, out = mnist_export
+    bundle = make_bundle(run, tmp_path / "pi.tar.gz")  # the device bundle sits where `--out pi` puts its archive
+    shutil.copy(out.parent / f"{out.name}.tar.gz", tmp_path / "renamed.tar.gz")  # another export's, renamed
+    for name, archive in (("pi", bundle), ("renamed", tmp_path / "renamed.tar.gz")):
+        before = archive.read_bytes()
+        one_line_error(invoke("export", run, "--out", tmp_path / name, "--overwrite"),
+                       "is not the archive of an edgepipe TFLite Micro export", f"{name}/{MARKER}", "refusing")
+        assert archive.read_bytes() == before and not (tmp_path / name).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pi.tar.gz", "renamed.tar.gz"]
+
+
 @pytest.mark.slow
 def test_overwrite_replaces_an_export(mnist_export):
     run, out = mnist_export

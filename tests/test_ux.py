@@ -420,7 +420,7 @@ def test_bundles_are_reproducible_and_refuse_what_they_would_clobber(breaker, tm
     assert result.exit_code == 1 and "not a bundle written by `pipeline bundle`" in result.output
     assert (tmp_path / "thesis.tar.gz").read_text() == "not ours"
     result = cli("bundle", breaker, "--out", tmp_path / "run.tar")
-    assert result.exit_code == 1 and "name it run.tar.gz" in result.output and not (tmp_path / "run.tar").exists()
+    assert result.exit_code == 2 and "name it run.tar.gz" in result.output and not (tmp_path / "run.tar").exists()
     assert cli("bundle", breaker, "--variants", "int8-cle,int8-cle", "--out", tmp_path / "one.tgz").exit_code == 0
     with tarfile.open(tmp_path / "one.tgz") as tar:
         assert [n for n in tar.getnames() if n.endswith(".tflite")] == ["model_int8-cle.tflite"]

@@ -14,6 +14,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -176,8 +177,9 @@ def _check_target(out: Path, archive: Path, run_dir: Path, overwrite: bool) -> N
     if out.exists() and not _is_export(out):
         raise ExportError(f"{out} exists and is not an edgepipe TFLite Micro export (no {MARKER}); refusing to "
                           "delete it, choose another --out")
-    if archive.exists() and not archive.is_file():
-        raise ExportError(f"{archive} exists and is not a file; refusing to replace it, choose another --out")
+    if archive.exists() and not _is_export_archive(archive, out.name):
+        raise ExportError(f"{archive} exists and is not the archive of an edgepipe TFLite Micro export (no "
+                          f"{out.name}/{MARKER} in it); refusing to replace it, choose another --out")
 
 
 def _is_export(folder: Path) -> bool:
@@ -185,6 +187,22 @@ def _is_export(folder: Path) -> bool:
         return folder.is_dir() and json.loads((folder / MARKER).read_text()).get("kind") == KIND
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _is_export_archive(archive: Path, name: str) -> bool:
+    """True only for what _publish packs: the folder `name` first, holding its MARKER. Any other file at
+    <out>.tar.gz (a device bundle, the user's own archive) is not ours to replace."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            first = tar.next()
+            if first is None or not first.isdir() or first.name != name:
+                return False
+            for member in tar:
+                if member.name == f"{name}/{MARKER}" and member.isfile():
+                    return json.loads(tar.extractfile(member).read()).get("kind") == KIND
+    except (OSError, tarfile.TarError, EOFError, zlib.error, ValueError, AttributeError):
+        return False
+    return False
 
 
 def _publish(staging: Path, out: Path, archive: Path) -> None:

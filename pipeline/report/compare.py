@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 from device.timing import features_words
-from pipeline.artifacts import MANIFEST
+from pipeline.artifacts import MANIFEST, run_holding
+from pipeline.config import ConfigError
 from pipeline.failures import InputError
 from pipeline.measure.stats import wilson
 from pipeline.report import ms, pct
@@ -30,8 +31,8 @@ class CompareError(InputError):
 
 def _load_run(path: Path) -> dict:
     if not path.is_dir():
-        raise CompareError(f"{path}: no such run directory; pass run names (artifacts/NAME) or paths written by "
-                           "`pipeline build`")
+        what = "a file, not a run directory" if path.exists() else "no such run directory"
+        raise ConfigError(f"{path}: {what}; pass run names (artifacts/NAME) or paths written by `pipeline build`")
     try:
         report = json.loads((path / "report.json").read_text())
         manifest = json.loads((path / MANIFEST).read_text())
@@ -88,7 +89,7 @@ def _differs(runs: list[dict], key: str, describe) -> str | None:
 def compare(targets: list[str]) -> dict:
     """The comparison as one dict (what the JSON output is); raises CompareError on bad input."""
     if len(targets) < 2:
-        raise CompareError(f"compare needs at least two runs, got {len(targets)}; "
+        raise ConfigError(f"compare needs at least two runs, got {len(targets)}; "
                            "pass them as `pipeline compare RUN_A RUN_B [...]`")
     runs = [_summary(_load_run(locate(t))) for t in targets]
     names = [r["run"] for r in runs]
@@ -205,6 +206,14 @@ def plot(result: dict) -> bytes | None:
     return buf.getvalue()
 
 
+def check_out(out: Path) -> None:
+    """Refuse, before anything is compared or printed, an --out whose files would land in a finished run."""
+    holder = run_holding(out)
+    if holder:
+        raise CompareError(f"--out {out}: inside the run directory {holder}, which would then fail `pipeline "
+                           "verify`; choose a folder outside it")
+
+
 def write(result: dict, out: Path) -> list[Path]:
     """compare.json, compare.md, compare.html and compare.png into folder `out`."""
     from pipeline.artifacts import atomic_write, write_json
@@ -218,4 +227,6 @@ def write(result: dict, out: Path) -> list[Path]:
     if png:
         written.append(out / "compare.png")
         atomic_write(written[3], png)
+    else:  # an earlier comparison's plot would pass for this one's
+        (out / "compare.png").unlink(missing_ok=True)
     return written

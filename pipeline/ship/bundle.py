@@ -26,8 +26,11 @@ from pathlib import Path
 
 import device
 from device.core import METADATA_NAME
+from pipeline.artifacts import MANIFEST, check_unchanged, is_staging, run_holding, run_name
+from pipeline.config import ConfigError
 from pipeline.delivery import PREFERENCE, default_variant, guard_decision
-from pipeline.failures import InputError
+from pipeline.failures import InputError, os_problem
+from pipeline.rundir import resume_target
 
 SUFFIXES = (".tar.gz", ".tgz")
 ZIP_EPOCH = 315532800  # 1980-01-01, the earliest time a zip (and so a wheel) can record
@@ -212,7 +215,11 @@ def _out_path(run_dir: Path, out, overwrite: bool) -> Path:
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}.tar.gz"
     if not out.name.endswith(SUFFIXES):
         fix = out.name + (".gz" if out.name.endswith(".tar") else ".tar.gz")
-        raise BundleError(f"--out {out}: a bundle is a gzip-compressed tar; name it {fix} (or .tgz)")
+        raise ConfigError(f"--out {out}: a bundle is a gzip-compressed tar; name it {fix} (or .tgz)")
+    holder = run_holding(out.parent)
+    if holder:
+        raise BundleError(f"--out {out}: inside the run directory {holder}, which would then fail `pipeline "
+                          "verify`; write the bundle outside it (the default is beside the run)")
     if out.is_dir():
         raise BundleError(f"--out {out}: is a folder; pass a file name such as {out / run_dir.name}.tar.gz")
     if out.exists():
@@ -250,7 +257,9 @@ def choose(run_dir: Path, available: dict[str, str], variants=None) -> tuple[lis
 def make_bundle(run_dir: Path, out: Path | None = None, variants=None, overwrite: bool = False,
                 log=lambda line: None, wheels=()) -> Path:
     """Write `<run>.tar.gz` (or `out`); returns its path. `wheels`: WHEEL_PLATFORMS names to carry wheels for."""
-    run_dir = Path(run_dir)
+    # `bundle .` names the archive and its README after the folder's own name, not "".
+    run_dir = Path(os.path.abspath(run_dir)) if Path(run_dir).name in ("", "..") else Path(run_dir)
+    listed = _check_run(run_dir)
     meta = _run_metadata(run_dir)
     available = {m["variant"]: name for name, m in meta["models"].items()}
     chosen, default, why = choose(run_dir, available, variants)
@@ -260,11 +269,24 @@ def make_bundle(run_dir: Path, out: Path | None = None, variants=None, overwrite
     unknown = [w for w in wheels if w not in WHEEL_PLATFORMS]
     if unknown:
         raise BundleError(f"no wheel platform {', '.join(unknown)}; choose from {', '.join(WHEEL_PLATFORMS)}")
-    members = _members(run_dir, bundle_meta, _readme(run_dir, meta, models, out, available[default], why))
+    members = _members(run_dir, listed, bundle_meta, _readme(run_dir, meta, models, out, available[default], why))
     _add_wheels(members, wheels, log)
     _write_atomically(out, members)
     log(f"bundle: {', '.join(models)}; the runner's default is {available[default]} ({why})")
     return out
+
+
+def _check_run(run_dir: Path) -> list[str]:
+    """The files the run's manifest lists, once every one matches it. A bundle ships only what the build
+    wrote: never an edited label, a guard record added later, or a half-built staging folder."""
+    if is_staging(run_dir):
+        final = resume_target(run_dir.parent / run_name(run_dir))
+        raise BundleError(f"{run_dir}: the staging folder of an interrupted build, not a run; finish it with "
+                          f"`pipeline build --resume {final}`, then bundle the run")
+    if not (run_dir / MANIFEST).is_file():
+        raise BundleError(f"{run_dir}: no {MANIFEST}; pass a run directory written by `pipeline build` "
+                          "or `pipeline convert`")
+    return list(check_unchanged(run_dir, "bundle"))
 
 
 def _run_metadata(run_dir: Path) -> dict:
@@ -272,7 +294,17 @@ def _run_metadata(run_dir: Path) -> dict:
     if not meta_path.is_file():
         raise BundleError(f"{run_dir}: no {METADATA_NAME}; pass a run directory written by `pipeline build` "
                           "or `pipeline convert`")
-    return json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        meta = f"not readable JSON ({e})"
+    models = meta.get("models") if isinstance(meta, dict) else None
+    if not isinstance(models, dict) or not all(isinstance(m, dict) and "variant" in m for m in models.values()) \
+            or not isinstance(meta.get("preprocess"), dict):
+        why = meta if isinstance(meta, str) else "no models with their variants and preprocessing"
+        raise BundleError(f"{meta_path}: {why}; it is not the metadata `pipeline build` writes; rebuild the run "
+                          "with `pipeline build --overwrite`")
+    return meta
 
 
 def _models(run_dir: Path, meta: dict, files: list[str]) -> dict:
@@ -296,8 +328,11 @@ def _readme(run_dir: Path, meta: dict, models: dict, out: Path, default: str, wh
                          scale=pre["scale"], archive=out.name, default=default, why=why)
 
 
-def _members(run_dir: Path, bundle_meta: dict, readme: str) -> dict[str, bytes]:
-    """Archive path -> bytes: the models, metadata, labels, the runner, samples, requirements and README."""
+def _members(run_dir: Path, listed: list[str], bundle_meta: dict, readme: str) -> dict[str, bytes]:
+    """Archive path -> bytes: the models, metadata, labels, the runner, samples, requirements and README.
+
+    Samples are the ones the manifest lists: whatever else lies in samples/ (a hidden .env, a leftover
+    temporary) is not the run's, and a bundle is copied to boards."""
     from importlib import metadata as importlib_metadata
 
     litert = importlib_metadata.version("ai-edge-litert")
@@ -306,9 +341,7 @@ def _members(run_dir: Path, bundle_meta: dict, readme: str) -> dict[str, bytes]:
     members[METADATA_NAME] = json.dumps(bundle_meta, indent=2).encode()
     members["labels.txt"] = (run_dir / "labels.txt").read_bytes()
     members.update({f"device/{name}": (device_dir / name).read_bytes() for name in RUNNER_FILES})
-    samples = run_dir / "samples"
-    if samples.is_dir():
-        members.update({f"samples/{p.name}": p.read_bytes() for p in samples.iterdir() if p.is_file()})
+    members.update({rel: (run_dir / rel).read_bytes() for rel in listed if rel.startswith("samples/")})
     members["requirements.txt"] = REQUIREMENTS.format(litert=litert).encode()
     members["README.md"] = readme.encode()
     return members
@@ -328,12 +361,16 @@ def _add_wheels(members: dict[str, bytes], wheels, log) -> None:
 
 
 def _write_atomically(out: Path, members: dict[str, bytes]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         write_archive(tmp, members)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        # A full or read-only disk and a denied folder have their own line (failures.os_problem).
+        if isinstance(e, OSError) and not os_problem(e):
+            raise BundleError(f"--out {out}: cannot write there ({e.strerror or e}); pass --out in a folder "
+                              "you can write") from None
         raise
 
