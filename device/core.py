@@ -128,10 +128,23 @@ class TensorSpec:
 def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Real values to the tensor's storage type: q = clip(round(x / scale) + zero_point)."""
     if not spec.quantized:
+        if np.issubdtype(spec.dtype, np.integer):
+            return _whole(x, spec.dtype)
         return x.astype(spec.dtype, copy=False)
     info = np.iinfo(spec.dtype)
     q = np.round(x / spec.scale) + spec.zero_point
     return np.clip(q, info.min, info.max).astype(spec.dtype)
+
+
+def _whole(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    # An integer input without quantization parameters takes values as they are (the model casts them
+    # itself): a cast that would truncate a fraction or wrap a value around is refused, never made.
+    info = np.iinfo(dtype)
+    if x.size and not (np.array_equal(x, np.round(x)) and info.min <= x.min() and x.max() <= info.max):
+        raise DeviceError(f"values from {x.min():g} to {x.max():g}, not all whole numbers from {info.min} to "
+                          f"{info.max}, for a {dtype.name} input without quantization parameters (it takes whole "
+                          "numbers as they are)")
+    return x.astype(dtype)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -184,10 +197,14 @@ class Model:
         if len(self.output.shape) != 2:
             raise DeviceError(f"{self.path}: output shape {list(self.output.shape)} is not (N, classes); "
                               "this runner serves classifiers")
-        self.preprocess = self._preprocess_spec(input_range, labels)
+        self.preprocess, inferred = self._preprocess_spec(input_range, labels)
         if self.preprocess.get("channels") not in (1, 3):
             raise DeviceError(f"{self.path}: input has {self.preprocess.get('channels')} channels; "
                               "the runner feeds grayscale (1) or RGB (3) images")
+        if np.issubdtype(self.input.dtype, np.integer) and not self.input.quantized:
+            self._check_whole(input_range)
+        if inferred:  # said once the model is known to be usable: a refusal is the one line then
+            warnings.warn(f"{self.path}: no {METADATA_NAME} beside the model; {inferred}", stacklevel=2)
         self._batch = self.input.shape[0]
         # A batch fixed in the model (shape_signature without -1, as in Coral's models) cannot be resized:
         # such a model gets its own batch size, one image at a time for batch 1.
@@ -197,8 +214,9 @@ class Model:
         self._set_tensor, self._invoke = self.interpreter.set_tensor, self.interpreter.invoke
         self._get_tensor = self.interpreter.get_tensor
 
-    def _preprocess_spec(self, input_range: str | None, labels: list[str] | None) -> dict:
-        """metadata.json's preprocessing (with what the user overrides), else what device/foreign.py infers."""
+    def _preprocess_spec(self, input_range: str | None, labels: list[str] | None) -> tuple[dict, str | None]:
+        """(metadata.json's preprocessing with what the user overrides, None), else (what device/foreign.py
+        infers, the sentence saying how)."""
         classes = self.output.shape[-1]
         if labels is not None and len(labels) != classes:
             raise DeviceError(f"--labels: {len(labels)} labels, but {self.path.name} has {classes} classes; "
@@ -211,10 +229,24 @@ class Model:
                 pre["scale"], pre["offset"] = foreign.INPUT_RANGES[input_range]
             if labels is not None:
                 pre["labels"] = list(labels)
-            return pre
-        pre, said = foreign.preprocess(self.model_bytes, self.input, classes, input_range, labels)
-        warnings.warn(f"{self.path}: no {METADATA_NAME} beside the model; {said}", stacklevel=3)
-        return pre
+            return pre, None
+        return foreign.preprocess(self.model_bytes, self.input, classes, input_range, labels)
+
+    def _check_whole(self, input_range: str | None) -> None:
+        """Refuse, before any image is read, a preprocessing that gives an integer input without
+        quantization anything but whole numbers it can hold: every pixel value 0..255 goes through it."""
+        ramp = np.repeat(np.arange(256, dtype=np.uint8)[:, None], self.preprocess["channels"], axis=1)
+        try:
+            quantize(normalize(ramp, self.preprocess), self.input)
+        except DeviceError as e:
+            _, fed = foreign.raw_pixel(self.input.dtype)
+            if input_range is not None:
+                origin, fix = f"--input-range {input_range}", f"drop --input-range to feed the {fed}"
+            else:
+                origin = f"{METADATA_NAME}'s preprocess" if self.metadata is not None else "the model's TFLite metadata"
+                fix = ("pass --input-range 0,255 to feed the raw pixel" if np.iinfo(self.input.dtype).max >= 255
+                       else f"correct the {origin}")
+            raise DeviceError(f"{self.path}: {origin} gives {e}; {fix}") from None
 
     @property
     def labels(self) -> list[str]:

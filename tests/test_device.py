@@ -283,3 +283,72 @@ def test_border_median_is_the_median():
         g = pixels.mean(axis=-1) if pixels.ndim == 3 else pixels
         border = np.concatenate([g[0], g[-1], g[1:-1, 0], g[1:-1, -1]])
         assert _background(pixels) == pytest.approx(float(np.median(border)))
+
+
+# ---------------------------------------------------------------- small models as third parties export them
+
+def _brightness(x):
+    """Class 0 ("bright") when the mean input value is above 128, else class 1: says what the model was fed."""
+    import tensorflow as tf
+
+    mean = tf.reduce_mean(tf.cast(x, tf.float32), axis=[1, 2, 3])
+    return tf.nn.softmax(tf.stack([mean / 10.0, tf.fill(tf.shape(mean), 12.8)], axis=1))
+
+
+def _log_of_mean(x):
+    """log(mean input), 0: minus infinity for a black image."""
+    import tensorflow as tf
+
+    mean = tf.reduce_mean(x, axis=[1, 2, 3])
+    return tf.stack([tf.math.log(mean), tf.zeros_like(mean)], axis=1)
+
+
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory) -> dict[str, Path]:
+    """8x8 models with no metadata.json, converted from tf.functions (a second or two each): a uint8 input the
+    model casts itself (no quantization), height and width left open, a float input, and one that can output
+    minus infinity."""
+    import tensorflow as tf
+
+    folder = tmp_path_factory.mktemp("odd-models")
+    made = {}
+    for name, fn, spec in (("uint8", _brightness, tf.TensorSpec([None, 8, 8, 1], tf.uint8)),
+                           ("dynamic", _brightness, tf.TensorSpec([None, None, None, 3], tf.float32)),
+                           ("float", _brightness, tf.TensorSpec([None, 8, 8, 1], tf.float32)),
+                           ("log", _log_of_mean, tf.TensorSpec([None, 8, 8, 1], tf.float32))):
+        function = tf.function(fn, input_signature=[spec])
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()], function)
+        made[name] = folder / f"{name}.tflite"
+        made[name].write_bytes(converter.convert())
+    return made
+
+
+def _grey(path: Path, value: int, size=(8, 8)) -> Path:
+    Image.fromarray(np.full(size, value, np.uint8)).save(path)
+    return path
+
+
+def test_integer_input_without_quantization_takes_raw_pixels(odd_models, tmp_path):
+    """A uint8 input the model casts itself took pixel / 255 truncated to 0 or 1: every image black."""
+    bright, dark = _grey(tmp_path / "bright.png", 200), _grey(tmp_path / "dark.png", 30)
+    proc = run_runner("classify", "--model", odd_models["uint8"], bright, dark, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["top"][0]["index"] for r in json.loads(proc.stdout)["results"]] == [0, 1]
+    assert "uint8 input without quantization takes the raw pixel" in proc.stderr
+    assert run_runner("classify", "--model", odd_models["uint8"], bright, "--input-range", "0,255", "--json",
+                      ).returncode == 0
+    for given in ("0,1", "-1,1"):  # fractions (and -1 for uint8) would be truncated or wrapped: refused
+        proc = run_runner("classify", "--model", odd_models["uint8"], bright, f"--input-range={given}")
+        err = _error_lines(proc.stderr)
+        assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+        assert len(err) == 1 and f"--input-range {given} gives values" in err[0] and "whole numbers" in err[0]
+        assert "drop --input-range" in err[0] and "warning:" not in proc.stderr
+
+
+def test_quantize_never_truncates_an_integer_input():
+    spec = core.TensorSpec("t", 0, (1,), np.dtype("uint8"), 0.0, 0)
+    assert core.quantize(np.array([0.0, 3.0, 255.0], np.float32), spec).tolist() == [0, 3, 255]
+    for values in ([0.5], [256.0], [-1.0], [np.nan]):
+        with pytest.raises(core.DeviceError, match="not all whole numbers from 0 to 255"):
+            core.quantize(np.array(values, np.float32), spec)
+
