@@ -197,6 +197,12 @@ class Model:
         if len(self.output.shape) != 2:
             raise DeviceError(f"{self.path}: output shape {list(self.output.shape)} is not (N, classes); "
                               "this runner serves classifiers")
+        signature = inputs[0].get("shape_signature")
+        if signature is not None and len(signature) == 4 and min(signature[1:]) < 0:
+            # The interpreter reports such a dimension as 1: images would be shrunk to 1x1 and still classified.
+            raise DeviceError(f"{self.path}: input shape {[int(d) for d in signature]} has no fixed size (-1 is any); "
+                              "the runner resizes images to the model's input size: export the model with a fixed "
+                              "input size, such as keras.Input((224, 224, 3))")
         self.preprocess, inferred = self._preprocess_spec(input_range, labels)
         if self.preprocess.get("channels") not in (1, 3):
             raise DeviceError(f"{self.path}: input has {self.preprocess.get('channels')} channels; "
@@ -208,7 +214,6 @@ class Model:
         self._batch = self.input.shape[0]
         # A batch fixed in the model (shape_signature without -1, as in Coral's models) cannot be resized:
         # such a model gets its own batch size, one image at a time for batch 1.
-        signature = inputs[0].get("shape_signature")
         self.fixed_batch = signature is not None and len(signature) > 0 and int(signature[0]) > 0
         self._input_index, self._output_index = self.input.index, self.output.index
         self._set_tensor, self._invoke = self.interpreter.set_tensor, self.interpreter.invoke

@@ -352,3 +352,14 @@ def test_quantize_never_truncates_an_integer_input():
         with pytest.raises(core.DeviceError, match="not all whole numbers from 0 to 255"):
             core.quantize(np.array(values, np.float32), spec)
 
+
+def test_model_without_fixed_input_size_is_refused(odd_models, tmp_path):
+    """Height and width left open read as 1x1: every image was shrunk to one pixel and classified."""
+    image = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    image.save(tmp_path / "a.png")
+    for args in (("classify", tmp_path / "a.png"), ("info",)):
+        proc = run_runner(*args, "--model", odd_models["dynamic"])
+        err = _error_lines(proc.stderr)
+        assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+        assert len(err) == 1 and "input shape [-1, -1, -1, 3] has no fixed size" in err[0], err
+        assert "export the model with a fixed input size" in err[0]
