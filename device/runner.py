@@ -187,8 +187,13 @@ def cmd_info(args) -> dict:
 
 
 def cmd_unpack(args) -> dict:
-    dest = integrity.extract_bundle(args.archive, args.dest)
-    problems = verify.verify_folder(dest)
+    problems = []
+
+    def verified(folder: Path) -> bool:
+        problems.extend(verify.verify_folder(folder))
+        return not problems
+
+    integrity.extract_bundle(args.archive, args.dest, keep=verified)
     return {**_header("unpack"), "path": str(args.dest), "ok": not problems, "problems": problems}
 
 
@@ -238,7 +243,8 @@ def _print_human(command: str, out: dict) -> None:
                 print(f"board {when}: " + ", ".join(f"{k} {v}" for k, v in known.items())
                       + (f" ({'; '.join(st['throttled_flags']) or 'never throttled'})" if st["throttled"] else ""))
     elif command in ("verify", "unpack"):
-        print(f"{out['path']}: " + ("all models verified" if out["ok"] else "PROBLEMS"))
+        kept = "" if command == "verify" else " (nothing unpacked was kept)"
+        print(f"{out['path']}: " + ("all models verified" if out["ok"] else f"PROBLEMS{kept}"))
         for problem in out["problems"]:
             print(f"  - {problem}")
     elif command == "info":
