@@ -395,7 +395,11 @@ def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256, 
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A labelled evaluation set: arrays `x` (uint8 images, 0-255) and `y` (integer class indices)."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):  # np.load reads a .npy too, whatever its name
+            raise DeviceError(f"{path}: one array (a .npy file), not an .npz archive; expected arrays 'x' (uint8 "
+                              "images) and 'y' (labels): save them with np.savez(path, x=x, y=y)")
+        with data:
             missing = {"x", "y"} - set(data.files)
             if missing:
                 raise DeviceError(f"{path}: missing array(s) {sorted(missing)}; expected an npz with "
@@ -407,6 +411,8 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DeviceError(f"{path}: not a readable .npz file ({e}); expected arrays 'x' and 'y'")
     if x.ndim == 0 or len(x) == 0:
         raise DeviceError(f"{path}: 'x' holds no images; expected N >= 1 uint8 images (N, H, W[, C])")
+    if y.ndim == 0:
+        raise DeviceError(f"{path}: 'y' is a single value; expected one class index per image, shape (N,)")
     if len(x) != len(y):
         raise DeviceError(f"{path}: {len(x)} images but {len(y)} labels; they must match")
     return _pixels(path, x), _labels(path, y)
@@ -428,6 +434,8 @@ def _labels(path, y: np.ndarray) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] > 1:
         raise DeviceError(f"{path}: 'y' has shape {list(y.shape)}, one-hot or scores; expected one class index "
                           "per image: save y.argmax(axis=1)")
+    if y.size != len(y):
+        raise DeviceError(f"{path}: 'y' has shape {list(y.shape)}; expected one class index per image, shape (N,)")
     y = y.reshape(len(y))
     if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
         raise DeviceError(f"{path}: 'y' holds {y.dtype} values such as {str(y[0])!r}; expected integer class "

@@ -363,3 +363,19 @@ def test_model_without_fixed_input_size_is_refused(odd_models, tmp_path):
         assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
         assert len(err) == 1 and "input shape [-1, -1, -1, 3] has no fixed size" in err[0], err
         assert "export the model with a fixed input size" in err[0]
+
+
+def test_npz_that_is_an_npy_or_has_misshapen_labels(odd_models, tmp_path):
+    """Each was a traceback: an .npy under an .npz name, 'y' a single value, 'y' of shape (4, 2, 3)."""
+    x = np.zeros((4, 8, 8, 1), np.uint8)
+    np.save(tmp_path / "array.npy", x)
+    (tmp_path / "array.npy").rename(tmp_path / "array.npz")
+    np.savez(tmp_path / "scalar.npz", x=x[:1], y=np.array(3))
+    np.savez(tmp_path / "cube.npz", x=x, y=np.zeros((4, 2, 3), np.int64))
+    for name, says in (("array.npz", "one array (a .npy file), not an .npz archive"),
+                       ("scalar.npz", "'y' is a single value; expected one class index per image"),
+                       ("cube.npz", "'y' has shape [4, 2, 3]; expected one class index per image, shape (N,)")):
+        proc = run_runner("eval", tmp_path / name, "--model", odd_models["uint8"])
+        err = _error_lines(proc.stderr)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(err) == 1, (name, proc.stderr)
+        assert err[0].startswith(f"error: {tmp_path / name}: {says}"), (name, err)
