@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import stat
 from collections.abc import Callable
@@ -22,6 +23,9 @@ MAX_MODEL_BYTES = 512 * 1024 * 1024
 MAX_MEMBERS = 10_000
 MAX_MEMBER_BYTES = MAX_MODEL_BYTES
 MAX_TOTAL_BYTES = 2 * 1024 * 1024 * 1024
+# Pillow's resampling filters by name, as metadata.json's preprocess "resize" gives them (the runner
+# looks the name up in Pillow; this module does not import it).
+RESIZE_FILTERS = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
 
 
 def _read_umask() -> int:
@@ -74,7 +78,43 @@ def load_metadata(path: Path) -> dict:
         raise DeviceError(f"{path}: not readable JSON metadata ({e}); rebuild it with `pipeline build`")
     if not isinstance(meta, dict) or not isinstance(meta.get("preprocess"), dict):
         raise DeviceError(f"{path}: metadata has no 'preprocess' section; rebuild it with `pipeline build`")
+    problem = _unusable(meta)
+    if problem:
+        raise DeviceError(f"{path}: {problem}; rebuild it with `pipeline build`")
     return meta
+
+
+def _unusable(meta: dict) -> str | None:
+    """What in the metadata the runner could not use, said once here: used as it is, a damaged field
+    failed far from its cause (a traceback in Pillow or numpy, or an image blamed for it)."""
+    pre = meta["preprocess"]
+
+    def shown(key: str, within: dict) -> str:
+        return repr(within[key])[:40] if key in within else "missing"
+
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key in ("height", "width"):
+        if not whole(pre.get(key)):
+            return f"preprocess '{key}' is {shown(key, pre)}, expected a whole number of pixels"
+    if not whole(pre.get("channels")) or pre["channels"] not in (1, 3):
+        return f"preprocess 'channels' is {shown('channels', pre)}, expected 1 (grayscale) or 3 (RGB)"
+    for key in ("scale", "offset"):
+        v = pre.get(key)
+        if not (number(v) or isinstance(v, list) and len(v) == pre["channels"] and all(map(number, v))):
+            return f"preprocess '{key}' is {shown(key, pre)}, expected a number, or one per channel"
+    labels = pre.get("labels")
+    if not (isinstance(labels, list) and labels and all(isinstance(label, str) for label in labels)):
+        return f"preprocess 'labels' is {shown('labels', pre)}, expected a list of label names"
+    if pre.get("resize", "bilinear") not in RESIZE_FILTERS:
+        return f"preprocess 'resize' is {shown('resize', pre)}, expected one of {', '.join(RESIZE_FILTERS)}"
+    if not isinstance(meta.get("models", {}), dict):
+        return f"'models' is {shown('models', meta)}, expected an object naming each model file"
+    return None
 
 
 def read_model_bytes(path: Path, expected_sha256: str | None = None) -> bytes:

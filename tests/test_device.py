@@ -379,3 +379,29 @@ def test_npz_that_is_an_npy_or_has_misshapen_labels(odd_models, tmp_path):
         err = _error_lines(proc.stderr)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(err) == 1, (name, proc.stderr)
         assert err[0].startswith(f"error: {tmp_path / name}: {says}"), (name, err)
+
+
+GOOD_PREPROCESS = {"height": 8, "width": 8, "channels": 1, "scale": 1.0, "offset": 0.0, "labels": ["bright", "dark"]}
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda m: m["preprocess"].update(resize="foo"), "preprocess 'resize' is 'foo', expected one of nearest, box"),
+    (lambda m: m["preprocess"].update(scale="x"), "preprocess 'scale' is 'x', expected a number, or one per channel"),
+    (lambda m: m["preprocess"].pop("height"), "preprocess 'height' is missing, expected a whole number of pixels"),
+    (lambda m: m["preprocess"].update(labels="a b"), "preprocess 'labels' is 'a b', expected a list of label names"),
+    (lambda m: m.update(models=[1]), "'models' is [1], expected an object naming each model file"),
+])
+def test_damaged_metadata_is_one_line_naming_it(odd_models, tmp_path, damage, says):
+    """Each was a traceback in Pillow or numpy, or blamed the image (KeyError: 'height')."""
+    meta = {"preprocess": dict(GOOD_PREPROCESS)}
+    damage(meta)
+    shutil.copy(odd_models["uint8"], tmp_path / "model.tflite")
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    _grey(tmp_path / "a.png", 200)
+    for args in (("classify", "--model", tmp_path / "model.tflite", tmp_path / "a.png"), ("verify", tmp_path)):
+        proc = run_runner(*args)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (args[0], proc.stderr)
+        said = (_error_lines(proc.stderr) if args[0] == "classify" else
+                [line.strip()[2:] for line in proc.stdout.splitlines() if line.strip().startswith("- ")])
+        assert len(said) == 1 and f"{tmp_path / 'metadata.json'}: {says}" in said[0], (args[0], proc.stdout, said)
+        assert "a.png" not in said[0] and "rebuild it with `pipeline build`" in said[0]
