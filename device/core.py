@@ -11,6 +11,7 @@ import os
 import sys
 import warnings
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -365,6 +366,16 @@ class Model:
         return get() if get else []
 
 
+def _class_names(labels, classes: int) -> list[str]:
+    """One distinct name per class, to key per-class figures by: a label that repeats (ImageNet has two
+    "crane"s, a bird and a machine) takes its class index, "crane (134)"; every label does if one of
+    them reads like another's indexed name, so no class's figures overwrite another's."""
+    names = [labels[c] if c < len(labels) else str(c) for c in range(classes)]
+    counts = Counter(names)
+    indexed = [f"{name} ({c})" if counts[name] > 1 else name for c, name in enumerate(names)]
+    return indexed if len(set(indexed)) == classes else [f"{name} ({c})" for c, name in enumerate(names)]
+
+
 def score(probs: np.ndarray, y, labels, source: str = "labels") -> dict:
     """Top-1 accuracy, per-class accuracy and confusion matrix (rows: true class) of probabilities.
 
@@ -379,9 +390,8 @@ def score(probs: np.ndarray, y, labels, source: str = "labels") -> dict:
     pred = probs.argmax(axis=1)
     confusion = np.zeros((classes, classes), dtype=np.int64)
     np.add.at(confusion, (y, pred), 1)
-    names = [labels[c] if c < len(labels) else str(c) for c in range(classes)]
     per_class = {name: float(confusion[c, c] / confusion[c].sum()) if confusion[c].sum() else None
-                 for c, name in enumerate(names)}
+                 for c, name in enumerate(_class_names(labels, classes))}
     return {"n": int(len(y)), "accuracy": float((pred == y).mean()) if len(y) else 0.0,
             "per_class": per_class, "confusion": confusion.tolist(), "predictions": pred}
 

@@ -405,3 +405,18 @@ def test_damaged_metadata_is_one_line_naming_it(odd_models, tmp_path, damage, sa
                 [line.strip()[2:] for line in proc.stdout.splitlines() if line.strip().startswith("- ")])
         assert len(said) == 1 and f"{tmp_path / 'metadata.json'}: {says}" in said[0], (args[0], proc.stdout, said)
         assert "a.png" not in said[0] and "rebuild it with `pipeline build`" in said[0]
+
+
+def test_eval_keeps_every_class_when_labels_repeat(odd_models, tmp_path):
+    """per_class was keyed by label: of two classes named "crane" (as in ImageNet), one's figures were lost."""
+    x = np.stack([np.full((8, 8, 1), v, np.uint8) for v in (200, 210, 30)])
+    np.savez(tmp_path / "eval.npz", x=x, y=np.array([0, 1, 1]))  # predicted: 0, 0, 1
+    (tmp_path / "labels.txt").write_text("crane\ncrane\n")
+    proc = run_runner("eval", tmp_path / "eval.npz", "--model", odd_models["uint8"], "--labels",
+                      tmp_path / "labels.txt", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["per_class"] == {"crane (0)": 1.0, "crane (1)": 0.5}
+    probs = np.eye(3, dtype=np.float32)
+    # A label that reads like another's indexed name: every class takes its index, still one key each.
+    assert list(core.score(probs, [0, 1, 2], ["a", "a", "a (1)"])["per_class"]) == ["a (0)", "a (1)", "a (1) (2)"]
+    assert list(core.score(probs, [0, 1, 2], ["a", "b"])["per_class"]) == ["a", "b", "2"]
