@@ -128,7 +128,9 @@ def _to_mode(img, channels: int):
         img = Image.fromarray(np.clip(arr * 255.0 / peak, 0, 255).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
+    # A grey or RGB PNG can make one colour transparent (a tRNS chunk): Pillow's RGBA conversion turns it
+    # into alpha, flattened onto black like any other.
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("L", "RGB") and "transparency" in img.info):
         from PIL import Image
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img.convert("RGBA"))

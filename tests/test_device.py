@@ -420,3 +420,29 @@ def test_eval_keeps_every_class_when_labels_repeat(odd_models, tmp_path):
     # A label that reads like another's indexed name: every class takes its index, still one key each.
     assert list(core.score(probs, [0, 1, 2], ["a", "a", "a (1)"])["per_class"]) == ["a (0)", "a (1)", "a (1) (2)"]
     assert list(core.score(probs, [0, 1, 2], ["a", "b"])["per_class"]) == ["a", "b", "2"]
+
+
+def _decoded(path: Path, channels: int = 1) -> np.ndarray:
+    from device.images import read_image
+
+    size = Image.open(path).size
+    pixels, _ = read_image(path, {"height": size[1], "width": size[0], "channels": channels, "resize": "nearest"})
+    return pixels[..., 0] if channels == 1 else pixels
+
+
+def test_png_transparency_of_grey_and_rgb_images_is_flattened_onto_black(odd_models, tmp_path):
+    """A tRNS chunk (one colour made transparent) in a grey or RGB PNG was ignored: only alpha images were
+    flattened onto black, as documented for all."""
+    grey = np.full((4, 6), 100, np.uint8)
+    grey[:, :3] = 255
+    Image.fromarray(grey).save(tmp_path / "grey.png", transparency=255)
+    rgb = np.full((4, 6, 3), (10, 20, 30), np.uint8)
+    rgb[:, :3] = 200
+    Image.fromarray(rgb).save(tmp_path / "rgb.png", transparency=(200, 200, 200))
+    assert Image.open(tmp_path / "grey.png").mode == "L" and Image.open(tmp_path / "rgb.png").mode == "RGB"
+    assert _decoded(tmp_path / "grey.png").tolist() == [[0, 0, 0, 100, 100, 100]] * 4
+    assert _decoded(tmp_path / "rgb.png", 3).tolist() == [[[0, 0, 0]] * 3 + [[10, 20, 30]] * 3] * 4
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "clear.png", transparency=255)
+    proc = run_runner("classify", "--model", odd_models["uint8"], tmp_path / "clear.png", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["results"][0]["top"][0]["index"] == 1, proc.stderr  # dark
+
