@@ -446,3 +446,32 @@ def test_png_transparency_of_grey_and_rgb_images_is_flattened_onto_black(odd_mod
     proc = run_runner("classify", "--model", odd_models["uint8"], tmp_path / "clear.png", "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["results"][0]["top"][0]["index"] == 1, proc.stderr  # dark
 
+
+def test_16_bit_images_scale_by_their_depth_not_their_brightest_pixel(tmp_path):
+    """A 16-bit image whose pixels were all at most 255 was read as 8-bit: all 200 read as 200 (bright), and
+    one pixel of 256 flipped the whole image to 0."""
+    flat = np.full((2, 3), 200, np.uint16)
+    Image.fromarray(flat).save(tmp_path / "flat.png")
+    flat[0, 0] = 256
+    Image.fromarray(flat).save(tmp_path / "one_brighter.png")
+    Image.fromarray(np.arange(6, dtype=np.uint16).reshape(2, 3) * 257 * 40).save(tmp_path / "ramp.png")
+    assert Image.open(tmp_path / "flat.png").mode == "I;16"
+    assert _decoded(tmp_path / "flat.png").tolist() == [[1, 1, 1]] * 2  # 200 of 65535 is 0.78 of 255
+    assert _decoded(tmp_path / "one_brighter.png").tolist() == [[1, 1, 1]] * 2
+    assert _decoded(tmp_path / "ramp.png").tolist() == [[0, 40, 80], [120, 160, 200]]
+    # Mode I (32-bit) is ambiguous (older Pillows open a 16-bit PNG so): its values decide.
+    Image.fromarray(np.full((2, 3), 200, np.int32)).save(tmp_path / "i8.tif")
+    Image.fromarray(np.full((2, 3), 65535, np.int32)).save(tmp_path / "i16.tif")
+    assert Image.open(tmp_path / "i8.tif").mode == "I"
+    assert _decoded(tmp_path / "i8.tif").tolist() == [[200] * 3] * 2
+    assert _decoded(tmp_path / "i16.tif").tolist() == [[255] * 3] * 2
+
+
+def test_floating_point_image_is_refused_in_one_line(odd_models, tmp_path):
+    """Mode F was cast to 8 bits as it was: 0..1 values read as a black image."""
+    Image.fromarray(np.full((8, 8), 0.8, np.float32)).save(tmp_path / "f.tif")
+    assert Image.open(tmp_path / "f.tif").mode == "F"
+    proc = run_runner("classify", "--model", odd_models["uint8"], tmp_path / "f.tif")
+    err = _error_lines(proc.stderr)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(err) == 1, proc.stderr
+    assert err[0].startswith(f"error: {tmp_path / 'f.tif'}: a floating-point image") and "8- or 16-bit" in err[0]
