@@ -342,6 +342,11 @@ class Model:
         if loaded:
             probs = self.predict(np.stack([p for _, p in loaded]))
             for (i, _), p in zip(loaded, probs):
+                if not np.isfinite(p).all():  # no ranking means anything then, and JSON has no NaN
+                    results[i] = {"image": results[i]["image"], "error": (
+                        f"{results[i]['image']}: the model's scores for it are not all finite (NaN or infinity); "
+                        "the model is damaged or overflows on this input: check --input-range")}
+                    continue
                 order = np.argsort(-p, kind="stable")[:top_k]  # ties: the lowest index, as argmax (evaluation)
                 results[i]["top"] = [{"label": self.labels[c] if c < len(self.labels) else str(c), "index": int(c),
                                       "score": float(p[c])} for c in order]

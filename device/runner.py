@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -372,7 +373,7 @@ def _execute(args) -> int:
             print(f"warning: {r['image']}: {w}", file=sys.stderr)
     try:
         if args.json:
-            print(json.dumps(out, indent=2))
+            print(json.dumps(_finite(out), indent=2, allow_nan=False))
         else:
             _print_human(args.command, out)
         sys.stdout.flush()
@@ -381,6 +382,18 @@ def _execute(args) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0 if out.get("ok", True) else 1
+
+
+def _finite(value):
+    """value with null for NaN and infinity: Python writes them as NaN and Infinity, which is not JSON, and
+    strict parsers (JavaScript's, jq) refuse the whole output. A crafted model can carry them (a NaN scale)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _unverifiable(args) -> bool:

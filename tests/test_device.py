@@ -303,11 +303,25 @@ def _log_of_mean(x):
     return tf.stack([tf.math.log(mean), tf.zeros_like(mean)], axis=1)
 
 
+def _with_nan_input_scale(flatbuffer: bytes) -> bytes:
+    """The model with a NaN quantization scale on its input, as a crafted file can carry."""
+    import flatbuffers
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
+    quantization = schema.QuantizationParametersT()
+    quantization.scale, quantization.zeroPoint = [float("nan")], [0]
+    model.subgraphs[0].tensors[model.subgraphs[0].inputs[0]].quantization = quantization
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
 @pytest.fixture(scope="module")
 def odd_models(tmp_path_factory) -> dict[str, Path]:
     """8x8 models with no metadata.json, converted from tf.functions (a second or two each): a uint8 input the
-    model casts itself (no quantization), height and width left open, a float input, and one that can output
-    minus infinity."""
+    model casts itself (no quantization), height and width left open, a float input, one that can output
+    minus infinity, and the uint8 one with a NaN input scale."""
     import tensorflow as tf
 
     folder = tmp_path_factory.mktemp("odd-models")
@@ -320,6 +334,8 @@ def odd_models(tmp_path_factory) -> dict[str, Path]:
         converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()], function)
         made[name] = folder / f"{name}.tflite"
         made[name].write_bytes(converter.convert())
+    made["nan_scale"] = folder / "nan_scale.tflite"
+    made["nan_scale"].write_bytes(_with_nan_input_scale(made["uint8"].read_bytes()))
     return made
 
 
@@ -475,3 +491,23 @@ def test_floating_point_image_is_refused_in_one_line(odd_models, tmp_path):
     err = _error_lines(proc.stderr)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(err) == 1, proc.stderr
     assert err[0].startswith(f"error: {tmp_path / 'f.tif'}: a floating-point image") and "8- or 16-bit" in err[0]
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_is_strict_json(odd_models, tmp_path):
+    """--json printed -Infinity and NaN, which strict parsers (JavaScript's, jq) refuse with the whole output."""
+    bright, black = _grey(tmp_path / "bright.png", 200), _grey(tmp_path / "black.png", 0)
+    proc = run_runner("classify", "--model", odd_models["log"], bright, black, "--json")  # log(0) for black
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    first, second = _strict_json(proc.stdout)["results"]
+    assert [t["index"] for t in first["top"]] == [1, 0] and "top" not in second
+    assert second["error"].startswith(f"{black}: the model's scores for it are not all finite")
+    proc = run_runner("info", "--model", odd_models["nan_scale"], "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert _strict_json(proc.stdout)["input"]["scale"] is None
