@@ -325,14 +325,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    # A path on the command line that does not exist is a usage error (2), as in `pipeline`; images
-    # are data, each reported on its own by classify.
-    for name, what in (("model", "no such model file"), ("data", "no such .npz file"),
-                       ("archive", "no such bundle file"), ("folder", "no such folder")):
-        path = getattr(args, name, None)
-        if path is not None and not path.exists():
-            print(f"error: {path}: {what}", file=sys.stderr)
-            return 2
+    problem = _path_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if getattr(args, "fn", None) not in (cmd_verify, cmd_unpack) and args.model is None:
         args.model, code = _step(lambda _: default_model(), args)
         if code:
@@ -350,6 +346,31 @@ def main(argv=None) -> int:
     if code:
         return code
     return _in_child(args) if isolate else _execute(args)
+
+
+# Each path the command line names: the argument, whether it is a file or a folder, what it is called,
+# what to pass instead, and whether it must exist (unpack makes its folder).
+PATHS = (("model", "file", "model file", "a .tflite file with --model", True),
+         ("data", "file", ".npz file", "an .npz file with arrays 'x' and 'y'", True),
+         ("labels", "file", "labels file", "a text file with one label a line to --labels", True),
+         ("archive", "file", "bundle file", "the .tar.gz written by `pipeline bundle`", True),
+         ("folder", "folder", "folder", "an unpacked bundle or a run directory (`unpack` takes the .tar.gz)", True),
+         ("dest", "folder", "folder to unpack into", "a new folder", False))
+
+
+def _path_problem(args) -> str | None:
+    """A path that does not exist, or is a file where a folder is expected (or the reverse): a usage error
+    (2), as in `pipeline`. Images are data, each reported on its own by classify."""
+    for name, kind, called, instead, must_exist in PATHS:
+        path = getattr(args, name, None)
+        if path is None or not path.exists():
+            if path is not None and must_exist:
+                return f"{path}: no such {called}"
+            continue
+        if not (path.is_dir() if kind == "folder" else path.is_file()):
+            found = "a folder" if path.is_dir() else "a file" if path.is_file() else "a device, pipe or socket"
+            return f"{path}: is {found}, not a {called}; pass {instead}"
+    return None
 
 
 def _step(fn, args):

@@ -511,3 +511,26 @@ def test_json_output_is_strict_json(odd_models, tmp_path):
     proc = run_runner("info", "--model", odd_models["nan_scale"], "--json")
     assert proc.returncode == 0, proc.stderr
     assert _strict_json(proc.stdout)["input"]["scale"] is None
+
+
+def test_a_path_of_the_wrong_kind_is_a_usage_error(odd_models, tmp_path):
+    """docs/exit-codes.md: a path that does not exist, or a file where a folder is expected (or the reverse),
+    exits 2. These exited 1, and `verify FILE` said "no such folder" of a file that exists."""
+    model, folder, missing = odd_models["uint8"], tmp_path / "folder", tmp_path / "missing.txt"
+    folder.mkdir()
+    archive = tmp_path / "b.tar.gz"
+    with tarfile.open(archive, "w:gz"):
+        pass
+    cases = [(("verify", model), f"{model}: is a file, not a folder; pass an unpacked bundle"),
+             (("classify", "--model", folder, "a.png"), f"{folder}: is a folder, not a model file; pass a .tflite"),
+             (("eval", folder, "--model", model), f"{folder}: is a folder, not a .npz file"),
+             (("unpack", folder, tmp_path / "new"), f"{folder}: is a folder, not a bundle file"),
+             (("unpack", archive, model), f"{model}: is a file, not a folder to unpack into; pass a new folder"),
+             (("info", "--model", model, "--labels", missing), f"{missing}: no such labels file"),
+             (("info", "--model", model, "--labels", folder), f"{folder}: is a folder, not a labels file")]
+    for args, says in cases:
+        proc = run_runner(*args)
+        err = _error_lines(proc.stderr)
+        assert proc.returncode == 2 and proc.stdout == "" and len(err) == 1, (args, proc.stderr)
+        assert err[0].startswith(f"error: {says}") and "Traceback" not in proc.stderr, (args, err)
+    assert not (tmp_path / "new").exists()
