@@ -11,6 +11,7 @@ import os
 import sys
 import warnings
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,10 +129,23 @@ class TensorSpec:
 def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Real values to the tensor's storage type: q = clip(round(x / scale) + zero_point)."""
     if not spec.quantized:
+        if np.issubdtype(spec.dtype, np.integer):
+            return _whole(x, spec.dtype)
         return x.astype(spec.dtype, copy=False)
     info = np.iinfo(spec.dtype)
     q = np.round(x / spec.scale) + spec.zero_point
     return np.clip(q, info.min, info.max).astype(spec.dtype)
+
+
+def _whole(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    # An integer input without quantization parameters takes values as they are (the model casts them
+    # itself): a cast that would truncate a fraction or wrap a value around is refused, never made.
+    info = np.iinfo(dtype)
+    if x.size and not (np.array_equal(x, np.round(x)) and info.min <= x.min() and x.max() <= info.max):
+        raise DeviceError(f"values from {x.min():g} to {x.max():g}, not all whole numbers from {info.min} to "
+                          f"{info.max}, for a {dtype.name} input without quantization parameters (it takes whole "
+                          "numbers as they are)")
+    return x.astype(dtype)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -184,21 +198,31 @@ class Model:
         if len(self.output.shape) != 2:
             raise DeviceError(f"{self.path}: output shape {list(self.output.shape)} is not (N, classes); "
                               "this runner serves classifiers")
-        self.preprocess = self._preprocess_spec(input_range, labels)
+        signature = inputs[0].get("shape_signature")
+        if signature is not None and len(signature) == 4 and min(signature[1:]) < 0:
+            # The interpreter reports such a dimension as 1: images would be shrunk to 1x1 and still classified.
+            raise DeviceError(f"{self.path}: input shape {[int(d) for d in signature]} has no fixed size (-1 is any); "
+                              "the runner resizes images to the model's input size: export the model with a fixed "
+                              "input size, such as keras.Input((224, 224, 3))")
+        self.preprocess, inferred = self._preprocess_spec(input_range, labels)
         if self.preprocess.get("channels") not in (1, 3):
             raise DeviceError(f"{self.path}: input has {self.preprocess.get('channels')} channels; "
                               "the runner feeds grayscale (1) or RGB (3) images")
+        if np.issubdtype(self.input.dtype, np.integer) and not self.input.quantized:
+            self._check_whole(input_range)
+        if inferred:  # said once the model is known to be usable: a refusal is the one line then
+            warnings.warn(f"{self.path}: no {METADATA_NAME} beside the model; {inferred}", stacklevel=2)
         self._batch = self.input.shape[0]
         # A batch fixed in the model (shape_signature without -1, as in Coral's models) cannot be resized:
         # such a model gets its own batch size, one image at a time for batch 1.
-        signature = inputs[0].get("shape_signature")
         self.fixed_batch = signature is not None and len(signature) > 0 and int(signature[0]) > 0
         self._input_index, self._output_index = self.input.index, self.output.index
         self._set_tensor, self._invoke = self.interpreter.set_tensor, self.interpreter.invoke
         self._get_tensor = self.interpreter.get_tensor
 
-    def _preprocess_spec(self, input_range: str | None, labels: list[str] | None) -> dict:
-        """metadata.json's preprocessing (with what the user overrides), else what device/foreign.py infers."""
+    def _preprocess_spec(self, input_range: str | None, labels: list[str] | None) -> tuple[dict, str | None]:
+        """(metadata.json's preprocessing with what the user overrides, None), else (what device/foreign.py
+        infers, the sentence saying how)."""
         classes = self.output.shape[-1]
         if labels is not None and len(labels) != classes:
             raise DeviceError(f"--labels: {len(labels)} labels, but {self.path.name} has {classes} classes; "
@@ -211,10 +235,24 @@ class Model:
                 pre["scale"], pre["offset"] = foreign.INPUT_RANGES[input_range]
             if labels is not None:
                 pre["labels"] = list(labels)
-            return pre
-        pre, said = foreign.preprocess(self.model_bytes, self.input, classes, input_range, labels)
-        warnings.warn(f"{self.path}: no {METADATA_NAME} beside the model; {said}", stacklevel=3)
-        return pre
+            return pre, None
+        return foreign.preprocess(self.model_bytes, self.input, classes, input_range, labels)
+
+    def _check_whole(self, input_range: str | None) -> None:
+        """Refuse, before any image is read, a preprocessing that gives an integer input without
+        quantization anything but whole numbers it can hold: every pixel value 0..255 goes through it."""
+        ramp = np.repeat(np.arange(256, dtype=np.uint8)[:, None], self.preprocess["channels"], axis=1)
+        try:
+            quantize(normalize(ramp, self.preprocess), self.input)
+        except DeviceError as e:
+            _, fed = foreign.raw_pixel(self.input.dtype)
+            if input_range is not None:
+                origin, fix = f"--input-range {input_range}", f"drop --input-range to feed the {fed}"
+            else:
+                origin = f"{METADATA_NAME}'s preprocess" if self.metadata is not None else "the model's TFLite metadata"
+                fix = ("pass --input-range 0,255 to feed the raw pixel" if np.iinfo(self.input.dtype).max >= 255
+                       else f"correct the {origin}")
+            raise DeviceError(f"{self.path}: {origin} gives {e}; {fix}") from None
 
     @property
     def labels(self) -> list[str]:
@@ -304,6 +342,11 @@ class Model:
         if loaded:
             probs = self.predict(np.stack([p for _, p in loaded]))
             for (i, _), p in zip(loaded, probs):
+                if not np.isfinite(p).all():  # no ranking means anything then, and JSON has no NaN
+                    results[i] = {"image": results[i]["image"], "error": (
+                        f"{results[i]['image']}: the model's scores for it are not all finite (NaN or infinity); "
+                        "the model is damaged or overflows on this input: check --input-range")}
+                    continue
                 order = np.argsort(-p, kind="stable")[:top_k]  # ties: the lowest index, as argmax (evaluation)
                 results[i]["top"] = [{"label": self.labels[c] if c < len(self.labels) else str(c), "index": int(c),
                                       "score": float(p[c])} for c in order]
@@ -328,6 +371,16 @@ class Model:
         return get() if get else []
 
 
+def _class_names(labels, classes: int) -> list[str]:
+    """One distinct name per class, to key per-class figures by: a label that repeats (ImageNet has two
+    "crane"s, a bird and a machine) takes its class index, "crane (134)"; every label does if one of
+    them reads like another's indexed name, so no class's figures overwrite another's."""
+    names = [labels[c] if c < len(labels) else str(c) for c in range(classes)]
+    counts = Counter(names)
+    indexed = [f"{name} ({c})" if counts[name] > 1 else name for c, name in enumerate(names)]
+    return indexed if len(set(indexed)) == classes else [f"{name} ({c})" for c, name in enumerate(names)]
+
+
 def score(probs: np.ndarray, y, labels, source: str = "labels") -> dict:
     """Top-1 accuracy, per-class accuracy and confusion matrix (rows: true class) of probabilities.
 
@@ -342,9 +395,8 @@ def score(probs: np.ndarray, y, labels, source: str = "labels") -> dict:
     pred = probs.argmax(axis=1)
     confusion = np.zeros((classes, classes), dtype=np.int64)
     np.add.at(confusion, (y, pred), 1)
-    names = [labels[c] if c < len(labels) else str(c) for c in range(classes)]
     per_class = {name: float(confusion[c, c] / confusion[c].sum()) if confusion[c].sum() else None
-                 for c, name in enumerate(names)}
+                 for c, name in enumerate(_class_names(labels, classes))}
     return {"n": int(len(y)), "accuracy": float((pred == y).mean()) if len(y) else 0.0,
             "per_class": per_class, "confusion": confusion.tolist(), "predictions": pred}
 
@@ -358,7 +410,11 @@ def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256, 
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A labelled evaluation set: arrays `x` (uint8 images, 0-255) and `y` (integer class indices)."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):  # np.load reads a .npy too, whatever its name
+            raise DeviceError(f"{path}: one array (a .npy file), not an .npz archive; expected arrays 'x' (uint8 "
+                              "images) and 'y' (labels): save them with np.savez(path, x=x, y=y)")
+        with data:
             missing = {"x", "y"} - set(data.files)
             if missing:
                 raise DeviceError(f"{path}: missing array(s) {sorted(missing)}; expected an npz with "
@@ -370,6 +426,8 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DeviceError(f"{path}: not a readable .npz file ({e}); expected arrays 'x' and 'y'")
     if x.ndim == 0 or len(x) == 0:
         raise DeviceError(f"{path}: 'x' holds no images; expected N >= 1 uint8 images (N, H, W[, C])")
+    if y.ndim == 0:
+        raise DeviceError(f"{path}: 'y' is a single value; expected one class index per image, shape (N,)")
     if len(x) != len(y):
         raise DeviceError(f"{path}: {len(x)} images but {len(y)} labels; they must match")
     return _pixels(path, x), _labels(path, y)
@@ -391,6 +449,8 @@ def _labels(path, y: np.ndarray) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] > 1:
         raise DeviceError(f"{path}: 'y' has shape {list(y.shape)}, one-hot or scores; expected one class index "
                           "per image: save y.argmax(axis=1)")
+    if y.size != len(y):
+        raise DeviceError(f"{path}: 'y' has shape {list(y.shape)}; expected one class index per image, shape (N,)")
     y = y.reshape(len(y))
     if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
         raise DeviceError(f"{path}: 'y' holds {y.dtype} values such as {str(y[0])!r}; expected integer class "

@@ -3,9 +3,10 @@
 In order: what the user says (--input-range, --labels); the model's own standard TFLite metadata
 (normalization mean/std of the input image, the output's label file), which model zoos and
 edgepipe's own models (pipeline/metadata.py) carry; else TFLite's convention for image models: a
-uint8 input takes the raw pixel, an int8 input the pixel - 128, and a float input is ambiguous
-(0..1 is assumed and said). The device has neither TensorFlow nor the flatbuffers package, so the
-few metadata fields needed are read with a minimal flatbuffer reader.
+uint8 input (quantized, or cast by the model itself) takes the raw pixel, an int8 input the
+pixel - 128, and a float input is ambiguous (0..1 is assumed and said). The device has neither
+TensorFlow nor the flatbuffers package, so the few metadata fields needed are read with a minimal
+flatbuffer reader.
 """
 from __future__ import annotations
 
@@ -138,6 +139,7 @@ def preprocess(model_bytes: bytes, input_spec, classes: int, input_range: str | 
     """(the preprocess dict core.Model uses, one sentence saying where each part came from)."""
     _, h, w, c = input_spec.shape
     embedded = read(model_bytes) or {}
+    whole = np.issubdtype(input_spec.dtype, np.integer) and not input_spec.quantized
     if input_range is not None:
         scale, offset = INPUT_RANGES[input_range]
         said = f"input range {input_range} as given"
@@ -148,14 +150,20 @@ def preprocess(model_bytes: bytes, input_spec, classes: int, input_range: str | 
                 "metadata")
     elif input_spec.quantized and input_spec.dtype in (np.uint8, np.int8):
         # Chosen so that quantize(pixel * scale + offset) is exactly the raw pixel (uint8) or pixel - 128 (int8).
-        shift = 0 if input_spec.dtype == np.uint8 else 128
+        shift, fed = raw_pixel(input_spec.dtype)
         scale, offset = input_spec.scale, -(shift + input_spec.zero_point) * input_spec.scale
-        said = (f"{input_spec.dtype.name} input takes the {'raw pixel' if not shift else 'pixel - 128'} "
-                "(TFLite's convention for quantized image models)")
+        said = f"{input_spec.dtype.name} input takes the {fed} (TFLite's convention for quantized image models)"
+    elif whole:
+        # The model casts its input itself, so it takes the integers as they are: the same pixels as a
+        # quantized input of its type. No other --input-range fits it (fractions would be truncated).
+        shift, fed = raw_pixel(input_spec.dtype)
+        scale, offset = 1.0, float(-shift)
+        said = (f"{input_spec.dtype.name} input without quantization takes the {fed} as it is "
+                "(TFLite's convention for integer image input)")
     else:
         scale, offset = INPUT_RANGES["0,1"]
         said = f"{input_spec.dtype.name} input: assuming pixels scaled to 0..1"
-    if input_range is None and not embedded.get("mean"):
+    if input_range is None and not embedded.get("mean") and not whole:
         said += "; pass --input-range 0,1, -1,1 or 0,255 if the model was trained otherwise"
     if labels is not None:
         said += f"; {len(labels)} labels as given"
@@ -166,6 +174,12 @@ def preprocess(model_bytes: bytes, input_spec, classes: int, input_range: str | 
         said += "; no labels in the model, classes are numbered: pass --labels FILE (one label a line)"
     return ({"height": h, "width": w, "channels": c, "scale": scale, "offset": offset, "layout": "NHWC",
              "labels": list(labels) if labels else [str(i) for i in range(classes)], "source": said}, said)
+
+
+def raw_pixel(dtype) -> tuple[int, str]:
+    """(what is subtracted from a pixel, how it is said) for an integer image input: TFLite's convention
+    is the raw pixel, and the pixel - 128 for int8, which cannot hold 128..255."""
+    return (128, "pixel - 128") if np.dtype(dtype) == np.int8 else (0, "raw pixel")
 
 
 def read_labels(path: Path) -> list[str]:

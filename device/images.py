@@ -1,8 +1,8 @@
 """Images as a user brings them, to uint8 pixels in the model's size and colour layout.
 
-EXIF orientation applied, palette/alpha/16-bit converted, decompression bombs refused; and the
-doubts worth a warning: an image far smaller than the model's input, or of the opposite polarity
-to the training data. Imports only numpy and pillow (lazily).
+EXIF orientation applied, palette/alpha/16-bit converted, floating-point images and decompression
+bombs refused; and the doubts worth a warning: an image far smaller than the model's input, or of
+the opposite polarity to the training data. Imports only numpy and pillow (lazily).
 """
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ def read_image(source, preprocess: dict, name: str | None = None,
                 orientation = img.getexif().get(0x0112, 1)
                 img = ImageOps.exif_transpose(img)
                 size = img.size
+                if img.mode == "F":
+                    raise DeviceError(f"{name}: a floating-point image, whose values have no set range (0..1? "
+                                      "0..255?); save it as an 8- or 16-bit image")
                 img = _to_mode(img, preprocess["channels"])
                 t1 = time.perf_counter()
                 img = img.resize((preprocess["width"], preprocess["height"]), resample)
@@ -74,6 +77,8 @@ def read_image(source, preprocess: dict, name: str | None = None,
         raise DeviceError(f"{name}: no such image file")
     except IsADirectoryError:
         raise DeviceError(folder_error(name, source))
+    except DeviceError:
+        raise
     except Exception as e:  # Pillow's decoders on damaged files raise OSError, ValueError, TypeError, struct.error...
         raise DeviceError(f"{name}: not a readable image ({type(e).__name__}: {e}); pass a PNG, JPEG or other "
                           "Pillow format")
@@ -121,14 +126,18 @@ def _background(pixels: np.ndarray) -> float:
 def _to_mode(img, channels: int):
     # Palette, alpha and 16-bit images are converted, not refused: flatten alpha onto black (the
     # background of MNIST-style training digits) and scale 16-bit samples down to 8 bits.
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode.startswith("I;16") or img.mode == "I":
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 else 255.0
+        # A 16-bit mode holds 16-bit samples, however dark the image. Mode I (32-bit) is what older
+        # Pillows open a 16-bit PNG as and other formats an 8-bit one: only there do the values decide.
+        peak = 65535.0 if img.mode != "I" or arr.max() > 255 else 255.0
         from PIL import Image
-        img = Image.fromarray(np.clip(arr * 255.0 / peak, 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(np.rint(arr * 255.0 / peak), 0, 255).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
+    # A grey or RGB PNG can make one colour transparent (a tRNS chunk): Pillow's RGBA conversion turns it
+    # into alpha, flattened onto black like any other.
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("L", "RGB") and "transparency" in img.info):
         from PIL import Image
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img.convert("RGBA"))

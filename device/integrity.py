@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import stat
+from collections.abc import Callable
 from pathlib import Path
 
 METADATA_NAME = "metadata.json"
@@ -20,6 +23,9 @@ MAX_MODEL_BYTES = 512 * 1024 * 1024
 MAX_MEMBERS = 10_000
 MAX_MEMBER_BYTES = MAX_MODEL_BYTES
 MAX_TOTAL_BYTES = 2 * 1024 * 1024 * 1024
+# Pillow's resampling filters by name, as metadata.json's preprocess "resize" gives them (the runner
+# looks the name up in Pillow; this module does not import it).
+RESIZE_FILTERS = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
 
 
 def _read_umask() -> int:
@@ -72,7 +78,43 @@ def load_metadata(path: Path) -> dict:
         raise DeviceError(f"{path}: not readable JSON metadata ({e}); rebuild it with `pipeline build`")
     if not isinstance(meta, dict) or not isinstance(meta.get("preprocess"), dict):
         raise DeviceError(f"{path}: metadata has no 'preprocess' section; rebuild it with `pipeline build`")
+    problem = _unusable(meta)
+    if problem:
+        raise DeviceError(f"{path}: {problem}; rebuild it with `pipeline build`")
     return meta
+
+
+def _unusable(meta: dict) -> str | None:
+    """What in the metadata the runner could not use, said once here: used as it is, a damaged field
+    failed far from its cause (a traceback in Pillow or numpy, or an image blamed for it)."""
+    pre = meta["preprocess"]
+
+    def shown(key: str, within: dict) -> str:
+        return repr(within[key])[:40] if key in within else "missing"
+
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key in ("height", "width"):
+        if not whole(pre.get(key)):
+            return f"preprocess '{key}' is {shown(key, pre)}, expected a whole number of pixels"
+    if not whole(pre.get("channels")) or pre["channels"] not in (1, 3):
+        return f"preprocess 'channels' is {shown('channels', pre)}, expected 1 (grayscale) or 3 (RGB)"
+    for key in ("scale", "offset"):
+        v = pre.get(key)
+        if not (number(v) or isinstance(v, list) and len(v) == pre["channels"] and all(map(number, v))):
+            return f"preprocess '{key}' is {shown(key, pre)}, expected a number, or one per channel"
+    labels = pre.get("labels")
+    if not (isinstance(labels, list) and labels and all(isinstance(label, str) for label in labels)):
+        return f"preprocess 'labels' is {shown('labels', pre)}, expected a list of label names"
+    if pre.get("resize", "bilinear") not in RESIZE_FILTERS:
+        return f"preprocess 'resize' is {shown('resize', pre)}, expected one of {', '.join(RESIZE_FILTERS)}"
+    if not isinstance(meta.get("models", {}), dict):
+        return f"'models' is {shown('models', meta)}, expected an object naming each model file"
+    return None
 
 
 def read_model_bytes(path: Path, expected_sha256: str | None = None) -> bytes:
@@ -117,16 +159,19 @@ def expected_sha256(model_path: Path, metadata: dict | None) -> str | None:
     return sha if isinstance(sha, str) and sha else None
 
 
-def extract_bundle(archive: Path, dest: Path, *, max_members: int = MAX_MEMBERS,
-                   max_member_bytes: int = MAX_MEMBER_BYTES, max_total_bytes: int = MAX_TOTAL_BYTES) -> Path:
+def extract_bundle(archive: Path, dest: Path, *, keep: Callable[[Path], bool] | None = None,
+                   max_members: int = MAX_MEMBERS, max_member_bytes: int = MAX_MEMBER_BYTES,
+                   max_total_bytes: int = MAX_TOTAL_BYTES) -> Path:
     """Unpack a bundle: regular files and folders only, every one inside dest, within the size limits;
     refuse the whole archive for any member that is not, never skipping one.
 
     The members are checked here, and by tarfile's `data` filter too where Python has it (3.12, and
     3.8.17+ / 3.9.17+ / 3.11.4+): boards run Pythons without it (Raspberry Pi OS bullseye has 3.9.2),
     and there our own checks stand alone. It is unpacked into a hidden folder beside dest and renamed
-    into place only when complete, so a failure leaves nothing behind; dest must not exist or be an
-    empty folder.
+    into place only when complete, so a failure leaves nothing behind: neither that folder nor the
+    parent folders this call made. dest must not exist or be an empty folder. `keep`, when given, is
+    asked about the folder in place; if it says no, the folder goes as on a failure (an empty dest is
+    left empty), so what does not verify is not left to be used.
     """
     import shutil
     import tempfile
@@ -134,18 +179,58 @@ def extract_bundle(archive: Path, dest: Path, *, max_members: int = MAX_MEMBERS,
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
         raise DeviceError(f"{archive}: no such bundle file; pass the .tar.gz written by `pipeline bundle`")
+    if dest.is_symlink():
+        raise DeviceError(f"{dest}: is a symbolic link, which the unpacked folder would replace; unpack into a new "
+                          "folder, or into the folder the link points to by its own path")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise DeviceError(f"{dest}: already exists and is not an empty folder; unpack into a new folder")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.unpack-"))
+    if dest.exists() and os.path.samefile(dest, os.curdir):
+        # The folder is replaced by a rename: the shell that ran us would be left in a deleted folder.
+        raise DeviceError(f"{dest}: is the current folder, which the unpacked folder would replace; unpack into a "
+                          f"new folder, such as {dest / 'bundle'}")
+    target = Path(os.path.abspath(dest))  # "." and "dir/.." have no name to put a hidden folder beside
+    empty_mode = stat.S_IMODE(target.stat().st_mode) if target.is_dir() else None
+    made, parent = [], target.parent  # the parent folders made here, deepest first
+    while not os.path.lexists(parent):
+        made.append(parent)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DeviceError(f"{dest}: {parent} is not a folder; unpack into a folder elsewhere")
+    tmp, placed = None, False
+
+    def undo() -> None:
+        if placed:
+            shutil.rmtree(target, ignore_errors=True)
+            if empty_mode is not None:
+                target.mkdir()
+                target.chmod(empty_mode)
+        elif tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except FileNotFoundError:  # a failed mkdir made the shallower ones only
+                continue
+            except OSError:  # something else was put there meanwhile: it stays, and so do its parents
+                break
+
     try:
-        _extract_checked(archive, tmp, max_members, max_member_bytes, max_total_bytes)
-        tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes it 0700; the unpacked folder is the user's
-        if dest.is_dir():
-            dest.rmdir()
-        os.rename(tmp, dest)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.unpack-"))
+            _extract_checked(archive, tmp, max_members, max_member_bytes, max_total_bytes)
+            tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes it 0700; the unpacked folder is the user's
+            if target.is_dir():
+                target.rmdir()
+            os.rename(tmp, target)
+            placed = True
+        except OSError as e:
+            raise DeviceError(f"{dest}: cannot unpack there ({e.strerror}); unpack into a folder you can write") \
+                from None
+        if keep is not None and not keep(dest):
+            undo()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        undo()
         raise
     return dest
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -187,8 +188,13 @@ def cmd_info(args) -> dict:
 
 
 def cmd_unpack(args) -> dict:
-    dest = integrity.extract_bundle(args.archive, args.dest)
-    problems = verify.verify_folder(dest)
+    problems = []
+
+    def verified(folder: Path) -> bool:
+        problems.extend(verify.verify_folder(folder))
+        return not problems
+
+    integrity.extract_bundle(args.archive, args.dest, keep=verified)
     return {**_header("unpack"), "path": str(args.dest), "ok": not problems, "problems": problems}
 
 
@@ -238,7 +244,8 @@ def _print_human(command: str, out: dict) -> None:
                 print(f"board {when}: " + ", ".join(f"{k} {v}" for k, v in known.items())
                       + (f" ({'; '.join(st['throttled_flags']) or 'never throttled'})" if st["throttled"] else ""))
     elif command in ("verify", "unpack"):
-        print(f"{out['path']}: " + ("all models verified" if out["ok"] else "PROBLEMS"))
+        kept = "" if command == "verify" else " (nothing unpacked was kept)"
+        print(f"{out['path']}: " + ("all models verified" if out["ok"] else f"PROBLEMS{kept}"))
         for problem in out["problems"]:
             print(f"  - {problem}")
     elif command == "info":
@@ -318,14 +325,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    # A path on the command line that does not exist is a usage error (2), as in `pipeline`; images
-    # are data, each reported on its own by classify.
-    for name, what in (("model", "no such model file"), ("data", "no such .npz file"),
-                       ("archive", "no such bundle file"), ("folder", "no such folder")):
-        path = getattr(args, name, None)
-        if path is not None and not path.exists():
-            print(f"error: {path}: {what}", file=sys.stderr)
-            return 2
+    problem = _path_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if getattr(args, "fn", None) not in (cmd_verify, cmd_unpack) and args.model is None:
         args.model, code = _step(lambda _: default_model(), args)
         if code:
@@ -343,6 +346,31 @@ def main(argv=None) -> int:
     if code:
         return code
     return _in_child(args) if isolate else _execute(args)
+
+
+# Each path the command line names: the argument, whether it is a file or a folder, what it is called,
+# what to pass instead, and whether it must exist (unpack makes its folder).
+PATHS = (("model", "file", "model file", "a .tflite file with --model", True),
+         ("data", "file", ".npz file", "an .npz file with arrays 'x' and 'y'", True),
+         ("labels", "file", "labels file", "a text file with one label a line to --labels", True),
+         ("archive", "file", "bundle file", "the .tar.gz written by `pipeline bundle`", True),
+         ("folder", "folder", "folder", "an unpacked bundle or a run directory (`unpack` takes the .tar.gz)", True),
+         ("dest", "folder", "folder to unpack into", "a new folder", False))
+
+
+def _path_problem(args) -> str | None:
+    """A path that does not exist, or is a file where a folder is expected (or the reverse): a usage error
+    (2), as in `pipeline`. Images are data, each reported on its own by classify."""
+    for name, kind, called, instead, must_exist in PATHS:
+        path = getattr(args, name, None)
+        if path is None or not path.exists():
+            if path is not None and must_exist:
+                return f"{path}: no such {called}"
+            continue
+        if not (path.is_dir() if kind == "folder" else path.is_file()):
+            found = "a folder" if path.is_dir() else "a file" if path.is_file() else "a device, pipe or socket"
+            return f"{path}: is {found}, not a {called}; pass {instead}"
+    return None
 
 
 def _step(fn, args):
@@ -366,7 +394,7 @@ def _execute(args) -> int:
             print(f"warning: {r['image']}: {w}", file=sys.stderr)
     try:
         if args.json:
-            print(json.dumps(out, indent=2))
+            print(json.dumps(_finite(out), indent=2, allow_nan=False))
         else:
             _print_human(args.command, out)
         sys.stdout.flush()
@@ -375,6 +403,18 @@ def _execute(args) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0 if out.get("ok", True) else 1
+
+
+def _finite(value):
+    """value with null for NaN and infinity: Python writes them as NaN and Infinity, which is not JSON, and
+    strict parsers (JavaScript's, jq) refuse the whole output. A crafted model can carry them (a NaN scale)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _unverifiable(args) -> bool:

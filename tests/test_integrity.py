@@ -328,6 +328,54 @@ def test_board_helper_has_the_runners_limits():
         (integrity.MAX_MEMBERS, integrity.MAX_MEMBER_BYTES, integrity.MAX_TOTAL_BYTES)
 
 
+def _tree(root: Path) -> list[str]:
+    """Every path under root with its kind, symbolic links not followed: what a refusal must leave as it was."""
+    return sorted(f"{p.relative_to(root)} {'link' if p.is_symlink() else 'dir' if p.is_dir() else 'file'}"
+                  for p in root.rglob("*"))
+
+
+def test_unpack_refuses_a_destination_it_cannot_use_in_one_line(tmp_path):
+    """Each was an OSError traceback: the current folder, a symbolic link (dangling or not), a folder under a
+    file, a folder that cannot be written."""
+    archive = _tar(tmp_path / "b.tar.gz", {"metadata.json": b"{}"})
+    work = tmp_path / "work"
+    (work / "empty").mkdir(parents=True)
+    (work / "link").symlink_to("empty")
+    (work / "dangling").symlink_to(tmp_path / "nowhere")
+    (work / "afile").write_text("a user's file")
+    cases = [(".", work / "empty", "is the current folder"), ("link", work, "is a symbolic link"),
+             ("dangling", work, "is a symbolic link"), ("afile/sub/x", work, f"{work / 'afile'} is not a folder")]
+    if Path("/sys").is_dir():  # even root cannot make a folder in sysfs
+        cases.append(("/sys/edgepipe-unpack", work, "cannot unpack there"))
+    before = _tree(work)
+    for dest, cwd, says in cases:
+        proc = _run(sys.executable, RUNNER, "unpack", archive, dest, cwd=cwd)
+        errors = _errors(proc.stderr)
+        assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr, (dest, proc.stderr)
+        assert len(errors) == 1 and errors[0].startswith(f"error: {dest}: ") and says in errors[0], (dest, errors)
+        assert _tree(work) == before, dest
+    assert not Path("/sys/edgepipe-unpack").exists()
+
+
+def test_unpack_leaves_nothing_when_refused_or_unverified(tmp_path):
+    """docs/runner.md: a failure leaves nothing. A refused archive left the parent folders it had made; a
+    bundle that unpacked but did not verify stayed in place."""
+    evil = _tar(tmp_path / "evil.tar.gz", {"metadata.json": b"{}", "../escaped": b"x"})
+    unverified = _tar(tmp_path / "b.tar.gz", {"metadata.json": b"{}"})
+    for archive in (evil, unverified):
+        proc = _run(sys.executable, RUNNER, "unpack", archive, tmp_path / "new" / "deep" / "pi", "--json")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "new").exists() and not (tmp_path / "escaped").exists(), archive
+    out = json.loads(proc.stdout)  # the unverified one: the problems are still reported, in JSON and in text
+    assert out["ok"] is False and "metadata.json: metadata has no 'preprocess' section" in out["problems"][0]
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o700)
+    proc = _run(sys.executable, RUNNER, "unpack", unverified, empty)
+    assert proc.returncode == 1 and proc.stdout.startswith(f"{empty}: PROBLEMS (nothing unpacked was kept)")
+    assert list(empty.iterdir()) == [] and oct(empty.stat().st_mode & 0o777) == "0o700"  # as the user made it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.tar.gz", "empty", "evil.tar.gz"]
+
+
 # ---------------------------------------------------------------- 12: umask and /proc
 
 UMASK_PROBE = """
