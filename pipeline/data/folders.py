@@ -28,7 +28,9 @@ _SUFFIX_TUPLE = tuple(IMAGE_EXTENSIONS)
 SPLITS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
 RESIZE = "bilinear"  # Pillow's, antialiased when shrinking; recorded in the preprocessing the runner reads
 MAX_UNREADABLE = 0.25  # above this share of unreadable files the folder is wrong, not a few files
-CACHE_FORMAT = 1
+# 2: the runner's decoding changed (a PNG's transparent colour flattened onto black, 16-bit images scaled by their
+# depth): images cached by format 1 are decoded again.
+CACHE_FORMAT = 2
 CHUNK = 1000  # images per task handed to a decoding process
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 FOLDER_LAYOUT = "one folder per class (DIR/cat/*.jpg, DIR/dog/*.jpg), or such folders under DIR/train and DIR/test"
