@@ -513,6 +513,16 @@ def test_json_output_is_strict_json(odd_models, tmp_path):
     assert _strict_json(proc.stdout)["input"]["scale"] is None
 
 
+def test_eval_refuses_scores_that_are_not_finite(odd_models, tmp_path):
+    """eval took the argmax of NaN and infinite scores and reported an accuracy as if measured."""
+    data = tmp_path / "eval.npz"
+    np.savez(data, x=np.stack([np.full((8, 8, 1), v, np.uint8) for v in (200, 0, 90)]), y=np.array([1, 0, 1]))
+    proc = run_runner("eval", data, "--model", odd_models["log"], "--json")  # log(0) for the black image
+    err = _error_lines(proc.stderr)
+    assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+    assert len(err) == 1 and "not all finite (NaN or infinity) for 1 of 3 images, the first image 1" in err[0], err
+
+
 def test_a_path_of_the_wrong_kind_is_a_usage_error(odd_models, tmp_path):
     """docs/exit-codes.md: a path that does not exist, or a file where a folder is expected (or the reverse),
     exits 2. These exited 1, and `verify FILE` said "no such folder" of a file that exists."""
