@@ -209,9 +209,11 @@ def derive(given: dict) -> dict:
     cfg["image_size"] = _image_size(cfg["image_size"], cfg["dataset"], DATASETS[cfg["dataset"]].input_shape)
     recipe = MODELS[model].recipe
     for name in ("epochs", "batch_size", "optimizer", "learning_rate", "lr_schedule", "warmup_epochs",
-                 "weight_decay", "label_smoothing", "ema", "reparam", "sam", "plain_epochs"):
+                 "weight_decay", "label_smoothing", "ema", "reparam", "sam"):
         if cfg[name] is None:
             cfg[name] = getattr(recipe, name if name != "lr_schedule" else "schedule")
+    if cfg["plain_epochs"] is None:  # --epochs 4 must not inherit a tail of 6
+        cfg["plain_epochs"] = recipe.plain_for(cfg["epochs"])
     if cfg["augment"] is None:
         from pipeline.data.augment import default_augment
 

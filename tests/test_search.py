@@ -402,6 +402,11 @@ def test_the_final_training_takes_its_familys_zoo_recipe_whatever_the_channels()
                                                   MODELS["mnist-cnn"].recipe.learning_rate)
     trial = trial_config(settings, Candidate.parse("dscnn-w0.25-r8"), 3e-3, out="unused")
     assert (trial.optimizer, trial.learning_rate, trial.warmup_epochs) == (RECIPE["optimizer"], 3e-3, 0)
+    # ResNet-8's recipe ends plain for the same share of the final training's epochs; the trials never do.
+    cifar = {**settings, "dataset": "cifar10", "epochs": 90}
+    assert trial_config(cifar, Candidate.parse("resnet-w1-d1-r32"), None, out="unused").plain_epochs == 12
+    assert trial_config(cifar, Candidate.parse("resnet-w1-d1-r32"), 3e-3, out="unused").plain_epochs == 0
+    assert trial_config(cifar, Candidate.parse("dscnn-w1-r32"), None, out="unused").plain_epochs == 0
 
 
 def test_the_pick_run_over_a_budget_is_said():

@@ -155,3 +155,9 @@ def test_plain_epochs_end_the_training_on_the_images_as_they_are(tmp_path):
     assert cfg.plain_epochs == 1
     with pytest.raises(ConfigError, match="--plain-epochs: got 5, expected at most --epochs"):
         BuildConfig(dataset="digits", model="mnist-mlp", epochs=4, plain_epochs=5, out=str(tmp_path))
+    # cifar-resnet8's recipe ends with 6 of its 45 epochs plain: the same share of other --epochs, never more.
+    tails = {epochs: BuildConfig(dataset="cifar10", model="cifar-resnet8", out=str(tmp_path),
+                                 **({"epochs": epochs} if epochs else {})).plain_epochs for epochs in (None, 90, 4, 2)}
+    assert tails == {None: 6, 90: 12, 4: 1, 2: 0}
+    assert BuildConfig(dataset="cifar10", model="cifar-resnet8", plain_epochs=0, out=str(tmp_path)).plain_epochs == 0
+    assert BuildConfig(dataset="digits", model="mnist-mlp", epochs=40, out=str(tmp_path)).plain_epochs == 0

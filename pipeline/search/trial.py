@@ -18,7 +18,7 @@ from pipeline.search.space import Candidate
 
 # The search trains every candidate with one recipe, so that the architectures are what it compares.
 RECIPE = {"optimizer": "adam", "lr_schedule": "cosine", "warmup_epochs": 0, "weight_decay": 0.0,
-          "label_smoothing": 0.1, "ema": 0.0, "reparam": False, "sam": 0.0}
+          "label_smoothing": 0.1, "ema": 0.0, "reparam": False, "sam": 0.0, "plain_epochs": 0}
 # The input range every candidate trains with, given again when its saved model is converted and evaluated:
 # guessing it from the model scored a ResNet that saturates to one class at its best under 0-255.
 TRAINED_RANGE = "0,1"
@@ -41,6 +41,7 @@ def trial_config(settings: dict, cand: Candidate, learning_rate: float | None, *
     if learning_rate is None:
         zoo = MODELS[recipe_model(settings["dataset"], cand)].recipe
         recipe = {k: getattr(zoo, "schedule" if k == "lr_schedule" else k) for k in ("learning_rate", *RECIPE)}
+        recipe["plain_epochs"] = zoo.plain_for(settings["epochs"])
     else:
         recipe = {"learning_rate": learning_rate, **RECIPE}
     return BuildConfig(dataset=settings["dataset"], data_dir=settings["data_dir"], image_size=image_size,
