@@ -66,6 +66,18 @@ def staging_dir(final: Path) -> Path:
     return _sibling(final, "partial")
 
 
+# Where a run named only by its name lives (`--name NAME`, `--resume NAME`, `pipeline compare NAME`).
+RUNS = Path("artifacts")
+CHECKPOINT = ".train-checkpoint.npz"  # hidden: the training's bookkeeping in a staging folder, never part of a run
+
+
+def resume_target(final: Path) -> str:
+    """What `--resume` takes for this run: its name when it lives in artifacts/, else its path."""
+    if final.parent == RUNS:
+        return final.name
+    return str(final) if "/" in str(final) else f"./{final}"
+
+
 def run_name(folder: Path) -> str:
     """The run's name, also from its staging or update folder."""
     name = Path(folder).name
@@ -307,16 +319,17 @@ class RunDir:
     def _check_abandonable(self, overwrite: bool) -> None:
         """Refuse to throw away what `--resume` continues from (finished stages, a training checkpoint)
         unless --overwrite asks to start over; a build killed before either left nothing worth keeping."""
-        from pipeline.rundir import resume_target
-        from pipeline.train import CHECKPOINT
-
-        kept = [f"finished stages: {', '.join(self.progress())}"] if self.progress() else []
-        kept += ["a training checkpoint"] if self.path(CHECKPOINT).exists() else []
+        kept = self.resumable()
         if overwrite or not kept:
             return
         raise RunDirError(f"{self.final}: an interrupted build of it is in {self.staging} ({'; '.join(kept)}); "
                           f"continue it with `pipeline build --resume {resume_target(self.final)}`, or pass "
                           "--overwrite to start over and discard it")
+
+    def resumable(self) -> list[str]:
+        """What `--resume` would continue from here (finished stages, a training checkpoint), in words."""
+        kept = [f"finished stages: {', '.join(self.progress())}"] if self.progress() else []
+        return kept + (["a training checkpoint"] if self.path(CHECKPOINT).exists() else [])
 
     def path(self, name: str) -> Path:
         return self.staging / name

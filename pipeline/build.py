@@ -25,11 +25,13 @@ from device.core import METADATA_NAME, Model
 from device.integrity import sha256_file
 from pipeline import console, failures, train
 from pipeline.artifacts import (
+    CHECKPOINT,
     CREATED_BY,
     MANIFEST,
     RunDir,
     atomic_write,
     file_entry,
+    resume_target,
     updating,
     write_json,
 )
@@ -38,7 +40,6 @@ from pipeline.data import Dataset, load_dataset
 from pipeline.data.dataset import sample_indices
 from pipeline.failures import InputError
 from pipeline.metadata import status as tflite_metadata_status
-from pipeline.rundir import resume_target
 
 STAGES = ("train", "convert", "guard", "metadata", "evaluate", "benchmark", "report")
 SAMPLES = "samples"
@@ -97,7 +98,7 @@ def _stop(run: RunDir, error: BaseException) -> None:
     error's line says how to continue; a failure before anything finished leaves nothing to continue.
     """
     what = failures.kind(error)
-    worth_keeping = bool(run.progress()) or run.path(train.CHECKPOINT).exists()
+    worth_keeping = bool(run.resumable())
     if what == failures.INPUT or (what != failures.INTERRUPTED and not worth_keeping):
         console.log_moved(run.discard())  # the log stays beside the run as NAME.failed.log
         return
@@ -213,10 +214,10 @@ def train_stage(run: RunDir, cfg: BuildConfig, data: Dataset, user_model, reused
         model, history = user_model, {"source": cfg.keras_model}
         log(f"using your model {cfg.keras_model}; training skipped")
     else:
-        model, history = train.train(cfg, data, log=log, checkpoint=run.path(train.CHECKPOINT), key=inputs)
+        model, history = train.train(cfg, data, log=log, checkpoint=run.path(CHECKPOINT), key=inputs)
     _save_keras(model, run.path("model.keras"))
     run.stage_done("train", ["model.keras"], history, inputs)
-    run.path(train.CHECKPOINT).unlink(missing_ok=True)  # model.keras holds what it kept
+    run.path(CHECKPOINT).unlink(missing_ok=True)  # model.keras holds what it kept
     return model, history
 
 

@@ -10,24 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.artifacts import MANIFEST, RunDirError, is_run, staging_dir
+from pipeline.artifacts import MANIFEST, RUNS, RunDirError, is_run, resume_target, staging_dir  # noqa: F401
 from pipeline.config import BuildConfig
-
-# Where a run named only by its name lives (`--name NAME`, `--resume NAME`, `pipeline compare NAME`).
-RUNS = Path("artifacts")
 
 
 def locate(target: str) -> Path:
     """A run name (artifacts/NAME) or a path: anything with a slash, or anything that exists, is a path."""
     path = Path(target)
     return path if ("/" in target or path.exists()) else RUNS / target
-
-
-def resume_target(final: Path) -> str:
-    """What `--resume` takes for this run: its name when it lives in artifacts/, else its path."""
-    if final.parent == RUNS:
-        return final.name
-    return str(final) if "/" in str(final) else f"./{final}"
 
 
 def next_free(path: Path) -> Path:

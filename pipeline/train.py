@@ -183,9 +183,6 @@ def _take_average(model, train_ds, log) -> None:
         f"recomputed over {min(BN_BATCHES, step + 1)} training batches")
 
 
-CHECKPOINT = ".train-checkpoint.npz"  # hidden: bookkeeping of the staging folder, never part of a run
-
-
 class _Checkpoint:
     """Keras callback keeping every epoch's figures and, with a path, saving the whole training state after
     each epoch in one file written atomically: weights and every other model variable (random generator

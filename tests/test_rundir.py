@@ -126,8 +126,7 @@ def test_input_error_leaves_no_staging_folder(tmp_path, monkeypatch):
 def test_a_new_build_keeps_what_an_interrupted_one_would_resume_from(tmp_path):
     """Finished stages or a training checkpoint are kept unless --overwrite; a build killed before either
     left only its config and log, which a new build clears."""
-    from pipeline.artifacts import RunDir
-    from pipeline.train import CHECKPOINT
+    from pipeline.artifacts import CHECKPOINT, RunDir
 
     final, staging = tmp_path / "run", tmp_path / ".run.partial"
     for kept, expected in (("stage", "finished stages: train"), ("checkpoint", "a training checkpoint")):

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import device
 from device.core import METADATA_NAME
-from pipeline.artifacts import MANIFEST, check_unchanged, is_staging, run_holding, run_name
+from pipeline.artifacts import MANIFEST, check_unchanged, is_staging, resume_target, run_holding, run_name
 from pipeline.config import ConfigError
 from pipeline.delivery import PREFERENCE, default_variant, guard_decision
 from pipeline.failures import InputError, os_problem
-from pipeline.rundir import resume_target
 
 SUFFIXES = (".tar.gz", ".tgz")
 ZIP_EPOCH = 315532800  # 1980-01-01, the earliest time a zip (and so a wheel) can record
