@@ -96,8 +96,8 @@ def test_local_search_drops_over_budget_before_training_and_picks_a_verified_run
     row = next(r for r in report["candidates"] if r["candidate"]["id"] == pick["candidate"])
     assert row["variants"][pick["variant"]]["latency_ms"] <= latency_budget_ms
     # Sizes are measured before training on the model as a build delivers it (trained-like biases and BatchNorm,
-    # metadata inside): the pick's file differs only by the name strings in its metadata.
-    assert abs(row["variants"][pick["base"]]["bytes"] - pick["run_bytes"]) < 200, (row, pick)
+    # metadata inside, under the name its build gives it): the pick's int8 file is the size measured.
+    assert (local_search / "pick" / "model_int8.tflite").stat().st_size == row["variants"]["int8"]["bytes"], row
     assert "over_budget" not in pick
     assert report["front"] and all(p["latency_ms"] <= latency_budget_ms for p in report["front"])
     for name in ("search.md", "search.html", "front.png", "search_config.json", "feasibility.json"):
@@ -172,6 +172,7 @@ def test_the_trials_model_is_built_when_the_guard_delivers_the_final_one_in_anot
     demand); what follows from it runs for real: the trial's checkpoint is built, and its run says why."""
     from pipeline.search import final
     from pipeline.search.run import load_config
+    from pipeline.search.space import Candidate
 
     pick = json.loads((local_search / "search.json").read_text())["pick"]
     assert pick["final"]["used"]
@@ -185,7 +186,7 @@ def test_the_trials_model_is_built_when_the_guard_delivers_the_final_one_in_anot
 
     assert run == out / "pick" and not pick["final"]["used"] and "another graph" in pick["final"]["why"]
     manifest = json.loads((run / "manifest.json").read_text())
-    kept = out / "models" / f"{pick['candidate']}-{pick['trial_id']}.keras"
+    kept = out / "models" / f"trial-{pick['trial_id']}" / Candidate.parse(pick["candidate"]).keras_file
     assert manifest["config"]["keras_model"] == str(kept) and kept.is_file()
     assert manifest["config"]["epochs"] == cfg.epochs  # the trial's training, not the final one's
     assert manifest["search"]["final_training"]["used"] is False
@@ -584,3 +585,31 @@ def test_measure_only_measures_every_candidate_against_the_budgets_and_trains_no
     page = (out / "search.md").read_text()
     assert "`--measure-only` trains nothing" in page and all(r["candidate"]["id"] in page for r in rows)
     assert "report in" in proc.stdout + proc.stderr
+
+
+def test_the_picks_file_is_the_size_feasibility_measured(tmp_path):
+    """The bytes checked against --max-size-kb before training are the bytes the pick's run delivers: its build
+    embeds the model's name (its .keras file's) in the TFLite metadata, and feasibility embeds the same name."""
+    import keras
+
+    from pipeline.search import final
+    from pipeline.search.feasibility import _as_trained
+    from pipeline.search.run import SearchConfig, phase_a
+    from pipeline.search.space import Candidate
+
+    cfg = SearchConfig(out=str(tmp_path / "search"), dataset="digits", space="tiny", epochs=1, batch_size=16)
+    row = phase_a(cfg, log=lambda *a: None)["rows"][0]
+    Path(cfg.out).mkdir()
+    cand = Candidate.parse(row["candidate"]["id"])
+    # A trial's checkpoint of that candidate: its weights as trained-like as feasibility makes them.
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    keras.backend.clear_session()  # as a trial builds its model, in a fresh Keras session
+    keras.utils.set_random_seed(cfg.seed)
+    model = cand.build(1, 10)
+    _as_trained(model, cfg.seed)
+    model.save(checkpoint / "model.keras")
+    pick = {"candidate": cand.id, "trial_id": "abc12_00000", "checkpoint": str(checkpoint), "learning_rate": 1e-3,
+            "variant": "int8", "variants": ["int8"], "final": {}}
+    run = final.materialise(cfg, Path(cfg.out), pick, log=lambda *a: None)
+    assert (run / "model_int8.tflite").stat().st_size == row["variants"]["int8"]["bytes"]

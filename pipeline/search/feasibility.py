@@ -140,7 +140,7 @@ def measure(candidates: list[Candidate], cfg: BuildConfig, variants: tuple[str, 
             keep = Path(kept) / cand.id if board is not None else None
             try:
                 model = cand.build(spec["channels"], classes)
-                row["variants"] = measure_model(model, cfg, variants, target, spec, keep=keep)
+                row["variants"] = measure_model(model, cfg, variants, target, spec, cand.keras_file, keep=keep)
             except Exception as e:  # a candidate the converter or TFLM cannot take is dropped, not the search
                 row.update(feasible=False,
                            reason=f"not measurable: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -221,8 +221,10 @@ def _cost_words(cost: dict) -> str:
     return "/".join(parts)
 
 
-def measure_model(model, cfg: BuildConfig, variants, target: Target, spec: dict, keep: Path | None = None) -> dict:
-    """{variant: cost} of an untrained Keras model; `spec` is the data's preprocessing (its size is the model's).
+def measure_model(model, cfg: BuildConfig, variants, target: Target, spec: dict, name: str,
+                  keep: Path | None = None) -> dict:
+    """{variant: cost} of an untrained Keras model; `spec` is the data's preprocessing (its size is the model's),
+    `name` the model's name in the metadata a build embeds (Candidate.keras_file).
     `keep`: a folder to leave the converted model_<variant>.tflite files in (a board measures them later)."""
     import keras
 
@@ -243,7 +245,7 @@ def measure_model(model, cfg: BuildConfig, variants, target: Target, spec: dict,
     out = {}
     with tempfile.TemporaryDirectory(prefix="edgepipe-feasibility-") as tmp:
         for v in variants:
-            flatbuffer = _as_delivered(convert(model, v, cfg, calibration), model.name, v, cfg, spec)
+            flatbuffer = _as_delivered(convert(model, v, cfg, calibration), name, v, cfg, spec)
             (Path(tmp) / f"model_{v}.tflite").write_bytes(flatbuffer)
             out[v] = {"bytes": len(flatbuffer), "size_kb": len(flatbuffer) / KIB, "latency_ms": None}
             if target.kind == "tflm":
