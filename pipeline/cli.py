@@ -328,6 +328,12 @@ def search(resume, out, name, image_size, quantize, **kwargs):
     if image_size:
         raise SearchError("--image-size: the search chooses the resolution itself; drop --image-size")
     if resume:
+        ctx = click.get_current_context()
+        given = [max(p.opts, key=len) for p in ctx.command.params if p.name != "resume"
+                 and ctx.get_parameter_source(p.name) not in (click.core.ParameterSource.DEFAULT, None)]
+        if given:  # a resumed search runs as it was started (its search_config.json): they would be ignored
+            raise click.UsageError(f"--resume continues a search with the options it was started with; drop "
+                                   f"{', '.join(given)} (or start a new search with them and another --out)")
         folder = Path(resume) if Path(resume).is_dir() else rundir.RUNS / resume
         cfg = load_config(folder)
     else:

@@ -613,3 +613,11 @@ def test_the_picks_file_is_the_size_feasibility_measured(tmp_path):
             "variant": "int8", "variants": ["int8"], "final": {}}
     run = final.materialise(cfg, Path(cfg.out), pick, log=lambda *a: None)
     assert (run / "model_int8.tflite").stat().st_size == row["variants"]["int8"]["bytes"]
+
+
+def test_resume_refuses_other_options_rather_than_ignoring_them(tmp_path):
+    proc = cli("search", "--resume", tmp_path / "s", "--max-size-kb", "1", "--dataset", "cifar10", "--trials", "99",
+               cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "drop --dataset, --max-size-kb, --trials" in proc.stderr
+
