@@ -339,7 +339,8 @@ def search(resume, out, name, image_size, quantize, **kwargs):
     else:
         if out is not None and name is not None:
             raise click.UsageError("--out and --name both name the search folder; pass only one")
-        folder = out or rundir.RUNS / (name or "search")
+        # Absolute: --resume may run from another folder, and Ray's workers read the experiment's path.
+        folder = (out or rundir.RUNS / (name or "search")).resolve()
         if kwargs.get("data_dir") is not None:
             kwargs["data_dir"] = str(kwargs["data_dir"])
         if kwargs.get("ssh_config") is not None:  # --resume may run from another folder

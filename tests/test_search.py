@@ -621,3 +621,15 @@ def test_resume_refuses_other_options_rather_than_ignoring_them(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "drop --dataset, --max-size-kb, --trials" in proc.stderr
 
+
+def test_resume_continues_in_the_folder_it_names_from_anywhere(tmp_path):
+    """A search started with a relative --out, moved, and resumed from another folder goes on where it is now."""
+    (tmp_path / "a").mkdir()
+    ok(cli("search", *SEARCH, "--measure-only", "--out", "m2", cwd=tmp_path / "a"))
+    saved = json.loads((tmp_path / "a" / "m2" / "search_config.json").read_text())
+    assert saved["out"] == str(tmp_path / "a" / "m2")
+    (tmp_path / "a" / "m2").rename(tmp_path / "a" / "moved")
+    (tmp_path / "a" / "moved" / "search.json").unlink()
+    ok(cli("search", "--resume", "a/moved", cwd=tmp_path))
+    assert (tmp_path / "a" / "moved" / "search.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and not (tmp_path / "a" / "m2").exists()

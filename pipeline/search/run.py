@@ -337,4 +337,6 @@ def load_config(folder: Path) -> SearchConfig:
         raise SearchError(f"--resume {folder}: no {CONFIG} there, so it is not a search folder; pass the folder a "
                           "`pipeline search` wrote")
     d = json.loads(path.read_text())
-    return replace(SearchConfig(out=d["out"]), **{**d, "quantize": tuple(d["quantize"])})
+    # The folder is the one named, wherever it was started or moved since: the saved `out` may be another.
+    return replace(SearchConfig(out=d["out"]), **{**d, "quantize": tuple(d["quantize"]),
+                                                   "out": str(Path(folder).resolve())})
