@@ -7,6 +7,7 @@ and the commands for boards over SSH (`device`, `deploy`) in cli_boards.py.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -285,21 +286,31 @@ def entry():
         interrupts.finished()
 
 
+class Finite(click.FloatRange):
+    """A budget: click's FloatRange lets nan and inf through, and a nan budget holds nothing back."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
+
+
 @main.command()
 @data_options
 @click.option("--target", default="host", show_default=True, metavar="host|DEVICE|tflm:BOARD",
               help="Where candidates are measured: this host, a board over SSH (a name from `pipeline device "
                    "list` or [user@]host[:port]), or TFLite Micro's arena for a microcontroller.")
-@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True),
+@click.option("--max-latency-ms", type=Finite(min=0, min_open=True),
               help="Latency budget (host, or a board that is not emulated).")
-@click.option("--max-size-kb", type=click.FloatRange(min=0, min_open=True), help="Budget for the .tflite size.")
-@click.option("--max-ram-kb", type=click.FloatRange(min=0, min_open=True), help="Budget for the TFLM arena.")
+@click.option("--max-size-kb", type=Finite(min=0, min_open=True), help="Budget for the .tflite size.")
+@click.option("--max-ram-kb", type=Finite(min=0, min_open=True), help="Budget for the TFLM arena.")
 @click.option("--quantize", multiple=True, callback=split_variants, metavar="VARIANT[,VARIANT]",
               help="The variants that compete (default int8).")
-@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), metavar="PP",
+@click.option("--max-accuracy-drop", type=Finite(min=0), metavar="PP",
               help="Guarded int8: int8 competes as the accuracy guard delivers it (repaired when it loses more than "
                    "PP points on validation; out of a trial when no remedy with int8's graph holds).")
-@click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
+@click.option("--budget-minutes", type=Finite(min=0, min_open=True), default=60, show_default=True,
               help="Wall time for the whole search.")
 @click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True, help="Trials to train at most.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs per trial at most.")

@@ -633,3 +633,18 @@ def test_resume_continues_in_the_folder_it_names_from_anywhere(tmp_path):
     ok(cli("search", "--resume", "a/moved", cwd=tmp_path))
     assert (tmp_path / "a" / "moved" / "search.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and not (tmp_path / "a" / "m2").exists()
+
+
+@pytest.mark.parametrize("option", ["--max-latency-ms", "--max-size-kb", "--budget-minutes", "--max-accuracy-drop"])
+def test_a_budget_that_is_not_a_number_is_refused(option, tmp_path):
+    """nan passes a range check (its comparisons are false) and would then hold nothing back; inf minutes never
+    end. Both are refused on the command line and in a configuration (an edited search_config.json)."""
+    from pipeline.search import SearchError
+    from pipeline.search.run import SearchConfig
+
+    for value in ("nan", "inf"):
+        proc = cli("search", "--dataset", "digits", option, value, "--out", tmp_path / "s", cwd=tmp_path, timeout=120)
+        assert proc.returncode == 2 and "is not a finite number" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "s").exists()
+        with pytest.raises(SearchError, match=f"{option}: got {value}, expected a finite number"):
+            SearchConfig(out="unused", **{option[2:].replace("-", "_"): float(value)})

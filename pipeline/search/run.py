@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -65,6 +66,10 @@ class SearchConfig:
         unknown = [v for v in self.quantize if v not in VARIANTS]
         if unknown or not self.quantize:
             raise SearchError(f"--quantize: got {list(self.quantize)}; choose from {', '.join(VARIANTS)}")
+        for name in ("max_latency_ms", "max_size_kb", "max_ram_kb", "max_accuracy_drop", "budget_minutes"):
+            # nan passes every range check (its comparisons are false) and then holds nothing back.
+            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
+                raise SearchError(f"--{name.replace('_', '-')}: got {getattr(self, name)}, expected a finite number")
         target = Target.parse(self.target)
         if target.kind == "tflm" and set(self.quantize) - {"int8", "int16x8"}:
             raise SearchError(f"--quantize {','.join(self.quantize)}: a microcontroller runs integer models; "
