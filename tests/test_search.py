@@ -648,3 +648,18 @@ def test_a_budget_that_is_not_a_number_is_refused(option, tmp_path):
         assert "Traceback" not in proc.stderr and not (tmp_path / "s").exists()
         with pytest.raises(SearchError, match=f"{option}: got {value}, expected a finite number"):
             SearchConfig(out="unused", **{option[2:].replace("-", "_"): float(value)})
+
+
+@pytest.mark.slow
+def test_a_search_in_which_no_trial_finished_fails_and_says_where_the_report_is(tmp_path):
+    """Trials of 500 epochs in a one-minute budget: the time budget stops every one; the search reports them and
+    fails rather than ending as if it had found something."""
+    out = tmp_path / "short"
+    proc = cli("search", "--dataset", "digits", "--space", "tiny", "--trials", "2", "--epochs", "500", "--batch-size",
+               "16", "--budget-minutes", "1", "--final-epochs", "0", "--out", out, cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert "no trial finished training" in error and str(out / "search.md") in error, error
+    report = json.loads((out / "search.json").read_text())
+    assert report["pick"] is None and report["trials"] and not report["summary"]["trained"], report["trials"]
+    assert not (out / "pick").exists()

@@ -147,6 +147,15 @@ def search(cfg: SearchConfig, *, resume: bool = False, log=print) -> Path:
                          "planned": why}
         pick_dir = materialise(cfg, out, pick, log)
     write_report(out, cfg, feasibility, trials, pick, log, pick_dir=pick_dir)
+    if pick is None:  # a search that delivers nothing has failed, whatever it reports
+        trained = sum(t["status"] == "trained" for t in trials)
+        raise SearchError(
+            f"no trial finished training within --budget-minutes {cfg.budget_minutes:g}, so there is no pick; each "
+            f"trial and why it ended is in {out / 'search.md'}: raise --budget-minutes or lower --epochs"
+            if not trained else
+            f"none of the {trained} trained trial(s) has a variant that competes (the accuracy guard kept no int8 in "
+            f"the graph measured before training), so there is no pick; each trial and why is in "
+            f"{out / 'search.md'}: raise --max-accuracy-drop")
     return out
 
 
