@@ -663,3 +663,12 @@ def test_a_search_in_which_no_trial_finished_fails_and_says_where_the_report_is(
     report = json.loads((out / "search.json").read_text())
     assert report["pick"] is None and report["trials"] and not report["summary"]["trained"], report["trials"]
     assert not (out / "pick").exists()
+
+
+def test_a_new_search_that_fails_on_its_data_leaves_no_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = cli("search", "--dataset", "cifar10", "--data-dir", tmp_path / "empty", "--space", "tiny", "--out",
+               tmp_path / "s", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "s").exists()  # the corrected command is not refused for a non-empty --out
+

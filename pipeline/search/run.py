@@ -109,10 +109,20 @@ def search(cfg: SearchConfig, *, resume: bool = False, log=print) -> Path:
         if not resume and out.exists() and any(out.iterdir()):
             raise SearchError(f"--out {out}: exists and is not empty; pick another --name/--out, or continue an "
                               f"interrupted search with --resume {out}")
-        with _board(cfg, out, log) as board:  # a board refuses (unreachable, emulated) before anything is written
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / CONFIG, cfg.to_dict())
-            feasibility = phase_a(cfg, log, board)
+        fresh = not out.exists()
+        try:
+            with _board(cfg, out, log) as board:  # a board refuses (unreachable, emulated) before anything is written
+                out.mkdir(parents=True, exist_ok=True)
+                write_json(out / CONFIG, cfg.to_dict())
+                feasibility = phase_a(cfg, log, board)
+        except Exception:
+            # A new search that failed here (bad data, say) leaves no folder for the corrected command to refuse;
+            # an interrupted one keeps its folder, as the console's --resume line says.
+            if not resume:
+                shutil.rmtree(out, ignore_errors=True)
+                if not fresh:
+                    out.mkdir()
+            raise
         write_json(out / FEASIBILITY, feasibility)
         resume = False  # no trials were started: Tune starts the experiment
     feasible = [r["candidate"]["id"] for r in feasibility["rows"] if r["feasible"]]
