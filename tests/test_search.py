@@ -672,3 +672,20 @@ def test_a_new_search_that_fails_on_its_data_leaves_no_folder(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "s").exists()  # the corrected command is not refused for a non-empty --out
 
+
+@pytest.mark.slow
+def test_resume_after_measuring_and_before_any_trial_starts_the_trials(tmp_path):
+    """Stopped between feasibility and Tune's first save (Ctrl-C while Ray starts, Ray failing to start), a search
+    holds its configuration and feasibility.json and no experiment; --resume runs the trials from the start. The
+    folder is made as such a stop leaves it: measured (--measure-only), its configuration then that of a search."""
+    out = tmp_path / "s"
+    ok(cli("search", "--dataset", "digits", "--space", "tiny", "--trials", "2", "--epochs", "1", "--batch-size", "16",
+           "--max-size-kb", "25", "--final-epochs", "0", "--measure-only", "--out", out, cwd=tmp_path))
+    saved = json.loads((out / "search_config.json").read_text())
+    (out / "search_config.json").write_text(json.dumps({**saved, "measure_only": False}))
+    for name in ("search.json", "search.md", "search.html", "front.png"):
+        (out / name).unlink()
+    ok(cli("search", "--resume", out, cwd=tmp_path))
+    report = json.loads((out / "search.json").read_text())
+    assert len(report["trials"]) == 2 and report["pick"], report["trials"]
+    assert "verified" in ok(cli("verify", out / "pick", cwd=tmp_path)).stdout

@@ -105,6 +105,13 @@ def search(cfg: SearchConfig, *, resume: bool = False, log=print) -> Path:
     started = time.time()
     if resume and (out / FEASIBILITY).is_file():
         feasibility = json.loads((out / FEASIBILITY).read_text())
+        from ray import tune
+
+        if not cfg.measure_only and not tune.Tuner.can_restore(str(out / EXPERIMENT)):
+            # Stopped after measuring and before Tune first saved its experiment (Ctrl-C while Ray started, Ray
+            # failing to start): no trial can be continued, so the trials start as a new search's would.
+            shutil.rmtree(out / EXPERIMENT, ignore_errors=True)
+            resume = False
     else:  # a new search, or one interrupted while measuring: that phase runs (again) from the start
         if not resume and out.exists() and any(out.iterdir()):
             raise SearchError(f"--out {out}: exists and is not empty; pick another --name/--out, or continue an "
@@ -246,8 +253,6 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
     try:
         path = str(out / EXPERIMENT)
         if resume:
-            if not tune.Tuner.can_restore(path):
-                raise SearchError(f"--resume {out}: no Ray Tune experiment to continue in {path}; start a new search")
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
             log(f"search: continuing the trials in {path}")
         else:
