@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -689,3 +690,41 @@ def test_resume_after_measuring_and_before_any_trial_starts_the_trials(tmp_path)
     report = json.loads((out / "search.json").read_text())
     assert len(report["trials"]) == 2 and report["pick"], report["trials"]
     assert "verified" in ok(cli("verify", out / "pick", cwd=tmp_path)).stdout
+
+
+def _ours_alive(pids) -> list[int]:
+    """The processes of `pids` still running (a zombie has ended: only its parent's wait is missing)."""
+    alive = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.append(pid)
+        except (OSError, IndexError):
+            continue
+    return alive
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_ray_starts_leaves_no_ray_behind(tmp_path):
+    """Ray is started inside the search's try: interrupted while it starts, its processes are ended and its
+    temporary folder removed."""
+    out = tmp_path / "s"
+    with (tmp_path / "driver.out").open("w") as stdout, (tmp_path / "driver.err").open("w") as stderr:
+        driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "search", *SEARCH, "--out", str(out)],
+                                  cwd=tmp_path, env=env(), stdout=stdout, stderr=stderr, text=True)
+    try:
+        ray = _wait(driver, lambda: {p: c for p, c in _descendants(driver.pid).items()
+                                     if "edgepipe-ray-" in c}, "Ray starting", seconds=300)
+        temp = {Path(t) for c in ray.values() for t in re.findall(r"/tmp/edgepipe-ray-[a-z0-9_]+", c)}
+        seen = set(ray)
+        driver.send_signal(signal.SIGINT)
+        while driver.poll() is None:
+            seen |= set(_descendants(driver.pid))
+            time.sleep(0.2)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, (tmp_path / "driver.err").read_text()[-2000:]
+    time.sleep(5)  # ray.shutdown() has returned; its processes end on their own signal
+    assert not _ours_alive(seen), {p: c for p, c in _descendants(1).items() if p in _ours_alive(seen)}
+    assert temp and not any(t.exists() for t in temp), temp

@@ -223,9 +223,9 @@ def _budget_words(cfg: SearchConfig) -> str:
     return ", ".join(parts) or "no budgets"
 
 
-def _ray_init(cfg: SearchConfig, log) -> str | None:
-    """Ray for the trials: the cluster at --address, or a local one of this machine's cores (its own temp dir,
-    ended by ray.shutdown(); never `ray stop`, which ends every Ray on the machine)."""
+def _ray_init(cfg: SearchConfig, temp: str | None, log) -> None:
+    """Ray for the trials: the cluster at --address, or a local one of this machine's cores in `temp` (its own
+    temp dir, ended by ray.shutdown(); never `ray stop`, which ends every Ray on the machine)."""
     import ray
 
     if cfg.address:
@@ -234,12 +234,10 @@ def _ray_init(cfg: SearchConfig, log) -> str | None:
         ray.init(address=cfg.address, log_to_driver=False, **local)
         cpus = ray.cluster_resources().get("CPU", 0)
         log(f"ray: connected to {cfg.address} ({len(ray.nodes())} node(s), {cpus:g} CPUs)")
-        return None
-    temp = tempfile.mkdtemp(prefix="edgepipe-ray-")  # short: Ray's socket paths must fit 107 characters
+        return
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, _temp_dir=temp,
              configure_logging=False)
     log(f"ray: local, {os.cpu_count()} CPUs")
-    return temp
 
 
 def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, resume: bool, log):
@@ -247,10 +245,12 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    temp = _ray_init(cfg, log)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=cfg.settings()),
-                                    {"cpu": cfg.cpus_per_trial})
-    try:
+    # Short: Ray's socket paths under it must fit 107 characters.
+    temp = None if cfg.address else tempfile.mkdtemp(prefix="edgepipe-ray-")
+    try:  # Ray started inside: a start that fails or is interrupted is ended and its temp dir removed too
+        _ray_init(cfg, temp, log)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, settings=cfg.settings()),
+                                        {"cpu": cfg.cpus_per_trial})
         path = str(out / EXPERIMENT)
         if resume:
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
