@@ -728,3 +728,26 @@ def test_ctrl_c_while_ray_starts_leaves_no_ray_behind(tmp_path):
     time.sleep(5)  # ray.shutdown() has returned; its processes end on their own signal
     assert not _ours_alive(seen), {p: c for p, c in _descendants(1).items() if p in _ours_alive(seen)}
     assert temp and not any(t.exists() for t in temp), temp
+
+
+@pytest.mark.slow
+def test_the_first_ctrl_c_during_the_final_training_interrupts_it(tmp_path):
+    """Tune installs its own Ctrl-C handler for the trials; once they are done the search's own is back, so the
+    final training stops at the first Ctrl-C."""
+    out, said = tmp_path / "s", tmp_path / "driver.out"
+    with said.open("w") as stdout, (tmp_path / "driver.err").open("w") as stderr:
+        driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "search", "--dataset", "digits", "--space",
+                                   "tiny", "--trials", "2", "--epochs", "1", "--batch-size", "16", "--max-size-kb",
+                                   "25", "--final-epochs", "500", "--out", str(out)],
+                                  cwd=tmp_path, env={**env(), "PYTHONUNBUFFERED": "1"}, stdout=stdout, stderr=stderr,
+                                  text=True)
+    try:
+        _wait(driver, lambda: "again for 500 epochs" in said.read_text(), "final training", seconds=600)
+        time.sleep(3)
+        driver.send_signal(signal.SIGINT)
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    stderr = (tmp_path / "driver.err").read_text()
+    assert driver.returncode == 130 and "Traceback" not in stderr, said.read_text()[-2000:] + stderr[-2000:]

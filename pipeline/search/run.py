@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -277,7 +278,11 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
         # Ctrl-C: Tune stops the trials, saves the experiment and returns what finished (a second Ctrl-C
         # interrupts at once); the trials that did not end are what --resume continues.
         t0 = time.monotonic()
-        grid = tuner.fit()
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            grid = tuner.fit()
+        finally:  # Tune leaves its own Ctrl-C handler installed: the final training's first Ctrl-C went to it
+            signal.signal(signal.SIGINT, handler)
         status = {t.trial_id: t.status for t in tune.ExperimentAnalysis(path).trials}
         trials = [_trial_row(r, status) for r in grid]
         # Tune returns normally after Ctrl-C: trials left unfinished, or fewer trials than asked for with time
