@@ -692,6 +692,16 @@ def test_resume_after_measuring_and_before_any_trial_starts_the_trials(tmp_path)
     assert "verified" in ok(cli("verify", out / "pick", cwd=tmp_path)).stdout
 
 
+def test_more_cpus_per_trial_than_this_machine_has_is_refused_for_a_local_ray(tmp_path):
+    """A local Ray has this machine's cores: a trial asking for more would never start, and every trial would wait
+    out the budget."""
+    proc = cli("search", "--dataset", "digits", "--cpus-per-trial", os.cpu_count() + 1, "--out", tmp_path / "s",
+               cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"--cpus-per-trial {os.cpu_count() + 1}: this machine has {os.cpu_count()} CPUs" in proc.stderr
+    assert not (tmp_path / "s").exists()
+
+
 def _ours_alive(pids) -> list[int]:
     """The processes of `pids` still running (a zombie has ended: only its parent's wait is missing)."""
     alive = []

@@ -84,6 +84,10 @@ class SearchConfig:
         if self.max_accuracy_drop is not None and "int8" not in self.quantize:
             raise SearchError("--max-accuracy-drop guards int8, which does not compete here: add int8 to --quantize "
                               "or drop --max-accuracy-drop")
+        if self.address is None and self.cpus_per_trial > os.cpu_count():
+            raise SearchError(f"--cpus-per-trial {self.cpus_per_trial}: this machine has {os.cpu_count()} CPUs and a "
+                              "local Ray no more, so no trial could start; ask for at most "
+                              f"{os.cpu_count()}, or run the trials on a cluster with --address")
         if not self.budget_minutes > 0:
             raise SearchError(f"--budget-minutes: got {self.budget_minutes}, expected minutes > 0")
 
@@ -235,6 +239,12 @@ def _ray_init(cfg: SearchConfig, temp: str | None, log) -> None:
         ray.init(address=cfg.address, log_to_driver=False, **local)
         cpus = ray.cluster_resources().get("CPU", 0)
         log(f"ray: connected to {cfg.address} ({len(ray.nodes())} node(s), {cpus:g} CPUs)")
+        # A trial runs on one node: asking for more CPUs than any node has, every trial waits out the budget.
+        largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+        if cfg.cpus_per_trial > largest:
+            raise SearchError(f"--cpus-per-trial {cfg.cpus_per_trial}: no node of the cluster at {cfg.address} has "
+                              f"that many (the largest has {largest:g}), so no trial could start; start a new "
+                              f"search with --cpus-per-trial {int(largest)} or fewer")
         return
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, _temp_dir=temp,
              configure_logging=False)
