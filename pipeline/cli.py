@@ -7,6 +7,7 @@ and the commands for boards over SSH (`device`, `deploy`) in cli_boards.py.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -294,21 +295,31 @@ def entry():
         interrupts.finished()
 
 
+class Finite(click.FloatRange):
+    """A budget: click's FloatRange lets nan and inf through, and a nan budget holds nothing back."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
+
+
 @main.command()
 @data_options
 @click.option("--target", default="host", show_default=True, metavar="host|DEVICE|tflm:BOARD",
               help="Where candidates are measured: this host, a board over SSH (a name from `pipeline device "
                    "list` or [user@]host[:port]), or TFLite Micro's arena for a microcontroller.")
-@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True),
+@click.option("--max-latency-ms", type=Finite(min=0, min_open=True),
               help="Latency budget (host, or a board that is not emulated).")
-@click.option("--max-size-kb", type=click.FloatRange(min=0, min_open=True), help="Budget for the .tflite size.")
-@click.option("--max-ram-kb", type=click.FloatRange(min=0, min_open=True), help="Budget for the TFLM arena.")
+@click.option("--max-size-kb", type=Finite(min=0, min_open=True), help="Budget for the .tflite size.")
+@click.option("--max-ram-kb", type=Finite(min=0, min_open=True), help="Budget for the TFLM arena.")
 @click.option("--quantize", multiple=True, callback=split_variants, metavar="VARIANT[,VARIANT]",
               help="The variants that compete (default int8).")
-@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), metavar="PP",
+@click.option("--max-accuracy-drop", type=Finite(min=0), metavar="PP",
               help="Guarded int8: int8 competes as the accuracy guard delivers it (repaired when it loses more than "
                    "PP points on validation; out of a trial when no remedy with int8's graph holds).")
-@click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
+@click.option("--budget-minutes", type=Finite(min=0, min_open=True), default=60, show_default=True,
               help="Wall time for the whole search.")
 @click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True, help="Trials to train at most.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs per trial at most.")
@@ -337,12 +348,19 @@ def search(resume, out, name, image_size, quantize, **kwargs):
     if image_size:
         raise SearchError("--image-size: the search chooses the resolution itself; drop --image-size")
     if resume:
+        ctx = click.get_current_context()
+        given = [max(p.opts, key=len) for p in ctx.command.params if p.name != "resume"
+                 and ctx.get_parameter_source(p.name) not in (click.core.ParameterSource.DEFAULT, None)]
+        if given:  # a resumed search runs as it was started (its search_config.json): they would be ignored
+            raise click.UsageError(f"--resume continues a search with the options it was started with; drop "
+                                   f"{', '.join(given)} (or start a new search with them and another --out)")
         folder = Path(resume) if Path(resume).is_dir() else rundir.RUNS / resume
         cfg = load_config(folder)
     else:
         if out is not None and name is not None:
             raise click.UsageError("--out and --name both name the search folder; pass only one")
-        folder = out or rundir.RUNS / (name or "search")
+        # Absolute: --resume may run from another folder, and Ray's workers read the experiment's path.
+        folder = (out or rundir.RUNS / (name or "search")).resolve()
         if kwargs.get("data_dir") is not None:
             kwargs["data_dir"] = str(kwargs["data_dir"])
         if kwargs.get("ssh_config") is not None:  # --resume may run from another folder

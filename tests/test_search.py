@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -96,8 +97,8 @@ def test_local_search_drops_over_budget_before_training_and_picks_a_verified_run
     row = next(r for r in report["candidates"] if r["candidate"]["id"] == pick["candidate"])
     assert row["variants"][pick["variant"]]["latency_ms"] <= latency_budget_ms
     # Sizes are measured before training on the model as a build delivers it (trained-like biases and BatchNorm,
-    # metadata inside): the pick's file differs only by the name strings in its metadata.
-    assert abs(row["variants"][pick["base"]]["bytes"] - pick["run_bytes"]) < 200, (row, pick)
+    # metadata inside, under the name its build gives it): the pick's int8 file is the size measured.
+    assert (local_search / "pick" / "model_int8.tflite").stat().st_size == row["variants"]["int8"]["bytes"], row
     assert "over_budget" not in pick
     assert report["front"] and all(p["latency_ms"] <= latency_budget_ms for p in report["front"])
     for name in ("search.md", "search.html", "front.png", "search_config.json", "feasibility.json"):
@@ -172,6 +173,7 @@ def test_the_trials_model_is_built_when_the_guard_delivers_the_final_one_in_anot
     demand); what follows from it runs for real: the trial's checkpoint is built, and its run says why."""
     from pipeline.search import final
     from pipeline.search.run import load_config
+    from pipeline.search.space import Candidate
 
     pick = json.loads((local_search / "search.json").read_text())["pick"]
     assert pick["final"]["used"]
@@ -185,7 +187,7 @@ def test_the_trials_model_is_built_when_the_guard_delivers_the_final_one_in_anot
 
     assert run == out / "pick" and not pick["final"]["used"] and "another graph" in pick["final"]["why"]
     manifest = json.loads((run / "manifest.json").read_text())
-    kept = out / "models" / f"{pick['candidate']}-{pick['trial_id']}.keras"
+    kept = out / "models" / f"trial-{pick['trial_id']}" / Candidate.parse(pick["candidate"]).keras_file
     assert manifest["config"]["keras_model"] == str(kept) and kept.is_file()
     assert manifest["config"]["epochs"] == cfg.epochs  # the trial's training, not the final one's
     assert manifest["search"]["final_training"]["used"] is False
@@ -589,3 +591,181 @@ def test_measure_only_measures_every_candidate_against_the_budgets_and_trains_no
     page = (out / "search.md").read_text()
     assert "`--measure-only` trains nothing" in page and all(r["candidate"]["id"] in page for r in rows)
     assert "report in" in proc.stdout + proc.stderr
+
+
+def test_the_picks_file_is_the_size_feasibility_measured(tmp_path):
+    """The bytes checked against --max-size-kb before training are the bytes the pick's run delivers: its build
+    embeds the model's name (its .keras file's) in the TFLite metadata, and feasibility embeds the same name."""
+    import keras
+
+    from pipeline.search import final
+    from pipeline.search.feasibility import _as_trained
+    from pipeline.search.run import SearchConfig, phase_a
+    from pipeline.search.space import Candidate
+
+    cfg = SearchConfig(out=str(tmp_path / "search"), dataset="digits", space="tiny", epochs=1, batch_size=16)
+    row = phase_a(cfg, log=lambda *a: None)["rows"][0]
+    Path(cfg.out).mkdir()
+    cand = Candidate.parse(row["candidate"]["id"])
+    # A trial's checkpoint of that candidate: its weights as trained-like as feasibility makes them.
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    keras.backend.clear_session()  # as a trial builds its model, in a fresh Keras session
+    keras.utils.set_random_seed(cfg.seed)
+    model = cand.build(1, 10)
+    _as_trained(model, cfg.seed)
+    model.save(checkpoint / "model.keras")
+    pick = {"candidate": cand.id, "trial_id": "abc12_00000", "checkpoint": str(checkpoint), "learning_rate": 1e-3,
+            "variant": "int8", "variants": ["int8"], "final": {}}
+    run = final.materialise(cfg, Path(cfg.out), pick, log=lambda *a: None)
+    assert (run / "model_int8.tflite").stat().st_size == row["variants"]["int8"]["bytes"]
+
+
+def test_resume_refuses_other_options_rather_than_ignoring_them(tmp_path):
+    proc = cli("search", "--resume", tmp_path / "s", "--max-size-kb", "1", "--dataset", "cifar10", "--trials", "99",
+               cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "drop --dataset, --max-size-kb, --trials" in proc.stderr
+
+
+def test_resume_continues_in_the_folder_it_names_from_anywhere(tmp_path):
+    """A search started with a relative --out, moved, and resumed from another folder goes on where it is now."""
+    (tmp_path / "a").mkdir()
+    ok(cli("search", *SEARCH, "--measure-only", "--out", "m2", cwd=tmp_path / "a"))
+    saved = json.loads((tmp_path / "a" / "m2" / "search_config.json").read_text())
+    assert saved["out"] == str(tmp_path / "a" / "m2")
+    (tmp_path / "a" / "m2").rename(tmp_path / "a" / "moved")
+    (tmp_path / "a" / "moved" / "search.json").unlink()
+    ok(cli("search", "--resume", "a/moved", cwd=tmp_path))
+    assert (tmp_path / "a" / "moved" / "search.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and not (tmp_path / "a" / "m2").exists()
+
+
+@pytest.mark.parametrize("option", ["--max-latency-ms", "--max-size-kb", "--budget-minutes", "--max-accuracy-drop"])
+def test_a_budget_that_is_not_a_number_is_refused(option, tmp_path):
+    """nan passes a range check (its comparisons are false) and would then hold nothing back; inf minutes never
+    end. Both are refused on the command line and in a configuration (an edited search_config.json)."""
+    from pipeline.search import SearchError
+    from pipeline.search.run import SearchConfig
+
+    for value in ("nan", "inf"):
+        proc = cli("search", "--dataset", "digits", option, value, "--out", tmp_path / "s", cwd=tmp_path, timeout=120)
+        assert proc.returncode == 2 and "is not a finite number" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "s").exists()
+        with pytest.raises(SearchError, match=f"{option}: got {value}, expected a finite number"):
+            SearchConfig(out="unused", **{option[2:].replace("-", "_"): float(value)})
+
+
+@pytest.mark.slow
+def test_a_search_in_which_no_trial_finished_fails_and_says_where_the_report_is(tmp_path):
+    """Trials of 500 epochs in a one-minute budget: the time budget stops every one; the search reports them and
+    fails rather than ending as if it had found something."""
+    out = tmp_path / "short"
+    proc = cli("search", "--dataset", "digits", "--space", "tiny", "--trials", "2", "--epochs", "500", "--batch-size",
+               "16", "--budget-minutes", "1", "--final-epochs", "0", "--out", out, cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert "no trial finished training" in error and str(out / "search.md") in error, error
+    report = json.loads((out / "search.json").read_text())
+    assert report["pick"] is None and report["trials"] and not report["summary"]["trained"], report["trials"]
+    assert not (out / "pick").exists()
+
+
+def test_a_new_search_that_fails_on_its_data_leaves_no_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = cli("search", "--dataset", "cifar10", "--data-dir", tmp_path / "empty", "--space", "tiny", "--out",
+               tmp_path / "s", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "s").exists()  # the corrected command is not refused for a non-empty --out
+
+
+@pytest.mark.slow
+def test_resume_after_measuring_and_before_any_trial_starts_the_trials(tmp_path):
+    """Stopped between feasibility and Tune's first save (Ctrl-C while Ray starts, Ray failing to start), a search
+    holds its configuration and feasibility.json and no experiment; --resume runs the trials from the start. The
+    folder is made as such a stop leaves it: measured (--measure-only), its configuration then that of a search."""
+    out = tmp_path / "s"
+    ok(cli("search", "--dataset", "digits", "--space", "tiny", "--trials", "2", "--epochs", "1", "--batch-size", "16",
+           "--max-size-kb", "25", "--final-epochs", "0", "--measure-only", "--out", out, cwd=tmp_path))
+    saved = json.loads((out / "search_config.json").read_text())
+    (out / "search_config.json").write_text(json.dumps({**saved, "measure_only": False}))
+    for name in ("search.json", "search.md", "search.html", "front.png"):
+        (out / name).unlink()
+    ok(cli("search", "--resume", out, cwd=tmp_path))
+    report = json.loads((out / "search.json").read_text())
+    assert len(report["trials"]) == 2 and report["pick"], report["trials"]
+    assert "verified" in ok(cli("verify", out / "pick", cwd=tmp_path)).stdout
+
+
+def test_more_cpus_per_trial_than_this_machine_has_is_refused_for_a_local_ray(tmp_path):
+    """A local Ray has this machine's cores: a trial asking for more would never start, and every trial would wait
+    out the budget."""
+    proc = cli("search", "--dataset", "digits", "--cpus-per-trial", os.cpu_count() + 1, "--out", tmp_path / "s",
+               cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"--cpus-per-trial {os.cpu_count() + 1}: this machine has {os.cpu_count()} CPUs" in proc.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def _ours_alive(pids) -> list[int]:
+    """The processes of `pids` still running (a zombie has ended: only its parent's wait is missing)."""
+    alive = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.append(pid)
+        except (OSError, IndexError):
+            continue
+    return alive
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_ray_starts_leaves_no_ray_behind(tmp_path):
+    """Ray is started inside the search's try: interrupted while it starts, its processes are ended and its
+    temporary folder removed."""
+    out = tmp_path / "s"
+    with (tmp_path / "driver.out").open("w") as stdout, (tmp_path / "driver.err").open("w") as stderr:
+        driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "search", *SEARCH, "--out", str(out)],
+                                  cwd=tmp_path, env=env(), stdout=stdout, stderr=stderr, text=True)
+    try:
+        ray = _wait(driver, lambda: {p: c for p, c in _descendants(driver.pid).items()
+                                     if "edgepipe-ray-" in c}, "Ray starting", seconds=300)
+        temp = {Path(t) for c in ray.values() for t in re.findall(r"/tmp/edgepipe-ray-[a-z0-9_]+", c)}
+        seen = set(ray)
+        driver.send_signal(signal.SIGINT)
+        while driver.poll() is None:
+            seen |= set(_descendants(driver.pid))
+            time.sleep(0.2)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, (tmp_path / "driver.err").read_text()[-2000:]
+    # ray.shutdown() ends the raylet; its agents notice and end on their own, in seconds (a minute when loaded).
+    deadline = time.monotonic() + 120
+    while _ours_alive(seen) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _ours_alive(seen), {p: c for p, c in _descendants(1).items() if p in _ours_alive(seen)}
+    assert temp and not any(t.exists() for t in temp), temp
+
+
+@pytest.mark.slow
+def test_the_first_ctrl_c_during_the_final_training_interrupts_it(tmp_path):
+    """Tune installs its own Ctrl-C handler for the trials; once they are done the search's own is back, so the
+    final training stops at the first Ctrl-C."""
+    out, said = tmp_path / "s", tmp_path / "driver.out"
+    with said.open("w") as stdout, (tmp_path / "driver.err").open("w") as stderr:
+        driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "search", "--dataset", "digits", "--space",
+                                   "tiny", "--trials", "2", "--epochs", "1", "--batch-size", "16", "--max-size-kb",
+                                   "25", "--final-epochs", "500", "--out", str(out)],
+                                  cwd=tmp_path, env={**env(), "PYTHONUNBUFFERED": "1"}, stdout=stdout, stderr=stderr,
+                                  text=True)
+    try:
+        _wait(driver, lambda: "again for 500 epochs" in said.read_text(), "final training", seconds=600)
+        time.sleep(3)
+        driver.send_signal(signal.SIGINT)
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    stderr = (tmp_path / "driver.err").read_text()
+    assert driver.returncode == 130 and "Traceback" not in stderr, said.read_text()[-2000:] + stderr[-2000:]

@@ -140,7 +140,7 @@ def measure(candidates: list[Candidate], cfg: BuildConfig, variants: tuple[str, 
             keep = Path(kept) / cand.id if board is not None else None
             try:
                 model = cand.build(spec["channels"], classes)
-                row["variants"] = measure_model(model, cfg, variants, target, spec, keep=keep)
+                row["variants"] = measure_model(model, cfg, variants, target, spec, cand.keras_file, keep=keep)
             except Exception as e:  # a candidate the converter or TFLM cannot take is dropped, not the search
                 row.update(feasible=False,
                            reason=f"not measurable: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -221,29 +221,37 @@ def _cost_words(cost: dict) -> str:
     return "/".join(parts)
 
 
-def measure_model(model, cfg: BuildConfig, variants, target: Target, spec: dict, keep: Path | None = None) -> dict:
-    """{variant: cost} of an untrained Keras model; `spec` is the data's preprocessing (its size is the model's).
+def measure_model(model, cfg: BuildConfig, variants, target: Target, spec: dict, name: str,
+                  keep: Path | None = None) -> dict:
+    """{variant: cost} of an untrained Keras model; `spec` is the data's preprocessing (its size is the model's),
+    `name` the model's name in the metadata a build embeds (Candidate.keras_file).
     `keep`: a folder to leave the converted model_<variant>.tflite files in (a board measures them later)."""
     import keras
 
     from pipeline.convert import convert
+    from pipeline.train import load_user_model
 
     spec = {**spec, "height": model.input_shape[1], "width": model.input_shape[2]}
     _as_trained(model, cfg.seed)
-    if target.kind == "tflm":  # as the TFLM export converts: batch 1 and int8 input and output
-        inputs = keras.Input(model.input_shape[1:], batch_size=1)
-        model = keras.Model(inputs, model(inputs), name=model.name)
-        cfg = dataclasses.replace(cfg, int8_io="int8")
-    from device.core import normalize
-
-    # Random pixels, normalized as training images are: the ranges are wrong for trained weights, but
-    # size, latency and arena do not depend on them.
-    pixels = np.random.default_rng(cfg.seed).integers(0, 256, (32, *model.input_shape[1:]), dtype=np.uint8)
-    calibration = normalize(pixels, spec).astype(np.float32)
     out = {}
     with tempfile.TemporaryDirectory(prefix="edgepipe-feasibility-") as tmp:
+        # Converted as a build converts it, loaded from its .keras file: the input's name is in the .tflite file,
+        # and a model built in this process names it keras_tensor where a loaded one says input_layer (8 bytes
+        # more than delivered for a 93,658-byte CNN).
+        model.save(Path(tmp) / name)
+        model = load_user_model(Path(tmp) / name, None)
+        if target.kind == "tflm":  # as the TFLM export converts: batch 1 and int8 input and output
+            inputs = keras.Input(model.input_shape[1:], batch_size=1)
+            model = keras.Model(inputs, model(inputs), name=model.name)
+            cfg = dataclasses.replace(cfg, int8_io="int8")
+        from device.core import normalize
+
+        # Random pixels, normalized as training images are: the ranges are wrong for trained weights, but
+        # size, latency and arena do not depend on them.
+        pixels = np.random.default_rng(cfg.seed).integers(0, 256, (32, *model.input_shape[1:]), dtype=np.uint8)
+        calibration = normalize(pixels, spec).astype(np.float32)
         for v in variants:
-            flatbuffer = _as_delivered(convert(model, v, cfg, calibration), model.name, v, cfg, spec)
+            flatbuffer = _as_delivered(convert(model, v, cfg, calibration), name, v, cfg, spec)
             (Path(tmp) / f"model_{v}.tflite").write_bytes(flatbuffer)
             out[v] = {"bytes": len(flatbuffer), "size_kb": len(flatbuffer) / KIB, "latency_ms": None}
             if target.kind == "tflm":

@@ -87,8 +87,8 @@ def train_final(cfg, out: Path, pick: dict, epochs: int, log) -> dict:
     cand = Candidate.parse(pick["candidate"])
     log(f"search: training the pick {cand.id} again for {epochs} epochs (its trial: {pick['epochs_trained']})")
     model, history, seconds, recipe = _train(cfg, pick, epochs, log)
-    path = out / "models" / f"{cand.id}-final-{epochs}-epochs.keras"
-    path.parent.mkdir(exist_ok=True)
+    path = out / "models" / f"final-{epochs}-epochs" / cand.keras_file
+    path.parent.mkdir(parents=True, exist_ok=True)
     model.save(path)
     keras.backend.clear_session()
     val = float(history["val_accuracy"][-1])
@@ -115,9 +115,8 @@ def materialise(cfg, out: Path, pick: dict, log) -> Path:
         final.update(used=False, why="the accuracy guard delivers it only in another graph than the one measured "
                                      "before training, so its trial's model is kept")
         log(f"search: {final['why']}")
-    models = out / "models"
-    models.mkdir(exist_ok=True)
-    keras_file = models / f"{pick['candidate']}-{pick['trial_id']}.keras"
+    keras_file = out / "models" / f"trial-{pick['trial_id']}" / Candidate.parse(pick["candidate"]).keras_file
+    keras_file.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(pick["checkpoint"]) / "model.keras", keras_file)
     pick["run_variant"] = pick["variant"]
     return _record(_build(cfg, out, pick, keras_file, cfg.epochs, log), out, pick, log)

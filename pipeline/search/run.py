@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -65,6 +67,10 @@ class SearchConfig:
         unknown = [v for v in self.quantize if v not in VARIANTS]
         if unknown or not self.quantize:
             raise SearchError(f"--quantize: got {list(self.quantize)}; choose from {', '.join(VARIANTS)}")
+        for name in ("max_latency_ms", "max_size_kb", "max_ram_kb", "max_accuracy_drop", "budget_minutes"):
+            # nan passes every range check (its comparisons are false) and then holds nothing back.
+            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
+                raise SearchError(f"--{name.replace('_', '-')}: got {getattr(self, name)}, expected a finite number")
         target = Target.parse(self.target)
         if target.kind == "tflm" and set(self.quantize) - {"int8", "int16x8"}:
             raise SearchError(f"--quantize {','.join(self.quantize)}: a microcontroller runs integer models; "
@@ -78,6 +84,10 @@ class SearchConfig:
         if self.max_accuracy_drop is not None and "int8" not in self.quantize:
             raise SearchError("--max-accuracy-drop guards int8, which does not compete here: add int8 to --quantize "
                               "or drop --max-accuracy-drop")
+        if self.address is None and self.cpus_per_trial > os.cpu_count():
+            raise SearchError(f"--cpus-per-trial {self.cpus_per_trial}: this machine has {os.cpu_count()} CPUs and a "
+                              "local Ray no more, so no trial could start; ask for at most "
+                              f"{os.cpu_count()}, or run the trials on a cluster with --address")
         if not self.budget_minutes > 0:
             raise SearchError(f"--budget-minutes: got {self.budget_minutes}, expected minutes > 0")
 
@@ -100,14 +110,31 @@ def search(cfg: SearchConfig, *, resume: bool = False, log=print) -> Path:
     started = time.time()
     if resume and (out / FEASIBILITY).is_file():
         feasibility = json.loads((out / FEASIBILITY).read_text())
+        from ray import tune
+
+        if not cfg.measure_only and not tune.Tuner.can_restore(str(out / EXPERIMENT)):
+            # Stopped after measuring and before Tune first saved its experiment (Ctrl-C while Ray started, Ray
+            # failing to start): no trial can be continued, so the trials start as a new search's would.
+            shutil.rmtree(out / EXPERIMENT, ignore_errors=True)
+            resume = False
     else:  # a new search, or one interrupted while measuring: that phase runs (again) from the start
         if not resume and out.exists() and any(out.iterdir()):
             raise SearchError(f"--out {out}: exists and is not empty; pick another --name/--out, or continue an "
                               f"interrupted search with --resume {out}")
-        with _board(cfg, out, log) as board:  # a board refuses (unreachable, emulated) before anything is written
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / CONFIG, cfg.to_dict())
-            feasibility = phase_a(cfg, log, board)
+        fresh = not out.exists()
+        try:
+            with _board(cfg, out, log) as board:  # a board refuses (unreachable, emulated) before anything is written
+                out.mkdir(parents=True, exist_ok=True)
+                write_json(out / CONFIG, cfg.to_dict())
+                feasibility = phase_a(cfg, log, board)
+        except Exception:
+            # A new search that failed here (bad data, say) leaves no folder for the corrected command to refuse;
+            # an interrupted one keeps its folder, as the console's --resume line says.
+            if not resume:
+                shutil.rmtree(out, ignore_errors=True)
+                if not fresh:
+                    out.mkdir()
+            raise
         write_json(out / FEASIBILITY, feasibility)
         resume = False  # no trials were started: Tune starts the experiment
     feasible = [r["candidate"]["id"] for r in feasibility["rows"] if r["feasible"]]
@@ -142,6 +169,15 @@ def search(cfg: SearchConfig, *, resume: bool = False, log=print) -> Path:
                          "planned": why}
         pick_dir = materialise(cfg, out, pick, log)
     write_report(out, cfg, feasibility, trials, pick, log, pick_dir=pick_dir)
+    if pick is None:  # a search that delivers nothing has failed, whatever it reports
+        trained = sum(t["status"] == "trained" for t in trials)
+        raise SearchError(
+            f"no trial finished training within --budget-minutes {cfg.budget_minutes:g}, so there is no pick; each "
+            f"trial and why it ended is in {out / 'search.md'}: raise --budget-minutes or lower --epochs"
+            if not trained else
+            f"none of the {trained} trained trial(s) has a variant that competes (the accuracy guard kept no int8 in "
+            f"the graph measured before training), so there is no pick; each trial and why is in "
+            f"{out / 'search.md'}: raise --max-accuracy-drop")
     return out
 
 
@@ -192,9 +228,9 @@ def _budget_words(cfg: SearchConfig) -> str:
     return ", ".join(parts) or "no budgets"
 
 
-def _ray_init(cfg: SearchConfig, log) -> str | None:
-    """Ray for the trials: the cluster at --address, or a local one of this machine's cores (its own temp dir,
-    ended by ray.shutdown(); never `ray stop`, which ends every Ray on the machine)."""
+def _ray_init(cfg: SearchConfig, temp: str | None, log) -> None:
+    """Ray for the trials: the cluster at --address, or a local one of this machine's cores in `temp` (its own
+    temp dir, ended by ray.shutdown(); never `ray stop`, which ends every Ray on the machine)."""
     import ray
 
     if cfg.address:
@@ -203,12 +239,16 @@ def _ray_init(cfg: SearchConfig, log) -> str | None:
         ray.init(address=cfg.address, log_to_driver=False, **local)
         cpus = ray.cluster_resources().get("CPU", 0)
         log(f"ray: connected to {cfg.address} ({len(ray.nodes())} node(s), {cpus:g} CPUs)")
-        return None
-    temp = tempfile.mkdtemp(prefix="edgepipe-ray-")  # short: Ray's socket paths must fit 107 characters
+        # A trial runs on one node: asking for more CPUs than any node has, every trial waits out the budget.
+        largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+        if cfg.cpus_per_trial > largest:
+            raise SearchError(f"--cpus-per-trial {cfg.cpus_per_trial}: no node of the cluster at {cfg.address} has "
+                              f"that many (the largest has {largest:g}), so no trial could start; start a new "
+                              f"search with --cpus-per-trial {int(largest)} or fewer")
+        return
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, _temp_dir=temp,
              configure_logging=False)
     log(f"ray: local, {os.cpu_count()} CPUs")
-    return temp
 
 
 def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, resume: bool, log):
@@ -216,14 +256,14 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    temp = _ray_init(cfg, log)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=cfg.settings()),
-                                    {"cpu": cfg.cpus_per_trial})
-    try:
+    # Short: Ray's socket paths under it must fit 107 characters.
+    temp = None if cfg.address else tempfile.mkdtemp(prefix="edgepipe-ray-")
+    try:  # Ray started inside: a start that fails or is interrupted is ended and its temp dir removed too
+        _ray_init(cfg, temp, log)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, settings=cfg.settings()),
+                                        {"cpu": cfg.cpus_per_trial})
         path = str(out / EXPERIMENT)
         if resume:
-            if not tune.Tuner.can_restore(path):
-                raise SearchError(f"--resume {out}: no Ray Tune experiment to continue in {path}; start a new search")
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
             log(f"search: continuing the trials in {path}")
         else:
@@ -248,7 +288,11 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
         # Ctrl-C: Tune stops the trials, saves the experiment and returns what finished (a second Ctrl-C
         # interrupts at once); the trials that did not end are what --resume continues.
         t0 = time.monotonic()
-        grid = tuner.fit()
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            grid = tuner.fit()
+        finally:  # Tune leaves its own Ctrl-C handler installed: the final training's first Ctrl-C went to it
+            signal.signal(signal.SIGINT, handler)
         status = {t.trial_id: t.status for t in tune.ExperimentAnalysis(path).trials}
         trials = [_trial_row(r, status) for r in grid]
         # Tune returns normally after Ctrl-C: trials left unfinished, or fewer trials than asked for with time
@@ -337,4 +381,6 @@ def load_config(folder: Path) -> SearchConfig:
         raise SearchError(f"--resume {folder}: no {CONFIG} there, so it is not a search folder; pass the folder a "
                           "`pipeline search` wrote")
     d = json.loads(path.read_text())
-    return replace(SearchConfig(out=d["out"]), **{**d, "quantize": tuple(d["quantize"])})
+    # The folder is the one named, wherever it was started or moved since: the saved `out` may be another.
+    return replace(SearchConfig(out=d["out"]), **{**d, "quantize": tuple(d["quantize"]),
+                                                   "out": str(Path(folder).resolve())})

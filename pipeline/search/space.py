@@ -37,6 +37,13 @@ class Candidate:
         """The untrained Keras model of this candidate."""
         return FAMILIES[self.family][0](self, (self.resolution, self.resolution, channels), classes)
 
+    @property
+    def keras_file(self) -> str:
+        """The file name the pick's trained model is saved under. A build names a model after its .keras file in
+        the TFLite metadata it embeds, so feasibility embeds this name too: the bytes it checks against
+        --max-size-kb are the bytes the pick's run delivers."""
+        return f"{_keras_name(self)}.keras"
+
     def zoo_model(self, channels: int) -> str:
         """The zoo model this candidate opens up (of its family's, the one for `channels`), whose default recipe
         trains the pick for the rest of the budget."""
