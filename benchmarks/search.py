@@ -69,7 +69,7 @@ def zoo_costs(data_dir: Path) -> dict:
         keras.backend.clear_session()
         keras.utils.set_random_seed(0)
         model = build_model(name, MODELS[name].input_shape, len(spec["labels"]))
-        out[name] = measure_model(model, cfg, ("int8",), Target("host"), spec)["int8"]
+        out[name] = measure_model(model, cfg, ("int8",), Target("host"), spec, name)["int8"]  # as a build names it
     return out
 
 

@@ -41,7 +41,8 @@ def cost(cand) -> dict:
     keras.utils.set_random_seed(0)
     model = cand.build(3, 10)
     cfg = BuildConfig(dataset="cifar10", data_dir=str(DATA), out="unused")
-    measured = measure_model(model, cfg, ("int8",), Target("host"), DATASETS["cifar10"].spec.to_dict())["int8"]
+    measured = measure_model(model, cfg, ("int8",), Target("host"), DATASETS["cifar10"].spec.to_dict(),
+                             cand.keras_file)["int8"]
     return {"parameters": model.count_params(), "bytes": measured["bytes"], "size_kb": round(measured["size_kb"], 1),
             "latency_p50_ms": measured["latency_ms"]}
 

@@ -113,7 +113,7 @@ def test_one_payload_holds_every_resolution_and_its_runner_benchmarks_each(tmp_p
     for side in (28, 20):
         cand = Candidate("cnn", 0.25, 1, side)
         measure_model(cand.build(1, 10), BuildConfig(dataset="digits"), ("int8",), Target("board", "x"), spec,
-                      keep=tmp_path / cand.id)
+                      cand.keras_file, keep=tmp_path / cand.id)
         models.append((cand.id, "int8", tmp_path / cand.id / "model_int8.tflite", {**spec, "height": side,
                                                                                       "width": side}))
     payload = tmp_path / "payload.tar.gz"

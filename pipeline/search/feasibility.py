@@ -224,7 +224,8 @@ def _cost_words(cost: dict) -> str:
 def measure_model(model, cfg: BuildConfig, variants, target: Target, spec: dict, name: str,
                   keep: Path | None = None) -> dict:
     """{variant: cost} of an untrained Keras model; `spec` is the data's preprocessing (its size is the model's),
-    `name` the model's name in the metadata a build embeds (Candidate.keras_file).
+    `name` the model's name in the metadata a build embeds (a candidate's: Candidate.keras_file; a zoo model's: its
+    name).
     `keep`: a folder to leave the converted model_<variant>.tflite files in (a board measures them later)."""
     import keras
 
@@ -238,8 +239,8 @@ def measure_model(model, cfg: BuildConfig, variants, target: Target, spec: dict,
         # Converted as a build converts it, loaded from its .keras file: the input's name is in the .tflite file,
         # and a model built in this process names it keras_tensor where a loaded one says input_layer (8 bytes
         # more than delivered for a 93,658-byte CNN).
-        model.save(Path(tmp) / name)
-        model = load_user_model(Path(tmp) / name, None)
+        model.save(Path(tmp) / "untrained.keras")
+        model = load_user_model(Path(tmp) / "untrained.keras", None)
         if target.kind == "tflm":  # as the TFLM export converts: batch 1 and int8 input and output
             inputs = keras.Input(model.input_shape[1:], batch_size=1)
             model = keras.Model(inputs, model(inputs), name=model.name)
