@@ -11,8 +11,10 @@ so each zoo model gets the whole budget, not a share: the comparison favours the
 
 --zoo-from FILE takes a zoo model's result from an earlier result file instead of training it for the hour
 again, when it is a fair stand-in: its probe epoch is measured here, and the epochs the budget holds here must be
-within ZOO_REUSE_TOLERANCE of the epochs it was trained for (its accuracy depends only on those). The result
-file records the reuse, both probe epochs and where the reused run came from.
+within ZOO_REUSE_TOLERANCE of the epochs it was trained for, and it must record the recipe that `pipeline build`
+gives those epochs today (its accuracy depends only on those; the result files before 2026-12-05 record none, and
+cifar-resnet8's recipe has ended plain since). The result file records the reuse, both probe epochs and where the
+reused run came from.
 
     python benchmarks/search.py [--data-dir ../shared/datasets/cifar10-jpg] [--budget-minutes 60]
                                 [--max-size-kb 100] [--trials 40] [--space default] [--json FILE]
@@ -80,18 +82,29 @@ def train_zoo(name: str, data_dir: Path, minutes: float, out: Path, earlier: dic
     epoch_s = json.loads((probe / "manifest.json").read_text())["training"]["epoch_seconds"][0]
     epochs = max(1, int(minutes * 60 // epoch_s))
     if earlier and name in earlier["zoo"]:
+        from pipeline.config import BuildConfig
+        from pipeline.train import recipe_of
+
         kept = earlier["zoo"][name]
-        if abs(kept["epochs"] - epochs) <= ZOO_REUSE_TOLERANCE * epochs:
+        # The zoo's recipe changes between sessions (cifar-resnet8 gained its plain tail): a run trained with
+        # another one, or recorded before runs kept theirs, is no stand-in for today's.
+        today = recipe_of(BuildConfig(dataset="cifar10", data_dir=str(data_dir), model=name, epochs=kept["epochs"],
+                                      out="unused"))
+        if kept.get("recipe") != today:
+            print(f"{name}: {earlier['file']} does not record that its run trained today's recipe; training it again")
+        elif abs(kept["epochs"] - epochs) <= ZOO_REUSE_TOLERANCE * epochs:
             print(f"{name}: {epochs} epochs fit {minutes:g} minutes here (probe epoch {epoch_s:.1f} s); reusing its "
                   f"{kept['epochs']}-epoch run from {earlier['file']}")
             return {**kept, "reused_from": earlier["file"], "probe_epoch_s_here": epoch_s, "epochs_here": epochs}
-        print(f"{name}: {epochs} epochs fit here, {kept['epochs']} in {earlier['file']}: training it again")
+        else:
+            print(f"{name}: {epochs} epochs fit here, {kept['epochs']} in {earlier['file']}: training it again")
     run = out / name
     t0 = time.perf_counter()
     cli("build", "--dataset", "cifar10", "--data-dir", data_dir, "--model", name, "--epochs", epochs,
         "--threads", 1, "--out", run)
     evaluation = json.loads((run / "evaluation.json").read_text())["variants"]["int8"]
-    return {"epochs": epochs, "probe_epoch_s": epoch_s, "wall_s": time.perf_counter() - t0,
+    return {"epochs": epochs, "recipe": json.loads((run / "manifest.json").read_text())["training"]["recipe"],
+            "probe_epoch_s": epoch_s, "wall_s": time.perf_counter() - t0,
             "int8_accuracy": evaluation["accuracy"], "interval_95": evaluation["interval_95"]}
 
 
