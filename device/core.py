@@ -462,6 +462,10 @@ def _labels(path, y: np.ndarray) -> np.ndarray:
                           "indices (0 is the first line of labels.txt)")
     if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y) & (y == np.round(y))):
         raise DeviceError(f"{path}: 'y' holds non-integer values; expected integer class indices")
+    # Checked before the cast, which would wrap a uint64 or a float beyond int64 into a small or negative index.
+    if len(y) and (y.min() < 0 or y.max() > np.iinfo(np.int64).max):
+        raise DeviceError(f"{path}: 'y' holds values from {y.min():g} to {y.max():g}; expected class indices "
+                          "from 0 (the first line of labels.txt)")
     return y.astype(np.int64)
 
 

@@ -388,9 +388,14 @@ def test_npz_that_is_an_npy_or_has_misshapen_labels(odd_models, tmp_path):
     (tmp_path / "array.npy").rename(tmp_path / "array.npz")
     np.savez(tmp_path / "scalar.npz", x=x[:1], y=np.array(3))
     np.savez(tmp_path / "cube.npz", x=x, y=np.zeros((4, 2, 3), np.int64))
+    # Cast to int64 these wrapped around: the message read "labels range from -1".
+    np.savez(tmp_path / "huge.npz", x=x, y=np.array([0, 1, 1, 2 ** 64 - 1], np.uint64))
+    np.savez(tmp_path / "far.npz", x=x, y=np.array([0, 1, 1, 1e30]))
     for name, says in (("array.npz", "one array (a .npy file), not an .npz archive"),
                        ("scalar.npz", "'y' is a single value; expected one class index per image"),
-                       ("cube.npz", "'y' has shape [4, 2, 3]; expected one class index per image, shape (N,)")):
+                       ("cube.npz", "'y' has shape [4, 2, 3]; expected one class index per image, shape (N,)"),
+                       ("huge.npz", "'y' holds values from 0 to 1.84467e+19; expected class indices from 0"),
+                       ("far.npz", "'y' holds values from 0 to 1e+30; expected class indices from 0")):
         proc = run_runner("eval", tmp_path / name, "--model", odd_models["uint8"])
         err = _error_lines(proc.stderr)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(err) == 1, (name, proc.stderr)
