@@ -154,6 +154,14 @@ def _classes(root: Path, names, per_class=3):
      ["none of the 2 image files could be read"]),
     (lambda r: (_classes(r / "train", ["a", "b"]), _classes(r / "test", ["a", "zebra"])),
      ["zebra", "not in"]),
+    # Each was read without a word: test/ became a class and its images training images; one of val/ and
+    # validation/ was left out; Kaggle's training_set/ and test_set/ became a two-class model.
+    (lambda r: (_classes(r, ["cat", "dog"]), _classes(r / "test", ["cat", "dog"])),
+     ["test/ but no train/", "move the training class folders into"]),
+    (lambda r: [_classes(r / s, ["a", "b"]) for s in ("train", "val", "validation")],
+     ["both val/ and validation/", "merge them into val/"]),
+    (lambda r: [_classes(r / s, ["cat", "dog"]) for s in ("training_set", "test_set")],
+     ["test_set, training_set each hold the same folders (cat, dog)", "rename them train/ and test/"]),
 ])
 def test_bad_folders_are_one_line_errors(tmp_path, make, fragments):
     root = tmp_path / "photos"
@@ -164,6 +172,16 @@ def test_bad_folders_are_one_line_errors(tmp_path, make, fragments):
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_class_folders_with_subfolders_of_their_own_are_still_classes(tmp_path):
+    """Photos kept by year inside each class share subfolder names without being splits."""
+    root = tmp_path / "photos"
+    for year in ("2019", "2020"):
+        _classes(root / "cat" / year, ["x"], per_class=3)
+        _classes(root / "dog" / year, ["x"], per_class=3)
+    data = load_dataset("folder", root, log=quiet)
+    assert data.spec.labels == ("cat", "dog")
 
 
 @pytest.mark.parametrize("size, fragment", [("0x0", "between"), ("10000x10000", "between"), ("32by32", "HEIGHTxWIDTH"),

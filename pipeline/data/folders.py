@@ -58,9 +58,18 @@ def discover(root: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[str, int
     if not root.is_dir():
         state = "is a file, not a directory" if root.exists() else "does not exist"
         raise DataError(f"--data-dir {root}: {state}; expected {FOLDER_LAYOUT}")
-    split_dirs = {split: name for split, names in SPLITS.items() for name in names if (root / name).is_dir()}
+    present = {split: [n for n in names if (root / n).is_dir()] for split, names in SPLITS.items()}
+    for split, names in present.items():
+        if len(names) > 1:  # one of them would be read and the other silently left out
+            raise DataError(f"{root}: both {' and '.join(f'{n}/' for n in names)} are there, for one {split} split; "
+                            f"merge them into {names[0]}/")
+    split_dirs = {split: names[0] for split, names in present.items() if names}
     if "train" not in split_dirs:
+        if split_dirs:  # a test/ without train/ would be a class, its images training images
+            raise DataError(f"{root}: {', '.join(f'{n}/' for n in split_dirs.values())} but no train/; expected "
+                            f"{FOLDER_LAYOUT}: move the training class folders into {root / 'train'}")
         split_dirs = {"train": ""}
+        _refuse_split_named_classes(root)
     classes = _class_names(root / split_dirs["train"])
     files = {}
     for split, sub in split_dirs.items():
@@ -79,6 +88,24 @@ def discover(root: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[str, int
                                 f"({', '.join(sorted(IMAGE_EXTENSIONS))}) or remove the folder")
             files[split] += [(rel, label, stamp) for rel, stamp in images]
     return classes, files
+
+
+def _refuse_split_named_classes(root: Path) -> None:
+    """Folders named like splits that hold no images of their own, only the same subfolders each
+    (training_set/cat, test_set/cat: Kaggle's layout; Train/ and Test/) are splits, not classes: read as classes,
+    the test images would be trained on."""
+    tops = [p for p in root.iterdir() if p.is_dir() and not _hidden(p.name)]
+    inner = []
+    for top in tops:
+        entries = [e for e in top.iterdir() if not _hidden(e.name)]
+        if any(e.is_file() and e.suffix.lower() in IMAGE_EXTENSIONS for e in entries):
+            return
+        inner.append(frozenset(e.name for e in entries if e.is_dir()))
+    named = any(re.search("train|test|val", p.name, re.IGNORECASE) for p in tops)  # not cat/2019, dog/2019
+    if named and len(tops) > 1 and len(set(inner)) == 1 and len(inner[0]) > 1:
+        raise DataError(f"{root}: the folders {', '.join(sorted(p.name for p in tops))} each hold the same folders "
+                        f"({', '.join(sorted(inner[0]))}) and no images: splits, not classes; expected "
+                        f"{FOLDER_LAYOUT}: rename them train/ and test/")
 
 
 def _class_names(folder: Path) -> tuple[str, ...]:
