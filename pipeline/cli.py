@@ -7,7 +7,6 @@ and the commands for boards over SSH (`device`, `deploy`) in cli_boards.py.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import click
@@ -16,6 +15,7 @@ import pipeline
 from pipeline import cli_boards, interrupts, rundir
 from pipeline.cli_options import (
     ByteSize,
+    Finite,
     config_from_options,
     convert_options,
     data_options,
@@ -293,16 +293,6 @@ def entry():
         main()
     finally:
         interrupts.finished()
-
-
-class Finite(click.FloatRange):
-    """A budget: click's FloatRange lets nan and inf through, and a nan budget holds nothing back."""
-
-    def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{number} is not a finite number", param, ctx)
-        return number
 
 
 @main.command()

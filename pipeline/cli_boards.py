@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli_options import ssh_options, ssh_settings
+from pipeline.cli_options import Finite, ssh_options, ssh_settings
 from pipeline.cli_run import UserError, handle_errors, print_table
 
 
@@ -82,7 +82,7 @@ def device_remove(name, purge, **ssh):
               help="Warm-up inferences before them.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Interpreter threads on the board.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=900, show_default=True,
+@click.option("--timeout", type=Finite(min=1), default=900, show_default=True,
               help="Seconds a board may take, from connecting to its results.")
 @click.option("--clean", is_flag=True, help="Delete the run's folder on each board first (~/edgepipe/RUN), so the "
                                             "bundle is copied and unpacked afresh; environments are kept.")

@@ -6,6 +6,7 @@ each group is defined once here so their `--help` reads the same everywhere. cli
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import click
@@ -200,6 +201,16 @@ def refuse_options_with_resume(ctx) -> None:
                                f"{', '.join(given)} (or start a new build with them and --overwrite)")
 
 
+class Finite(click.FloatRange):
+    """A budget or a limit: click's FloatRange lets nan and inf through, and a nan budget holds nothing back."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
+
+
 class ByteSize(click.ParamType):
     """A byte count: 262144, 256K or 256KiB, 1M or 1MiB (K and M are 1024 and 1024*1024)."""
     name = "BYTES"
@@ -211,7 +222,7 @@ class ByteSize(click.ParamType):
         scale = {"K": 1024, "M": 1024 * 1024}.get(text[-1:], 1)
         try:
             n = int(float(text[:-1] if scale > 1 else text) * scale)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: inf, 1e400
             n = -1
         if n <= 0:
             self.fail(f"'{value}' is not a byte count; write e.g. 262144, 256K or 1M", param, ctx)

@@ -160,3 +160,10 @@ def test_max_accuracy_drop_names_each_offending_variant(tmp_path):
     assert "int8 (3.00 pp)" in str(e.value) and "int16x8 (1.50 pp)" in str(e.value)
     assert "dynamic" not in str(e.value)
     check_accuracy_drop(tmp_path, 3.0)  # within budget: no error
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_deploy_timeout_must_be_a_finite_number(tmp_path, value):
+    """click's FloatRange let them through; every board then failed on an OverflowError before connecting."""
+    result = invoke("deploy", str(tmp_path), "--device", "pi@127.0.0.1", "--timeout", value)
+    assert result.exit_code == 2 and "is not a finite number" in result.output, result.output

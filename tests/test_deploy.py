@@ -41,7 +41,7 @@ RUNNER_PATTERN = "edgepipe/venvs/.*device/runner.py"  # a runner started by depl
 @pytest.mark.parametrize("target", ["pi;reboot", "pi@host;rm -rf /", "$(reboot)", "`id`", "-oProxyCommand=x",
                                     "pi@-oProxyCommand=x", "a b", "pi@ho'st", 'pi@"host"', "pi@host|cat",
                                     "pi@host:99999", "pi@host:22x", "pi@host&", "", "pi@", "@host", "pi@host:",
-                                    "pi@[::1;]:22", "pi@host\nother"])
+                                    "pi@[::1;]:22", "pi@host\nother", "pi@host:\u00b2"])  # '²' isdigit(), int() fails
 def test_destinations_with_shell_metacharacters_are_refused(target):
     from pipeline.boards.devices import BoardNameError, parse_target
 

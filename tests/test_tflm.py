@@ -414,7 +414,20 @@ def test_too_big_for_the_budget_writes_nothing(mnist_export, tmp_path):
     one_line_error(result, "the model needs", "102,400")
     assert not list(tmp_path.iterdir())
     one_line_error(invoke("export", run, "--out", tmp_path / "x", "--board", "pico", "--ram", "1M"), "--board")
-    assert invoke("export", run, "--flash", "lots").exit_code == 2
+    for given in ("lots", "inf", "1e400"):  # inf and 1e400 were an OverflowError traceback
+        result = invoke("export", run, "--flash", given)
+        assert result.exit_code == 2 and "is not a byte count" in result.output, result.output
+
+
+def test_an_out_that_holds_the_run_is_refused_before_anything_is_deleted(mnist_export, tmp_path):
+    """--overwrite replaced the earlier export in --out, and with it a run kept inside it."""
+    run, out = mnist_export
+    earlier = tmp_path / "export"
+    shutil.copytree(out, earlier)
+    inside = shutil.copytree(run, earlier / "run")
+    one_line_error(invoke("export", inside, "--out", earlier, "--overwrite"), "holds the run directory",
+                   "which replacing it would delete")
+    assert (inside / "manifest.json").is_file() and (earlier / MARKER).is_file()
 
 
 def test_existing_folders(mnist_export, tmp_path):

@@ -58,7 +58,7 @@ def parse_target(target: str, name: str | None = None) -> Device:
     if not m or not HOST.match(host) or (user is not None and not USER.match(user)):
         raise BoardNameError(f"{target!r} is not an SSH destination; expected [user@]host[:port] with a plain host "
                           "name, address or ~/.ssh/config alias, e.g. pi@raspberrypi.local or pi@10.0.0.7:2222")
-    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+    if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):  # not '²'
         raise BoardNameError(f"{target!r}: port {port!r} is not a number from 1 to 65535")
     return Device(check_name(name) if name else _default_name(target), host, user, int(port) if port else None)
 

@@ -171,6 +171,9 @@ def _variant_rows(run_dir: Path, meta: dict, exported: str, flash: int, arena: d
 def _check_target(out: Path, archive: Path, run_dir: Path, overwrite: bool) -> None:
     if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
         raise ExportError(f"--out {out}: inside the run directory {run_dir}; choose a folder outside it")
+    if out.resolve() in run_dir.resolve().parents:  # --overwrite would delete the old export and the run in it
+        raise ExportError(f"--out {out}: holds the run directory {run_dir}, which replacing it would delete; "
+                          "choose a folder that does not contain the run")
     for path in (out, archive):
         if path.exists() and not overwrite:
             raise ExportError(f"{path} already exists; pass --overwrite to replace it or --out to export elsewhere")
