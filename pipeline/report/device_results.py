@@ -10,6 +10,8 @@ import hashlib
 import re
 from pathlib import Path
 
+import numpy as np
+
 from device.runner import SCHEMA
 from pipeline.artifacts import atomic_write
 from pipeline.report import ReportError, read_json
@@ -46,9 +48,8 @@ def keep(run_dir: Path, new: list[tuple[str, Path]], devices: list[dict]) -> Non
         atomic_write(run_dir / DEVICE_DIR / name, path.read_bytes())
 
 
-def _model_hashes(run_dir: Path) -> dict[str, str]:
+def _model_hashes(meta: dict) -> dict[str, str]:
     """sha256 -> model file, for every model this run's metadata lists."""
-    meta = read_json(run_dir / "metadata.json", "the metadata written by `pipeline build`")
     return {entry["sha256"]: name for name, entry in meta.get("models", {}).items() if entry.get("sha256")}
 
 
@@ -66,7 +67,8 @@ def merge(paths, variants: list[dict], run_dir: Path) -> list[dict]:
     A result counts only for a model this run contains byte for byte: the runner names the sha256
     of the model it ran, and a file name alone (model_int8.tflite) fits every run.
     """
-    hashes = _model_hashes(run_dir)
+    meta = read_json(run_dir / "metadata.json", "the metadata written by `pipeline build`")
+    hashes = _model_hashes(meta)
     by_name = {v["file"]: v for v in variants}
     devices, seen = {}, {}  # label -> device; (label, model, kind) -> the file that gave it
     for path in map(Path, paths):
@@ -93,6 +95,7 @@ def merge(paths, variants: list[dict], run_dir: Path) -> list[dict]:
             found = f"this run's {hashes[sha]}" if sha in hashes else "a model this run does not contain"
             raise ReportError(f"{path}: measured {found} (sha256 {sha[:12]}...), not this run's {name}; "
                               "pass results measured on this run's own bundle")
+        _check_preprocessing(path, data, meta.get("preprocess") or {})
         # `pipeline deploy` names the board; a file brought back by hand is labelled by its CPU.
         label = (data.get("board") or {}).get("name") or _device_label(env)
         if (label, name, kind) in seen:
@@ -105,6 +108,49 @@ def merge(paths, variants: list[dict], run_dir: Path) -> list[dict]:
         device["files"].append({"file": _as_given(path, run_dir), "kind": kind, "variant": by_name[name]["variant"],
                                 **figures})
     return list(devices.values())
+
+
+def _check_preprocessing(path: Path, data: dict, run: dict) -> None:
+    """Refuse a result measured with other preprocessing than the run's: with `--input-range 0,255` a model
+    trained on 0..1 pixels scores near chance, which is no figure of this run.
+
+    Runners before `preprocessing` was recorded cannot say what they fed; their files are merged as before,
+    since bundles of theirs are on boards (docs/runner.md says so).
+    """
+    if "preprocessing" not in data:
+        return
+    used = data["preprocessing"]
+    overrides = used.get("overrides") if isinstance(used, dict) else None
+    if not isinstance(overrides, dict):
+        raise ReportError(f"{path}: 'preprocessing' without its 'overrides'; expected {DEVICE_SOURCE}")
+    differs = []
+    if not (_same(used.get("scale"), run.get("scale")) and _same(used.get("offset"), run.get("offset"))):
+        differs.append(f"pixel * {_fmt(used.get('scale'))} + {_fmt(used.get('offset'))} where this run's "
+                       f"metadata.json says pixel * {_fmt(run.get('scale'))} + {_fmt(run.get('offset'))}")
+    if used.get("labels") != run.get("labels"):
+        differs.append("labels other than those this run's metadata.json lists")
+    if differs:
+        given = "".join(f" --{name.replace('_', '-')} {value}" for name, value in overrides.items())
+        fix = (f"run the runner again without {' or '.join('--' + n.replace('_', '-') for n in overrides)}"
+               if overrides else "run the runner again in this run's bundle, with its metadata.json beside the model")
+        raise ReportError(f"{path}: measured with{given + ':' if given else ''} {' and '.join(differs)}; {fix}")
+
+
+def _same(used, run) -> bool:
+    """Equal scales or offsets, one number or one per channel; a model without metadata.json beside it
+    takes its scale from the model's float32 quantization, which rounds the run's own."""
+    try:
+        return bool(np.allclose(np.asarray(used, np.float64), np.asarray(run, np.float64), rtol=1e-6, atol=1e-9))
+    except (TypeError, ValueError):  # not numbers, or per-channel lists of other lengths
+        return False
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.6g}"
+    if isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+        return "[" + ", ".join(f"{v:.6g}" for v in value) + "]"
+    return repr(value)
 
 
 def _device_label(env: dict) -> str:
