@@ -338,6 +338,37 @@ def test_device_results_of_runners_before_the_preprocessing_record_merge_as_befo
     assert by_variant(merged)["int8"]["device"][device["label"]]["accuracy"] == board_outputs["eval"]["accuracy"]
 
 
+@pytest.mark.parametrize("kind, keys, value, expected", [
+    ("eval", ["board"], "pi", """'board' is "pi"; expected an object"""),
+    ("bench", ["board"], {"name": "pi", "emulated": "no"}, "'emulated' true or false"),
+    ("eval", ["accuracy"], 7.5, "'accuracy' is 7.5; expected a fraction from 0 to 1"),
+    ("eval", ["accuracy"], float("nan"), "'accuracy' is nan; expected a finite number"),
+    ("eval", ["n"], 0, "'n' is 0; expected an integer of at least 1"),
+    ("bench", ["latency", "p50_ms"], -0.5, "'latency.p50_ms' is -0.5; expected a number of at least 0"),
+    ("bench", ["latency", "p99_ms"], float("inf"), "'latency.p99_ms' is inf; expected a finite number"),
+    ("bench", ["memory", "peak_rss_mb_after_load"], float("nan"), "'memory.peak_rss_mb_after_load' is nan"),
+    ("bench", ["load", "warm", "p50_ms"], "fast", "'load.warm.p50_ms'"),
+])
+def test_device_figures_out_of_range_are_refused_in_one_line(copy, board_outputs, tmp_path, kind, keys, value,
+                                                             expected):
+    """A hand-edited result must not show as 750.00% or nan% (nor write NaN, which is not JSON, to report.json)."""
+    from pipeline.report.render import ReportError, render
+
+    data = json.loads(json.dumps(board_outputs[kind]))
+    inner = data
+    for key in keys[:-1]:
+        inner = inner[key]
+    inner[keys[-1]] = value
+    before = (copy / "report.json").read_bytes()
+    edited = tmp_path / f"{kind}.json"
+    edited.write_text(json.dumps(data))
+    with pytest.raises(ReportError) as err:
+        render(copy, device_results=[edited], log=lambda *a: None)
+    message = str(err.value)
+    assert message.startswith(f"{edited}: ") and expected in message and "\n" not in message
+    assert (copy / "report.json").read_bytes() == before
+
+
 @pytest.mark.parametrize("features, why", [
     ({"family": "x86", "flags": ["avx2"], "int8_dot_product": False}, "no int8 dot-product instructions"),
     ({"family": "arm", "flags": ["asimd", "asimddp"], "int8_dot_product": True}, "the kernels are not the cause"),

@@ -7,6 +7,8 @@ A result counts only for a model this run contains byte for byte, and merged fil
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import re
 from pathlib import Path
 
@@ -84,8 +86,10 @@ def merge(paths, variants: list[dict], run_dir: Path) -> list[dict]:
         if name not in by_name:
             raise ReportError(f"{path}: model '{name}' is not in this run; expected one of {', '.join(by_name)}")
         env = data.get("environment")
-        if not isinstance(env, dict) or not env.get("cpu") and not env.get("machine"):
-            raise ReportError(f"{path}: no 'environment' with 'cpu' or 'machine'; expected {DEVICE_SOURCE}")
+        if (not isinstance(env, dict) or not env.get("cpu") and not env.get("machine")
+                or not all(isinstance(env.get(k) or "", str) for k in ("cpu", "machine"))):
+            raise ReportError(f"{path}: no 'environment' with 'cpu' or 'machine' as text; expected {DEVICE_SOURCE}")
+        _check_finite(path, data)
         figures = _device_figures(path, kind, data)
         sha = data.get("model_sha256")
         if not isinstance(sha, str):
@@ -97,7 +101,7 @@ def merge(paths, variants: list[dict], run_dir: Path) -> list[dict]:
                               "pass results measured on this run's own bundle")
         _check_preprocessing(path, data, meta.get("preprocess") or {})
         # `pipeline deploy` names the board; a file brought back by hand is labelled by its CPU.
-        label = (data.get("board") or {}).get("name") or _device_label(env)
+        label = _board(path, data).get("name") or _device_label(env)
         if (label, name, kind) in seen:
             raise ReportError(f"{path}: a second {kind} result for {name} on {label} (the first is "
                               f"{seen[label, name, kind]}); pass one per model, kind and device")
@@ -153,25 +157,64 @@ def _fmt(value) -> str:
     return repr(value)
 
 
+def _check_finite(path: Path, value, where: str = "") -> None:
+    """The runner writes null for NaN and infinity; one here would reach report.json as a bare NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ReportError(f"{path}: '{where}' is {value}; expected a finite number, as in {DEVICE_SOURCE} "
+                          "(it writes null for NaN and infinity)")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        _check_finite(path, item, f"{where}.{key}" if where else str(key))
+
+
+def _board(path: Path, data: dict) -> dict:
+    """The board `pipeline deploy` names, {} for a file brought back by hand."""
+    board = data.get("board", {})
+    if not (isinstance(board, dict) and isinstance(board.get("name") or "", str)
+            and isinstance(board.get("emulated"), (bool, type(None)))):
+        raise ReportError(f"{path}: 'board' is {json.dumps(board)[:60]}; expected an object with a 'name' and "
+                          f"'emulated' true or false, as `pipeline deploy` writes, or no 'board'")
+    return board
+
+
 def _device_label(env: dict) -> str:
     cpu, machine = env.get("cpu") or "", env.get("machine") or ""
     return cpu if not machine or machine in cpu else f"{cpu} ({machine})" if cpu else machine
 
 
+# Figures the report formats beyond the required ones: each a number of milliseconds or MB, or null.
+OPTIONAL_FIGURES = (("latency", "mean_ms"), ("latency", "std_ms"), ("latency", "min_ms"), ("first_inference_ms",),
+                    ("peak_rss_mb",), ("load", "cold_ms"), ("load", "warm", "p50_ms"),
+                    ("memory", "peak_rss_mb_after_load"), ("memory", "peak_rss_mb_after_inference"),
+                    *(("preprocess", stage, "p50_ms") for stage in ("decode", "resize", "quantize")))
+
+
 def _device_figures(path: Path, kind: str, data: dict) -> dict:
-    def number(*keys):
+    def number(*keys, least=0, most=None, integer=False, optional=False):
         value = data
         for key in keys:
             value = value.get(key) if isinstance(value, dict) else None
+        where = ".".join(keys)
+        if value is None and optional:
+            return None
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ReportError(f"{path}: no number at '{'.'.join(keys)}'; expected {DEVICE_SOURCE}")
+            raise ReportError(f"{path}: no number at '{where}'; expected {DEVICE_SOURCE}")
+        if value < least or most is not None and value > most or integer and value != int(value):
+            want = (f"{'an integer' if integer else 'a number'} of at least {least}" if most is None
+                    else f"a fraction from {least} to {most}")
+            raise ReportError(f"{path}: '{where}' is {value}; expected {want}, as in {DEVICE_SOURCE}")
         return value
 
-    emulated = bool((data.get("board") or {}).get("emulated"))
+    emulated = bool(_board(path, data).get("emulated"))
     if kind == "eval":
-        return {"accuracy": number("accuracy"), "n": number("n"), "data": data.get("data"), "emulated": emulated}
+        return {"accuracy": number("accuracy", most=1), "n": number("n", least=1, integer=True),
+                "data": data.get("data"), "emulated": emulated}
     latency = {f"{k}_ms": number("latency", f"{k}_ms") for k in ("p50", "p90", "p99")}
-    return {**latency, "runs": number("latency", "n"), "warning": data["latency"].get("warning"), "emulated": emulated,
+    for keys in OPTIONAL_FIGURES:
+        number(*keys, optional=True)
+    number("threads", least=1, integer=True, optional=True)
+    return {**latency, "runs": number("latency", "n", least=1, integer=True), "warning": data["latency"].get("warning"),
+            "emulated": emulated,
             **{k: data.get(k) for k in ("threads", "xnnpack", "peak_rss_mb", "first_inference_ms", "load",
                                         "preprocess", "memory", "board_state")},
             "mean_ms": data["latency"].get("mean_ms"), "std_ms": data["latency"].get("std_ms"),
