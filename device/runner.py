@@ -69,6 +69,16 @@ def _header(kind: str, args=None, model=None) -> dict:
     return out
 
 
+def _preprocessing(args, model) -> dict:
+    """The preprocessing a result was measured with and the options that chose it: `pipeline report` merges
+    a result only when this is the run's own, since an --input-range or --labels override changes what the
+    figures mean (raw 0-255 pixels fed to a model trained on 0..1 score near chance)."""
+    p = model.preprocess
+    overrides = {name: str(value) for name, value in (("input_range", args.input_range), ("labels", args.labels))
+                 if value is not None}
+    return {"scale": p["scale"], "offset": p["offset"], "labels": list(p["labels"]), "overrides": overrides}
+
+
 def _load(args) -> core.Model:
     model = core.Model(args.model, threads=getattr(args, "threads", None),
                        xnnpack=not getattr(args, "no_xnnpack", False), **_foreign_options(args))
@@ -118,7 +128,7 @@ def cmd_eval(args) -> dict:
     t0 = time.perf_counter()
     result = core.evaluate(model, x, y, source=str(args.data))
     seconds = time.perf_counter() - t0
-    return {**_header("eval", args, model), "data": str(args.data),
+    return {**_header("eval", args, model), "preprocessing": _preprocessing(args, model), "data": str(args.data),
             "n": result["n"], "accuracy": result["accuracy"], "per_class": result["per_class"],
             "confusion": result["confusion"], "seconds": seconds,
             "interpreter": {"name": model.runtime.name, "version": model.runtime.version},
@@ -165,7 +175,8 @@ def cmd_bench(args) -> dict:
     first_ms = (clock() - t0) * 1e3
     warm, timed = timing.time_calls(lambda: model.invoke(prepared), args.runs, args.warmup)
     peak_after_inference = timing.peak_rss_mb()
-    return {**_header("bench", args, model), "threads": args.threads, "cores": os.cpu_count(),
+    return {**_header("bench", args, model), "preprocessing": _preprocessing(args, model),
+            "threads": args.threads, "cores": os.cpu_count(),
             "xnnpack": not args.no_xnnpack,
             "load": {"import_ms": import_ms, "cold_ms": cold_ms, "warm": timing.summarize(warm_loads)},
             "init_ms": cold_ms, "first_inference_ms": first_ms,

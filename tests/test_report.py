@@ -289,6 +289,86 @@ def test_bad_device_results_raise_report_error_naming_the_file(copy, tmp_path, c
     assert (copy / "report.json").read_bytes() == before
 
 
+@pytest.fixture(scope="module")
+def board_outputs(run, tmp_path_factory) -> dict:
+    """What the real runner prints for the run's int8 model: eval on its samples, bench, each as run by default."""
+    model = run / "model_int8.tflite"
+    return {"eval": runner_json("eval", run / "samples" / "eval.npz", "--model", model),
+            "bench": runner_json("bench", "--model", model, "--runs", 5, "--warmup", 1, "--loads", 1,
+                                 "--preprocess-runs", 1)}
+
+
+@pytest.mark.parametrize("kind, option, value, differs", [
+    ("eval", "--input-range", "0,255", "pixel * 1 + 0 where this run's metadata.json says pixel * 0.00392157 + 0"),
+    ("bench", "--labels", "labels.txt", "labels other than those this run's metadata.json lists"),
+])
+def test_device_results_measured_with_other_preprocessing_are_refused(copy, board_outputs, tmp_path, kind, option,
+                                                                       value, differs):
+    """An --input-range or --labels override is no measurement of the run: raw 0-255 pixels fed to a model trained
+    on 0..1 ones score near chance, and would stand as the run's device accuracy."""
+    from pipeline.report.render import ReportError, render
+
+    meta = json.loads((copy / "metadata.json").read_text())["preprocess"]
+    # The runner records what it fed and which option chose it; by default, the run's own preprocessing.
+    assert board_outputs[kind]["preprocessing"] == {"scale": meta["scale"], "offset": meta["offset"],
+                                                    "labels": meta["labels"], "overrides": {}}
+    (tmp_path / "labels.txt").write_text("".join(f"digit {label}\n" for label in meta["labels"]))
+    given = str(tmp_path / value) if option == "--labels" else value
+    data = [copy / "samples" / "eval.npz"] if kind == "eval" else ["--runs", 5, "--warmup", 1, "--loads", 1]
+    out = runner_json(kind, *data, "--model", copy / "model_int8.tflite", option, given)
+    assert out["preprocessing"]["overrides"] == {option[2:].replace("-", "_"): given}
+    before = (copy / "report.json").read_bytes()
+    measured = tmp_path / f"{kind}.json"
+    measured.write_text(json.dumps(out))
+    with pytest.raises(ReportError) as err:
+        render(copy, device_results=[measured], log=lambda *a: None)
+    message = str(err.value)
+    assert message == f"{measured}: measured with {option} {given}: {differs}; run the runner again without {option}"
+    assert (copy / "report.json").read_bytes() == before and not (copy / "device_results").exists()
+
+
+def test_device_results_of_runners_before_the_preprocessing_record_merge_as_before(copy, board_outputs, tmp_path):
+    """Bundles whose runner did not record its preprocessing are on boards: their results still merge."""
+    from pipeline.report.render import render
+
+    older = tmp_path / "eval.json"
+    older.write_text(json.dumps({k: v for k, v in board_outputs["eval"].items() if k != "preprocessing"}))
+    merged = render(copy, device_results=[older], log=lambda *a: None)
+    [device] = merged["devices"]
+    assert by_variant(merged)["int8"]["device"][device["label"]]["accuracy"] == board_outputs["eval"]["accuracy"]
+
+
+@pytest.mark.parametrize("kind, keys, value, expected", [
+    ("eval", ["board"], "pi", """'board' is "pi"; expected an object"""),
+    ("bench", ["board"], {"name": "pi", "emulated": "no"}, "'emulated' true or false"),
+    ("eval", ["accuracy"], 7.5, "'accuracy' is 7.5; expected a fraction from 0 to 1"),
+    ("eval", ["accuracy"], float("nan"), "'accuracy' is nan; expected a finite number"),
+    ("eval", ["n"], 0, "'n' is 0; expected an integer of at least 1"),
+    ("bench", ["latency", "p50_ms"], -0.5, "'latency.p50_ms' is -0.5; expected a number of at least 0"),
+    ("bench", ["latency", "p99_ms"], float("inf"), "'latency.p99_ms' is inf; expected a finite number"),
+    ("bench", ["memory", "peak_rss_mb_after_load"], float("nan"), "'memory.peak_rss_mb_after_load' is nan"),
+    ("bench", ["load", "warm", "p50_ms"], "fast", "'load.warm.p50_ms'"),
+])
+def test_device_figures_out_of_range_are_refused_in_one_line(copy, board_outputs, tmp_path, kind, keys, value,
+                                                             expected):
+    """A hand-edited result must not show as 750.00% or nan% (nor write NaN, which is not JSON, to report.json)."""
+    from pipeline.report.render import ReportError, render
+
+    data = json.loads(json.dumps(board_outputs[kind]))
+    inner = data
+    for key in keys[:-1]:
+        inner = inner[key]
+    inner[keys[-1]] = value
+    before = (copy / "report.json").read_bytes()
+    edited = tmp_path / f"{kind}.json"
+    edited.write_text(json.dumps(data))
+    with pytest.raises(ReportError) as err:
+        render(copy, device_results=[edited], log=lambda *a: None)
+    message = str(err.value)
+    assert message.startswith(f"{edited}: ") and expected in message and "\n" not in message
+    assert (copy / "report.json").read_bytes() == before
+
+
 @pytest.mark.parametrize("features, why", [
     ({"family": "x86", "flags": ["avx2"], "int8_dot_product": False}, "no int8 dot-product instructions"),
     ({"family": "arm", "flags": ["asimd", "asimddp"], "int8_dot_product": True}, "the kernels are not the cause"),

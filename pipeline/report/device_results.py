@@ -7,8 +7,12 @@ A result counts only for a model this run contains byte for byte, and merged fil
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import re
 from pathlib import Path
+
+import numpy as np
 
 from device.runner import SCHEMA
 from pipeline.artifacts import atomic_write
@@ -46,9 +50,8 @@ def keep(run_dir: Path, new: list[tuple[str, Path]], devices: list[dict]) -> Non
         atomic_write(run_dir / DEVICE_DIR / name, path.read_bytes())
 
 
-def _model_hashes(run_dir: Path) -> dict[str, str]:
+def _model_hashes(meta: dict) -> dict[str, str]:
     """sha256 -> model file, for every model this run's metadata lists."""
-    meta = read_json(run_dir / "metadata.json", "the metadata written by `pipeline build`")
     return {entry["sha256"]: name for name, entry in meta.get("models", {}).items() if entry.get("sha256")}
 
 
@@ -66,7 +69,8 @@ def merge(paths, variants: list[dict], run_dir: Path) -> list[dict]:
     A result counts only for a model this run contains byte for byte: the runner names the sha256
     of the model it ran, and a file name alone (model_int8.tflite) fits every run.
     """
-    hashes = _model_hashes(run_dir)
+    meta = read_json(run_dir / "metadata.json", "the metadata written by `pipeline build`")
+    hashes = _model_hashes(meta)
     by_name = {v["file"]: v for v in variants}
     devices, seen = {}, {}  # label -> device; (label, model, kind) -> the file that gave it
     for path in map(Path, paths):
@@ -82,8 +86,10 @@ def merge(paths, variants: list[dict], run_dir: Path) -> list[dict]:
         if name not in by_name:
             raise ReportError(f"{path}: model '{name}' is not in this run; expected one of {', '.join(by_name)}")
         env = data.get("environment")
-        if not isinstance(env, dict) or not env.get("cpu") and not env.get("machine"):
-            raise ReportError(f"{path}: no 'environment' with 'cpu' or 'machine'; expected {DEVICE_SOURCE}")
+        if (not isinstance(env, dict) or not env.get("cpu") and not env.get("machine")
+                or not all(isinstance(env.get(k) or "", str) for k in ("cpu", "machine"))):
+            raise ReportError(f"{path}: no 'environment' with 'cpu' or 'machine' as text; expected {DEVICE_SOURCE}")
+        _check_finite(path, data)
         figures = _device_figures(path, kind, data)
         sha = data.get("model_sha256")
         if not isinstance(sha, str):
@@ -93,8 +99,9 @@ def merge(paths, variants: list[dict], run_dir: Path) -> list[dict]:
             found = f"this run's {hashes[sha]}" if sha in hashes else "a model this run does not contain"
             raise ReportError(f"{path}: measured {found} (sha256 {sha[:12]}...), not this run's {name}; "
                               "pass results measured on this run's own bundle")
+        _check_preprocessing(path, data, meta.get("preprocess") or {})
         # `pipeline deploy` names the board; a file brought back by hand is labelled by its CPU.
-        label = (data.get("board") or {}).get("name") or _device_label(env)
+        label = _board(path, data).get("name") or _device_label(env)
         if (label, name, kind) in seen:
             raise ReportError(f"{path}: a second {kind} result for {name} on {label} (the first is "
                               f"{seen[label, name, kind]}); pass one per model, kind and device")
@@ -107,25 +114,107 @@ def merge(paths, variants: list[dict], run_dir: Path) -> list[dict]:
     return list(devices.values())
 
 
+def _check_preprocessing(path: Path, data: dict, run: dict) -> None:
+    """Refuse a result measured with other preprocessing than the run's: with `--input-range 0,255` a model
+    trained on 0..1 pixels scores near chance, which is no figure of this run.
+
+    Runners before `preprocessing` was recorded cannot say what they fed; their files are merged as before,
+    since bundles of theirs are on boards (docs/runner.md says so).
+    """
+    if "preprocessing" not in data:
+        return
+    used = data["preprocessing"]
+    overrides = used.get("overrides") if isinstance(used, dict) else None
+    if not isinstance(overrides, dict):
+        raise ReportError(f"{path}: 'preprocessing' without its 'overrides'; expected {DEVICE_SOURCE}")
+    differs = []
+    if not (_same(used.get("scale"), run.get("scale")) and _same(used.get("offset"), run.get("offset"))):
+        differs.append(f"pixel * {_fmt(used.get('scale'))} + {_fmt(used.get('offset'))} where this run's "
+                       f"metadata.json says pixel * {_fmt(run.get('scale'))} + {_fmt(run.get('offset'))}")
+    if used.get("labels") != run.get("labels"):
+        differs.append("labels other than those this run's metadata.json lists")
+    if differs:
+        given = "".join(f" --{name.replace('_', '-')} {value}" for name, value in overrides.items())
+        fix = (f"run the runner again without {' or '.join('--' + n.replace('_', '-') for n in overrides)}"
+               if overrides else "run the runner again in this run's bundle, with its metadata.json beside the model")
+        raise ReportError(f"{path}: measured with{given + ':' if given else ''} {' and '.join(differs)}; {fix}")
+
+
+def _same(used, run) -> bool:
+    """Equal scales or offsets, one number or one per channel; a model without metadata.json beside it
+    takes its scale from the model's float32 quantization, which rounds the run's own."""
+    try:
+        return bool(np.allclose(np.asarray(used, np.float64), np.asarray(run, np.float64), rtol=1e-6, atol=1e-9))
+    except (TypeError, ValueError):  # not numbers, or per-channel lists of other lengths
+        return False
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.6g}"
+    if isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+        return "[" + ", ".join(f"{v:.6g}" for v in value) + "]"
+    return repr(value)
+
+
+def _check_finite(path: Path, value, where: str = "") -> None:
+    """The runner writes null for NaN and infinity; one here would reach report.json as a bare NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ReportError(f"{path}: '{where}' is {value}; expected a finite number, as in {DEVICE_SOURCE} "
+                          "(it writes null for NaN and infinity)")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        _check_finite(path, item, f"{where}.{key}" if where else str(key))
+
+
+def _board(path: Path, data: dict) -> dict:
+    """The board `pipeline deploy` names, {} for a file brought back by hand."""
+    board = data.get("board", {})
+    if not (isinstance(board, dict) and isinstance(board.get("name") or "", str)
+            and isinstance(board.get("emulated"), (bool, type(None)))):
+        raise ReportError(f"{path}: 'board' is {json.dumps(board)[:60]}; expected an object with a 'name' and "
+                          f"'emulated' true or false, as `pipeline deploy` writes, or no 'board'")
+    return board
+
+
 def _device_label(env: dict) -> str:
     cpu, machine = env.get("cpu") or "", env.get("machine") or ""
     return cpu if not machine or machine in cpu else f"{cpu} ({machine})" if cpu else machine
 
 
+# Figures the report formats beyond the required ones: each a number of milliseconds or MB, or null.
+OPTIONAL_FIGURES = (("latency", "mean_ms"), ("latency", "std_ms"), ("latency", "min_ms"), ("first_inference_ms",),
+                    ("peak_rss_mb",), ("load", "cold_ms"), ("load", "warm", "p50_ms"),
+                    ("memory", "peak_rss_mb_after_load"), ("memory", "peak_rss_mb_after_inference"),
+                    *(("preprocess", stage, "p50_ms") for stage in ("decode", "resize", "quantize")))
+
+
 def _device_figures(path: Path, kind: str, data: dict) -> dict:
-    def number(*keys):
+    def number(*keys, least=0, most=None, integer=False, optional=False):
         value = data
         for key in keys:
             value = value.get(key) if isinstance(value, dict) else None
+        where = ".".join(keys)
+        if value is None and optional:
+            return None
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ReportError(f"{path}: no number at '{'.'.join(keys)}'; expected {DEVICE_SOURCE}")
+            raise ReportError(f"{path}: no number at '{where}'; expected {DEVICE_SOURCE}")
+        if value < least or most is not None and value > most or integer and value != int(value):
+            want = (f"{'an integer' if integer else 'a number'} of at least {least}" if most is None
+                    else f"a fraction from {least} to {most}")
+            raise ReportError(f"{path}: '{where}' is {value}; expected {want}, as in {DEVICE_SOURCE}")
         return value
 
-    emulated = bool((data.get("board") or {}).get("emulated"))
+    emulated = bool(_board(path, data).get("emulated"))
     if kind == "eval":
-        return {"accuracy": number("accuracy"), "n": number("n"), "data": data.get("data"), "emulated": emulated}
+        return {"accuracy": number("accuracy", most=1), "n": number("n", least=1, integer=True),
+                "data": data.get("data"), "emulated": emulated}
     latency = {f"{k}_ms": number("latency", f"{k}_ms") for k in ("p50", "p90", "p99")}
-    return {**latency, "runs": number("latency", "n"), "warning": data["latency"].get("warning"), "emulated": emulated,
+    for keys in OPTIONAL_FIGURES:
+        number(*keys, optional=True)
+    number("threads", least=1, integer=True, optional=True)
+    return {**latency, "runs": number("latency", "n", least=1, integer=True), "warning": data["latency"].get("warning"),
+            "emulated": emulated,
             **{k: data.get(k) for k in ("threads", "xnnpack", "peak_rss_mb", "first_inference_ms", "load",
                                         "preprocess", "memory", "board_state")},
             "mean_ms": data["latency"].get("mean_ms"), "std_ms": data["latency"].get("std_ms"),
