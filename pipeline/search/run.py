@@ -303,9 +303,28 @@ def phase_b(cfg: SearchConfig, out: Path, feasible: list[str], seconds: float, r
     finally:
         ray.shutdown()
         if temp:
-            shutil.rmtree(temp, ignore_errors=True)
+            _remove_when_unused(temp)
     trials.sort(key=lambda t: t["number"])
     return trials, interrupted
+
+
+def _remove_when_unused(temp: str, seconds: float = 120) -> None:
+    """Remove a local Ray's temp dir once no process names it. Interrupted while Ray starts, ray.shutdown() does
+    not know the processes already started; they write their logs there until they end (a minute when the machine
+    is loaded), and a dir removed before that comes back (seen in CI)."""
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline and any(_names(c, temp) for c in Path("/proc").glob("[0-9]*/cmdline")):
+            time.sleep(0.5)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _names(cmdline: Path, temp: str) -> bool:
+    try:
+        return temp.encode() in cmdline.read_bytes()
+    except OSError:  # the process ended while we looked
+        return False
 
 
 def grace_period(epochs: int) -> int:
