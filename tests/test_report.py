@@ -277,16 +277,21 @@ def test_device_results_add_labelled_columns(copy, predictions, tmp_path):
                  "environment": {"cpu": "Cortex-A72", "machine": "aarch64"}}).encode(), "latency.p50_ms"),
 ])
 def test_bad_device_results_raise_report_error_naming_the_file(copy, tmp_path, content, expected):
+    bad = tmp_path / "from-the-pi.json"
+    bad.write_bytes(content)
+    message = refused(copy, bad)
+    assert str(bad) in message and expected in message and "\n" not in message
+
+
+def refused(copy: Path, results: Path) -> str:
+    """The one line merging `results` into the run `copy` is refused with; its report.json stays as it was."""
     from pipeline.report.render import ReportError, render
 
     before = (copy / "report.json").read_bytes()
-    bad = tmp_path / "from-the-pi.json"
-    bad.write_bytes(content)
     with pytest.raises(ReportError) as err:
-        render(copy, device_results=[bad], log=lambda *a: None)
-    message = str(err.value)
-    assert str(bad) in message and expected in message and "\n" not in message
+        render(copy, device_results=[results], log=lambda *a: None)
     assert (copy / "report.json").read_bytes() == before
+    return str(err.value)
 
 
 @pytest.fixture(scope="module")
@@ -306,8 +311,6 @@ def test_device_results_measured_with_other_preprocessing_are_refused(copy, boar
                                                                        value, differs):
     """An --input-range or --labels override is no measurement of the run: raw 0-255 pixels fed to a model trained
     on 0..1 ones score near chance, and would stand as the run's device accuracy."""
-    from pipeline.report.render import ReportError, render
-
     meta = json.loads((copy / "metadata.json").read_text())["preprocess"]
     # The runner records what it fed and which option chose it; by default, the run's own preprocessing.
     assert board_outputs[kind]["preprocessing"] == {"scale": meta["scale"], "offset": meta["offset"],
@@ -317,14 +320,11 @@ def test_device_results_measured_with_other_preprocessing_are_refused(copy, boar
     data = [copy / "samples" / "eval.npz"] if kind == "eval" else ["--runs", 5, "--warmup", 1, "--loads", 1]
     out = runner_json(kind, *data, "--model", copy / "model_int8.tflite", option, given)
     assert out["preprocessing"]["overrides"] == {option[2:].replace("-", "_"): given}
-    before = (copy / "report.json").read_bytes()
     measured = tmp_path / f"{kind}.json"
     measured.write_text(json.dumps(out))
-    with pytest.raises(ReportError) as err:
-        render(copy, device_results=[measured], log=lambda *a: None)
-    message = str(err.value)
+    message = refused(copy, measured)
     assert message == f"{measured}: measured with {option} {given}: {differs}; run the runner again without {option}"
-    assert (copy / "report.json").read_bytes() == before and not (copy / "device_results").exists()
+    assert not (copy / "device_results").exists()
 
 
 def test_device_results_of_runners_before_the_preprocessing_record_merge_as_before(copy, board_outputs, tmp_path):
@@ -352,21 +352,15 @@ def test_device_results_of_runners_before_the_preprocessing_record_merge_as_befo
 def test_device_figures_out_of_range_are_refused_in_one_line(copy, board_outputs, tmp_path, kind, keys, value,
                                                              expected):
     """A hand-edited result must not show as 750.00% or nan% (nor write NaN, which is not JSON, to report.json)."""
-    from pipeline.report.render import ReportError, render
-
     data = json.loads(json.dumps(board_outputs[kind]))
     inner = data
     for key in keys[:-1]:
         inner = inner[key]
     inner[keys[-1]] = value
-    before = (copy / "report.json").read_bytes()
     edited = tmp_path / f"{kind}.json"
     edited.write_text(json.dumps(data))
-    with pytest.raises(ReportError) as err:
-        render(copy, device_results=[edited], log=lambda *a: None)
-    message = str(err.value)
+    message = refused(copy, edited)
     assert message.startswith(f"{edited}: ") and expected in message and "\n" not in message
-    assert (copy / "report.json").read_bytes() == before
 
 
 @pytest.mark.parametrize("features, why", [
