@@ -373,8 +373,8 @@ def test_cli_infers_a_folder_dataset_and_says_what_is_wrong_in_one_line(tmp_path
     assert result.exit_code == 2 and "--image-size" in result.output
 
 
-def _noise_folder(root: Path, counts: dict[str, int]) -> Path:
-    rng = np.random.default_rng(0)
+def _noise_folder(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
     for name, n in counts.items():
         (root / name).mkdir(parents=True)
         for i in range(n):
@@ -460,3 +460,29 @@ def test_the_default_recipe_fits_the_folder(tmp_path):
     mine = BuildConfig(dataset="folder", data_dir=photos, model="cifar-resnet8", image_size="32x32", batch_size=8)
     assert (mine.model, mine.image_size, mine.batch_size, mine.folder_defaults) == ("cifar-resnet8", "32x32", 8, None)
     assert BuildConfig.from_dict(rgb.to_dict()) == rgb
+
+
+def test_images_in_two_splits_or_two_classes_are_warned_about_and_recorded(tmp_path):
+    """A copy of a training image in test/ is scored as an image the model trained on: the build must say so."""
+    root = tmp_path / "photos"
+    _noise_folder(root / "train", {"cat": 6, "dog": 6})
+    _noise_folder(root / "test", {"cat": 3, "dog": 3}, seed=1)
+    shutil.copy(root / "train" / "cat" / "0.png", root / "test" / "cat" / "copy.png")
+    Image.open(root / "train" / "dog" / "1.png").save(root / "test" / "dog" / "copy.bmp")  # another name, lossless
+    shutil.copy(root / "train" / "cat" / "5.png", root / "train" / "dog" / "also-a-cat.png")
+    lines = []
+    data = load_dataset("folder", root, log=lines.append)
+    found = data.source["duplicates"]
+    assert found["test_in_train"] == 2 and found["val_in_train"] == 0 and found["test_in_val"] == 0
+    assert sorted(found["examples"]) == ["test/cat/copy.png = train/cat/0.png", "test/dog/copy.bmp = train/dog/1.png"]
+    assert found["label_conflicts"] == 1
+    assert found["label_conflict_examples"] == ["train/cat/5.png = train/dog/also-a-cat.png"]
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert any("2 test image(s) also in train" in w and "remove the copies" in w for w in warnings), lines
+    assert any("1 image(s) are in two class folders" in w for w in warnings), lines
+
+    clean = tmp_path / "clean"
+    _noise_folder(clean, {"cat": 6, "dog": 6})
+    lines.clear()
+    assert "duplicates" not in load_dataset("folder", clean, log=lines.append).source
+    assert not any("warning:" in line for line in lines)

@@ -22,6 +22,7 @@ import numpy as np
 from device.images import IMAGE_EXTENSIONS
 from pipeline import console
 from pipeline.data.dataset import DataError
+from pipeline.data.duplicates import duplicates
 
 # The runner's list: a folder trains on exactly the files `runner.py eval` would read from it.
 _SUFFIX_TUPLE = tuple(IMAGE_EXTENSIONS)
@@ -308,6 +309,9 @@ def load_folder_dataset(name: str, root: Path, size: tuple[int, int, int], *, se
     counts = {split: {c: int((y == i).sum()) for i, c in enumerate(classes)} for split, (_, y) in parts.items()}
     _warn_imbalance(counts["train"], log)
     source = _source(root, files, labels, rows, counts, x_sha256, size, seed, sizes, errors, cache)
+    twice = duplicates(x, labels, rows, [rel for (rel, _, _), read in zip(everything, ok) if read], log)
+    if twice:
+        source["duplicates"] = twice
     return Dataset(name, *parts["train"], *parts["val"], *parts["test"], spec, source)
 
 
