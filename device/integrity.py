@@ -218,7 +218,7 @@ def extract_bundle(archive: Path, dest: Path, *, keep: Callable[[Path], bool] | 
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.unpack-"))
-            _extract_checked(archive, tmp, max_members, max_member_bytes, max_total_bytes)
+            _extract_checked(archive, tmp, dest, max_members, max_member_bytes, max_total_bytes)
             tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes it 0700; the unpacked folder is the user's
             if target.is_dir():
                 target.rmdir()
@@ -284,16 +284,27 @@ def check_replaceable(path: Path, flag: str = "--overwrite") -> None:
                       f"{flag} replaces only edgepipe's own output; choose another path or move it away yourself")
 
 
-def _extract_checked(archive: Path, root: Path, max_members: int, max_member_bytes: int,
+def _extract_checked(archive: Path, root: Path, dest: Path, max_members: int, max_member_bytes: int,
                      max_total_bytes: int) -> None:
     """Every member checked first (a file or folder, a relative path without '..', once, within the
-    limits, passed by the data filter), each as its header is read; then written, streaming."""
-    import shutil
+    limits, passed by the data filter), each as its header is read; then written into root, streaming
+    (`dest`: where the user asked for it, for the messages)."""
+    import contextlib
     import tarfile
     import zlib
     from pathlib import PurePosixPath
 
     data_filter = getattr(tarfile, "data_filter", None)
+
+    @contextlib.contextmanager
+    def writing(member):
+        # A full disk or a quota is not a damaged archive: say which it is, so the user frees space instead of
+        # fetching the bundle again.
+        try:
+            yield
+        except OSError as e:
+            raise DeviceError(f"{dest}: cannot write the unpacked {member.name} ({e.strerror or e}); free space "
+                              "there or unpack into another folder") from None
 
     def refuse(member, why: str) -> DeviceError:
         return DeviceError(f"{archive}: refused, member {member.name!r} {why}; "
@@ -328,12 +339,21 @@ def _extract_checked(archive: Path, root: Path, max_members: int, max_member_byt
                 names.add(path.as_posix())
             for m in members:
                 target = root.joinpath(*PurePosixPath(m.name).parts)
+                with writing(m):
+                    (target if m.isdir() else target.parent).mkdir(parents=True, exist_ok=True)
                 if m.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
                     continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(m) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                target.chmod(0o755 if m.mode & 0o111 else 0o644)
+                with tar.extractfile(m) as src:
+                    with writing(m):
+                        dst = open(target, "wb")
+                    try:
+                        while chunk := src.read(1 << 20):  # a read error is the archive's, a write error the disk's
+                            with writing(m):
+                                dst.write(chunk)
+                    finally:
+                        with writing(m):
+                            dst.close()
+                with writing(m):
+                    target.chmod(0o755 if m.mode & 0o111 else 0o644)
     except (OSError, tarfile.TarError, EOFError, zlib.error) as e:
         raise DeviceError(f"{archive}: not a readable .tar.gz bundle ({e})")

@@ -376,6 +376,22 @@ def test_unpack_leaves_nothing_when_refused_or_unverified(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.tar.gz", "empty", "evil.tar.gz"]
 
 
+
+def test_a_disk_that_cannot_take_the_bundle_is_said_as_such_not_blamed_on_the_archive(tmp_path):
+    """A full disk read 'not a readable .tar.gz bundle': the user would fetch a good bundle again. The kernel
+    refuses writes beyond RLIMIT_FSIZE with EFBIG (Python ignores SIGXFSZ), as a full disk refuses with ENOSPC."""
+    archive = _tar(tmp_path / "b.tar.gz", {"metadata.json": b"{}", "model.tflite": bytes(4 * MIB)})
+    dest = tmp_path / "pi"
+    proc = _run(sys.executable, RUNNER, "unpack", archive, dest,
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (MIB, MIB)))
+    errors = _errors(proc.stderr)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and errors[0].startswith(f"error: {dest}: cannot write the unpacked model.tflite "
+                                                     "(File too large); free space"), errors
+    assert "not a readable" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.tar.gz"]  # nothing half-written is left
+
+
 # ---------------------------------------------------------------- 12: umask and /proc
 
 UMASK_PROBE = """
