@@ -88,6 +88,8 @@ def test_local_search_drops_over_budget_before_training_and_picks_a_verified_run
     dropped_ids = {r["candidate"]["id"] for r in dropped}
     assert len(report["trials"]) == 4 and not dropped_ids & {t["candidate"] for t in report["trials"]}
     assert all(t["node_id"] for t in report["trials"])
+    assert report["summary"]["machines"] == [socket.gethostname()]  # one machine, however many Ray starts
+    assert "Ray node(s) on 1 machine(s)." in (local_search / "search.md").read_text()
     from device.timing import cpu_features, features_words
 
     # Where every latency was taken, with the CPU features that decide int8's speed there.

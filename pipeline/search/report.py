@@ -89,7 +89,10 @@ def write_report(out: Path, cfg, feasibility: dict, trials: list[dict], pick: di
                     "trials": len(trials), **{s: sum(t["status"] == s for t in trials)
                                               for s in ("trained", "stopped", "failed", "unfinished")},
                     "trials_per_hour_of_trial_time": len(trials) / hours if hours else None,
-                    "nodes": sorted({t["node_id"] for t in trials if t.get("node_id")})},
+                    # Each Ray start names its nodes anew, so a resumed search on one machine counts two nodes: the
+                    # machines say where the trials ran.
+                    "nodes": sorted({t["node_id"] for t in trials if t.get("node_id")}),
+                    "machines": sorted({t["hostname"] for t in trials if t.get("hostname")})},
         "candidates": rows, "trials": trials, "points": pts, "front": front, "pick": None,
     }
     if pick:
@@ -183,7 +186,8 @@ def _summary(r: dict) -> list[str]:
             f"arena {_fmt(b['ram_kb'], '.1f')} KB. Space: {r['space']['description']}.",
             f"{s['candidates']} candidates, {s['dropped_before_training']} dropped before training "
             f"({100 * s['dropped_share']:.0f}%); {s['trials']} trials: {s['trained']} trained, {s['stopped']} "
-            f"stopped early, {s['failed']} failed, {s['unfinished']} unfinished; on {len(s['nodes'])} Ray node(s)."
+            f"stopped early, {s['failed']} failed, {s['unfinished']} unfinished; on {len(s['nodes'])} Ray node(s) "
+            f"on {len(s['machines'])} machine(s)."
             + (" The search was interrupted: what finished is below; `--resume` continues it." if r["interrupted"]
                else "")
             + (" Measured only (`--measure-only`): no candidate was trained." if r["config"].get("measure_only")
