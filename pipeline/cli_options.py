@@ -13,7 +13,7 @@ import click
 from click.core import ParameterSource
 
 from pipeline import rundir
-from pipeline.config import INPUT_RANGES, INT8_IO, VARIANTS, BuildConfig
+from pipeline.config import INPUT_RANGES, INT8_IO, MAX_SEED, VARIANTS, BuildConfig
 from pipeline.data import DATASETS
 from pipeline.models import MODELS, OPTIMIZERS, SCHEDULES
 
@@ -62,7 +62,7 @@ def data_options(fn):
                            "cifar-10-python.tar.gz or CIFAR class folders) or your own class folders.")(fn)
     fn = click.option("--image-size", metavar="HxW",
                       help="Size images from folders are resized to (default: the dataset's, 32x32 for a folder).")(fn)
-    fn = click.option("--seed", type=int, default=0, show_default=True,
+    fn = click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
                       help="Seed for weights, shuffling, validation split and calibration sample.")(fn)
     return fn
 

@@ -17,6 +17,7 @@ VARIANTS = ("fp32", "dynamic", "float16", "int8", "int16x8")
 # uint8 is what TFLite Model Maker exported and what MediaPipe Tasks accepts as a quantized input.
 INT8_IO = ("int8", "uint8", "float")
 FALLBACKS = ("none", "auto")
+MAX_SEED = 2**32 - 1  # numpy's legacy generator, which keras.utils.set_random_seed seeds, takes no more
 
 
 def default_threads() -> tuple[int, ...]:
@@ -106,6 +107,8 @@ class BuildConfig(metaclass=_Derived):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}, expected an integer >= {low}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed: got {self.seed!r}, expected an integer from 0 to {MAX_SEED}")
         if any(t < 1 for t in self.threads):
             raise ConfigError(f"--threads: got {list(self.threads)}, expected integers >= 1")
         if not 0.0 < self.validation_fraction < 0.5:

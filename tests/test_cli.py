@@ -50,7 +50,9 @@ def test_unknown_choices_list_the_valid_ones(args, names):
 
 
 @pytest.mark.parametrize("args", [["--epochs", "0"], ["--epochs", "-3"], ["--epochs", "many"],
-                                  ["--calibration-samples", "0"], ["--batch-size", "0"]])
+                                  ["--calibration-samples", "0"], ["--batch-size", "0"],
+                                  # numpy's generator takes seeds from 0 to 2**32 - 1: others were a traceback
+                                  ["--seed", "-1"], ["--seed", str(2**32)]])
 def test_bad_numbers_are_usage_errors(args):
     result = invoke("build", "--dataset", "digits", *args)
     assert result.exit_code == 2
