@@ -97,7 +97,7 @@ def train_options(fn):
     fn = click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True),
                       help="Peak learning rate (default: recipe).")(fn)
     fn = click.option("--lr-schedule", type=click.Choice(SCHEDULES),
-                      help="cosine (to 0, after --warmup-epochs) or constant (default: recipe).")(fn)
+                      help="cosine (to 0) or constant, either after --warmup-epochs (default: recipe).")(fn)
     fn = click.option("--warmup-epochs", type=click.IntRange(min=0),
                       help="Linear warm-up epochs (default: recipe).")(fn)
     fn = click.option("--weight-decay", type=click.FloatRange(min=0, max=1, max_open=True),

@@ -42,11 +42,13 @@ def _optimizer(recipe: dict, steps_per_epoch: int):
     import keras
 
     lr = recipe["learning_rate"]
-    if recipe["lr_schedule"] == "cosine":
+    if recipe["lr_schedule"] == "cosine" or recipe["warmup_epochs"]:
         total = recipe["epochs"] * steps_per_epoch
         warmup = min(recipe["warmup_epochs"] * steps_per_epoch, total - 1)
-        # Warm-up starts from lr/100: big steps on freshly initialised BatchNorm statistics diverge.
+        # Warm-up starts from lr/100: big steps on freshly initialised BatchNorm statistics diverge. A constant
+        # schedule warms up too (a cosine whose floor, alpha, is its peak never falls).
         lr = keras.optimizers.schedules.CosineDecay(lr / 100 if warmup else lr, total - warmup,
+                                                    alpha=0.0 if recipe["lr_schedule"] == "cosine" else 1.0,
                                                     warmup_target=lr if warmup else None, warmup_steps=warmup)
     wd = recipe["weight_decay"] or None
     ema = {"use_ema": bool(recipe["ema"]), "ema_momentum": recipe["ema"] or 0.99}

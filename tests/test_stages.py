@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from device import core, integrity
@@ -161,3 +162,21 @@ def test_plain_epochs_end_the_training_on_the_images_as_they_are(tmp_path):
     assert tails == {None: 6, 90: 12, 4: 1, 2: 0}
     assert BuildConfig(dataset="cifar10", model="cifar-resnet8", plain_epochs=0, out=str(tmp_path)).plain_epochs == 0
     assert BuildConfig(dataset="digits", model="mnist-mlp", epochs=40, out=str(tmp_path)).plain_epochs == 0
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_warmup_epochs_warm_up_either_schedule(schedule, tmp_path):
+    # A constant schedule ignored --warmup-epochs while the manifest recorded them as trained.
+    from pipeline.config import BuildConfig
+    from pipeline.train import _optimizer, recipe_of
+
+    cfg = BuildConfig(dataset="digits", model="mnist-mlp", epochs=4, lr_schedule=schedule, warmup_epochs=2,
+                      learning_rate=0.01, out=str(tmp_path))
+    optimizer = _optimizer(recipe_of(cfg), steps_per_epoch=10)
+
+    def rate(step):
+        optimizer.iterations.assign(step)
+        return float(optimizer.learning_rate)
+
+    assert rate(0) == pytest.approx(1e-4) and rate(10) == pytest.approx(0.00505) and rate(20) == pytest.approx(0.01)
+    assert rate(39) == (pytest.approx(0.01) if schedule == "constant" else pytest.approx(0.0, abs=1e-4))
