@@ -201,6 +201,17 @@ def refuse_options_with_resume(ctx) -> None:
                                f"{', '.join(given)} (or start a new build with them and --overwrite)")
 
 
+def refuse_training_options(ctx) -> None:
+    """A --keras-model is converted as it is, untrained: a training option would be silently ignored while
+    the run's config recorded it as if it had shaped the model."""
+    training = {p.name for p in click.command()(train_options(lambda **_: None)).params}
+    given = ["/".join([max(p.opts, key=len), *p.secondary_opts]) for p in ctx.command.params
+             if p.name in training and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
+    if ctx.params.get("keras_model") is not None and given:
+        raise click.UsageError(f"--keras-model is converted as it is, without training; drop {', '.join(given)} "
+                               "(or drop --keras-model to train a zoo model with them)")
+
+
 class Finite(click.FloatRange):
     """A budget or a limit: click's FloatRange lets nan and inf through, and a nan budget holds nothing back."""
 

@@ -78,6 +78,20 @@ def test_user_keras_model_with_wrong_input(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_training_options_with_a_keras_model_are_refused(tmp_path):
+    # Converted as it is, the model never saw them; they were ignored and recorded in the run's config.
+    import keras
+
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    model.save(tmp_path / "mine.keras")
+    result = invoke("build", "--dataset", "digits", "--keras-model", tmp_path / "mine.keras", "--epochs", "7",
+                    "--no-augment", "--sam", "0.05", "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    error = one_line_error(result)
+    assert "--epochs" in error and "--augment/--no-augment" in error and "--sam" in error and "--seed" not in error
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run*"))
+
+
 def test_not_a_keras_file(tmp_path):
     (tmp_path / "junk.keras").write_bytes(b"not a zip")
     result = invoke("build", "--dataset", "digits", "--keras-model", tmp_path / "junk.keras", "--out", tmp_path / "r")
