@@ -163,7 +163,7 @@ def load_inputs(cfg: BuildConfig, wanted, log) -> tuple[Dataset, object, dict]:
 
     # The user's model before the data: a file that cannot be used is said before minutes of decoding.
     user_model = load_user_model(cfg.keras_model, None, log=log) if cfg.keras_model else None
-    data = _data(cfg, wanted, log)
+    data = _data(cfg, wanted, log, _images_for(cfg, user_model))
     if user_model is not None:
         check_input_shape(user_model, data, cfg.keras_model)
     log(f"data: {data.name} from {data.source['kind']}, {len(data.x_train)} train / {len(data.x_val)} "
@@ -309,7 +309,20 @@ def benchmark_stage(run: RunDir, cfg: BuildConfig, meta: dict, variants: list[st
 
 # ---------------------------------------------------------------- helpers of the stages
 
-def _data(cfg: BuildConfig, wanted, log) -> Dataset:
+def _images_for(cfg: BuildConfig, user_model) -> tuple[int, int, int]:
+    """The shape the images are decoded to. A folder is decoded for the model that reads it: for a user's
+    model that is its own input (grayscale or RGB, and its size unless --image-size says), not that of the
+    zoo model the folder would have trained."""
+    shape = cfg.input_shape
+    if user_model is None or cfg.dataset != "folder":
+        return shape
+    wanted = tuple(user_model.inputs[0].shape[1:])
+    if len(wanted) != 3 or wanted[2] not in (1, 3) or None in wanted:
+        return shape  # check_input_shape says what is wrong with it
+    return (*(shape[:2] if cfg.image_size else wanted[:2]), wanted[2])
+
+
+def _data(cfg: BuildConfig, wanted, log, shape: tuple[int, int, int]) -> Dataset:
     """The dataset, or only its description when nothing needs its images and getting them means a download:
     converting your own model (`pipeline convert`) to variants that need no calibration."""
     from pipeline.convert import CALIBRATED
@@ -319,7 +332,7 @@ def _data(cfg: BuildConfig, wanted, log) -> Dataset:
     needs_images = "evaluate" in wanted or not cfg.keras_model or any(v in CALIBRATED for v in cfg.quantize)
     if needs_images or cfg.data_dir is not None or not info.offline:
         return load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction,
-                            input_shape=cfg.input_shape, log=log)
+                            input_shape=shape, log=log)
     log(f"data: {', '.join(cfg.quantize)} need no images, so {cfg.dataset} is not downloaded "
         "(no samples/ for the device; pass --data-dir to include them)")
     empty = np.zeros((0, *info.input_shape), np.uint8), np.zeros(0, np.int64)
