@@ -187,9 +187,15 @@ def input_range(cfg: BuildConfig, user_model, data: Dataset, log) -> dict:
         log("input range: 0,255, the model's first layer scales raw pixels itself")
         return {"range": "0,255", "source": "model's first layer"}
     if not len(data.x_val):
-        chosen = {"range": cfg.input_range or "0,1", "source": "given" if cfg.input_range else "default"}
-        log(f"input range: {chosen['range']} ({chosen['source']}; not checked: no validation images were loaded)")
-        return chosen
+        if cfg.input_range is None:  # assumed, a model trained on -1..1 would ship with the wrong preprocessing
+            from pipeline.train import ModelMismatchError
+
+            raise ModelMismatchError(
+                f"{cfg.keras_model}: its input range cannot be detected without {cfg.dataset} images, which "
+                f"{', '.join(cfg.quantize)} do not need; pass --input-range {' or '.join(INPUT_RANGES)} as the "
+                "model was trained, or --data-dir DIR to detect it")
+        log(f"input range: {cfg.input_range} (given; not checked: no validation images were loaded)")
+        return {"range": cfg.input_range, "source": "given"}
     chosen = detect_input_range(user_model, data.x_val, data.y_val, cfg.input_range)
     how = {"given": "given with --input-range", "detected": "detected", "default": "assumed"}[chosen["source"]]
     log(f"input range: {chosen['range']}, {how}: {describe_scores(chosen['scores'])} on {chosen['images']} "
