@@ -93,13 +93,15 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
 def _stop(run: RunDir, error: BaseException) -> None:
     """Keep the staging folder for `--resume`, or throw it away: decided here, before anything is deleted.
 
-    Only the user's input makes it worthless (the same input fails the same way). An interruption, a
+    Only the user's input makes a new build's worthless (the same input fails the same way). An interruption, a
     full disk or a bug keeps what the finished stages and the training checkpoint paid for, and the
     error's line says how to continue; a failure before anything finished leaves nothing to continue.
     """
     what = failures.kind(error)
     worth_keeping = bool(run.resumable())
-    if what == failures.INPUT or (what != failures.INTERRUPTED and not worth_keeping):
+    # A resumed build keeps it even then: what failed may be a file that can be put back (a data folder
+    # moved), and what it was asked to continue is not lost to a mistake.
+    if (what == failures.INPUT and not run.resumed) or (what != failures.INTERRUPTED and not worth_keeping):
         console.log_moved(run.discard())  # the log stays beside the run as NAME.failed.log
         return
     run.abandon()

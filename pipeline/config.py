@@ -202,6 +202,9 @@ def derive(given: dict) -> dict:
     from pipeline.models import MODELS
 
     cfg = {f.name: f.default for f in fields(BuildConfig)} | given
+    for key in ("data_dir", "keras_model", "tensorboard"):
+        if cfg[key]:  # saved for --resume, which may run in another folder, where a relative path names another file
+            cfg[key] = os.path.abspath(os.path.expanduser(cfg[key]))
     if cfg["dataset"] not in DATASETS:
         raise ConfigError(f"--dataset: unknown '{cfg['dataset']}'; choose from {', '.join(DATASETS)}")
     cfg |= _fit_folder(cfg)
