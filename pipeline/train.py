@@ -142,8 +142,9 @@ def train(cfg: BuildConfig, data: Dataset, log=print, checkpoint: Path | None = 
         model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, initial_epoch=first, steps_per_epoch=steps,
                   shuffle=False, verbose=0, callbacks=callbacks)  # the dataset shuffles itself
     if cfg.ema:
-        _take_average(model, batches(data.x_train, data.y_train, shuffle=True, augment=cfg.augment, seed=cfg.seed,
-                                     **common)[0], log)
+        # After a plain tail the statistics are those of the images as they are, as the tail's training left them.
+        _take_average(model, batches(data.x_train, data.y_train, shuffle=True, seed=cfg.seed,
+                                     augment=cfg.augment and not cfg.plain_epochs, **common)[0], log)
     if cfg.reparam:
         model = fold(model, build_model(cfg.model, shape, len(spec.labels)))
         log(f"weights: the branches of each 3x3 conv folded into it ({model.count_params():,} parameters, the "
