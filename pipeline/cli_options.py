@@ -185,7 +185,11 @@ def _make_config(out, **kwargs) -> BuildConfig:
     for key in ("data_dir", "keras_model", "tensorboard"):
         if kwargs.get(key) is not None:
             kwargs[key] = str(kwargs[key])
-    return BuildConfig(out=str(out) if out else "", xnnpack=xnnpack, **kwargs)
+    cfg = BuildConfig(out=str(out) if out else "", xnnpack=xnnpack, **kwargs)
+    if cfg.int8_io != "int8" and "int8" not in cfg.quantize:
+        raise click.UsageError(f"--int8-io {cfg.int8_io} sets the input and output of the int8 model, and --quantize "
+                               f"{','.join(cfg.quantize)} builds none; add int8 to --quantize or drop --int8-io")
+    return cfg
 
 
 # Options that do not change what is built, so a resumed build may take them.

@@ -59,6 +59,19 @@ def test_bad_numbers_are_usage_errors(args):
     assert args[0] in one_line_error(result)
 
 
+@pytest.mark.parametrize("command", ["build", "convert"])
+def test_int8_io_without_an_int8_model_is_refused(command, tmp_path):
+    # It was accepted and ignored: asked for a uint8 model, the user got float16 alone and no word.
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"")
+    args = [command, *([model] if command == "convert" else []), "--dataset", "digits", "--quantize", "float16",
+            "--int8-io", "uint8", "--out", tmp_path / "run"]
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert "--int8-io uint8" in one_line_error(result) and "add int8 to --quantize" in one_line_error(result)
+    assert not (tmp_path / "run").exists()
+
+
 def test_model_that_does_not_fit_the_dataset():
     result = invoke("build", "--dataset", "mnist", "--model", "cifar-cnn")
     assert result.exit_code == 2
