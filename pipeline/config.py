@@ -128,7 +128,7 @@ class BuildConfig(metaclass=_Derived):
             raise ConfigError(f"--sam: got {self.sam}, expected a radius in [0, 1), e.g. 0.05; 0 for plain steps")
         if self.reparam and (self.keras_model or not MODELS[self.model].reparam):
             able = [name for name, info in MODELS.items() if info.reparam]
-            raise ConfigError(f"--reparam: {self.keras_model or self.model} is not built with folding branches; "
+            raise ConfigError(f"--reparam: {self.model_name} is not built with folding branches; "
                               f"use it with --model {' or '.join(able)}, or drop --reparam")
         if self.int8_io not in INT8_IO:
             raise ConfigError(f"--int8-io: got '{self.int8_io}', expected one of {', '.join(INT8_IO)}")
