@@ -209,6 +209,8 @@ def refuse_training_options(ctx) -> None:
     """A --keras-model is converted as it is, untrained: a training option would be silently ignored while
     the run's config recorded it as if it had shaped the model."""
     training = {p.name for p in click.command()(train_options(lambda **_: None)).params}
+    if ctx.params.get("qat") or ctx.params.get("fallback") == "auto":
+        training -= {"batch_size", "augment"}  # the guard's quantization-aware fine-tuning trains with them
     given = ["/".join([max(p.opts, key=len), *p.secondary_opts]) for p in ctx.command.params
              if p.name in training and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
     if ctx.params.get("keras_model") is not None and given:

@@ -103,6 +103,14 @@ def test_training_options_with_a_keras_model_are_refused(tmp_path):
     error = one_line_error(result)
     assert "--epochs" in error and "--augment/--no-augment" in error and "--sam" in error and "--seed" not in error
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run*"))
+    # Quantization-aware fine-tuning trains the model with the build's batch size and augmentation (docs/results.md
+    # fine-tunes a --keras-model with --batch-size 64 --qat): those stay allowed with it.
+    for repair in (["--qat"], ["--fallback", "auto", "--max-accuracy-drop", "1"]):
+        result = invoke("build", "--dataset", "digits", "--keras-model", tmp_path / "mine.keras", "--epochs", "7",
+                        "--batch-size", "64", "--no-augment", *repair, "--out", tmp_path / "run")
+        error = one_line_error(result)
+        assert result.exit_code == 2 and "--epochs" in error, error
+        assert "--batch-size" not in error and "--augment" not in error, error
 
 
 def test_not_a_keras_file(tmp_path):
