@@ -93,13 +93,15 @@ def build(cfg: BuildConfig, *, overwrite: bool = False, resume: bool = False, un
 def _stop(run: RunDir, error: BaseException) -> None:
     """Keep the staging folder for `--resume`, or throw it away: decided here, before anything is deleted.
 
-    Only the user's input makes it worthless (the same input fails the same way). An interruption, a
+    Only the user's input makes a new build's worthless (the same input fails the same way). An interruption, a
     full disk or a bug keeps what the finished stages and the training checkpoint paid for, and the
     error's line says how to continue; a failure before anything finished leaves nothing to continue.
     """
     what = failures.kind(error)
     worth_keeping = bool(run.resumable())
-    if what == failures.INPUT or (what != failures.INTERRUPTED and not worth_keeping):
+    # A resumed build keeps it even then: what failed may be a file that can be put back (a data folder
+    # moved), and what it was asked to continue is not lost to a mistake.
+    if (what == failures.INPUT and not run.resumed) or (what != failures.INTERRUPTED and not worth_keeping):
         console.log_moved(run.discard())  # the log stays beside the run as NAME.failed.log
         return
     run.abandon()
@@ -163,7 +165,7 @@ def load_inputs(cfg: BuildConfig, wanted, log) -> tuple[Dataset, object, dict]:
 
     # The user's model before the data: a file that cannot be used is said before minutes of decoding.
     user_model = load_user_model(cfg.keras_model, None, log=log) if cfg.keras_model else None
-    data = _data(cfg, wanted, log)
+    data = _data(cfg, wanted, log, _images_for(cfg, user_model))
     if user_model is not None:
         check_input_shape(user_model, data, cfg.keras_model)
     log(f"data: {data.name} from {data.source['kind']}, {len(data.x_train)} train / {len(data.x_val)} "
@@ -187,9 +189,15 @@ def input_range(cfg: BuildConfig, user_model, data: Dataset, log) -> dict:
         log("input range: 0,255, the model's first layer scales raw pixels itself")
         return {"range": "0,255", "source": "model's first layer"}
     if not len(data.x_val):
-        chosen = {"range": cfg.input_range or "0,1", "source": "given" if cfg.input_range else "default"}
-        log(f"input range: {chosen['range']} ({chosen['source']}; not checked: no validation images were loaded)")
-        return chosen
+        if cfg.input_range is None:  # assumed, a model trained on -1..1 would ship with the wrong preprocessing
+            from pipeline.train import ModelMismatchError
+
+            raise ModelMismatchError(
+                f"{cfg.keras_model}: its input range cannot be detected without {cfg.dataset} images, which "
+                f"{', '.join(cfg.quantize)} do not need; pass --input-range {' or '.join(INPUT_RANGES)} as the "
+                "model was trained, or --data-dir DIR to detect it")
+        log(f"input range: {cfg.input_range} (given; not checked: no validation images were loaded)")
+        return {"range": cfg.input_range, "source": "given"}
     chosen = detect_input_range(user_model, data.x_val, data.y_val, cfg.input_range)
     how = {"given": "given with --input-range", "detected": "detected", "default": "assumed"}[chosen["source"]]
     log(f"input range: {chosen['range']}, {how}: {describe_scores(chosen['scores'])} on {chosen['images']} "
@@ -309,7 +317,20 @@ def benchmark_stage(run: RunDir, cfg: BuildConfig, meta: dict, variants: list[st
 
 # ---------------------------------------------------------------- helpers of the stages
 
-def _data(cfg: BuildConfig, wanted, log) -> Dataset:
+def _images_for(cfg: BuildConfig, user_model) -> tuple[int, int, int]:
+    """The shape the images are decoded to. A folder is decoded for the model that reads it: for a user's
+    model that is its own input (grayscale or RGB, and its size unless --image-size says), not that of the
+    zoo model the folder would have trained."""
+    shape = cfg.input_shape
+    if user_model is None or cfg.dataset != "folder":
+        return shape
+    wanted = tuple(user_model.inputs[0].shape[1:])
+    if len(wanted) != 3 or wanted[2] not in (1, 3) or None in wanted:
+        return shape  # check_input_shape says what is wrong with it
+    return (*(shape[:2] if cfg.image_size else wanted[:2]), wanted[2])
+
+
+def _data(cfg: BuildConfig, wanted, log, shape: tuple[int, int, int]) -> Dataset:
     """The dataset, or only its description when nothing needs its images and getting them means a download:
     converting your own model (`pipeline convert`) to variants that need no calibration."""
     from pipeline.convert import CALIBRATED
@@ -319,7 +340,7 @@ def _data(cfg: BuildConfig, wanted, log) -> Dataset:
     needs_images = "evaluate" in wanted or not cfg.keras_model or any(v in CALIBRATED for v in cfg.quantize)
     if needs_images or cfg.data_dir is not None or not info.offline:
         return load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction,
-                            input_shape=cfg.input_shape, log=log)
+                            input_shape=shape, log=log)
     log(f"data: {', '.join(cfg.quantize)} need no images, so {cfg.dataset} is not downloaded "
         "(no samples/ for the device; pass --data-dir to include them)")
     empty = np.zeros((0, *info.input_shape), np.uint8), np.zeros(0, np.int64)

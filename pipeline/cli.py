@@ -22,6 +22,7 @@ from pipeline.cli_options import (
     measure_options,
     output_options,
     refuse_options_with_resume,
+    refuse_training_options,
     split_variants,
     ssh_options,
     train_options,
@@ -68,7 +69,8 @@ def main():
 @output_options
 @measure_options
 @click.option("--keras-model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Skip training and convert this .keras model (its input must fit the dataset).")
+              help="Skip training and convert this .keras model (its input must fit the dataset); the training "
+                   "options do not apply to it and are refused.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), metavar="PP",
               help="After writing the report, exit non-zero if a variant lost more than PP percentage points "
                    "(with --fallback auto, the guard's repaired variant is judged instead of the one it replaced).")
@@ -95,6 +97,7 @@ def build(overwrite, resume, no_benchmark, verbose, min_accuracy, **kwargs):
         refuse_options_with_resume(click.get_current_context())
         cfg = rundir.resume_config(resume)
     else:
+        refuse_training_options(click.get_current_context())
         cfg = config_from_options(benchmark=not no_benchmark, overwrite=overwrite, **kwargs)
     run_dir = captured(verbose, lambda log: run_build(cfg, overwrite=overwrite, resume=bool(resume), log=log))
     print_table(run_dir)

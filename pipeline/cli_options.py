@@ -13,7 +13,7 @@ import click
 from click.core import ParameterSource
 
 from pipeline import rundir
-from pipeline.config import INPUT_RANGES, INT8_IO, VARIANTS, BuildConfig
+from pipeline.config import INPUT_RANGES, INT8_IO, MAX_SEED, VARIANTS, BuildConfig
 from pipeline.data import DATASETS
 from pipeline.models import MODELS, OPTIMIZERS, SCHEDULES
 
@@ -62,7 +62,7 @@ def data_options(fn):
                            "cifar-10-python.tar.gz or CIFAR class folders) or your own class folders.")(fn)
     fn = click.option("--image-size", metavar="HxW",
                       help="Size images from folders are resized to (default: the dataset's, 32x32 for a folder).")(fn)
-    fn = click.option("--seed", type=int, default=0, show_default=True,
+    fn = click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
                       help="Seed for weights, shuffling, validation split and calibration sample.")(fn)
     return fn
 
@@ -97,7 +97,7 @@ def train_options(fn):
     fn = click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True),
                       help="Peak learning rate (default: recipe).")(fn)
     fn = click.option("--lr-schedule", type=click.Choice(SCHEDULES),
-                      help="cosine (to 0, after --warmup-epochs) or constant (default: recipe).")(fn)
+                      help="cosine (to 0) or constant, either after --warmup-epochs (default: recipe).")(fn)
     fn = click.option("--warmup-epochs", type=click.IntRange(min=0),
                       help="Linear warm-up epochs (default: recipe).")(fn)
     fn = click.option("--weight-decay", type=click.FloatRange(min=0, max=1, max_open=True),
@@ -185,7 +185,11 @@ def _make_config(out, **kwargs) -> BuildConfig:
     for key in ("data_dir", "keras_model", "tensorboard"):
         if kwargs.get(key) is not None:
             kwargs[key] = str(kwargs[key])
-    return BuildConfig(out=str(out) if out else "", xnnpack=xnnpack, **kwargs)
+    cfg = BuildConfig(out=str(out) if out else "", xnnpack=xnnpack, **kwargs)
+    if cfg.int8_io != "int8" and "int8" not in cfg.quantize:
+        raise click.UsageError(f"--int8-io {cfg.int8_io} sets the input and output of the int8 model, and --quantize "
+                               f"{','.join(cfg.quantize)} builds none; add int8 to --quantize or drop --int8-io")
+    return cfg
 
 
 # Options that do not change what is built, so a resumed build may take them.
@@ -199,6 +203,19 @@ def refuse_options_with_resume(ctx) -> None:
     if given:
         raise click.UsageError(f"--resume continues with the options the build was started with; drop "
                                f"{', '.join(given)} (or start a new build with them and --overwrite)")
+
+
+def refuse_training_options(ctx) -> None:
+    """A --keras-model is converted as it is, untrained: a training option would be silently ignored while
+    the run's config recorded it as if it had shaped the model."""
+    training = {p.name for p in click.command()(train_options(lambda **_: None)).params}
+    if ctx.params.get("qat") or ctx.params.get("fallback") == "auto":
+        training -= {"batch_size", "augment"}  # the guard's quantization-aware fine-tuning trains with them
+    given = ["/".join([max(p.opts, key=len), *p.secondary_opts]) for p in ctx.command.params
+             if p.name in training and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
+    if ctx.params.get("keras_model") is not None and given:
+        raise click.UsageError(f"--keras-model is converted as it is, without training; drop {', '.join(given)} "
+                               "(or drop --keras-model to train a zoo model with them)")
 
 
 class Finite(click.FloatRange):

@@ -17,6 +17,7 @@ VARIANTS = ("fp32", "dynamic", "float16", "int8", "int16x8")
 # uint8 is what TFLite Model Maker exported and what MediaPipe Tasks accepts as a quantized input.
 INT8_IO = ("int8", "uint8", "float")
 FALLBACKS = ("none", "auto")
+MAX_SEED = 2**32 - 1  # numpy's legacy generator, which keras.utils.set_random_seed seeds, takes no more
 
 
 def default_threads() -> tuple[int, ...]:
@@ -106,6 +107,8 @@ class BuildConfig(metaclass=_Derived):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}, expected an integer >= {low}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed: got {self.seed!r}, expected an integer from 0 to {MAX_SEED}")
         if any(t < 1 for t in self.threads):
             raise ConfigError(f"--threads: got {list(self.threads)}, expected integers >= 1")
         if not 0.0 < self.validation_fraction < 0.5:
@@ -125,7 +128,7 @@ class BuildConfig(metaclass=_Derived):
             raise ConfigError(f"--sam: got {self.sam}, expected a radius in [0, 1), e.g. 0.05; 0 for plain steps")
         if self.reparam and (self.keras_model or not MODELS[self.model].reparam):
             able = [name for name, info in MODELS.items() if info.reparam]
-            raise ConfigError(f"--reparam: {self.keras_model or self.model} is not built with folding branches; "
+            raise ConfigError(f"--reparam: {self.model_name} is not built with folding branches; "
                               f"use it with --model {' or '.join(able)}, or drop --reparam")
         if self.int8_io not in INT8_IO:
             raise ConfigError(f"--int8-io: got '{self.int8_io}', expected one of {', '.join(INT8_IO)}")
@@ -199,6 +202,9 @@ def derive(given: dict) -> dict:
     from pipeline.models import MODELS
 
     cfg = {f.name: f.default for f in fields(BuildConfig)} | given
+    for key in ("data_dir", "keras_model", "tensorboard"):
+        if cfg[key]:  # saved for --resume, which may run in another folder, where a relative path names another file
+            cfg[key] = os.path.abspath(os.path.expanduser(cfg[key]))
     if cfg["dataset"] not in DATASETS:
         raise ConfigError(f"--dataset: unknown '{cfg['dataset']}'; choose from {', '.join(DATASETS)}")
     cfg |= _fit_folder(cfg)

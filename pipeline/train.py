@@ -42,11 +42,13 @@ def _optimizer(recipe: dict, steps_per_epoch: int):
     import keras
 
     lr = recipe["learning_rate"]
-    if recipe["lr_schedule"] == "cosine":
+    if recipe["lr_schedule"] == "cosine" or recipe["warmup_epochs"]:
         total = recipe["epochs"] * steps_per_epoch
         warmup = min(recipe["warmup_epochs"] * steps_per_epoch, total - 1)
-        # Warm-up starts from lr/100: big steps on freshly initialised BatchNorm statistics diverge.
+        # Warm-up starts from lr/100: big steps on freshly initialised BatchNorm statistics diverge. A constant
+        # schedule warms up too (a cosine whose floor, alpha, is its peak never falls).
         lr = keras.optimizers.schedules.CosineDecay(lr / 100 if warmup else lr, total - warmup,
+                                                    alpha=0.0 if recipe["lr_schedule"] == "cosine" else 1.0,
                                                     warmup_target=lr if warmup else None, warmup_steps=warmup)
     wd = recipe["weight_decay"] or None
     ema = {"use_ema": bool(recipe["ema"]), "ema_momentum": recipe["ema"] or 0.99}
@@ -140,8 +142,9 @@ def train(cfg: BuildConfig, data: Dataset, log=print, checkpoint: Path | None = 
         model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, initial_epoch=first, steps_per_epoch=steps,
                   shuffle=False, verbose=0, callbacks=callbacks)  # the dataset shuffles itself
     if cfg.ema:
-        _take_average(model, batches(data.x_train, data.y_train, shuffle=True, augment=cfg.augment, seed=cfg.seed,
-                                     **common)[0], log)
+        # After a plain tail the statistics are those of the images as they are, as the tail's training left them.
+        _take_average(model, batches(data.x_train, data.y_train, shuffle=True, seed=cfg.seed,
+                                     augment=cfg.augment and not cfg.plain_epochs, **common)[0], log)
     if cfg.reparam:
         model = fold(model, build_model(cfg.model, shape, len(spec.labels)))
         log(f"weights: the branches of each 3x3 conv folded into it ({model.count_params():,} parameters, the "

@@ -50,11 +50,26 @@ def test_unknown_choices_list_the_valid_ones(args, names):
 
 
 @pytest.mark.parametrize("args", [["--epochs", "0"], ["--epochs", "-3"], ["--epochs", "many"],
-                                  ["--calibration-samples", "0"], ["--batch-size", "0"]])
+                                  ["--calibration-samples", "0"], ["--batch-size", "0"],
+                                  # numpy's generator takes seeds from 0 to 2**32 - 1: others were a traceback
+                                  ["--seed", "-1"], ["--seed", str(2**32)]])
 def test_bad_numbers_are_usage_errors(args):
     result = invoke("build", "--dataset", "digits", *args)
     assert result.exit_code == 2
     assert args[0] in one_line_error(result)
+
+
+@pytest.mark.parametrize("command", ["build", "convert"])
+def test_int8_io_without_an_int8_model_is_refused(command, tmp_path):
+    # It was accepted and ignored: asked for a uint8 model, the user got float16 alone and no word.
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"")
+    args = [command, *([model] if command == "convert" else []), "--dataset", "digits", "--quantize", "float16",
+            "--int8-io", "uint8", "--out", tmp_path / "run"]
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert "--int8-io uint8" in one_line_error(result) and "add int8 to --quantize" in one_line_error(result)
+    assert not (tmp_path / "run").exists()
 
 
 def test_model_that_does_not_fit_the_dataset():
@@ -74,6 +89,28 @@ def test_user_keras_model_with_wrong_input(tmp_path):
     error = one_line_error(result)
     assert "rgb.keras" in error and "(32, 32, 3)" in error and "(28, 28, 1)" in error
     assert not (tmp_path / "run").exists()
+
+
+def test_training_options_with_a_keras_model_are_refused(tmp_path):
+    # Converted as it is, the model never saw them; they were ignored and recorded in the run's config.
+    import keras
+
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    model.save(tmp_path / "mine.keras")
+    result = invoke("build", "--dataset", "digits", "--keras-model", tmp_path / "mine.keras", "--epochs", "7",
+                    "--no-augment", "--sam", "0.05", "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    error = one_line_error(result)
+    assert "--epochs" in error and "--augment/--no-augment" in error and "--sam" in error and "--seed" not in error
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run*"))
+    # Quantization-aware fine-tuning trains the model with the build's batch size and augmentation (docs/results.md
+    # fine-tunes a --keras-model with --batch-size 64 --qat): those stay allowed with it.
+    for repair in (["--qat"], ["--fallback", "auto", "--max-accuracy-drop", "1"]):
+        result = invoke("build", "--dataset", "digits", "--keras-model", tmp_path / "mine.keras", "--epochs", "7",
+                        "--batch-size", "64", "--no-augment", *repair, "--out", tmp_path / "run")
+        error = one_line_error(result)
+        assert result.exit_code == 2 and "--epochs" in error, error
+        assert "--batch-size" not in error and "--augment" not in error, error
 
 
 def test_not_a_keras_file(tmp_path):

@@ -113,6 +113,40 @@ def test_a_bug_after_training_keeps_the_staging_folder_for_resume(tmp_path):
     assert verify_path(tmp_path / "runs" / "r") == [] and not staging.exists()
 
 
+@pytest.mark.slow
+def test_resume_from_another_folder_reads_the_same_data_and_a_missing_folder_keeps_the_build(tmp_path):
+    # The config kept --data-dir as typed: resumed elsewhere it named nothing (or another folder), and that
+    # input error deleted the interrupted build it was asked to continue.
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "first" / "images" / cls).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                tmp_path / "first" / "images" / cls / f"{i}.png")
+    out = tmp_path / "runs" / "r"
+    proc = _prelude_run(BROKEN_REPORT, "build", "--data-dir", "images", "--model", "mnist-mlp", "--image-size", "8x8",
+                        "--epochs", "1", "--no-benchmark", "--out", out, cwd=tmp_path / "first")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1 and "renderer exploded" in err, err
+    staging = tmp_path / "runs" / ".r.partial"
+    assert json.loads((staging / "config.json").read_text())["data_dir"] == str(tmp_path / "first" / "images")
+
+    (tmp_path / "first" / "images").rename(tmp_path / "first" / "moved")
+    gone = subprocess.run([*PIPELINE, "build", "--resume", str(out)], cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert gone.returncode == 1 and "images" in gone.stderr and f"--resume {out}`" in gone.stderr, gone.stderr
+    assert "train" in json.loads((staging / ".progress.json").read_text())
+
+    (tmp_path / "first" / "moved").rename(tmp_path / "first" / "images")
+    done = subprocess.run([*PIPELINE, "build", "--resume", str(out)], cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reused from the interrupted build: train, convert, evaluate" in done.stdout, done.stdout
+    assert verify_path(out) == []
+
+
 # ---------------------------------------------------------------- 18.5: training resumes mid-way
 
 @pytest.mark.slow

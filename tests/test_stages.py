@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from device import core, integrity
@@ -161,3 +162,53 @@ def test_plain_epochs_end_the_training_on_the_images_as_they_are(tmp_path):
     assert tails == {None: 6, 90: 12, 4: 1, 2: 0}
     assert BuildConfig(dataset="cifar10", model="cifar-resnet8", plain_epochs=0, out=str(tmp_path)).plain_epochs == 0
     assert BuildConfig(dataset="digits", model="mnist-mlp", epochs=40, out=str(tmp_path)).plain_epochs == 0
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_warmup_epochs_warm_up_either_schedule(schedule, tmp_path):
+    # A constant schedule ignored --warmup-epochs while the manifest recorded them as trained.
+    from pipeline.config import BuildConfig
+    from pipeline.train import _optimizer, recipe_of
+
+    cfg = BuildConfig(dataset="digits", model="mnist-mlp", epochs=4, lr_schedule=schedule, warmup_epochs=2,
+                      learning_rate=0.01, out=str(tmp_path))
+    optimizer = _optimizer(recipe_of(cfg), steps_per_epoch=10)
+
+    def rate(step):
+        optimizer.iterations.assign(step)
+        return float(optimizer.learning_rate)
+
+    assert rate(0) == pytest.approx(1e-4) and rate(10) == pytest.approx(0.00505) and rate(20) == pytest.approx(0.01)
+    assert rate(39) == (pytest.approx(0.01) if schedule == "constant" else pytest.approx(0.0, abs=1e-4))
+
+
+def test_ema_after_a_plain_tail_recomputes_batchnorm_on_the_images_as_they_are(tmp_path):
+    # The statistics were recomputed over augmented images, undoing the plain tail for BatchNorm: the model
+    # ended with means ~0.1 off those of the images the tail trained on and the test split has.
+    import dataclasses
+
+    import keras
+
+    from pipeline.config import BuildConfig
+    from pipeline.data import load_dataset
+    from pipeline.data.augment import batches
+    from pipeline.train import BN_BATCHES, train
+
+    data = load_dataset("digits", seed=0)
+    data = dataclasses.replace(data, x_train=255 - data.x_train)  # on white, the shifts' black borders show
+    spec = data.spec
+    net = keras.Sequential([keras.Input((spec.height, spec.width, spec.channels)), keras.layers.Conv2D(4, 3),
+                            keras.layers.BatchNormalization(), keras.layers.ReLU(), keras.layers.Flatten(),
+                            keras.layers.Dense(10, "softmax")])
+    cfg = BuildConfig(dataset="digits", model="mnist-mlp", epochs=2, plain_epochs=1, augment=True, ema=0.9,
+                      out=str(tmp_path))
+    model, _ = train(cfg, data, log=lambda *a: None, model=net)
+    conv = keras.Model(model.inputs, model.layers[0].output)
+    means = {}
+    for augment in (True, False):
+        stream, _ = batches(data.x_train, data.y_train, batch_size=cfg.batch_size, classes=10, scale=spec.scale,
+                            offset=spec.offset, shuffle=True, augment=augment, seed=cfg.seed)
+        means[augment] = np.mean([conv(x).numpy().mean(axis=(0, 1, 2)) for x, _ in stream.take(BN_BATCHES)], axis=0)
+    assert np.abs(means[True] - means[False]).max() > 0.01
+    np.testing.assert_allclose(model.layers[1].moving_mean.numpy(), means[False], atol=1e-4)
+    keras.backend.clear_session()

@@ -242,3 +242,36 @@ def test_input_and_output_conventions_are_read_inside_nested_models():
     plain = Sequential([Input((28, 28, 1)), layers.Flatten(), layers.Dense(10)])
     assert input_convention(cfg, plain) == (1 / 255, 0.0) and not outputs_probabilities(plain)
     assert input_convention(BuildConfig(dataset="digits", out="u", input_range="-1,1"), plain) == (2 / 255, -1.0)
+
+
+def test_a_folder_is_decoded_for_the_users_model_grayscale_and_its_size(tmp_path):
+    # The folder used to be decoded for the zoo model it would have trained (RGB, 32x32), so a grayscale
+    # model was refused as not fitting the folder, and one of another size needed --image-size.
+    import keras
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = (digits.images * 255 / 16).astype(np.uint8)
+    x, y = [], []
+    for split in ("train", "test"):
+        for label in range(3):
+            folder = tmp_path / "folder" / split / f"d{label}"
+            folder.mkdir(parents=True)
+            for i in np.flatnonzero(digits.target == label)[slice(0, 120) if split == "train" else slice(120, 160)]:
+                image = Image.fromarray(pixels[i]).resize((12, 12), Image.BILINEAR)
+                image.save(folder / f"{i}.png")
+                if split == "train":
+                    x.append(np.asarray(image)[..., None])
+                    y.append(label)
+    model = _fit(keras.Sequential([keras.Input((12, 12, 1)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
+                                   keras.layers.Dense(3, activation="softmax")]),
+                 type("Split", (), {"x_train": np.array(x), "y_train": np.array(y)}), scale=1.0)
+    model.save(tmp_path / "gray12.keras")
+    result = invoke("build", "--data-dir", tmp_path / "folder", "--keras-model", tmp_path / "gray12.keras",
+                    "--no-benchmark", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    preprocess = json.loads((tmp_path / "run" / "metadata.json").read_text())["preprocess"]
+    assert (preprocess["height"], preprocess["width"], preprocess["channels"]) == (12, 12, 1)
+    evaluation = json.loads((tmp_path / "run" / "evaluation.json").read_text())["variants"]
+    assert evaluation["fp32"]["accuracy"] > 0.9, evaluation

@@ -479,7 +479,11 @@ def test_convert_to_float16_downloads_nothing(trained, tmp_path, monkeypatch):  
     monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
     monkeypatch.chdir(tmp_path)
     trained.save(tmp_path / "mine.keras")
+    # Without images the input range cannot be detected: assumed, a -1..1 model would ship fed 0..1.
     result = cli("convert", "mine.keras", "--quantize", "float16")
+    assert result.exit_code == 1 and "pass --input-range 0,1 or -1,1 or 0,255" in result.output, result.output
+    assert not (tmp_path / "artifacts" / "mine-mnist").exists()
+    result = cli("convert", "mine.keras", "--quantize", "float16", "--input-range", "0,1")
     assert result.exit_code == 0, result.output
     assert "mnist is not downloaded" in result.output
     run = tmp_path / "artifacts" / "mine-mnist"
