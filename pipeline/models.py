@@ -83,13 +83,14 @@ def cifar_dscnn(input_shape, classes, width: float = 1.0, name: str = "cifar_dsc
 
 
 def cifar_resnet8(input_shape, classes, width: int = 16, name: str = "cifar_resnet8", blocks: int = 1,
-                  expand: bool = False):
+                  expand: bool = False, stacks: tuple[tuple[int, int], ...] | None = None):
     """MLPerf Tiny's image-classification reference (ResNet v1, 16 filters): 78,666 parameters at 32x32x3.
 
     A 3x3 stem, then three stacks of two 3x3 convs (16; 32 and 64 at stride 2, with a 1x1 stride-2
     shortcut), global average pooling, softmax. L2 1e-4 and he_normal as in the reference, so its
     training figures are comparable with ours. The search varies `width` (the first stack's filters) and
-    `blocks` (residual blocks per stack: 2 and 3 make the CIFAR ResNet-14 and ResNet-20). `expand` builds
+    `blocks` (residual blocks per stack: 2 and 3 make the CIFAR ResNet-14 and ResNet-20), and `stacks`,
+    (filters, first stride) of each stack, replaces the three (the search's two-stack family). `expand` builds
     it for training with branches that fold back into each 3x3 conv (pipeline/reparam.py, --reparam).
     """
     from keras import Input, Model, layers, regularizers
@@ -99,7 +100,7 @@ def cifar_resnet8(input_shape, classes, width: int = 16, name: str = "cifar_resn
     conv = {"padding": "same", "kernel_initializer": "he_normal", "kernel_regularizer": regularizers.l2(1e-4)}
     inputs = Input(input_shape)
     x = layers.ReLU()(conv_bn(inputs, width, 1, "stem", expand, **conv))
-    for stack, (filters, first_stride) in enumerate(((width, 1), (2 * width, 2), (4 * width, 2)), 1):
+    for stack, (filters, first_stride) in enumerate(stacks or ((width, 1), (2 * width, 2), (4 * width, 2)), 1):
         for block, stride in enumerate((first_stride, *[1] * (blocks - 1)), 1):
             unit = f"stack{stack}_block{block}"
             y = layers.ReLU()(conv_bn(x, filters, stride, f"{unit}_conv1", expand, **conv))

@@ -388,6 +388,31 @@ def test_the_mbconv_family_builds_inverted_residuals_and_trains_finally_with_the
     assert (cfg.optimizer, cfg.learning_rate) == (zoo.optimizer, zoo.learning_rate)
 
 
+def test_the_resnet2_family_is_resnet8_without_its_full_resolution_stack_and_trains_finally_as_resnet8():
+    import keras
+
+    from pipeline.models import MODELS
+    from pipeline.search.space import SPACES, Candidate
+    from pipeline.search.trial import trial_config
+
+    model = Candidate.parse("resnet2-w1.25-d1-r32").build(3, 10)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    # The stem at 32x32, then two stacks of 40 and 60 filters at 16x16 and 8x8, each with a 1x1 stride-2 shortcut.
+    assert [(c.filters, c.kernel_size, c.strides, c.output.shape[1]) for c in convs] == [
+        (16, (3, 3), (1, 1), 32),
+        (40, (3, 3), (2, 2), 16), (40, (3, 3), (1, 1), 16), (40, (1, 1), (2, 2), 16),
+        (60, (3, 3), (2, 2), 8), (60, (3, 3), (1, 1), 8), (60, (1, 1), (2, 2), 8)]
+    # About ResNet-8's parameters (78,666), moved from the full-resolution stack to the two others.
+    assert model.count_params() == 79_422 and model.output_shape == (None, 10)
+    assert Candidate.parse("resnet2-w1-d2-r8").build(1, 10).count_params() > 0  # two blocks a stack, the digits
+    assert {"resnet2-w1-d1-r32", "resnet2-w1.25-d1-r32"} <= {c.id for c in SPACES["default"].candidates("cifar10", 32)}
+    settings = {"dataset": "cifar10", "data_dir": None, "seed": 0, "quantize": ["int8"], "epochs": 45,
+                "batch_size": 64}
+    cfg = trial_config(settings, Candidate.parse("resnet2-w1.25-d1-r32"), None, out="unused")
+    zoo = MODELS["cifar-resnet8"].recipe
+    assert (cfg.optimizer, cfg.learning_rate, cfg.plain_epochs) == (zoo.optimizer, zoo.learning_rate, 6)
+
+
 def test_the_final_training_takes_its_familys_zoo_recipe_whatever_the_channels():
     from pipeline.models import MODELS
     from pipeline.search.space import Candidate
