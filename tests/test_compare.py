@@ -141,3 +141,31 @@ def test_out_is_never_inside_a_run_and_holds_only_this_comparison(runs, tmp_path
     code, out = _cli(*unmeasured, "--out", tmp_path / "cmp")
     assert code == 0, out
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.html", "compare.json", "compare.md"]
+
+
+def test_an_emulated_boards_latency_is_never_shown_as_the_boards(runs, tmp_path):
+    """A board under qemu runs the model at the emulator's speed: the run's report says "emulated" in that
+    column, and the comparison must not print the emulator's milliseconds there as the board's latency."""
+    import subprocess
+    import sys
+
+    from pipeline.measure.benchmark import RUNNER
+    from pipeline.report import ms
+    from pipeline.report.render import render
+
+    board = shutil.copytree(runs[0], tmp_path / "board")
+    proc = subprocess.run([sys.executable, str(RUNNER), "bench", "--model", str(board / "model_int8.tflite"),
+                           "--runs", "5", "--warmup", "1", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    measured = {**json.loads(proc.stdout), "board": {"name": "qemu-pi", "emulated": True, "model": "qemu"}}
+    (tmp_path / "bench.json").write_text(json.dumps(measured))
+    render(board, device_results=[tmp_path / "bench.json"], log=lambda *a: None)
+    code, out = _cli(runs[1], board, "--format", "json")
+    assert code == 0, out
+    [int8] = [v for v in json.loads(out)["runs"][1]["variants"] if v["variant"] == "int8"]
+    assert int8["device"]["qemu-pi"]["emulated"] is True
+    code, out = _cli(runs[1], board)
+    header, _, *rows = out.splitlines()
+    [row] = [r for r in rows if r.startswith("board") and " int8 " in r]
+    assert code == 0 and header.split()[-3:] == ["qemu-pi", "p50", "ms"], out
+    assert row.split()[-1] == "emulated" and ms(measured["latency"]["p50_ms"]) not in row, out

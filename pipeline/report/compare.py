@@ -54,7 +54,7 @@ def _row(run: dict, v: dict) -> dict:
     return {"variant": v["variant"], "accuracy": v["accuracy"], "interval_95": [ci["low"], ci["high"]],
             "change_pp": v["change_pp"], "mcnemar_p": (v.get("mcnemar_vs_fp32") or {}).get("p_value"),
             "bytes": v["bytes"], "p50_ms": {t: lat["p50_ms"] for t, lat in v.get("latency", {}).items()},
-            "device": {label: {k: d.get(k) for k in ("accuracy", "p50_ms")}
+            "device": {label: {k: d.get(k) for k in ("accuracy", "p50_ms", "emulated")}
                        for label, d in v.get("device", {}).items()}}
 
 
@@ -134,7 +134,8 @@ def table(result: dict) -> tuple[list[str], list[list[str]], list[str]]:
             row += [ms(v["p50_ms"].get(t)) for t in result["threads"]]
             for label in result["devices"]:
                 d = v["device"].get(label, {})
-                row += [pct(d.get("accuracy")), ms(d.get("p50_ms"))]
+                # An emulated board's latency is the emulator's speed, never the board's (as in the report).
+                row += [pct(d.get("accuracy")), "emulated" if d.get("emulated") else ms(d.get("p50_ms"))]
             rows.append(row)
     notes = []
     if flags["accuracy"]:
