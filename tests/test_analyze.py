@@ -317,3 +317,34 @@ def test_qat_reads_a_residual_graph_and_refuses_a_layer_called_twice():
     shared = layers.Dense(4, name="shared")
     twice = graph_of(keras.Model(inputs, shared(shared(inputs))))
     assert isinstance(twice, str) and "shared is called 2 times" in twice
+
+
+def test_analyze_refuses_data_other_than_the_run_was_built_on(tmp_path, monkeypatch):
+    """`pipeline analyze` loads the run's data again: a class folder added since would have been analysed as the
+    run's validation and calibration images, for a class the model does not have, and written into its report."""
+    from click.testing import CliRunner
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from pipeline.cli import main
+
+    monkeypatch.setenv("EDGEPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    digits = load_digits()
+    for c in range(3):
+        folder = tmp_path / "images" / f"d{c}"
+        folder.mkdir(parents=True)
+        for i, index in enumerate(np.flatnonzero(digits.target == c)[:40]):
+            Image.fromarray((digits.images[index] * 16).astype(np.uint8)).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    built = CliRunner().invoke(main, ["build", "--data-dir", str(tmp_path / "images"), "--image-size", "16x16",
+                                      "--epochs", "1", "--no-benchmark", "--out", str(run)])
+    assert built.exit_code == 0, built.output
+    shutil.copytree(tmp_path / "images" / "d2", tmp_path / "images" / "d3")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    result = CliRunner().invoke(main, ["analyze", str(run)])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].startswith(f"Error: {tmp_path / 'images'}: not the data {run} was built on (128 train / 16 "
+                                "val / 16 test images"), errors[0]
+    assert "where its manifest.json records 96 train / 12 val / 12 test images" in errors[0], errors[0]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
