@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -104,6 +105,7 @@ def test_machines_with_other_cpu_features_are_flagged(runs, tmp_path):
     ("file", "a file, not a run directory", 2),
     ("old", "report schema 0, this edgepipe reads schema 1", 1),
     ("unfinished", "no report.json", 1),
+    ("twice", "again (given as", 2),  # by path and by another path: labelled apart, it would pass for two runs
 ])
 def test_bad_input_is_one_line(runs, tmp_path, monkeypatch, case, expected, code):
     monkeypatch.chdir(tmp_path)
@@ -114,6 +116,8 @@ def test_bad_input_is_one_line(runs, tmp_path, monkeypatch, case, expected, code
         report = json.loads((old / "report.json").read_text())
         (old / "report.json").write_text(json.dumps({**report, "schema": 0}))
         args = [runs[0], old]
+    if case == "twice":
+        args = [runs[0], runs[1], os.path.relpath(runs[0], tmp_path)]
     if case == "unfinished":
         (tmp_path / "half").mkdir()
         (tmp_path / "half" / "manifest.json").write_text("{}")

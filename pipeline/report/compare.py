@@ -91,6 +91,12 @@ def compare(targets: list[str]) -> dict:
     if len(targets) < 2:
         raise ConfigError(f"compare needs at least two runs, got {len(targets)}; "
                            "pass them as `pipeline compare RUN_A RUN_B [...]`")
+    seen: dict[Path, str] = {}
+    for t in targets:
+        real = locate(t).resolve()
+        if real in seen:  # labelled once by name and once by path, it would pass for two runs that agree
+            raise ConfigError(f"{t}: the run {real} again (given as {seen[real]} too); compare different runs")
+        seen[real] = t
     runs = [_summary(_load_run(locate(t))) for t in targets]
     names = [r["run"] for r in runs]
     if len(set(names)) < len(names):  # two folders of one name: label by path instead
