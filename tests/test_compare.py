@@ -17,8 +17,8 @@ def _build(out, **kw):
     from pipeline.build import build
     from pipeline.config import BuildConfig
 
-    cfg = BuildConfig(dataset="digits", model="mnist-cnn", bench_runs=10, bench_warmup=2, threads=(1,),
-                      out=str(out), **kw)
+    cfg = BuildConfig(**{"dataset": "digits", "model": "mnist-cnn", "bench_runs": 10, "bench_warmup": 2,
+                         "threads": (1,), "out": str(out), **kw})
     return build(cfg, log=lambda *a: None)
 
 
@@ -173,3 +173,37 @@ def test_an_emulated_boards_latency_is_never_shown_as_the_boards(runs, tmp_path)
     [row] = [r for r in rows if r.startswith("board") and " int8 " in r]
     assert code == 0 and header.split()[-3:] == ["qemu-pi", "p50", "ms"], out
     assert row.split()[-1] == "emulated" and ms(measured["latency"]["p50_ms"]) not in row, out
+
+
+def _digits_as_mnist(folder, idx: bool):
+    """scikit-learn's digits at MNIST's 28x28, written as mnist.npz or as the four IDX files."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from pipeline.data.sources import IDX_FILES
+
+    digits = load_digits()
+    x = np.stack([np.asarray(Image.fromarray((im * 16).astype(np.uint8)).resize((28, 28))) for im in digits.images])
+    y = digits.target.astype(np.uint8)
+    arrays = {"x_train": x[:1400], "y_train": y[:1400], "x_test": x[1400:], "y_test": y[1400:]}
+    folder.mkdir()
+    if not idx:
+        np.savez(folder / "mnist.npz", **arrays)
+        return folder
+    for name, a in zip(IDX_FILES, arrays.values()):
+        magic = 2051 if a.ndim == 3 else 2049
+        (folder / name).write_bytes(b"".join(int(d).to_bytes(4, "big") for d in (magic, *a.shape)) + a.tobytes())
+    return folder
+
+
+def test_one_test_set_read_from_other_files_is_comparable(tmp_path):
+    """The data fingerprint is of the arrays: MNIST read from mnist.npz and from its IDX files is one test set,
+    and their accuracies are comparable (the format was taken for another test set)."""
+    made = [_build(tmp_path / f"run-{kind}", dataset="mnist", data_dir=str(_digits_as_mnist(tmp_path / kind, idx)),
+                   model="mnist-mlp", epochs=1, benchmark=False) for kind, idx in (("npz", False), ("idx", True))]
+    assert [json.loads((r / "manifest.json").read_text())["data"]["kind"] for r in made] == ["npz", "idx"]
+    code, out = _cli(*made, "--format", "json")
+    assert code == 0, out
+    assert json.loads(out)["not_comparable"]["accuracy"] is None
+    code, out = _cli(made[0], _build(tmp_path / "other", epochs=1, benchmark=False), "--format", "json")
+    assert "run-npz: 397 test images" in json.loads(out)["not_comparable"]["accuracy"]

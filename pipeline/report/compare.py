@@ -78,9 +78,9 @@ def _summary(run: dict) -> dict:
     }
 
 
-def _differs(runs: list[dict], key: str, describe) -> str | None:
-    """None if every run has the same `key`, else why the column cannot be compared."""
-    values = [json.dumps(r[key], sort_keys=True) for r in runs]
+def _differs(runs: list[dict], key: str, describe, same=lambda value: value) -> str | None:
+    """None if every run has the same `same(r[key])`, else why the column cannot be compared."""
+    values = [json.dumps(same(r[key]), sort_keys=True) for r in runs]
     if len(set(values)) == 1:
         return None
     return "; ".join(f"{r['run']}: {describe(r[key])}" for r in runs)
@@ -103,7 +103,10 @@ def compare(targets: list[str]) -> dict:
         for r in runs:
             r["run"] = r["path"]
     test_set = _differs(runs, "test_set", lambda t: f"{t['images']:,} test images of data "
-                                                    f"{(t['data_sha256'] or 'unknown')[:12]} ({t['source']})")
+                                                    f"{(t['data_sha256'] or 'unknown')[:12]} ({t['source']})",
+                        # The fingerprint is of the arrays: the same images read from mnist.npz, IDX files or
+                        # keras.datasets are the same test set.
+                        same=lambda t: [t["images"], t["data_sha256"]] if t["data_sha256"] else t)
     measured = [r for r in runs if r["machine"]]
     machine = _differs(measured, "machine", lambda m: f"{m['cpu']}, {m['cores']} cores, "
                                                       f"{features_words(m['cpu_features'])}, "
