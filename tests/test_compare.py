@@ -106,6 +106,8 @@ def test_machines_with_other_cpu_features_are_flagged(runs, tmp_path):
     ("old", "report schema 0, this edgepipe reads schema 1", 1),
     ("unfinished", "no report.json", 1),
     ("twice", "again (given as", 2),  # by path and by another path: labelled apart, it would pass for two runs
+    ("foreign", "its manifest.json is not one edgepipe wrote", 1),  # another tool's report.json and manifest.json
+    ("not_a_report", "its report.json is not one `pipeline report` wrote", 1),
 ])
 def test_bad_input_is_one_line(runs, tmp_path, monkeypatch, case, expected, code):
     monkeypatch.chdir(tmp_path)
@@ -118,6 +120,13 @@ def test_bad_input_is_one_line(runs, tmp_path, monkeypatch, case, expected, code
         args = [runs[0], old]
     if case == "twice":
         args = [runs[0], runs[1], os.path.relpath(runs[0], tmp_path)]
+    if case in ("foreign", "not_a_report"):
+        other = shutil.copytree(runs[1], tmp_path / "other") if case == "not_a_report" else tmp_path / "other"
+        other.mkdir(exist_ok=True)
+        (other / "report.json").write_text("[]")
+        if case == "foreign":
+            (other / "manifest.json").write_text(json.dumps({"name": "another tool's", "files": []}))
+        args = [runs[0], other]
     if case == "unfinished":
         (tmp_path / "half").mkdir()
         (tmp_path / "half" / "manifest.json").write_text("{}")

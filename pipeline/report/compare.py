@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from device.timing import features_words
-from pipeline.artifacts import MANIFEST, run_holding
+from pipeline.artifacts import MANIFEST, is_run, run_holding
 from pipeline.config import ConfigError
 from pipeline.failures import InputError
 from pipeline.measure.stats import wilson
@@ -41,6 +41,12 @@ def _load_run(path: Path) -> dict:
                            f"(run `pipeline report {path}` if the build got that far)")
     except (OSError, ValueError) as e:
         raise CompareError(f"{path}: unreadable report or manifest ({e}); rebuild the run")
+    # Other tools write a report.json and a manifest.json too: compare only what edgepipe wrote.
+    if not is_run(path):
+        raise CompareError(f"{path}: its {MANIFEST} is not one edgepipe wrote; pass runs written by `pipeline build`")
+    if not isinstance(report, dict) or report.get("kind", "report") != "report":
+        raise CompareError(f"{path}: its report.json is not one `pipeline report` wrote; render the run's report "
+                           f"again with `pipeline report {path}`")
     if report.get("schema") != SCHEMA:
         raise CompareError(f"{path}: report schema {report.get('schema')!r}, this edgepipe reads schema {SCHEMA}; "
                            f"render it again with `pipeline report {path}`")
