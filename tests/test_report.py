@@ -420,6 +420,15 @@ def test_cross_check_remeasured_with_xnnpack_is_not_passed_off_as_the_tables_p50
         assert "our p50 with XNNPACK (measured again for this check; the table's is without)" in check, check
 
 
+def test_the_warm_up_said_is_the_warm_up_run(run):
+    """Each timed block opens with at least one warm-up run: --warmup 2 over 5 blocks ran 5, not the 2 the report
+    said (with --warmup 0, five runs said to be none)."""
+    bench = json.loads((run / "benchmark.json").read_text())
+    ran = {bench["threads"]["1"][v]["warmup"]["n"] for v in VARIANTS}
+    assert bench["warmup"] == 2 and ran == {5}
+    assert f"{bench['runs']} timed runs after 5 warm-up," in (run / "report.md").read_text()
+
+
 def test_report_says_whether_a_per_op_profile_exists(report):
     import importlib.util
 
