@@ -378,6 +378,7 @@ def test_analyze_refuses_data_other_than_the_run_was_built_on(tmp_path, monkeypa
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output, result.output
     assert errors[0].startswith(f"Error: {tmp_path / 'images'}: not the data {run} was built on (128 train / 16 "
-                                "val / 16 test images"), errors[0]
-    assert "where its manifest.json records 96 train / 12 val / 12 test images" in errors[0], errors[0]
+                                "val / 16 test images from image-folders"), errors[0]
+    recorded = "where its manifest.json records 96 train / 12 val / 12 test images from image-folders"
+    assert recorded in errors[0], errors[0]
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

@@ -202,7 +202,7 @@ def _check_same_data(run_dir: Path, cfg, recorded: dict, loaded: dict) -> None:
         def described(source: dict) -> str:
             counts = source.get("counts") or {}
             return (" / ".join(f"{counts[s]:,} {s}" for s in ("train", "val", "test") if s in counts)
-                    + f" images, sha256 {str(source.get('sha256'))[:12]}")
+                    + f" images from {source.get('kind')}, sha256 {str(source.get('sha256'))[:12]}")
 
         raise DataError(f"{cfg.data_dir or f'the {cfg.dataset} dataset'}: not the data {run_dir} was built on "
                         f"({described(loaded)}, where its manifest.json records {described(recorded)}); restore "
