@@ -426,7 +426,7 @@ def check_min_accuracy(run_dir: Path, floor_pct: float) -> None:
     report = json.loads(path.read_text())
     delivered = report["delivered"]["variant"]
     accuracy = next(v["accuracy"] for v in report["variants"] if v["variant"] == delivered)
-    if 100 * accuracy < floor_pct:
+    if 100 * accuracy < floor_pct - 1e-7:  # 979 of 1,000 images is 97.89999999999999%, and at 97.9 the floor
         raise AccuracyDropError(f"{delivered} test accuracy {100 * accuracy:.2f}% is below --min-accuracy "
                                 f"{floor_pct:g}%; the full report is in {run_dir}")
 

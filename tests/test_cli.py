@@ -176,6 +176,20 @@ def test_a_drop_of_exactly_the_budget_is_within_it(tmp_path):
         check_accuracy_drop(tmp_path, 0.09)
 
 
+def test_an_accuracy_of_exactly_the_floor_is_not_below_it(tmp_path):
+    """979 of MNIST's 1,000 images: `--min-accuracy 97.9` refused a real build that delivered 97.90%, since
+    100 * 0.979 is 97.89999999999999."""
+    import json
+
+    from pipeline.build import AccuracyDropError, check_min_accuracy
+
+    (tmp_path / "report.json").write_text(json.dumps({"delivered": {"variant": "float16"}, "variants": [
+        {"variant": "fp32", "accuracy": 979 / 1000}, {"variant": "float16", "accuracy": 979 / 1000}]}))
+    check_min_accuracy(tmp_path, 97.9)
+    with pytest.raises(AccuracyDropError, match="float16 test accuracy 97.90% is below --min-accuracy 97.91%"):
+        check_min_accuracy(tmp_path, 97.91)
+
+
 @pytest.mark.parametrize("value", ["inf", "nan"])
 def test_deploy_timeout_must_be_a_finite_number(tmp_path, value):
     """click's FloatRange let them through; every board then failed on an OverflowError before connecting."""
