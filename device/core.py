@@ -404,12 +404,18 @@ def score(probs: np.ndarray, y, labels, source: str = "labels") -> dict:
 def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256, source: str = "labels") -> dict:
     """score() of `model` on uint8 images `x` with labels `y` (from `source`), plus the probabilities."""
     probs = model.predict(x, batch_size)
+    check_finite(model.path, probs)
+    return {**score(probs, y, model.labels, source), "probabilities": probs}
+
+
+def check_finite(what, probs: np.ndarray) -> None:
+    """Refuse scores that are not all finite: argmax would still pick a class for them, and the accuracy
+    would pass for a measurement."""
     broken = ~np.isfinite(probs).all(axis=1)
-    if broken.any():  # argmax would still pick a class for them, and the accuracy would pass for a measurement
-        raise DeviceError(f"{model.path}: the model's scores are not all finite (NaN or infinity) for "
+    if broken.any():
+        raise DeviceError(f"{what}: the model's scores are not all finite (NaN or infinity) for "
                           f"{int(broken.sum())} of {len(probs)} images, the first image {int(np.argmax(broken))}; "
                           "the model is damaged or overflows on these inputs: check its input range")
-    return {**score(probs, y, model.labels, source), "probabilities": probs}
 
 
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:

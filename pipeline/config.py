@@ -225,7 +225,8 @@ def derive(given: dict) -> dict:
 
         cfg["augment"] = default_augment(cfg["dataset"])
     cfg["quantize"] = resolve_variants(cfg["quantize"])
-    cfg["threads"] = tuple(cfg["threads"]) or default_threads()
+    # A count given twice would be measured twice, the first measurement dropped unseen.
+    cfg["threads"] = tuple(dict.fromkeys(cfg["threads"])) or default_threads()
     if not cfg["out"]:  # a user's own model is named after its file, not after a zoo model it may not be
         base = Path(cfg["keras_model"]).stem if cfg["keras_model"] else model
         cfg["out"] = str(Path("artifacts") / f"{base}-{cfg['dataset']}")

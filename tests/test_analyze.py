@@ -317,3 +317,68 @@ def test_qat_reads_a_residual_graph_and_refuses_a_layer_called_twice():
     shared = layers.Dense(4, name="shared")
     twice = graph_of(keras.Model(inputs, shared(shared(inputs))))
     assert isinstance(twice, str) and "shared is called 2 times" in twice
+
+
+def _digit_folders(root, classes: int = 3, images: int = 40) -> None:
+    """scikit-learn's digits as class folders of PNGs, `images` of each of the first `classes` digits."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for c in range(classes):
+        folder = root / f"d{c}"
+        folder.mkdir(parents=True)
+        for i, index in enumerate(np.flatnonzero(digits.target == c)[:images]):
+            Image.fromarray((digits.images[index] * 16).astype(np.uint8)).save(folder / f"{i}.png")
+
+
+def test_analyze_of_a_run_with_a_relative_data_dir_says_where_to_run_it(tmp_path, monkeypatch):
+    """A build given --data-dir relative to where it ran: `pipeline analyze` from another folder read the path
+    against that one, and refused with "--data-dir images: does not exist", an option the user never gave it."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    monkeypatch.setenv("EDGEPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    _digit_folders(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    built = CliRunner().invoke(main, ["build", "--data-dir", "images", "--image-size", "16x16", "--epochs", "1",
+                                      "--no-benchmark", "--out", "run"])
+    assert built.exit_code == 0, built.output
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = CliRunner().invoke(main, ["analyze", str(tmp_path / "run")])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0] == (f"Error: {tmp_path / 'run'}: built with --data-dir images, a path relative to the folder "
+                         f"the build ran in, which {tmp_path / 'elsewhere'} does not hold; run `pipeline analyze` "
+                         "from that folder"), errors[0]
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["analyze", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "analysis.json").read_text())["validation"]["images"] == 12
+
+
+def test_analyze_refuses_data_other_than_the_run_was_built_on(tmp_path, monkeypatch):
+    """`pipeline analyze` loads the run's data again: a class folder added since would have been analysed as the
+    run's validation and calibration images, for a class the model does not have, and written into its report."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    monkeypatch.setenv("EDGEPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    _digit_folders(tmp_path / "images")
+    run = tmp_path / "run"
+    built = CliRunner().invoke(main, ["build", "--data-dir", str(tmp_path / "images"), "--image-size", "16x16",
+                                      "--epochs", "1", "--no-benchmark", "--out", str(run)])
+    assert built.exit_code == 0, built.output
+    shutil.copytree(tmp_path / "images" / "d2", tmp_path / "images" / "d3")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    result = CliRunner().invoke(main, ["analyze", str(run)])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].startswith(f"Error: {tmp_path / 'images'}: not the data {run} was built on (128 train / 16 "
+                                "val / 16 test images from image-folders"), errors[0]
+    recorded = "where its manifest.json records 96 train / 12 val / 12 test images from image-folders"
+    assert recorded in errors[0], errors[0]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

@@ -43,6 +43,19 @@ def test_default_threads_fit_a_pi(monkeypatch):
         assert BuildConfig(dataset="digits").threads == expected
 
 
+def test_a_thread_count_given_twice_is_measured_once(mnist_run, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    run = shutil.copytree(mnist_run, tmp_path / "run")
+    result = CliRunner().invoke(main, ["benchmark", str(run), "--runs", "5", "--warmup", "1", "--threads", "2",
+                                       "--threads", "1", "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("fp32 @2 thread(s)") == 1 and result.output.count("fp32 @1 thread(s)") == 1
+    assert list(json.loads((run / "benchmark.json").read_text())["threads"]) == ["2", "1"]
+
+
 def test_summarize_known_values():
     """Figures worked out by hand, so the test checks the statistics and not numpy against itself."""
     s = timing.summarize([0.001, 0.002, 0.003, 0.004, 0.005])  # seconds

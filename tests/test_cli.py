@@ -199,6 +199,34 @@ def test_max_accuracy_drop_names_each_offending_variant(tmp_path):
     check_accuracy_drop(tmp_path, 3.0)  # within budget: no error
 
 
+def test_a_drop_of_exactly_the_budget_is_within_it(tmp_path):
+    """One image of MNIST's 1,000 is 0.1 pp, but the build records 100 * (0.978 - 0.979) = -0.10000000000000009
+    (as a real run did): `--max-accuracy-drop 0.1` failed the build for a drop of 0.10 pp."""
+    import json
+
+    from pipeline.build import AccuracyDropError, check_accuracy_drop
+
+    (tmp_path / "evaluation.json").write_text(json.dumps({"variants": {
+        "fp32": {"change_pp_vs_fp32": 0.0}, "int8": {"change_pp_vs_fp32": 100.0 * (978 / 1000 - 979 / 1000)}}}))
+    check_accuracy_drop(tmp_path, 0.1)
+    with pytest.raises(AccuracyDropError):
+        check_accuracy_drop(tmp_path, 0.09)
+
+
+def test_an_accuracy_of_exactly_the_floor_is_not_below_it(tmp_path):
+    """979 of MNIST's 1,000 images: `--min-accuracy 97.9` refused a real build that delivered 97.90%, since
+    100 * 0.979 is 97.89999999999999."""
+    import json
+
+    from pipeline.build import AccuracyDropError, check_min_accuracy
+
+    (tmp_path / "report.json").write_text(json.dumps({"delivered": {"variant": "float16"}, "variants": [
+        {"variant": "fp32", "accuracy": 979 / 1000}, {"variant": "float16", "accuracy": 979 / 1000}]}))
+    check_min_accuracy(tmp_path, 97.9)
+    with pytest.raises(AccuracyDropError, match="float16 test accuracy 97.90% is below --min-accuracy 97.91%"):
+        check_min_accuracy(tmp_path, 97.91)
+
+
 @pytest.mark.parametrize("value", ["inf", "nan"])
 def test_deploy_timeout_must_be_a_finite_number(tmp_path, value):
     """click's FloatRange let them through; every board then failed on an OverflowError before connecting."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -16,8 +17,8 @@ def _build(out, **kw):
     from pipeline.build import build
     from pipeline.config import BuildConfig
 
-    cfg = BuildConfig(dataset="digits", model="mnist-cnn", bench_runs=10, bench_warmup=2, threads=(1,),
-                      out=str(out), **kw)
+    cfg = BuildConfig(**{"dataset": "digits", "model": "mnist-cnn", "bench_runs": 10, "bench_warmup": 2,
+                         "threads": (1,), "out": str(out), **kw})
     return build(cfg, log=lambda *a: None)
 
 
@@ -104,6 +105,9 @@ def test_machines_with_other_cpu_features_are_flagged(runs, tmp_path):
     ("file", "a file, not a run directory", 2),
     ("old", "report schema 0, this edgepipe reads schema 1", 1),
     ("unfinished", "no report.json", 1),
+    ("twice", "again (given as", 2),  # by path and by another path: labelled apart, it would pass for two runs
+    ("foreign", "its manifest.json is not one edgepipe wrote", 1),  # another tool's report.json and manifest.json
+    ("not_a_report", "its report.json is not one `pipeline report` wrote", 1),
 ])
 def test_bad_input_is_one_line(runs, tmp_path, monkeypatch, case, expected, code):
     monkeypatch.chdir(tmp_path)
@@ -114,6 +118,15 @@ def test_bad_input_is_one_line(runs, tmp_path, monkeypatch, case, expected, code
         report = json.loads((old / "report.json").read_text())
         (old / "report.json").write_text(json.dumps({**report, "schema": 0}))
         args = [runs[0], old]
+    if case == "twice":
+        args = [runs[0], runs[1], os.path.relpath(runs[0], tmp_path)]
+    if case in ("foreign", "not_a_report"):
+        other = shutil.copytree(runs[1], tmp_path / "other") if case == "not_a_report" else tmp_path / "other"
+        other.mkdir(exist_ok=True)
+        (other / "report.json").write_text("[]")
+        if case == "foreign":
+            (other / "manifest.json").write_text(json.dumps({"name": "another tool's", "files": []}))
+        args = [runs[0], other]
     if case == "unfinished":
         (tmp_path / "half").mkdir()
         (tmp_path / "half" / "manifest.json").write_text("{}")
@@ -141,3 +154,65 @@ def test_out_is_never_inside_a_run_and_holds_only_this_comparison(runs, tmp_path
     code, out = _cli(*unmeasured, "--out", tmp_path / "cmp")
     assert code == 0, out
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.html", "compare.json", "compare.md"]
+
+
+def test_an_emulated_boards_latency_is_never_shown_as_the_boards(runs, tmp_path):
+    """A board under qemu runs the model at the emulator's speed: the run's report says "emulated" in that
+    column, and the comparison must not print the emulator's milliseconds there as the board's latency."""
+    import subprocess
+    import sys
+
+    from pipeline.measure.benchmark import RUNNER
+    from pipeline.report import ms
+    from pipeline.report.render import render
+
+    board = shutil.copytree(runs[0], tmp_path / "board")
+    proc = subprocess.run([sys.executable, str(RUNNER), "bench", "--model", str(board / "model_int8.tflite"),
+                           "--runs", "5", "--warmup", "1", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    measured = {**json.loads(proc.stdout), "board": {"name": "qemu-pi", "emulated": True, "model": "qemu"}}
+    (tmp_path / "bench.json").write_text(json.dumps(measured))
+    render(board, device_results=[tmp_path / "bench.json"], log=lambda *a: None)
+    code, out = _cli(runs[1], board, "--format", "json")
+    assert code == 0, out
+    [int8] = [v for v in json.loads(out)["runs"][1]["variants"] if v["variant"] == "int8"]
+    assert int8["device"]["qemu-pi"]["emulated"] is True
+    code, out = _cli(runs[1], board)
+    header, _, *rows = out.splitlines()
+    [row] = [r for r in rows if r.startswith("board") and " int8 " in r]
+    assert code == 0 and header.split()[-3:] == ["qemu-pi", "p50", "ms"], out
+    assert row.split()[-1] == "emulated" and ms(measured["latency"]["p50_ms"]) not in row, out
+
+
+def _digits_as_mnist(folder, idx: bool):
+    """scikit-learn's digits at MNIST's 28x28, written as mnist.npz or as the four IDX files."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from pipeline.data.sources import IDX_FILES
+
+    digits = load_digits()
+    x = np.stack([np.asarray(Image.fromarray((im * 16).astype(np.uint8)).resize((28, 28))) for im in digits.images])
+    y = digits.target.astype(np.uint8)
+    arrays = {"x_train": x[:1400], "y_train": y[:1400], "x_test": x[1400:], "y_test": y[1400:]}
+    folder.mkdir()
+    if not idx:
+        np.savez(folder / "mnist.npz", **arrays)
+        return folder
+    for name, a in zip(IDX_FILES, arrays.values()):
+        magic = 2051 if a.ndim == 3 else 2049
+        (folder / name).write_bytes(b"".join(int(d).to_bytes(4, "big") for d in (magic, *a.shape)) + a.tobytes())
+    return folder
+
+
+def test_one_test_set_read_from_other_files_is_comparable(tmp_path):
+    """The data fingerprint is of the arrays: MNIST read from mnist.npz and from its IDX files is one test set,
+    and their accuracies are comparable (the format was taken for another test set)."""
+    made = [_build(tmp_path / f"run-{kind}", dataset="mnist", data_dir=str(_digits_as_mnist(tmp_path / kind, idx)),
+                   model="mnist-mlp", epochs=1, benchmark=False) for kind, idx in (("npz", False), ("idx", True))]
+    assert [json.loads((r / "manifest.json").read_text())["data"]["kind"] for r in made] == ["npz", "idx"]
+    code, out = _cli(*made, "--format", "json")
+    assert code == 0, out
+    assert json.loads(out)["not_comparable"]["accuracy"] is None
+    code, out = _cli(made[0], _build(tmp_path / "other", epochs=1, benchmark=False), "--format", "json")
+    assert "run-npz: 397 test images" in json.loads(out)["not_comparable"]["accuracy"]

@@ -399,6 +399,36 @@ def test_agreeing_cross_check_states_the_residual(copy):
     assert not [n for n in notes if n["kind"] == "cross_check_disagrees"]
 
 
+def test_cross_check_remeasured_with_xnnpack_is_not_passed_off_as_the_tables_p50(copy):
+    """With --no-xnnpack the cross-check measures ours again with XNNPACK (litert-benchmark always runs it): the
+    note's p50 is that one, several times faster than the table's, and must say so."""
+    from pipeline.artifacts import write_json
+    from pipeline.report.render import render
+
+    bench = json.loads((copy / "benchmark.json").read_text())
+    table_p50 = bench["threads"]["1"]["fp32"]["latency"]["p50_ms"]
+    bench["xnnpack"] = False
+    bench["cross_check"] = {"threads": 1, "xnnpack": True, "remeasured_with_xnnpack": True, "variants": {
+        "fp32": {"litert_benchmark": {"median_ms": 0.03}, "their_median_ms": 0.03, "our_p50_ms": table_p50 / 4,
+                 "agree": True},
+        "int8": {"litert_benchmark": {"median_ms": 0.5}, "their_median_ms": 0.5, "our_p50_ms": 0.01, "agree": False,
+                 "why": "different API"}}}
+    write_json(copy / "benchmark.json", bench)
+    notes = render(copy, log=lambda *a: None)["notes"]
+    for kind in ("cross_check", "cross_check_disagrees"):
+        [check] = [n["text"] for n in notes if n["kind"] == kind]
+        assert "our p50 with XNNPACK (measured again for this check; the table's is without)" in check, check
+
+
+def test_the_warm_up_said_is_the_warm_up_run(run):
+    """Each timed block opens with at least one warm-up run: --warmup 2 over 5 blocks ran 5, not the 2 the report
+    said (with --warmup 0, five runs said to be none)."""
+    bench = json.loads((run / "benchmark.json").read_text())
+    ran = {bench["threads"]["1"][v]["warmup"]["n"] for v in VARIANTS}
+    assert bench["warmup"] == 2 and ran == {5}
+    assert f"{bench['runs']} timed runs after 5 warm-up," in (run / "report.md").read_text()
+
+
 def test_report_says_whether_a_per_op_profile_exists(report):
     import importlib.util
 

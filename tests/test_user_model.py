@@ -160,6 +160,25 @@ def test_unconvertible_op_is_one_line(tmp_path):
     assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r.*"))
 
 
+def test_a_model_whose_scores_overflow_is_refused_not_measured(tmp_path):
+    """Scores of NaN still have an argmax: the evaluation would report an accuracy (the share of one class among
+    the labels) as if measured, and report.json would hold NaN. The runner's eval refuses them; so does the build."""
+    from keras import Input, Sequential, layers
+
+    model = Sequential([Input((28, 28, 1)), layers.Flatten(), layers.Dense(10, activation="softmax")])
+    weights, bias = model.layers[-1].get_weights()
+    weights[:, 3] = weights[:, 5] = 3e38  # any lit pixel sends two logits to infinity, and softmax to NaN
+    model.layers[-1].set_weights([weights, bias])
+    model.save(tmp_path / "overflow.keras")
+    result = invoke("build", "--keras-model", tmp_path / "overflow.keras", "--dataset", "digits", "--quantize",
+                    "float16", "--no-benchmark", "--out", tmp_path / "r")
+    line = one_line_error(result)
+    assert result.exit_code == 1, result.output
+    assert line.startswith("Error: fp32 (model_fp32.tflite) on the test split: the model's scores are not all "
+                           "finite (NaN or infinity) for 360 of 360 images"), line
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r.*"))
+
+
 # ---------------------------------------------------------------- labels and MACs
 
 def test_labels_with_slashes_make_flat_sample_names(tmp_path, digits):

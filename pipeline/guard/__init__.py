@@ -193,6 +193,22 @@ def _write(run_dir: Path, analysis: dict) -> None:
         atomic_write(run_dir / PLOT, plots.layer_errors(analysis["layers"], IDEAL, SUSPECT))
 
 
+def _check_same_data(run_dir: Path, cfg, recorded: dict, loaded: dict) -> None:
+    """Refuse data other than the run was built on (images added to a folder, another download): its
+    validation and calibration images would be analysed as the run's, for classes the model may not have."""
+    if recorded.get("sha256") and loaded.get("sha256") != recorded["sha256"]:
+        from pipeline.data import DataError
+
+        def described(source: dict) -> str:
+            counts = source.get("counts") or {}
+            return (" / ".join(f"{counts[s]:,} {s}" for s in ("train", "val", "test") if s in counts)
+                    + f" images from {source.get('kind')}, sha256 {str(source.get('sha256'))[:12]}")
+
+        raise DataError(f"{cfg.data_dir or f'the {cfg.dataset} dataset'}: not the data {run_dir} was built on "
+                        f"({described(loaded)}, where its manifest.json records {described(recorded)}); restore "
+                        "that data, or build a new run on this data with `pipeline build --analyze`")
+
+
 def analyze_run(run_dir: Path, log=print) -> dict:
     """`pipeline analyze RUN_DIR`: the per-layer table of a finished run's int8 model, into its report."""
     import keras
@@ -201,11 +217,19 @@ def analyze_run(run_dir: Path, log=print) -> dict:
     from pipeline.data import load_dataset
 
     with updating(run_dir, "analyze", log=log) as (work, _):
-        cfg = BuildConfig.from_dict({**json.loads((work / "manifest.json").read_text())["config"],
-                                     "out": str(run_dir), "analyze": True, "fallback": "none", "qat": False})
+        manifest = json.loads((work / "manifest.json").read_text())
+        cfg = BuildConfig.from_dict({**manifest["config"], "out": str(run_dir), "analyze": True, "fallback": "none",
+                                     "qat": False})
+        if cfg.data_dir and not Path(cfg.data_dir).expanduser().is_absolute() \
+                and not Path(cfg.data_dir).expanduser().exists():
+            from pipeline.data import DataError
+
+            raise DataError(f"{run_dir}: built with --data-dir {cfg.data_dir}, a path relative to the folder the "
+                            f"build ran in, which {Path.cwd()} does not hold; run `pipeline analyze` from that folder")
         data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction,
                             input_shape=cfg.input_shape, log=log)
-        pre = json.loads((work / "manifest.json").read_text()).get("preprocess")
+        _check_same_data(run_dir, cfg, manifest.get("data") or {}, data.source)
+        pre = manifest.get("preprocess")
         if pre:  # the input convention the run was built with
             data = dataclasses.replace(data, spec=dataclasses.replace(data.spec, scale=pre["scale"],
                                                                       offset=pre["offset"]))

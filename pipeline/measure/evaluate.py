@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.core import Model, normalize, score, softmax
+from device.core import Model, check_finite, normalize, score, softmax
 from pipeline import console
 from pipeline.measure import stats
 
@@ -38,6 +38,8 @@ def evaluate_variants(run_dir: Path, variants, x_test: np.ndarray, y_test: np.nd
             t0 = time.perf_counter()
             model = Model(Path(run_dir) / f"model_{variant}.tflite", metadata=metadata)
             probs[variant] = model.predict(x_test)
+            # Named by variant: the file is in the staging folder, which a refused build removes.
+            check_finite(f"{variant} (model_{variant}.tflite) on the test split", probs[variant])
             seconds[variant] = time.perf_counter() - t0
             bar.advance(len(y))
     baseline = probs["fp32"]

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from device.timing import features_words
-from pipeline.artifacts import MANIFEST, run_holding
+from pipeline.artifacts import MANIFEST, is_run, run_holding
 from pipeline.config import ConfigError
 from pipeline.failures import InputError
 from pipeline.measure.stats import wilson
@@ -41,6 +41,12 @@ def _load_run(path: Path) -> dict:
                            f"(run `pipeline report {path}` if the build got that far)")
     except (OSError, ValueError) as e:
         raise CompareError(f"{path}: unreadable report or manifest ({e}); rebuild the run")
+    # Other tools write a report.json and a manifest.json too: compare only what edgepipe wrote.
+    if not is_run(path):
+        raise CompareError(f"{path}: its {MANIFEST} is not one edgepipe wrote; pass runs written by `pipeline build`")
+    if not isinstance(report, dict) or report.get("kind", "report") != "report":
+        raise CompareError(f"{path}: its report.json is not one `pipeline report` wrote; render the run's report "
+                           f"again with `pipeline report {path}`")
     if report.get("schema") != SCHEMA:
         raise CompareError(f"{path}: report schema {report.get('schema')!r}, this edgepipe reads schema {SCHEMA}; "
                            f"render it again with `pipeline report {path}`")
@@ -54,7 +60,7 @@ def _row(run: dict, v: dict) -> dict:
     return {"variant": v["variant"], "accuracy": v["accuracy"], "interval_95": [ci["low"], ci["high"]],
             "change_pp": v["change_pp"], "mcnemar_p": (v.get("mcnemar_vs_fp32") or {}).get("p_value"),
             "bytes": v["bytes"], "p50_ms": {t: lat["p50_ms"] for t, lat in v.get("latency", {}).items()},
-            "device": {label: {k: d.get(k) for k in ("accuracy", "p50_ms")}
+            "device": {label: {k: d.get(k) for k in ("accuracy", "p50_ms", "emulated")}
                        for label, d in v.get("device", {}).items()}}
 
 
@@ -78,9 +84,9 @@ def _summary(run: dict) -> dict:
     }
 
 
-def _differs(runs: list[dict], key: str, describe) -> str | None:
-    """None if every run has the same `key`, else why the column cannot be compared."""
-    values = [json.dumps(r[key], sort_keys=True) for r in runs]
+def _differs(runs: list[dict], key: str, describe, same=lambda value: value) -> str | None:
+    """None if every run has the same `same(r[key])`, else why the column cannot be compared."""
+    values = [json.dumps(same(r[key]), sort_keys=True) for r in runs]
     if len(set(values)) == 1:
         return None
     return "; ".join(f"{r['run']}: {describe(r[key])}" for r in runs)
@@ -91,13 +97,22 @@ def compare(targets: list[str]) -> dict:
     if len(targets) < 2:
         raise ConfigError(f"compare needs at least two runs, got {len(targets)}; "
                            "pass them as `pipeline compare RUN_A RUN_B [...]`")
+    seen: dict[Path, str] = {}
+    for t in targets:
+        real = locate(t).resolve()
+        if real in seen:  # labelled once by name and once by path, it would pass for two runs that agree
+            raise ConfigError(f"{t}: the run {real} again (given as {seen[real]} too); compare different runs")
+        seen[real] = t
     runs = [_summary(_load_run(locate(t))) for t in targets]
     names = [r["run"] for r in runs]
     if len(set(names)) < len(names):  # two folders of one name: label by path instead
         for r in runs:
             r["run"] = r["path"]
     test_set = _differs(runs, "test_set", lambda t: f"{t['images']:,} test images of data "
-                                                    f"{(t['data_sha256'] or 'unknown')[:12]} ({t['source']})")
+                                                    f"{(t['data_sha256'] or 'unknown')[:12]} ({t['source']})",
+                        # The fingerprint is of the arrays: the same images read from mnist.npz, IDX files or
+                        # keras.datasets are the same test set.
+                        same=lambda t: [t["images"], t["data_sha256"]] if t["data_sha256"] else t)
     measured = [r for r in runs if r["machine"]]
     machine = _differs(measured, "machine", lambda m: f"{m['cpu']}, {m['cores']} cores, "
                                                       f"{features_words(m['cpu_features'])}, "
@@ -134,7 +149,8 @@ def table(result: dict) -> tuple[list[str], list[list[str]], list[str]]:
             row += [ms(v["p50_ms"].get(t)) for t in result["threads"]]
             for label in result["devices"]:
                 d = v["device"].get(label, {})
-                row += [pct(d.get("accuracy")), ms(d.get("p50_ms"))]
+                # An emulated board's latency is the emulator's speed, never the board's (as in the report).
+                row += [pct(d.get("accuracy")), "emulated" if d.get("emulated") else ms(d.get("p50_ms"))]
             rows.append(row)
     notes = []
     if flags["accuracy"]:

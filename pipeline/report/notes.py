@@ -193,17 +193,20 @@ def _keras_notes(keras: dict | None) -> list[dict]:
 
 def _cross_check_notes(bench: dict) -> list[dict]:
     check, out = bench.get("cross_check") or {"variants": {}}, []
+    # With --no-xnnpack ours were measured again with XNNPACK for the check: that p50 is not the table's.
+    ours = "our p50 with XNNPACK (measured again for this check; the table's is without)" \
+        if check.get("remeasured_with_xnnpack") else "our p50"
     for v, entry in check["variants"].items():
         if error := entry.get("litert_benchmark", {}).get("error"):
             out.append(_note("cross_check_failed", v, f"cross-check {v}: litert-benchmark gave no median ({error})"))
         elif entry.get("agree") is False:
             out.append(_note("cross_check_disagrees", v, (
-                f"cross-check {v}: litert-benchmark's median {entry['their_median_ms']:.4f} ms and our p50 "
+                f"cross-check {v}: litert-benchmark's median {entry['their_median_ms']:.4f} ms and {ours} "
                 f"{entry['our_p50_ms']:.4f} ms at {threads_label(check['threads'])} disagree; {entry.get('why', '')}")))
         elif entry.get("agree"):
             residual = entry["our_p50_ms"] - entry["their_median_ms"]
             out.append(_note("cross_check", v, (
-                f"cross-check {v}: our p50 {entry['our_p50_ms']:.4f} ms is litert-benchmark's median "
+                f"cross-check {v}: {ours} {entry['our_p50_ms']:.4f} ms is litert-benchmark's median "
                 f"{entry['their_median_ms']:.4f} ms {residual:+.4f} ms at {threads_label(check['threads'])}; "
                 "the difference is Python's per-invoke cost (set_tensor, invoke and get_tensor calls), which "
                 "the C++ tool does not pay")))

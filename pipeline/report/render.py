@@ -192,8 +192,11 @@ def _context(report: dict) -> list[str]:
              f"ai-edge-litert {versions.get('ai-edge-litert')}."]
     if report["benchmark"]:
         b, env = report["benchmark"], report["environment"]
+        how = b.get("timing") or {}
+        # Every block opens with its share of the warm-up, at least one run: with --warmup 0 there were some.
+        warmup = how["rounds"] * how["block_warmup"] if "block_warmup" in how else b["warmup"]
         lines.append(f"Latency per image at {threads_label(report['table_threads'])}, XNNPACK "
-                     f"{'on' if b['xnnpack'] else 'off'}, {b['runs']} timed runs after {b['warmup']} warm-up, "
+                     f"{'on' if b['xnnpack'] else 'off'}, {b['runs']} timed runs after {warmup} warm-up, "
                      f"{_timing_words(b.get('timing'))}, on {env['cpu']} ({env['cores']} cores, "
                      f"{features_words(env.get('cpu_features'))}, "
                      f"{env['interpreter']['name']} {env['interpreter']['version']}); speed-ups hold on this "
