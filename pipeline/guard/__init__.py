@@ -220,12 +220,6 @@ def analyze_run(run_dir: Path, log=print) -> dict:
         manifest = json.loads((work / "manifest.json").read_text())
         cfg = BuildConfig.from_dict({**manifest["config"], "out": str(run_dir), "analyze": True, "fallback": "none",
                                      "qat": False})
-        if cfg.data_dir and not Path(cfg.data_dir).expanduser().is_absolute() \
-                and not Path(cfg.data_dir).expanduser().exists():
-            from pipeline.data import DataError
-
-            raise DataError(f"{run_dir}: built with --data-dir {cfg.data_dir}, a path relative to the folder the "
-                            f"build ran in, which {Path.cwd()} does not hold; run `pipeline analyze` from that folder")
         data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, validation_fraction=cfg.validation_fraction,
                             input_shape=cfg.input_shape, log=log)
         _check_same_data(run_dir, cfg, manifest.get("data") or {}, data.source)
