@@ -7,6 +7,7 @@ and the commands for boards over SSH (`device`, `deploy`) in cli_boards.py.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -354,8 +355,8 @@ def search(resume, out, name, image_size, quantize, **kwargs):
             raise click.UsageError("--out and --name both name the search folder; pass only one")
         # Absolute: --resume may run from another folder, and Ray's workers read the experiment's path.
         folder = (out or rundir.RUNS / (name or "search")).resolve()
-        if kwargs.get("data_dir") is not None:
-            kwargs["data_dir"] = str(kwargs["data_dir"])
+        if kwargs.get("data_dir") is not None:  # a trial runs in its own folder, where a relative path names nothing
+            kwargs["data_dir"] = os.path.abspath(kwargs["data_dir"])
         if kwargs.get("ssh_config") is not None:  # --resume may run from another folder
             kwargs["ssh_config"] = str(Path(kwargs["ssh_config"]).resolve())
         kwargs["dataset"] = kwargs.get("dataset") or "mnist"

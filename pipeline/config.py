@@ -179,6 +179,11 @@ class BuildConfig(metaclass=_Derived):
     def to_dict(self) -> dict:
         d = asdict(self)
         d["quantize"], d["threads"] = list(self.quantize), list(self.threads)
+        # Saved for --resume and `pipeline analyze`, which may run in another folder, where a relative path names
+        # another file or none; the messages of this build keep the path as the user typed it.
+        for key in ("data_dir", "keras_model", "tensorboard"):
+            if d[key]:
+                d[key] = os.path.abspath(os.path.expanduser(d[key]))
         return d
 
     @classmethod
@@ -202,9 +207,6 @@ def derive(given: dict) -> dict:
     from pipeline.models import MODELS
 
     cfg = {f.name: f.default for f in fields(BuildConfig)} | given
-    for key in ("data_dir", "keras_model", "tensorboard"):
-        if cfg[key]:  # saved for --resume, which may run in another folder, where a relative path names another file
-            cfg[key] = os.path.abspath(os.path.expanduser(cfg[key]))
     if cfg["dataset"] not in DATASETS:
         raise ConfigError(f"--dataset: unknown '{cfg['dataset']}'; choose from {', '.join(DATASETS)}")
     cfg |= _fit_folder(cfg)

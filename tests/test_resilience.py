@@ -305,7 +305,7 @@ def test_a_full_disk_is_one_line_and_leaves_everything_as_it_was(small_run, tmp_
 def test_export_verify_compare_report_show_only_edgepipe_lines(small_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(small_run, run)
-    for args in (["verify", run], ["report", run], ["compare", run, run],
+    for args in (["verify", run], ["report", run], ["compare", run, small_run],
                  ["export", run, "--out", tmp_path / "tflm", "--test-images", "50"]):
         proc = subprocess.run([*PIPELINE, *map(str, args)], env=ENV, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
