@@ -220,7 +220,8 @@ def test_weight_decay_shrinks_kernels_only(optimizer):
                               keras.layers.Flatten(), keras.layers.Dense(3)])
     for v in model.trainable_variables:
         v.assign(keras.ops.ones(v.shape))
-    recipe = {"learning_rate": 0.1, "lr_schedule": "constant", "weight_decay": 0.01, "optimizer": optimizer, "ema": 0.0}
+    recipe = {"learning_rate": 0.1, "lr_schedule": "constant", "warmup_epochs": 0, "weight_decay": 0.01,
+              "optimizer": optimizer, "ema": 0.0}
     _optimizer(recipe, steps_per_epoch=1).apply([keras.ops.zeros(v.shape) for v in model.trainable_variables],
                                                 model.trainable_variables)
     after = {v.path: float(keras.ops.convert_to_numpy(v).max()) for v in model.trainable_variables}
