@@ -434,6 +434,21 @@ def test_validation_that_stalls_while_training_climbs_is_overfitting():
     assert learning_notes({**base, "learning": improving}) == []
 
 
+def test_what_to_try_fits_who_trained_the_model():
+    """A given --keras-model was told to try more --epochs or another --model, options its build refuses."""
+    from pipeline.report.notes import learning_notes
+
+    chance = {"variant": "int8", "accuracy": 0.5, "interval_95": {"low": 0.4, "high": 0.6}}
+    learning = {"labels": ["a", "b"], "test_counts": [50, 50], "recall": {}}
+    said = {who: learning_notes({"variants": [chance], "learning": {**learning, "trained_by": who}})[0]["text"]
+            for who in ("build", "user", "search")}
+    assert "--epochs" in said["build"] and "--model" in said["build"]
+    assert "--epochs" not in said["user"] and "--model" not in said["user"] and "--input-range" in said["user"]
+    assert "--budget-minutes" in said["search"] and "--epochs" not in said["search"]
+    # A report written before it said who trained the model reads as the build's.
+    assert learning_notes({"variants": [chance], "learning": learning})[0]["text"] == said["build"]
+
+
 def test_the_default_recipe_fits_the_folder(tmp_path):
     """Grayscale -> mnist-cnn, small -> cifar-cnn (no BatchNorm), photos -> photo-cnn at 64x64, >= 50 steps an epoch;
     what the user chose stays, and the config says why the rest was chosen."""

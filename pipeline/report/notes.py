@@ -123,8 +123,11 @@ def _int8_notes(by_v: dict, report: dict) -> list[dict]:
 IMBALANCED = 1.5
 # Notes that mean the model did not learn what it was meant to; the CLI prints them as warnings.
 LEARNING_KINDS = ("at_chance", "majority_class", "zero_recall", "overfitting")
-TRY = ("try more images per class, a smaller model (--model cifar-cnn or mnist-cnn for grayscale), more "
-       "--epochs, or a lower --learning-rate")
+TRY = {"build": "try more images per class, a smaller model (--model cifar-cnn or mnist-cnn for grayscale), more "
+                "--epochs, or a lower --learning-rate",
+       "user": "the model was given (--keras-model): check that it was trained on these classes, in this order, and "
+               "with this input range (--input-range)",
+       "search": "give the search more time (--budget-minutes) or more images per class"}
 
 
 def learning_notes(report: dict) -> list[dict]:
@@ -132,6 +135,7 @@ def learning_notes(report: dict) -> list[dict]:
     recognised, and validation accuracy that stopped improving while training accuracy climbed."""
     learning, out = report.get("learning") or {}, []
     counts, labels = learning.get("test_counts"), learning.get("labels")
+    try_ = TRY[learning.get("trained_by", "build")]
     if not counts or not labels:
         return out
     n, k = sum(counts), len(counts)
@@ -144,15 +148,15 @@ def learning_notes(report: dict) -> list[dict]:
         if ci and ci["low"] <= 1 / k <= ci["high"]:
             out.append(_note("at_chance", name, f"{name}: test accuracy {acc} is at chance: its 95% interval "
                              f"{100 * ci['low']:.1f}-{100 * ci['high']:.1f}% holds 1/{k} = {100 / k:.1f}%, so the "
-                             f"model learned nothing usable; {TRY}"))
+                             f"model learned nothing usable; {try_}"))
         elif imbalanced and (ci and ci["low"] <= majority <= ci["high"] or v["accuracy"] <= majority):
             out.append(_note("majority_class", name, f"{name}: test accuracy {acc} is no better than always "
                              f"answering '{top}' ({100 * majority:.1f}% of the test images); the folder is "
-                             f"imbalanced: add images of the other classes, or {TRY}"))
+                             f"imbalanced: add images of the other classes, or {try_}"))
         zero = [c for c, r in (learning.get("recall") or {}).get(name, {}).items() if r == 0]
         if zero:
             out.append(_note("zero_recall", name, f"{name}: class(es) {', '.join(repr(c) for c in zero)} never "
-                             f"recognised (zero recall on the test split); {TRY}"))
+                             f"recognised (zero recall on the test split); {try_}"))
     train, val = learning.get("train_accuracy") or [], learning.get("val_accuracy") or []
     if len(val) >= 3 and len(train) == len(val):
         best = max(range(len(val)), key=val.__getitem__)

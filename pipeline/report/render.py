@@ -122,7 +122,10 @@ def _learning(evaluation: dict, manifest: dict) -> dict:
     return {"labels": list((manifest.get("preprocess") or {}).get("labels") or []),
             "test_counts": confusion.sum(axis=1).astype(int).tolist() if confusion.size else None,
             "recall": {v: e.get("per_class") or {} for v, e in evaluation["variants"].items()},
-            "train_accuracy": training.get("accuracy"), "val_accuracy": training.get("val_accuracy")}
+            "train_accuracy": training.get("accuracy"), "val_accuracy": training.get("val_accuracy"),
+            # Who trained the model decides what to try: --model and --epochs mean nothing to a given one.
+            "trained_by": "search" if manifest.get("search") else
+                          "user" if (manifest.get("config") or {}).get("keras_model") else "build"}
 
 
 # ---------------------------------------------------------------- the table, in three formats
