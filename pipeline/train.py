@@ -391,6 +391,10 @@ def check_input_shape(model, data: Dataset, what: str) -> None:
         raise ModelMismatchError(
             f"{what}: dynamic input shape {got}; a .tflite for a board needs a fixed one: build the model with "
             f"keras.Input(shape={expected}) and save it again")
+    if got != expected and data.source.get("kind") == "image-folders":  # decoded to the model's size unless told
+        raise ModelMismatchError(
+            f"{what}: input shape {got} does not fit the folder's images as --image-size resizes them {expected}; "
+            f"drop --image-size (a folder is decoded to the model's own size) or pass --image-size {got[0]}x{got[1]}")
     if got != expected:
         raise ModelMismatchError(
             f"{what}: input shape {got} does not fit dataset '{data.name}' {expected}; "

@@ -294,3 +294,8 @@ def test_a_folder_is_decoded_for_the_users_model_grayscale_and_its_size(tmp_path
     assert (preprocess["height"], preprocess["width"], preprocess["channels"]) == (12, 12, 1)
     evaluation = json.loads((tmp_path / "run" / "evaluation.json").read_text())["variants"]
     assert evaluation["fp32"]["accuracy"] > 0.9, evaluation
+    # Another --image-size than the model's: the way out is the size, not another --model.
+    result = invoke("build", "--data-dir", tmp_path / "folder", "--keras-model", tmp_path / "gray12.keras",
+                    "--image-size", "16x16", "--no-benchmark", "--out", tmp_path / "run16")
+    assert result.exit_code == 1 and "--model" not in result.output, result.output
+    assert "drop --image-size (a folder is decoded to the model's own size) or pass --image-size 12x12" in result.output
