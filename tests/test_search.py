@@ -582,8 +582,9 @@ def _drive(searcher, space, trials: int, first: int = 0) -> list[tuple]:
 
 
 def test_a_space_larger_than_the_trials_never_trains_a_configuration_twice(tmp_path):
-    """Twelve configurations, ten trials: Optuna (seed 0) proposes two repeats here; the search's sampler
-    passes its proposals through, asks again on a repeat, and keeps that across --resume (save, restore)."""
+    """Twelve configurations, ten trials: Optuna (seed 0) proposes two repeats here and leaves a candidate out; the
+    search's sampler passes its proposals through, asks again on a repeat or on a candidate already trained while
+    another is not, and keeps that across --resume (save, restore)."""
     from ray.tune.search.optuna import OptunaSearch
     from ray.tune.search.search_generator import SearchGenerator
 
@@ -602,6 +603,9 @@ def test_a_space_larger_than_the_trials_never_trains_a_configuration_twice(tmp_p
     seen = first + _drive(restored, space, 5, first=5)
     assert len(set(seen)) == 10, seen
     assert seen[:4] == bare[:4]  # Optuna's proposals pass through until it repeats
+    # Every candidate once before any twice: Optuna alone never trains c5 in these ten trials.
+    assert "c5" not in {c for c, _ in bare}, "Optuna tries every candidate here: the test would not show the rule"
+    assert {c for c, _ in seen[:6]} == set(feasible), seen
 
 
 def test_measure_only_measures_every_candidate_against_the_budgets_and_trains_none(budgeted, tmp_path):

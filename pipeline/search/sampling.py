@@ -5,6 +5,10 @@ A space no larger than --trials is trained whole, each configuration once. A lar
 proposes a configuration it has already trained: a repeat costs a whole trial and teaches nothing, since a
 trial's seed is the search's. `Unrepeated` asks Optuna again, and after a few repeats takes the first
 configuration not yet tried, so every trial of a search trains something new.
+
+It also trains every candidate once before any twice (at another learning rate): Optuna's sampler scores each
+categorical choice on its own, so what one architecture's trials teach it says nothing of another's, and a
+40-trial search over 32 candidates at two rates passed a candidate by about one time in four (31/32 to the 40th).
 """
 from __future__ import annotations
 
@@ -53,21 +57,31 @@ class Unrepeated(Searcher):
     def suggest(self, trial_id: str):
         if not self.untried:
             return Searcher.FINISHED
+        unseen = self._unseen()
         for ask in range(ASKS):
             inner_id = trial_id if ask == 0 else f"{trial_id}-ask{ask}"
             config = self.searcher.suggest(inner_id)
             if config is None or config == Searcher.FINISHED:
                 return config
             chosen = {k: config[k] for k in ("candidate", "learning_rate")}
-            if chosen in self.untried:
+            if chosen in self.untried and (not unseen or chosen["candidate"] in unseen):
                 self.untried.remove(chosen)
                 self.inner_ids[trial_id] = inner_id
                 return config
             # A failed Optuna trial: its sampler neither counts the repeat as a result nor proposes around it.
             self.searcher.on_trial_complete(inner_id, error=True)
-        chosen = self.untried.pop(0)
+        chosen = next((c for c in self.untried if c["candidate"] in unseen), self.untried[0])
+        self.untried.remove(chosen)
         self.inner_ids[trial_id] = None
         return dict(chosen)
+
+    def _unseen(self) -> set[str]:
+        """Candidates not trained at all yet: every one of their learning rates is still untried (derived from
+        `untried`, so a search saved before this rule resumes with it)."""
+        left: dict[str, int] = {}
+        for c in self.untried:
+            left[c["candidate"]] = left.get(c["candidate"], 0) + 1
+        return {c for c, n in left.items() if n == len(LEARNING_RATES)}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self.inner_ids.get(trial_id):
