@@ -483,19 +483,23 @@ def test_images_in_two_splits_or_two_classes_are_warned_about_and_recorded(tmp_p
     root = tmp_path / "photos"
     _noise_folder(root / "train", {"cat": 6, "dog": 6})
     _noise_folder(root / "test", {"cat": 3, "dog": 3}, seed=1)
+    _noise_folder(root / "val", {"cat": 2, "dog": 2}, seed=2)
+    shutil.copy(root / "test" / "cat" / "2.png", root / "val" / "cat" / "from-test.png")
     shutil.copy(root / "train" / "cat" / "0.png", root / "test" / "cat" / "copy.png")
     Image.open(root / "train" / "dog" / "1.png").save(root / "test" / "dog" / "copy.bmp")  # another name, lossless
     shutil.copy(root / "train" / "cat" / "5.png", root / "train" / "dog" / "also-a-cat.png")
     lines = []
     data = load_dataset("folder", root, log=lines.append)
     found = data.source["duplicates"]
-    assert found["test_in_train"] == 2 and found["val_in_train"] == 0 and found["test_in_val"] == 0
-    assert sorted(found["examples"]) == ["test/cat/copy.png = train/cat/0.png", "test/dog/copy.bmp = train/dog/1.png"]
+    assert found["test_in_train"] == 2 and found["val_in_train"] == 0 and found["test_in_val"] == 1
+    assert sorted(found["examples"]) == ["test/cat/2.png = val/cat/from-test.png",
+                                         "test/cat/copy.png = train/cat/0.png", "test/dog/copy.bmp = train/dog/1.png"]
     assert found["label_conflicts"] == 1
     assert found["label_conflict_examples"] == ["train/cat/5.png = train/dog/also-a-cat.png"]
     warnings = [line for line in lines if line.startswith("warning:")]
     assert any("2 test image(s) also in train" in w and "remove the copies" in w for w in warnings), lines
     assert any("1 image(s) are in two class folders" in w for w in warnings), lines
+    assert any(w.startswith("warning: 1 test image(s) also in val") for w in warnings), lines
 
     clean = tmp_path / "clean"
     _noise_folder(clean, {"cat": 6, "dog": 6})

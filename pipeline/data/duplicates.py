@@ -42,10 +42,15 @@ def duplicates(x: np.ndarray, y: np.ndarray, rows: dict, paths: list[str], log) 
     if not any(shared.values()) and not conflicts:
         return None
     counted = {f"{held}_in_{other}": n for (held, other), n in shared.items()}
-    if any(shared.values()):
-        words = ", ".join(f"{n} {held} image(s) also in {other}" for (held, other), n in shared.items() if n)
+    trained = [(held, n) for (held, other), n in shared.items() if n and other == "train"]
+    if trained:
+        words = ", ".join(f"{n} {held} image(s) also in train" for held, n in trained)
         log(f"warning: {words} (the same pixels after resizing, e.g. {examples[0]}): the held-out accuracy counts "
             f"images the model has seen, so it reads high; remove the copies from one of the splits")
+    if shared[("test", "val")]:
+        log(f"warning: {shared[('test', 'val')]} test image(s) also in val (the same pixels after resizing): what is "
+            f"chosen on validation (the accuracy guard's variant) is judged on some of the same images; remove the "
+            f"copies from one of the splits")
     if conflicts:
         log(f"warning: {conflicts} image(s) are in two class folders (the same pixels, e.g. {conflict_examples[0]}): "
             f"one of their labels is wrong; keep each image under its one class")
