@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,7 +48,7 @@ class LoadSampler(threading.Thread):
 
     def summary(self) -> dict:
         s = sorted(self.samples)
-        return {"samples": len(s), "min": s[0], "median": s[len(s) // 2], "max": s[-1]} if s else {}
+        return {"samples": len(s), "min": s[0], "median": statistics.median(s), "max": s[-1]} if s else {}
 
 
 def run(target: str, out: Path, extra: list[str]) -> dict:
@@ -73,7 +74,7 @@ def run(target: str, out: Path, extra: list[str]) -> dict:
         "accuracy": {v: e["accuracy"] for v, e in evaluation["variants"].items()},
         "test_images": evaluation.get("n") or manifest["data"]["counts"]["test"],
         "recipe": manifest["training"].get("recipe"),
-        "images_per_second_median": sorted(ips)[len(ips) // 2] if ips else None,
+        "images_per_second_median": statistics.median(ips) if ips else None,
         "peak_rss_mb": round(usage.ru_maxrss / 1024),  # Linux reports KiB
         # CPU time does not grow with other users' load; / 2 estimates the wall time on an idle 2-core machine.
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "load_average": sampler.summary(),

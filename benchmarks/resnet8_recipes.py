@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -98,14 +99,13 @@ def run(name: str, epochs: int, runs: Path) -> dict:
     wanted = {"epochs": epochs, **options_of(RECIPES[name])}
     if any(manifest["config"][k] != v for k, v in wanted.items()):
         sys.exit(f"{name}: the run in {out} did not train {wanted}; remove it or pass another --runs folder")
-    ips = sorted(training["images_per_second"])
     return {
         "command": portable_command(cmd), "reused_finished_run": reused,
         # A series may read runs finished in earlier sessions, on another machine of the kind `environment` names.
         "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime((out / "evaluation.json").stat().st_mtime)),
         "wall_s": None if reused else round(time.perf_counter() - t0, 1),
         "recipe": training["recipe"], "train_seconds": round(manifest["stage_seconds"]["train"], 1),
-        "images_per_second_median": ips[len(ips) // 2],
+        "images_per_second_median": statistics.median(training["images_per_second"]),
         "accuracy": {v: e["accuracy"] for v, e in evaluation["variants"].items()},
         "interval_95": {v: e["interval_95"] for v, e in evaluation["variants"].items()},
         "test_images": evaluation["n"], "meets_goal": evaluation["variants"]["int8"]["accuracy"] >= GOAL,

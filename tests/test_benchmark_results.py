@@ -101,3 +101,25 @@ def test_a_zoo_run_stands_in_within_a_tenth_of_the_epochs_it_was_trained_for(mon
     result = search.train_zoo("cifar-resnet8", Path("d"), 60, tmp_path, earlier)
     assert builds[0] == 1 and (result.get("reused_from") == "earlier.json") == reused
     assert builds[1:] == ([] if reused else [here])
+
+
+def test_the_medians_of_an_even_count_are_the_mean_of_the_middle_two(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    for name in ("accuracy", "resnet8_recipes"):
+        sys.modules.pop(name, None)
+    from accuracy import LoadSampler
+    from resnet8_recipes import run
+
+    sampler = LoadSampler()
+    sampler.samples = [4.0, 1.0, 3.0, 2.0]
+    assert sampler.summary()["median"] == 2.5
+
+    finished = tmp_path / "default"  # a finished run is read, not trained again
+    finished.mkdir()
+    (finished / "manifest.json").write_text(json.dumps({
+        "config": {"epochs": 4}, "stage_seconds": {"train": 10.0},
+        "training": {"recipe": {"epochs": 4}, "images_per_second": [1000.0, 3000.0, 2000.0, 4000.0],
+                     "accuracy": [0.5] * 4, "val_accuracy": [0.5] * 4}}))
+    variant = {"accuracy": 0.5, "interval_95": {"low": 0.4, "high": 0.6}}
+    (finished / "evaluation.json").write_text(json.dumps({"n": 100, "variants": {"fp32": variant, "int8": variant}}))
+    assert run("default", 4, tmp_path)["images_per_second_median"] == 2500.0
