@@ -123,3 +123,15 @@ def test_the_medians_of_an_even_count_are_the_mean_of_the_middle_two(monkeypatch
     variant = {"accuracy": 0.5, "interval_95": {"low": 0.4, "high": 0.6}}
     (finished / "evaluation.json").write_text(json.dumps({"n": 100, "variants": {"fp32": variant, "int8": variant}}))
     assert run("default", 4, tmp_path)["images_per_second_median"] == 2500.0
+
+
+def test_the_plain_end_screen_refuses_a_recipe_that_already_ends_plain(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    sys.modules.pop("resnet8_screens", None)
+    import resnet8_screens
+
+    monkeypatch.setattr(sys, "argv", ["resnet8_screens.py", "cutout", "plain-end", "--recipe", "best-plain8"])
+    with pytest.raises(SystemExit) as stopped:
+        resnet8_screens.main()
+    assert stopped.value.code == 2
+    assert "recipe best-plain8 already does (--plain-epochs)" in capsys.readouterr().err
