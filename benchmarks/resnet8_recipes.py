@@ -126,6 +126,11 @@ def options_of(options: list[str]) -> dict:
     return out
 
 
+def in_table_order(results: dict) -> dict:
+    """The results in RECIPES's order, then those of recipes no longer in it: a kept result is never dropped."""
+    return {**{k: results[k] for k in RECIPES if k in results}, **results}
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -186,10 +191,10 @@ def main() -> None:
               f"epochs ({r['images_per_second_median']:,.0f} images/s); goal {GOAL:.0%}: "
               f"{'met' if r['meets_goal'] else 'not met'}", flush=True)
         if args.json:  # after each recipe, so a long series leaves its finished figures behind
-            ordered = {k: results[k] for k in RECIPES if k in results}
+            ordered = in_table_order(results)
             args.json.write_text(json.dumps({"environment": env, "goal_int8": GOAL, "results": ordered}, indent=2))
     if args.plot:
-        plot({k: results[k] for k in RECIPES if k in results}, args.plot)
+        plot(in_table_order(results), args.plot)
 
 
 if __name__ == "__main__":

@@ -135,3 +135,28 @@ def test_the_plain_end_screen_refuses_a_recipe_that_already_ends_plain(monkeypat
         resnet8_screens.main()
     assert stopped.value.code == 2
     assert "recipe best-plain8 already does (--plain-epochs)" in capsys.readouterr().err
+
+
+def test_a_recipe_series_keeps_the_results_of_recipes_no_longer_in_its_table(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    sys.modules.pop("resnet8_recipes", None)
+    import resnet8_recipes
+
+    runs = tmp_path / "runs"
+    finished = runs / "batch64"  # a finished run is read, not trained again
+    finished.mkdir(parents=True)
+    (finished / "manifest.json").write_text(json.dumps({
+        "config": {"epochs": 2, "batch_size": 64}, "stage_seconds": {"train": 10.0},
+        "training": {"recipe": {"epochs": 2}, "images_per_second": [1000.0, 2000.0],
+                     "accuracy": [0.5] * 2, "val_accuracy": [0.5] * 2}}))
+    variant = {"accuracy": 0.5, "interval_95": {"low": 0.4, "high": 0.6}}
+    (finished / "evaluation.json").write_text(json.dumps({"n": 100, "variants": {"fp32": variant, "int8": variant}}))
+    result = tmp_path / "r.json"
+    result.write_text(json.dumps({"results": {"retired": {"accuracy": {"int8": 0.8}}, "default": {"accuracy": {}}}}))
+    monkeypatch.setattr(resnet8_recipes, "DATA", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["resnet8_recipes.py", "batch64", "--epochs", "2", "--runs", str(runs),
+                                      "--json", str(result)])
+    resnet8_recipes.main()
+    written = json.loads(result.read_text())["results"]
+    assert list(written) == ["default", "batch64", "retired"]
+    assert written["retired"] == {"accuracy": {"int8": 0.8}, "kept_from_result_file": True}
