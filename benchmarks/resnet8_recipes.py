@@ -99,6 +99,15 @@ def run(name: str, epochs: int, runs: Path) -> dict:
     wanted = {"epochs": epochs, **options_of(RECIPES[name])}
     if any(manifest["config"][k] != v for k, v in wanted.items()):
         sys.exit(f"{name}: the run in {out} did not train {wanted}; remove it or pass another --runs folder")
+    # The options alone do not name the recipe: the model's defaults under them change between sessions
+    # (cifar-resnet8's default now ends plain), and a run finished before would pass for today's recipe.
+    from pipeline.config import BuildConfig
+    from pipeline.train import recipe_of
+
+    today = recipe_of(BuildConfig(dataset="cifar10", data_dir=str(DATA), model="cifar-resnet8", out="unused", **wanted))
+    if training.get("recipe") != today:
+        sys.exit(f"{name}: the run in {out} trained {training.get('recipe')}, not today's recipe {today}; remove it "
+                 "or pass another --runs folder")
     return {
         "command": portable_command(cmd), "reused_finished_run": reused,
         # A series may read runs finished in earlier sessions, on another machine of the kind `environment` names.

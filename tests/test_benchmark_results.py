@@ -103,6 +103,25 @@ def test_a_zoo_run_stands_in_within_a_tenth_of_the_epochs_it_was_trained_for(mon
     assert builds[1:] == ([] if reused else [here])
 
 
+def _finished_recipe_run(folder: Path, epochs: int, options: list[str], **recipe):
+    """A finished run of resnet8_recipes.py's in `folder`: its recipe today's for `options`, changed by `recipe`."""
+    from resnet8_recipes import options_of
+
+    from pipeline.config import BuildConfig
+    from pipeline.train import recipe_of
+
+    config = {"epochs": epochs, **options_of(options)}
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({
+        "config": config, "stage_seconds": {"train": 10.0},
+        "training": {"recipe": {**recipe_of(BuildConfig(dataset="cifar10", data_dir="d", model="cifar-resnet8",
+                                                        out="unused", **config)), **recipe},
+                     "images_per_second": [1000.0, 3000.0, 2000.0, 4000.0][:max(2, epochs)],
+                     "accuracy": [0.5] * epochs, "val_accuracy": [0.5] * epochs}}))
+    variant = {"accuracy": 0.5, "interval_95": {"low": 0.4, "high": 0.6}}
+    (folder / "evaluation.json").write_text(json.dumps({"n": 100, "variants": {"fp32": variant, "int8": variant}}))
+
+
 def test_the_medians_of_an_even_count_are_the_mean_of_the_middle_two(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     for name in ("accuracy", "resnet8_recipes"):
@@ -114,14 +133,7 @@ def test_the_medians_of_an_even_count_are_the_mean_of_the_middle_two(monkeypatch
     sampler.samples = [4.0, 1.0, 3.0, 2.0]
     assert sampler.summary()["median"] == 2.5
 
-    finished = tmp_path / "default"  # a finished run is read, not trained again
-    finished.mkdir()
-    (finished / "manifest.json").write_text(json.dumps({
-        "config": {"epochs": 4}, "stage_seconds": {"train": 10.0},
-        "training": {"recipe": {"epochs": 4}, "images_per_second": [1000.0, 3000.0, 2000.0, 4000.0],
-                     "accuracy": [0.5] * 4, "val_accuracy": [0.5] * 4}}))
-    variant = {"accuracy": 0.5, "interval_95": {"low": 0.4, "high": 0.6}}
-    (finished / "evaluation.json").write_text(json.dumps({"n": 100, "variants": {"fp32": variant, "int8": variant}}))
+    _finished_recipe_run(tmp_path / "default", 4, [])  # a finished run is read, not trained again
     assert run("default", 4, tmp_path)["images_per_second_median"] == 2500.0
 
 
@@ -143,14 +155,7 @@ def test_a_recipe_series_keeps_the_results_of_recipes_no_longer_in_its_table(mon
     import resnet8_recipes
 
     runs = tmp_path / "runs"
-    finished = runs / "batch64"  # a finished run is read, not trained again
-    finished.mkdir(parents=True)
-    (finished / "manifest.json").write_text(json.dumps({
-        "config": {"epochs": 2, "batch_size": 64}, "stage_seconds": {"train": 10.0},
-        "training": {"recipe": {"epochs": 2}, "images_per_second": [1000.0, 2000.0],
-                     "accuracy": [0.5] * 2, "val_accuracy": [0.5] * 2}}))
-    variant = {"accuracy": 0.5, "interval_95": {"low": 0.4, "high": 0.6}}
-    (finished / "evaluation.json").write_text(json.dumps({"n": 100, "variants": {"fp32": variant, "int8": variant}}))
+    _finished_recipe_run(runs / "batch64", 2, ["--batch-size", "64"])  # read, not trained again
     result = tmp_path / "r.json"
     result.write_text(json.dumps({"results": {"retired": {"accuracy": {"int8": 0.8}}, "default": {"accuracy": {}}}}))
     monkeypatch.setattr(resnet8_recipes, "DATA", tmp_path)
@@ -160,3 +165,18 @@ def test_a_recipe_series_keeps_the_results_of_recipes_no_longer_in_its_table(mon
     written = json.loads(result.read_text())["results"]
     assert list(written) == ["default", "batch64", "retired"]
     assert written["retired"] == {"accuracy": {"int8": 0.8}, "kept_from_result_file": True}
+
+
+@pytest.mark.parametrize("name, options", [("default", []), ("batch64", ["--batch-size", "64"])])
+def test_a_recipe_series_reads_a_finished_run_only_if_it_trained_todays_recipe(monkeypatch, tmp_path, name,
+                                                                              options):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    sys.modules.pop("resnet8_recipes", None)
+    from resnet8_recipes import run
+
+    _finished_recipe_run(tmp_path / "today" / name, 60, options)
+    assert run(name, 60, tmp_path / "today")["reused_finished_run"]
+    # Finished before cifar-resnet8's default recipe ended plain: the same options, another recipe.
+    _finished_recipe_run(tmp_path / "before" / name, 60, options, plain_epochs=0)
+    with pytest.raises(SystemExit, match="not today's recipe"):
+        run(name, 60, tmp_path / "before")
