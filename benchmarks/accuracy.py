@@ -25,6 +25,7 @@ from pathlib import Path
 from portable import portable, portable_command
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "datasets"
 TARGETS = {
     "mnist": ["--dataset", "mnist", "--data-dir", str(SHARED / "mnist"), "--model", "mnist-cnn"],
@@ -87,8 +88,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--extra", default="", help="More build options, e.g. '--epochs 40'.")
     args = ap.parse_args()
+    from device.core import environment
+
     env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-           "platform": platform.platform(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "platform": platform.platform(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), **environment()}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for target in args.targets:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 
 def one_build(data_dir: Path, out: Path) -> dict:
@@ -42,7 +43,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeat):
             results.append(one_build(args.data_dir, Path(tmp) / f"run{i}"))
-    env = {"python": platform.python_version(), "machine": platform.machine(), "platform": platform.platform()}
+    from device.core import environment
+
+    env = {"python": platform.python_version(), "machine": platform.machine(), "platform": platform.platform(),
+           **environment()}
     print(f"environment: {env}")
     for i, r in enumerate(results):
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in r["stage_seconds"].items())

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from device.core import environment
 from pipeline.artifacts import update_manifest, updating
 
 
@@ -42,7 +43,7 @@ def main() -> None:
                       "repeats": args.repeats, "swap_median_ms": 1e3 * statistics.median(swap),
                       "in_place_median_ms": 1e3 * statistics.median(in_place),
                       "ratio": statistics.median(swap) / statistics.median(in_place),
-                      "load_average_1m": os.getloadavg()[0]}, indent=2))
+                      "load_average_1m": os.getloadavg()[0], "environment": environment()}, indent=2))
 
 
 if __name__ == "__main__":
