@@ -180,3 +180,13 @@ def test_a_recipe_series_reads_a_finished_run_only_if_it_trained_todays_recipe(m
     _finished_recipe_run(tmp_path / "before" / name, 60, options, plain_epochs=0)
     with pytest.raises(SystemExit, match="not today's recipe"):
         run(name, 60, tmp_path / "before")
+
+
+def test_a_url_in_a_result_is_no_machine_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    sys.modules.pop("portable", None)
+    from portable import portable_tree
+
+    assert portable_tree({"see": "github.com/mlcommons/tiny, https://github.com/mlcommons/tiny/benchmark"}) == {
+        "see": "github.com/mlcommons/tiny, https://github.com/mlcommons/tiny/benchmark"}
+    assert portable_tree(["--data-dir /srv/somewhere/cifar10-jpg"]) == ["--data-dir cifar10-jpg"]
