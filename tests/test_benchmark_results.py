@@ -190,3 +190,29 @@ def test_a_url_in_a_result_is_no_machine_path(monkeypatch):
     assert portable_tree({"see": "github.com/mlcommons/tiny, https://github.com/mlcommons/tiny/benchmark"}) == {
         "see": "github.com/mlcommons/tiny, https://github.com/mlcommons/tiny/benchmark"}
     assert portable_tree(["--data-dir /srv/somewhere/cifar10-jpg"]) == ["--data-dir cifar10-jpg"]
+
+
+def test_the_tflm_figures_cut_a_cifar_slice_for_each_pair_of_counts_from_the_real_images(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    sys.modules.pop("tflm_figures", None)
+    from tflm_figures import cifar_slice
+
+    from tests import test_tflm
+
+    cut = []
+
+    def cifar_data(folder, per_class, test_per_class):
+        cut.append((per_class, test_per_class))
+        (folder / "cifar").mkdir()
+        (folder / "cifar" / "cifar-10-python.tar.gz").write_bytes(b"")
+        return folder / "cifar"
+
+    monkeypatch.setattr(test_tflm, "cifar_data", cifar_data)
+    monkeypatch.setattr(test_tflm, "CIFAR_JPG", tmp_path)
+    first = cifar_slice(tmp_path / "work", 500, 100)
+    assert cifar_slice(tmp_path / "work", 500, 100) == first
+    assert cifar_slice(tmp_path / "work", 500, 200) != first
+    assert cut == [(500, 100), (500, 200)]
+    monkeypatch.setattr(test_tflm, "CIFAR_JPG", tmp_path / "none")
+    with pytest.raises(SystemExit, match="not found"):
+        cifar_slice(tmp_path / "other", 500, 100)
