@@ -59,7 +59,9 @@ def run(target: str, out: Path, extra: list[str]) -> dict:
     sampler.start()
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *cmd[1:]], stdout=f, stderr=subprocess.STDOUT)
+        # The checkout's pipeline, not an installed one: `-m` finds this one only when started from its root.
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *cmd[1:]], stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
         # wait4: this build's own resource usage (peak memory, CPU time), not all children's so far.
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0

@@ -216,3 +216,43 @@ def test_the_tflm_figures_cut_a_cifar_slice_for_each_pair_of_counts_from_the_rea
     monkeypatch.setattr(test_tflm, "CIFAR_JPG", tmp_path / "none")
     with pytest.raises(SystemExit, match="not found"):
         cifar_slice(tmp_path / "other", 500, 100)
+
+
+@pytest.mark.parametrize("script", ["accuracy", "build_time"])
+def test_a_timed_build_runs_this_checkouts_pipeline_from_any_folder(monkeypatch, tmp_path, script):
+    import subprocess
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    sys.modules.pop(script, None)
+    module = __import__(script)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    started = []
+
+    def child(cmd, **kwargs):  # where the build would import `pipeline` from; then a finished build
+        started.append(subprocess.run([sys.executable, "-c", "import pipeline; print(pipeline.__file__)"],
+                                      capture_output=True, text=True, env=kwargs.get("env"),
+                                      cwd=kwargs.get("cwd")).stdout.strip())
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "manifest.json").write_text(json.dumps({"stage_seconds": {}, "training": {}}))
+        (out / "evaluation.json").write_text(json.dumps({"n": 1, "variants": {}}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    class Popen:
+        pid = 0
+
+        def __init__(self, cmd, **kwargs):
+            child(cmd, **kwargs)
+
+    class Usage:
+        ru_maxrss, ru_utime, ru_stime = 1024, 0.0, 0.0
+
+    monkeypatch.setattr(module, "subprocess", SimpleNamespace(run=child, Popen=Popen, STDOUT=subprocess.STDOUT))
+    if script == "build_time":
+        module.one_build(tmp_path / "data", tmp_path / "run")
+    else:
+        monkeypatch.setattr(module.os, "wait4", lambda pid, options: (pid, 0, Usage))
+        module.run("mnist", tmp_path / "run", [])
+    assert started == [str(REPO / "pipeline" / "__init__.py")]
