@@ -12,12 +12,15 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from device.core import environment
-from pipeline.artifacts import update_manifest, updating
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the checkout's pipeline, not an installed one
+from device.core import environment  # noqa: E402
+from pipeline.artifacts import update_manifest, updating  # noqa: E402
 
 
 def main() -> None:

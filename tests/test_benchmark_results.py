@@ -256,3 +256,16 @@ def test_a_timed_build_runs_this_checkouts_pipeline_from_any_folder(monkeypatch,
         monkeypatch.setattr(module.os, "wait4", lambda pid, options: (pid, 0, Usage))
         module.run("mnist", tmp_path / "run", [])
     assert started == [str(REPO / "pipeline" / "__init__.py")]
+
+
+@pytest.mark.parametrize("script", ["update_swap", "small_folder"])
+def test_a_script_imports_this_checkouts_pipeline_from_any_folder(tmp_path, script):
+    import os
+    import subprocess
+
+    # As `python benchmarks/SCRIPT.py` starts it: its own folder first on the path, no PYTHONPATH.
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import {script}, device, pipeline; "
+            "print(device.__file__, pipeline.__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert found.stdout.split() == [str(REPO / "device" / "__init__.py"), str(REPO / "pipeline" / "__init__.py")]
