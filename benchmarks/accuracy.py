@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from pathlib import Path
 from portable import portable, portable_command
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "datasets"
 TARGETS = {
     "mnist": ["--dataset", "mnist", "--data-dir", str(SHARED / "mnist"), "--model", "mnist-cnn"],
@@ -47,7 +49,7 @@ class LoadSampler(threading.Thread):
 
     def summary(self) -> dict:
         s = sorted(self.samples)
-        return {"samples": len(s), "min": s[0], "median": s[len(s) // 2], "max": s[-1]} if s else {}
+        return {"samples": len(s), "min": s[0], "median": statistics.median(s), "max": s[-1]} if s else {}
 
 
 def run(target: str, out: Path, extra: list[str]) -> dict:
@@ -57,7 +59,9 @@ def run(target: str, out: Path, extra: list[str]) -> dict:
     sampler.start()
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *cmd[1:]], stdout=f, stderr=subprocess.STDOUT)
+        # The checkout's pipeline, not an installed one: `-m` finds this one only when started from its root.
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *cmd[1:]], stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
         # wait4: this build's own resource usage (peak memory, CPU time), not all children's so far.
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
@@ -73,7 +77,7 @@ def run(target: str, out: Path, extra: list[str]) -> dict:
         "accuracy": {v: e["accuracy"] for v, e in evaluation["variants"].items()},
         "test_images": evaluation.get("n") or manifest["data"]["counts"]["test"],
         "recipe": manifest["training"].get("recipe"),
-        "images_per_second_median": sorted(ips)[len(ips) // 2] if ips else None,
+        "images_per_second_median": statistics.median(ips) if ips else None,
         "peak_rss_mb": round(usage.ru_maxrss / 1024),  # Linux reports KiB
         # CPU time does not grow with other users' load; / 2 estimates the wall time on an idle 2-core machine.
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "load_average": sampler.summary(),
@@ -86,8 +90,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--extra", default="", help="More build options, e.g. '--epochs 40'.")
     args = ap.parse_args()
+    from device.core import environment
+
     env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-           "platform": platform.platform(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "platform": platform.platform(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), **environment()}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for target in args.targets:

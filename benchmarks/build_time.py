@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -16,13 +17,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 
 def one_build(data_dir: Path, out: Path) -> dict:
     cmd = [sys.executable, "-m", "pipeline.cli", "build", "--dataset", "mnist", "--model", "mnist-cnn",
            "--data-dir", str(data_dir), "--quantize", "all", "--epochs", "5", "--out", str(out)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # The checkout's pipeline, not an installed one: `-m` finds this one only when started from its root.
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"build failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -42,7 +45,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeat):
             results.append(one_build(args.data_dir, Path(tmp) / f"run{i}"))
-    env = {"python": platform.python_version(), "machine": platform.machine(), "platform": platform.platform()}
+    from device.core import environment
+
+    env = {"python": platform.python_version(), "machine": platform.machine(), "platform": platform.platform(),
+           **environment()}
     print(f"environment: {env}")
     for i, r in enumerate(results):
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in r["stage_seconds"].items())

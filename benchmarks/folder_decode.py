@@ -42,6 +42,8 @@ def timed_load(data_dir: Path) -> tuple[float, float, dict]:
 
 
 def main() -> None:
+    from device.core import environment
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "datasets" / "cifar10-jpg")
     ap.add_argument("--repeat", type=int, default=3, help="cold decodes and cached loads, alternated")
@@ -70,6 +72,7 @@ def main() -> None:
         "first_decode_cpu_s": statistics.median(cold_cpu), "cached_load_cpu_s": statistics.median(warm_cpu),
         "first_decode_idle_estimate_s": statistics.median(cold_cpu) / (os.cpu_count() or 1),
         "load_average_1min": loads, "python": platform.python_version(), "platform": platform.platform(),
+        "environment": environment(),
         "note": "the JPEG files themselves sit in the OS page cache after the first pass",
     }
     print(json.dumps(result, indent=2))

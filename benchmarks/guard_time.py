@@ -129,7 +129,10 @@ def main() -> None:
         root = Path(tmp)
         rows += one("mnist-cnn", "mnist", args.data_dir, 3, root)
         rows += one("cifar-dscnn", "cifar10", write_synthetic_cifar(root / "cifar"), 5, root)
-    env = {"python": platform.python_version(), "machine": platform.machine(), "platform": platform.platform()}
+    from device.core import environment
+
+    env = {"python": platform.python_version(), "machine": platform.machine(), "platform": platform.platform(),
+           **environment()}
     print(f"environment: {env}")
     for r in rows:
         acts = "acts" if r.get("remedies") else "idle"

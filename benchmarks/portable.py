@@ -32,7 +32,8 @@ def portable_command(args: list[str]) -> str:
     return " ".join(portable(a) if os.path.isabs(a) else a for a in args)
 
 
-_ABSOLUTE = re.compile(r"(?<![\w.$])/[^\s'\",;:()\[\]]+")
+# Not the `//` of a URL (https://host/path), which is no machine's path.
+_ABSOLUTE = re.compile(r"(?<![\w.$/])/(?!/)[^\s'\",;:()\[\]]+")
 
 
 def portable_tree(value):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -98,14 +99,22 @@ def run(name: str, epochs: int, runs: Path) -> dict:
     wanted = {"epochs": epochs, **options_of(RECIPES[name])}
     if any(manifest["config"][k] != v for k, v in wanted.items()):
         sys.exit(f"{name}: the run in {out} did not train {wanted}; remove it or pass another --runs folder")
-    ips = sorted(training["images_per_second"])
+    # The options alone do not name the recipe: the model's defaults under them change between sessions
+    # (cifar-resnet8's default now ends plain), and a run finished before would pass for today's recipe.
+    from pipeline.config import BuildConfig
+    from pipeline.train import recipe_of
+
+    today = recipe_of(BuildConfig(dataset="cifar10", data_dir=str(DATA), model="cifar-resnet8", out="unused", **wanted))
+    if training.get("recipe") != today:
+        sys.exit(f"{name}: the run in {out} trained {training.get('recipe')}, not today's recipe {today}; remove it "
+                 "or pass another --runs folder")
     return {
         "command": portable_command(cmd), "reused_finished_run": reused,
         # A series may read runs finished in earlier sessions, on another machine of the kind `environment` names.
         "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime((out / "evaluation.json").stat().st_mtime)),
         "wall_s": None if reused else round(time.perf_counter() - t0, 1),
         "recipe": training["recipe"], "train_seconds": round(manifest["stage_seconds"]["train"], 1),
-        "images_per_second_median": ips[len(ips) // 2],
+        "images_per_second_median": statistics.median(training["images_per_second"]),
         "accuracy": {v: e["accuracy"] for v, e in evaluation["variants"].items()},
         "interval_95": {v: e["interval_95"] for v, e in evaluation["variants"].items()},
         "test_images": evaluation["n"], "meets_goal": evaluation["variants"]["int8"]["accuracy"] >= GOAL,
@@ -124,6 +133,11 @@ def options_of(options: list[str]) -> dict:
                                                  else float(value))
         i += 2 if valued else 1
     return out
+
+
+def in_table_order(results: dict) -> dict:
+    """The results in RECIPES's order, then those of recipes no longer in it: a kept result is never dropped."""
+    return {**{k: results[k] for k in RECIPES if k in results}, **results}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -186,10 +200,10 @@ def main() -> None:
               f"epochs ({r['images_per_second_median']:,.0f} images/s); goal {GOAL:.0%}: "
               f"{'met' if r['meets_goal'] else 'not met'}", flush=True)
         if args.json:  # after each recipe, so a long series leaves its finished figures behind
-            ordered = {k: results[k] for k in RECIPES if k in results}
+            ordered = in_table_order(results)
             args.json.write_text(json.dumps({"environment": env, "goal_int8": GOAL, "results": ordered}, indent=2))
     if args.plot:
-        plot({k: results[k] for k in RECIPES if k in results}, args.plot)
+        plot(in_table_order(results), args.plot)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     wanted = chosen(ap, args.screens, names, "screen")
+    # plain-end sets the tail itself: on a recipe that has one the screen would not differ from the recipe.
+    if "plain-end" in wanted and "plain_epochs" in options_of(RECIPES[args.recipe]):
+        ap.error(f"plain-end ends the training plain itself; recipe {args.recipe} already does (--plain-epochs): "
+                 "screen it on a recipe without one")
     if not DATA.is_dir():
         sys.exit(f"{DATA} not found: this benchmark reads the CIFAR-10 JPEG folders there")
     env = environment()

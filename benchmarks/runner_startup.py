@@ -136,7 +136,11 @@ def main() -> None:
     if c["other_runner"]:
         o = c["other_runner"]
         print(f"{o['path']}: {o['wall_s_median']:.3f} s, {o['peak_rss_mb_median']:.1f} MB, {o['ratio_median']:.2f}x")
-    out = {"cpu_count": os.cpu_count(), "python": sys.version.split()[0], "load_average": os.getloadavg(),
+    sys.path.insert(0, str(REPO))
+    from device.core import environment
+
+    out = {"environment": environment(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
+           "load_average": os.getloadavg(),
            "classify_against_bare_imports": c, "cold_start": {}}
     if args.only_classify:
         if args.json:

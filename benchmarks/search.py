@@ -93,7 +93,9 @@ def train_zoo(name: str, data_dir: Path, minutes: float, out: Path, earlier: dic
                                       out="unused"))
         if kept.get("recipe") != today:
             print(f"{name}: {earlier['file']} does not record that its run trained today's recipe; training it again")
-        elif abs(kept["epochs"] - epochs) <= ZOO_REUSE_TOLERANCE * epochs:
+        # The tolerance is a share of the epochs the run was trained for: a share of the epochs here would let a
+        # run stand in for more than 10% more epochs than it saw.
+        elif abs(kept["epochs"] - epochs) <= ZOO_REUSE_TOLERANCE * kept["epochs"]:
             print(f"{name}: {epochs} epochs fit {minutes:g} minutes here (probe epoch {epoch_s:.1f} s); reusing its "
                   f"{kept['epochs']}-epoch run from {earlier['file']}")
             return {**kept, "reused_from": earlier["file"], "probe_epoch_s_here": epoch_s, "epochs_here": epochs}

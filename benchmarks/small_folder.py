@@ -25,6 +25,7 @@ import numpy as np
 from portable import portable_tree
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 GOALS = {"digits": {"int8": 0.90, "seconds": 180}, "digits_epochs5": {"int8": 0.85},
          "cats_dogs": {"int8": 0.80, "recall": 0.70, "seconds": 900}}
 

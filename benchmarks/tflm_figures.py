@@ -29,7 +29,10 @@ def cifar_slice(work: Path, per_class: int, test_per_class: int) -> Path:
     """The first images of each class of cifar10-jpg as a cifar-10-python.tar.gz (the tests' helper)."""
     from tests import test_tflm
 
-    folder = work / f"cifar-{per_class}"
+    if not test_tflm.CIFAR_JPG.is_dir():  # the helper would fall back to synthetic images, the table's accuracies too
+        sys.exit(f"{test_tflm.CIFAR_JPG} not found: the CIFAR models' figures are measured on the real CIFAR-10 JPEGs")
+    # Both counts name the slice: a slice cut with other test images is another one.
+    folder = work / f"cifar-{per_class}-{test_per_class}"
     if (folder / "cifar" / "cifar-10-python.tar.gz").is_file():
         return folder / "cifar"
     folder.mkdir(parents=True, exist_ok=True)

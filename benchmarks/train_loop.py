@@ -33,7 +33,7 @@ def main() -> None:
 
     import keras
 
-    from device.core import normalize
+    from device.core import environment, normalize
     from pipeline.config import BuildConfig
     from pipeline.data import Dataset, load_dataset
     from pipeline.models import build_model
@@ -75,7 +75,7 @@ def main() -> None:
     result = {"model": args.model, "images": n, "batch_size": cfg.batch_size, "augment": False,
               "epoch_seconds": times, "images_per_second": {k: [n / s for s in v] for k, v in times.items()},
               "ratio_bare_over_pipeline": ratio, "goal": 0.95, "load_average_1min": loads,
-              "python": platform.python_version(), "cores": os.cpu_count()}
+              "python": platform.python_version(), "cores": os.cpu_count(), "environment": environment()}
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

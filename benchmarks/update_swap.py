@@ -12,11 +12,15 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline.artifacts import update_manifest, updating
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the checkout's pipeline, not an installed one
+from device.core import environment  # noqa: E402
+from pipeline.artifacts import update_manifest, updating  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +46,7 @@ def main() -> None:
                       "repeats": args.repeats, "swap_median_ms": 1e3 * statistics.median(swap),
                       "in_place_median_ms": 1e3 * statistics.median(in_place),
                       "ratio": statistics.median(swap) / statistics.median(in_place),
-                      "load_average_1m": os.getloadavg()[0]}, indent=2))
+                      "load_average_1m": os.getloadavg()[0], "environment": environment()}, indent=2))
 
 
 if __name__ == "__main__":
