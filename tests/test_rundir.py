@@ -448,7 +448,9 @@ def test_resume_notices_a_changed_keras_model(tmp_path):
             tmp_path / "mine.keras")
 
     save(0)
-    build = Build(["--keras-model", str(tmp_path / "mine.keras"), *TINY, "--name", "m"], tmp_path)
+    # TINY's measuring options only: --model and --epochs do not apply to a given model and are refused with it.
+    build = Build(["--keras-model", str(tmp_path / "mine.keras"), "--dataset", "digits", "--runs", "20", "--warmup",
+                   "2", "--threads", "1", "--name", "m"], tmp_path)
     running, rc = _kill_at(build, r"^accuracy +fp32", 0.0, signal.SIGKILL, tmp_path / "artifacts" / ".m.partial")
     assert running and rc == -signal.SIGKILL
     save(1)
