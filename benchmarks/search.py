@@ -12,8 +12,9 @@ so each zoo model gets the whole budget, not a share: the comparison favours the
 --zoo-from FILE takes a zoo model's result from an earlier result file instead of training it for the hour
 again, when it is a fair stand-in: its probe epoch is measured here, and the epochs the budget holds here must be
 within ZOO_REUSE_TOLERANCE of the epochs it was trained for, and it must record the recipe that `pipeline build`
-gives those epochs today (its accuracy depends only on those; the result files before 2026-12-05 record none, and
-cifar-resnet8's recipe has ended plain since). The result file records the reuse, both probe epochs and where the
+gives those epochs today and the fingerprint of the images it trained on, the same as the probe's here (its accuracy
+depends only on those; the result files before 2026-12-05 record no recipe, and cifar-resnet8's recipe has ended
+plain since). The result file records the reuse, both probe epochs and where the
 reused run came from.
 
     python benchmarks/search.py [--data-dir ../shared/datasets/cifar10-jpg] [--budget-minutes 60]
@@ -80,7 +81,8 @@ def train_zoo(name: str, data_dir: Path, minutes: float, out: Path, earlier: dic
     probe = out / f"{name}-probe"
     cli("build", "--dataset", "cifar10", "--data-dir", data_dir, "--model", name, "--epochs", 1, "--no-benchmark",
         "--threads", 1, "--out", probe)
-    epoch_s = json.loads((probe / "manifest.json").read_text())["training"]["epoch_seconds"][0]
+    probed = json.loads((probe / "manifest.json").read_text())
+    epoch_s = probed["training"]["epoch_seconds"][0]
     epochs = max(1, int(minutes * 60 // epoch_s))
     if earlier and name in earlier["zoo"]:
         from pipeline.config import BuildConfig
@@ -93,6 +95,10 @@ def train_zoo(name: str, data_dir: Path, minutes: float, out: Path, earlier: dic
                                       out="unused"))
         if kept.get("recipe") != today:
             print(f"{name}: {earlier['file']} does not record that its run trained today's recipe; training it again")
+        # Another folder of the same classes (a resized copy, a different split) gives another accuracy.
+        elif kept.get("data_sha256") != probed["data"]["sha256"]:
+            print(f"{name}: {earlier['file']} does not record that its run trained on the images of {data_dir}; "
+                  "training it again")
         # The tolerance is a share of the epochs the run was trained for: a share of the epochs here would let a
         # run stand in for more than 10% more epochs than it saw.
         elif abs(kept["epochs"] - epochs) <= ZOO_REUSE_TOLERANCE * kept["epochs"]:
@@ -106,7 +112,8 @@ def train_zoo(name: str, data_dir: Path, minutes: float, out: Path, earlier: dic
     cli("build", "--dataset", "cifar10", "--data-dir", data_dir, "--model", name, "--epochs", epochs,
         "--threads", 1, "--out", run)
     evaluation = json.loads((run / "evaluation.json").read_text())["variants"]["int8"]
-    return {"epochs": epochs, "recipe": json.loads((run / "manifest.json").read_text())["training"]["recipe"],
+    manifest = json.loads((run / "manifest.json").read_text())
+    return {"epochs": epochs, "recipe": manifest["training"]["recipe"], "data_sha256": manifest["data"]["sha256"],
             "probe_epoch_s": epoch_s, "wall_s": time.perf_counter() - t0,
             "int8_accuracy": evaluation["accuracy"], "interval_95": evaluation["interval_95"]}
 

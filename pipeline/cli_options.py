@@ -14,6 +14,7 @@ from click.core import ParameterSource
 
 from pipeline import rundir
 from pipeline.config import INPUT_RANGES, INT8_IO, MAX_SEED, VARIANTS, BuildConfig
+from pipeline.convert import CALIBRATED
 from pipeline.data import DATASETS
 from pipeline.models import MODELS, OPTIMIZERS, SCHEDULES
 
@@ -129,7 +130,8 @@ def convert_options(fn):
     fn = click.option("--quantize", multiple=True, callback=split_variants, metavar="VARIANT[,VARIANT]",
                       help=f"Variants to build: {', '.join(VARIANTS)} or all (repeat or comma-separate; "
                            "fp32 is always built as the baseline). Default: int8.")(fn)
-    fn = click.option("--calibration-samples", type=click.IntRange(min=1), default=300, show_default=True,
+    fn = click.option("--calibration-samples", type=click.IntRange(min=1), default=BuildConfig.calibration_samples,
+                      show_default=True,
                       help="Training images used to calibrate int8/int16x8 activation ranges.")(fn)
     fn = click.option("--int8-io", type=click.Choice(INT8_IO), default="int8", show_default=True,
                       help="Input/output type of the int8 model: int8 (integer-only), uint8 (integer-only, what "
@@ -189,6 +191,10 @@ def _make_config(out, **kwargs) -> BuildConfig:
     if cfg.int8_io != "int8" and "int8" not in cfg.quantize:
         raise click.UsageError(f"--int8-io {cfg.int8_io} sets the input and output of the int8 model, and --quantize "
                                f"{','.join(cfg.quantize)} builds none; add int8 to --quantize or drop --int8-io")
+    if cfg.calibration_samples != BuildConfig.calibration_samples and not set(cfg.quantize) & set(CALIBRATED):
+        raise click.UsageError(f"--calibration-samples {cfg.calibration_samples} sets the images that calibrate "
+                               f"{' and '.join(CALIBRATED)}, and --quantize {','.join(cfg.quantize)} builds neither; "
+                               "add one to --quantize or drop --calibration-samples")
     return cfg
 
 

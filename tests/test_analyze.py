@@ -275,6 +275,8 @@ def test_analyze_command_adds_the_table_to_a_finished_run(tmp_path, breaker_run)
     assert "suspect" in result.output
     after = json.loads((run / "analysis.json").read_text())
     assert after["guard"] == before["guard"]  # what the build decided is kept
+    assert after["validation"]["int8_in_run"] is True
+    assert "This run has no int8 model" not in (run / "report.md").read_text()
     assert [r["rmse_over_scale"] for r in after["layers"]] == pytest.approx(
         [r["rmse_over_scale"] for r in before["layers"]], rel=1e-6)
     manifest = json.loads((run / "manifest.json").read_text())
@@ -377,3 +379,26 @@ def test_analyze_refuses_data_other_than_the_run_was_built_on(tmp_path, monkeypa
     recorded = "where its manifest.json records 96 train / 12 val / 12 test images from image-folders"
     assert recorded in errors[0], errors[0]
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_analyze_of_a_run_without_int8_says_its_table_is_of_a_model_the_run_lacks(tmp_path, monkeypatch):
+    """A run built with --quantize float16 has no int8 model: `pipeline analyze` quantizes one for the table, and
+    the report presented that table as if it were the run's int8 model."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    monkeypatch.setenv("EDGEPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    _digit_folders(tmp_path / "images")
+    run = tmp_path / "run"
+    built = CliRunner().invoke(main, ["build", "--data-dir", str(tmp_path / "images"), "--image-size", "16x16",
+                                      "--epochs", "1", "--no-benchmark", "--quantize", "float16", "--out", str(run)])
+    assert built.exit_code == 0, built.output
+    assert not (run / "model_int8.tflite").exists()
+    result = CliRunner().invoke(main, ["analyze", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "the run has no int8 model" in result.output
+    assert json.loads((run / "analysis.json").read_text())["validation"]["int8_in_run"] is False
+    for page in ("report.md", "report.html"):
+        assert "This run has no int8 model: the table is of the int8 preset" in (run / page).read_text()
+    assert not (run / "model_int8.tflite").exists()

@@ -71,10 +71,11 @@ def test_a_series_runs_every_name_for_none_refuses_an_unknown_one_and_keeps_earl
     assert kept(tmp_path / "r.json") == {"default": {"accuracy": 0.8, "kept_from_result_file": True}}
 
 
-@pytest.mark.parametrize("trained, here, reused", [(128, 140, True), (128, 141, False), (150, 136, True),
-                                                   (150, 135, True), (150, 134, False)])
-def test_a_zoo_run_stands_in_within_a_tenth_of_the_epochs_it_was_trained_for(monkeypatch, tmp_path, trained, here,
-                                                                            reused):
+@pytest.mark.parametrize("trained, here, data, reused", [
+    (128, 140, "same", True), (128, 141, "same", False), (150, 136, "same", True), (150, 135, "same", True),
+    (150, 134, "same", False), (128, 128, "other", False), (128, 128, None, False)])
+def test_a_zoo_run_stands_in_within_a_tenth_of_the_epochs_it_was_trained_for_on_the_same_images(
+        monkeypatch, tmp_path, trained, here, data, reused):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     sys.modules.pop("search", None)
     import search
@@ -89,15 +90,17 @@ def test_a_zoo_run_stands_in_within_a_tenth_of_the_epochs_it_was_trained_for(mon
         out.mkdir(parents=True)
         builds.append(int(args[args.index("--epochs") + 1]))
         (out / "manifest.json").write_text(json.dumps({"training": {"epoch_seconds": [3600 / (here + 0.5)],
-                                                                    "recipe": {}}}))
+                                                                    "recipe": {}}, "data": {"sha256": "same"}}))
         (out / "evaluation.json").write_text(json.dumps({"variants": {"int8": {"accuracy": 0.8,
                                                                                "interval_95": {}}}}))
 
     monkeypatch.setattr(search, "cli", cli)
     recipe = recipe_of(BuildConfig(dataset="cifar10", data_dir="d", model="cifar-resnet8", epochs=trained,
                                    out="unused"))
-    earlier = {"file": "earlier.json", "zoo": {"cifar-resnet8": {"epochs": trained, "recipe": recipe,
-                                                                 "int8_accuracy": 0.84, "interval_95": {}}}}
+    kept = {"epochs": trained, "recipe": recipe, "int8_accuracy": 0.84, "interval_95": {}}
+    if data is not None:
+        kept["data_sha256"] = data
+    earlier = {"file": "earlier.json", "zoo": {"cifar-resnet8": kept}}
     result = search.train_zoo("cifar-resnet8", Path("d"), 60, tmp_path, earlier)
     assert builds[0] == 1 and (result.get("reused_from") == "earlier.json") == reused
     assert builds[1:] == ([] if reused else [here])

@@ -72,6 +72,20 @@ def test_int8_io_without_an_int8_model_is_refused(command, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command", ["build", "convert"])
+def test_calibration_samples_without_a_calibrated_model_are_refused(command, tmp_path):
+    # They were accepted and ignored, and recorded in the run's config as if they had calibrated something.
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"")
+    args = [command, *([model] if command == "convert" else []), "--dataset", "digits", "--quantize",
+            "dynamic,float16", "--calibration-samples", "50", "--out", tmp_path / "run"]
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert "--calibration-samples 50" in one_line_error(result)
+    assert "int8 and int16x8" in one_line_error(result) and "builds neither" in one_line_error(result)
+    assert not (tmp_path / "run").exists()
+
+
 def test_model_that_does_not_fit_the_dataset():
     result = invoke("build", "--dataset", "mnist", "--model", "cifar-cnn")
     assert result.exit_code == 2

@@ -62,16 +62,19 @@ def _examine(run_dir: Path, cfg, data, model, log, remedies) -> tuple[dict, dict
     with tempfile.TemporaryDirectory() as tmp:
         judge = Judge(x_val, y_val, pre, Path(tmp))
         fp32 = judge((run_dir / "model_fp32.tflite").read_bytes())
+        # A run built without int8 (--quantize float16) is analysed as the int8 preset would quantize it.
+        in_run = (run_dir / "model_int8.tflite").is_file()
         with quiet():
-            int8_fb = ((run_dir / "model_int8.tflite").read_bytes() if (run_dir / "model_int8.tflite").is_file()
-                       else convert(model, "int8", cfg, calibration))
+            int8_fb = (run_dir / "model_int8.tflite").read_bytes() if in_run else convert(model, "int8", cfg,
+                                                                                            calibration)
         int8 = judge(int8_fb)
         budget = cfg.max_accuracy_drop
         target = -np.inf if budget is None else fp32 - budget / 100 - 1e-9
         needed = cfg.fallback == "auto" and int8 < target
         analysis = {"schema": 1, "created_by": f"edgepipe {pipeline.__version__}",
                     "validation": {"images": len(y_val), "fp32_accuracy": fp32, "int8_accuracy": int8,
-                                   "int8_drop_pp": 100 * (fp32 - int8), "int8_bytes": len(int8_fb)},
+                                   "int8_drop_pp": 100 * (fp32 - int8), "int8_bytes": len(int8_fb),
+                                   "int8_in_run": in_run},
                     "layers": None, "guard": None}
         debug = normalize(x_val[:DEBUG_IMAGES], pre)
         quantizer = Quantizer(model, cfg, calibration, debug) if cfg.analyze or needed else None
@@ -235,6 +238,8 @@ def analyze_run(run_dir: Path, log=print) -> dict:
         _write(work, analysis)
         layers = analysis["layers"]
         worst = max(layers, key=lambda r: r["rmse_over_scale"])
+        if not analysis["validation"]["int8_in_run"]:
+            log("analyze: the run has no int8 model; analysing the int8 preset applied to its model")
         log(f"analyze: {len(layers)} quantized ops, {sum(r['suspect'] for r in layers)} suspect (RMSE/scale > "
             f"{SUSPECT}); worst {worst['layer']} ({worst['op']}) at {worst['rmse_over_scale']:.2f}")
         if (work / "report.md").is_file():

@@ -248,7 +248,8 @@ def _html(report: dict, pngs: dict[str, bytes]) -> str:
         report=report, context=_context(report), headers=headers, rows=rows, figures=figures,
         guard=analysis.get("guard"),
         guard_sentence=sections.guard_sentence(analysis) if analysis.get("guard") else None,
-        layers=analysis.get("layers"), micro=micro, boards=sections.boards_items(report))
+        layers=analysis.get("layers"), layers_note=sections.layers_note(analysis), micro=micro,
+        boards=sections.boards_items(report))
 
 
 # ---------------------------------------------------------------- entry points

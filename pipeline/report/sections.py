@@ -28,6 +28,14 @@ def guard_sentence(analysis: dict) -> str:
             f"{g['summary']}")
 
 
+def layers_note(analysis: dict) -> str:
+    """What the per-layer table is of, when the run has no int8 model of its own."""
+    if (analysis.get("validation") or {}).get("int8_in_run", True):
+        return ""
+    return ("This run has no int8 model: the table is of the int8 preset applied to its model for this analysis, "
+            "calibrated as a build with --quantize int8 would calibrate it.")
+
+
 def analysis_md(analysis: dict | None) -> list[str]:
     if not analysis:
         return []
@@ -45,7 +53,8 @@ def analysis_md(analysis: dict | None) -> list[str]:
             out.append(line)
             out += [f"  - kept float: {f['layer']} ({f['op']}): {f['why']}" for f in r.get("float_layers", [])]
     if analysis.get("layers"):
-        out += ["", "## Per-layer quantization error (int8)", "",
+        note = layers_note(analysis)
+        out += ["", "## Per-layer quantization error (int8)", "", *([note, ""] if note else []),
                 "RMSE/scale about 0.29 is ideal rounding; above 0.7 a layer is suspect.", "",
                 "| layer | op | scale | RMSE/scale | range | MSE | suspect |", "|---|---|---:|---:|---:|---:|---|"]
         out += [f"| {r['layer']} | {r['op']} | {r['scale']:.3g} | {r['rmse_over_scale']:.3f} | {r['range']:.3g} | "
