@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from spread import median
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -63,14 +65,17 @@ def main() -> None:
             warm.append(seconds)
             warm_cpu.append(cpu)
             loads.append(os.getloadavg()[0])
+    spread: list[str] = []
     result = {
         "images": sum(facts["counts"].values()), "cores": os.cpu_count(),
-        "first_decode_s": {"median": statistics.median(cold), "all": cold, "goal": 30},
-        "cached_load_s": {"median": statistics.median(warm), "all": warm, "goal": 2},
+        "first_decode_s": {"median": median(cold, "first decode, s", spread), "all": cold, "goal": 30},
+        "cached_load_s": {"median": median(warm, "cached load, s", spread), "all": warm, "goal": 2},
         # CPU seconds do not grow with other users' load: CPU / cores is what an idle machine would take
         # if decoding kept both cores busy (the decode is parallel; the cached load mostly single-threaded).
-        "first_decode_cpu_s": statistics.median(cold_cpu), "cached_load_cpu_s": statistics.median(warm_cpu),
+        "first_decode_cpu_s": median(cold_cpu, "first decode, CPU s", spread),
+        "cached_load_cpu_s": median(warm_cpu, "cached load, CPU s", spread),
         "first_decode_idle_estimate_s": statistics.median(cold_cpu) / (os.cpu_count() or 1),
+        "spread_warnings": spread,
         "load_average_1min": loads, "python": platform.python_version(), "platform": platform.platform(),
         "environment": environment(),
         "note": "the JPEG files themselves sit in the OS page cache after the first pass",

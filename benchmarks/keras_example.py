@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from portable import portable, portable_tree
+from spread import median
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -104,10 +105,12 @@ def main() -> None:
                                   else example(args.data_dir))
                 print(f"round {r + 1} {name}: {json.dumps(runs[name][-1], default=str)[:300]}", flush=True)
     ratios = [o["wall_seconds"] / e["fit_seconds"] for o, e in zip(runs["ours"], runs["example"])]
+    spread: list[str] = []
     ours_int8 = statistics.median(o["accuracy"]["int8"] for o in runs["ours"])
     theirs = statistics.median(e["test_accuracy"] for e in runs["example"])
     result = {
-        "ratio_our_build_over_example_fit": ratios, "median_ratio": statistics.median(ratios), "goal": 0.33,
+        "ratio_our_build_over_example_fit": ratios, "median_ratio": median(ratios, "our build / example fit", spread),
+        "spread_warnings": spread, "goal": 0.33,
         "our_int8_accuracy": ours_int8, "example_fp32_accuracy": theirs, "accuracy_goal_met": ours_int8 >= theirs,
         "runs": runs, "load_average_1min": loads, "data": portable(args.data_dir),
         "environment": {"python": platform.python_version(), "machine": platform.machine(), "cores": os.cpu_count(),

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from portable import portable_tree
+from spread import median
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -94,12 +94,12 @@ def measure(name: str, folder: Path, meta: dict, runs: int, warmup: int, rounds:
             c[v].append(theirs["median_ms"])
         for v, p50 in ours(folder, meta["built"], meta, runs, warmup).items():
             b[v].append(p50)
-    out = {"all_variants": meta["built"], "not_built": meta["not_built"]}
+    out = {"all_variants": meta["built"], "not_built": meta["not_built"], "spread_warnings": []}
     for v in PAIR:
-        ref = statistics.median(c[v])
+        ref = median(c[v], f"{name} {v} litert-benchmark rounds", out["spread_warnings"])
         row = {"litert_benchmark_median_ms": ref, "rounds": {"pair": a[v], "all": b[v], "litert_benchmark": c[v]}}
         for label, samples in (("pair", a[v]), ("all", b[v])):
-            p50 = statistics.median(samples)
+            p50 = median(samples, f"{name} {v} our p50 rounds ({label})", out["spread_warnings"])
             allowed = CROSS_CHECK_RESOLUTION_MS + CROSS_CHECK_TOLERANCE * ref
             row[label] = {"p50_ms": p50, "residual_ms": p50 - ref, "allowed_ms": allowed,
                           "within": abs(p50 - ref) <= allowed}

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from portable import portable_tree
+from spread import median
 
 REPO = Path(__file__).resolve().parent.parent
 CHILD = """
@@ -67,11 +67,15 @@ def classify_against_bare(run_dir: Path, rounds: int, other_runner: Path | None 
     for _ in range(rounds):
         for k, cmd in cmds.items():  # alternating, so machine drift hits both alike
             samples[k].append(wall_and_peak(cmd))
+    spread: list[str] = []
     out = {k: {"wall_s": [w for w, _ in v], "peak_rss_mb": [m for _, m in v],
-               "wall_s_median": statistics.median(w for w, _ in v), "wall_s_min": min(w for w, _ in v),
-               "peak_rss_mb_median": statistics.median(m for _, m in v)} for k, v in samples.items()}
+               "wall_s_median": median((w for w, _ in v), f"{k} wall s", spread), "wall_s_min": min(w for w, _ in v),
+               "peak_rss_mb_median": median((m for _, m in v), f"{k} peak RSS MB", spread)}
+           for k, v in samples.items()}
     for k in runners:
-        out[k]["ratio_median"] = statistics.median(c[0] / b[0] for c, b in zip(samples[k], samples["bare_imports"]))
+        out[k]["ratio_median"] = median((c[0] / b[0] for c, b in zip(samples[k], samples["bare_imports"])),
+                                        f"{k} / bare imports", spread)
+    out["spread_warnings"] = spread
     out["ratio_median"] = out["classify"]["ratio_median"]
     out["other_runner"] = {**out.get("other_runner", {}), "path": str(other_runner)} if other_runner else None
     out["image"] = image.name
@@ -113,8 +117,11 @@ def steady_state(model_path: Path, blocks: int = 30, per_block: int = 2000) -> d
             interp.invoke()
         bare_t.append((time.perf_counter() - t0) / per_block)
     ratio = [c / b for c, b in zip(core_t, bare_t)]
-    return {"core_us": statistics.median(core_t) * 1e6, "bare_invoke_us": statistics.median(bare_t) * 1e6,
-            "ratio_median": statistics.median(ratio), "blocks": blocks, "per_block": per_block}
+    spread: list[str] = []
+    return {"core_us": median(core_t, "core invoke", spread) * 1e6,
+            "bare_invoke_us": median(bare_t, "bare invoke", spread) * 1e6,
+            "ratio_median": median(ratio, "core / bare invoke", spread), "blocks": blocks, "per_block": per_block,
+            "spread_warnings": spread}
 
 
 def main() -> None:
@@ -153,9 +160,11 @@ def main() -> None:
             samples[r].append(cold_start(model, r))
     for r in routes:
         walls, inside, rss = zip(*[(w, i, m) for w, i, m, _ in samples[r]])
-        out["cold_start"][r] = {"n": len(walls), "wall_s_median": statistics.median(walls),
-                                "in_process_s_median": statistics.median(inside),
-                                "peak_rss_mb_median": statistics.median(rss), "wall_s_max": max(walls)}
+        spread: list[str] = []
+        out["cold_start"][r] = {"n": len(walls), "wall_s_median": median(walls, f"{r} cold start wall s", spread),
+                                "in_process_s_median": median(inside, f"{r} in-process s", spread),
+                                "peak_rss_mb_median": median(rss, f"{r} peak RSS MB", spread),
+                                "wall_s_max": max(walls), "spread_warnings": spread}
         c = out["cold_start"][r]
         print(f"{r:>16}: fresh process wall {c['wall_s_median']:.3f} s median (max {c['wall_s_max']:.3f}), "
               f"import+load+infer {c['in_process_s_median']:.3f} s, peak RSS {c['peak_rss_mb_median']:.1f} MB")

@@ -14,9 +14,10 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 from pathlib import Path
+
+from spread import median
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -71,10 +72,11 @@ def main() -> None:
         for name in order:
             loads.append(os.getloadavg()[0])
             times[name].append(pipeline_epoch() if name == "pipeline" else bare_epoch())
-    ratio = statistics.median(b / p for b, p in zip(times["bare"], times["pipeline"]))
+    spread: list[str] = []
+    ratio = median((b / p for b, p in zip(times["bare"], times["pipeline"])), "bare / pipeline epoch", spread)
     result = {"model": args.model, "images": n, "batch_size": cfg.batch_size, "augment": False,
               "epoch_seconds": times, "images_per_second": {k: [n / s for s in v] for k, v in times.items()},
-              "ratio_bare_over_pipeline": ratio, "goal": 0.95, "load_average_1min": loads,
+              "ratio_bare_over_pipeline": ratio, "goal": 0.95, "spread_warnings": spread, "load_average_1min": loads,
               "python": platform.python_version(), "cores": os.cpu_count(), "environment": environment()}
     print(json.dumps(result, indent=2))
     if args.json:

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from spread import median
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the checkout's pipeline, not an installed one
 from device.core import environment  # noqa: E402
@@ -42,10 +44,11 @@ def main() -> None:
             in_place.append(time.perf_counter() - t0)
         size = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
     files = len(json.loads((args.run_dir / "manifest.json").read_text())["files"])
+    spread: list[str] = []
     print(json.dumps({"run_bytes": size, "files": files,
-                      "repeats": args.repeats, "swap_median_ms": 1e3 * statistics.median(swap),
-                      "in_place_median_ms": 1e3 * statistics.median(in_place),
-                      "ratio": statistics.median(swap) / statistics.median(in_place),
+                      "repeats": args.repeats, "swap_median_ms": 1e3 * median(swap, "swap", spread),
+                      "in_place_median_ms": 1e3 * median(in_place, "in place", spread),
+                      "ratio": statistics.median(swap) / statistics.median(in_place), "spread_warnings": spread,
                       "load_average_1m": os.getloadavg()[0], "environment": environment()}, indent=2))
 
 

@@ -272,3 +272,15 @@ def test_a_script_imports_this_checkouts_pipeline_from_any_folder(tmp_path, scri
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert found.stdout.split() == [str(REPO / "device" / "__init__.py"), str(REPO / "pipeline" / "__init__.py")]
+
+
+def test_a_benchmark_median_of_widely_spread_samples_comes_with_a_warning(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    sys.modules.pop("spread", None)
+    from spread import median
+
+    warnings: list[str] = []
+    assert median([1.0, 1.02, 0.99, 1.01, 1.0], "steady", warnings) == 1.0 and warnings == []
+    assert median([1.0, 1.6, 0.7, 1.3, 1.0], "noisy", warnings) == 1.0
+    assert len(warnings) == 1 and warnings[0].startswith("noisy: wide spread, the interquartile range is 30%")
+    assert capsys.readouterr().err == f"warning: {warnings[0]}\n"
