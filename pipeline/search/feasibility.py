@@ -28,6 +28,11 @@ KIB = 1024
 # On the host, 50 invokes of a 0.05 ms model are a 2.5 ms window that one burst of another process can fill
 # (one CI run measured a 0.045 ms candidate at 0.274 ms): 400 keep the median steady for what costs 20-400 ms.
 HOST_RUNS, HOST_WARMUP = 400, 40
+# A burst of another process slows a whole window of invokes evenly (a tight spread, so no spread warning shows it)
+# and never speeds one up: a 60-minute search read the zoo's ResNet-8 at 0.058 ms with a p25-p75 of 0.057-0.059,
+# seconds after the same model read 0.039 ms, and dropped it from a 0.04 ms budget. A candidate over the latency
+# budget alone is timed this many times more, after every other candidate, and judged on the median of its rounds.
+CONFIRM_ROUNDS = 2  # even: with the first, an odd count of rounds
 
 
 @dataclass(frozen=True)
@@ -131,15 +136,16 @@ def measure(candidates: list[Candidate], cfg: BuildConfig, variants: tuple[str, 
     `board`: the BoardSession of a board target, where all candidates are benchmarked at once."""
     import keras
 
-    rows = []
+    rows, sized = [], {}
     with tempfile.TemporaryDirectory(prefix="edgepipe-candidates-") as kept:
         for i, cand in enumerate(candidates):
             keras.backend.clear_session()
             keras.utils.set_random_seed(cfg.seed)
             row = {"candidate": cand.to_dict(), "variants": {}}
-            keep = Path(kept) / cand.id if board is not None else None
+            keep = Path(kept) / cand.id if board is not None or target.kind == "host" else None
             try:
                 model = cand.build(spec["channels"], classes)
+                sized[cand.id] = _sized(spec, model)
                 row["variants"] = measure_model(model, cfg, variants, target, spec, cand.keras_file, keep=keep)
             except Exception as e:  # a candidate the converter or TFLM cannot take is dropped, not the search
                 row.update(feasible=False,
@@ -155,7 +161,42 @@ def measure(candidates: list[Candidate], cfg: BuildConfig, variants: tuple[str, 
             for i, row in enumerate(rows):
                 if row["variants"]:  # the ones not converted were judged above
                     _judge(row, budgets, f"feasibility {i + 1}/{len(rows)}", log)
+        elif target.kind == "host":
+            _confirm_latency(rows, Path(kept), sized, budgets, log)
     return rows
+
+
+def _confirm_latency(rows: list[dict], kept: Path, sized: dict, budgets: Budgets, log) -> None:
+    """Time again (CONFIRM_ROUNDS) every variant that only its latency keeps out of the budgets, and judge its row
+    on the median of the rounds' p50s, each round's kept in `latency_rounds_ms`."""
+    from pipeline.measure.benchmark import measure_latency
+
+    for i, row in enumerate(rows):
+        slow = [v for v, c in row["variants"].items()
+                if c["problems"] and c.get("latency_ms") is not None and not budgets.problems({**c, "latency_ms": 0})]
+        if row.get("feasible") or not slow:
+            continue
+        cand = row["candidate"]["id"]
+        for v in slow:
+            cost = row["variants"][v]
+            rounds = [cost["latency"]]
+            for _ in range(CONFIRM_ROUNDS):
+                lat = measure_latency(kept / cand, [v], {"preprocess": sized[cand]}, threads=1, xnnpack=True,
+                                      runs=HOST_RUNS, warmup=HOST_WARMUP)
+                rounds.append({k: lat[v]["latency"][k] for k in ("p25_ms", "p50_ms", "p75_ms", "n")})
+            # An odd number of rounds: the median round is one that was measured, its quartiles with it.
+            cost["latency"] = sorted(rounds, key=lambda r: r["p50_ms"])[len(rounds) // 2]
+            cost["latency_ms"], cost["latency_rounds_ms"] = cost["latency"]["p50_ms"], [r["p50_ms"] for r in rounds]
+        row.pop("reason")
+        log(f"feasibility {i + 1}/{len(rows)} {cand}: over the latency budget, timed {CONFIRM_ROUNDS} times more: "
+            + "; ".join(f"{v} " + ", ".join(f"{ms:.4f}" for ms in row["variants"][v]["latency_rounds_ms"]) + " ms"
+                        for v in slow))
+        _judge(row, budgets, f"feasibility {i + 1}/{len(rows)}", log)
+
+
+def _sized(spec: dict, model) -> dict:
+    """The data's preprocessing at the model's input size."""
+    return {**spec, "height": model.input_shape[1], "width": model.input_shape[2]}
 
 
 def _judge(row: dict, budgets: Budgets, prefix: str, log) -> None:
@@ -232,7 +273,7 @@ def measure_model(model, cfg: BuildConfig, variants, target: Target, spec: dict,
     from pipeline.convert import convert
     from pipeline.train import load_user_model
 
-    spec = {**spec, "height": model.input_shape[1], "width": model.input_shape[2]}
+    spec = _sized(spec, model)
     _as_trained(model, cfg.seed)
     out = {}
     with tempfile.TemporaryDirectory(prefix="edgepipe-feasibility-") as tmp:
