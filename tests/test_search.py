@@ -583,8 +583,8 @@ def _drive(searcher, space, trials: int, first: int = 0) -> list[tuple]:
 
 def test_a_space_larger_than_the_trials_never_trains_a_configuration_twice(tmp_path):
     """Twelve configurations, ten trials: Optuna (seed 0) proposes two repeats here and leaves a candidate out; the
-    search's sampler passes its proposals through, asks again on a repeat or on a candidate already trained while
-    another is not, and keeps that across --resume (save, restore)."""
+    search's sampler trains every candidate once first, in the order given, at the rates Optuna proposes, then
+    passes Optuna's proposals through and asks again on a repeat, and keeps that across --resume (save, restore)."""
     from ray.tune.search.optuna import OptunaSearch
     from ray.tune.search.search_generator import SearchGenerator
 
@@ -602,10 +602,27 @@ def test_a_space_larger_than_the_trials_never_trains_a_configuration_twice(tmp_p
     SearchGenerator(restored).restore_from_dir(str(tmp_path))
     seen = first + _drive(restored, space, 5, first=5)
     assert len(set(seen)) == 10, seen
-    assert seen[:4] == bare[:4]  # Optuna's proposals pass through until it repeats
-    # Every candidate once before any twice: Optuna alone never trains c5 in these ten trials.
+    # Every candidate once before any twice, in the order given: Optuna alone never trains c5 in these ten trials.
     assert "c5" not in {c for c, _ in bare}, "Optuna tries every candidate here: the test would not show the rule"
-    assert {c for c, _ in seen[:6]} == set(feasible), seen
+    assert [c for c, _ in seen[:6]] == feasible, seen
+    assert [lr for _, lr in seen[:6]] == [lr for _, lr in bare[:6]]  # at the rates Optuna proposes
+
+
+def test_the_first_pass_trains_the_candidates_that_take_most_of_a_budget_first():
+    from pipeline.search.feasibility import Budgets, by_budget_use
+
+    def row(name, feasible=True, **variants):
+        return {"candidate": {"id": name}, "feasible": feasible, "variants": variants,
+                "fitting_variants": [v for v in variants if not variants[v].get("over")]}
+
+    rows = [row("small", int8={"latency_ms": 0.01, "size_kb": 20}),
+            row("slow", int8={"latency_ms": 0.038, "size_kb": 30}),
+            row("large", int8={"latency_ms": 0.02, "size_kb": 95}, fp32={"latency_ms": 0.03, "size_kb": 300,
+                                                                          "over": True}),
+            row("dropped", False, int8={"latency_ms": 0.05, "size_kb": 99})]
+    assert by_budget_use(rows, Budgets(latency_ms=0.04, size_kb=100)) == ["slow", "large", "small"]
+    assert by_budget_use(rows, Budgets(size_kb=100)) == ["large", "slow", "small"]  # fp32 does not fit: not counted
+    assert by_budget_use(rows, Budgets()) == ["small", "slow", "large"]  # no budgets: the order listed
 
 
 def test_measure_only_measures_every_candidate_against_the_budgets_and_trains_none(budgeted, tmp_path):

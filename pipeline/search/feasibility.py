@@ -93,6 +93,12 @@ class Budgets:
                               "qemu's timings say nothing about a board's speed; drop --max-latency-ms (sizes are "
                               "measured exactly) or search on a real board")
 
+    def share(self, cost: dict) -> float:
+        """The largest share of a budget that `cost` takes (0 without budgets)."""
+        pairs = ((cost.get("latency_ms"), self.latency_ms), (cost.get("size_kb"), self.size_kb),
+                 (cost.get("arena_kb"), self.ram_kb))
+        return max((used / limit for used, limit in pairs if used is not None and limit), default=0.0)
+
     def problems(self, cost: dict) -> list[str]:
         out = []
         if self.latency_ms is not None and cost["latency_ms"] > self.latency_ms:
@@ -197,6 +203,16 @@ def _confirm_latency(rows: list[dict], kept: Path, sized: dict, budgets: Budgets
 def _sized(spec: dict, model) -> dict:
     """The data's preprocessing at the model's input size."""
     return {**spec, "height": model.input_shape[1], "width": model.input_shape[2]}
+
+
+def by_budget_use(rows: list[dict], budgets: Budgets) -> list[str]:
+    """The feasible candidates, those whose fitting variants take most of a budget first (the order the search
+    trains them in first): under a budget the larger models are likelier the more accurate (MCUNet's TinyNAS
+    chooses its search space by the same observation), and a search that ends before it has trained every
+    candidate has then trained those. Without budgets, in the order listed."""
+    feasible = [r for r in rows if r["feasible"]]
+    use = {r["candidate"]["id"]: max(budgets.share(r["variants"][v]) for v in r["fitting_variants"]) for r in feasible}
+    return sorted(use, key=lambda c: -use[c])
 
 
 def _judge(row: dict, budgets: Budgets, prefix: str, log) -> None:
