@@ -320,7 +320,8 @@ def entry():
 @click.option("--final-epochs", type=click.IntRange(min=0),
               help="Epochs to train the pick again for (default: as many as the rest of the budget holds, at most "
                    f"{MAX_FACTOR}x --epochs; 0 keeps its trial's model).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Training batch size.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Training batch size of the trials and of the pick's final training.")
 @click.option("--space", type=click.Choice(list(SPACES)), default="default", show_default=True,
               help="The search space preset.")
 @click.option("--cpus-per-trial", type=click.IntRange(min=1), default=1, show_default=True)
