@@ -609,21 +609,20 @@ def test_a_space_larger_than_the_trials_never_trains_a_configuration_twice(tmp_p
     assert all(lr == 1e-3 for _, lr in seen[6:]), seen
 
 
-def test_the_first_pass_trains_the_candidates_that_take_most_of_a_budget_first():
-    from pipeline.search.feasibility import Budgets, by_budget_use
+def test_the_first_pass_trains_the_largest_candidates_first():
+    from pipeline.search.feasibility import by_weights
 
     def row(name, feasible=True, **variants):
         return {"candidate": {"id": name}, "feasible": feasible, "variants": variants,
                 "fitting_variants": [v for v in variants if not variants[v].get("over")]}
 
-    rows = [row("small", int8={"latency_ms": 0.01, "size_kb": 20}),
-            row("slow", int8={"latency_ms": 0.038, "size_kb": 30}),
-            row("large", int8={"latency_ms": 0.02, "size_kb": 95}, fp32={"latency_ms": 0.03, "size_kb": 300,
-                                                                          "over": True}),
-            row("dropped", False, int8={"latency_ms": 0.05, "size_kb": 99})]
-    assert by_budget_use(rows, Budgets(latency_ms=0.04, size_kb=100)) == ["slow", "large", "small"]
-    assert by_budget_use(rows, Budgets(size_kb=100)) == ["large", "slow", "small"]  # fp32 does not fit: not counted
-    assert by_budget_use(rows, Budgets()) == ["small", "slow", "large"]  # no budgets: the order listed
+    rows = [row("small-r32", int8={"bytes": 20_000, "latency_ms": 0.01}),
+            row("slow", int8={"bytes": 30_000, "latency_ms": 0.038}),
+            row("small-r24", int8={"bytes": 20_000, "latency_ms": 0.006}),
+            row("large", int8={"bytes": 95_000, "latency_ms": 0.02}, fp32={"bytes": 300_000, "over": True}),
+            row("dropped", False, int8={"bytes": 99_000, "latency_ms": 0.05})]
+    # By weights, never by a measured latency; a file that does not fit is not counted; equal sizes as listed.
+    assert by_weights(rows) == ["large", "slow", "small-r32", "small-r24"]
 
 
 def test_measure_only_measures_every_candidate_against_the_budgets_and_trains_none(budgeted, tmp_path):

@@ -93,12 +93,6 @@ class Budgets:
                               "qemu's timings say nothing about a board's speed; drop --max-latency-ms (sizes are "
                               "measured exactly) or search on a real board")
 
-    def share(self, cost: dict) -> float:
-        """The largest share of a budget that `cost` takes (0 without budgets)."""
-        pairs = ((cost.get("latency_ms"), self.latency_ms), (cost.get("size_kb"), self.size_kb),
-                 (cost.get("arena_kb"), self.ram_kb))
-        return max((used / limit for used, limit in pairs if used is not None and limit), default=0.0)
-
     def problems(self, cost: dict) -> list[str]:
         out = []
         if self.latency_ms is not None and cost["latency_ms"] > self.latency_ms:
@@ -205,14 +199,16 @@ def _sized(spec: dict, model) -> dict:
     return {**spec, "height": model.input_shape[1], "width": model.input_shape[2]}
 
 
-def by_budget_use(rows: list[dict], budgets: Budgets) -> list[str]:
-    """The feasible candidates, those whose fitting variants take most of a budget first (the order the search
-    trains them in first): under a budget the larger models are likelier the more accurate (MCUNet's TinyNAS
-    chooses its search space by the same observation), and a search that ends before it has trained every
-    candidate has then trained those. Without budgets, in the order listed."""
-    feasible = [r for r in rows if r["feasible"]]
-    use = {r["candidate"]["id"]: max(budgets.share(r["variants"][v]) for v in r["fitting_variants"]) for r in feasible}
-    return sorted(use, key=lambda c: -use[c])
+def by_weights(rows: list[dict]) -> list[str]:
+    """The feasible candidates, the largest files first (the order the search trains them in first): under a budget
+    the models with more weights are likelier the more accurate (MCUNet's TinyNAS chooses its search space by the
+    same observation), so a search that ends before it has trained every candidate has trained those. A file's size
+    is exact where a latency is a measurement: ordered by the share of a latency budget, two searches with one seed
+    trained their candidates in another order and Optuna proposed another configuration after them. Equal sizes (a
+    resolution changes no weight) keep the order listed."""
+    size = {r["candidate"]["id"]: min(r["variants"][v]["bytes"] for v in r["fitting_variants"])
+            for r in rows if r["feasible"]}
+    return sorted(size, key=lambda c: -size[c])
 
 
 def _judge(row: dict, budgets: Budgets, prefix: str, log) -> None:

@@ -23,7 +23,7 @@ from ray.tune import Callback
 from pipeline.artifacts import write_json
 from pipeline.console import say
 from pipeline.search import SearchError
-from pipeline.search.feasibility import Budgets, Target, by_budget_use, environment, measure, where_measured
+from pipeline.search.feasibility import Budgets, Target, by_weights, environment, measure, where_measured
 from pipeline.search.final import FINAL_SHARE, materialise, plan_epochs, probe_epoch, train_final
 from pipeline.search.sampling import configurations, plan
 from pipeline.search.space import SPACES, Candidate
@@ -137,7 +137,7 @@ def search(cfg: SearchConfig, *, resume: bool = False, log=print) -> Path:
             raise
         write_json(out / FEASIBILITY, feasibility)
         resume = False  # no trials were started: Tune starts the experiment
-    feasible = by_budget_use(feasibility["rows"], cfg.budgets)
+    feasible = by_weights(feasibility["rows"])
     if not feasible:
         from pipeline.search.report import write_report
 

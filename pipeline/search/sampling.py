@@ -9,8 +9,8 @@ configuration not yet tried, so every trial of a search trains something new.
 It also trains every candidate once before any twice (at another learning rate): Optuna's sampler scores each
 categorical choice on its own, so what one architecture's trials teach it says nothing of another's, and a
 40-trial search over 32 candidates at two rates passed a candidate by about one time in four (31/32 to the 40th).
-That first pass takes the candidates in the order given (the search gives them by the share of the budgets they
-take, largest first: feasibility.by_budget_use), each at the first of the learning rates, and Optuna learns from
+That first pass takes the candidates in the order given (the search gives them the largest files first:
+feasibility.by_weights), each at the first of the learning rates, and Optuna learns from
 each as a point evaluated outside it; then it proposes among the configurations left. A 60-minute search that
 took Optuna's order for the first pass had, 28 trials in, just reached the candidate that led after a trial in
 the search before, and at the rate that holds a ResNet back 6-7 points.
