@@ -10,18 +10,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from device.timing import WIDE_SPREAD_IQR  # noqa: E402
+from device.timing import summarize, wide_spread  # noqa: E402
 
 
 def median(samples, name: str, warnings: list[str]) -> float:
     """The median of `samples`; a wide spread is printed and appended to `warnings`, for the result file."""
     samples = list(samples)
     mid = statistics.median(samples)
-    if len(samples) >= 3 and mid > 0:
-        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-        if (q3 - q1) / mid > WIDE_SPREAD_IQR:
-            warning = (f"{name}: wide spread, the interquartile range is {100 * (q3 - q1) / mid:.0f}% of the median "
-                       f"{mid:.4g} over {len(samples)} samples; run again on a quieter machine before quoting it")
-            print(f"warning: {warning}", file=sys.stderr)
-            warnings.append(warning)
+    summary = summarize(samples)  # milliseconds of seconds: the ratio of spread to median is the same in any unit
+    if len(samples) >= 3 and wide_spread(summary):
+        share = summary["iqr_ms"] / summary["p50_ms"]
+        warning = (f"{name}: wide spread, the interquartile range is {100 * share:.0f}% of the median {mid:.4g} "
+                   f"over {len(samples)} samples; run again on a quieter machine before quoting it")
+        print(f"warning: {warning}", file=sys.stderr)
+        warnings.append(warning)
     return mid
