@@ -25,6 +25,8 @@ import time
 import traceback
 from pathlib import Path
 
+from pipeline import interrupts
+
 LOG_NAME = "build.log"
 
 _active: Session | None = None
@@ -179,6 +181,7 @@ class Progress:
             self._task = session._progress.add_task(description, total=total, unit=unit)
 
     def advance(self, n: int = 1, description: str | None = None) -> None:
+        interrupts.check()  # a Ctrl-C a finalizer swallowed stops the loop here
         self.done += n
         if description:
             self.description = description

@@ -3,12 +3,17 @@ why a finished command ignores it.
 
 Ctrl-C inside TensorFlow can come back as an unrelated error (seen: "ValueError: None values not
 supported"), so while a command runs under `ctrl_c()` the signal itself is remembered and wins over
-whatever exception it turned into (failures.kind asks `signalled()`).
+whatever exception it turned into (failures.kind asks `signalled()`). A Ctrl-C that lands while a finalizer
+runs (TensorFlow frees its functions and tensors in `__del__`, many times an epoch) is swallowed by Python
+("Exception ignored in ..."): seen once in CI, a search's final training went on for 115 epochs after it. Every
+step of a long loop therefore asks `check()` (console's progress does), which raises the lost one.
 """
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
+import threading
 
 import click
 
@@ -51,24 +56,41 @@ def signalled() -> bool:
     return bool(_signalled)
 
 
+def _on_sigint(signum, frame):
+    _signalled.append(signum)
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def ctrl_c():
     """Remember a Ctrl-C while the body runs. A SIGINT ignored by whoever started us (`nohup`, a script's
     background job) stays ignored, and a handler set outside Python (None) stays too."""
-    def on_sigint(signum, frame):
-        _signalled.append(signum)
-        raise KeyboardInterrupt
+    def unraisable(info):
+        # The KeyboardInterrupt a finalizer swallowed: check() raises it at the next step, without a traceback.
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            hook(info)
 
-    previous = signal.getsignal(signal.SIGINT)
+    previous, hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
     ours = previous not in (signal.SIG_IGN, None)
     _signalled.clear()
     if ours:
-        signal.signal(signal.SIGINT, on_sigint)
+        signal.signal(signal.SIGINT, _on_sigint)
+        sys.unraisablehook = unraisable
     try:
         yield
     finally:
         if ours:
             signal.signal(signal.SIGINT, previous)
+            sys.unraisablehook = hook
+
+
+def check() -> None:
+    """Raise a Ctrl-C received under ctrl_c() that did not stop the command: past the signal, only a swallowed one
+    lets a loop reach its next step. Only while ctrl_c()'s handler is the one installed (Tune installs its own for
+    its trials; a finished command's is gone), and in the main thread, whose command it stops."""
+    if (_signalled and signal.getsignal(signal.SIGINT) is _on_sigint
+            and threading.current_thread() is threading.main_thread()):
+        raise KeyboardInterrupt
 
 
 def finished() -> None:

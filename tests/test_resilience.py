@@ -84,6 +84,42 @@ def test_ctrl_c_that_tensorflow_turns_into_another_error_is_an_interruption(tmp_
     assert verify_path(tmp_path / "artifacts" / "cc") == []
 
 
+def test_a_ctrl_c_that_a_finalizer_swallows_stops_the_training_at_its_next_step(capfd):
+    """Python swallows a KeyboardInterrupt raised while a `__del__` runs (TensorFlow frees functions and tensors
+    in finalizers all through an epoch): once in CI a search's final training went on for 115 epochs after a
+    Ctrl-C. The Ctrl-C here really lands inside a finalizer, during a real training."""
+    import keras
+
+    from pipeline import console, interrupts
+    from pipeline.config import BuildConfig
+    from pipeline.data import load_dataset
+    from pipeline.train import train
+
+    class Finalizer:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    steps = []
+
+    class CtrlCInAFinalizer(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            steps.append(batch)
+            if len(steps) == 2:
+                finalizer = Finalizer()
+                del finalizer
+
+    cfg = BuildConfig(dataset="digits", model="mnist-mlp", epochs=3, batch_size=16, out="unused")
+    data = load_dataset("digits", seed=0, log=lambda *a: None)
+    hook = sys.unraisablehook
+    with pytest.raises(KeyboardInterrupt), interrupts.ctrl_c():
+        train(cfg, data, log=lambda *a: None, callbacks=[CtrlCInAFinalizer()])
+    assert len(steps) == 2, f"{len(steps)} steps trained: the Ctrl-C was not honoured at the next step"
+    assert interrupts.signalled() and sys.unraisablehook is hook
+    assert "Exception ignored" not in capfd.readouterr().err  # raised again, so not a traceback to show
+    console.Progress(None, "the next command's loop", 1, "steps").advance()  # the Ctrl-C was the last command's
+    keras.backend.clear_session()
+
+
 # ---------------------------------------------------------------- 18.4: a failure after training
 
 BROKEN_REPORT = """
