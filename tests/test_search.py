@@ -675,6 +675,42 @@ def test_a_candidate_slowed_by_a_burst_is_timed_again_before_it_is_dropped(monke
     assert sum("timed 2 times more" in line for line in logged) == len(rows)
 
 
+@pytest.mark.parametrize("lost", ["turned into another error", "swallowed by a finalizer"])
+def test_a_ctrl_c_while_candidates_are_measured_stops_the_search(monkeypatch, tmp_path, lost):
+    """Phase (a) drops a candidate the converter cannot take and goes on; a Ctrl-C that TensorFlow turned into
+    another error ("ValueError: None values not supported", seen) was one such, and one swallowed while a finalizer
+    ran went unseen: either way the search went on to measure the rest and train for the whole budget. The Ctrl-C
+    is real; the stand-in is TensorFlow's handling of it."""
+    from pipeline import interrupts
+    from pipeline.search import feasibility
+    from pipeline.search.run import SearchConfig, phase_a
+
+    real, measured = feasibility.measure_model, []
+
+    class Finalizer:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    def ctrl_c_inside(*args, **kwargs):
+        measured.append(args[-1])
+        if len(measured) == 1:
+            if lost == "swallowed by a finalizer":
+                finalizer = Finalizer()
+                del finalizer
+            else:
+                try:
+                    signal.raise_signal(signal.SIGINT)
+                except KeyboardInterrupt:
+                    raise ValueError("None values not supported.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(feasibility, "measure_model", ctrl_c_inside)
+    cfg = SearchConfig(out=str(tmp_path / "s"), dataset="digits", space="tiny", seed=0, max_size_kb=25)
+    with pytest.raises(KeyboardInterrupt), interrupts.ctrl_c():
+        phase_a(cfg, log=lambda *a: None)
+    assert len(measured) == 1, measured  # stopped before the next candidate
+
+
 def test_the_picks_file_is_the_size_feasibility_measured(tmp_path):
     """The bytes checked against --max-size-kb before training are the bytes the pick's run delivers: its build
     embeds the model's name (its .keras file's) in the TFLite metadata, and feasibility embeds the same name."""

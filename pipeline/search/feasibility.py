@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import interrupts
 from pipeline.config import BuildConfig
 from pipeline.search import SearchError
 from pipeline.search.space import Candidate
@@ -139,6 +140,7 @@ def measure(candidates: list[Candidate], cfg: BuildConfig, variants: tuple[str, 
     rows, sized = [], {}
     with tempfile.TemporaryDirectory(prefix="edgepipe-candidates-") as kept:
         for i, cand in enumerate(candidates):
+            interrupts.check()  # a Ctrl-C swallowed while the last candidate was measured
             keras.backend.clear_session()
             keras.utils.set_random_seed(cfg.seed)
             row = {"candidate": cand.to_dict(), "variants": {}}
@@ -148,6 +150,7 @@ def measure(candidates: list[Candidate], cfg: BuildConfig, variants: tuple[str, 
                 sized[cand.id] = _sized(spec, model)
                 row["variants"] = measure_model(model, cfg, variants, target, spec, cand.keras_file, keep=keep)
             except Exception as e:  # a candidate the converter or TFLM cannot take is dropped, not the search
+                interrupts.check()  # unless it was a Ctrl-C that TensorFlow turned into another error
                 row.update(feasible=False,
                            reason=f"not measurable: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             rows.append(row)
