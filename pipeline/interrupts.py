@@ -5,8 +5,9 @@ Ctrl-C inside TensorFlow can come back as an unrelated error (seen: "ValueError:
 supported"), so while a command runs under `ctrl_c()` the signal itself is remembered and wins over
 whatever exception it turned into (failures.kind asks `signalled()`). A Ctrl-C that lands while a finalizer
 runs (TensorFlow frees its functions and tensors in `__del__`, many times an epoch) is swallowed by Python
-("Exception ignored in ..."): seen once in CI, a search's final training went on for 115 epochs after it. Every
-step of a long loop therefore asks `check()` (console's progress does), which raises the lost one.
+("Exception ignored in ..."), the likeliest reason a search's final training once went on to epoch 118 after a
+Ctrl-C in CI. Every step of a long loop therefore asks `check()` (console's progress does), which raises the lost
+one.
 """
 from __future__ import annotations
 

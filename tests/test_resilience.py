@@ -86,8 +86,8 @@ def test_ctrl_c_that_tensorflow_turns_into_another_error_is_an_interruption(tmp_
 
 def test_a_ctrl_c_that_a_finalizer_swallows_stops_the_training_at_its_next_step(capfd):
     """Python swallows a KeyboardInterrupt raised while a `__del__` runs (TensorFlow frees functions and tensors
-    in finalizers all through an epoch): once in CI a search's final training went on for 115 epochs after a
-    Ctrl-C. The Ctrl-C here really lands inside a finalizer, during a real training."""
+    in finalizers all through an epoch), the likeliest reason a search's final training once went on to epoch 118
+    after a Ctrl-C in CI. The Ctrl-C here really lands inside a finalizer, during a real training."""
     import keras
 
     from pipeline import console, interrupts
