@@ -118,6 +118,21 @@ def train_zoo(name: str, data_dir: Path, minutes: float, out: Path, earlier: dic
             "int8_accuracy": evaluation["accuracy"], "interval_95": evaluation["interval_95"]}
 
 
+def paired(pick: Path, zoo: Path) -> dict:
+    """The pick's run against the zoo run on the same test images, int8 and fp32: exact McNemar on the images only
+    one of them classifies right (two intervals from the same images overlap long after a paired test separates
+    them)."""
+    import numpy as np
+
+    from pipeline.measure.stats import paired_change
+
+    with np.load(pick / "predictions.npz") as a, np.load(zoo / "predictions.npz") as b:
+        if not np.array_equal(a["y"], b["y"]):
+            sys.exit(f"{pick} and {zoo} were evaluated on different test images: no paired test")
+        return {v: {**paired_change(a["y"], b[f"probs_{v}"].argmax(1), a[f"probs_{v}"].argmax(1)),
+                    "baseline": zoo.name} for v in ("int8", "fp32")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "datasets" / "cifar10-jpg")
@@ -153,9 +168,12 @@ def main() -> None:
         report = json.loads((tmp / "search" / "search.json").read_text())
         fitting = [n for n, c in costs.items() if c["latency_ms"] <= latency and c["size_kb"] <= args.max_size_kb]
         zoo = {n: train_zoo(n, args.data_dir, args.budget_minutes, tmp, earlier) for n in fitting}
+        best = max(zoo.items(), key=lambda kv: kv[1]["int8_accuracy"]) if zoo else None
+        # A reused zoo run's folder is an earlier run's, not here.
+        against = (paired(tmp / "search" / "pick", tmp / best[0]) if report["pick"] and best
+                   and "reused_from" not in best[1] else None)
     pick = report["pick"]
     acc = pick["run_test"] if pick else None  # the pick's run: after its final training
-    best = max(zoo.items(), key=lambda kv: kv[1]["int8_accuracy"]) if zoo else None
     print(f"search: {search_s / 60:.1f} min, {report['summary']['trials']} trials "
           f"({report['summary']['trials'] / (search_s / 3600):.1f} per hour), "
           f"{100 * report['summary']['dropped_share']:.0f}% of {report['summary']['candidates']} candidates "
@@ -170,12 +188,16 @@ def main() -> None:
               f"{costs[name]['latency_ms']:.3f} | {costs[name]['size_kb']:.1f} |")
     if not zoo:
         print("no zoo model meets both budgets")
+    if against:
+        t = against["int8"]
+        print(f"int8, paired on the same test images: {t['variant_only_correct']} only the pick classifies right, "
+              f"{t['baseline_only_correct']} only {best[0]}: exact McNemar p = {t['p_value']:.3f}")
     if args.json:
         from pipeline.search.feasibility import environment
 
         result = {"environment": environment(), "zoo_costs": costs, "resnet8_p50_ms": measured,
                   "latency_budget_ms": latency, "search": report,
-                  "search_seconds": search_s, "zoo": zoo, "best_zoo": best}
+                  "search_seconds": search_s, "zoo": zoo, "best_zoo": best, "pick_against_best_zoo": against}
         args.json.write_text(json.dumps(portable_tree(result), indent=2) + "\n")
 
 

@@ -106,6 +106,39 @@ def test_a_zoo_run_stands_in_within_a_tenth_of_the_epochs_it_was_trained_for_on_
     assert builds[1:] == ([] if reused else [here])
 
 
+def test_the_pick_and_the_zoo_run_are_compared_on_the_images_only_one_of_them_classifies_right(monkeypatch,
+                                                                                                tmp_path):
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    sys.modules.pop("search", None)
+    import search
+
+    y = np.arange(20) % 10
+
+    def run(name, right_int8, right_fp32, labels=y):
+        def probs(right):  # class y where right, the next class elsewhere
+            return np.eye(10)[np.where(right, labels, (labels + 1) % 10)]
+
+        (tmp_path / name).mkdir()
+        np.savez(tmp_path / name / "predictions.npz", y=labels, probs_int8=probs(right_int8),
+                 probs_fp32=probs(right_fp32))
+        return tmp_path / name
+
+    index = np.arange(20)
+    # int8: the pick alone right on 0-9, the zoo run alone on 18-19; fp32: both right on the same images.
+    pick, zoo = run("pick", index < 18, index < 15), run("cifar-resnet8", index >= 10, index < 15)
+    result = search.paired(pick, zoo)
+    assert (result["int8"]["variant_only_correct"], result["int8"]["baseline_only_correct"]) == (10, 2)
+    assert result["int8"]["p_value"] == pytest.approx(2 * (1 + 12 + 66) / 4096)  # two-sided binomial, n=12, k<=2
+    assert (result["fp32"]["variant_only_correct"], result["fp32"]["baseline_only_correct"], result["fp32"]["p_value"]
+            ) == (0, 0, 1.0)
+    assert result["int8"]["baseline"] == "cifar-resnet8"
+    other = run("other", index < 18, index < 15, labels=(y + 3) % 10)
+    with pytest.raises(SystemExit, match="different test images"):
+        search.paired(pick, other)
+
+
 def _finished_recipe_run(folder: Path, epochs: int, options: list[str], **recipe):
     """A finished run of resnet8_recipes.py's in `folder`: its recipe today's for `options`, changed by `recipe`."""
     from resnet8_recipes import options_of
