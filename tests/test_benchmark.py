@@ -133,6 +133,8 @@ def test_each_model_is_timed_in_warm_blocks_taking_turns(mnist_run):
     ("processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n", ("x86", ["avx2"], False)),
     ("flags\t: sse2 avx2 avx512f avx512bw avx512_vnni\n", ("x86", ["avx2", "avx512f", "avx512_vnni"], True)),
     ("flags\t: sse2 avx2 avx_vnni\n", ("x86", ["avx2", "avx_vnni"], True)),
+    ("flags\t: sse2 avx2 avx512f avx512_vnni avx_vnni avx512_fp16 amx_bf16 amx_tile amx_int8\n",
+     ("x86", ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"], True)),
     # Raspberry Pi 4 (Cortex-A72) and Pi 5 (Cortex-A76), as their kernels print them.
     ("Features\t: fp asimd evtstrm crc32 cpuid\nCPU part\t: 0xd08\n", ("arm", ["asimd"], False)),
     ("Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop "
