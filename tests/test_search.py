@@ -47,9 +47,15 @@ def latency_budget_ms(tmp_path_factory) -> float:
     which would let ResNet-8 through; a slower CPU would drop every candidate)."""
     from pipeline.search.run import SearchConfig, phase_a
 
-    out = tmp_path_factory.mktemp("feasibility")
-    rows = phase_a(SearchConfig(out=str(out), dataset="digits", space="tiny", seed=0), log=lambda *a: None)["rows"]
-    costs = {r["candidate"]["id"]: min(c["latency_ms"] for c in r["variants"].values()) for r in rows}
+    # Each candidate's fastest of three rounds: on a 2-core VM one round read the tiny CNNs at 0.036 ms and the next,
+    # seconds later, at 0.070 ms, beside a depthwise net at 0.027 ms: a burst that lands on some candidates only.
+    costs = {}
+    for _ in range(3):
+        out = tmp_path_factory.mktemp("feasibility")
+        rows = phase_a(SearchConfig(out=str(out), dataset="digits", space="tiny", seed=0), log=lambda *a: None)["rows"]
+        for r in rows:
+            cost = min(c["latency_ms"] for c in r["variants"].values())
+            costs[r["candidate"]["id"]] = min(cost, costs.get(r["candidate"]["id"], cost))
     # The budget sits in the widest gap (by ratio) between two neighbouring costs, at its geometric mean: the
     # search's own measurement, taken later under another load, then has the most room on either side to
     # drop and keep the same candidates (the two-node test compares two searches). Under 2x the split is noise.
@@ -287,6 +293,8 @@ def test_tflm_target_pick_arena_fits_the_board(tmp_path):
     assert summary["arena"]["measured"] <= 30 * 1024, summary["arena"]
     pick = next(r for r in report["candidates"] if r["candidate"]["id"] == report["pick"]["candidate"])
     assert pick["variants"]["int8"]["arena_kb"] <= 30
+    # The flash the export writes is the size feasibility measured before training.
+    assert summary["flash_bytes"] == pick["variants"]["int8"]["bytes"], (summary["flash_bytes"], pick["variants"])
 
 
 def test_a_remedy_competes_at_int8s_cost_only_when_it_runs_int8s_graph(tmp_path):
@@ -737,6 +745,49 @@ def test_the_picks_file_is_the_size_feasibility_measured(tmp_path):
             "variant": "int8", "variants": ["int8"], "final": {}}
     run = final.materialise(cfg, Path(cfg.out), pick, log=lambda *a: None)
     assert (run / "model_int8.tflite").stat().st_size == row["variants"]["int8"]["bytes"]
+
+
+def test_under_the_guard_no_delivered_int8_file_is_larger_than_feasibility_measured(tmp_path):
+    """A remedy on int8's graph (equalization's int8-cle) embeds its own, longer variant name: under the guard,
+    feasibility measures int8 under the longest such name, so the remedy's file as a build delivers it is
+    exactly the bytes checked against --max-size-kb, and int8's own a few bytes fewer."""
+    import keras
+    import numpy as np
+
+    import pipeline
+    from pipeline import build as stages
+    from pipeline.convert import convert
+    from pipeline.guard.equalize import equalize
+    from pipeline.metadata import embed_files
+    from pipeline.search.feasibility import _as_trained
+    from pipeline.search.run import SearchConfig, phase_a
+    from pipeline.search.space import Candidate
+    from pipeline.search.trial import trial_config
+    from pipeline.train import load_user_model, seed_everything
+
+    cfg = SearchConfig(out=str(tmp_path / "search"), dataset="digits", space="tiny", epochs=1, batch_size=16,
+                       max_accuracy_drop=1.0)
+    feasibility = phase_a(cfg, log=lambda *a: None)
+    row = feasibility["rows"][0]
+    cand = Candidate.parse(row["candidate"]["id"])
+    keras.backend.clear_session()  # as a trial builds its model, in a fresh Keras session (layer names)
+    seed_everything(cfg.seed)
+    model = cand.build(1, 10)
+    _as_trained(model, cfg.seed)
+    model.save(tmp_path / cand.keras_file)  # loaded back, as a build loads the trained model
+    model = load_user_model(tmp_path / cand.keras_file, None)
+    images = np.random.default_rng(0).uniform(0, 1, (32, cand.resolution, cand.resolution, 1)).astype("float32")
+    equalized, record = equalize(model, images)
+    assert equalized is not None, record
+    run_cfg = trial_config(cfg.settings(), cand, 1e-3, keras_model=str(tmp_path / cand.keras_file),
+                           out=str(tmp_path / "run"))
+    for variant, m in (("int8", model), ("int8-cle", equalized)):
+        (tmp_path / f"model_{variant}.tflite").write_bytes(convert(m, "int8", run_cfg, images))
+    data, _, _ = stages.load_inputs(run_cfg, stages.STAGES, lambda *a: None)
+    embed_files(tmp_path, ("int8", "int8-cle"), run_cfg.model_name, data.name, data.spec.to_dict(),
+                pipeline.__version__, log=lambda *a: None)
+    sizes = {v: (tmp_path / f"model_{v}.tflite").stat().st_size for v in ("int8", "int8-cle")}
+    assert sizes["int8"] < sizes["int8-cle"] == row["variants"]["int8"]["bytes"], (sizes, row["variants"]["int8"])
 
 
 def test_resume_refuses_other_options_rather_than_ignoring_them(tmp_path):

@@ -32,6 +32,7 @@ ANALYSIS, PLOT = "analysis.json", "analysis_layers.png"
 DEBUG_IMAGES = 200        # validation images the debugger runs (per-layer statistics)
 DECISION_IMAGES = 2000    # validation images every accuracy decision is measured on
 REMEDIES = ("cle", "mixed", "qat")
+ALL_INT8 = ("cle", "qat")  # the remedies that leave no op in float
 
 
 def guard(run_dir: Path, cfg, data, model, log=print, remedies=REMEDIES) -> list[str]:

@@ -119,9 +119,7 @@ def lean_model(run_dir: Path, variant: str, file: str, meta: dict, manifest: dic
     why += [f"it has {' and '.join(float_io)} (--int8-io float)"] if float_io else []
     log(f"tflm: converting model.keras again for a microcontroller because {'; '.join(why)}: batch 1, int8 "
         f"input/output, calibrated on the run's {len(calibration)} training images ({CALIBRATION})")
-    model = keras.models.load_model(run_dir / "model.keras")
-    inputs = keras.Input(model.input_shape[1:], batch_size=1)
-    fixed = keras.Model(inputs, model(inputs), name=model.name)
+    fixed = runtime.batch_one(keras.models.load_model(run_dir / "model.keras"))
     flatbuffer = convert(fixed, "int8", replace(cfg, int8_io="int8"), calibration)
     return flatbuffer, (f"model.keras converted again with batch 1 and int8 input/output, calibrated as {file} "
                         f"was ({len(calibration)} training images, seed {cfg.seed})")

@@ -75,6 +75,17 @@ OP_FIXES = {
 }
 
 
+def batch_one(model):
+    """`model` taking a batch of exactly one, as TFLite Micro wants it (a dynamic batch converts to
+    DYNAMIC_BATCH_OPS). Its input is named: an unnamed one takes Keras's session counter into the .tflite file
+    (keras_tensor_9 or keras_tensor_121), so the same model measured before training in one session and
+    exported in another came out a few bytes apart."""
+    import keras
+
+    inputs = keras.Input(model.input_shape[1:], batch_size=1, name="image")
+    return keras.Model(inputs, model(inputs), name=model.name)
+
+
 # ---------------------------------------------------------------- reading the flatbuffer
 
 def _runtime():
