@@ -283,7 +283,6 @@ def measure_model(model, cfg: BuildConfig, variants, target: Target, spec: dict,
     `name` the model's name in the metadata a build embeds (a candidate's: Candidate.keras_file; a zoo model's: its
     name).
     `keep`: a folder to leave the converted model_<variant>.tflite files in (a board measures them later)."""
-
     from pipeline.convert import convert
     from pipeline.train import load_user_model
 
