@@ -58,10 +58,11 @@ def latency_budget_ms(tmp_path_factory) -> float:
             costs[r["candidate"]["id"]] = min(cost, costs.get(r["candidate"]["id"], cost))
     # The budget sits in the widest gap (by ratio) between two neighbouring costs, at its geometric mean: the
     # search's own measurement, taken later under another load, then has the most room on either side to
-    # drop and keep the same candidates (the two-node test compares two searches). Under 2x the split is noise.
+    # drop and keep the same candidates (the two-node test compares two searches). Under 2x the split is noise; the
+    # 2-core Xeon VM of 2026-12-06 put the gap (ResNet over the larger CNN) at 3.1x to 7x between runs.
     ranked = sorted(costs.values())
     below, above = max(zip(ranked, ranked[1:]), key=lambda pair: pair[1] / pair[0])
-    assert above / below > 4, f"the tiny space's candidates cost too alike here to split by latency: {costs}"
+    assert above / below > 2.5, f"the tiny space's candidates cost too alike here to split by latency: {costs}"
     return round((below * above) ** 0.5, 4)  # as passed on the command line
 
 
@@ -105,8 +106,13 @@ def test_local_search_drops_over_budget_before_training_and_picks_a_verified_run
     row = next(r for r in report["candidates"] if r["candidate"]["id"] == pick["candidate"])
     assert row["variants"][pick["variant"]]["latency_ms"] <= latency_budget_ms
     # Sizes are measured before training on the model as a build delivers it (trained-like biases and BatchNorm,
-    # metadata inside, under the name its build gives it): the pick's int8 file is the size measured.
-    assert (local_search / "pick" / "model_int8.tflite").stat().st_size == row["variants"]["int8"]["bytes"], row
+    # metadata inside, under the name its build gives it). This search is guarded, so int8 was measured under its
+    # longest same-graph remedy's name: the size of a remedy the guard delivers, and 8 bytes more than int8's own
+    # file (the variant's name is 4 characters shorter, in the model's name and in its description).
+    delivered = pick["run_variant"]
+    size = (local_search / "pick" / f"model_{delivered}.tflite").stat().st_size
+    measured = row["variants"]["int8"]["bytes"]
+    assert size == (measured - 8 if delivered == "int8" else measured), (delivered, size, row)
     assert "over_budget" not in pick
     assert report["front"] and all(p["latency_ms"] <= latency_budget_ms for p in report["front"])
     for name in ("search.md", "search.html", "front.png", "search_config.json", "feasibility.json"):
